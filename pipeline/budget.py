@@ -1,0 +1,70 @@
+"""Turn the one `memory_limit` number into chunk sizes and a worker count.
+
+Peak memory = interpreter and libraries (measured at start) + workers x the
+working set of one chunk task. A task's working set is a fixed number of bytes
+per element (input in its source type, a float32 copy, temporaries, the encoded
+output); we allow two tasks' worth per worker because a scheduler may have read
+the next chunk while finishing the current one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import psutil
+
+from pipeline.config import format_size
+from pipeline.errors import OptionError
+
+BYTES_PER_ELEMENT = 32          # working set of the heaviest kernel (quantize), per element
+IN_FLIGHT_PER_WORKER = 2
+MIN_CHUNK_BYTES = 4 * 1024**2   # on-disk chunk size range from the design (float32 elements)
+MAX_CHUNK_BYTES = 64 * 1024**2
+MIN_TASK_ELEMENTS = 256 * 256   # below this the conversion would crawl
+HEADROOM = 96 * 1024**2         # zarr/dask bookkeeping, I/O buffers, allocator slack
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    memory_limit: int
+    baseline: int
+    workers: int
+    chunk_elements: int  # elements per chunk (before rounding to whole rows)
+
+    def rows_per_chunk(self, shape: tuple[int, ...]) -> int:
+        """Rows per chunk for a tensor: whole rows, at least one, at most all."""
+        if len(shape) < 2:
+            return shape[0]
+        row = max(1, shape[1])
+        return max(1, min(shape[0], self.chunk_elements // row))
+
+    def describe(self) -> str:
+        return (f"memory limit {format_size(self.memory_limit)}: {self.workers} worker(s), "
+                f"chunks of up to {format_size(self.chunk_elements * 4)} (float32), "
+                f"baseline {format_size(self.baseline)}")
+
+
+def current_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def plan_budget(memory_limit: int, workers: int = 0, baseline: int | None = None) -> Budget:
+    baseline = current_rss() if baseline is None else baseline
+    usable = memory_limit - baseline - HEADROOM
+    per_task_min = MIN_TASK_ELEMENTS * BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER
+    minimum = baseline + HEADROOM + per_task_min
+    if usable < per_task_min:
+        raise OptionError(f"--memory-limit {format_size(memory_limit)} is too small: this process already uses "
+                          f"{format_size(baseline)}; allow at least {format_size(minimum)}")
+    if workers == 0:
+        workers = os.cpu_count() or 1
+        # more workers only while each still gets a chunk of at least the minimum size
+        while workers > 1 and usable // (workers * BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER) * 4 < MIN_CHUNK_BYTES:
+            workers -= 1
+    per_worker = usable // workers
+    elements = per_worker // (BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER)
+    elements = min(elements, MAX_CHUNK_BYTES // 4)
+    if elements < MIN_TASK_ELEMENTS:
+        raise OptionError(f"--memory-limit {format_size(memory_limit)} is too small for {workers} workers; "
+                          f"use fewer --workers or a limit of at least {format_size(baseline + HEADROOM + workers * per_task_min)}")
+    return Budget(memory_limit, baseline, workers, elements)

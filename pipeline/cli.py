@@ -1,0 +1,120 @@
+"""Command line: `bitnet-gguf convert MODEL_DIR ...` and `bitnet-gguf status WORKDIR`.
+
+Exit status: 0 success, 2 a problem with the input or options, 1 anything else,
+130 interrupted (rerun the same command to continue).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DESCRIPTION = """\
+Convert a BitNet b1.58 (ternary) Hugging Face checkpoint to GGUF for llama.cpp,
+out of core: no tensor is ever held whole, and peak memory stays under
+--memory-limit. Work happens in a run directory of zarr stores
+(extract -> quantize -> pack -> assemble); rerunning an interrupted command
+continues where it stopped."""
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitnet-gguf", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a checkpoint directory to a GGUF file",
+                       description="Convert a checkpoint directory (config.json, *.safetensors, tokenizer) to GGUF.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    c.add_argument("-o", "--output", type=Path, default=None,
+                   help="GGUF file to write (default: ./<model name>-<TYPE>.gguf)")
+    c.add_argument("--type", dest="out_type", default=None, metavar="TYPE",
+                   help="type of the ternary projections: tq2_0 (2.06 bits/weight, fastest) or "
+                        "tq1_0 (1.69 bits/weight, smallest) [preset: tq2_0]")
+    c.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="peak resident memory of the whole conversion, e.g. 512MiB, 4GiB [preset: 4GiB]")
+    c.add_argument("--workdir", type=Path, default=None, metavar="DIR",
+                   help="run directory for the intermediate zarr stores (default: <output>.work); "
+                        "rerun with the same one to resume")
+    c.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="parallel chunk tasks (default: from CPU count and memory limit)")
+    sched = c.add_mutually_exclusive_group()
+    sched.add_argument("--cluster", choices=["local"], default=None,
+                       help="run chunk tasks on a local dask.distributed cluster instead of threads")
+    sched.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                       help="use an existing dask cluster (the run directory must be on storage every worker sees)")
+    c.add_argument("--config", type=Path, default=None, metavar="TOML",
+                   help="preset file (default: configs/default.toml); command-line flags override it")
+    c.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+
+    s = sub.add_parser("status", help="show the stages of a run directory",
+                       description="Show which stages of a run directory are done.")
+    s.add_argument("workdir", type=Path, metavar="WORKDIR", help="run directory (printed by convert)")
+    s.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    return p
+
+
+def cmd_convert(args) -> int:
+    from pipeline.config import make_options
+    from pipeline.runner import convert
+
+    scheduler = "local" if args.cluster else args.scheduler
+    opts = make_options(args.model_dir, output=args.output, workdir=args.workdir, preset=args.config,
+                        out_type=args.out_type, memory_limit=args.memory_limit, workers=args.workers,
+                        scheduler=scheduler, progress=False if args.no_progress else None)
+    convert(opts, _log)
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    from pipeline.rundir import STAGES, RunDir
+    from pipeline.errors import RunDirError
+
+    run = RunDir(args.workdir)
+    manifest = run.load()
+    if not manifest:
+        raise RunDirError(f"{args.workdir}: no manifest.json; not a bitnet-gguf run directory")
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return EXIT_OK
+    print(f"run directory: {run.path}")
+    print(f"model: {manifest.get('options', {}).get('model_dir')}")
+    print(f"output: {manifest.get('options', {}).get('output')}")
+    for stage in STAGES:
+        st = manifest.get("stages", {}).get(stage, {})
+        extra = f"  {st['seconds']} s" if "seconds" in st else ""
+        print(f"  {stage:<9} {st.get('state', 'pending'):<8}{extra}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return {"convert": cmd_convert, "status": cmd_status}[args.command](args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"bitnet-gguf: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("bitnet-gguf: interrupted; rerun the same command to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the CLI boundary
+        if args.debug:
+            traceback.print_exc()
+        print(f"bitnet-gguf: failed: {type(e).__name__}: {e} (rerun with --debug for the traceback; "
+              "rerunning the same command resumes)", file=sys.stderr)
+        return EXIT_FAILURE

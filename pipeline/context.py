@@ -1,0 +1,24 @@
+"""What the runner hands to a stage's `run(ctx)`."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from pipeline.budget import Budget
+from pipeline.checkpoint import Checkpoint
+from pipeline.config import Options
+from pipeline.scheduler import Scheduler
+
+
+@dataclasses.dataclass
+class StageContext:
+    options: Options
+    budget: Budget
+    scheduler: Scheduler
+    input: Path | None          # previous stage's store (None for extract)
+    output: Path                # this stage's store, or the GGUF path for assemble
+    checkpoint: Checkpoint | None = None  # extract only
+
+    def log(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,90 @@
+"""Run the four stages in order, skipping what an earlier run already finished."""
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from pipeline.budget import plan_budget
+from pipeline.checkpoint import open_checkpoint
+from pipeline.config import Options, format_size
+from pipeline.context import StageContext
+from pipeline.rundir import STAGES, RunDir, stage_key
+from pipeline.scheduler import Scheduler
+
+# Bump when a stage's output for the same input changes, so old stores are redone.
+STAGE_VERSIONS = {"extract": 1, "quantize": 1, "pack": 1, "assemble": 1}
+
+
+def stage_keys(opts: Options, ckpt) -> dict[str, str]:
+    keys = {}
+    keys["extract"] = stage_key("extract", STAGE_VERSIONS["extract"], ckpt.fingerprint, ckpt.plan.config, ckpt.kv)
+    keys["quantize"] = stage_key(keys["extract"], "quantize", STAGE_VERSIONS["quantize"])
+    keys["pack"] = stage_key(keys["quantize"], "pack", STAGE_VERSIONS["pack"], opts.out_type)
+    keys["assemble"] = stage_key(keys["pack"], "assemble", STAGE_VERSIONS["assemble"], str(opts.output))
+    return keys
+
+
+def _finished(stage: str, state: dict | None, key: str, opts: Options) -> bool:
+    if not state or state.get("key") != key or state.get("state") != "done":
+        return False
+    if stage == "assemble":  # the product must still be there, unchanged
+        out = opts.output
+        return out.is_file() and out.stat().st_size == state.get("size") and out.stat().st_mtime_ns == state.get("mtime_ns")
+    return True
+
+
+def convert(opts: Options, log) -> Path:
+    ckpt = open_checkpoint(opts.model_dir)
+    budget = plan_budget(opts.memory_limit, opts.workers)
+    plan = ckpt.plan
+    log(f"model: {opts.model_dir} ({plan.family.description}, {len(plan.tensors)} tensors)")
+    log(f"output: {opts.output} ({opts.out_type.upper()}, GGUF arch {plan.arch})")
+    log(f"run directory: {opts.workdir}")
+    log(budget.describe())
+    keys = stage_keys(opts, ckpt)
+
+    with RunDir(opts.workdir) as run:
+        manifest = run.load()
+        if manifest.get("fingerprint") not in (None, ckpt.fingerprint):
+            log("the checkpoint changed since this run directory was made: starting over")
+            run.reset_from("extract", manifest)
+        manifest.update({"fingerprint": ckpt.fingerprint, "options": opts.as_json()})
+        manifest.setdefault("stages", {})
+        run.save(manifest)
+        if n := run.clean_partials():
+            log(f"removed {n} unfinished chunk file(s) of an interrupted run")
+
+        worker_memory = max(1, (opts.memory_limit - budget.baseline) // budget.workers)
+        scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress)
+        try:
+            previous = None
+            for stage in STAGES:
+                state = manifest["stages"].get(stage)
+                if _finished(stage, state, keys[stage], opts):
+                    log(f"{stage}: already done, skipped")
+                elif state is not None and state.get("key") != keys[stage]:
+                    run.reset_from(stage, manifest)  # an option it depends on changed
+                if not _finished(stage, manifest["stages"].get(stage), keys[stage], opts):
+                    _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage])
+                previous = run.store(stage)
+        finally:
+            scheduler.close()
+    size = opts.output.stat().st_size
+    log(f"wrote {opts.output} ({format_size(size)})")
+    return opts.output
+
+
+def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key) -> None:
+    started = time.monotonic()
+    manifest["stages"][stage] = {"key": key, "state": "running"}
+    run.save(manifest)
+    output = opts.output if stage == "assemble" else run.store(stage)
+    ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None)
+    importlib.import_module(f"stages.{stage}").run(ctx)
+    state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2)}
+    if stage == "assemble":
+        st = opts.output.stat()
+        state.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    manifest["stages"][stage] = state
+    run.save(manifest)

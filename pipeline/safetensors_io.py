@@ -1,0 +1,150 @@
+"""Row-range reads from safetensors files, without loading or mapping whole tensors.
+
+The format: an 8-byte little-endian header length, a JSON header naming each
+tensor's dtype, shape and byte range, then the raw bytes. Reading a row range is
+one `os.pread`; bf16 is kept as its uint16 bit pattern (numpy has no bfloat16).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import CheckpointError
+
+# safetensors dtype name -> numpy dtype used to hold its bytes
+NUMPY_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"), "U8": np.dtype("u1"), "I8": np.dtype("i1"),
+    "I16": np.dtype("<i2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8"),
+}
+MAX_HEADER = 100 * 1024**2
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSource:
+    """Where one tensor's bytes are, and how to read a range of its rows."""
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the first element in `file`
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return NUMPY_DTYPES[self.dtype]
+
+    @property
+    def row_elems(self) -> int:
+        return math.prod(self.shape[1:])
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a fresh array of the source representation."""
+        itemsize = self.np_dtype.itemsize
+        nbytes = (stop - start) * self.row_elems * itemsize
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        pos = self.offset + start * self.row_elems * itemsize
+        fd = os.open(self.file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], pos + done)
+                if n == 0:
+                    raise CheckpointError(f"{self.file}: file ends inside tensor {self.name}; the download is truncated")
+                done += n
+        finally:
+            os.close(fd)
+        arr = np.frombuffer(buf, dtype=self.np_dtype)
+        return arr.reshape((stop - start, *self.shape[1:]))
+
+
+def read_header(path: Path) -> dict[str, TensorSource]:
+    """Parse and check one safetensors file's header against the file size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+
+    data_start = 8 + n
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name}") from None
+        if dtype not in NUMPY_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        if end - begin != math.prod(shape) * NUMPY_DTYPES[dtype].itemsize or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name}: byte range {begin}..{end} does not match shape {list(shape)} {dtype}")
+        if data_start + end > size:
+            raise CheckpointError(f"{path}: file is truncated: tensor {name} ends at byte {data_start + end}, "
+                                  f"file has {size}; download it again")
+        tensors[name] = TensorSource(name, path, dtype, shape, data_start + begin)
+    return tensors
+
+
+def index_checkpoint(model_dir: Path) -> dict[str, TensorSource]:
+    """All tensors of a checkpoint: one model.safetensors, or shards listed in the index."""
+    index_path = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{index_path}: not a valid safetensors index (no weight_map)") from None
+        tensors: dict[str, TensorSource] = {}
+        for fname in sorted(set(weight_map.values())):
+            shard = model_dir / fname
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: shard listed in {index_path.name} is missing")
+            tensors.update(read_header(shard))
+        missing = [name for name, fname in weight_map.items() if name not in tensors]
+        if missing:
+            raise CheckpointError(f"{index_path}: lists {missing[0]} in {weight_map[missing[0]]}, but that shard does not contain it")
+        return tensors
+    if single.is_file():
+        return read_header(single)
+    others = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if len(others) == 1:
+        return read_header(model_dir / others[0])
+    raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+                          "(only safetensors checkpoints are supported)")
+
+
+def source_fingerprint(model_dir: Path) -> list[list]:
+    """Name, size and mtime of every file the conversion reads, to detect a changed source."""
+    out = []
+    for p in sorted(model_dir.iterdir()):
+        if p.is_file() and (p.suffix in (".safetensors", ".json", ".model") or p.name.endswith(".index.json")):
+            st = p.stat()
+            out.append([p.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def as_float32(block: np.ndarray, dtype: str) -> np.ndarray:
+    """A block in its source representation -> float32 values (bf16 is uint16 bits)."""
+    if dtype == "BF16":
+        return (block.astype(np.uint32) << 16).view(np.float32)
+    return block.astype(np.float32, copy=False)

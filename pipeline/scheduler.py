@@ -1,0 +1,60 @@
+"""Where chunk tasks run: dask's threaded scheduler (default), a local
+distributed cluster, or an existing one. Stages hand over lists of
+`dask.delayed` tasks; this module runs them with a progress bar."""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import dask
+from dask.callbacks import Callback
+from tqdm import tqdm
+
+
+class _TaskProgress(Callback):
+    def __init__(self, keys: set, bar: tqdm):
+        super().__init__()
+        self._keys, self._bar = keys, bar
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        if key in self._keys:
+            self._bar.update(1)
+
+
+class Scheduler:
+    def __init__(self, kind: str, workers: int, worker_memory: int, progress: bool = True):
+        self.kind, self.workers, self.progress = kind, workers, progress
+        self.client = None
+        self.cluster = None
+        if kind == "local":
+            from distributed import Client, LocalCluster
+            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=worker_memory,
+                                        processes=True, dashboard_address=None)
+            self.client = Client(self.cluster)
+        elif kind.startswith("tcp://"):
+            from distributed import Client
+            self.client = Client(kind)
+
+    def bar(self, total: int, desc: str, unit: str = "chunk", **kw) -> tqdm:
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, file=sys.stderr,
+                    dynamic_ncols=True, leave=True, **kw)
+
+    def run(self, tasks: Sequence, desc: str) -> list:
+        """Compute every task; results in task order."""
+        if not tasks:
+            return []
+        with self.bar(len(tasks), desc) as bar:
+            if self.client is None:
+                with _TaskProgress({t.key for t in tasks}, bar):
+                    return list(dask.compute(*tasks, scheduler="threads", num_workers=self.workers))
+            from distributed import as_completed
+            futures = self.client.compute(list(tasks))
+            for _ in as_completed(futures):
+                bar.update(1)
+            return self.client.gather(futures)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()

@@ -1,0 +1,58 @@
+"""Small helpers over zarr v3 local stores, shared by the stages.
+
+Every array is chunked along rows only, with the same row ranges in every
+store, so a task reads and writes whole chunks (no two tasks touch one chunk).
+`write_empty_chunks` is on: an all-zero chunk must still appear on disk, because
+resume treats a missing chunk as not yet written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def row_ranges(n_rows: int, rows_per_chunk: int) -> list[tuple[int, int]]:
+    return [(r, min(r + rows_per_chunk, n_rows)) for r in range(0, n_rows, rows_per_chunk)]
+
+
+def open_store(path: Path, mode: str = "a") -> zarr.Group:
+    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+
+
+def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], rows_per_chunk: int,
+                 dtype, attrs: dict, compress: bool = False) -> zarr.Array:
+    """Open `name` if it exists with this layout (resume), else create it."""
+    chunks = (rows_per_chunk, *shape[1:])
+    if name in group:
+        arr = group[name]
+        if isinstance(arr, zarr.Array) and arr.shape == tuple(shape) and arr.chunks == chunks \
+                and arr.dtype == np.dtype(dtype):
+            arr.attrs.update(attrs)
+            return arr
+        del group[name]
+    compressors = (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),) if compress else None
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, attributes=attrs,
+                              compressors=compressors, fill_value=0, config=ARRAY_CONFIG)
+
+
+def array_path(store: Path, name: str) -> str:
+    return str(Path(store) / name)
+
+
+def open_array(path: str, mode: str = "r+") -> zarr.Array:
+    return zarr.open_array(path, mode=mode, zarr_format=3)
+
+
+def written_chunks(arr: zarr.Array) -> set[int]:
+    """Row-chunk indices whose chunk file is on disk (written whole or not at all)."""
+    root = Path(str(arr.store_path.store.root)) / arr.path / "c"
+    if not root.is_dir():
+        return set()
+    if arr.ndim == 1:
+        return {int(p.name) for p in root.iterdir() if p.name.isdigit()}
+    return {int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "0").is_file()}

@@ -1,0 +1,1 @@
+"""The four conversion stages, in order. Each module exposes `run(ctx)`."""
