@@ -1,0 +1,134 @@
+"""Every input mistake a user can make: one line naming the file, exit 2, nothing written."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import convert, run_cli
+
+
+def snapshot(*dirs):
+    """Every file under the given directories with its size and mtime."""
+    out = {}
+    for d in dirs:
+        for root, _, files in os.walk(d):
+            for f in files:
+                p = os.path.join(root, f)
+                st = os.stat(p)
+                out[p] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def expect_refusal(model, out, *needles, extra=()):
+    before = snapshot(model, out.parent)
+    proc = convert(model, out, *extra, check_exit=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("bitnet-gguf: error:"), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert snapshot(model, out.parent) == before, "a refused conversion touched files"
+    return lines[0]
+
+
+def rewrite_config(model, **changes):
+    path = model / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def model(checkpoint):
+    return checkpoint(hidden_size=256, intermediate_size=512, num_layers=1)
+
+
+@pytest.fixture
+def out(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    return d / "m.gguf"
+
+
+def test_missing_config(model, out):
+    (model / "config.json").unlink()
+    expect_refusal(model, out, "config.json", "missing")
+
+
+def test_model_dir_does_not_exist(tmp_path, out):
+    expect_refusal(tmp_path / "nope", out, "nope")
+
+
+def test_unsupported_architecture_names_supported_ones(model, out):
+    rewrite_config(model, architectures=["MistralForCausalLM"])
+    line = expect_refusal(model, out, "config.json", "MistralForCausalLM", "not supported")
+    assert "BitnetForCausalLM" in line
+
+
+def test_missing_tensor(model, out):
+    from tests.conftest import read_source_tensors  # noqa: F401 (documents the layout used)
+    # drop one projection by renaming it in the safetensors header (same length, so offsets stay valid)
+    path = model / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    old = b"model.layers.0.mlp.up_proj.weight"
+    i = raw.index(old)
+    raw[i:i + len(old)] = b"model.layers.0.mlp.up_proj.wEIGHT"
+    path.write_bytes(bytes(raw))
+    expect_refusal(model, out, "model.layers.0.mlp.up_proj.weight", "missing")
+
+
+def test_shape_disagrees_with_config(model, out):
+    rewrite_config(model, intermediate_size=768)
+    expect_refusal(model, out, "model.safetensors", "shape", "config")
+
+
+def test_truncated_safetensors(model, out):
+    path = model / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 1000)
+    expect_refusal(model, out, "model.safetensors", "truncated")
+
+
+def test_corrupt_safetensors_header(model, out):
+    path = model / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[8:12] = b"\x00\xff{{"
+    path.write_bytes(bytes(raw))
+    expect_refusal(model, out, "model.safetensors", "corrupt")
+
+
+def test_missing_shard(checkpoint, out):
+    model = checkpoint(hidden_size=256, intermediate_size=512, num_layers=1, shards=2)
+    shard = sorted(model.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    expect_refusal(model, out, shard.name, "missing")
+
+
+def test_missing_tokenizer(model, out):
+    (model / "tokenizer.model").unlink()
+    expect_refusal(model, out, "tokenizer.model", "missing")
+
+
+def test_output_in_missing_directory(model, tmp_path):
+    out = tmp_path / "no" / "such" / "dir" / "m.gguf"
+    proc = convert(model, out, check_exit=2)
+    assert "does not exist" in proc.stderr and str(out.parent) in proc.stderr
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--type", "q4_0", "--type"),
+    ("--memory-limit", "lots", "--memory-limit"),
+    ("--memory-limit", "10MiB", "too small"),
+])
+def test_bad_options(model, out, flag, value, needle):
+    expect_refusal(model, out, needle, extra=(flag, value))
+
+
+def test_help_explains_every_option():
+    text = run_cli("convert", "--help").stdout
+    for opt in ("--output", "--type", "--memory-limit", "--workdir", "--workers", "--cluster", "--config"):
+        assert opt in text
+    assert "tq1_0" in text and "tq2_0" in text

@@ -1,0 +1,51 @@
+"""The memory ceiling holds by design: a tensor twice the limit converts under it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+
+MiB = 1024**2
+
+
+def peak_tree_rss(cmd: list[str], interval: float = 0.02) -> tuple[int, int, str]:
+    """Run cmd; sample the resident memory of it and all its children; return (exit, peak, stderr)."""
+    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    peak = 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            procs = [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        peak = max(peak, total)
+        time.sleep(interval)
+    return proc.returncode, peak, proc.stderr.read()
+
+
+@pytest.mark.slow
+def test_one_gib_embedding_converts_under_512mib(checkpoint, tmp_path):
+    # token_embd is 65536 x 4096 float32 = 1 GiB; the attention projections are 64 MiB each
+    model = checkpoint(hidden_size=4096, intermediate_size=256, num_layers=1, num_heads=32,
+                       vocab_size=65536, dtype="f32")
+    assert (model / "model.safetensors").stat().st_size > 1024 * MiB
+    out = tmp_path / "big.gguf"
+    limit = 512 * MiB
+    code, peak, stderr = peak_tree_rss([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
+                                        "--memory-limit", "512MiB", "--no-progress"])
+    assert code == 0, stderr
+    print(f"peak RSS of the conversion: {peak / MiB:.0f} MiB (limit {limit / MiB:.0f} MiB)")
+    assert peak <= limit, f"peak RSS {peak / MiB:.0f} MiB exceeds --memory-limit 512MiB"
+    assert out.stat().st_size > 512 * MiB  # the F16 embedding alone is 512 MiB
