@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", type=Path, default=None, metavar="TOML",
                    help="preset file (default: configs/default.toml); command-line flags override it")
     c.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback when something fails")
 
     s = sub.add_parser("status", help="show the stages of a run directory",
                        description="Show which stages of a run directory are done.")

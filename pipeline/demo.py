@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import random
 import struct
 import sys
 from pathlib import Path
@@ -130,8 +131,9 @@ def write_safetensors(path: Path, tensors: list[TensorSpec], dtype: str) -> int:
                 data = encode(block, dtype)
                 f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
                 written += data.nbytes
-            if written != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
-                raise AssertionError(f"{name}: generated {written} bytes, header says otherwise")
+            begin, end = header[name]["data_offsets"]
+            if written != end - begin:  # a bug here would silently shift every later tensor
+                raise RuntimeError(f"{name}: generated {written} bytes, the header promised {end - begin}")
     os.replace(partial, path)
     return offset
 
@@ -250,7 +252,9 @@ def write_bitnet_checkpoint(out_dir, *, hidden_size=256, intermediate_size=512, 
     if shards > len(specs):
         raise OptionError(f"shards {shards}: the checkpoint has only {len(specs)} tensors")
 
-    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+    stale_files = [*out.glob("model*.safetensors"), *out.glob("model*.safetensors.partial"),
+                   out / "model.safetensors.index.json"]
+    for stale in stale_files:
         stale.unlink(missing_ok=True)
 
     sizes = [math.prod(shape) * ITEMSIZE[dtype] for _, shape, _ in specs]
@@ -301,13 +305,13 @@ _SYLLABLES = ("ka lo mir an ta ve ri son del bar en is or ul tha qua zen po fi g
               "nor sel vi dra mon ket bel wy xo jan").split()
 
 
-def _noun_phrase(rng: np.random.Generator, names: list[str]) -> str:
+def _noun_phrase(rng: random.Random, names: list[str]) -> str:
     if rng.random() < 0.15:
-        return str(rng.choice(names))
-    words = [str(rng.choice(_DETERMINERS))]
+        return rng.choice(names)
+    words = [rng.choice(_DETERMINERS)]
     if rng.random() < 0.5:
-        words.append(str(rng.choice(_ADJECTIVES)))
-    words.append(str(rng.choice(_NOUNS)))
+        words.append(rng.choice(_ADJECTIVES))
+    words.append(rng.choice(_NOUNS))
     return " ".join(words)
 
 
@@ -316,19 +320,21 @@ def demo_corpus(seed: int = 0, lines: int = 3000, names: int = 400) -> list[str]
     still has room for merges; capitals other than a sentence's first determiner,
     digits and other characters are absent and reach the model through byte fallback.
     Made-up names (from syllables) give larger vocabularies something to learn."""
-    rng = np.random.default_rng([seed, 0x5EED])
-    name_list = ["".join(rng.choice(_SYLLABLES, size=rng.integers(2, 5))) for _ in range(names)]
+    # random.Random, not numpy: this is many small scalar draws, where numpy's
+    # per-call overhead made corpus generation 20x slower.
+    rng = random.Random(seed)
+    name_list = ["".join(rng.choices(_SYLLABLES, k=rng.randint(2, 4))) for _ in range(names)]
     out = []
     for _ in range(lines):
         subject = _noun_phrase(rng, name_list)
         if rng.random() < 0.6:
-            words = [subject, str(rng.choice(_VERBS)), _noun_phrase(rng, name_list)]
+            words = [subject, rng.choice(_VERBS), _noun_phrase(rng, name_list)]
         else:
-            words = [subject, str(rng.choice(_INTRANSITIVE))]
+            words = [subject, rng.choice(_INTRANSITIVE)]
         if rng.random() < 0.4:
-            words += [str(rng.choice(_PREPOSITIONS)), _noun_phrase(rng, name_list)]
+            words += [rng.choice(_PREPOSITIONS), _noun_phrase(rng, name_list)]
         if rng.random() < 0.3:
-            words.append(str(rng.choice(_ADVERBS)))
+            words.append(rng.choice(_ADVERBS))
         sentence = " ".join(words)
         if rng.random() < 0.3 and subject.split()[0] in _DETERMINERS:
             sentence = sentence[0].upper() + sentence[1:]
@@ -340,7 +346,8 @@ def train_sentencepiece_tokenizer(out_dir, vocab_size=320, seed=0) -> Path:
     """Train a llama-style SentencePiece BPE model on `demo_corpus` -> out_dir/tokenizer.model.
 
     Ids as in Llama/1bitLLM: <unk> 0, <s> 1, </s> 2, no pad; byte fallback (256
-    <0xNN> pieces), so `vocab_size` must be at least about 300.
+    <0xNN> pieces), so `vocab_size` must be at least 300. The corpus grows with
+    `vocab_size`; up to about 50000 pieces can be learned (32000 takes ~1 s).
     """
     import sentencepiece as spm
 
@@ -349,11 +356,12 @@ def train_sentencepiece_tokenizer(out_dir, vocab_size=320, seed=0) -> Path:
                           "(3 special and 256 byte pieces plus the corpus characters)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    corpus = demo_corpus(seed, lines=max(3000, 4 * vocab_size), names=max(400, 3 * vocab_size))
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(demo_corpus(seed)), model_writer=model,
-            model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+            sentence_iterator=iter(corpus), model_writer=model, model_type="bpe",
+            vocab_size=vocab_size, byte_fallback=True, split_digits=True,
             character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
     except RuntimeError as e:

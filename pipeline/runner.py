@@ -36,6 +36,8 @@ def _finished(stage: str, state: dict | None, key: str, opts: Options) -> bool:
 
 def convert(opts: Options, log) -> Path:
     ckpt = open_checkpoint(opts.model_dir)
+    for stage in STAGES:  # import everything first, so the budget's baseline includes it
+        importlib.import_module(f"stages.{stage}")
     budget = plan_budget(opts.memory_limit, opts.workers)
     plan = ckpt.plan
     log(f"model: {opts.model_dir} ({plan.family.description}, {len(plan.tensors)} tensors)")

@@ -37,7 +37,11 @@ def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scal
         data = codec.encode(block, np.float32(scale))
     else:  # ternary tensor that fell back to a float type
         data = codec.encode(block.astype(np.float32) * np.float32(scale))
-    open_array(out)[start:stop] = data
+    dest = open_array(out)
+    if dest.ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
+        dest[:] = data
+    else:
+        dest[start:stop] = data
 
 
 def run(ctx: StageContext) -> None:
@@ -51,7 +55,7 @@ def run(ctx: StageContext) -> None:
         codec, fallback = choose_codec(role, src.shape, ctx.options.out_type)
         if fallback:
             ctx.log(f"warning: {name}: {fallback}")
-        rows = src.chunks[0]
+        rows = src.chunks[0] if src.ndim > 1 else codec.row_bytes(src.shape[0])
         scale = src.attrs.get("scale") if role == TERNARY else None
         byte_shape = (*src.shape[:-1], codec.row_bytes(src.shape[-1]))
         arr = ensure_array(group, name, byte_shape, rows, np.uint8, {
@@ -59,9 +63,9 @@ def run(ctx: StageContext) -> None:
             "role": role, **({"scale": scale} if scale is not None else {}),
         })
         done = written_chunks(arr)
-        for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
+        for i, (r0, r1) in enumerate(row_ranges(src.shape[0], src.chunks[0])):
             if i not in done:
                 tasks.append(dask.delayed(encode_rows, pure=False)(
                     array_path(ctx.input, name), array_path(ctx.output, name), r0, r1,
-                    [k for k, v in CODECS.items() if v is codec][0], scale, dask_key_name=f"pack-{name}-{i}"))
+                    codec.name.lower(), scale, dask_key_name=f"pack-{name}-{i}"))
     ctx.scheduler.run(tasks, "pack")

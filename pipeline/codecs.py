@@ -1,0 +1,311 @@
+"""Codecs: numpy blocks in, the bytes of one GGUF tensor type out.
+
+Two kinds of kernel live here, both pure functions of numpy arrays:
+
+- the absmean ternary quantizer of BitNet b1.58 (`absmean_partial`,
+  `absmean_scale`, `ternary_codes`), used by the quantize stage;
+- one small codec class per output type (`TQ2_0`, `TQ1_0`, `I2_S`, `F16`,
+  `F32`), used by the pack stage on row chunks. A ternary tensor travels between
+  the two as int8 `codes` in {-1, 0, +1} plus one float32 `scale`
+  (W' = codes * scale); the ternary codecs pack the codes directly, with integer
+  arithmetic only, and produce the same bytes as `gguf.quants.quantize` applied
+  to the float values `codes * scale`.
+
+Codecs are classes used without instances (like gguf-py's `quants.py`). Each
+works on whole rows; a row must be a whole number of blocks (`supports`), so any
+split of a tensor into row chunks encodes independently.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from pipeline.errors import CheckpointError
+
+QK_K = 256        # values per TQ1_0 / TQ2_0 block
+QK_I2_S = 128     # values per I2_S block (32 bytes)
+I2_S_TAIL = 32    # bytes after an I2_S tensor's packed codes: float32 scale + 28 unused
+ABSMEAN_FLOOR = 1e-5
+
+
+class CodecError(ValueError):
+    """A codec was given data it cannot encode (a bug upstream, not a user error)."""
+
+
+class NonFiniteWeights(CheckpointError):
+    """A tensor that should be ternary-quantized holds NaN or infinite values."""
+
+
+# -- absmean ternary quantization (BitNet b1.58) ----------------------------------------------
+
+def absmean_partial(block: np.ndarray) -> np.ndarray:
+    """Sum of |x| over one block, as float64 with the block's rank kept (shape (1, 1) for rows).
+
+    The values are widened to float32 first (what the reference converters see) and summed
+    in float64, so partial sums of any chunking add up to the same total to well below
+    one float32 ulp of the mean.
+    """
+    values = np.array(block, dtype=np.float32, copy=True)
+    np.abs(values, out=values)
+    return np.sum(values, dtype=np.float64, keepdims=True)
+
+
+def absmean_scale(total_abs_sum: float, n: int) -> np.float32:
+    """The tensor's scale s = max(mean|W|, 1e-5), rounded once to float32."""
+    total = float(total_abs_sum)
+    if not np.isfinite(total):
+        raise NonFiniteWeights(f"sum of |W| is {total}: the weights contain NaN or Inf")
+    if n <= 0:
+        raise CodecError(f"absmean of an empty tensor (n = {n})")
+    return np.float32(max(total / n, ABSMEAN_FLOOR))
+
+
+def ternary_codes(block: np.ndarray, scale: np.float32) -> np.ndarray:
+    """int8 codes clip(round(x / scale), -1, 1) for one block of weights.
+
+    Computed exactly as llama.cpp's converter does it in torch, so our codes equal its codes
+    bit for bit: in float32, x is multiplied by iscale = float32(1) / scale (not divided by
+    scale; x * fl(1/s) and x / s differ in the last bit for some x, which moves values lying
+    next to +-0.5 across the rounding boundary), then rounded half to even (torch.round and
+    np.rint both do that, so +-0.5 -> 0 and +-1.5 -> +-2 -> +-1), then clamped.
+    """
+    iscale = np.float32(1) / np.float32(scale)
+    values = np.array(block, dtype=np.float32, copy=True)
+    values *= iscale
+    np.rint(values, out=values)
+    np.clip(values, -1, 1, out=values)
+    return values.astype(np.int8)
+
+
+# -- helpers shared by the ternary codecs -----------------------------------------------------
+
+def _trits(codes: np.ndarray) -> np.ndarray:
+    """codes in {-1, 0, +1} (any integer dtype) -> uint8 q = code + 1 in {0, 1, 2}."""
+    codes = np.asarray(codes)
+    if codes.dtype.kind not in "iu":
+        raise CodecError(f"ternary codes must be integers, got {codes.dtype}")
+    if codes.size and (codes.min() < -1 or codes.max() > 1):
+        raise CodecError("ternary codes must lie in {-1, 0, +1}")
+    # int8 -1/0/+1 viewed as uint8 is 255/0/1; uint8 addition wraps 255 + 1 to 0.
+    return codes.astype(np.int8, copy=False).view(np.uint8) + np.uint8(1)
+
+
+def _fp16_bytes(scale: np.float32) -> np.ndarray:
+    """The 2 little-endian bytes of fp16(scale) (via float32, as gguf's quantizer rounds)."""
+    return np.array([np.float32(scale)], dtype=np.float32).astype("<f2").view(np.uint8)
+
+
+def _check_scale(scale) -> np.float32:
+    s = np.float32(scale)
+    if not (np.isfinite(s) and s > 0):
+        raise CodecError(f"a ternary scale must be finite and positive, got {scale!r}")
+    return s
+
+
+def _pack_base3(q: np.ndarray) -> np.ndarray:
+    """(..., k, width) trits -> (..., width) base-3 numbers, the first field most significant.
+
+    Horner's rule in uint8: every intermediate is at most 3**5 - 1 = 242, so nothing wraps.
+    """
+    acc = q[..., 0, :].copy()
+    for i in range(1, q.shape[-2]):
+        acc *= np.uint8(3)
+        acc += q[..., i, :]
+    return acc
+
+
+# A TQ1_0 byte holding base-3 number v (< 243) is stored as ceil(v * 256 / 243), which puts the
+# most significant trit in the top bits of the byte. Read back: v = (b * 243) >> 8.
+_TQ1_STORE = ((np.arange(243, dtype=np.uint32) * 256 + 242) // 243).astype(np.uint8)
+_TQ1_LOAD = ((np.arange(256, dtype=np.uint32) * 243) >> 8).astype(np.uint8)
+
+
+def _unpack_base3(packed: np.ndarray, fields: int, weights: tuple[int, ...]) -> np.ndarray:
+    """(..., width) base-3 numbers -> (..., fields, width) trits, inverse of `_pack_base3`."""
+    v = packed.astype(np.int16)
+    w = np.array(weights[:fields], dtype=np.int16).reshape(fields, 1)
+    return ((v[..., None, :] // w) % 3).astype(np.uint8)
+
+
+def _rows_of_blocks(a: np.ndarray, block_size: int, what: str) -> tuple[int, int]:
+    if a.ndim != 2:
+        raise CodecError(f"{what} must be 2-D (rows, cols), got shape {a.shape}")
+    rows, cols = a.shape
+    if cols % block_size:
+        raise CodecError(f"row length {cols} is not a multiple of the block size {block_size}")
+    return rows, cols // block_size
+
+
+# -- codecs ------------------------------------------------------------------------------------
+
+class Codec:
+    """One GGUF tensor type: row chunks in, the tensor's bytes (rows, row_bytes) out."""
+
+    name: str
+    ggml_type: int
+    block_size: int   # values per block
+    type_size: int    # bytes per block
+    ternary: bool     # encode(codes, scale) if True, encode(values) if False
+
+    def __init__(self):
+        raise TypeError("codecs are used through their class methods")
+
+    @classmethod
+    def supports(cls, cols: int) -> bool:
+        return cols > 0 and cols % cls.block_size == 0
+
+    @classmethod
+    def row_bytes(cls, cols: int) -> int:
+        if not cls.supports(cols):
+            raise CodecError(f"{cls.name} cannot hold rows of {cols} values "
+                             f"(not a multiple of {cls.block_size})")
+        return cols // cls.block_size * cls.type_size
+
+
+class TQ2_0(Codec):
+    """66 bytes per 256 values: 64 bytes of 2-bit q = code + 1, then fp16 d = max|x|.
+
+    Byte 32j + m of a block holds q[128j + m] in bits 1:0, q[128j + 32 + m] in 3:2,
+    q[128j + 64 + m] in 5:4 and q[128j + 96 + m] in 7:6.
+    """
+    name, ggml_type, block_size, type_size, ternary = "TQ2_0", GGMLQuantizationType.TQ2_0, QK_K, 66, True
+
+    @classmethod
+    def encode(cls, codes: np.ndarray, scale: np.float32) -> np.ndarray:
+        rows, nb = _rows_of_blocks(codes, QK_K, "codes")
+        q = _trits(codes).reshape(rows, nb, 2, 4, 32)
+        out = np.empty((rows, nb, cls.type_size), dtype=np.uint8)
+        qs = out[..., :64].reshape(rows, nb, 2, 32)
+        np.left_shift(q[..., 3, :], 6, out=qs)
+        qs |= q[..., 2, :] << 4
+        qs |= q[..., 1, :] << 2
+        qs |= q[..., 0, :]
+        out[..., 64:] = _block_d(q.reshape(rows, nb, QK_K), scale)
+        return out.reshape(rows, nb * cls.type_size)
+
+    @classmethod
+    def decode(cls, data: np.ndarray) -> np.ndarray:
+        rows, nb = _rows_of_blocks(np.asarray(data), cls.type_size, "data")
+        blocks = np.asarray(data, dtype=np.uint8).reshape(rows, nb, cls.type_size)
+        shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+        q = (blocks[..., :64].reshape(rows, nb, 2, 1, 32) >> shifts) & np.uint8(3)
+        return _values(q.reshape(rows, nb, QK_K), blocks[..., 64:], rows)
+
+
+class TQ1_0(Codec):
+    """54 bytes per 256 values: base-3 packed q = code + 1, then fp16 d = max|x|.
+
+    Bytes 0-31 hold 5 trits each, q[m], q[32+m], ..., q[128+m] (first most significant);
+    bytes 32-47 hold q[160+m], q[176+m], ..., q[224+m]; bytes 48-51 hold 4 trits,
+    q[240+m], q[244+m], q[248+m], q[252+m], times 3 (a zero fifth trit). Every one of
+    those 52 bytes stores its number v as ceil(v * 256 / 243).
+    """
+    name, ggml_type, block_size, type_size, ternary = "TQ1_0", GGMLQuantizationType.TQ1_0, QK_K, 54, True
+
+    @classmethod
+    def encode(cls, codes: np.ndarray, scale: np.float32) -> np.ndarray:
+        rows, nb = _rows_of_blocks(codes, QK_K, "codes")
+        q = _trits(codes).reshape(rows, nb, QK_K)
+        out = np.empty((rows, nb, cls.type_size), dtype=np.uint8)
+        out[..., 0:32] = _pack_base3(q[..., 0:160].reshape(rows, nb, 5, 32))
+        out[..., 32:48] = _pack_base3(q[..., 160:240].reshape(rows, nb, 5, 16))
+        out[..., 48:52] = _pack_base3(q[..., 240:256].reshape(rows, nb, 4, 4)) * np.uint8(3)
+        out[..., :52] = _TQ1_STORE[out[..., :52]]
+        out[..., 52:] = _block_d(q, scale)
+        return out.reshape(rows, nb * cls.type_size)
+
+    @classmethod
+    def decode(cls, data: np.ndarray) -> np.ndarray:
+        rows, nb = _rows_of_blocks(np.asarray(data), cls.type_size, "data")
+        blocks = np.asarray(data, dtype=np.uint8).reshape(rows, nb, cls.type_size)
+        v = _TQ1_LOAD[blocks[..., :52]]
+        weights = (81, 27, 9, 3, 1)
+        q = np.concatenate([
+            _unpack_base3(v[..., 0:32], 5, weights).reshape(rows, nb, 160),
+            _unpack_base3(v[..., 32:48], 5, weights).reshape(rows, nb, 80),
+            _unpack_base3(v[..., 48:52], 4, weights).reshape(rows, nb, 16),
+        ], axis=-1)
+        return _values(q, blocks[..., 52:], rows)
+
+
+def _block_d(q: np.ndarray, scale: np.float32) -> np.ndarray:
+    """(rows, nb, 256) trits -> (rows, nb, 2) fp16 bytes of each block's d = max|code * scale|.
+
+    That maximum is fp16(scale) when the block has a non-zero code and 0 otherwise (gguf's
+    quantizer takes max|x| in float32 and casts it: code * scale is exactly +-scale).
+    """
+    d = _fp16_bytes(_check_scale(scale))
+    nonzero = (q != 1).any(axis=-1, keepdims=True)
+    return np.where(nonzero, d, np.uint8(0))
+
+
+def _values(q: np.ndarray, d_bytes: np.ndarray, rows: int) -> np.ndarray:
+    """(rows, nb, 256) trits and (rows, nb, 2) fp16 bytes -> float32 (rows, nb * 256) values."""
+    d = np.ascontiguousarray(d_bytes).view("<f2").astype(np.float32)
+    return ((q.astype(np.float32) - 1) * d).reshape(rows, -1)
+
+
+class I2_S(Codec):
+    """bitnet.cpp's I2_S (type 36, not in upstream ggml): 2-bit codes, one float32 scale.
+
+    The tensor's data is its packed codes (n / 4 bytes) followed by `i2s_tail(scale)`. The
+    codes are laid out over the flattened tensor in blocks of 128 values (32 bytes): byte b of
+    a block holds q[b] in bits 7:6, q[32 + b] in 5:4, q[64 + b] in 3:2 and q[96 + b] in 1:0,
+    q = code + 1. Rows must be whole blocks: then row chunks pack independently (and
+    bitnet.cpp computes wrong results for other row lengths anyway).
+    """
+    name, ggml_type, block_size, type_size, ternary = "I2_S", 36, QK_I2_S, 32, True
+
+    @classmethod
+    def encode(cls, codes: np.ndarray, scale: np.float32 | None = None) -> np.ndarray:
+        """The packed codes of a row chunk; the scale goes in the tail, not here."""
+        rows, nb = _rows_of_blocks(codes, QK_I2_S, "codes")
+        q = _trits(codes).reshape(rows, nb, 4, 32)
+        out = np.left_shift(q[..., 0, :], 6)
+        out |= q[..., 1, :] << 4
+        out |= q[..., 2, :] << 2
+        out |= q[..., 3, :]
+        return out.reshape(rows, nb * cls.type_size)
+
+    @staticmethod
+    def i2s_tail(scale: np.float32) -> bytes:
+        """What follows the last packed byte: the scale (float32, little-endian), 28 zeros."""
+        return np.array([scale], dtype="<f4").tobytes() + bytes(I2_S_TAIL - 4)
+
+    @classmethod
+    def decode_codes(cls, packed: np.ndarray) -> np.ndarray:
+        rows, nb = _rows_of_blocks(np.asarray(packed), cls.type_size, "packed")
+        blocks = np.asarray(packed, dtype=np.uint8).reshape(rows, nb, 1, 32)
+        shifts = np.array([6, 4, 2, 0], dtype=np.uint8).reshape(4, 1)
+        q = (blocks >> shifts) & np.uint8(3)
+        return (q.astype(np.int8) - np.int8(1)).reshape(rows, nb * QK_I2_S)
+
+    @classmethod
+    def decode(cls, packed: np.ndarray, scale: np.float32) -> np.ndarray:
+        return cls.decode_codes(packed).astype(np.float32) * np.float32(scale)
+
+
+class _Float(Codec):
+    block_size, ternary = 1, False
+    dtype: np.dtype
+
+    @classmethod
+    def encode(cls, values: np.ndarray) -> np.ndarray:
+        """Values of any shape -> uint8 (..., cols * itemsize), little-endian."""
+        arr = np.ascontiguousarray(values, dtype=cls.dtype)
+        return arr.view(np.uint8) if arr.ndim else arr.reshape(1).view(np.uint8)
+
+    @classmethod
+    def decode(cls, data: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(data, dtype=np.uint8).view(cls.dtype).astype(np.float32)
+
+
+class F16(_Float):
+    name, ggml_type, type_size, dtype = "F16", GGMLQuantizationType.F16, 2, np.dtype("<f2")
+
+
+class F32(_Float):
+    name, ggml_type, type_size, dtype = "F32", GGMLQuantizationType.F32, 4, np.dtype("<f4")
+
+
+CODECS: dict[str, type[Codec]] = {"tq2_0": TQ2_0, "tq1_0": TQ1_0, "i2_s": I2_S, "f16": F16, "f32": F32}

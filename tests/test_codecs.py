@@ -1,0 +1,338 @@
+"""The codecs against independent references.
+
+TQ1_0 / TQ2_0 / F16 / F32 bytes are compared with gguf-py's numpy quantizer (the reference
+FORMATS.md names); I2_S, which gguf does not know, with a slow element-by-element packer
+written from the FORMATS.md description; the absmean kernel with float64 numpy and Python's
+own `round`.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.codecs import (CODECS, F16, F32, I2_S, QK_K, TQ1_0, TQ2_0, CodecError, NonFiniteWeights,
+                             absmean_partial, absmean_scale, ternary_codes)
+
+TQ_CODECS = [TQ2_0, TQ1_0]
+settings.register_profile("codecs", max_examples=60, deadline=None)
+settings.load_profile("codecs")
+
+# -- building codes ---------------------------------------------------------------------------
+
+BLOCK_KINDS = ["random", "zero", "plus", "minus", "sparse", "max_and_min"]
+
+
+def make_codes(rng: np.random.Generator, kinds: list[list[str]], block: int = QK_K) -> np.ndarray:
+    """A (rows, blocks * block) int8 code matrix, one kind per block."""
+    rows = []
+    for row_kinds in kinds:
+        parts = []
+        for kind in row_kinds:
+            if kind == "random":
+                b = rng.integers(-1, 2, block)
+            elif kind == "zero":
+                b = np.zeros(block)
+            elif kind == "plus":
+                b = np.ones(block)
+            elif kind == "minus":
+                b = -np.ones(block)
+            elif kind == "sparse":  # a single non-zero code somewhere in the block
+                b = np.zeros(block)
+                b[rng.integers(block)] = rng.choice([-1, 1])
+            else:  # both extremes present, the rest zero
+                b = np.zeros(block)
+                b[0], b[-1] = 1, -1
+            parts.append(b)
+        rows.append(np.concatenate(parts))
+    return np.array(rows, dtype=np.int8)
+
+
+@st.composite
+def code_matrices(draw, block: int = QK_K):
+    rows = draw(st.integers(1, 4))
+    blocks = draw(st.integers(1, 4))
+    kinds = draw(st.lists(st.lists(st.sampled_from(BLOCK_KINDS), min_size=blocks, max_size=blocks),
+                          min_size=rows, max_size=rows))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return make_codes(np.random.default_rng(seed), kinds, block)
+
+
+# Scales from below the fp16 subnormal range (fp16(s) = 0) through fp16 subnormals (< 6.1e-5),
+# ordinary values, and past the fp16 maximum (fp16(s) = inf): gguf must agree everywhere.
+any_scale = st.floats(min_value=float(np.float32(1e-8)), max_value=1e5, width=32)
+# Scales whose fp16 is finite and non-zero, for round trips through values.
+fp16_scale = st.floats(min_value=float(np.float32(1e-5)), max_value=6e4, width=32)
+
+
+def fp16_ties() -> list[np.float32]:
+    """float32 values exactly half-way between two neighbouring fp16 values (round to even)."""
+    out = []
+    for h in [np.float16(1.0), np.float16(0.333), np.float16(1e-4), np.float16(3e-5), np.float16(1234.0)]:
+        up = np.nextafter(h, np.float16(np.inf))
+        mid = (np.float32(h) + np.float32(up)) / np.float32(2)
+        assert np.float32(h) < mid < np.float32(up)
+        out.append(np.float32(mid))
+    return out
+
+
+def gguf_bytes(codes: np.ndarray, scale: np.float32, codec) -> np.ndarray:
+    return gq.quantize((codes * np.float32(scale)).astype(np.float32), codec.ggml_type)
+
+
+# -- TQ1_0 / TQ2_0 ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+@given(codes=code_matrices(), scale=any_scale)
+def test_tq_encode_matches_gguf(codec, codes, scale):
+    scale = np.float32(scale)
+    with np.errstate(over="ignore"):  # scales past 65504 are inf in fp16, for gguf and us alike
+        ours = codec.encode(codes, scale)
+        ref = gguf_bytes(codes, scale, codec)
+    assert ours.dtype == np.uint8 and ours.shape == ref.shape
+    np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+@pytest.mark.parametrize("scale", [np.float32(1e-5), np.float32(1.0), np.float32(0.1), np.float32(65504),
+                                   np.float32(65519), *fp16_ties()])
+def test_tq_encode_special_scales(codec, scale):
+    codes = make_codes(np.random.default_rng(7), [BLOCK_KINDS, BLOCK_KINDS[::-1]])
+    np.testing.assert_array_equal(codec.encode(codes, scale), gguf_bytes(codes, scale, codec))
+
+
+@pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+def test_tq_block_scale_layout(codec):
+    """d sits in the last two bytes: fp16(scale) for a block with a non-zero code, 0 otherwise."""
+    codes = make_codes(np.random.default_rng(0), [["zero", "plus", "sparse", "zero"]])
+    scale = np.float32(0.0123)
+    blocks = codec.encode(codes, scale).reshape(4, codec.type_size)
+    d = blocks[:, -2:].copy().view("<f2").ravel()
+    np.testing.assert_array_equal(d, [0, np.float16(scale), np.float16(scale), 0])
+
+
+@pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+@given(codes=code_matrices(), scale=fp16_scale)
+def test_tq_decode_round_trip(codec, codes, scale):
+    scale = np.float32(scale)
+    data = codec.encode(codes, scale)
+    values = codec.decode(data)
+    expected = codes.astype(np.float32) * np.float32(np.float16(scale))
+    assert values.dtype == np.float32
+    np.testing.assert_array_equal(values, expected)
+    np.testing.assert_array_equal(values, gq.dequantize(data, codec.ggml_type))
+
+
+@pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+def test_tq_decode_reads_gguf_bytes(codec):
+    """Our decoder reads what gguf wrote, including blocks gguf made from non-ternary values."""
+    values = np.random.default_rng(3).normal(size=(3, 2 * QK_K)).astype(np.float32)
+    data = gq.quantize(values, codec.ggml_type)
+    np.testing.assert_array_equal(codec.decode(data), gq.dequantize(data, codec.ggml_type))
+
+
+@pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+def test_tq_row_chunks_are_independent(codec):
+    codes = make_codes(np.random.default_rng(1), [["random", "sparse"]] * 7)
+    scale = np.float32(0.37)
+    whole = codec.encode(codes, scale)
+    parts = np.concatenate([codec.encode(codes[a:b], scale) for a, b in [(0, 1), (1, 4), (4, 7)]])
+    np.testing.assert_array_equal(parts, whole)
+
+
+@pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+def test_tq_sizes_and_rejections(codec):
+    block_size, type_size = GGML_QUANT_SIZES[codec.ggml_type]
+    assert (codec.block_size, codec.type_size) == (block_size, type_size)
+    assert codec.supports(512) and not codec.supports(8640) and not codec.supports(128)
+    assert codec.row_bytes(3 * QK_K) == 3 * type_size
+    with pytest.raises(CodecError):
+        codec.row_bytes(3200)
+    with pytest.raises(CodecError):
+        codec.encode(np.zeros((2, 3 * 128), np.int8), np.float32(1))
+    with pytest.raises(CodecError):
+        codec.encode(np.full((1, QK_K), 2, np.int8), np.float32(1))
+    for bad in [0.0, -1.0, np.inf, np.nan]:
+        with pytest.raises(CodecError):
+            codec.encode(np.ones((1, QK_K), np.int8), np.float32(bad))
+
+
+def test_tq_accepts_wider_integer_codes():
+    codes = make_codes(np.random.default_rng(2), [["random"]])
+    s = np.float32(0.5)
+    np.testing.assert_array_equal(TQ2_0.encode(codes.astype(np.int64), s), TQ2_0.encode(codes, s))
+
+
+# -- absmean ternary quantization -------------------------------------------------------------
+
+def python_ternary(x: np.ndarray, scale: np.float32) -> np.ndarray:
+    """Element by element: the float32 product x * float32(1 / s), Python's half-to-even round.
+
+    (gguf's np_roundf rounds half away from zero, but it only ever sees values that are
+    already -1, 0 or +1 inside the TQ quantizers, so that difference never shows up there.)
+    """
+    iscale = np.float32(1) / np.float32(scale)
+    out = []
+    for v in np.asarray(x, np.float32).ravel():
+        # the double product of two float32 values is exact; rounding it once gives the
+        # correctly rounded float32 product
+        prod = float(np.float32(float(v) * float(iscale)))
+        out.append(max(-1, min(1, round(prod))))
+    return np.array(out, dtype=np.int8).reshape(np.shape(x))
+
+
+def test_ternary_ties_round_half_to_even():
+    s = np.float32(0.25)  # a power of two, so x * (1 / s) is exact and ties are exact ties
+    x = np.array([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.49, 0.51, 1.0, -1.0, 0.0, -0.0], np.float32) * s
+    codes = ternary_codes(x, s)
+    np.testing.assert_array_equal(codes, [0, 0, 1, -1, 1, -1, 0, 1, 1, -1, 0, 0])
+    np.testing.assert_array_equal(codes, python_ternary(x, s))
+    assert codes.dtype == np.int8
+
+
+@pytest.mark.parametrize("s", [np.float32(0.25), np.float32(0.0123), np.float32(1 / 3), np.float32(1e-5),
+                               np.float32(7.77)])
+def test_ternary_near_the_boundaries(s):
+    """Values one or two float32 steps either side of +-0.5 s and +-1.5 s, where multiplying
+    by 1/s and dividing by s can round differently."""
+    centres = np.array([0.5, -0.5, 1.5, -1.5], np.float32) * s
+    x = [centres]
+    for direction in (np.inf, -np.inf):
+        step = centres
+        for _ in range(3):
+            step = np.nextafter(step, np.float32(direction))
+            x.append(step)
+    x = np.stack(x)
+    np.testing.assert_array_equal(ternary_codes(x, s), python_ternary(x, s))
+
+
+def as_source(values: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "f16":
+        return values.astype(np.float16)
+    if kind == "bf16":  # what a bf16 checkpoint widens to: float32 with the low 16 bits clear
+        return (values.astype(np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    return values.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "bf16"])
+@given(seed=st.integers(0, 2**32 - 1), spread=st.floats(1e-3, 1e2),
+       shape=st.tuples(st.integers(1, 9), st.integers(1, 70)))
+def test_ternary_random_inputs(kind, seed, spread, shape):
+    x = as_source(np.random.default_rng(seed).normal(scale=spread, size=shape), kind)
+    s = absmean_scale(float(absmean_partial(x).sum()), x.size)
+    codes = ternary_codes(x, s)
+    ref = np.clip(np.rint(x.astype(np.float32) * (np.float32(1) / s)), -1, 1).astype(np.int8)
+    np.testing.assert_array_equal(codes, ref)
+    if x.size <= 64:
+        np.testing.assert_array_equal(codes, python_ternary(x, s))
+
+
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 40), cols=st.integers(1, 50),
+       cuts=st.lists(st.integers(0, 40), max_size=6), kind=st.sampled_from(["f32", "f16", "bf16"]),
+       spread=st.sampled_from([1e-3, 1.0, 3e3]))
+def test_absmean_chunked_matches_mean(seed, rows, cols, cuts, kind, spread):
+    x = as_source(np.random.default_rng(seed).normal(scale=spread, size=(rows, cols)), kind)
+    bounds = [0, *sorted(c for c in cuts if c < rows), rows]
+    partials = [absmean_partial(x[a:b]) for a, b in zip(bounds, bounds[1:])]
+    assert all(p.shape == (1, 1) and p.dtype == np.float64 for p in partials)
+    s = absmean_scale(float(np.sum(partials)), x.size)
+    expected = np.float32(max(np.mean(np.abs(x.astype(np.float64))), 1e-5))
+    assert s.dtype == np.float32
+    assert abs(float(s) - float(expected)) <= float(np.spacing(expected))
+
+
+def test_absmean_floor():
+    zeros = np.zeros((4, 8), np.float16)
+    assert absmean_scale(float(absmean_partial(zeros).sum()), zeros.size) == np.float32(1e-5)
+    tiny = np.full((2, 2), 1e-7, np.float32)
+    assert absmean_scale(float(absmean_partial(tiny).sum()), tiny.size) == np.float32(1e-5)
+    codes = ternary_codes(zeros, absmean_scale(0.0, zeros.size))
+    assert not codes.any()
+
+
+def test_absmean_rejects_non_finite():
+    x = np.array([[1.0, np.nan]], np.float32)
+    with pytest.raises(NonFiniteWeights):
+        absmean_scale(float(absmean_partial(x).sum()), x.size)
+    with pytest.raises(NonFiniteWeights):
+        absmean_scale(float("inf"), 4)
+
+
+def test_absmean_partial_does_not_touch_its_input():
+    x = np.array([[-1.0, 2.0]], np.float32)
+    absmean_partial(x)
+    np.testing.assert_array_equal(x, [[-1.0, 2.0]])
+
+
+# -- I2_S -------------------------------------------------------------------------------------
+
+def i2s_reference(values: np.ndarray) -> bytes:
+    """FORMATS.md, slowly: the flattened tensor in blocks of 128, 32 bytes a block."""
+    flat = [float(v) for v in np.asarray(values, np.float32).ravel()]
+
+    def code(v: float) -> int:
+        return 1 if abs(v) < 1e-6 else (2 if v > 0 else 0)
+
+    out = bytearray()
+    for i in range(len(flat) // 128):
+        for b in range(32):
+            out.append(code(flat[128 * i + b]) << 6 | code(flat[128 * i + 32 + b]) << 4
+                       | code(flat[128 * i + 64 + b]) << 2 | code(flat[128 * i + 96 + b]))
+    return bytes(out)
+
+
+@given(codes=code_matrices(block=128), scale=fp16_scale, cut=st.integers(0, 4))
+def test_i2s_matches_reference(codes, scale, cut):
+    scale = np.float32(scale)
+    cut = min(cut, codes.shape[0])
+    packed = np.concatenate([I2_S.encode(codes[:cut], scale), I2_S.encode(codes[cut:], scale)])
+    assert packed.shape == (codes.shape[0], codes.shape[1] // 4) and packed.dtype == np.uint8
+    assert packed.tobytes() == i2s_reference(codes * scale)
+    np.testing.assert_array_equal(I2_S.decode(packed, scale), codes.astype(np.float32) * scale)
+    np.testing.assert_array_equal(I2_S.decode_codes(packed), codes)
+
+
+def test_i2s_tail():
+    s = np.float32(0.0421)
+    tail = I2_S.i2s_tail(s)
+    assert len(tail) == 32 and tail[:4] == struct.pack("<f", float(s)) and tail[4:] == bytes(28)
+
+
+def test_i2s_rejects_partial_blocks():
+    assert I2_S.supports(128) and I2_S.supports(2560) and not I2_S.supports(3200 + 64)
+    assert I2_S.row_bytes(256) == 64
+    with pytest.raises(CodecError):
+        I2_S.row_bytes(192)
+    with pytest.raises(CodecError):
+        I2_S.encode(np.zeros((2, 192), np.int8), np.float32(1))
+    with pytest.raises(CodecError):
+        I2_S.encode(np.full((1, 128), -2, np.int8), np.float32(1))
+
+
+# -- F16 / F32 --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("codec,dtype", [(F16, np.float16), (F32, np.float32)], ids=["F16", "F32"])
+@given(seed=st.integers(0, 2**32 - 1), shape=st.sampled_from([(3,), (2, 5), (4, 64)]))
+def test_float_codecs(codec, dtype, seed, shape):
+    values = np.random.default_rng(seed).normal(scale=10, size=shape)
+    data = codec.encode(values)
+    expected = values.astype(dtype).view(np.uint8)
+    assert data.dtype == np.uint8 and data.shape == (*shape[:-1], shape[-1] * codec.type_size)
+    np.testing.assert_array_equal(data, expected)
+    np.testing.assert_array_equal(data.view(dtype), gq.quantize(values, codec.ggml_type))
+    np.testing.assert_array_equal(codec.decode(data), values.astype(dtype).astype(np.float32))
+    assert codec.row_bytes(shape[-1]) == shape[-1] * codec.type_size
+    # non-contiguous input (a column slice) encodes like its copy
+    np.testing.assert_array_equal(codec.encode(values[..., ::2]), codec.encode(values[..., ::2].copy()))
+
+
+def test_registry():
+    assert set(CODECS) == {"tq2_0", "tq1_0", "i2_s", "f16", "f32"}
+    assert {k: int(v.ggml_type) for k, v in CODECS.items()} == {"tq2_0": 35, "tq1_0": 34, "i2_s": 36,
+                                                                "f16": 1, "f32": 0}
+    assert [k for k, v in CODECS.items() if v.ternary] == ["tq2_0", "tq1_0", "i2_s"]
