@@ -32,7 +32,10 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -e '.[llama]'
 	touch $@
 
-demo-model: $(VENV)/.stamp-base
+demo-model: $(DEMO_MODEL)/config.json
+
+# generated once, so an interrupted `make convert` resumes instead of starting over
+$(DEMO_MODEL)/config.json: $(VENV)/.stamp-base
 	$(PY) -m pipeline.demo $(DEMO_MODEL)
 
 ifeq ($(strip $(MODEL)),)

@@ -69,6 +69,8 @@ _LLAMA_HPARAMS = (
     ("attention.head_count_kv", "num_key_value_heads", "uint32"),
     ("rope.freq_base", "rope_theta", "float32"),
     ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
+    ("attention.key_length", "head_dim", "uint32"),
+    ("attention.value_length", "head_dim", "uint32"),
 )
 
 FAMILIES = (
@@ -184,6 +186,8 @@ def arch_metadata(plan: TensorPlan) -> list[tuple[str, str, object]]:
         value = config.get(cfg_key)
         if value is None and cfg_key == "num_key_value_heads":
             value = config["num_attention_heads"]
+        if value is None and cfg_key == "head_dim":  # transformers' LlamaConfig default
+            value = config["hidden_size"] // config["num_attention_heads"]
         if value is None:
             continue
         out.append((f"{arch}.{suffix}", vtype, value))

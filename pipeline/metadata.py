@@ -92,6 +92,7 @@ def _read_json(path: Path):
 def build_kv(plan: TensorPlan, model_dir: Path) -> list[dict]:
     """Every GGUF key/value except file type, as JSON-ready records."""
     w = gguf.GGUFWriter(None, plan.arch)
+    w.add_type(gguf.GGUFType.MODEL)
     w.add_name(model_dir.resolve().name)
     for key, vtype, value in arch_metadata(plan):
         w.add_key_value(key, value, _ADD[vtype])

@@ -2,7 +2,8 @@
 
 Ternary projections take two chunked passes: per-row sums of |W| (float64),
 reduced exactly with `math.fsum` into the absmean scale, which is written to the
-array's attributes before the second pass turns each chunk into int8 codes. The
+array's attributes (`absmean`, and `scale`, the magnitude the codes stand for)
+before the second pass turns each chunk into int8 codes. The
 scale therefore does not depend on how rows were chunked, and a resumed run
 never recomputes it. Other tensors are cast to their output float type
 (token embedding F16, norms F32).
@@ -28,9 +29,9 @@ def row_abs_sums(src: str, start: int, stop: int, source_dtype: str) -> np.ndarr
     return np.abs(block).sum(axis=tuple(range(1, block.ndim)), dtype=np.float64)
 
 
-def write_codes(src: str, out: str, start: int, stop: int, source_dtype: str, scale: float) -> None:
+def write_codes(src: str, out: str, start: int, stop: int, source_dtype: str, absmean: float) -> None:
     block = as_float32(open_array(src, "r")[start:stop], source_dtype)
-    open_array(out)[start:stop] = ternary_codes(block, np.float32(scale))
+    open_array(out)[start:stop] = ternary_codes(block, np.float32(absmean))
 
 
 def write_cast(src: str, out: str, start: int, stop: int, source_dtype: str, dtype) -> None:
@@ -72,8 +73,10 @@ def run(ctx: StageContext) -> None:
         sums[name].append(part)
     for name in pending:
         src, arr = layouts[name][0], layouts[name][1]
-        total = math.fsum(np.concatenate(sums[name]).tolist())
-        arr.attrs["scale"] = float(absmean_scale(total, src.size))
+        absmean = absmean_scale(math.fsum(np.concatenate(sums[name]).tolist()), src.size)
+        # codes use iscale = 1/absmean; the values they stand for are codes / iscale, which
+        # llama.cpp's converter writes and which can differ from codes * absmean in the last bit
+        arr.attrs.update({"absmean": float(absmean), "scale": float(np.float32(1) / (np.float32(1) / absmean))})
 
     # pass 2: codes for ternary tensors, casts for the rest
     tasks = []
@@ -85,7 +88,7 @@ def run(ctx: StageContext) -> None:
                 continue
             args = (array_path(ctx.input, name), array_path(ctx.output, name), r0, r1, sdtype)
             if role == TERNARY:
-                task = dask.delayed(write_codes, pure=False)(*args, arr.attrs["scale"],
+                task = dask.delayed(write_codes, pure=False)(*args, arr.attrs["absmean"],
                                                             dask_key_name=f"codes-{name}-{i}")
             else:
                 task = dask.delayed(write_cast, pure=False)(*args, arr.dtype, dask_key_name=f"cast-{name}-{i}")

@@ -52,10 +52,12 @@ def read_source_tensors(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 def absmean_reference(w: np.ndarray) -> np.ndarray:
-    """BitNet b1.58 weight quantization, written from the paper's formula."""
+    """BitNet b1.58 weight quantization (s = mean|W|, W' = clip(round(W/s), -1, 1) * s),
+    in float32 the way llama.cpp's converter evaluates it: iscale = 1/s, W' = codes / iscale."""
     s = np.float32(max(np.abs(w.astype(np.float64)).mean(), 1e-5))
-    codes = np.clip(np.rint(w.astype(np.float32) * (np.float32(1) / s)), -1, 1)
-    return (codes * s).astype(np.float32)
+    iscale = np.float32(1) / s
+    codes = np.clip(np.rint(w.astype(np.float32) * iscale), -1, 1).astype(np.float32)
+    return codes / iscale
 
 
 @pytest.fixture
