@@ -48,8 +48,17 @@ def current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def plan_budget(memory_limit: int, workers: int = 0, baseline: int | None = None) -> Budget:
+WORKER_PROCESS_OVERHEAD = 160 * 1024**2  # an interpreter with dask.distributed, per worker process
+
+
+def plan_budget(memory_limit: int, workers: int = 0, baseline: int | None = None,
+                worker_processes: bool = False) -> Budget:
+    """`worker_processes`: tasks run in separate processes (--cluster local), each costing
+    WORKER_PROCESS_OVERHEAD on top of its chunks."""
     baseline = current_rss() if baseline is None else baseline
+    if worker_processes:
+        workers = workers or (os.cpu_count() or 1)
+        baseline += workers * WORKER_PROCESS_OVERHEAD
     usable = memory_limit - baseline - HEADROOM
     per_task_min = MIN_TASK_ELEMENTS * BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER
     minimum = baseline + HEADROOM + per_task_min

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -101,8 +102,13 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # unwind normally: partial files are removed, stores stay consistent
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return {"convert": cmd_convert, "status": cmd_status}[args.command](args)

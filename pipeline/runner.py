@@ -5,7 +5,7 @@ import importlib
 import time
 from pathlib import Path
 
-from pipeline.budget import plan_budget
+from pipeline.budget import current_rss, plan_budget
 from pipeline.checkpoint import open_checkpoint
 from pipeline.config import Options, format_size
 from pipeline.context import StageContext
@@ -38,7 +38,7 @@ def convert(opts: Options, log) -> Path:
     ckpt = open_checkpoint(opts.model_dir)
     for stage in STAGES:  # import everything first, so the budget's baseline includes it
         importlib.import_module(f"stages.{stage}")
-    budget = plan_budget(opts.memory_limit, opts.workers)
+    budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local")
     plan = ckpt.plan
     log(f"model: {opts.model_dir} ({plan.family.description}, {len(plan.tensors)} tensors)")
     log(f"output: {opts.output} ({opts.out_type.upper()}, GGUF arch {plan.arch})")
@@ -57,7 +57,7 @@ def convert(opts: Options, log) -> Path:
         if n := run.clean_partials():
             log(f"removed {n} unfinished chunk file(s) of an interrupted run")
 
-        worker_memory = max(1, (opts.memory_limit - budget.baseline) // budget.workers)
+        worker_memory = max(1, (opts.memory_limit - current_rss()) // budget.workers)
         scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress)
         try:
             previous = None

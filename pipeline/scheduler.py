@@ -26,6 +26,11 @@ class Scheduler:
         self.kind, self.workers, self.progress = kind, workers, progress
         self.client = None
         self.cluster = None
+        if kind == "local" or kind.startswith("tcp://"):
+            import logging
+            import distributed  # noqa: F401 - configures its loggers on import; quiet them
+            for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         if kind == "local":
             from distributed import Client, LocalCluster
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=worker_memory,

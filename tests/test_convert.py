@@ -134,3 +134,11 @@ def test_rerun_skips_finished_stages_and_new_type_redoes_only_pack(checkpoint, t
     assert "extract: already done" in switched.stderr and "quantize: already done" in switched.stderr
     assert "pack: already done" not in switched.stderr
     check_gguf(out1, model, "tq1_0")
+
+
+def test_local_cluster_writes_the_same_bytes(checkpoint, tmp_path):
+    model = checkpoint(num_kv_heads=2)
+    threads, cluster = tmp_path / "threads.gguf", tmp_path / "cluster.gguf"
+    convert(model, threads)
+    convert(model, cluster, "--cluster", "local", "--workers", "2", "--memory-limit", "2GiB")
+    assert threads.read_bytes() == cluster.read_bytes()
