@@ -15,7 +15,7 @@ import math
 import dask
 import numpy as np
 
-from pipeline.codecs import absmean_scale, ternary_codes
+from pipeline.codecs import NonFiniteWeights, absmean_scale, ternary_codes
 from pipeline.context import StageContext
 from pipeline.families import FLOAT_TYPE, TERNARY
 from pipeline.safetensors_io import as_float32
@@ -73,7 +73,10 @@ def run(ctx: StageContext) -> None:
         sums[name].append(part)
     for name in pending:
         src, arr = layouts[name][0], layouts[name][1]
-        absmean = absmean_scale(math.fsum(np.concatenate(sums[name]).tolist()), src.size)
+        try:
+            absmean = absmean_scale(math.fsum(np.concatenate(sums[name]).tolist()), src.size)
+        except NonFiniteWeights as e:
+            raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") from None
         # codes use iscale = 1/absmean; the values they stand for are codes / iscale, which
         # llama.cpp's converter writes and which can differ from codes * absmean in the last bit
         arr.attrs.update({"absmean": float(absmean), "scale": float(np.float32(1) / (np.float32(1) / absmean))})

@@ -132,3 +132,17 @@ def test_help_explains_every_option():
     for opt in ("--output", "--type", "--memory-limit", "--workdir", "--workers", "--cluster", "--config"):
         assert opt in text
     assert "tq1_0" in text and "tq2_0" in text
+
+
+def test_nan_in_a_projection_names_the_tensor(model, out):
+    path = model / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = "model.layers.0.self_attn.k_proj.weight"
+    begin = 8 + n + header[name]["data_offsets"][0]
+    raw[begin:begin + 4] = b"\x00\x00\xc0\x7f"  # float32 NaN
+    path.write_bytes(bytes(raw))
+    proc = convert(model, out, check_exit=2)
+    assert name in proc.stderr and "NaN" in proc.stderr
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
