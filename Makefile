@@ -52,7 +52,7 @@ test: $(VENV)/.stamp-test
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.stamp-test
-	$(PY) -m bench.run
+	$(PY) -m tests.bench
 
 clean:
 	rm -rf $(BUILD)
