@@ -66,7 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Show which stages of a run directory are done.")
     s.add_argument("workdir", type=Path, metavar="WORKDIR", help="run directory (printed by convert)")
     s.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    i = sub.add_parser("inspect", help="list every tensor of a run directory's stores",
+                       description="Per tensor and store: shape, dtype, chunks written, scale, GGML type; "
+                                   "with --codes also the share of -1/0/+1 (reads the codes).")
+    i.add_argument("workdir", type=Path, metavar="WORKDIR", help="run directory (printed by convert)")
+    i.add_argument("--codes", action="store_true", help="count -1/0/+1 in every ternary tensor (reads all codes)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
+
+
+def cmd_inspect(args) -> int:
+    from pipeline.errors import RunDirError
+    from pipeline.inspect_run import describe, format_report
+    from pipeline.rundir import RunDir
+
+    run = RunDir(args.workdir)
+    if not run.manifest_path.is_file():
+        raise RunDirError(f"{args.workdir}: no manifest.json; not a bitnet-gguf run directory")
+    report = describe(run, codes=args.codes)
+    print(json.dumps(report, indent=2, default=float) if args.json else format_report(report))
+    return EXIT_OK
 
 
 def cmd_convert(args) -> int:
@@ -111,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        return {"convert": cmd_convert, "status": cmd_status}[args.command](args)
+        return {"convert": cmd_convert, "status": cmd_status, "inspect": cmd_inspect}[args.command](args)
     except UserError as e:
         if args.debug:
             traceback.print_exc()
