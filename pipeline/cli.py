@@ -73,7 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("workdir", type=Path, metavar="WORKDIR", help="run directory (printed by convert)")
     i.add_argument("--codes", action="store_true", help="count -1/0/+1 in every ternary tensor (reads all codes)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    v = sub.add_parser("verify", help="check a GGUF file against its source checkpoint, tensor by tensor",
+                       description="Recompute every tensor from the checkpoint (chunk by chunk) and compare it "
+                                   "with the GGUF's bytes. Exit 0 if all match, 1 if any differ.")
+    v.add_argument("gguf", type=Path, metavar="GGUF", help="file written by convert")
+    v.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="the checkpoint it was converted from")
+    v.add_argument("--memory-limit", default="1GiB", metavar="SIZE", help="peak memory while verifying")
     return p
+
+
+def cmd_verify(args) -> int:
+    from pipeline.config import parse_size
+    from pipeline.errors import OptionError
+    from pipeline.verify import verify
+
+    if not args.gguf.is_file():
+        raise OptionError(f"{args.gguf}: no such file")
+    problems = verify(args.gguf, args.model_dir, parse_size(args.memory_limit), _log)
+    for p in problems:
+        print(f"MISMATCH {p}")
+    print(f"{args.gguf}: {'OK, every tensor matches the source' if not problems else f'{len(problems)} problem(s)'}")
+    return EXIT_FAILURE if problems else EXIT_OK
 
 
 def cmd_inspect(args) -> int:
@@ -131,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        return {"convert": cmd_convert, "status": cmd_status, "inspect": cmd_inspect}[args.command](args)
+        return {"convert": cmd_convert, "status": cmd_status, "inspect": cmd_inspect,
+                "verify": cmd_verify}[args.command](args)
     except UserError as e:
         if args.debug:
             traceback.print_exc()

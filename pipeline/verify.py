@@ -1,0 +1,98 @@
+"""`bitnet-gguf verify OUT.gguf MODEL_DIR`: check a GGUF against its source checkpoint.
+
+Independent of the run directory: the expected bytes of every tensor are
+recomputed from the safetensors files (absmean scale in one chunked pass, then
+codes and the codec, chunk by chunk) and compared with the file's bytes, read
+with `os.pread` at the offsets the GGUF header gives. Memory stays at one chunk.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from pipeline.budget import plan_budget
+from pipeline.checkpoint import open_checkpoint
+from pipeline.codecs import CODECS, absmean_scale, ternary_codes
+from pipeline.errors import CheckpointError
+from pipeline.families import FLOAT_TYPE, TERNARY
+from pipeline.safetensors_io import as_float32
+from pipeline.stores import row_ranges
+
+
+def _read(fd: int, offset: int, n: int) -> np.ndarray:
+    buf = bytearray(n)
+    view, done = memoryview(buf), 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise CheckpointError("file ends inside tensor data: the GGUF is truncated")
+        done += got
+    return np.frombuffer(buf, dtype=np.uint8)
+
+
+def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log) -> list[str]:
+    """Return a list of problems (empty: every tensor matches)."""
+    ckpt = open_checkpoint(model_dir)
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{gguf_path}: not a readable GGUF file ({e})") from None
+    tensors = {t.name: t for t in reader.tensors}
+    budget = plan_budget(memory_limit, 1)
+    problems = []
+    expected_names = [t.gguf_name for t in ckpt.plan.tensors]
+    extra = sorted(set(tensors) - set(expected_names))
+    if extra:
+        problems.append(f"tensors not in the source: {', '.join(extra)}")
+    fd = os.open(gguf_path, os.O_RDONLY)
+    try:
+        for planned in ckpt.plan.tensors:
+            t = tensors.get(planned.gguf_name)
+            if t is None:
+                problems.append(f"{planned.gguf_name}: missing")
+                continue
+            problem = _check_tensor(fd, t, planned, ckpt.sources[planned.hf_name], budget)
+            log(f"{planned.gguf_name}: {problem or 'ok'}")
+            if problem:
+                problems.append(f"{planned.gguf_name}: {problem}")
+    finally:
+        os.close(fd)
+    return problems
+
+
+def _check_tensor(fd, t, planned, src, budget) -> str | None:
+    shape = tuple(int(x) for x in reversed(t.shape))
+    if shape != planned.shape:
+        return f"shape {list(shape)} in the file, {list(planned.shape)} in the source"
+    type_name = t.tensor_type.name.lower()
+    if type_name not in CODECS:
+        return f"unexpected type {t.tensor_type.name}"
+    codec = CODECS[type_name]
+    rows = budget.rows_per_chunk(planned.shape)
+    ranges = row_ranges(planned.shape[0], rows) if len(planned.shape) > 1 else [(0, planned.shape[0])]
+    absmean = None
+    if planned.role == TERNARY:
+        total = math.fsum(np.abs(as_float32(src.read_rows(r0, r1), src.dtype)).sum(axis=1, dtype=np.float64).sum()
+                          for r0, r1 in ranges)
+        absmean = absmean_scale(total, math.prod(planned.shape))
+        scale = np.float32(1) / (np.float32(1) / absmean)
+    elif codec.name.lower() != FLOAT_TYPE[planned.role]:
+        return f"type {codec.name}, expected {FLOAT_TYPE[planned.role].upper()}"
+    row_bytes = codec.row_bytes(planned.shape[-1]) if len(planned.shape) > 1 else codec.row_bytes(planned.shape[0])
+    for r0, r1 in ranges:
+        values = as_float32(src.read_rows(r0, r1), src.dtype)
+        if absmean is None:
+            want = codec.encode(values)
+        elif codec.ternary:
+            want = codec.encode(ternary_codes(values, absmean), scale)
+        else:
+            want = codec.encode(ternary_codes(values, absmean).astype(np.float32) * scale)
+        start = t.data_offset + (r0 * row_bytes if len(planned.shape) > 1 else 0)
+        got = _read(fd, start, want.nbytes)
+        if not np.array_equal(got, want.reshape(-1)):
+            return f"bytes differ in rows {r0}..{r1}"
+    return None
