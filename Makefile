@@ -1,7 +1,8 @@
 # bitnet-gguf: convert BitNet b1.58 checkpoints to GGUF out of core.
 #   make convert MODEL=<dir> [OUT=<file>] [TYPE=tq2_0|tq1_0] [MEM=4GiB] [WORK=<dir>]
 #   make convert                 converts a small generated demo checkpoint
-#   make test                    runs the test suite (builds llama.cpp once, ~6 min)
+#   make test                    runs the test suite (builds llama.cpp once, ~6 min;
+#                                installs llama.cpp's converter and torch once, ~1 min, 1.2 GB)
 #   make bench                   8B-scale memory/time benchmark (not run by CI)
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ WORK  ?=
 
 DEMO_MODEL := $(BUILD)/demo-model
 
-.PHONY: convert test bench demo-model clean venv
+.PHONY: convert test bench demo-model clean venv reference-converter
 
 venv: $(VENV)/.stamp-base
 
@@ -30,6 +31,32 @@ $(VENV)/.stamp-base: pyproject.toml
 $(VENV)/.stamp-test: $(VENV)/.stamp-base
 	$(PY) -m pip install -q -e '.[test]'
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -e '.[llama]'
+	touch $@
+
+# llama.cpp's own converter, which tests/test_reference_converter.py compares our files
+# with: convert_hf_to_gguf.py, conversion/ and gguf-py/ from the llama-cpp-python sdist
+# of the release the `llama` extra pins, and a virtual environment of their own with
+# what they import. Their own venv because transformers 4.57.6 wants huggingface-hub<1.0
+# and would downgrade ours. torch must be asked for as exactly 2.13.0: that is the CPU
+# wheel on the machine's disk; any other torch spec downloads a multi-GB CUDA build.
+LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
+LLAMA_CONVERT     := $(BUILD)/llama.cpp-convert
+LLAMA_CONVERT_DEPS := torch==2.13.0 transformers==4.57.6 'sentencepiece>=0.1.98,<0.3' pyyaml numpy
+SDIST_ROOT        := llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+
+reference-converter: $(LLAMA_CONVERT)/.stamp-$(LLAMA_CPP_VERSION)
+
+$(LLAMA_CONVERT)/.stamp-$(LLAMA_CPP_VERSION): $(VENV)/.stamp-base
+	@test -n "$(LLAMA_CPP_VERSION)" || { echo 'pyproject.toml: no "llama-cpp-python==VERSION" pin in the llama extra' >&2; exit 1; }
+	rm -rf $(LLAMA_CONVERT)/.stamp-* $(LLAMA_CONVERT)/sdist $(LLAMA_CONVERT)/src
+	mkdir -p $(LLAMA_CONVERT)/src
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(LLAMA_CONVERT)/sdist
+	tar -xzf $(LLAMA_CONVERT)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CONVERT)/src \
+		--strip-components=3 $(SDIST_ROOT)/convert_hf_to_gguf.py $(SDIST_ROOT)/conversion $(SDIST_ROOT)/gguf-py
+	echo $(LLAMA_CPP_VERSION) > $(LLAMA_CONVERT)/src/VERSION
+	rm -rf $(LLAMA_CONVERT)/sdist
+	test -x $(LLAMA_CONVERT)/venv/bin/python || $(PYTHON) -m venv $(LLAMA_CONVERT)/venv
+	$(LLAMA_CONVERT)/venv/bin/python -m pip install -q $(LLAMA_CONVERT_DEPS)
 	touch $@
 
 demo-model: $(DEMO_MODEL)/config.json
@@ -48,10 +75,10 @@ convert: $(VENV)/.stamp-base
 		$(if $(TYPE),--type $(TYPE)) $(if $(MEM),--memory-limit $(MEM)) $(if $(WORK),--workdir "$(WORK)")
 endif
 
-test: $(VENV)/.stamp-test
+test: $(VENV)/.stamp-test reference-converter
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.stamp-test
+bench: $(VENV)/.stamp-test reference-converter
 	$(PY) -m tests.bench
 
 clean:

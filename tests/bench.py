@@ -77,9 +77,10 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-limit", nargs="+", default=["4GiB", "1GiB"], help="limits to run ours under")
     ap.add_argument("--type", default="tq2_0")
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench")
-    ap.add_argument("--reference-python", default=str(ROOT / ".venv" / "bin" / "python"),
-                    help="Python with torch and transformers for llama.cpp's converter")
-    ap.add_argument("--reference-converter", type=Path, default=ROOT / "build" / "llama.cpp-src" / "convert_hf_to_gguf.py")
+    ap.add_argument("--reference-python", default=str(ROOT / "build" / "llama.cpp-convert" / "venv" / "bin" / "python"),
+                    help="Python with torch and transformers for llama.cpp's converter (make reference-converter)")
+    ap.add_argument("--reference-converter", type=Path,
+                    default=ROOT / "build" / "llama.cpp-convert" / "src" / "convert_hf_to_gguf.py")
     ap.add_argument("--no-reference", action="store_true", help="skip llama.cpp's converter")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,179 @@
+"""Our GGUF against the one llama.cpp's own converter writes for the same checkpoint.
+
+llama.cpp's `convert_hf_to_gguf.py` (with its `conversion/` package and the gguf-py
+it ships) comes from the llama-cpp-python sdist of the release the `llama` extra
+pins; `make test` (target `reference-converter`) unpacks it into
+build/llama.cpp-convert/src and installs what it imports (torch 2.13.0 CPU,
+transformers 4.57.6, sentencepiece, pyyaml) into build/llama.cpp-convert/venv.
+
+What must be the same: tensor names, shapes and ggml types; every tensor's bytes
+(ternary blocks, the F16 embedding, the F32 norms, the F16 fallback of rows that are
+not a multiple of 256); every metadata key and value, with their GGUF value types,
+except the naming keys listed in NAMING_KEYS. Not compared: the order of tensors and
+of keys (llama.cpp looks both up by name). llama.cpp's converter writes tensors in
+safetensors order (alphabetical inside each shard: blk.0.ffn_down before
+blk.0.attn_q); we write them block by block.
+
+Why f16 and bf16 sources give the same bytes too: llama.cpp computes W' = codes /
+iscale in float32 and, for an f16 checkpoint, casts W' back to f16 before packing
+(a bf16 checkpoint is upcast to f32 first and stays f32). A TQ block stores
+d = fp16(max|W'|) and codes round(W'/d): rounding W' to f16 first changes neither
+(fp16 of an fp16 value is itself, and W'/d stays exactly -1, 0 or +1). The F16
+fallback is f16(W') on both sides, with one difference in bits, not in value: the sign
+of zero (see assert_same_f16_ternary).
+
+Needs build/llama.cpp-convert (`make reference-converter`, part of `make test`):
+without it these tests fail; BITNET_GGUF_SKIP_LLAMA=1 skips them instead. Set
+BITNET_GGUF_LLAMA_CONVERT to use another directory laid out the same way.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, convert
+
+pytestmark = pytest.mark.llama
+
+# General keys derived by naming heuristics, not from the checkpoint's content.
+NAMING_KEYS = {
+    # ours: the checkpoint directory's name as it is; llama.cpp: gguf.Metadata's title
+    # made from it ("bitnet_b1_58-tiny" -> "Bitnet_B1_58 Tiny", "model0" -> "Model0")
+    "general.name",
+    # llama.cpp only: guessed from the directory name and the parameter count
+    # ("large", "1.4M"); we do not guess
+    "general.size_label", "general.basename", "general.finetune", "general.version",
+    # the number of key/values differs by the keys above
+    "GGUF.kv_count",
+}
+
+
+@pytest.fixture(scope="session")
+def llama_convert() -> tuple[Path, Path]:
+    """(python, convert_hf_to_gguf.py) of llama.cpp's converter."""
+    if os.environ.get("BITNET_GGUF_SKIP_LLAMA") == "1":
+        pytest.skip("BITNET_GGUF_SKIP_LLAMA=1")
+    base = Path(os.environ.get("BITNET_GGUF_LLAMA_CONVERT", ROOT / "build" / "llama.cpp-convert"))
+    python, script = base / "venv" / "bin" / "python", base / "src" / "convert_hf_to_gguf.py"
+    if not (python.is_file() and script.is_file()):
+        pytest.fail(f"llama.cpp's converter is not set up in {base}: run `make reference-converter` "
+                    "(part of `make test`), or set BITNET_GGUF_SKIP_LLAMA=1 to skip these tests", pytrace=False)
+    return python, script
+
+
+def test_the_converter_comes_from_the_llama_cpp_python_release_we_run(llama_convert):
+    _, script = llama_convert
+    version = (script.parent / "VERSION").read_text().strip()
+    try:
+        installed = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("llama-cpp-python is not installed; `make test` installs it", pytrace=False)
+    assert version == installed, "rerun `make reference-converter` after changing the llama extra's pin"
+
+
+def llama_cpp_convert(llama_convert, model_dir: Path, out: Path, out_type: str) -> None:
+    python, script = llama_convert
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the gguf-py it ships
+    proc = subprocess.run([str(python), str(script), str(model_dir), "--outtype", out_type, "--outfile", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"llama.cpp's converter failed:\n{proc.stderr[-4000:]}"
+
+
+def metadata(reader: gguf.GGUFReader) -> dict[str, tuple]:
+    """key -> (GGUF value types, value) for every key/value, GGUF.* header fields included."""
+    return {key: (tuple(f.types), f.contents()) for key, f in reader.fields.items()}
+
+
+def short(value) -> str:
+    text = repr(value)
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def compare_with_llama_cpp(ours_path: Path, theirs_path: Path) -> None:
+    ours, theirs = gguf.GGUFReader(ours_path), gguf.GGUFReader(theirs_path)
+
+    kv_ours, kv_theirs = metadata(ours), metadata(theirs)
+    differing = sorted(k for k in kv_ours.keys() | kv_theirs.keys() if kv_ours.get(k) != kv_theirs.get(k))
+    unexplained = [k for k in differing if k not in NAMING_KEYS]
+    assert not unexplained, "metadata differs from llama.cpp's:\n" + "\n".join(
+        f"  {k}: ours {short(kv_ours.get(k))}, llama.cpp {short(kv_theirs.get(k))}" for k in unexplained)
+    assert "general.name" in kv_ours and "general.name" in kv_theirs
+
+    t_ours = {t.name: t for t in ours.tensors}
+    t_theirs = {t.name: t for t in theirs.tensors}
+    assert sorted(t_ours) == sorted(t_theirs)
+    for name, a in t_ours.items():
+        b = t_theirs[name]
+        assert (a.tensor_type.name, list(a.shape)) == (b.tensor_type.name, list(b.shape)), name
+        if a.tensor_type == gguf.GGMLQuantizationType.F16 and name != "token_embd.weight":
+            assert_same_f16_ternary(name, np.asarray(a.data), np.asarray(b.data))
+            continue
+        same = np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8))
+        assert same, f"{name} ({a.tensor_type.name}): bytes differ from llama.cpp's"
+
+
+def assert_same_f16_ternary(name: str, ours: np.ndarray, theirs: np.ndarray) -> None:
+    """A ternary projection written as F16 (rows not a multiple of 256): the same values,
+    but llama.cpp's zeros keep the sign of the weight they came from.
+
+    llama.cpp computes (w * iscale).round().clamp(-1, 1) / iscale on floats, so a small
+    negative weight becomes -0.0 (bits 0x8000); we keep the codes as int8, where zero has
+    no sign, and write +0.0. Both are the same number to llama.cpp; every other value
+    must be bit-identical.
+    """
+    ours_bits, theirs_bits = ours.view(np.uint16), theirs.view(np.uint16)
+    differ = ours_bits != theirs_bits
+    assert np.array_equal(ours, theirs), f"{name} (F16 fallback): values differ from llama.cpp's"
+    assert (ours_bits[differ] == 0x0000).all() and (theirs_bits[differ] == 0x8000).all(), \
+        f"{name} (F16 fallback): bits differ from llama.cpp's other than in the sign of zero"
+
+
+CASES = {
+    # name: (checkpoint shape, output types)
+    "f32": (dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, dtype="f32"),
+            ("tq2_0", "tq1_0")),
+    # f16 master weights, grouped-query attention, vocabulary far above the tokenizer's
+    "f16-gqa": (dict(hidden_size=512, intermediate_size=768, num_layers=2, num_heads=8, num_kv_heads=2,
+                     vocab_size=1000, dtype="f16", seed=1), ("tq2_0",)),
+    # bf16 in two shards
+    "bf16-sharded": (dict(hidden_size=256, intermediate_size=768, num_layers=3, num_heads=4, num_kv_heads=1,
+                          dtype="bf16", shards=2, seed=2, rope_theta=500000.0), ("tq1_0",)),
+    # rows of 384 and 640 values cannot be TQ: every projection falls back to F16 on both
+    # sides (like bitnet_b1_58-3B's 3200 and 8640), and file_type still says TQ2_0
+    "f32-f16-fallback": (dict(hidden_size=384, intermediate_size=640, num_layers=1, num_heads=6, num_kv_heads=3,
+                              dtype="f32", seed=3), ("tq2_0",)),
+}
+PARAMS = [(name, out_type) for name, (_, types) in CASES.items() for out_type in types]
+
+
+@pytest.mark.parametrize("name,out_type", PARAMS, ids=[f"{n}-{t}" for n, t in PARAMS])
+def test_same_file_as_llama_cpp_converter(llama_convert, checkpoint, tmp_path, name, out_type):
+    shape, _ = CASES[name]
+    model = checkpoint(**shape)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "llama.cpp.gguf"
+    convert(model, ours, "--type", out_type)
+    llama_cpp_convert(llama_convert, model, theirs, out_type)
+    compare_with_llama_cpp(ours, theirs)
+
+
+def test_the_naming_keys_are_the_only_difference(llama_convert, tmp_path):
+    """The one difference a user sees in the metadata, spelled out for a 1bitLLM-like directory name."""
+    from pipeline.demo import write_bitnet_checkpoint
+
+    model = write_bitnet_checkpoint(tmp_path / "bitnet_b1_58-tiny", hidden_size=256, intermediate_size=512,
+                                    num_layers=1, num_heads=4)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "llama.cpp.gguf"
+    convert(model, ours, "--type", "tq2_0")
+    llama_cpp_convert(llama_convert, model, theirs, "tq2_0")
+    kv_ours, kv_theirs = metadata(gguf.GGUFReader(ours)), metadata(gguf.GGUFReader(theirs))
+    assert kv_ours["general.name"][1] == "bitnet_b1_58-tiny"
+    assert kv_theirs["general.name"][1] == "Bitnet_B1_58 Tiny"
+    assert "general.size_label" not in kv_ours and "general.size_label" in kv_theirs
+    differing = {k for k in kv_ours.keys() | kv_theirs.keys() if kv_ours.get(k) != kv_theirs.get(k)}
+    assert differing <= NAMING_KEYS
