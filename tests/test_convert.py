@@ -142,3 +142,14 @@ def test_local_cluster_writes_the_same_bytes(checkpoint, tmp_path):
     convert(model, threads)
     convert(model, cluster, "--cluster", "local", "--workers", "2", "--memory-limit", "2GiB")
     assert threads.read_bytes() == cluster.read_bytes()
+
+
+def test_existing_dask_cluster_writes_the_same_bytes(checkpoint, tmp_path):
+    from distributed import LocalCluster
+
+    model = checkpoint()
+    threads, remote = tmp_path / "threads.gguf", tmp_path / "remote.gguf"
+    convert(model, threads)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+        convert(model, remote, "--scheduler", cluster.scheduler_address)
+    assert threads.read_bytes() == remote.read_bytes()
