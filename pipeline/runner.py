@@ -73,7 +73,10 @@ def convert(opts: Options, log) -> Path:
         finally:
             scheduler.close()
     size = opts.output.stat().st_size
+    kept = sum(p.stat().st_size for p in opts.workdir.rglob("*") if p.is_file())
     log(f"wrote {opts.output} ({format_size(size)})")
+    log(f"run directory kept for inspection and reruns: {opts.workdir} ({format_size(kept)}); "
+        "delete it when you no longer need it")
     return opts.output
 
 
