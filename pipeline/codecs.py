@@ -2,8 +2,8 @@
 
 Two kinds of kernel live here, both pure functions of numpy arrays:
 
-- the absmean ternary quantizer of BitNet b1.58 (`absmean_partial`,
-  `absmean_scale`, `ternary_codes`), used by the quantize stage;
+- the absmean ternary quantizer of BitNet b1.58 (`absmean_row_sums`,
+  `absmean_total`, `absmean_scale`, `effective_scale`, `ternary_codes`), used by the quantize stage;
 - one small codec class per output type (`TQ2_0`, `TQ1_0`, `I2_S`, `F16`,
   `F32`), used by the pack stage on row chunks. A ternary tensor travels between
   the two as int8 `codes` in {-1, 0, +1} plus one float32 `scale`
@@ -16,6 +16,8 @@ works on whole rows; a row must be a whole number of blocks (`supports`), so any
 split of a tensor into row chunks encodes independently.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -38,16 +40,20 @@ class NonFiniteWeights(CheckpointError):
 
 # -- absmean ternary quantization (BitNet b1.58) ----------------------------------------------
 
-def absmean_partial(block: np.ndarray) -> np.ndarray:
-    """Sum of |x| over one block, as float64 with the block's rank kept (shape (1, 1) for rows).
+def absmean_row_sums(block: np.ndarray) -> np.ndarray:
+    """float64 sum of |x| over each row of a block (a 1-D block is one row).
 
-    The values are widened to float32 first (what the reference converters see) and summed
-    in float64, so partial sums of any chunking add up to the same total to well below
-    one float32 ulp of the mean.
+    Values are widened to float32 first (what the reference converters see). A row is
+    never split between chunks, so the per-row sums, and `absmean_total` of them, do
+    not depend on how a tensor was chunked.
     """
-    values = np.array(block, dtype=np.float32, copy=True)
-    np.abs(values, out=values)
-    return np.sum(values, dtype=np.float64, keepdims=True)
+    values = np.abs(np.asarray(block, dtype=np.float32))
+    return np.atleast_1d(values.reshape(values.shape[0] if values.ndim > 1 else 1, -1).sum(axis=1, dtype=np.float64))
+
+
+def absmean_total(row_sums) -> float:
+    """Exactly rounded total of per-row sums (math.fsum), whatever their order."""
+    return math.fsum(np.concatenate([np.atleast_1d(r) for r in row_sums]).tolist())
 
 
 def absmean_scale(total_abs_sum: float, n: int) -> np.float32:
@@ -58,6 +64,15 @@ def absmean_scale(total_abs_sum: float, n: int) -> np.float32:
     if n <= 0:
         raise CodecError(f"absmean of an empty tensor (n = {n})")
     return np.float32(max(total / n, ABSMEAN_FLOOR))
+
+
+def effective_scale(absmean: np.float32) -> np.float32:
+    """The magnitude a code of +-1 stands for: float32(1 / float32(1 / absmean)).
+
+    llama.cpp's converter writes codes / iscale (iscale = 1 / absmean in float32), which
+    differs from codes * absmean in the last bit for some scales; we match its bytes.
+    """
+    return np.float32(1) / (np.float32(1) / np.float32(absmean))
 
 
 def ternary_codes(block: np.ndarray, scale: np.float32) -> np.ndarray:

@@ -47,21 +47,27 @@ class TensorSource:
         """Rows [start, stop) as a fresh array of the source representation."""
         itemsize = self.np_dtype.itemsize
         nbytes = (stop - start) * self.row_elems * itemsize
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
-        pos = self.offset + start * self.row_elems * itemsize
-        fd = os.open(self.file, os.O_RDONLY)
-        try:
-            done = 0
-            while done < nbytes:
-                n = os.preadv(fd, [view[done:]], pos + done)
-                if n == 0:
-                    raise CheckpointError(f"{self.file}: file ends inside tensor {self.name}; the download is truncated")
-                done += n
-        finally:
-            os.close(fd)
+        buf = pread_exact(self.file, self.offset + start * self.row_elems * itemsize, nbytes,
+                          f"{self.file}: file ends inside tensor {self.name}; the download is truncated")
         arr = np.frombuffer(buf, dtype=self.np_dtype)
         return arr.reshape((stop - start, *self.shape[1:]))
+
+
+def pread_exact(path: Path, offset: int, nbytes: int, truncated_message: str) -> bytearray:
+    """Exactly `nbytes` from `offset` with plain reads (no mmap, so no file pages in our RSS)."""
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise CheckpointError(truncated_message)
+            done += n
+    finally:
+        os.close(fd)
+    return buf
 
 
 def read_header(path: Path) -> dict[str, TensorSource]:

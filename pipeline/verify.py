@@ -8,7 +8,6 @@ with `os.pread` at the offsets the GGUF header gives. Memory stays at one chunk.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import gguf
@@ -16,22 +15,11 @@ import numpy as np
 
 from pipeline.budget import plan_budget
 from pipeline.checkpoint import open_checkpoint
-from pipeline.codecs import CODECS, absmean_scale, ternary_codes
+from pipeline.codecs import CODECS, absmean_row_sums, absmean_scale, absmean_total, effective_scale, ternary_codes
 from pipeline.errors import CheckpointError
 from pipeline.families import FLOAT_TYPE, TERNARY
-from pipeline.safetensors_io import as_float32
+from pipeline.safetensors_io import as_float32, pread_exact
 from pipeline.stores import row_ranges
-
-
-def _read(fd: int, offset: int, n: int) -> np.ndarray:
-    buf = bytearray(n)
-    view, done = memoryview(buf), 0
-    while done < n:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise CheckpointError("file ends inside tensor data: the GGUF is truncated")
-        done += got
-    return np.frombuffer(buf, dtype=np.uint8)
 
 
 def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log) -> list[str]:
@@ -48,23 +36,19 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log) -> list[str
     extra = sorted(set(tensors) - set(expected_names))
     if extra:
         problems.append(f"tensors not in the source: {', '.join(extra)}")
-    fd = os.open(gguf_path, os.O_RDONLY)
-    try:
-        for planned in ckpt.plan.tensors:
-            t = tensors.get(planned.gguf_name)
-            if t is None:
-                problems.append(f"{planned.gguf_name}: missing")
-                continue
-            problem = _check_tensor(fd, t, planned, ckpt.sources[planned.hf_name], budget)
-            log(f"{planned.gguf_name}: {problem or 'ok'}")
-            if problem:
-                problems.append(f"{planned.gguf_name}: {problem}")
-    finally:
-        os.close(fd)
+    for planned in ckpt.plan.tensors:
+        t = tensors.get(planned.gguf_name)
+        if t is None:
+            problems.append(f"{planned.gguf_name}: missing")
+            continue
+        problem = _check_tensor(gguf_path, t, planned, ckpt.sources[planned.hf_name], budget)
+        log(f"{planned.gguf_name}: {problem or 'ok'}")
+        if problem:
+            problems.append(f"{planned.gguf_name}: {problem}")
     return problems
 
 
-def _check_tensor(fd, t, planned, src, budget) -> str | None:
+def _check_tensor(path: Path, t, planned, src, budget) -> str | None:
     shape = tuple(int(x) for x in reversed(t.shape))
     if shape != planned.shape:
         return f"shape {list(shape)} in the file, {list(planned.shape)} in the source"
@@ -76,10 +60,9 @@ def _check_tensor(fd, t, planned, src, budget) -> str | None:
     ranges = row_ranges(planned.shape[0], rows) if len(planned.shape) > 1 else [(0, planned.shape[0])]
     absmean = None
     if planned.role == TERNARY:
-        total = math.fsum(np.abs(as_float32(src.read_rows(r0, r1), src.dtype)).sum(axis=1, dtype=np.float64).sum()
-                          for r0, r1 in ranges)
+        total = absmean_total(absmean_row_sums(as_float32(src.read_rows(r0, r1), src.dtype)) for r0, r1 in ranges)
         absmean = absmean_scale(total, math.prod(planned.shape))
-        scale = np.float32(1) / (np.float32(1) / absmean)
+        scale = effective_scale(absmean)
     elif codec.name.lower() != FLOAT_TYPE[planned.role]:
         return f"type {codec.name}, expected {FLOAT_TYPE[planned.role].upper()}"
     row_bytes = codec.row_bytes(planned.shape[-1]) if len(planned.shape) > 1 else codec.row_bytes(planned.shape[0])
@@ -92,7 +75,8 @@ def _check_tensor(fd, t, planned, src, budget) -> str | None:
         else:
             want = codec.encode(ternary_codes(values, absmean).astype(np.float32) * scale)
         start = t.data_offset + (r0 * row_bytes if len(planned.shape) > 1 else 0)
-        got = _read(fd, start, want.nbytes)
+        got = np.frombuffer(pread_exact(path, start, want.nbytes, f"{path}: ends inside tensor {t.name}; "
+                                        "the file is truncated"), dtype=np.uint8)
         if not np.array_equal(got, want.reshape(-1)):
             return f"bytes differ in rows {r0}..{r1}"
     return None

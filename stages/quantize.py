@@ -10,12 +10,11 @@ never recomputes it. Other tensors are cast to their output float type
 """
 from __future__ import annotations
 
-import math
-
 import dask
 import numpy as np
 
-from pipeline.codecs import NonFiniteWeights, absmean_scale, ternary_codes
+from pipeline.codecs import (NonFiniteWeights, absmean_row_sums, absmean_scale, absmean_total, effective_scale,
+                             ternary_codes)
 from pipeline.context import StageContext
 from pipeline.families import FLOAT_TYPE, TERNARY
 from pipeline.safetensors_io import as_float32
@@ -25,8 +24,7 @@ FLOAT_DTYPES = {"f16": np.float16, "f32": np.float32}
 
 
 def row_abs_sums(src: str, start: int, stop: int, source_dtype: str) -> np.ndarray:
-    block = as_float32(open_array(src, "r")[start:stop], source_dtype)
-    return np.abs(block).sum(axis=tuple(range(1, block.ndim)), dtype=np.float64)
+    return absmean_row_sums(as_float32(open_array(src, "r")[start:stop], source_dtype))
 
 
 def write_codes(src: str, out: str, start: int, stop: int, source_dtype: str, absmean: float) -> None:
@@ -74,12 +72,12 @@ def run(ctx: StageContext) -> None:
     for name in pending:
         src, arr = layouts[name][0], layouts[name][1]
         try:
-            absmean = absmean_scale(math.fsum(np.concatenate(sums[name]).tolist()), src.size)
+            absmean = absmean_scale(absmean_total(sums[name]), src.size)
         except NonFiniteWeights as e:
             raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") from None
         # codes use iscale = 1/absmean; the values they stand for are codes / iscale, which
         # llama.cpp's converter writes and which can differ from codes * absmean in the last bit
-        arr.attrs.update({"absmean": float(absmean), "scale": float(np.float32(1) / (np.float32(1) / absmean))})
+        arr.attrs.update({"absmean": float(absmean), "scale": float(effective_scale(absmean))})
 
     # pass 2: codes for ternary tensors, casts for the rest
     tasks = []
