@@ -57,7 +57,9 @@ def plan_budget(memory_limit: int, workers: int = 0, baseline: int | None = None
     WORKER_PROCESS_OVERHEAD on top of its chunks."""
     baseline = current_rss() if baseline is None else baseline
     if worker_processes:
-        workers = workers or (os.cpu_count() or 1)
+        if not workers:  # as many processes as fit beside their minimum chunk memory
+            per_process = WORKER_PROCESS_OVERHEAD + MIN_TASK_ELEMENTS * BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER
+            workers = max(1, min(os.cpu_count() or 1, (memory_limit - baseline - HEADROOM) // per_process))
         baseline += workers * WORKER_PROCESS_OVERHEAD
     usable = memory_limit - baseline - HEADROOM
     per_task_min = MIN_TASK_ELEMENTS * BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER

@@ -42,8 +42,15 @@ def open_checkpoint(model_dir: Path) -> Checkpoint:
             raise CheckpointError(f"{src.file}: tensor {t.hf_name} is {src.dtype}; {plan.family.description} "
                                   f"needs float weights ({', '.join(MASTER_DTYPES)})")
         sources[t.hf_name] = src
-    if "lm_head.weight" in found:
-        raise CheckpointError(f"{found['lm_head.weight'].file}: has an untied lm_head.weight, but GGUF arch "
-                              f"{plan.arch} ties the output to token_embd; this checkpoint is not {plan.family.description}")
+    fam = plan.family
+    for name, reason in fam.rejected:
+        if name in found:
+            raise CheckpointError(f"{found[name].file}: has {reason}; this checkpoint is not {fam.description}")
+    planned = {t.hf_name for t in plan.tensors}
+    unexpected = sorted(n for n in found if n not in planned and not n.endswith(fam.ignored_suffixes))
+    if unexpected:
+        raise CheckpointError(f"{found[unexpected[0]].file}: tensor {unexpected[0]}"
+                              f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''} is not part of "
+                              f"{fam.description} as config.json describes it; config and weights disagree")
     kv = build_kv(plan, model_dir)
     return Checkpoint(model_dir, plan, sources, kv, source_fingerprint(model_dir))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -58,6 +59,8 @@ class Options:
 
 def load_preset(path: Path | None) -> dict:
     """Read a TOML preset; keys are Options field names (sizes may be strings)."""
+    if path is None and not DEFAULT_PRESET.is_file():
+        return {}  # installed without the presets: the dataclass defaults are the default preset
     path = path or DEFAULT_PRESET
     try:
         with open(path, "rb") as f:
@@ -87,10 +90,18 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
         raise OptionError(f"--type: unknown output type {out_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
     values["out_type"] = out_type
     values["memory_limit"] = parse_size(values.get("memory_limit", Options.memory_limit))
-    workers = int(values.get("workers", 0))
+    try:
+        workers = int(values.get("workers", 0))
+    except (TypeError, ValueError):
+        raise OptionError(f"--workers: {values.get('workers')!r} is not a whole number") from None
     if workers < 0:
         raise OptionError(f"--workers: must be 0 (automatic) or a positive number, not {workers}")
     values["workers"] = workers
+
+    scheduler = str(values.get("scheduler", "threads"))
+    if scheduler not in ("threads", "local") and not scheduler.startswith("tcp://"):
+        raise OptionError(f"--scheduler: {scheduler!r} is not threads, local or a tcp://HOST:PORT address")
+    values["scheduler"] = scheduler
 
     output = Path(output) if output else default_output(model_dir, out_type)
     output = output.resolve()
@@ -98,5 +109,7 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
         raise OptionError(f"-o: {output} is a directory; give a file name such as {output / 'model.gguf'}")
     if not output.parent.is_dir():
         raise OptionError(f"-o: the directory {output.parent} does not exist; create it or choose another output path")
+    if not os.access(output.parent, os.W_OK):
+        raise OptionError(f"-o: cannot write to the directory {output.parent}; choose another output path")
     workdir = Path(workdir).resolve() if workdir else output.with_name(output.name + ".work")
     return Options(model_dir=Path(model_dir).resolve(), output=output, workdir=workdir, **values)

@@ -43,7 +43,11 @@ class Family:
     # extra constant metadata (key suffix, value type, value)
     constants: tuple[tuple[str, str, object], ...] = ()
     required_config: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                        "num_attention_heads", "vocab_size")
+                                        "num_attention_heads", "vocab_size", "max_position_embeddings")
+    # checkpoint tensors that carry nothing the GGUF needs (recomputed by llama.cpp)
+    ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    # tensors that mean the checkpoint is not this family, with the reason
+    rejected: tuple[tuple[str, str], ...] = ()
 
 
 _BITNET_BLOCK = (
@@ -86,6 +90,7 @@ FAMILIES = (
         block_tensors=_BITNET_BLOCK,
         hparams=_LLAMA_HPARAMS,
         constants=(("rope.scaling.type", "string", "linear"), ("rope.scaling.factor", "float32", 1.0)),
+        rejected=(("lm_head.weight", "an untied lm_head.weight, but GGUF arch bitnet ties the output to token_embd"),),
     ),
 )
 # Tensors that come after the blocks in the GGUF (llama.cpp does not care about order;
@@ -140,10 +145,17 @@ def detect_family(config: dict, config_path: Path) -> Family:
     raise CheckpointError(f"{config_path}: architecture {shown} is not supported; supported: {supported_summary()}")
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _dims(config: dict, fam: Family, config_path: Path) -> dict[str, int]:
-    missing = [k for k in fam.required_config if not isinstance(config.get(k), int)]
-    if missing:
-        raise CheckpointError(f"{config_path}: missing or non-integer {', '.join(missing)}")
+    bad = [k for k in fam.required_config if not _positive_int(config.get(k))]
+    if bad:
+        raise CheckpointError(f"{config_path}: {', '.join(bad)} must be positive integers "
+                              f"(found {', '.join(repr(config.get(k)) for k in bad)})")
+    if config.get("num_key_value_heads") is not None and not _positive_int(config["num_key_value_heads"]):
+        raise CheckpointError(f"{config_path}: num_key_value_heads must be a positive integer")
     hidden = config["hidden_size"]
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
@@ -178,7 +190,7 @@ def plan_tensors(model_dir: Path) -> TensorPlan:
     return TensorPlan(fam, config, tuple(tensors))
 
 
-def arch_metadata(plan: TensorPlan) -> list[tuple[str, str, object]]:
+def arch_metadata(plan: TensorPlan, config_path: Path) -> list[tuple[str, str, object]]:
     """(GGUF key, value type, value) for the architecture hyperparameters."""
     arch, config = plan.arch, plan.config
     out = []
@@ -190,6 +202,10 @@ def arch_metadata(plan: TensorPlan) -> list[tuple[str, str, object]]:
             value = config["hidden_size"] // config["num_attention_heads"]
         if value is None:
             continue
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or (vtype == "uint32" and (not isinstance(value, int) or value < 0)):
+            raise CheckpointError(f"{config_path}: {cfg_key} is {value!r}; expected "
+                                  f"{'a non-negative integer' if vtype == 'uint32' else 'a number'}")
         out.append((f"{arch}.{suffix}", vtype, value))
     for suffix, vtype, value in plan.family.constants:
         out.append((f"{arch}.{suffix}", vtype, value))

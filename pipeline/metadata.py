@@ -94,7 +94,7 @@ def build_kv(plan: TensorPlan, model_dir: Path) -> list[dict]:
     w = gguf.GGUFWriter(None, plan.arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(model_dir.resolve().name)
-    for key, vtype, value in arch_metadata(plan):
+    for key, vtype, value in arch_metadata(plan, model_dir / "config.json"):
         w.add_key_value(key, value, _ADD[vtype])
     if plan.family.tokenizer == "spm":
         tokens, scores, types = sentencepiece_vocab(model_dir, plan.config["vocab_size"])

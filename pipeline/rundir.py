@@ -15,10 +15,10 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 from pipeline.errors import RunDirError
+from pipeline.stores import remove_tree
 
 STAGES = ("extract", "quantize", "pack", "assemble")
 MANIFEST_VERSION = 1
@@ -48,10 +48,12 @@ class RunDir:
 
     # -- lock ---------------------------------------------------------------
     def acquire(self) -> None:
+        self.check_is_ours()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise RunDirError(f"--workdir: cannot create {self.path} ({e.strerror})") from None
+            raise RunDirError(f"cannot create the run directory {self.path} ({e.strerror}); "
+                              "choose another place with --workdir") from None
         self._lock_file = open(self.path / "lock", "a+")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -92,15 +94,28 @@ class RunDir:
         """Forget `stage` and everything after it, deleting their stores."""
         for name in STAGES[STAGES.index(stage):]:
             manifest.get("stages", {}).pop(name, None)
-            store = self.store(name)
-            if store.exists():
-                shutil.rmtree(store)
+            remove_tree(self.store(name))
         self.save(manifest)
 
+    def has_stores(self) -> bool:
+        return any(self.store(name).exists() for name in STAGES)
+
+    def check_is_ours(self) -> None:
+        """Refuse a directory that holds other things: we delete files in a run directory."""
+        if not self.path.is_dir() or self.manifest_path.is_file():
+            return
+        ours = {"lock", "manifest.json", "manifest.json.tmp", *(self.store(s).name for s in STAGES)}
+        foreign = sorted(p.name for p in self.path.iterdir() if p.name not in ours and not p.name.startswith("."))
+        if foreign:
+            raise RunDirError(f"{self.path}: not a bitnet-gguf run directory (it holds {foreign[0]!r}"
+                              f"{' and more' if len(foreign) > 1 else ''}); choose an empty or new --workdir")
+
     def clean_partials(self) -> int:
-        """Delete leftover temporary chunk files of an interrupted write."""
+        """Delete leftover temporary chunk files of an interrupted write (inside our stores only)."""
         n = 0
-        for p in self.path.rglob("*.partial"):
-            p.unlink(missing_ok=True)
-            n += 1
+        for name in STAGES:
+            if self.store(name).is_dir():
+                for p in self.store(name).rglob("*.partial"):
+                    p.unlink(missing_ok=True)
+                    n += 1
         return n

@@ -46,38 +46,45 @@ def convert(opts: Options, log) -> Path:
     log(budget.describe())
     keys = stage_keys(opts, ckpt)
 
-    with RunDir(opts.workdir) as run:
-        manifest = run.load()
-        if manifest.get("fingerprint") not in (None, ckpt.fingerprint):
-            log("the checkpoint changed since this run directory was made: starting over")
-            run.reset_from("extract", manifest)
-        manifest.update({"fingerprint": ckpt.fingerprint, "options": opts.as_json()})
-        manifest.setdefault("stages", {})
-        run.save(manifest)
-        if n := run.clean_partials():
-            log(f"removed {n} unfinished chunk file(s) of an interrupted run")
-
-        worker_memory = max(1, (opts.memory_limit - current_rss()) // budget.workers)
-        scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress)
-        try:
-            previous = None
-            for stage in STAGES:
-                state = manifest["stages"].get(stage)
-                if _finished(stage, state, keys[stage], opts):
-                    log(f"{stage}: already done, skipped")
-                elif state is not None and state.get("key") != keys[stage]:
-                    run.reset_from(stage, manifest)  # an option it depends on changed
-                if not _finished(stage, manifest["stages"].get(stage), keys[stage], opts):
-                    _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage])
-                previous = run.store(stage)
-        finally:
-            scheduler.close()
+    worker_memory = max(1, (opts.memory_limit - current_rss()) // budget.workers)
+    scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress)
+    try:
+        with RunDir(opts.workdir) as run:
+            _run_stages(opts, ckpt, budget, scheduler, run, keys, log)
+    finally:
+        scheduler.close()
     size = opts.output.stat().st_size
-    kept = sum(p.stat().st_size for p in opts.workdir.rglob("*") if p.is_file())
+    kept = sum(p.stat().st_size for s in STAGES if (store := RunDir(opts.workdir).store(s)).is_dir()
+               for p in store.rglob("*") if p.is_file())
     log(f"wrote {opts.output} ({format_size(size)})")
     log(f"run directory kept for inspection and reruns: {opts.workdir} ({format_size(kept)}); "
         "delete it when you no longer need it")
     return opts.output
+
+
+def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> None:
+    manifest = run.load()
+    if manifest.get("fingerprint") not in (None, ckpt.fingerprint):
+        log("the checkpoint changed since this run directory was made: starting over")
+        run.reset_from("extract", manifest)
+    elif not manifest and run.has_stores():
+        log("the run directory has stores but no readable manifest: starting over")
+        run.reset_from("extract", manifest)
+    manifest.update({"fingerprint": ckpt.fingerprint, "options": opts.as_json()})
+    manifest.setdefault("stages", {})
+    run.save(manifest)
+    if n := run.clean_partials():
+        log(f"removed {n} unfinished chunk file(s) of an interrupted run")
+    previous = None
+    for stage in STAGES:
+        state = manifest["stages"].get(stage)
+        if _finished(stage, state, keys[stage], opts):
+            log(f"{stage}: already done, skipped")
+        elif state is not None and state.get("key") != keys[stage]:
+            run.reset_from(stage, manifest)  # an option it depends on changed
+        if not _finished(stage, manifest["stages"].get(stage), keys[stage], opts):
+            _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage])
+        previous = run.store(stage)
 
 
 def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key) -> None:

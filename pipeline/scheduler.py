@@ -10,6 +10,14 @@ import dask
 from dask.callbacks import Callback
 from tqdm import tqdm
 
+from pipeline.errors import OptionError
+
+
+def chunk_task(func, *args):
+    """One chunk of work as a dask task. Keys are unique per call (pure=False): a shared
+    cluster must never take one conversion's chunk for another's."""
+    return dask.delayed(func, pure=False)(*args)
+
 
 class _TaskProgress(Callback):
     def __init__(self, keys: set, bar: tqdm):
@@ -38,7 +46,10 @@ class Scheduler:
             self.client = Client(self.cluster)
         elif kind.startswith("tcp://"):
             from distributed import Client
-            self.client = Client(kind)
+            try:
+                self.client = Client(kind, timeout=20)
+            except (OSError, TimeoutError) as e:
+                raise OptionError(f"--scheduler: cannot reach the dask scheduler at {kind} ({e})") from None
 
     def bar(self, total: int, desc: str, unit: str = "chunk", **kw) -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, file=sys.stderr,

@@ -7,6 +7,8 @@ resume treats a missing chunk as not yet written.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,9 @@ import zarr
 from zarr.codecs import BloscCodec
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
+# zarr 3.1's open_array ignores a per-handle config, so set it for the whole process (every
+# process that imports this module, dask workers included)
+zarr.config.set({"array.write_empty_chunks": True})
 
 
 def row_ranges(n_rows: int, rows_per_chunk: int) -> list[tuple[int, int]]:
@@ -34,7 +39,7 @@ def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], rows_per_
                 and arr.dtype == np.dtype(dtype):
             arr.attrs.update(attrs)
             return arr
-        del group[name]
+        remove_tree(Path(str(group.store_path.store.root)) / group.path / name)
     compressors = (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),) if compress else None
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, attributes=attrs,
                               compressors=compressors, fill_value=0, config=ARRAY_CONFIG)
@@ -46,6 +51,19 @@ def array_path(store: Path, name: str) -> str:
 
 def open_array(path: str, mode: str = "r+") -> zarr.Array:
     return zarr.open_array(path, mode=mode, zarr_format=3)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a store or array directory so that a crash midway leaves nothing that looks valid:
+    rename it aside first (one atomic step), then delete the renamed copy."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.deleting")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
 
 
 def written_chunks(arr: zarr.Array) -> set[int]:

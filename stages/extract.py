@@ -6,10 +6,9 @@ attributes record the family, config, tensor order and GGUF key/values.
 """
 from __future__ import annotations
 
-import dask
-
 from pipeline.context import StageContext
 from pipeline.safetensors_io import TensorSource
+from pipeline.scheduler import chunk_task
 from pipeline.stores import array_path, ensure_array, open_array, open_store, row_ranges, written_chunks
 
 
@@ -42,6 +41,5 @@ def run(ctx: StageContext) -> None:
         out = array_path(ctx.output, t.gguf_name)
         for i, (r0, r1) in enumerate(row_ranges(t.shape[0], rows)):
             if i not in done:
-                tasks.append(dask.delayed(copy_rows, pure=False)(src, out, r0, r1,
-                                                                 dask_key_name=f"extract-{t.gguf_name}-{i}"))
+                tasks.append(chunk_task(copy_rows, src, out, r0, r1))
     ctx.scheduler.run(tasks, "extract")

@@ -8,12 +8,12 @@ length is not a whole number of blocks of the requested type is written as F16
 """
 from __future__ import annotations
 
-import dask
 import numpy as np
 
 from pipeline.codecs import CODECS
 from pipeline.context import StageContext
 from pipeline.families import FLOAT_TYPE, TERNARY
+from pipeline.scheduler import chunk_task
 from pipeline.stores import array_path, ensure_array, open_array, open_store, row_ranges, written_chunks
 
 
@@ -65,7 +65,6 @@ def run(ctx: StageContext) -> None:
         done = written_chunks(arr)
         for i, (r0, r1) in enumerate(row_ranges(src.shape[0], src.chunks[0])):
             if i not in done:
-                tasks.append(dask.delayed(encode_rows, pure=False)(
-                    array_path(ctx.input, name), array_path(ctx.output, name), r0, r1,
-                    codec.name.lower(), scale, dask_key_name=f"pack-{name}-{i}"))
+                tasks.append(chunk_task(encode_rows, array_path(ctx.input, name), array_path(ctx.output, name),
+                                        r0, r1, codec.name.lower(), scale))
     ctx.scheduler.run(tasks, "pack")

@@ -10,7 +10,6 @@ never recomputes it. Other tensors are cast to their output float type
 """
 from __future__ import annotations
 
-import dask
 import numpy as np
 
 from pipeline.codecs import (NonFiniteWeights, absmean_row_sums, absmean_scale, absmean_total, effective_scale,
@@ -18,6 +17,7 @@ from pipeline.codecs import (NonFiniteWeights, absmean_row_sums, absmean_scale, 
 from pipeline.context import StageContext
 from pipeline.families import FLOAT_TYPE, TERNARY
 from pipeline.safetensors_io import as_float32
+from pipeline.scheduler import chunk_task
 from pipeline.stores import array_path, ensure_array, open_array, open_store, row_ranges, written_chunks
 
 FLOAT_DTYPES = {"f16": np.float16, "f32": np.float32}
@@ -62,9 +62,8 @@ def run(ctx: StageContext) -> None:
     tasks, owners = [], []
     for name in pending:
         src, _, _, sdtype, rows = layouts[name]
-        for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
-            tasks.append(dask.delayed(row_abs_sums)(array_path(ctx.input, name), r0, r1, sdtype,
-                                                    dask_key_name=f"absmean-{name}-{i}"))
+        for r0, r1 in row_ranges(src.shape[0], rows):
+            tasks.append(chunk_task(row_abs_sums, array_path(ctx.input, name), r0, r1, sdtype))
             owners.append(name)
     sums: dict[str, list[np.ndarray]] = {n: [] for n in pending}
     for name, part in zip(owners, ctx.scheduler.run(tasks, "quantize: scales")):
@@ -89,9 +88,8 @@ def run(ctx: StageContext) -> None:
                 continue
             args = (array_path(ctx.input, name), array_path(ctx.output, name), r0, r1, sdtype)
             if role == TERNARY:
-                task = dask.delayed(write_codes, pure=False)(*args, arr.attrs["absmean"],
-                                                            dask_key_name=f"codes-{name}-{i}")
+                task = chunk_task(write_codes, *args, arr.attrs["absmean"])
             else:
-                task = dask.delayed(write_cast, pure=False)(*args, arr.dtype, dask_key_name=f"cast-{name}-{i}")
+                task = chunk_task(write_cast, *args, arr.dtype)
             tasks.append(task)
     ctx.scheduler.run(tasks, "quantize")

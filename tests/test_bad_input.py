@@ -146,3 +146,33 @@ def test_nan_in_a_projection_names_the_tensor(model, out):
     proc = convert(model, out, check_exit=2)
     assert name in proc.stderr and "NaN" in proc.stderr
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+    ({"max_position_embeddings": None}, "max_position_embeddings"),
+    ({"num_attention_heads": 0}, "num_attention_heads"),
+])
+def test_config_values_of_the_wrong_type_are_refused_before_any_work(model, out, changes, needle):
+    rewrite_config(model, **changes)
+    expect_refusal(model, out, "config.json", needle)
+
+
+def test_tensors_the_config_does_not_describe_are_refused(checkpoint, out):
+    model = checkpoint(hidden_size=256, intermediate_size=512, num_layers=2)
+    rewrite_config(model, num_hidden_layers=1)  # layer 1 would silently vanish
+    expect_refusal(model, out, "model.layers.1.", "not part of")
+
+
+def test_unknown_scheduler_is_refused(model, out):
+    expect_refusal(model, out, "--scheduler", extra=("--scheduler", "localhost:8786"))
+
+
+def test_workdir_holding_other_files_is_refused_and_left_alone(model, out, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "download.iso.partial").write_bytes(b"precious")
+    proc = convert(model, out, "--workdir", home, check_exit=2)
+    assert "not a bitnet-gguf run directory" in proc.stderr
+    assert (home / "download.iso.partial").read_bytes() == b"precious"
+    assert not out.exists()

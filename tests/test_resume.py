@@ -43,3 +43,38 @@ def test_sigkill_at_any_point_then_rerun_gives_identical_bytes(checkpoint, tmp_p
         assert not list(work.rglob("*.partial"))
         print(f"killed after {duration * k / 6:.1f} s of {duration:.1f} s; rerun:",
               [line for line in rerun.stderr.splitlines() if "already done" in line])
+
+
+def test_stores_without_a_manifest_are_not_reused(checkpoint, tmp_path):
+    first, second = checkpoint(seed=1), checkpoint(seed=2)
+    work = tmp_path / "work"
+    convert(first, tmp_path / "a.gguf", "--workdir", str(work))
+    (work / "manifest.json").unlink()
+    out = tmp_path / "b.gguf"
+    proc = convert(second, out, "--workdir", str(work))
+    assert "starting over" in proc.stderr
+    convert(second, tmp_path / "clean.gguf")
+    assert out.read_bytes() == (tmp_path / "clean.gguf").read_bytes()
+
+
+def test_all_zero_chunks_are_on_disk(checkpoint, tmp_path):
+    """An all-zero chunk must be written, or a rerun would take it for missing work."""
+    import json
+
+    from tests.conftest import run_cli
+
+    model = checkpoint()
+    path = model / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + n])["model.embed_tokens.weight"]["data_offsets"]
+    raw[8 + n + begin: 8 + n + end] = bytes(end - begin)
+    path.write_bytes(bytes(raw))
+    convert(model, tmp_path / "m.gguf")
+    report = json.loads(run_cli("inspect", tmp_path / "m.gguf.work", "--json").stdout)
+    for stage in ("extract", "quantize", "pack"):
+        chunks = report["stores"][stage]["tensors"]["token_embd.weight"]["chunks"]
+        done, total = chunks.split("/")
+        assert done == total, (stage, chunks)
+    again = convert(model, tmp_path / "m.gguf")
+    assert again.stderr.count("already done") == 4
