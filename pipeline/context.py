@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
+from typing import Callable
 from pathlib import Path
 
 from pipeline.budget import Budget
@@ -19,6 +19,4 @@ class StageContext:
     input: Path | None          # previous stage's store (None for extract)
     output: Path                # this stage's store, or the GGUF path for assemble
     checkpoint: Checkpoint | None = None  # extract only
-
-    def log(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+    log: Callable[[str], None] = print

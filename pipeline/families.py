@@ -36,8 +36,10 @@ class Family:
     architectures: tuple[str, ...]
     gguf_arch: str
     tokenizer: str                       # "spm": SentencePiece tokenizer.model
-    global_tensors: tuple[TensorRule, ...]
+    global_tensors: tuple[TensorRule, ...]   # before the blocks in the GGUF
     block_tensors: tuple[TensorRule, ...]
+    trailing_tensors: tuple[TensorRule, ...]  # after the blocks (llama.cpp does not care about
+                                              # order; a fixed one makes reruns byte-identical)
     # GGUF key suffix (after "{arch}.") -> (config key, GGUF value type)
     hparams: tuple[tuple[str, str, str], ...]
     # extra constant metadata (key suffix, value type, value)
@@ -88,14 +90,12 @@ FAMILIES = (
             TensorRule("model.embed_tokens.weight", "token_embd.weight", EMBEDDING, ("vocab", "hidden")),
         ),
         block_tensors=_BITNET_BLOCK,
+        trailing_tensors=(TensorRule("model.norm.weight", "output_norm.weight", NORM, ("hidden",)),),
         hparams=_LLAMA_HPARAMS,
         constants=(("rope.scaling.type", "string", "linear"), ("rope.scaling.factor", "float32", 1.0)),
         rejected=(("lm_head.weight", "an untied lm_head.weight, but GGUF arch bitnet ties the output to token_embd"),),
     ),
 )
-# Tensors that come after the blocks in the GGUF (llama.cpp does not care about order;
-# a fixed order makes reruns byte-identical).
-_TRAILING = {"1bitllm": (TensorRule("model.norm.weight", "output_norm.weight", NORM, ("hidden",)),)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +185,7 @@ def plan_tensors(model_dir: Path) -> TensorPlan:
     for bid in range(dims["layers"]):
         for rule in fam.block_tensors:
             add(rule, bid)
-    for rule in _TRAILING.get(fam.name, ()):
+    for rule in fam.trailing_tensors:
         add(rule)
     return TensorPlan(fam, config, tuple(tensors))
 

@@ -83,16 +83,16 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> None:
         elif state is not None and state.get("key") != keys[stage]:
             run.reset_from(stage, manifest)  # an option it depends on changed
         if not _finished(stage, manifest["stages"].get(stage), keys[stage], opts):
-            _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage])
+            _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log)
         previous = run.store(stage)
 
 
-def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key) -> None:
+def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key, log) -> None:
     started = time.monotonic()
     manifest["stages"][stage] = {"key": key, "state": "running"}
     run.save(manifest)
     output = opts.output if stage == "assemble" else run.store(stage)
-    ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None)
+    ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None, log)
     importlib.import_module(f"stages.{stage}").run(ctx)
     state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2)}
     if stage == "assemble":
