@@ -6,6 +6,7 @@ Exit status: 0 success, 2 a problem with the input or options, 1 anything else,
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import signal
@@ -165,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI boundary
         if args.debug:
             traceback.print_exc()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            print(f"bitnet-gguf: failed: no space left on the device{f' writing {e.filename}' if e.filename else ''}; "
+                  "free some space (or choose another --workdir / -o) and rerun the same command to continue",
+                  file=sys.stderr)
+            return EXIT_FAILURE
         print(f"bitnet-gguf: failed: {type(e).__name__}: {e} (rerun with --debug for the traceback; "
               "rerunning the same command resumes)", file=sys.stderr)
         return EXIT_FAILURE

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import importlib
+import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -9,6 +12,8 @@ from pipeline.budget import current_rss, plan_budget
 from pipeline.checkpoint import open_checkpoint
 from pipeline.config import Options, format_size
 from pipeline.context import StageContext
+from pipeline.errors import RunDirError
+from pipeline.families import TERNARY
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.scheduler import Scheduler
 
@@ -62,7 +67,42 @@ def convert(opts: Options, log) -> Path:
     return opts.output
 
 
+def disk_needed(ckpt, out_type: str) -> tuple[int, int]:
+    """(bytes the run directory will hold, bytes of the GGUF), estimated from the plan."""
+    from stages.pack import choose_codec
+
+    extract = codes = packed = 0
+    for t in ckpt.plan.tensors:
+        n = math.prod(t.shape)
+        extract += n * ckpt.sources[t.hf_name].np_dtype.itemsize
+        if t.role == TERNARY:
+            codes += n // 2  # int8 codes, compressed; generous
+        else:
+            codes += n * 4
+        codec, _ = choose_codec(t.role, t.shape, out_type)
+        packed += codec.row_bytes(t.shape[-1]) * (n // t.shape[-1])
+    return extract + codes + packed, packed
+
+
+def check_disk(opts: Options, ckpt, run: RunDir) -> None:
+    """Refuse up front when the run directory's or the output's disk cannot hold the result."""
+    work_bytes, out_bytes = disk_needed(ckpt, opts.out_type)
+    have = sum(p.stat().st_size for p in run.path.rglob("*") if p.is_file())
+    needs = {opts.workdir: max(0, work_bytes - have)}
+    out_dev, work_dev = os.stat(opts.output.parent).st_dev, os.stat(opts.workdir).st_dev
+    if out_dev == work_dev:
+        needs[opts.workdir] += out_bytes
+    else:
+        needs[opts.output.parent] = out_bytes
+    for where, need in needs.items():
+        free = shutil.disk_usage(where).free
+        if free < need:
+            raise RunDirError(f"{where}: {format_size(free)} free, but this conversion needs about "
+                              f"{format_size(need)} more; free some space or choose another --workdir / -o")
+
+
 def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> None:
+    check_disk(opts, ckpt, run)
     manifest = run.load()
     if manifest.get("fingerprint") not in (None, ckpt.fingerprint):
         log("the checkpoint changed since this run directory was made: starting over")

@@ -176,3 +176,19 @@ def test_workdir_holding_other_files_is_refused_and_left_alone(model, out, tmp_p
     assert "not a bitnet-gguf run directory" in proc.stderr
     assert (home / "download.iso.partial").read_bytes() == b"precious"
     assert not out.exists()
+
+
+def test_not_enough_disk_is_refused_before_any_work(model, out, monkeypatch, capsys):
+    from collections import namedtuple
+
+    from pipeline import runner
+    from pipeline.cli import main
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 4096, 4096))
+    code = main(["convert", str(model), "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "free, but this conversion needs about" in err and "--workdir" in err
+    assert not out.exists()
+    assert not list((out.parent / "m.gguf.work").glob("*.zarr"))
