@@ -99,7 +99,10 @@ def main(argv=None) -> int:
             rows.append((shape, size, f"bitnet-gguf --memory-limit {limit}", r, parse_size(limit)))
             print(f"{shape}: ours under {limit}: exit {r['exit']}, peak {format_size(r['peak'])}, {r['seconds']:.0f} s",
                   flush=True)
-            subprocess.run(["rm", "-rf", str(out.with_name(out.name + ".work"))], check=True)
+            if r["exit"]:
+                print(r["stderr"], flush=True)
+            for p in (out, out.with_name(out.name + ".work")):  # keep the disk free for the next run
+                subprocess.run(["rm", "-rf", str(p)], check=True)
         if not args.no_reference and args.reference_converter.is_file():
             out = args.workdir / f"{shape}-llamacpp.gguf"
             cmd = [args.reference_python, str(args.reference_converter), str(model), "--outtype", args.type,
@@ -107,6 +110,9 @@ def main(argv=None) -> int:
             r = measure(cmd)
             rows.append((shape, size, "llama.cpp convert_hf_to_gguf.py", r, None))
             print(f"{shape}: llama.cpp: exit {r['exit']}, peak {format_size(r['peak'])}, {r['seconds']:.0f} s", flush=True)
+            if r["exit"]:
+                print(r["stderr"], flush=True)
+            out.unlink(missing_ok=True)
 
     command = "python -m tests.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     lines = [f"\n## {datetime.date.today().isoformat()}: {args.type.upper()}\n",
