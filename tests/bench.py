@@ -17,7 +17,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import format_size, parse_size  # noqa: E402
 from pipeline.demo import write_bitnet_checkpoint  # noqa: E402
+from tests.peak_rss import run_measuring_peak  # noqa: E402
 
 # the real models' shapes (FORMATS.md): hidden, intermediate, layers, heads, vocab
 SHAPES = {
@@ -34,28 +34,6 @@ SHAPES = {
     "3B": dict(hidden_size=3200, intermediate_size=8640, num_layers=26, num_heads=32, vocab_size=32002),
 }
 RESULTS = ROOT / "docs" / "benchmarks.md"
-
-
-def measure(cmd: list[str], env: dict | None = None, interval: float = 0.05) -> dict:
-    """Run cmd; sample RSS of it and all its descendants; return exit code, peak and seconds."""
-    started = time.monotonic()
-    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    peak = 0
-    while proc.poll() is None:
-        total = 0
-        try:
-            family = [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            break
-        for p in family:
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        peak = max(peak, total)
-        time.sleep(interval)
-    err = proc.stderr.read().decode(errors="replace")
-    return {"exit": proc.returncode, "peak": peak, "seconds": time.monotonic() - started, "stderr": err[-2000:]}
 
 
 def checkpoint(shape: str, workdir: Path) -> Path:
@@ -95,7 +73,7 @@ def main(argv=None) -> int:
                 subprocess.run(["rm", "-rf", str(p)], check=True)
             cmd = [sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out), "--type", args.type,
                    "--memory-limit", limit, "--no-progress"]
-            r = measure(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            r = run_measuring_peak(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, interval=0.05)
             rows.append((shape, size, f"bitnet-gguf --memory-limit {limit}", r, parse_size(limit)))
             print(f"{shape}: ours under {limit}: exit {r['exit']}, peak {format_size(r['peak'])}, {r['seconds']:.0f} s",
                   flush=True)
@@ -107,7 +85,7 @@ def main(argv=None) -> int:
             out = args.workdir / f"{shape}-llamacpp.gguf"
             cmd = [args.reference_python, str(args.reference_converter), str(model), "--outtype", args.type,
                    "--outfile", str(out)]
-            r = measure(cmd)
+            r = run_measuring_peak(cmd, interval=0.05)
             rows.append((shape, size, "llama.cpp convert_hf_to_gguf.py", r, None))
             print(f"{shape}: llama.cpp: exit {r['exit']}, peak {format_size(r['peak'])}, {r['seconds']:.0f} s", flush=True)
             if r["exit"]:

@@ -2,37 +2,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 
 from tests.conftest import ROOT
+from tests.peak_rss import run_measuring_peak
 
 MiB = 1024**2
-
-
-def peak_tree_rss(cmd: list[str], interval: float = 0.02) -> tuple[int, int, str]:
-    """Run cmd; sample the resident memory of it and all its children; return (exit, peak, stderr)."""
-    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    peak = 0
-    while proc.poll() is None:
-        total = 0
-        try:
-            procs = [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            break
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        peak = max(peak, total)
-        time.sleep(interval)
-    return proc.returncode, peak, proc.stderr.read()
 
 
 @pytest.mark.slow
@@ -43,9 +20,10 @@ def test_one_gib_embedding_converts_under_512mib(checkpoint, tmp_path):
     assert (model / "model.safetensors").stat().st_size > 1024 * MiB
     out = tmp_path / "big.gguf"
     limit = 512 * MiB
-    code, peak, stderr = peak_tree_rss([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
-                                        "--memory-limit", "512MiB", "--no-progress"])
-    assert code == 0, stderr
+    r = run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
+                            "--memory-limit", "512MiB", "--no-progress"], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r["exit"] == 0, r["stderr"]
+    peak = r["peak"]
     print(f"peak RSS of the conversion: {peak / MiB:.0f} MiB (limit {limit / MiB:.0f} MiB)")
     assert peak <= limit, f"peak RSS {peak / MiB:.0f} MiB exceeds --memory-limit 512MiB"
     assert out.stat().st_size > 512 * MiB  # the F16 embedding alone is 512 MiB
