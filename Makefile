@@ -67,12 +67,12 @@ $(DEMO_MODEL)/config.json: $(VENV)/.stamp-base
 
 ifeq ($(strip $(MODEL)),)
 convert: demo-model
-	$(PY) -m pipeline convert $(DEMO_MODEL) -o $(if $(OUT),$(OUT),$(BUILD)/demo-$(if $(TYPE),$(TYPE),tq2_0).gguf) \
-		$(if $(TYPE),--type $(TYPE)) $(if $(MEM),--memory-limit $(MEM)) $(if $(WORK),--workdir $(WORK))
+	$(PY) -m pipeline convert $(DEMO_MODEL) -o "$(if $(OUT),$(OUT),$(BUILD)/demo-$(if $(TYPE),$(TYPE),tq2_0).gguf)" \
+		$(if $(TYPE),--type "$(TYPE)") $(if $(MEM),--memory-limit "$(MEM)") $(if $(WORK),--workdir "$(WORK)")
 else
 convert: $(VENV)/.stamp-base
 	$(PY) -m pipeline convert "$(MODEL)" $(if $(OUT),-o "$(OUT)") \
-		$(if $(TYPE),--type $(TYPE)) $(if $(MEM),--memory-limit $(MEM)) $(if $(WORK),--workdir "$(WORK)")
+		$(if $(TYPE),--type "$(TYPE)") $(if $(MEM),--memory-limit "$(MEM)") $(if $(WORK),--workdir "$(WORK)")
 endif
 
 test: $(VENV)/.stamp-test reference-converter

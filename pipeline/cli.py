@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use an existing dask cluster (the run directory must be on storage every worker sees)")
     c.add_argument("--config", type=Path, default=None, metavar="TOML",
                    help="preset file (default: configs/default.toml); command-line flags override it")
-    c.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+    c.add_argument("--no-progress", action="store_true",
+                   help="do not draw progress bars (they are drawn only when stderr is a terminal)")
+    c.add_argument("--force", action="store_true",
+                   help="replace an existing output file that is not a GGUF file")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback when something fails")
 
@@ -118,7 +121,8 @@ def cmd_convert(args) -> int:
     scheduler = "local" if args.cluster else args.scheduler
     opts = make_options(args.model_dir, output=args.output, workdir=args.workdir, preset=args.config,
                         out_type=args.out_type, memory_limit=args.memory_limit, workers=args.workers,
-                        scheduler=scheduler, progress=False if args.no_progress else None)
+                        scheduler=scheduler, progress=False if args.no_progress else sys.stderr.isatty(),
+                        force=args.force)
     convert(opts, _log)
     return EXIT_OK
 
@@ -134,13 +138,23 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
         return EXIT_OK
-    print(f"run directory: {run.path}")
-    print(f"model: {manifest.get('options', {}).get('model_dir')}")
-    print(f"output: {manifest.get('options', {}).get('output')}")
+    opts = manifest.get("options", {})
+    running = run.is_locked()
+    print(f"run directory: {run.path}{'  (a conversion is running)' if running else ''}")
+    print(f"model: {opts.get('model_dir')}")
+    print(f"output: {opts.get('output')}")
+    interrupted = False
     for stage in STAGES:
         st = manifest.get("stages", {}).get(stage, {})
-        extra = f"  {st['seconds']} s" if "seconds" in st else ""
-        print(f"  {stage:<9} {st.get('state', 'pending'):<8}{extra}")
+        state = st.get("state", "pending")
+        if state == "running" and not running:
+            state, interrupted = "interrupted", True
+        if stage == "assemble" and state == "done" and not Path(opts.get("output", "")).is_file():
+            state = "output missing"
+        extra = f"  {st['seconds']} s" if "seconds" in st and state == "done" else ""
+        print(f"  {stage:<9} {state}{extra}")
+    if interrupted:
+        print("rerun the same convert command to continue from the chunks already written")
     return EXIT_OK
 
 

@@ -51,6 +51,7 @@ class Options:
     workers: int = 0            # 0: decided by the memory budget and the CPU count
     scheduler: str = "threads"  # "threads", "local" (distributed.LocalCluster) or tcp://host:port
     progress: bool = True
+    force: bool = False         # replace an existing output that is not a GGUF file
 
     def as_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -111,5 +112,13 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
         raise OptionError(f"-o: the directory {output.parent} does not exist; create it or choose another output path")
     if not os.access(output.parent, os.W_OK):
         raise OptionError(f"-o: cannot write to the directory {output.parent}; choose another output path")
+    model_dir = Path(model_dir).resolve()
+    if output.parent == model_dir:
+        raise OptionError(f"-o: {output} is inside the checkpoint directory; write the GGUF somewhere else")
+    if output.is_file() and not values.get("force"):
+        with open(output, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise OptionError(f"-o: {output} exists and is not a GGUF file; choose another output path "
+                                  "or pass --force to replace it")
     workdir = Path(workdir).resolve() if workdir else output.with_name(output.name + ".work")
-    return Options(model_dir=Path(model_dir).resolve(), output=output, workdir=workdir, **values)
+    return Options(model_dir=model_dir, output=output, workdir=workdir, **values)

@@ -14,10 +14,13 @@ from pipeline.stores import open_store, row_ranges, written_chunks
 
 
 def code_shares(arr) -> dict[str, float]:
-    """Share of -1, 0 and +1 among the codes of one quantize.zarr array (chunk by chunk)."""
+    """Share of -1, 0 and +1 among the written codes of one quantize.zarr array (chunk by
+    chunk; chunks not yet written are skipped rather than read as their fill value)."""
     counts = np.zeros(3, dtype=np.int64)
-    for r0, r1 in row_ranges(arr.shape[0], arr.chunks[0]):
-        counts += np.bincount(arr[r0:r1].ravel().astype(np.int64) + 1, minlength=3)[:3]
+    written = written_chunks(arr)
+    for i, (r0, r1) in enumerate(row_ranges(arr.shape[0], arr.chunks[0])):
+        if i in written:
+            counts += np.bincount(arr[r0:r1].ravel().astype(np.int64) + 1, minlength=3)[:3]
     total = max(int(counts.sum()), 1)
     return {"-1": counts[0] / total, "0": counts[1] / total, "+1": counts[2] / total}
 
@@ -39,8 +42,10 @@ def describe(run: RunDir, codes: bool = False) -> dict:
             info = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": f"{len(written_chunks(arr))}/{n_chunks}",
                     **{k: v for k, v in arr.attrs.asdict().items() if k in
                        ("role", "source_dtype", "absmean", "scale", "type_name")}}
-            if codes and stage == "quantize" and arr.dtype == np.int8:
+            if codes and stage == "quantize" and arr.dtype == np.int8 and written_chunks(arr):
                 shares = code_shares(arr)
+                if len(written_chunks(arr)) < n_chunks:
+                    info["shares_of_written_chunks_only"] = True
                 info["shares"] = shares
                 info["sparsity"] = shares["0"]
             tensors[name] = info
@@ -65,7 +70,8 @@ def format_report(report: dict) -> str:
                 extra.append(f"scale {t['scale']:.6g}")
             if "shares" in t:
                 s = t["shares"]
-                extra.append(f"-1/0/+1 {s['-1']:.1%}/{s['0']:.1%}/{s['+1']:.1%}")
+                partial = " (written chunks only)" if t.get("shares_of_written_chunks_only") else ""
+                extra.append(f"-1/0/+1 {s['-1']:.1%}/{s['0']:.1%}/{s['+1']:.1%}{partial}")
             lines.append(f"  {name:<28} {'x'.join(map(str, t['shape'])):>12} {t['dtype']:<7} "
                          f"chunks {t['chunks']:<7} {'  '.join(extra)}")
     return "\n".join(lines)

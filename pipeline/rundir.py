@@ -63,6 +63,19 @@ class RunDir:
             raise RunDirError(f"{self.path}: another conversion is running in this run directory; "
                               "wait for it or pass a different --workdir") from None
 
+    def is_locked(self) -> bool:
+        """True while a conversion holds this run directory."""
+        path = self.path / "lock"
+        if not path.is_file():
+            return False
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
     def release(self) -> None:
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)

@@ -129,6 +129,7 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> None:
 
 def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key, log) -> None:
     started = time.monotonic()
+    log(f"{stage}: running")
     manifest["stages"][stage] = {"key": key, "state": "running"}
     run.save(manifest)
     output = opts.output if stage == "assemble" else run.store(stage)
@@ -140,3 +141,4 @@ def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, ke
         state.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
     manifest["stages"][stage] = state
     run.save(manifest)
+    log(f"{stage}: done in {state['seconds']} s")

@@ -192,3 +192,19 @@ def test_not_enough_disk_is_refused_before_any_work(model, out, monkeypatch, cap
     assert "free, but this conversion needs about" in err and "--workdir" in err
     assert not out.exists()
     assert not list((out.parent / "m.gguf.work").glob("*.zarr"))
+
+
+def test_existing_output_that_is_not_gguf_needs_force(model, out):
+    out.write_bytes(b"my notes, not a model")
+    proc = convert(model, out, check_exit=2)
+    assert "--force" in proc.stderr and "not a GGUF file" in proc.stderr
+    assert out.read_bytes() == b"my notes, not a model"
+    convert(model, out, "--force")
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_output_inside_the_checkpoint_is_refused(model):
+    before = snapshot(model)
+    proc = convert(model, model / "model.safetensors", check_exit=2)
+    assert "inside the checkpoint directory" in proc.stderr
+    assert snapshot(model) == before

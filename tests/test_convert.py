@@ -153,3 +153,20 @@ def test_existing_dask_cluster_writes_the_same_bytes(checkpoint, tmp_path):
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
         convert(model, remote, "--scheduler", cluster.scheduler_address)
     assert threads.read_bytes() == remote.read_bytes()
+
+
+def test_tensors_split_into_several_chunks_match_the_reference(checkpoint, tmp_path):
+    """The out-of-core path proper: projections and embedding span several row chunks, so the
+    absmean scale is reduced across chunks and the packed bytes are written chunk by chunk."""
+    import json
+
+    from tests.conftest import run_cli
+
+    model = checkpoint(hidden_size=1024, intermediate_size=4096, num_layers=1, num_heads=8, num_kv_heads=2,
+                       vocab_size=8192, dtype="bf16")
+    out = tmp_path / "m.gguf"
+    convert(model, out, "--memory-limit", "512MiB")
+    report = json.loads(run_cli("inspect", tmp_path / "m.gguf.work", "--json").stdout)
+    chunks = {name: int(t["chunks"].split("/")[1]) for name, t in report["stores"]["quantize"]["tensors"].items()}
+    assert chunks["blk.0.ffn_gate.weight"] >= 2 and chunks["token_embd.weight"] >= 2, chunks
+    check_gguf(out, model, "tq2_0")

@@ -34,3 +34,17 @@ def test_inspect_reports_codes_and_scales_of_the_source(checkpoint, tmp_path):
 def test_inspect_refuses_a_directory_that_is_not_a_run(tmp_path):
     proc = run_cli("inspect", tmp_path, check_exit=2)
     assert "not a bitnet-gguf run directory" in proc.stderr
+
+
+def test_status_shows_an_interrupted_stage_and_how_to_continue(checkpoint, tmp_path):
+    model = checkpoint()
+    out = tmp_path / "m.gguf"
+    convert(model, out)
+    work = tmp_path / "m.gguf.work"
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["stages"]["pack"]["state"] = "running"  # what a killed run leaves behind
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    out.unlink()
+    status = run_cli("status", work).stdout
+    assert "pack      interrupted" in status and "rerun the same convert command" in status
+    assert "assemble  output missing" in status

@@ -25,8 +25,9 @@ def test_make_convert_with_all_variables(checkpoint, tmp_path):
 
 
 def test_make_convert_without_model_converts_the_demo(tmp_path):
-    out = tmp_path / "demo.gguf"
-    make("convert", f"OUT={out}", f"WORK={tmp_path / 'work'}")
+    out = tmp_path / "a dir with spaces" / "demo.gguf"
+    out.parent.mkdir()
+    make("convert", f"OUT={out}", f"WORK={tmp_path / 'work dir'}", "MEM=1 GiB", "TYPE=TQ2_0")
     reader = gguf.GGUFReader(out)
     assert reader.get_field("general.architecture").contents() == "bitnet"
     types = {t.name: t.tensor_type for t in reader.tensors}
