@@ -217,13 +217,16 @@ def _llama_config(*, hidden_size, intermediate_size, num_layers, num_heads, num_
 def write_bitnet_checkpoint(out_dir, *, hidden_size=256, intermediate_size=512, num_layers=2,
                             num_heads=4, num_kv_heads=None, vocab_size=None, tokenizer_vocab=320,
                             dtype="f32", shards=1, seed=0, rope_theta=10000.0, rms_norm_eps=1e-5,
-                            max_position_embeddings=2048) -> Path:
+                            max_position_embeddings=2048, added_tokens=False) -> Path:
     """Write a random 1bitLLM-style checkpoint into `out_dir` and return its path.
 
     `vocab_size` (the embedding's row count) defaults to the tokenizer's piece
     count rounded up to the next multiple of 64 above it, so there are always
     rows the tokenizer does not cover (the real model has 32000 pieces and 32002
     rows). Safetensors files of an earlier run in `out_dir` are replaced.
+    `added_tokens` also writes added_tokens.json and tokenizer_config.json's
+    added_tokens_decoder (special and plain tokens, one beyond vocab_size) and a
+    pad_token_id, the way fine-tuned checkpoints extend a SentencePiece vocabulary.
     """
     if dtype not in DTYPES:
         raise OptionError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -245,7 +248,8 @@ def write_bitnet_checkpoint(out_dir, *, hidden_size=256, intermediate_size=512, 
     n_pieces = _piece_count(tokenizer_path)
     if vocab_size is None:
         vocab_size = (n_pieces // VOCAB_MULTIPLE + 1) * VOCAB_MULTIPLE
-    _write_tokenizer_configs(out, max_position_embeddings)
+    added = _added_tokens(n_pieces, vocab_size) if added_tokens else None
+    _write_tokenizer_configs(out, max_position_embeddings, added)
 
     kv_dim = num_kv_heads * (hidden_size // num_heads)
     specs = bitnet_tensor_specs(hidden_size, intermediate_size, num_layers, kv_dim, vocab_size)
@@ -276,6 +280,8 @@ def write_bitnet_checkpoint(out_dir, *, hidden_size=256, intermediate_size=512, 
                            num_heads=num_heads, num_kv_heads=num_kv_heads, vocab_size=vocab_size,
                            max_position_embeddings=max_position_embeddings, rms_norm_eps=rms_norm_eps,
                            rope_theta=rope_theta, dtype=dtype)
+    if added:
+        config["pad_token_id"] = added["pad_token_id"]
     _write_json(out / "config.json", config)
     return out
 
@@ -377,8 +383,32 @@ def _piece_count(path: Path) -> int:
     return SentencePieceProcessor(model_file=str(path)).vocab_size()
 
 
-def _write_tokenizer_configs(out: Path, max_length: int) -> None:
+def _added_tokens(n_pieces: int, vocab_size: int) -> dict:
+    """Extra tokens past the SentencePiece pieces: added_tokens.json entries and
+    added_tokens_decoder entries (id -> content, special)."""
+    if vocab_size < n_pieces + 4:
+        raise OptionError(f"added_tokens needs vocab_size >= {n_pieces + 4} (the pieces plus 4 added tokens)")
+    return {
+        "json": {"<pad>": n_pieces, "extra\u2581word": n_pieces + 1},
+        "decoder": {
+            str(n_pieces): {"content": "<pad>", "special": True},
+            str(n_pieces + 2): {"content": "<|im_start|>", "special": False},   # looks special
+            str(n_pieces + 3): {"content": "two\u2581words", "special": False},  # plain, user-defined
+            str(vocab_size + 5): {"content": "<beyond>", "special": True},      # outside the table
+        },
+        "pad_token_id": n_pieces,
+    }
+
+
+def _write_tokenizer_configs(out: Path, max_length: int, added: dict | None = None) -> None:
+    for stale in (out / "added_tokens.json",):
+        stale.unlink(missing_ok=True)
+    if added:
+        _write_json(out / "added_tokens.json", added["json"])
     _write_json(out / "tokenizer_config.json", {
+        **({"added_tokens_decoder": {k: {**v, "lstrip": False, "rstrip": False, "normalized": False,
+                                         "single_word": False} for k, v in added["decoder"].items()}}
+           if added else {}),
         "add_bos_token": True,
         "add_eos_token": False,
         "bos_token": "<s>",

@@ -170,3 +170,28 @@ def test_tensors_split_into_several_chunks_match_the_reference(checkpoint, tmp_p
     chunks = {name: int(t["chunks"].split("/")[1]) for name, t in report["stores"]["quantize"]["tensors"].items()}
     assert chunks["blk.0.ffn_gate.weight"] >= 2 and chunks["token_embd.weight"] >= 2, chunks
     check_gguf(out, model, "tq2_0")
+
+
+def test_added_tokens_take_their_rows_with_the_right_types(checkpoint, tmp_path):
+    """Added tokens, as FORMATS.md and llama.cpp's converter describe them: added_tokens.json
+    entries are user-defined; added_tokens_decoder entries are control tokens when marked
+    special or when they look like <...> / <|...|> / [...], else user-defined with '\u2581'
+    shown as a space; all score -1000; ids past vocab_size are ignored."""
+    import json
+
+    model = checkpoint(added_tokens=True)
+    out = tmp_path / "m.gguf"
+    convert(model, out)
+    reader = gguf.GGUFReader(out)
+    n = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model")).vocab_size()
+    cfg = json.loads((model / "config.json").read_text())
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    scores = field(reader, "tokenizer.ggml.scores")
+    T = gguf.TokenType
+    assert (tokens[n], types[n]) == ("<pad>", T.CONTROL)              # special in the decoder
+    assert (tokens[n + 1], types[n + 1]) == ("extra\u2581word", T.USER_DEFINED)  # added_tokens.json only
+    assert (tokens[n + 2], types[n + 2]) == ("<|im_start|>", T.CONTROL)  # looks special
+    assert (tokens[n + 3], types[n + 3]) == ("two words", T.USER_DEFINED)
+    assert scores[n:n + 4] == [-1000.0] * 4
+    assert len(tokens) == cfg["vocab_size"] and "<beyond>" not in tokens
+    assert field(reader, "tokenizer.ggml.padding_token_id") == n

@@ -148,6 +148,9 @@ CASES = {
     # sides (like bitnet_b1_58-3B's 3200 and 8640), and file_type still says TQ2_0
     "f32-f16-fallback": (dict(hidden_size=384, intermediate_size=640, num_layers=1, num_heads=6, num_kv_heads=3,
                               dtype="f32", seed=3), ("tq2_0",)),
+    # added tokens (added_tokens.json, added_tokens_decoder) and a pad id in config.json
+    "f32-added-tokens": (dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, dtype="f32",
+                              seed=4, added_tokens=True), ("tq2_0",)),
 }
 PARAMS = [(name, out_type) for name, (_, types) in CASES.items() for out_type in types]
 
