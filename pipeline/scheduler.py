@@ -3,6 +3,7 @@ distributed cluster, or an existing one. Stages hand over lists of
 `dask.delayed` tasks; this module runs them with a progress bar."""
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Sequence
 
@@ -35,14 +36,13 @@ class Scheduler:
         self.client = None
         self.cluster = None
         if kind == "local" or kind.startswith("tcp://"):
-            import logging
             import distributed  # noqa: F401 - configures its loggers on import; quiet them
             for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
                 logging.getLogger(name).setLevel(logging.WARNING)
         if kind == "local":
             from distributed import Client, LocalCluster
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=worker_memory,
-                                        processes=True, dashboard_address=None)
+                                        processes=True, dashboard_address=None, silence_logs=logging.CRITICAL)
             self.client = Client(self.cluster)
         elif kind.startswith("tcp://"):
             from distributed import Client
