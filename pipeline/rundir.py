@@ -110,6 +110,11 @@ class RunDir:
             remove_tree(self.store(name))
         self.save(manifest)
 
+    def stores_size(self) -> int:
+        """Bytes held by the stores on disk."""
+        return sum(p.stat().st_size for name in STAGES if self.store(name).is_dir()
+                   for p in self.store(name).rglob("*") if p.is_file())
+
     def has_stores(self) -> bool:
         return any(self.store(name).exists() for name in STAGES)
 

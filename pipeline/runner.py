@@ -59,8 +59,7 @@ def convert(opts: Options, log) -> Path:
     finally:
         scheduler.close()
     size = opts.output.stat().st_size
-    kept = sum(p.stat().st_size for s in STAGES if (store := RunDir(opts.workdir).store(s)).is_dir()
-               for p in store.rglob("*") if p.is_file())
+    kept = RunDir(opts.workdir).stores_size()
     log(f"wrote {opts.output} ({format_size(size)})")
     log(f"run directory kept for inspection and reruns: {opts.workdir} ({format_size(kept)}); "
         "delete it when you no longer need it")
@@ -87,7 +86,7 @@ def disk_needed(ckpt, out_type: str) -> tuple[int, int]:
 def check_disk(opts: Options, ckpt, run: RunDir) -> None:
     """Refuse up front when the run directory's or the output's disk cannot hold the result."""
     work_bytes, out_bytes = disk_needed(ckpt, opts.out_type)
-    have = sum(p.stat().st_size for p in run.path.rglob("*") if p.is_file())
+    have = run.stores_size()
     needs = {opts.workdir: max(0, work_bytes - have)}
     out_dev, work_dev = os.stat(opts.output.parent).st_dev, os.stat(opts.workdir).st_dev
     if out_dev == work_dev:
