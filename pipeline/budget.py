@@ -21,6 +21,7 @@ IN_FLIGHT_PER_WORKER = 2
 MIN_CHUNK_BYTES = 4 * 1024**2   # on-disk chunk size range from the design (float32 elements)
 MAX_CHUNK_BYTES = 64 * 1024**2
 MIN_TASK_ELEMENTS = 256 * 256   # below this the conversion would crawl
+CHUNK_QUANTUM = 1 << 20         # elements (4 MiB of float32)
 HEADROOM = 96 * 1024**2         # zarr/dask bookkeeping, I/O buffers, allocator slack
 
 
@@ -31,12 +32,16 @@ class Budget:
     workers: int
     chunk_elements: int  # elements per chunk (before rounding to whole rows)
 
-    def rows_per_chunk(self, shape: tuple[int, ...]) -> int:
-        """Rows per chunk for a tensor: whole rows, at least one, at most all."""
+    def rows_per_chunk(self, shape: tuple[int, ...], multiple: int = 1) -> int:
+        """Rows per chunk for a tensor: whole rows, at least one, at most all; a multiple of
+        `multiple` (whole attention heads, say) unless the tensor has fewer rows."""
         if len(shape) < 2:
             return shape[0]
         row = max(1, shape[1])
-        return max(1, min(shape[0], self.chunk_elements // row))
+        rows = max(1, min(shape[0], self.chunk_elements // row))
+        if multiple > 1 and rows < shape[0]:
+            rows = min(shape[0], max(multiple, rows // multiple * multiple))
+        return rows
 
     def describe(self) -> str:
         return (f"memory limit {format_size(self.memory_limit)}: {self.workers} worker(s), "
@@ -75,6 +80,10 @@ def plan_budget(memory_limit: int, workers: int = 0, baseline: int | None = None
     per_worker = usable // workers
     elements = per_worker // (BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER)
     elements = min(elements, MAX_CHUNK_BYTES // 4)
+    # whole multiples of 4 MiB of float32 when above the minimum, so the small differences in the measured
+    # baseline between two runs do not change the chunk layout (a rerun resumes the same chunks)
+    if elements >= CHUNK_QUANTUM:
+        elements = elements // CHUNK_QUANTUM * CHUNK_QUANTUM
     if elements < MIN_TASK_ELEMENTS:
         raise OptionError(f"--memory-limit {format_size(memory_limit)} is too small for {workers} workers; "
                           f"use fewer --workers or a limit of at least {format_size(baseline + HEADROOM + workers * per_task_min)}")

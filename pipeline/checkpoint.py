@@ -1,19 +1,23 @@
 """Open and check a checkpoint directory before any work starts.
 
 Everything a user can get wrong in the input is found here, with the file named:
-config, family, tensor names, shapes and dtypes, shards, tokenizer.
+config, family, tensor names, shapes and dtypes, packed scales, shards, tokenizer.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.errors import CheckpointError
 from pipeline.families import TensorPlan, plan_tensors
 from pipeline.metadata import build_kv
-from pipeline.safetensors_io import TensorSource, index_checkpoint, source_fingerprint
+from pipeline.safetensors_io import TensorSource, as_float32, files_fingerprint, index_checkpoint
 
 MASTER_DTYPES = ("F32", "F16", "BF16")
+PACKED_DTYPES = ("U8",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,35 +26,90 @@ class Checkpoint:
     plan: TensorPlan
     sources: dict[str, TensorSource]   # by Hugging Face name, only the planned tensors
     kv: list[dict]
-    fingerprint: list
+    fingerprint: list                  # identity of the weight files (see files_fingerprint)
+    name: str = ""
 
 
-def open_checkpoint(model_dir: Path) -> Checkpoint:
+def read_weight_scale(src: TensorSource, weight: str) -> float:
+    """A packed projection's weight_scale as a float32 value; it must be one finite, non-zero number."""
+    if src.dtype not in MASTER_DTYPES or math.prod(src.shape) != 1:
+        raise CheckpointError(f"{src.file}: {src.name} is {src.dtype} {list(src.shape)}; a weight_scale must be "
+                              "one float (shape [1])")
+    value = as_float32(src.read_rows(0, 1), src.dtype).reshape(-1)[0]
+    if not np.isfinite(value) or value <= 0:
+        raise CheckpointError(f"{src.file}: {src.name} is {float(value)!r}; the scale of {weight} must be a positive "
+                              "finite number")
+    return float(value)
+
+
+def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
+    fam = plan.family
+    if t.recipe.packed:
+        if t.shape[0] % 4:
+            raise CheckpointError(f"{src.file}: {t.hf_name}: {t.shape[0]} output rows cannot be packed 4 per byte")
+        if src.dtype not in PACKED_DTYPES or src.shape != t.source_shape:
+            raise CheckpointError(f"{src.file}: tensor {t.hf_name} is {src.dtype} {list(src.shape)}, but "
+                                  f"{fam.description} packs it as U8 {list(t.source_shape)} (4 ternary codes per "
+                                  f"byte for {list(t.shape)}); config and weights disagree")
+        return
+    if src.shape != t.shape:
+        raise CheckpointError(f"{src.file}: tensor {t.hf_name} has shape {list(src.shape)}, but config.json "
+                              f"implies {list(t.shape)}; config and weights disagree")
+    if src.dtype not in MASTER_DTYPES:
+        raise CheckpointError(f"{src.file}: tensor {t.hf_name} is {src.dtype}; {fam.description} "
+                              f"needs float weights ({', '.join(MASTER_DTYPES)}) there")
+
+
+def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None) -> Checkpoint:
+    """Check everything about the checkpoint that can be checked without reading the weights.
+
+    `name`: the model's name for general.name (default: the directory's name).
+    """
     model_dir = Path(model_dir)
-    plan = plan_tensors(model_dir)
+    plan_tensors(model_dir)  # config errors first, before any safetensors file is read
     found = index_checkpoint(model_dir)
-    sources = {}
+    plan = plan_tensors(model_dir, present=set(found))
+    fam = plan.family
+    sources, used, planned = {}, set(), []
     for t in plan.tensors:
         src = found.get(t.hf_name)
         if src is None:
             raise CheckpointError(f"{model_dir}: tensor {t.hf_name} is missing from the safetensors files "
-                                  f"(needed for {t.gguf_name}); the checkpoint is incomplete or not {plan.family.description}")
-        if src.shape != t.shape:
-            raise CheckpointError(f"{src.file}: tensor {t.hf_name} has shape {list(src.shape)}, but config.json "
-                                  f"implies {list(t.shape)}; config and weights disagree")
-        if src.dtype not in MASTER_DTYPES:
-            raise CheckpointError(f"{src.file}: tensor {t.hf_name} is {src.dtype}; {plan.family.description} "
-                                  f"needs float weights ({', '.join(MASTER_DTYPES)})")
+                                  f"(needed for {t.gguf_name}); the checkpoint is incomplete or not {fam.description}")
+        _check_source(t, src, plan)
         sources[t.hf_name] = src
-    fam = plan.family
-    for name, reason in fam.rejected:
-        if name in found:
-            raise CheckpointError(f"{found[name].file}: has {reason}; this checkpoint is not {fam.description}")
-    planned = {t.hf_name for t in plan.tensors}
-    unexpected = sorted(n for n in found if n not in planned and not n.endswith(fam.ignored_suffixes))
+        used.add(t.hf_name)
+        if t.recipe.packed:
+            scale_src = found.get(t.scale_hf_name)
+            if scale_src is None:
+                raise CheckpointError(f"{model_dir}: {t.scale_hf_name} is missing; the packed projection "
+                                      f"{t.hf_name} needs its weight_scale")
+            used.add(t.scale_hf_name)
+            recipe = dataclasses.replace(t.recipe, weight_scale=read_weight_scale(scale_src, t.hf_name))
+            t = dataclasses.replace(t, recipe=recipe)
+        planned.append(t)
+    plan = dataclasses.replace(plan, tensors=tuple(planned))
+    lm_head = "lm_head.weight"
+    if lm_head in found and lm_head not in used:
+        if fam.output == "none":
+            raise CheckpointError(f"{found[lm_head].file}: has an untied lm_head.weight, but GGUF arch "
+                                  f"{fam.gguf_arch} ties the output to token_embd; this checkpoint is not "
+                                  f"{fam.description}")
+        if fam.output == "tied" and not plan.config.get("tie_word_embeddings", False):
+            raise CheckpointError(f"{model_dir / 'config.json'}: tie_word_embeddings is false and the checkpoint has "
+                                  f"an lm_head.weight, but GGUF arch {fam.gguf_arch} always uses token_embd as the "
+                                  "output head; this checkpoint cannot convert faithfully")
+        used.add(lm_head)  # tied: the runtime uses token_embd, which the config says is the same
+    unexpected = sorted(n for n in found if n not in used and not n.endswith(fam.ignored_suffixes))
     if unexpected:
         raise CheckpointError(f"{found[unexpected[0]].file}: tensor {unexpected[0]}"
                               f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''} is not part of "
                               f"{fam.description} as config.json describes it; config and weights disagree")
-    kv = build_kv(plan, model_dir)
-    return Checkpoint(model_dir, plan, sources, kv, source_fingerprint(model_dir))
+    name = name or model_dir.resolve().name
+    kv = build_kv(plan, model_dir, name=name, tokenizer_pre=tokenizer_pre)
+    files = {src.file for src in found.values()}
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files.add(index)
+    return Checkpoint(model_dir, plan, sources, kv, files_fingerprint(model_dir, files), name)
+

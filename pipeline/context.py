@@ -20,3 +20,4 @@ class StageContext:
     output: Path                # this stage's store, or the GGUF path for assemble
     checkpoint: Checkpoint | None = None  # extract only
     log: Callable[[str], None] = print
+    metadata: Path | None = None  # the run directory's metadata.json (GGUF key/values), for assemble

@@ -1,24 +1,42 @@
 """What we know about each supported checkpoint family, as data.
 
-A family says which `config.json` it matches, which GGUF architecture it becomes,
-how every Hugging Face tensor is renamed, which tensors are ternary projections,
-and how the hyperparameters become GGUF metadata. Stages consult the `TensorPlan`
-built from this table and never test the family by name.
+One `Family` record per row of the supported-checkpoints table says everything
+the stages need: which `config.json` it matches (architecture and quantization
+config), which GGUF architecture it becomes, how its projections are stored
+(full-precision master weights, or packed uint8 codes with a `weight_scale`),
+how the scale applies, whether llama's q/k row permutation applies, whether the
+output head is tied, and how every Hugging Face tensor is renamed.
+
+`plan_tensors` turns a family and a config into a `TensorPlan`: one
+`PlannedTensor` per GGUF tensor, each with its `Recipe` (where its values come
+from and which rows move). Stages dispatch on the recipe and never test the
+family by name.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from pipeline.errors import CheckpointError
 
 # Roles decide what quantize does with a tensor and which float type it keeps.
-TERNARY = "ternary"      # absmean-quantized projection -> codes + one scale
-EMBEDDING = "embedding"  # kept as F16 (llama.cpp does the same for TQ outputs)
+TERNARY = "ternary"      # projection -> ternary codes + one scale
+EMBEDDING = "embedding"  # token embedding, kept as F16 (as llama.cpp does for TQ outputs)
+OUTPUT = "output"        # untied output head (lm_head), kept as F16 like the embedding
 NORM = "norm"            # 1-D, kept as F32
 
-FLOAT_TYPE = {EMBEDDING: "f16", NORM: "f32"}
+FLOAT_TYPE = {EMBEDDING: "f16", OUTPUT: "f16", NORM: "f32"}
+
+# How a ternary projection is stored in the checkpoint and what its scale is.
+MASTER = "master"   # float master weights: absmean scale, codes = clip(round(W / s), -1, 1)
+PACKED = "packed"   # uint8 (out/4, in), 4 codes per byte in quarter layout, plus <name>_scale
+SCALE_RULES = {
+    "absmean": MASTER,   # s = max(mean|W|, 1e-5) over the whole tensor
+    "divide": PACKED,    # BitLinear: W = codes / weight_scale
+    "multiply": PACKED,  # AutoBitLinear (offline): W = codes * weight_scale
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +45,7 @@ class TensorRule:
     gguf: str               # GGUF name
     role: str
     shape: tuple[str, ...]  # dimension names, resolved from the config
+    permute: str | None = None  # llama q/k row permutation by heads: "heads" or "kv_heads"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,68 +53,169 @@ class Family:
     name: str
     description: str
     architectures: tuple[str, ...]
+    quantization: str | None             # None, "bitlinear" or "autobitlinear" (see quantization_kind)
     gguf_arch: str
-    tokenizer: str                       # "spm": SentencePiece tokenizer.model
+    scale_rule: str                      # a key of SCALE_RULES, for every ternary projection
+    permute_qk: bool                     # apply the TensorRule.permute of q/k (GGUF arch llama)
+    output: str                          # "none": no lm_head allowed; "tied": token_embd is the head
+                                         # (an lm_head is ignored only when config ties it);
+                                         # "untied": lm_head -> output (absent only if config ties)
+    runtime: str                         # who runs the files (README table)
     global_tensors: tuple[TensorRule, ...]   # before the blocks in the GGUF
     block_tensors: tuple[TensorRule, ...]
-    trailing_tensors: tuple[TensorRule, ...]  # after the blocks (llama.cpp does not care about
-                                              # order; a fixed one makes reruns byte-identical)
-    # GGUF key suffix (after "{arch}.") -> (config key, GGUF value type)
+    trailing_tensors: tuple[TensorRule, ...]  # after the blocks (a fixed order makes reruns byte-identical)
+    # GGUF key suffix (after "{arch}.") -> (config key or derived dimension, GGUF value type)
     hparams: tuple[tuple[str, str, str], ...]
-    # extra constant metadata (key suffix, value type, value)
     constants: tuple[tuple[str, str, object], ...] = ()
     required_config: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_hidden_layers",
                                         "num_attention_heads", "vocab_size", "max_position_embeddings")
-    # checkpoint tensors that carry nothing the GGUF needs (recomputed by llama.cpp)
+    # checkpoint tensors that carry nothing the GGUF needs (recomputed by the runtime)
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
-    # tensors that mean the checkpoint is not this family, with the reason
-    rejected: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def weights(self) -> str:
+        return SCALE_RULES[self.scale_rule]
 
 
-_BITNET_BLOCK = (
-    TensorRule("model.layers.{bid}.input_layernorm.weight", "blk.{bid}.attn_norm.weight", NORM, ("hidden",)),
-    TensorRule("model.layers.{bid}.self_attn.q_proj.weight", "blk.{bid}.attn_q.weight", TERNARY, ("q_dim", "hidden")),
-    TensorRule("model.layers.{bid}.self_attn.k_proj.weight", "blk.{bid}.attn_k.weight", TERNARY, ("kv_dim", "hidden")),
-    TensorRule("model.layers.{bid}.self_attn.v_proj.weight", "blk.{bid}.attn_v.weight", TERNARY, ("kv_dim", "hidden")),
-    TensorRule("model.layers.{bid}.self_attn.o_proj.weight", "blk.{bid}.attn_output.weight", TERNARY, ("hidden", "q_dim")),
-    TensorRule("model.layers.{bid}.self_attn.inner_attn_ln.weight", "blk.{bid}.attn_sub_norm.weight", NORM, ("hidden",)),
-    TensorRule("model.layers.{bid}.post_attention_layernorm.weight", "blk.{bid}.ffn_norm.weight", NORM, ("hidden",)),
-    TensorRule("model.layers.{bid}.mlp.gate_proj.weight", "blk.{bid}.ffn_gate.weight", TERNARY, ("intermediate", "hidden")),
-    TensorRule("model.layers.{bid}.mlp.up_proj.weight", "blk.{bid}.ffn_up.weight", TERNARY, ("intermediate", "hidden")),
-    TensorRule("model.layers.{bid}.mlp.down_proj.weight", "blk.{bid}.ffn_down.weight", TERNARY, ("hidden", "intermediate")),
-    TensorRule("model.layers.{bid}.mlp.ffn_layernorm.weight", "blk.{bid}.ffn_sub_norm.weight", NORM, ("intermediate",)),
-)
+def _block(attn_sub_norm: str | None, ffn_sub_norm: str | None, permute: bool) -> tuple[TensorRule, ...]:
+    p = "model.layers.{bid}."
+    rules = [
+        TensorRule(p + "input_layernorm.weight", "blk.{bid}.attn_norm.weight", NORM, ("hidden",)),
+        TensorRule(p + "self_attn.q_proj.weight", "blk.{bid}.attn_q.weight", TERNARY, ("q_dim", "hidden"),
+                   "heads" if permute else None),
+        TensorRule(p + "self_attn.k_proj.weight", "blk.{bid}.attn_k.weight", TERNARY, ("kv_dim", "hidden"),
+                   "kv_heads" if permute else None),
+        TensorRule(p + "self_attn.v_proj.weight", "blk.{bid}.attn_v.weight", TERNARY, ("kv_dim", "hidden")),
+        TensorRule(p + "self_attn.o_proj.weight", "blk.{bid}.attn_output.weight", TERNARY, ("hidden", "q_dim")),
+    ]
+    if attn_sub_norm:
+        rules.append(TensorRule(p + f"self_attn.{attn_sub_norm}.weight", "blk.{bid}.attn_sub_norm.weight",
+                                NORM, ("hidden",)))
+    rules += [
+        TensorRule(p + "post_attention_layernorm.weight", "blk.{bid}.ffn_norm.weight", NORM, ("hidden",)),
+        TensorRule(p + "mlp.gate_proj.weight", "blk.{bid}.ffn_gate.weight", TERNARY, ("intermediate", "hidden")),
+        TensorRule(p + "mlp.up_proj.weight", "blk.{bid}.ffn_up.weight", TERNARY, ("intermediate", "hidden")),
+        TensorRule(p + "mlp.down_proj.weight", "blk.{bid}.ffn_down.weight", TERNARY, ("hidden", "intermediate")),
+    ]
+    if ffn_sub_norm:
+        rules.append(TensorRule(p + f"mlp.{ffn_sub_norm}.weight", "blk.{bid}.ffn_sub_norm.weight",
+                                NORM, ("intermediate",)))
+    return tuple(rules)
 
-_LLAMA_HPARAMS = (
+
+_EMBED = TensorRule("model.embed_tokens.weight", "token_embd.weight", EMBEDDING, ("vocab", "hidden"))
+_OUTPUT_NORM = TensorRule("model.norm.weight", "output_norm.weight", NORM, ("hidden",))
+_LM_HEAD = TensorRule("lm_head.weight", "output.weight", OUTPUT, ("vocab", "hidden"))
+
+# (GGUF key suffix, config key or derived dimension, value type); "@name" is a derived dimension.
+_COMMON_HPARAMS = (
     ("context_length", "max_position_embeddings", "uint32"),
     ("embedding_length", "hidden_size", "uint32"),
     ("block_count", "num_hidden_layers", "uint32"),
     ("feed_forward_length", "intermediate_size", "uint32"),
     ("attention.head_count", "num_attention_heads", "uint32"),
-    ("attention.head_count_kv", "num_key_value_heads", "uint32"),
+    ("attention.head_count_kv", "@kv_heads", "uint32"),
     ("rope.freq_base", "rope_theta", "float32"),
     ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
-    ("attention.key_length", "head_dim", "uint32"),
-    ("attention.value_length", "head_dim", "uint32"),
 )
+_HEAD_LENGTHS = (
+    ("attention.key_length", "@head_dim", "uint32"),
+    ("attention.value_length", "@head_dim", "uint32"),
+)
+# written by llama.cpp's LlamaModel and by microsoft/BitNet's converter for bitnet-b1.58
+_VOCAB_AND_ROPE_DIM = (
+    ("vocab_size", "vocab_size", "uint32"),
+    ("rope.dimension_count", "@head_dim", "uint32"),
+)
+
+_BITNET_2B_TENSORS = dict(global_tensors=(_EMBED,), block_tensors=_block("attn_sub_norm", "ffn_sub_norm", False),
+                          trailing_tensors=(_OUTPUT_NORM,))
 
 FAMILIES = (
     Family(
         name="1bitllm",
         description="1bitLLM bitnet_b1_58 (BitnetForCausalLM, full-precision master weights)",
         architectures=("BitnetForCausalLM",),
+        quantization=None,
         gguf_arch="bitnet",
-        tokenizer="spm",
-        global_tensors=(
-            TensorRule("model.embed_tokens.weight", "token_embd.weight", EMBEDDING, ("vocab", "hidden")),
-        ),
-        block_tensors=_BITNET_BLOCK,
-        trailing_tensors=(TensorRule("model.norm.weight", "output_norm.weight", NORM, ("hidden",)),),
-        hparams=_LLAMA_HPARAMS,
+        scale_rule="absmean",
+        permute_qk=False,
+        output="none",
+        runtime="llama.cpp, bitnet.cpp",
+        global_tensors=(_EMBED,),
+        block_tensors=_block("inner_attn_ln", "ffn_layernorm", False),
+        trailing_tensors=(_OUTPUT_NORM,),
+        hparams=_COMMON_HPARAMS + _HEAD_LENGTHS,
         constants=(("rope.scaling.type", "string", "linear"), ("rope.scaling.factor", "float32", 1.0)),
-        rejected=(("lm_head.weight", "an untied lm_head.weight, but GGUF arch bitnet ties the output to token_embd"),),
+    ),
+    Family(
+        name="llama-bitnet",
+        description="packed BitNet Llama (LlamaForCausalLM + quant_method bitnet: HF1BitLLM Llama3-8B-1.58, "
+                    "Falcon3-1.58bit)",
+        architectures=("LlamaForCausalLM",),
+        quantization="bitlinear",
+        gguf_arch="llama",
+        scale_rule="divide",
+        permute_qk=True,
+        output="untied",
+        runtime="llama.cpp, bitnet.cpp",
+        global_tensors=(_EMBED,),
+        block_tensors=_block(None, None, True),
+        trailing_tensors=(_OUTPUT_NORM, _LM_HEAD),
+        hparams=_COMMON_HPARAMS + _HEAD_LENGTHS + _VOCAB_AND_ROPE_DIM,
+    ),
+    Family(
+        name="bitnet-2b4t",
+        description="microsoft bitnet-b1.58-2B-4T (BitNetForCausalLM, packed, AutoBitLinear)",
+        architectures=("BitNetForCausalLM",),
+        quantization="autobitlinear",
+        gguf_arch="bitnet-b1.58",
+        scale_rule="multiply",
+        permute_qk=False,
+        output="tied",
+        runtime="bitnet.cpp only (relu² FFN; upstream llama.cpp refuses the arch)",
+        hparams=_COMMON_HPARAMS + _VOCAB_AND_ROPE_DIM,
+        **_BITNET_2B_TENSORS,
+    ),
+    Family(
+        name="bitnet-2b4t-bf16",
+        description="microsoft bitnet-b1.58-2B-4T-bf16 (BitNetForCausalLM, bf16 master weights)",
+        architectures=("BitNetForCausalLM",),
+        quantization=None,
+        gguf_arch="bitnet-b1.58",
+        scale_rule="absmean",
+        permute_qk=False,
+        output="tied",
+        runtime="bitnet.cpp only (relu² FFN; upstream llama.cpp refuses the arch)",
+        hparams=_COMMON_HPARAMS + _VOCAB_AND_ROPE_DIM,
+        **_BITNET_2B_TENSORS,
     ),
 )
+
+
+# -- per-tensor recipes -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Where one tensor's values come from and which rows move, as plain data (stored in the
+    extract store's attributes, so quantize and verify read the same recipe)."""
+    role: str
+    weights: str = MASTER          # MASTER or PACKED (ternary tensors only)
+    scale_rule: str | None = None  # a key of SCALE_RULES for ternary tensors
+    permute_heads: int = 0         # llama q/k permutation over this many heads (0: none)
+    row_multiple: int = 1          # a chunk of output rows must hold whole multiples of this
+    weight_scale: float | None = None  # packed: the checkpoint's weight_scale (float32 value)
+
+    def as_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Recipe":
+        return cls(**data)
+
+    @property
+    def packed(self) -> bool:
+        return self.weights == PACKED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,19 +223,35 @@ class PlannedTensor:
     hf_name: str
     gguf_name: str
     role: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]          # the GGUF tensor's shape (numpy order, rows first)
+    recipe: Recipe
+
+    @property
+    def source_shape(self) -> tuple[int, ...]:
+        """Shape of the tensor as stored in the checkpoint."""
+        if self.recipe.packed:
+            return (self.shape[0] // 4, *self.shape[1:])
+        return self.shape
+
+    @property
+    def scale_hf_name(self) -> str | None:
+        """The checkpoint tensor holding a packed projection's weight_scale."""
+        return self.hf_name.removesuffix(".weight") + ".weight_scale" if self.recipe.packed else None
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorPlan:
     family: Family
     config: dict
+    dims: dict[str, int]
     tensors: tuple[PlannedTensor, ...]
 
     @property
     def arch(self) -> str:
         return self.family.gguf_arch
 
+
+# -- reading and checking config.json ----------------------------------------------------------
 
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
@@ -125,23 +261,76 @@ def read_config(model_dir: Path) -> dict:
         raise CheckpointError(f"{path}: missing; a Hugging Face checkpoint directory needs its config.json")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return config
 
 
 def supported_summary() -> str:
-    return "; ".join(f"{', '.join(f.architectures)} ({f.description})" for f in FAMILIES)
+    return "; ".join(f.description for f in FAMILIES)
+
+
+def quantization_kind(config: dict, config_path: Path) -> str | None:
+    """None (master weights), "bitlinear" or "autobitlinear", from `quantization_config`.
+
+    Anything else (another quant_method, online AutoBitLinear, an RMSNorm inside each
+    BitLinear, modules left unconverted other than lm_head) has no GGUF mapping here.
+    """
+    q = config.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{config_path}: quantization_config must be a JSON object, not {q!r:.60}")
+    method = q.get("quant_method")
+    if method != "bitnet":
+        raise CheckpointError(f"{config_path}: quantization_config.quant_method {method!r} is not supported; "
+                              "only BitNet checkpoints (quant_method \"bitnet\") convert")
+    if q.get("use_rms_norm"):
+        raise CheckpointError(f"{config_path}: quantization_config.use_rms_norm is true (an RMSNorm inside every "
+                              "BitLinear); GGUF runtimes have no slot for it, so this checkpoint cannot convert")
+    skipped = q.get("modules_to_not_convert")
+    if skipped is not None and (not isinstance(skipped, list) or any(m != "lm_head" for m in skipped)):
+        raise CheckpointError(f"{config_path}: quantization_config.modules_to_not_convert {skipped!r}: only "
+                              "lm_head may stay unquantized; other full-precision projections are not supported")
+    linear = q.get("linear_class", "bitlinear")
+    if linear in (None, "bitlinear"):
+        return "bitlinear"
+    if linear == "autobitlinear":
+        mode = q.get("quantization_mode", "offline")
+        if mode != "offline":
+            raise CheckpointError(f"{config_path}: quantization_config.quantization_mode {mode!r} is not supported; "
+                                  "only \"offline\" (packed ternary weights) converts")
+        return "autobitlinear"
+    raise CheckpointError(f"{config_path}: quantization_config.linear_class {linear!r} is not supported "
+                          "(known: bitlinear, autobitlinear)")
 
 
 def detect_family(config: dict, config_path: Path) -> Family:
-    archs = config.get("architectures") or []
+    archs = config.get("architectures")
+    if archs is None:
+        archs = []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"{config_path}: 'architectures' must be a list of names, not {archs!r:.60}")
+    quant = quantization_kind(config, config_path)
+    known_arch = False
     for fam in FAMILIES:
         if any(a in fam.architectures for a in archs):
-            return fam
+            known_arch = True
+            if fam.quantization == quant:
+                return fam
     shown = ", ".join(archs) if archs else "no 'architectures' entry"
+    if known_arch:
+        what = f"with quantization {quant}" if quant else "without a BitNet quantization_config"
+        if archs == ["LlamaForCausalLM"] and quant is None:
+            raise CheckpointError(f"{config_path}: a LlamaForCausalLM checkpoint without quantization_config "
+                                  "(quant_method \"bitnet\") is not a BitNet model; supported: "
+                                  f"{supported_summary()}")
+        raise CheckpointError(f"{config_path}: architecture {shown} {what} is not supported; "
+                              f"supported: {supported_summary()}")
     raise CheckpointError(f"{config_path}: architecture {shown} is not supported; supported: {supported_summary()}")
 
 
@@ -149,36 +338,77 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+# Far beyond any real model, small enough that planning stays cheap (the plan lists every tensor).
+MAX_LAYERS = 10_000
+MAX_DIM = 1 << 24
+
+
 def _dims(config: dict, fam: Family, config_path: Path) -> dict[str, int]:
     bad = [k for k in fam.required_config if not _positive_int(config.get(k))]
     if bad:
         raise CheckpointError(f"{config_path}: {', '.join(bad)} must be positive integers "
                               f"(found {', '.join(repr(config.get(k)) for k in bad)})")
-    if config.get("num_key_value_heads") is not None and not _positive_int(config["num_key_value_heads"]):
-        raise CheckpointError(f"{config_path}: num_key_value_heads must be a positive integer")
+    for key in ("num_key_value_heads", "head_dim"):
+        if config.get(key) is not None and not _positive_int(config[key]):
+            raise CheckpointError(f"{config_path}: {key} must be a positive integer, not {config[key]!r}")
+    if config["num_hidden_layers"] > MAX_LAYERS:
+        raise CheckpointError(f"{config_path}: num_hidden_layers {config['num_hidden_layers']} is not plausible "
+                              f"(more than {MAX_LAYERS})")
     hidden = config["hidden_size"]
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     head_dim = config.get("head_dim") or hidden // n_head
-    if hidden % n_head or n_head % n_kv:
+    if (config.get("head_dim") is None and hidden % n_head) or n_head % n_kv:
         raise CheckpointError(f"{config_path}: hidden_size {hidden}, num_attention_heads {n_head} and "
                               f"num_key_value_heads {n_kv} are inconsistent")
-    return {"hidden": hidden, "intermediate": config["intermediate_size"], "vocab": config["vocab_size"],
-            "q_dim": n_head * head_dim, "kv_dim": n_kv * head_dim, "layers": config["num_hidden_layers"]}
+    dims = {"hidden": hidden, "intermediate": config["intermediate_size"], "vocab": config["vocab_size"],
+            "q_dim": n_head * head_dim, "kv_dim": n_kv * head_dim, "layers": config["num_hidden_layers"],
+            "heads": n_head, "kv_heads": n_kv, "head_dim": head_dim}
+    too_big = [k for k, v in dims.items() if v > MAX_DIM]
+    if too_big:
+        raise CheckpointError(f"{config_path}: {too_big[0]} {dims[too_big[0]]} is not plausible (more than {MAX_DIM})")
+    if fam.permute_qk and head_dim % 2:
+        raise CheckpointError(f"{config_path}: head dimension {head_dim} is odd; rotary embeddings need an even one")
+    return dims
 
 
-def plan_tensors(model_dir: Path) -> TensorPlan:
-    """Read config.json, detect the family and list every tensor the GGUF will hold."""
+def _check_rope_scaling(config: dict, config_path: Path) -> None:
+    scaling = config.get("rope_scaling")
+    if scaling is None:
+        return
+    if isinstance(scaling, dict) and scaling.get("type", scaling.get("rope_type")) == "linear" \
+            and scaling.get("factor") == 1.0:
+        return  # the identity
+    raise CheckpointError(f"{config_path}: rope_scaling {json.dumps(scaling)[:80]} is not supported "
+                          "(only checkpoints without rope scaling convert)")
+
+
+def _tied(config: dict) -> bool:
+    return bool(config.get("tie_word_embeddings", False))
+
+
+def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan:
+    """Read config.json, detect the family and list every tensor the GGUF will hold.
+
+    `present`: names of the checkpoint's tensors, when known, to decide whether an
+    untied family's output head comes from lm_head.weight.
+    """
     config = read_config(model_dir)
     config_path = model_dir / "config.json"
     fam = detect_family(config, config_path)
     dims = _dims(config, fam, config_path)
+    _check_rope_scaling(config, config_path)
     tensors: list[PlannedTensor] = []
 
     def add(rule: TensorRule, bid: int | None = None) -> None:
         fmt = {"bid": bid} if bid is not None else {}
-        tensors.append(PlannedTensor(rule.hf.format(**fmt), rule.gguf.format(**fmt), rule.role,
-                                     tuple(dims[d] for d in rule.shape)))
+        shape = tuple(dims[d] for d in rule.shape)
+        recipe = Recipe(rule.role)
+        if rule.role == TERNARY:
+            heads = dims[rule.permute] if rule.permute and fam.permute_qk else 0
+            row_multiple = shape[0] // heads if heads else 1
+            recipe = Recipe(TERNARY, fam.weights, fam.scale_rule, heads, row_multiple)
+        tensors.append(PlannedTensor(rule.hf.format(**fmt), rule.gguf.format(**fmt), rule.role, shape, recipe))
 
     for rule in fam.global_tensors:
         add(rule)
@@ -186,26 +416,35 @@ def plan_tensors(model_dir: Path) -> TensorPlan:
         for rule in fam.block_tensors:
             add(rule, bid)
     for rule in fam.trailing_tensors:
+        if rule.role == OUTPUT and _tied(config) and (present is None or rule.hf not in present):
+            continue  # tied: the runtime uses token_embd as the head
         add(rule)
-    return TensorPlan(fam, config, tuple(tensors))
+    return TensorPlan(fam, config, dims, tuple(tensors))
+
+
+def _config_value(plan: TensorPlan, key: str):
+    if key.startswith("@"):
+        return plan.dims[key[1:]]
+    return plan.config.get(key)
 
 
 def arch_metadata(plan: TensorPlan, config_path: Path) -> list[tuple[str, str, object]]:
-    """(GGUF key, value type, value) for the architecture hyperparameters."""
-    arch, config = plan.arch, plan.config
+    """(GGUF key, value type, value) for the architecture hyperparameters, checked so that
+    nothing unrepresentable or meaningless reaches the file."""
+    arch = plan.arch
     out = []
     for suffix, cfg_key, vtype in plan.family.hparams:
-        value = config.get(cfg_key)
-        if value is None and cfg_key == "num_key_value_heads":
-            value = config["num_attention_heads"]
-        if value is None and cfg_key == "head_dim":  # transformers' LlamaConfig default
-            value = config["hidden_size"] // config["num_attention_heads"]
+        value = _config_value(plan, cfg_key)
         if value is None:
             continue
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not numeric or (vtype == "uint32" and (not isinstance(value, int) or value < 0)):
-            raise CheckpointError(f"{config_path}: {cfg_key} is {value!r}; expected "
-                                  f"{'a non-negative integer' if vtype == 'uint32' else 'a number'}")
+        if vtype == "uint32":
+            if not numeric or not isinstance(value, int) or not 0 <= value < 2**32:
+                raise CheckpointError(f"{config_path}: {cfg_key} is {value!r}; expected a whole number "
+                                      "from 0 to 4294967295")
+        elif vtype == "float32":
+            if not numeric or not math.isfinite(value) or not value > 0 or value > 3.4e38:
+                raise CheckpointError(f"{config_path}: {cfg_key} is {value!r}; expected a positive finite number")
         out.append((f"{arch}.{suffix}", vtype, value))
     for suffix, vtype, value in plan.family.constants:
         out.append((f"{arch}.{suffix}", vtype, value))

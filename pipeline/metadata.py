@@ -89,14 +89,15 @@ def _read_json(path: Path):
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def build_kv(plan: TensorPlan, model_dir: Path) -> list[dict]:
+def build_kv(plan: TensorPlan, model_dir: Path, name: str | None = None,
+             tokenizer_pre: str | None = None) -> list[dict]:
     """Every GGUF key/value except file type, as JSON-ready records."""
     w = gguf.GGUFWriter(None, plan.arch)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(model_dir.resolve().name)
+    w.add_name(name or model_dir.resolve().name)
     for key, vtype, value in arch_metadata(plan, model_dir / "config.json"):
         w.add_key_value(key, value, _ADD[vtype])
-    if plan.family.tokenizer == "spm":
+    if (model_dir / "tokenizer.model").is_file() or not (model_dir / "tokenizer.json").is_file():
         tokens, scores, types = sentencepiece_vocab(model_dir, plan.config["vocab_size"])
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")

@@ -2,6 +2,8 @@
 
     <workdir>/
       manifest.json     source fingerprint, options, state and key of each stage
+      metadata.json     the GGUF architecture and key/values, decided once per run from the
+                        checkpoint's config and tokenizer; assemble writes them
       lock              held (flock) while a conversion runs
       extract.zarr  quantize.zarr  pack.zarr
 
@@ -41,6 +43,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.manifest_path = self.path / "manifest.json"
+        self.metadata_path = self.path / "metadata.json"
         self._lock_file = None
 
     def store(self, stage: str) -> Path:
@@ -103,6 +106,9 @@ class RunDir:
         manifest["version"] = MANIFEST_VERSION
         write_json_atomic(self.manifest_path, manifest)
 
+    def save_metadata(self, metadata: dict) -> None:
+        write_json_atomic(self.metadata_path, metadata)
+
     def reset_from(self, stage: str, manifest: dict) -> None:
         """Forget `stage` and everything after it, deleting their stores."""
         for name in STAGES[STAGES.index(stage):]:
@@ -122,7 +128,7 @@ class RunDir:
         """Refuse a directory that holds other things: we delete files in a run directory."""
         if not self.path.is_dir() or self.manifest_path.is_file():
             return
-        ours = {"lock", "manifest.json", "manifest.json.tmp", *(self.store(s).name for s in STAGES)}
+        ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp", *(self.store(s).name for s in STAGES)}
         foreign = sorted(p.name for p in self.path.iterdir() if p.name not in ours and not p.name.startswith("."))
         if foreign:
             raise RunDirError(f"{self.path}: not a bitnet-gguf run directory (it holds {foreign[0]!r}"

@@ -18,15 +18,18 @@ from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.scheduler import Scheduler
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 1, "quantize": 1, "pack": 1, "assemble": 1}
+STAGE_VERSIONS = {"extract": 2, "quantize": 2, "pack": 2, "assemble": 2}
 
 
 def stage_keys(opts: Options, ckpt) -> dict[str, str]:
     keys = {}
-    keys["extract"] = stage_key("extract", STAGE_VERSIONS["extract"], ckpt.fingerprint, ckpt.plan.config, ckpt.kv)
+    # extract depends on the weight files and the tensor plan only: a tokenizer or metadata
+    # change (the key/values) redoes assemble alone
+    plan = [[t.hf_name, t.gguf_name, list(t.shape), t.recipe.as_json()] for t in ckpt.plan.tensors]
+    keys["extract"] = stage_key("extract", STAGE_VERSIONS["extract"], ckpt.fingerprint, plan)
     keys["quantize"] = stage_key(keys["extract"], "quantize", STAGE_VERSIONS["quantize"])
     keys["pack"] = stage_key(keys["quantize"], "pack", STAGE_VERSIONS["pack"], opts.out_type)
-    keys["assemble"] = stage_key(keys["pack"], "assemble", STAGE_VERSIONS["assemble"], str(opts.output))
+    keys["assemble"] = stage_key(keys["pack"], "assemble", STAGE_VERSIONS["assemble"], str(opts.output), ckpt.kv)
     return keys
 
 
@@ -73,7 +76,7 @@ def disk_needed(ckpt, out_type: str) -> tuple[int, int]:
     extract = codes = packed = 0
     for t in ckpt.plan.tensors:
         n = math.prod(t.shape)
-        extract += n * ckpt.sources[t.hf_name].np_dtype.itemsize
+        extract += math.prod(t.source_shape) * ckpt.sources[t.hf_name].np_dtype.itemsize
         if t.role == TERNARY:
             codes += n // 2  # int8 codes, compressed; generous
         else:
@@ -112,6 +115,7 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> None:
     manifest.update({"fingerprint": ckpt.fingerprint, "options": opts.as_json()})
     manifest.setdefault("stages", {})
     run.save(manifest)
+    run.save_metadata({"arch": ckpt.plan.arch, "kv": ckpt.kv})
     if n := run.clean_partials():
         log(f"removed {n} unfinished chunk file(s) of an interrupted run")
     previous = None
@@ -132,7 +136,8 @@ def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, ke
     manifest["stages"][stage] = {"key": key, "state": "running"}
     run.save(manifest)
     output = opts.output if stage == "assemble" else run.store(stage)
-    ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None, log)
+    ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None, log,
+                       run.metadata_path)
     importlib.import_module(f"stages.{stage}").run(ctx)
     state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2)}
     if stage == "assemble":

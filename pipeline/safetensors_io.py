@@ -149,6 +149,21 @@ def source_fingerprint(model_dir: Path) -> list[list]:
     return out
 
 
+def files_fingerprint(model_dir: Path, files) -> list[list]:
+    """Identity of every weight file the conversion reads: name (relative to the checkpoint,
+    shards in subdirectories included), size, mtime, ctime and inode, read through symlinks.
+    ctime changes on any rewrite, even one that restores size and mtime."""
+    out = []
+    for p in sorted(set(Path(f) for f in files)):
+        st = p.stat()
+        try:
+            name = str(p.relative_to(model_dir))
+        except ValueError:
+            name = str(p)
+        out.append([name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    return out
+
+
 def as_float32(block: np.ndarray, dtype: str) -> np.ndarray:
     """A block in its source representation -> float32 values (bf16 is uint16 bits)."""
     if dtype == "BF16":

@@ -1,9 +1,10 @@
 """`bitnet-gguf verify OUT.gguf MODEL_DIR`: check a GGUF against its source checkpoint.
 
 Independent of the run directory: the expected bytes of every tensor are
-recomputed from the safetensors files (absmean scale in one chunked pass, then
-codes and the codec, chunk by chunk) and compared with the file's bytes, read
-with `os.pread` at the offsets the GGUF header gives. Memory stays at one chunk.
+recomputed from the safetensors files with the stages' own per-chunk kernels
+(quantize's `row_abs_sums`, `ternary_rows`, `ternary_scale`, `float_rows`; pack's
+`encode_block`), chunk by chunk, and compared with the file's bytes, read with
+`os.pread` at the offsets the GGUF header gives. Memory stays at one chunk.
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import numpy as np
 
 from pipeline.budget import plan_budget
 from pipeline.checkpoint import open_checkpoint
-from pipeline.codecs import CODECS, absmean_row_sums, absmean_scale, absmean_total, effective_scale, ternary_codes
+from pipeline.codecs import CODECS, absmean_scale, absmean_total
 from pipeline.errors import CheckpointError
 from pipeline.families import FLOAT_TYPE, TERNARY
-from pipeline.safetensors_io import as_float32, pread_exact
+from pipeline.safetensors_io import pread_exact
 from pipeline.stores import row_ranges
+from stages.pack import encode_block
+from stages.quantize import FLOAT_DTYPES, float_rows, row_abs_sums, ternary_chunk_rows, ternary_rows, ternary_scale
 
 
 def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log) -> list[str]:
@@ -56,24 +59,27 @@ def _check_tensor(path: Path, t, planned, src, budget) -> str | None:
     if type_name not in CODECS:
         return f"unexpected type {t.tensor_type.name}"
     codec = CODECS[type_name]
-    rows = budget.rows_per_chunk(planned.shape)
-    ranges = row_ranges(planned.shape[0], rows) if len(planned.shape) > 1 else [(0, planned.shape[0])]
-    absmean = None
+    recipe = planned.recipe
     if planned.role == TERNARY:
-        total = absmean_total(absmean_row_sums(as_float32(src.read_rows(r0, r1), src.dtype)) for r0, r1 in ranges)
-        absmean = absmean_scale(total, math.prod(planned.shape))
-        scale = effective_scale(absmean)
+        rows = ternary_chunk_rows(budget, planned.shape, recipe)
+    else:
+        rows = budget.rows_per_chunk(planned.shape)
+    ranges = row_ranges(planned.shape[0], rows) if len(planned.shape) > 1 else [(0, planned.shape[0])]
+    absmean = scale = None
+    if planned.role == TERNARY:
+        if recipe.scale_rule == "absmean":
+            total = absmean_total(row_abs_sums(src.read_rows, r0, r1, src.dtype) for r0, r1 in ranges)
+            absmean = float(absmean_scale(total, math.prod(planned.shape)))
+        scale = float(ternary_scale(recipe, absmean))
     elif codec.name.lower() != FLOAT_TYPE[planned.role]:
         return f"type {codec.name}, expected {FLOAT_TYPE[planned.role].upper()}"
     row_bytes = codec.row_bytes(planned.shape[-1]) if len(planned.shape) > 1 else codec.row_bytes(planned.shape[0])
     for r0, r1 in ranges:
-        values = as_float32(src.read_rows(r0, r1), src.dtype)
-        if absmean is None:
-            want = codec.encode(values)
-        elif codec.ternary:
-            want = codec.encode(ternary_codes(values, absmean), scale)
+        if planned.role == TERNARY:
+            block = ternary_rows(src.read_rows, r0, r1, recipe, planned.shape[0], src.dtype, absmean)
         else:
-            want = codec.encode(ternary_codes(values, absmean).astype(np.float32) * scale)
+            block = float_rows(src.read_rows, r0, r1, src.dtype, FLOAT_DTYPES[FLOAT_TYPE[planned.role]])
+        want = encode_block(block, codec.name.lower(), scale)
         start = t.data_offset + (r0 * row_bytes if len(planned.shape) > 1 else 0)
         got = np.frombuffer(pread_exact(path, start, want.nbytes, f"{path}: ends inside tensor {t.name}; "
                                         "the file is truncated"), dtype=np.uint8)

@@ -7,6 +7,7 @@ output as `<name>.partial`, fsynced, and renamed into place only when complete.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,11 +25,11 @@ def partial_path(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def write_gguf(group, path: Path, out_type: str, progress) -> None:
+def write_gguf(group, metadata: dict, path: Path, out_type: str, progress) -> None:
     names = group.attrs["tensor_order"]
     arrays = [group[n] for n in names]
-    writer = gguf.GGUFWriter(path, group.attrs["arch"])
-    apply_kv(writer, group.attrs["gguf_kv"])
+    writer = gguf.GGUFWriter(path, metadata["arch"])
+    apply_kv(writer, metadata["kv"])
     writer.add_file_type(int(FILE_TYPES[out_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for name, arr in zip(names, arrays):
@@ -56,7 +57,8 @@ def run(ctx: StageContext) -> None:
     output = ctx.output
     tmp = partial_path(output)
     try:
-        write_gguf(group, tmp, group.attrs["out_type"], ctx.scheduler.bar)
+        metadata = json.loads(ctx.metadata.read_text(encoding="utf-8"))
+        write_gguf(group, metadata, tmp, group.attrs["out_type"], ctx.scheduler.bar)
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)

@@ -28,15 +28,18 @@ def choose_codec(role: str, shape: tuple[int, ...], out_type: str):
                            f"so it cannot be {codec.name}; writing F16")
 
 
-def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None) -> None:
-    block = open_array(src, "r")[start:stop]
+def encode_block(block: np.ndarray, codec_name: str, scale: float | None) -> np.ndarray:
+    """The GGUF bytes of one row chunk: float values, or ternary codes with their scale."""
     codec = CODECS[codec_name]
     if scale is None:
-        data = codec.encode(block)
-    elif codec.ternary:
-        data = codec.encode(block, np.float32(scale))
-    else:  # ternary tensor that fell back to a float type
-        data = codec.encode(block.astype(np.float32) * np.float32(scale))
+        return codec.encode(block)
+    if codec.ternary:
+        return codec.encode(block, np.float32(scale))
+    return codec.encode(block.astype(np.float32) * np.float32(scale))  # ternary fell back to a float type
+
+
+def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None) -> None:
+    data = encode_block(open_array(src, "r")[start:stop], codec_name, scale)
     dest = open_array(out)
     if dest.ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
         dest[:] = data

@@ -1,40 +1,132 @@
 """quantize: extract.zarr -> quantize.zarr.
 
-Ternary projections take two chunked passes: per-row sums of |W| (float64),
-reduced exactly with `math.fsum` into the absmean scale, which is written to the
-array's attributes (`absmean`, and `scale`, the magnitude the codes stand for)
-before the second pass turns each chunk into int8 codes. The
-scale therefore does not depend on how rows were chunked, and a resumed run
-never recomputes it. Other tensors are cast to their output float type
-(token embedding F16, norms F32).
+Every ternary projection becomes int8 codes in {-1, 0, +1} plus one float32
+`scale` (the magnitude a code of +-1 stands for), following the tensor's recipe:
+
+- master weights (absmean): two chunked passes. Per-row sums of |W| (float64),
+  reduced exactly with `math.fsum` into the absmean scale, written to the array's
+  attributes before the second pass turns each chunk into codes. The scale does not
+  depend on how rows were chunked, and a resumed run never recomputes it.
+- packed weights: the codes are already there (never re-quantized); a chunk of
+  output rows is read from the packed quarters it lives in, and the scale is the
+  checkpoint's weight_scale in the family's direction (1 / ws or ws).
+
+Either way, the llama q/k permutation moves rows within whole heads, so a chunk is
+a whole number of heads. Other tensors are cast to their output float type.
+
+The per-chunk kernels (`ternary_rows`, `row_abs_sums`, `float_rows`) take a
+`read(start, stop)` function of source rows, so `verify` runs the very same code
+on the safetensors files.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
 from pipeline.codecs import (NonFiniteWeights, absmean_row_sums, absmean_scale, absmean_total, effective_scale,
                              ternary_codes)
 from pipeline.context import StageContext
-from pipeline.families import FLOAT_TYPE, TERNARY
+from pipeline.families import FLOAT_TYPE, TERNARY, Recipe
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import array_path, ensure_array, open_array, open_store, row_ranges, written_chunks
 
 FLOAT_DTYPES = {"f16": np.float16, "f32": np.float32}
+ReadRows = Callable[[int, int], np.ndarray]
 
 
-def row_abs_sums(src: str, start: int, stop: int, source_dtype: str) -> np.ndarray:
-    return absmean_row_sums(as_float32(open_array(src, "r")[start:stop], source_dtype))
+class CorruptCodes(ValueError):
+    """Packed data that is not ternary reached quantize (extract refuses it; this is a guard)."""
 
 
-def write_codes(src: str, out: str, start: int, stop: int, source_dtype: str, absmean: float) -> None:
-    block = as_float32(open_array(src, "r")[start:stop], source_dtype)
-    open_array(out)[start:stop] = ternary_codes(block, np.float32(absmean))
+# -- per-chunk kernels ---------------------------------------------------------------------------
+
+def unpack_rows(read_packed: ReadRows, start: int, stop: int, out_rows: int) -> np.ndarray:
+    """int8 codes of unpacked rows [start, stop) of a (out_rows, cols) projection stored packed
+    as (out_rows / 4, cols) uint8: row k * (out_rows / 4) + r is bits 2k..2k+1 of packed row r,
+    and a field f stands for the code f - 1."""
+    quarter = out_rows // 4
+    pieces = []
+    r = start
+    while r < stop:
+        k = r // quarter
+        end = min(stop, (k + 1) * quarter)
+        fields = (np.asarray(read_packed(r - k * quarter, end - k * quarter), dtype=np.uint8) >> np.uint8(2 * k)) \
+            & np.uint8(3)
+        if (fields == 3).any():
+            raise CorruptCodes(f"packed field value 3 in rows {r}..{end}")
+        pieces.append(fields.view(np.int8) - np.int8(1))
+        r = end
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
-def write_cast(src: str, out: str, start: int, stop: int, source_dtype: str, dtype) -> None:
-    block = as_float32(open_array(src, "r")[start:stop], source_dtype)
-    open_array(out)[start:stop] = block.astype(dtype)
+def permute_heads(block: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order for NORM rope from Hugging Face's rotate-half order, within
+    each of the block's `n_heads` whole heads: row 2i + j of a head is HF row j * (d/2) + i."""
+    rows, cols = block.shape
+    return block.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def row_abs_sums(read: ReadRows, start: int, stop: int, source_dtype: str) -> np.ndarray:
+    """Per-row float64 sums of |W| of master-weight rows [start, stop)."""
+    return absmean_row_sums(as_float32(read(start, stop), source_dtype))
+
+
+def ternary_rows(read: ReadRows, start: int, stop: int, recipe: Recipe, out_rows: int, source_dtype: str,
+                 absmean: float | None) -> np.ndarray:
+    """int8 codes of GGUF rows [start, stop) of a ternary projection (whole heads when permuted)."""
+    if recipe.packed:
+        codes = unpack_rows(read, start, stop, out_rows)
+    else:
+        codes = ternary_codes(as_float32(read(start, stop), source_dtype), np.float32(absmean))
+    if recipe.permute_heads:
+        codes = permute_heads(codes, (stop - start) // recipe.row_multiple)
+    return codes
+
+
+def ternary_scale(recipe: Recipe, absmean: float | None) -> np.float32:
+    """The magnitude a code of +-1 stands for, as the reference converters compute it in float32."""
+    if recipe.scale_rule == "absmean":
+        # codes use iscale = 1/absmean; the values they stand for are codes / iscale, which
+        # llama.cpp's converter writes and which can differ from codes * absmean in the last bit
+        return effective_scale(np.float32(absmean))
+    ws = np.float32(recipe.weight_scale)
+    if recipe.scale_rule == "divide":  # BitLinear: W = codes / weight_scale (float32 division, as torch)
+        return np.float32(1) / ws
+    if recipe.scale_rule == "multiply":  # AutoBitLinear: W = codes * weight_scale
+        return ws
+    raise ValueError(f"unknown scale rule {recipe.scale_rule!r}")
+
+
+def float_rows(read: ReadRows, start: int, stop: int, source_dtype: str, dtype) -> np.ndarray:
+    return as_float32(read(start, stop), source_dtype).astype(dtype)
+
+
+def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
+    """Output rows per chunk of a ternary tensor: within the budget, whole heads when permuted."""
+    return budget.rows_per_chunk(shape, multiple=recipe.row_multiple)
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+
+def _reader(path: str) -> ReadRows:
+    arr = open_array(path, "r")
+    return lambda a, b: arr[a:b]
+
+
+def sums_task(src: str, start: int, stop: int, source_dtype: str) -> np.ndarray:
+    return row_abs_sums(_reader(src), start, stop, source_dtype)
+
+
+def codes_task(src: str, out: str, start: int, stop: int, recipe: dict, out_rows: int, source_dtype: str,
+               absmean: float | None) -> None:
+    open_array(out)[start:stop] = ternary_rows(_reader(src), start, stop, Recipe.from_json(recipe), out_rows,
+                                               source_dtype, absmean)
+
+
+def cast_task(src: str, out: str, start: int, stop: int, source_dtype: str, dtype) -> None:
+    open_array(out)[start:stop] = float_rows(_reader(src), start, stop, source_dtype, dtype)
 
 
 def run(ctx: StageContext) -> None:
@@ -43,53 +135,57 @@ def run(ctx: StageContext) -> None:
     group.attrs.update({**source.attrs.asdict(), "stage": "quantize"})
     names = source.attrs["tensor_order"]
 
-    ternary, layouts = [], {}
+    layouts = {}
     for name in names:
         src = source[name]
-        role, sdtype = src.attrs["role"], src.attrs["source_dtype"]
-        rows = src.chunks[0]
-        base = {"hf_name": src.attrs["hf_name"], "role": role, "source_dtype": sdtype}
-        if role == TERNARY:
-            arr = ensure_array(group, name, src.shape, rows, np.int8, base, compress=True)
-            ternary.append(name)
+        recipe = Recipe.from_json(src.attrs["recipe"])
+        shape = tuple(src.attrs["shape"])
+        base = {"hf_name": src.attrs["hf_name"], "role": recipe.role, "source_dtype": src.attrs["source_dtype"],
+                "recipe": recipe.as_json()}
+        if recipe.role == TERNARY:
+            rows = ternary_chunk_rows(ctx.budget, shape, recipe)
+            arr = ensure_array(group, name, shape, rows, np.int8, base, compress=True)
         else:
-            dtype = FLOAT_DTYPES[FLOAT_TYPE[role]]
-            arr = ensure_array(group, name, src.shape, rows, dtype, base)
-        layouts[name] = (src, arr, role, sdtype, rows)
+            rows = src.chunks[0]
+            arr = ensure_array(group, name, shape, rows, FLOAT_DTYPES[FLOAT_TYPE[recipe.role]], base)
+        layouts[name] = (src, arr, recipe, rows)
 
-    # pass 1: absmean scales of the ternary tensors that do not have one yet
-    pending = [n for n in ternary if "scale" not in layouts[n][1].attrs]
+    # pass 1: absmean scales of master-weight projections that do not have one yet; packed
+    # projections take theirs from the checkpoint's weight_scale
+    pending = [n for n, (_, arr, recipe, _) in layouts.items() if recipe.role == TERNARY and "scale" not in arr.attrs]
     tasks, owners = [], []
     for name in pending:
-        src, _, _, sdtype, rows = layouts[name]
-        for r0, r1 in row_ranges(src.shape[0], rows):
-            tasks.append(chunk_task(row_abs_sums, array_path(ctx.input, name), r0, r1, sdtype))
-            owners.append(name)
+        src, _, recipe, rows = layouts[name]
+        if recipe.scale_rule == "absmean":
+            for r0, r1 in row_ranges(src.shape[0], rows):
+                tasks.append(chunk_task(sums_task, array_path(ctx.input, name), r0, r1, src.attrs["source_dtype"]))
+                owners.append(name)
     sums: dict[str, list[np.ndarray]] = {n: [] for n in pending}
     for name, part in zip(owners, ctx.scheduler.run(tasks, "quantize: scales")):
         sums[name].append(part)
     for name in pending:
-        src, arr = layouts[name][0], layouts[name][1]
-        try:
-            absmean = absmean_scale(absmean_total(sums[name]), src.size)
-        except NonFiniteWeights as e:
-            raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") from None
-        # codes use iscale = 1/absmean; the values they stand for are codes / iscale, which
-        # llama.cpp's converter writes and which can differ from codes * absmean in the last bit
-        arr.attrs.update({"absmean": float(absmean), "scale": float(effective_scale(absmean))})
+        src, arr, recipe, _ = layouts[name]
+        absmean = None
+        if recipe.scale_rule == "absmean":
+            try:
+                absmean = float(absmean_scale(absmean_total(sums[name]), src.size))
+            except NonFiniteWeights as e:
+                raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") from None
+        arr.attrs.update({"absmean": absmean, "scale": float(ternary_scale(recipe, absmean))})
 
     # pass 2: codes for ternary tensors, casts for the rest
     tasks = []
     for name in names:
-        src, arr, role, sdtype, rows = layouts[name]
+        src, arr, recipe, rows = layouts[name]
         done = written_chunks(arr)
-        for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
+        sdtype = src.attrs["source_dtype"]
+        for i, (r0, r1) in enumerate(row_ranges(arr.shape[0], rows)):
             if i in done:
                 continue
-            args = (array_path(ctx.input, name), array_path(ctx.output, name), r0, r1, sdtype)
-            if role == TERNARY:
-                task = chunk_task(write_codes, *args, arr.attrs["absmean"])
+            paths = (array_path(ctx.input, name), array_path(ctx.output, name))
+            if recipe.role == TERNARY:
+                tasks.append(chunk_task(codes_task, *paths, r0, r1, recipe.as_json(), arr.shape[0], sdtype,
+                                        arr.attrs["absmean"]))
             else:
-                task = chunk_task(write_cast, *args, arr.dtype)
-            tasks.append(task)
+                tasks.append(chunk_task(cast_task, *paths, r0, r1, sdtype, arr.dtype))
     ctx.scheduler.run(tasks, "quantize")
