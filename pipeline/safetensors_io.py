@@ -115,6 +115,8 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorSource]:
     """All tensors of a checkpoint: one model.safetensors, or shards listed in the index."""
     index_path = model_dir / "model.safetensors.index.json"
     single = model_dir / "model.safetensors"
+    for path in (index_path, single):
+        refuse_dangling_link(path)
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -123,6 +125,7 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorSource]:
         tensors: dict[str, TensorSource] = {}
         for fname in sorted(set(weight_map.values())):
             shard = model_dir / fname
+            refuse_dangling_link(shard)
             if not shard.is_file():
                 raise CheckpointError(f"{shard}: shard listed in {index_path.name} is missing")
             tensors.update(read_header(shard))
@@ -137,6 +140,13 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorSource]:
         return read_header(model_dir / others[0])
     raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
                           "(only safetensors checkpoints are supported)")
+
+
+def refuse_dangling_link(path: Path) -> None:
+    """A Hugging Face cache snapshot links its files into blobs/; a missing blob is an incomplete download."""
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{path}: links to {os.readlink(path)}, which does not exist; "
+                              "the download is incomplete: download the model again")
 
 
 def source_fingerprint(model_dir: Path) -> list[list]:

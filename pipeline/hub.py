@@ -1,0 +1,149 @@
+"""Turn the model argument (a directory or a Hugging Face id `org/name`) into a checkpoint directory.
+
+Offline only: a model id is looked up in the local Hugging Face cache, never
+downloaded. The cache holds `models--{org}--{name}/` with `refs/main` (a text
+file with a commit hash), `snapshots/{hash}/` (the files, as relative symlinks
+into `../../blobs/`) and `blobs/`. The snapshot directory is used as it is;
+the files are read through their symlinks.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import CheckpointError
+
+REPO_PREFIX = "models--"
+# A repository id as the Hub allows it: two parts of letters, digits, '.', '_', '-',
+# each starting and ending with a letter or digit, with no '--' or '..' inside.
+_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+MODEL_ID = re.compile(rf"(?P<org>{_PART})/(?P<name>{_PART})(?:@(?P<rev>[A-Za-z0-9._/-]+))?")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path    # the directory holding config.json (a cache snapshot stays snapshots/<rev>)
+    name: str     # the model's name for general.name and the default output file name
+    source: str   # "directory" or "Hugging Face cache (<cache dir>, revision <rev>)"
+
+
+def resolve_model(arg: str | Path, env: Mapping[str, str] | None = None) -> ResolvedModel:
+    """A local directory if one exists at `arg`, else the cached snapshot of model id `arg`."""
+    env = os.environ if env is None else env
+    text = os.fspath(arg)
+    local = Path(os.path.abspath(text))  # absolute, '..' removed, symlinks kept
+    if local.is_dir():
+        return _from_directory(local)
+    match = MODEL_ID.fullmatch(text)
+    if match is None or "--" in text.split("@")[0] or ".." in text:
+        if local.exists():
+            raise CheckpointError(f"{local}: not a directory; pass the checkpoint directory")
+        raise CheckpointError(f"{text}: no such directory ({local}) and not a Hugging Face model id "
+                              "org/name; pass a checkpoint directory")
+    cache = hub_cache_dir(env)
+    repo = cache / f"{REPO_PREFIX}{match['org']}--{match['name']}"
+    if not repo.is_dir():
+        raise CheckpointError(f"{text}: not found: no directory {local} and no {repo} in the Hugging Face "
+                              f"cache; download it first (hf download {match['org']}/{match['name']}) "
+                              "or pass a checkpoint directory")
+    rev, how = _pick_snapshot(repo, match["rev"])
+    snapshot = repo / "snapshots" / rev
+    return ResolvedModel(_require_config(snapshot), safe_name(match["name"]),
+                         f"Hugging Face cache ({cache}, revision {rev}{how})")
+
+
+def hub_cache_dir(env: Mapping[str, str]) -> Path:
+    """Where `hf download` puts models, by the same variables huggingface_hub reads."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(var):
+            return _expand_home(env[var], env)
+    if env.get("HF_HOME"):
+        return _expand_home(env["HF_HOME"], env) / "hub"
+    xdg = _expand_home(env["XDG_CACHE_HOME"], env) if env.get("XDG_CACHE_HOME") else _home(env) / ".cache"
+    return xdg / "huggingface" / "hub"
+
+
+def safe_name(name: str) -> str:
+    """A model name usable as a file name: no path separators, not empty or a dot name."""
+    cleaned = re.sub(r"[/\\]", "_", name).strip()
+    return cleaned if cleaned not in ("", ".", "..") else "model"
+
+
+def _from_directory(path: Path) -> ResolvedModel:
+    """A directory given by path; cache snapshots and repository folders are named by the model."""
+    for candidate in (path, path.resolve()):
+        repo_name = _repo_name(candidate.parent.parent) if candidate.parent.name == "snapshots" else None
+        if repo_name:
+            return ResolvedModel(path, safe_name(repo_name), "directory")
+    repo_name = _repo_name(path)
+    if repo_name and (path / "snapshots").is_dir():
+        rev, how = _pick_snapshot(path, None)
+        return ResolvedModel(_require_config(path / "snapshots" / rev), safe_name(repo_name),
+                             f"Hugging Face cache ({path.parent}, revision {rev}{how})")
+    return ResolvedModel(path, safe_name(path.name), "directory")
+
+
+def _repo_name(folder: Path) -> str | None:
+    """`name` of a `models--org--name` folder, else None."""
+    if not folder.name.startswith(REPO_PREFIX):
+        return None
+    parts = folder.name[len(REPO_PREFIX):].split("--", 1)
+    return parts[1] if len(parts) == 2 and parts[1] else None
+
+
+def _pick_snapshot(repo: Path, rev: str | None) -> tuple[str, str]:
+    """(snapshot folder name, note for the source line) for a `models--org--name` folder."""
+    snapshots = repo / "snapshots"
+    if rev is not None:
+        ref = repo / "refs" / rev
+        commit = _read_ref(ref) if ref.is_file() else rev
+        if not (snapshots / commit).is_dir():
+            repo_id = repo.name[len(REPO_PREFIX):].replace("--", "/", 1)
+            raise CheckpointError(f"{repo}: revision {rev} is not in the cache; download it first "
+                                  f"(hf download {repo_id} --revision {rev}) or pass a checkpoint directory")
+        return commit, ""
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        commit = _read_ref(ref)
+        if not (snapshots / commit).is_dir():
+            raise CheckpointError(f"{ref}: names snapshot {commit}, but {snapshots / commit} does not exist; "
+                                  "the download is incomplete: download it again or pass a checkpoint directory")
+        return commit, ""
+    found = [p for p in snapshots.iterdir() if p.is_dir()] if snapshots.is_dir() else []
+    if not found:
+        raise CheckpointError(f"{repo}: no snapshots in the cache (empty or missing {snapshots}); "
+                              "download the model again or pass a checkpoint directory")
+    if len(found) == 1:
+        return found[0].name, ", the only snapshot; no refs/main"
+    newest = max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+    return newest.name, f", the newest of {len(found)} snapshots; no refs/main"
+
+
+def _read_ref(ref: Path) -> str:
+    try:
+        commit = ref.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        raise CheckpointError(f"{ref}: cannot read this ref file; download the model again") from None
+    if not commit or "/" in commit or commit in (".", ".."):
+        raise CheckpointError(f"{ref}: does not hold a commit hash; download the model again")
+    return commit
+
+
+def _require_config(snapshot: Path) -> Path:
+    if not (snapshot / "config.json").is_file():
+        raise CheckpointError(f"{snapshot}: cache snapshot has no config.json (or it points to a missing blob); "
+                              "the download is incomplete: download it again")
+    return snapshot
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env["HOME"]) if env.get("HOME") else Path.home()
+
+
+def _expand_home(value: str, env: Mapping[str, str]) -> Path:
+    if value == "~" or value.startswith("~/"):
+        return _home(env) / value[2:]
+    return Path(value)
