@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint directory to a GGUF file",
                        description="Convert a checkpoint directory (config.json, *.safetensors, tokenizer) to GGUF.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    c.add_argument("model", metavar="MODEL",
+                   help="Hugging Face checkpoint directory, or a model id org/name already downloaded to the "
+                        "local Hugging Face cache (HF_HUB_CACHE / HF_HOME; never downloaded)")
     c.add_argument("-o", "--output", type=Path, default=None,
                    help="GGUF file to write (default: ./<model name>-<TYPE>.gguf)")
     c.add_argument("--type", dest="out_type", default=None, metavar="TYPE",
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tq1_0 (1.69 bits/weight, smallest) [preset: tq2_0]")
     c.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="peak resident memory of the whole conversion, e.g. 512MiB, 4GiB [preset: 4GiB]")
+    c.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                   help="BPE pre-tokenizer name for tokenizer.ggml.pre (e.g. llama-bpe, falcon3), when it cannot "
+                        "be recognised from tokenizer.json (default: detected as llama.cpp's converter does)")
     c.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="run directory for the intermediate zarr stores (default: <output>.work); "
                         "rerun with the same one to resume")
@@ -82,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Recompute every tensor from the checkpoint (chunk by chunk) and compare it "
                                    "with the GGUF's bytes. Exit 0 if all match, 1 if any differ.")
     v.add_argument("gguf", type=Path, metavar="GGUF", help="file written by convert")
-    v.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="the checkpoint it was converted from")
+    v.add_argument("model", metavar="MODEL", help="the checkpoint it was converted from (directory or org/name)")
     v.add_argument("--memory-limit", default="1GiB", metavar="SIZE", help="peak memory while verifying")
     return p
 
@@ -94,7 +99,9 @@ def cmd_verify(args) -> int:
 
     if not args.gguf.is_file():
         raise OptionError(f"{args.gguf}: no such file")
-    problems = verify(args.gguf, args.model_dir, parse_size(args.memory_limit), _log)
+    from pipeline.hub import resolve_model
+
+    problems = verify(args.gguf, resolve_model(args.model).path, parse_size(args.memory_limit), _log)
     for p in problems:
         print(f"MISMATCH {p}")
     print(f"{args.gguf}: {'OK, every tensor matches the source' if not problems else f'{len(problems)} problem(s)'}")
@@ -116,10 +123,15 @@ def cmd_inspect(args) -> int:
 
 def cmd_convert(args) -> int:
     from pipeline.config import make_options
+    from pipeline.hub import resolve_model
     from pipeline.runner import convert
 
+    model = resolve_model(args.model)
+    if model.source != "directory":
+        _log(f"model {args.model}: {model.path} ({model.source})")
     scheduler = "local" if args.cluster else args.scheduler
-    opts = make_options(args.model_dir, output=args.output, workdir=args.workdir, preset=args.config,
+    opts = make_options(model.path, model_name=model.name, output=args.output, workdir=args.workdir,
+                        preset=args.config, tokenizer_pre=args.tokenizer_pre,
                         out_type=args.out_type, memory_limit=args.memory_limit, workers=args.workers,
                         scheduler=scheduler, progress=False if args.no_progress else sys.stderr.isatty(),
                         force=args.force)

@@ -52,6 +52,8 @@ class Options:
     scheduler: str = "threads"  # "threads", "local" (distributed.LocalCluster) or tcp://host:port
     progress: bool = True
     force: bool = False         # replace an existing output that is not a GGUF file
+    model_name: str = ""        # general.name and the default output name (not a snapshot's hash)
+    tokenizer_pre: str | None = None  # BPE pre-tokenizer name, when detection cannot tell
 
     def as_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -70,19 +72,20 @@ def load_preset(path: Path | None) -> dict:
         raise OptionError(f"--config: {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise OptionError(f"--config: {path} is not valid TOML ({e})") from None
-    known = {f.name for f in dataclasses.fields(Options)} - {"model_dir", "output", "workdir"}
+    known = {f.name for f in dataclasses.fields(Options)} - {"model_dir", "output", "workdir", "model_name",
+                                                               "tokenizer_pre"}
     unknown = set(data) - known
     if unknown:
         raise OptionError(f"--config: {path} has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
     return data
 
 
-def default_output(model_dir: Path, out_type: str) -> Path:
-    return Path.cwd() / f"{model_dir.resolve().name}-{out_type.upper()}.gguf"
+def default_output(model_name: str, out_type: str) -> Path:
+    return Path.cwd() / f"{model_name}-{out_type.upper()}.gguf"
 
 
 def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path | None = None,
-                 preset: Path | None = None, **overrides) -> Options:
+                 preset: Path | None = None, model_name: str | None = None, **overrides) -> Options:
     """Merge preset and explicit overrides (None means 'not given') and validate."""
     values = load_preset(preset)
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -104,7 +107,8 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
         raise OptionError(f"--scheduler: {scheduler!r} is not threads, local or a tcp://HOST:PORT address")
     values["scheduler"] = scheduler
 
-    output = Path(output) if output else default_output(model_dir, out_type)
+    model_name = model_name or Path(model_dir).resolve().name
+    output = Path(output) if output else default_output(model_name, out_type)
     output = output.resolve()
     if output.is_dir():
         raise OptionError(f"-o: {output} is a directory; give a file name such as {output / 'model.gguf'}")
@@ -121,4 +125,4 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
                 raise OptionError(f"-o: {output} exists and is not a GGUF file; choose another output path "
                                   "or pass --force to replace it")
     workdir = Path(workdir).resolve() if workdir else output.with_name(output.name + ".work")
-    return Options(model_dir=model_dir, output=output, workdir=workdir, **values)
+    return Options(model_dir=model_dir, output=output, workdir=workdir, model_name=model_name, **values)

@@ -43,7 +43,7 @@ def _finished(stage: str, state: dict | None, key: str, opts: Options) -> bool:
 
 
 def convert(opts: Options, log) -> Path:
-    ckpt = open_checkpoint(opts.model_dir)
+    ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre)
     for stage in STAGES:  # import everything first, so the budget's baseline includes it
         importlib.import_module(f"stages.{stage}")
     budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local")

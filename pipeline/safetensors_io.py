@@ -149,16 +149,6 @@ def refuse_dangling_link(path: Path) -> None:
                               "the download is incomplete: download the model again")
 
 
-def source_fingerprint(model_dir: Path) -> list[list]:
-    """Name, size and mtime of every file the conversion reads, to detect a changed source."""
-    out = []
-    for p in sorted(model_dir.iterdir()):
-        if p.is_file() and (p.suffix in (".safetensors", ".json", ".model") or p.name.endswith(".index.json")):
-            st = p.stat()
-            out.append([p.name, st.st_size, st.st_mtime_ns])
-    return out
-
-
 def files_fingerprint(model_dir: Path, files) -> list[list]:
     """Identity of every weight file the conversion reads: name (relative to the checkpoint,
     shards in subdirectories included), size, mtime, ctime and inode, read through symlinks.

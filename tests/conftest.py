@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_cli(*args, check_exit: int | None = 0, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**kw.pop("env", os.environ), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=kw.pop("cwd", None), timeout=timeout, **kw)
     if check_exit is not None and proc.returncode != check_exit:

@@ -254,6 +254,12 @@ def test_name_never_holds_a_path_separator(tmp_path):
 
 # -- the converter reads a symlinked snapshot like a plain directory -------------------------
 
+def weights_fingerprint(model_dir: Path) -> list:
+    """The converter's fingerprint of a directory's weight files (safetensors and index)."""
+    files = [p for p in model_dir.iterdir() if p.name.endswith((".safetensors", ".index.json"))]
+    return safetensors_io.files_fingerprint(model_dir, files)
+
+
 def test_checkpoint_reader_follows_snapshot_symlinks(tmp_path, monkeypatch):
     plain = write_bitnet_checkpoint(tmp_path / "plain", hidden_size=256, intermediate_size=512, num_layers=1,
                                     num_heads=4, shards=2)
@@ -278,11 +284,11 @@ def test_checkpoint_reader_follows_snapshot_symlinks(tmp_path, monkeypatch):
         rows = src.shape[0]
         np.testing.assert_array_equal(snap_index[name].read_rows(0, rows), src.read_rows(0, rows))
 
-    plain_fp = safetensors_io.source_fingerprint(plain)
-    snap_fp = safetensors_io.source_fingerprint(resolved.path)
-    assert {"config.json", "model.safetensors.index.json"} <= {name for name, _, _ in snap_fp}
-    assert [(n, size) for n, size, _ in snap_fp] == [(n, size) for n, size, _ in plain_fp]
-    for name, size, mtime in snap_fp:
+    plain_fp = weights_fingerprint(plain)
+    snap_fp = weights_fingerprint(resolved.path)
+    assert "model.safetensors.index.json" in {name for name, *_ in snap_fp}
+    assert [(n, size) for n, size, *_ in snap_fp] == [(n, size) for n, size, *_ in plain_fp]
+    for name, size, mtime, *_ in snap_fp:
         blob = os.path.realpath(snap / name)
         assert Path(blob).parent.name == "blobs"
         assert (size, mtime) == (os.path.getsize(blob), os.stat(blob).st_mtime_ns)
@@ -293,13 +299,13 @@ def test_fingerprint_changes_when_a_blob_is_replaced(tmp_path):
     """`hf download` of a new revision re-points the links; the run must see a changed source."""
     cache = tmp_path / "c"
     snap = add_snapshot(cache, "org/m", REV_A, {"config.json": CONFIG, "model.safetensors": b"\0" * 16})
-    before = safetensors_io.source_fingerprint(snap)
+    before = weights_fingerprint(snap)
     (snap / "model.safetensors").unlink()
     new_blob = cache / "models--org--m" / "blobs" / "new"
     new_blob.write_bytes(b"\0" * 32)
     (snap / "model.safetensors").symlink_to(Path("..", "..", "blobs", "new"))
-    after = safetensors_io.source_fingerprint(snap)
-    assert before != after and dict((n, s) for n, s, _ in after)["model.safetensors"] == 32
+    after = weights_fingerprint(snap)
+    assert before != after and {n: s for n, s, *_ in after}["model.safetensors"] == 32
 
 
 @pytest.mark.parametrize("gone", ["model.safetensors.index.json", "model-00002-of-00002.safetensors"])
@@ -328,3 +334,33 @@ def test_resolving_never_opens_a_socket(tmp_path, monkeypatch):
     assert resolve_model("org/m", env).path == snap
     with pytest.raises(CheckpointError, match="hf download org/other"):
         resolve_model("org/other", env)
+
+
+# -- the CLI converts org/name from the cache -----------------------------------------------
+
+def test_convert_a_model_id_from_the_cache_names_the_model_not_the_revision(tmp_path):
+    import gguf
+
+    from tests.conftest import run_cli
+
+    plain = write_bitnet_checkpoint(tmp_path / "plain", hidden_size=256, intermediate_size=512, num_layers=1,
+                                    num_heads=4)
+    files = {p.name: p.read_bytes() for p in sorted(plain.iterdir()) if p.is_file()}
+    add_snapshot(tmp_path / "cache", "someorg/tiny-bitnet", REV_A, files)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    proc = run_cli("convert", "someorg/tiny-bitnet", "--no-progress", cwd=work, env=env)
+    out = work / "tiny-bitnet-TQ2_0.gguf"
+    assert out.is_file(), proc.stderr
+    assert "Hugging Face cache" in proc.stderr and REV_A in proc.stderr
+    name = gguf.GGUFReader(out).fields["general.name"]
+    assert bytes(name.parts[name.data[0]]).decode() == "tiny-bitnet"
+    # the same bytes as converting the plain directory under the same name
+    ref = tmp_path / "ref.gguf"
+    run_cli("convert", plain, "-o", ref, "--no-progress", env=env)
+    theirs, ours = gguf.GGUFReader(ref), gguf.GGUFReader(out)
+    assert [bytes(t.data) for t in theirs.tensors] == [bytes(t.data) for t in ours.tensors]
+
+    missing = run_cli("convert", "someorg/not-there", "--no-progress", cwd=work, env=env, check_exit=2)
+    assert len(missing.stderr.strip().splitlines()) == 1 and "someorg/not-there" in missing.stderr
