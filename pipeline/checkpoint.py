@@ -14,7 +14,8 @@ import numpy as np
 from pipeline.errors import CheckpointError
 from pipeline.families import TensorPlan, plan_tensors
 from pipeline.metadata import build_kv
-from pipeline.safetensors_io import TensorSource, as_float32, files_fingerprint, index_checkpoint
+from pipeline.safetensors_io import (TensorSource, as_float32, files_fingerprint, index_checkpoint,
+                                     require_regular_file)
 
 MASTER_DTYPES = ("F32", "F16", "BF16")
 PACKED_DTYPES = ("U8",)
@@ -42,6 +43,21 @@ def read_weight_scale(src: TensorSource, weight: str) -> float:
     return float(value)
 
 
+def refuse_special_files(model_dir: Path) -> None:
+    """A FIFO, socket or device among the checkpoint's files would hang or mislead a reader."""
+    if not model_dir.is_dir():
+        return  # read_config says what is wrong
+    try:
+        entries = list(model_dir.iterdir())
+    except OSError as e:
+        raise CheckpointError(f"{model_dir}: cannot list the checkpoint directory ({e.strerror})") from None
+    for p in sorted(entries):
+        if p.is_symlink() and not p.exists():
+            continue  # a dangling link: the reader of that file reports it
+        if not p.is_dir():
+            require_regular_file(p)
+
+
 def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
     fam = plan.family
     if t.recipe.packed:
@@ -66,6 +82,7 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
     `name`: the model's name for general.name (default: the directory's name).
     """
     model_dir = Path(model_dir)
+    refuse_special_files(model_dir)
     plan_tensors(model_dir)  # config errors first, before any safetensors file is read
     found = index_checkpoint(model_dir)
     plan = plan_tensors(model_dir, present=set(found))

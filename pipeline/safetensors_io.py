@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -70,8 +71,18 @@ def pread_exact(path: Path, offset: int, nbytes: int, truncated_message: str) ->
     return buf
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_header(path: Path) -> dict[str, TensorSource]:
-    """Parse and check one safetensors file's header against the file size."""
+    """Parse and check one safetensors file's header against the file size.
+
+    Every field is checked as data before it is used: a header is a JSON object of
+    {dtype: str, shape: [int >= 0], data_offsets: [int, int]} entries whose byte ranges
+    match their shapes, lie inside the file and do not overlap.
+    """
+    require_regular_file(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -88,27 +99,52 @@ def read_header(path: Path) -> dict[str, TensorSource]:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a valid JSON object)") from None
 
     data_start = 8 + n
     tensors = {}
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name}") from None
+        bad = f"{path}: corrupt safetensors header entry for {name!r:.80}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{bad} (not an object)")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_count(d) for d in shape) \
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise CheckpointError(f"{bad} (dtype, shape and data_offsets must be a name, a list of sizes and "
+                                  "two byte offsets)")
         if dtype not in NUMPY_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        if end - begin != math.prod(shape) * NUMPY_DTYPES[dtype].itemsize or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name}: byte range {begin}..{end} does not match shape {list(shape)} {dtype}")
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype!r:.40}")
+        shape = tuple(shape)
+        begin, end = offsets
+        if end - begin != math.prod(shape) * NUMPY_DTYPES[dtype].itemsize:
+            raise CheckpointError(f"{path}: tensor {name}: byte range {begin}..{end} does not match shape "
+                                  f"{list(shape)} {dtype}")
         if data_start + end > size:
             raise CheckpointError(f"{path}: file is truncated: tensor {name} ends at byte {data_start + end}, "
                                   f"file has {size}; download it again")
         tensors[name] = TensorSource(name, path, dtype, shape, data_start + begin)
+        if end > begin:
+            ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(ranges, ranges[1:]):
+        if begin < prev_end:
+            raise CheckpointError(f"{path}: tensors {prev} and {name} overlap in the file (corrupt header); "
+                                  "download it again")
     return tensors
+
+
+def require_regular_file(path: Path) -> None:
+    """Refuse a FIFO, device or socket where a file is expected (opening a FIFO would hang)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return  # missing: the caller says what is missing
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file; replace it with the checkpoint's file")
 
 
 def index_checkpoint(model_dir: Path) -> dict[str, TensorSource]:
@@ -118,20 +154,36 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorSource]:
     for path in (index_path, single):
         refuse_dangling_link(path)
     if index_path.is_file():
+        require_regular_file(index_path)
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError):
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
             raise CheckpointError(f"{index_path}: not a valid safetensors index (no weight_map)") from None
+        except OSError as e:
+            raise CheckpointError(f"{index_path}: cannot read ({e.strerror})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
+        for fname in set(weight_map.values()):
+            parts = Path(fname).parts
+            if not parts or Path(fname).is_absolute() or ".." in parts:
+                raise CheckpointError(f"{index_path}: shard name {fname!r:.80} must be a file inside the checkpoint")
         tensors: dict[str, TensorSource] = {}
         for fname in sorted(set(weight_map.values())):
             shard = model_dir / fname
             refuse_dangling_link(shard)
             if not shard.is_file():
                 raise CheckpointError(f"{shard}: shard listed in {index_path.name} is missing")
-            tensors.update(read_header(shard))
-        missing = [name for name, fname in weight_map.items() if name not in tensors]
-        if missing:
-            raise CheckpointError(f"{index_path}: lists {missing[0]} in {weight_map[missing[0]]}, but that shard does not contain it")
+            for name, src in read_header(shard).items():
+                if name in tensors:
+                    raise CheckpointError(f"{shard}: tensor {name} is also in {tensors[name].file.name}; a tensor "
+                                          "must be in one shard only (corrupt checkpoint)")
+                tensors[name] = src
+        wrong = [name for name, fname in weight_map.items()
+                 if name not in tensors or tensors[name].file != model_dir / fname]
+        if wrong:
+            name = wrong[0]
+            raise CheckpointError(f"{index_path}: lists {name} in {weight_map[name]}, but that shard does not "
+                                  "contain it")
         return tensors
     if single.is_file():
         return read_header(single)

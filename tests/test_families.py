@@ -1,0 +1,132 @@
+"""Every supported checkpoint family converts to the weights its checkpoint stands for.
+
+Synthetic checkpoints of every family (tests/synthetic.py) are converted with the CLI,
+and every tensor of the GGUF is decoded with gguf's own dequantizer and compared with
+the effective weights computed from the checkpoint by tests/reference_model.py
+(written from FORMATS.md: unpack the quarter layout, apply weight_scale in the family's
+direction, absmean for master weights) with the llama q/k permutation written here
+from the format description. The llama-arch files must also be byte-identical to what
+llama.cpp's own converter writes (`--no-lazy`, the only mode that reads packed
+checkpoints), except the naming keys its heuristics add.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, convert
+from tests.reference_model import effective_weights
+from tests.synthetic import write_checkpoint
+
+# family -> (GGUF arch, q/k permuted, output tensor)
+FAMILY_FACTS = {
+    "1bitllm": ("bitnet", False, False),
+    "llama3-1.58": ("llama", True, True),
+    "falcon3-1.58": ("llama", True, True),
+    "2b4t": ("bitnet-b1.58", False, False),
+    "2b4t-bf16": ("bitnet-b1.58", False, False),
+}
+
+CASES = {
+    # name: (family, checkpoint arguments)
+    "1bitllm-f16": ("1bitllm", dict(num_heads=4, num_kv_heads=2, dtype="f16")),
+    "llama3": ("llama3-1.58", dict(num_heads=8, num_kv_heads=2, num_layers=2)),
+    "llama3-sharded": ("llama3-1.58", dict(num_heads=4, num_kv_heads=4, shards=3, seed=1)),
+    # head_dim 128 with hidden 256 and 4 heads: q_proj has 512 rows, o_proj 512 columns
+    "falcon3-head-dim": ("falcon3-1.58", dict(num_heads=4, num_kv_heads=1, head_dim=128, seed=2)),
+    "2b4t": ("2b4t", dict(num_heads=4, num_kv_heads=1, seed=3)),
+    "2b4t-bf16-sharded": ("2b4t-bf16", dict(num_heads=4, num_kv_heads=2, shards=2, seed=4)),
+}
+
+HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "self_attn.inner_attn_ln": "attn_sub_norm", "mlp.ffn_layernorm": "ffn_sub_norm",
+    "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
+}
+
+
+def gguf_name(hf: str) -> str:
+    if hf in HF_TO_GGUF:
+        return HF_TO_GGUF[hf]
+    _, _, block, rest = hf.split(".", 3)
+    return f"blk.{block}.{HF_TO_GGUF[rest.removesuffix('.weight')]}.weight"
+
+
+def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """FORMATS.md: w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)."""
+    rows, cols = w.shape
+    return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def tensor_values(t) -> np.ndarray:
+    """A GGUF tensor decoded with gguf's reference dequantizer, in numpy order."""
+    return gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
+
+
+def expected_tensor(name: str, w: np.ndarray, tensor_type, config: dict) -> np.ndarray:
+    """What the file must hold for effective weights w (float64)."""
+    if w.ndim == 1:
+        return w.astype(np.float32)
+    if tensor_type == gguf.GGMLQuantizationType.F16:
+        return w.astype(np.float32).astype(np.float16).astype(np.float32)
+    # ternary: every non-zero magnitude is the same; TQ blocks store it as fp16
+    mags = np.unique(np.abs(w[w != 0]))
+    assert len(mags) == 1, f"{name}: the effective weights are not ternary"
+    d = np.float32(np.float16(np.float32(mags[0])))
+    return (np.sign(w) * d).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    made = {}
+
+    def get(case: str, out_type: str) -> tuple[Path, Path]:
+        if case not in made:
+            family, kw = CASES[case]
+            made[case] = write_checkpoint(root / case, family, **kw)
+        out = root / f"{case}-{out_type}.gguf"
+        if not out.exists():
+            convert(made[case], out, "--type", out_type)
+        return made[case], out
+    return get
+
+
+PARAMS = [(c, t) for c in CASES for t in ("tq2_0", "tq1_0")]
+
+
+@pytest.mark.parametrize("case,out_type", PARAMS, ids=[f"{c}-{t}" for c, t in PARAMS])
+def test_every_tensor_decodes_to_the_checkpoints_effective_weights(converted, case, out_type):
+    model, out = converted(case, out_type)
+    family = CASES[case][0]
+    arch, permuted, has_output = FAMILY_FACTS[family]
+    config = json.loads((model / "config.json").read_text())
+    weights = effective_weights(model)
+    reader = gguf.GGUFReader(out)
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == arch
+    tensors = {t.name: t for t in reader.tensors}
+    expected_names = {gguf_name(n) for n in weights if not n.endswith("weight_scale")}
+    assert set(tensors) == expected_names
+    assert ("output.weight" in tensors) == has_output
+    ternary_type = gguf.GGMLQuantizationType[out_type.upper()]
+    for hf, w in weights.items():
+        if hf.endswith("weight_scale"):
+            continue
+        name = gguf_name(hf)
+        t = tensors[name]
+        if permuted and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config["num_attention_heads"] if "attn_q" in name else config["num_key_value_heads"]
+            w = llama_permute(w, heads)
+        projection = w.ndim == 2 and name not in ("token_embd.weight", "output.weight")
+        assert t.tensor_type == (ternary_type if projection else
+                                 gguf.GGMLQuantizationType.F16 if w.ndim == 2 else gguf.GGMLQuantizationType.F32), name
+        np.testing.assert_array_equal(tensor_values(t), expected_tensor(name, w, t.tensor_type, config), err_msg=name)
