@@ -19,3 +19,7 @@ class CheckpointError(UserError):
 
 class RunDirError(UserError):
     """The run directory cannot be used (locked, or made by another checkpoint)."""
+
+
+class GGUFFormatError(UserError):
+    """A GGUF file is truncated, corrupt, or uses something this reader cannot size."""
