@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.outtypes import DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, TERNARY_CHOICES, choices_help
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -30,9 +31,16 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (the usage block is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bitnet-gguf", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="bitnet-gguf", description=DESCRIPTION,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -45,8 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", type=Path, default=None,
                    help="GGUF file to write (default: ./<model name>-<TYPE>.gguf)")
     c.add_argument("--type", dest="out_type", default=None, metavar="TYPE",
-                   help="type of the ternary projections: tq2_0 (2.06 bits/weight, fastest) or "
-                        "tq1_0 (1.69 bits/weight, smallest) [preset: tq2_0]")
+                   help=f"type of the ternary projections: {choices_help(TERNARY_CHOICES)} [preset: {DEFAULT_TYPE}]")
+    c.add_argument("--embedding-type", default=None, metavar="TYPE",
+                   help=f"type of token_embd and output: {choices_help(EMBEDDING_CHOICES)} "
+                        f"[default: {DEFAULT_EMBEDDING_TYPE}]")
+    c.add_argument("--split-max-size", default=None, metavar="SIZE",
+                   help="split the output into NAME-00001-of-0000N.gguf parts of at most SIZE of tensor data "
+                        "each, written like llama.cpp's converter (300K, 2G: powers of 1000) or 512MiB")
+    c.add_argument("--split-max-tensors", default=None, metavar="N",
+                   help="split the output into parts of at most N tensors each")
     c.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="peak resident memory of the whole conversion, e.g. 512MiB, 4GiB [preset: 4GiB]")
     c.add_argument("--tokenizer-pre", default=None, metavar="NAME",
@@ -131,7 +146,8 @@ def cmd_convert(args) -> int:
         _log(f"model {args.model}: {model.path} ({model.source})")
     scheduler = "local" if args.cluster else args.scheduler
     opts = make_options(model.path, model_name=model.name, output=args.output, workdir=args.workdir,
-                        preset=args.config, tokenizer_pre=args.tokenizer_pre,
+                        preset=args.config, tokenizer_pre=args.tokenizer_pre, embedding_type=args.embedding_type,
+                        split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors,
                         out_type=args.out_type, memory_limit=args.memory_limit, workers=args.workers,
                         scheduler=scheduler, progress=False if args.no_progress else sys.stderr.isatty(),
                         force=args.force)
@@ -161,7 +177,8 @@ def cmd_status(args) -> int:
         state = st.get("state", "pending")
         if state == "running" and not running:
             state, interrupted = "interrupted", True
-        if stage == "assemble" and state == "done" and not Path(opts.get("output", "")).is_file():
+        if stage == "assemble" and state == "done" and \
+                not all(Path(p).is_file() for p, *_ in st.get("outputs", [[opts.get("output", "")]])):
             state = "output missing"
         extra = f"  {st['seconds']} s" if "seconds" in st and state == "done" else ""
         print(f"  {stage:<9} {state}{extra}")

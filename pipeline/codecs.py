@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
 
 from pipeline.errors import CheckpointError
 
@@ -323,4 +324,33 @@ class F32(_Float):
     name, ggml_type, type_size, dtype = "F32", GGMLQuantizationType.F32, 4, np.dtype("<f4")
 
 
-CODECS: dict[str, type[Codec]] = {"tq2_0": TQ2_0, "tq1_0": TQ1_0, "i2_s": I2_S, "f16": F16, "f32": F32}
+class _GGUFQuant(Codec):
+    """A float type whose bytes gguf-py's reference quantizer (`gguf.quants`) already produces
+    exactly; used for embeddings, whose rows are encoded independently."""
+    ternary = False
+
+    @classmethod
+    def encode(cls, values: np.ndarray) -> np.ndarray:
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        rows = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
+        out = gguf_quants.quantize(rows, GGMLQuantizationType(cls.ggml_type))
+        return out.reshape(*values.shape[:-1], -1) if values.ndim > 1 else out.reshape(-1)
+
+    @classmethod
+    def decode(cls, data: np.ndarray) -> np.ndarray:
+        return gguf_quants.dequantize(np.ascontiguousarray(data, dtype=np.uint8),
+                                      GGMLQuantizationType(cls.ggml_type)).astype(np.float32)
+
+
+class BF16(_GGUFQuant):
+    """bfloat16, rounded to nearest even (NaN kept quiet), as gguf-py writes it."""
+    name, ggml_type, block_size, type_size = "BF16", GGMLQuantizationType.BF16, 1, 2
+
+
+class Q8_0(_GGUFQuant):
+    """34 bytes per 32 values: fp16 d = max|x| / 127, then 32 int8 round(x / d)."""
+    name, ggml_type, block_size, type_size = "Q8_0", GGMLQuantizationType.Q8_0, 32, 34
+
+
+CODECS: dict[str, type[Codec]] = {"tq2_0": TQ2_0, "tq1_0": TQ1_0, "i2_s": I2_S, "f16": F16, "bf16": BF16,
+                                  "f32": F32, "q8_0": Q8_0}

@@ -4,15 +4,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 
 from pipeline.errors import OptionError
+from pipeline.outtypes import DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, TERNARY_CHOICES, check_choice
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = CONFIG_DIR / "default.toml"
-
-OUTPUT_TYPES = ("tq2_0", "tq1_0")
 
 _UNITS = {
     "": 1, "b": 1,
@@ -23,14 +23,23 @@ _UNITS = {
 }
 
 
-def parse_size(text: str | int, option: str = "--memory-limit") -> int:
-    """'512MiB' -> 536870912. Binary units for K/M/G/KiB/..., decimal for KB/MB/GB."""
-    if isinstance(text, int):
+def parse_size(text: str | int, option: str = "--memory-limit", bare_letters_decimal: bool = False) -> int:
+    """'512MiB' -> 536870912. Binary units for KiB/MiB/..., decimal for KB/MB/GB; a bare K/M/G/T
+    is binary, or decimal with `bare_letters_decimal` (llama.cpp's --split-max-size: 2G = 2e9)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise OptionError(f"{option}: size {text} is negative")
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text)) if isinstance(text, str) else None
     if not m or m.group(2).lower() not in _UNITS:
         raise OptionError(f"{option}: cannot read size {text!r}; write it like 512MiB, 4GiB or 16G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    unit = m.group(2).lower()
+    factor = 1000 ** ("kmgt".index(unit) + 1) if bare_letters_decimal and len(unit) == 1 and unit != "b" \
+        else _UNITS[unit]
+    value = float(m.group(1)) * factor
+    if value >= 2**62:
+        raise OptionError(f"{option}: size {text!r} is too large")
+    return int(value)
 
 
 def format_size(n: float) -> str:
@@ -46,12 +55,15 @@ class Options:
     model_dir: Path
     output: Path
     workdir: Path
-    out_type: str = "tq2_0"
+    out_type: str = DEFAULT_TYPE
     memory_limit: int = 4 * 1024**3
     workers: int = 0            # 0: decided by the memory budget and the CPU count
     scheduler: str = "threads"  # "threads", "local" (distributed.LocalCluster) or tcp://host:port
     progress: bool = True
     force: bool = False         # replace an existing output that is not a GGUF file
+    embedding_type: str = DEFAULT_EMBEDDING_TYPE  # token_embd and output
+    split_max_size: int = 0     # bytes of tensor data per output part (0: no limit)
+    split_max_tensors: int = 0  # tensors per output part (0: no limit)
     model_name: str = ""        # general.name and the default output name (not a snapshot's hash)
     tokenizer_pre: str | None = None  # BPE pre-tokenizer name, when detection cannot tell
 
@@ -66,12 +78,14 @@ def load_preset(path: Path | None) -> dict:
         return {}  # installed without the presets: the dataclass defaults are the default preset
     path = path or DEFAULT_PRESET
     try:
+        if not Path(path).is_file():
+            raise OptionError(f"--config: {path} does not exist or is not a file; give a TOML preset file")
         with open(path, "rb") as f:
             data = tomllib.load(f)
-    except FileNotFoundError:
-        raise OptionError(f"--config: {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise OptionError(f"--config: {path} is not valid TOML ({e})") from None
+    except OSError as e:
+        raise OptionError(f"--config: cannot read {path} ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise OptionError(f"--config: {path} is not valid TOML ({str(e).splitlines()[0] if str(e) else e})") from None
     known = {f.name for f in dataclasses.fields(Options)} - {"model_dir", "output", "workdir", "model_name",
                                                                "tokenizer_pre"}
     unknown = set(data) - known
@@ -84,45 +98,122 @@ def default_output(model_name: str, out_type: str) -> Path:
     return Path.cwd() / f"{model_name}-{out_type.upper()}.gguf"
 
 
+_SCHEDULER_ADDRESS = re.compile(r"tcp://(?P<host>[^\s:/]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})/?")
+_BOOL_OPTIONS = {"progress": "--no-progress", "force": "--force"}
+
+
+def _whole_number(values: dict, key: str, option: str) -> int:
+    value = values.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise OptionError(f"{option}: {value!r} is not a whole number")
+    try:
+        number = int(value)
+    except ValueError:
+        raise OptionError(f"{option}: {value!r} is not a whole number") from None
+    if number < 0:
+        raise OptionError(f"{option}: must be 0 or a positive number, not {number}")
+    return number
+
+
+def check_scheduler(value) -> str:
+    scheduler = str(value)
+    if scheduler in ("threads", "local"):
+        return scheduler
+    m = _SCHEDULER_ADDRESS.fullmatch(scheduler)
+    if not m or not 0 < int(m.group("port")) < 65536:
+        raise OptionError(f"--scheduler: {scheduler!r} is not threads, local or a tcp://HOST:PORT address "
+                          "(with a port from 1 to 65535)")
+    return scheduler
+
+
+NAME_MAX = 255  # bytes in one file name on the usual file systems
+
+
+def _check_name_length(path: Path, extra: int, option: str) -> None:
+    if len(path.name.encode()) + extra > NAME_MAX:
+        raise OptionError(f"{option}: the file name {path.name[:40]}... is too long (with the converter's "
+                          f"temporary suffix it exceeds {NAME_MAX} bytes); choose a shorter name")
+
+
+def check_output_path(output: Path, force: bool) -> None:
+    """Only nothing, or a regular file (a GGUF one, unless --force), may be replaced at the output."""
+    try:
+        st = os.lstat(output)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise OptionError(f"-o: cannot look at {output} ({e.strerror}); choose another output path") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OptionError(f"-o: {output} is a directory; give a file name such as {output / 'model.gguf'}")
+    if stat.S_ISLNK(st.st_mode):
+        raise OptionError(f"-o: {output} is a symbolic link; give the path of the file itself")
+    if not stat.S_ISREG(st.st_mode):
+        raise OptionError(f"-o: {output} is not a regular file (a device, FIFO or socket); "
+                          "choose another output path")
+    if force:
+        return
+    try:
+        with open(output, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise OptionError(f"-o: cannot read the existing {output} ({e.strerror}); choose another output path") from None
+    if magic != b"GGUF":
+        raise OptionError(f"-o: {output} exists and is not a GGUF file; choose another output path "
+                          "or pass --force to replace it")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
 def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path | None = None,
                  preset: Path | None = None, model_name: str | None = None, **overrides) -> Options:
-    """Merge preset and explicit overrides (None means 'not given') and validate."""
+    """Merge preset and explicit overrides (None means 'not given') and validate every value,
+    so that nothing the options decide can fail after the work has started."""
     values = load_preset(preset)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    out_type = str(values.get("out_type", "tq2_0")).lower()
-    if out_type not in OUTPUT_TYPES:
-        raise OptionError(f"--type: unknown output type {out_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
-    values["out_type"] = out_type
+    values["out_type"] = check_choice(values.get("out_type", DEFAULT_TYPE), TERNARY_CHOICES, "--type")
+    values["embedding_type"] = check_choice(values.get("embedding_type", DEFAULT_EMBEDDING_TYPE),
+                                            EMBEDDING_CHOICES, "--embedding-type")
     values["memory_limit"] = parse_size(values.get("memory_limit", Options.memory_limit))
+    values["split_max_size"] = parse_size(values.get("split_max_size", 0), "--split-max-size",
+                                          bare_letters_decimal=True)
+    values["workers"] = _whole_number(values, "workers", "--workers")
+    values["split_max_tensors"] = _whole_number(values, "split_max_tensors", "--split-max-tensors")
+    for key, option in _BOOL_OPTIONS.items():
+        if key in values and not isinstance(values[key], bool):
+            raise OptionError(f"{option}: {key} must be true or false, not {values[key]!r}")
+    values["scheduler"] = check_scheduler(values.get("scheduler", "threads"))
+
     try:
-        workers = int(values.get("workers", 0))
-    except (TypeError, ValueError):
-        raise OptionError(f"--workers: {values.get('workers')!r} is not a whole number") from None
-    if workers < 0:
-        raise OptionError(f"--workers: must be 0 (automatic) or a positive number, not {workers}")
-    values["workers"] = workers
-
-    scheduler = str(values.get("scheduler", "threads"))
-    if scheduler not in ("threads", "local") and not scheduler.startswith("tcp://"):
-        raise OptionError(f"--scheduler: {scheduler!r} is not threads, local or a tcp://HOST:PORT address")
-    values["scheduler"] = scheduler
-
-    model_name = model_name or Path(model_dir).resolve().name
-    output = Path(output) if output else default_output(model_name, out_type)
-    output = output.resolve()
-    if output.is_dir():
-        raise OptionError(f"-o: {output} is a directory; give a file name such as {output / 'model.gguf'}")
-    if not output.parent.is_dir():
-        raise OptionError(f"-o: the directory {output.parent} does not exist; create it or choose another output path")
-    if not os.access(output.parent, os.W_OK):
-        raise OptionError(f"-o: cannot write to the directory {output.parent}; choose another output path")
-    model_dir = Path(model_dir).resolve()
-    if output.parent == model_dir:
+        model_dir = Path(model_dir).resolve()
+        model_name = model_name or model_dir.name
+        output = Path(os.path.abspath(output)) if output else default_output(model_name, values["out_type"])
+        parent = output.parent.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise OptionError(f"-o: cannot use the output path {output} ({e}); choose another") from None
+    if _inside(parent / output.name, model_dir):
         raise OptionError(f"-o: {output} is inside the checkpoint directory; write the GGUF somewhere else")
-    if output.is_file() and not values.get("force"):
-        with open(output, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise OptionError(f"-o: {output} exists and is not a GGUF file; choose another output path "
-                                  "or pass --force to replace it")
-    workdir = Path(workdir).resolve() if workdir else output.with_name(output.name + ".work")
+    check_output_path(output, bool(values.get("force")))
+    if not parent.is_dir():
+        raise OptionError(f"-o: the directory {output.parent} does not exist; create it or choose another output path")
+    if not os.access(parent, os.W_OK):
+        raise OptionError(f"-o: cannot write to the directory {output.parent}; choose another output path")
+    output = parent / output.name
+    _check_name_length(output, PARTIAL_SUFFIX_BYTES, "-o")
+    try:
+        workdir = Path(workdir).resolve() if workdir else output.with_name(output.name + ".work")
+    except (OSError, RuntimeError) as e:
+        raise OptionError(f"--workdir: cannot use {workdir} ({e}); choose another") from None
+    _check_name_length(workdir, 0, "--workdir")
+    if _inside(output, workdir) or _inside(workdir, output):
+        raise OptionError(f"--workdir: the run directory {workdir} and the output {output} must be apart; "
+                          "choose another --workdir or -o")
+    if _inside(workdir, model_dir) or _inside(model_dir, workdir):
+        raise OptionError(f"--workdir: {workdir} overlaps the checkpoint directory {model_dir}; "
+                          "choose a run directory outside it")
     return Options(model_dir=model_dir, output=output, workdir=workdir, model_name=model_name, **values)
+
+
+# ".<name>.<8 hex>.partial" and split part suffixes "-00001-of-00002"
+PARTIAL_SUFFIX_BYTES = 1 + 1 + 8 + len(".partial") + len("-00001-of-00002")

@@ -21,3 +21,5 @@ class StageContext:
     checkpoint: Checkpoint | None = None  # extract only
     log: Callable[[str], None] = print
     metadata: Path | None = None  # the run directory's metadata.json (GGUF key/values), for assemble
+    before_publish: Callable[[], None] | None = None  # assemble: last check before the files appear
+    outputs: list[Path] = dataclasses.field(default_factory=list)  # assemble: the files it wrote

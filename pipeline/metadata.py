@@ -117,12 +117,12 @@ def kv_record(key: str, v: gguf.GGUFValue) -> dict:
     sub = v.sub_type
     if v.type == gguf.GGUFValueType.ARRAY and sub is None:
         sub = gguf.GGUFValueType.get_type(v.value[0])  # recorded, so JSON cannot change it
-    return {"key": key, "type": v.type.name, "sub_type": sub.name if sub else None, "value": value}
+    return {"key": key, "type": v.type.name, "sub_type": sub.name if sub is not None else None, "value": value}
 
 
 def apply_kv(writer: gguf.GGUFWriter, records: list[dict]) -> None:
     for r in records:
         if r["key"] == gguf.Keys.General.ARCHITECTURE:
             continue  # GGUFWriter adds it itself
-        sub = gguf.GGUFValueType[r["sub_type"]] if r["sub_type"] else None
+        sub = gguf.GGUFValueType[r["sub_type"]] if r["sub_type"] is not None else None
         writer.add_key_value(r["key"], r["value"], gguf.GGUFValueType[r["type"]], sub_type=sub)

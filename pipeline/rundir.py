@@ -23,7 +23,24 @@ from pipeline.errors import RunDirError
 from pipeline.stores import remove_tree
 
 STAGES = ("extract", "quantize", "pack", "assemble")
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+TOOL = "bitnet-gguf"
+
+
+def _held_by_proc_locks(path: Path) -> bool | None:
+    """Whether a process holds a lock on `path`, per /proc/locks (None: cannot tell)."""
+    try:
+        st = path.stat()
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in text.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; blocked waiters start with "->"
+        if len(fields) >= 6 and fields[1] != "->" and fields[5] == wanted:
+            return True
+    return False
 
 
 def stage_key(*parts) -> str:
@@ -57,7 +74,11 @@ class RunDir:
         except OSError as e:
             raise RunDirError(f"cannot create the run directory {self.path} ({e.strerror}); "
                               "choose another place with --workdir") from None
-        self._lock_file = open(self.path / "lock", "a+")
+        try:
+            self._lock_file = open(self.path / "lock", "a+")
+        except OSError as e:
+            raise RunDirError(f"{self.path / 'lock'}: cannot open the lock file ({e.strerror}); "
+                              "choose another --workdir") from None
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -67,11 +88,18 @@ class RunDir:
                               "wait for it or pass a different --workdir") from None
 
     def is_locked(self) -> bool:
-        """True while a conversion holds this run directory."""
+        """True while a conversion holds this run directory.
+
+        Read from /proc/locks where there is one, so asking never takes the lock itself (a
+        conversion starting at that moment would be refused) and works on a read-only run
+        directory; elsewhere, by trying the lock."""
         path = self.path / "lock"
         if not path.is_file():
             return False
-        with open(path, "a+") as f:
+        held = _held_by_proc_locks(path)
+        if held is not None:
+            return held
+        with open(path, "r") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -93,17 +121,30 @@ class RunDir:
         self.release()
 
     # -- manifest -----------------------------------------------------------
-    def load(self) -> dict:
+    def _read_manifest(self):
+        """The manifest's JSON, or None when it is missing or not JSON."""
         if not self.manifest_path.is_file():
-            return {}
+            return None
         try:
-            data = json.loads(self.manifest_path.read_text())
-        except ValueError:
-            return {}  # unreadable manifest: treat the run as new
-        return data if data.get("version") == MANIFEST_VERSION else {}
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        except OSError as e:
+            raise RunDirError(f"{self.manifest_path}: cannot read ({e.strerror})") from None
+
+    @staticmethod
+    def is_our_manifest(data) -> bool:
+        return isinstance(data, dict) and data.get("tool") == TOOL and isinstance(data.get("stages", {}), dict)
+
+    def load(self) -> dict:
+        data = self._read_manifest()
+        if not self.is_our_manifest(data) or data.get("version") != MANIFEST_VERSION:
+            return {}  # a run of another version, or unreadable: treat the run as new
+        return data
 
     def save(self, manifest: dict) -> None:
         manifest["version"] = MANIFEST_VERSION
+        manifest["tool"] = TOOL
         write_json_atomic(self.manifest_path, manifest)
 
     def save_metadata(self, metadata: dict) -> None:
@@ -125,14 +166,29 @@ class RunDir:
         return any(self.store(name).exists() for name in STAGES)
 
     def check_is_ours(self) -> None:
-        """Refuse a directory that holds other things: we delete files in a run directory."""
-        if not self.path.is_dir() or self.manifest_path.is_file():
+        """Refuse a directory that holds anything but a run of ours: we write and delete files in a
+        run directory. A manifest.json must be our manifest (any version), and nothing else may
+        be there but our own files."""
+        if os.path.lexists(self.path) and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: exists and is not a directory; choose another --workdir")
+        if not self.path.is_dir():
             return
-        ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp", *(self.store(s).name for s in STAGES)}
-        foreign = sorted(p.name for p in self.path.iterdir() if p.name not in ours and not p.name.startswith("."))
+        try:
+            entries = sorted(p.name for p in self.path.iterdir())
+        except OSError as e:
+            raise RunDirError(f"{self.path}: cannot list the run directory ({e.strerror}); choose another --workdir") \
+                from None
+        ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp",
+                *(self.store(s).name for s in STAGES), *(f".{self.store(s).name}.deleting" for s in STAGES)}
+        foreign = [name for name in entries if name not in ours]
         if foreign:
             raise RunDirError(f"{self.path}: not a bitnet-gguf run directory (it holds {foreign[0]!r}"
                               f"{' and more' if len(foreign) > 1 else ''}); choose an empty or new --workdir")
+        if "manifest.json" in entries:
+            data = self._read_manifest()
+            if not self.is_our_manifest(data):
+                raise RunDirError(f"{self.manifest_path}: not a bitnet-gguf manifest; this is not a run directory "
+                                  "of ours, choose an empty or new --workdir")
 
     def clean_partials(self) -> int:
         """Delete leftover temporary chunk files of an interrupted write (inside our stores only)."""

@@ -1,8 +1,12 @@
-"""Run the four stages in order, skipping what an earlier run already finished."""
+"""Run the four stages in order, skipping what an earlier run already finished.
+
+Everything that can be refused is checked before the first log line: the checkpoint
+and its metadata, the memory budget, every tensor's output type, the run directory,
+the lock and the disk. A refusal is therefore one line, and nothing has been written.
+"""
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import shutil
 import time
@@ -12,13 +16,17 @@ from pipeline.budget import current_rss, plan_budget
 from pipeline.checkpoint import open_checkpoint
 from pipeline.config import Options, format_size
 from pipeline.context import StageContext
-from pipeline.errors import RunDirError
+from pipeline.errors import CheckpointError, OptionError, RunDirError
 from pipeline.families import TERNARY
+from pipeline.gguf_file import GGUFWriterError, TensorInfo, file_size
+from pipeline.output import final_paths
+from pipeline.outtypes import OUTPUT_TYPES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
+from pipeline.safetensors_io import files_fingerprint
 from pipeline.scheduler import Scheduler
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 2, "quantize": 2, "pack": 2, "assemble": 2}
+STAGE_VERSIONS = {"extract": 2, "quantize": 3, "pack": 3, "assemble": 3}
 
 
 def stage_keys(opts: Options, ckpt) -> dict[str, str]:
@@ -28,67 +36,106 @@ def stage_keys(opts: Options, ckpt) -> dict[str, str]:
     plan = [[t.hf_name, t.gguf_name, list(t.shape), t.recipe.as_json()] for t in ckpt.plan.tensors]
     keys["extract"] = stage_key("extract", STAGE_VERSIONS["extract"], ckpt.fingerprint, plan)
     keys["quantize"] = stage_key(keys["extract"], "quantize", STAGE_VERSIONS["quantize"])
-    keys["pack"] = stage_key(keys["quantize"], "pack", STAGE_VERSIONS["pack"], opts.out_type)
-    keys["assemble"] = stage_key(keys["pack"], "assemble", STAGE_VERSIONS["assemble"], str(opts.output), ckpt.kv)
+    keys["pack"] = stage_key(keys["quantize"], "pack", STAGE_VERSIONS["pack"], opts.out_type, opts.embedding_type)
+    keys["assemble"] = stage_key(keys["pack"], "assemble", STAGE_VERSIONS["assemble"], str(opts.output), ckpt.kv,
+                                 opts.split_max_size, opts.split_max_tensors)
     return keys
 
 
-def _finished(stage: str, state: dict | None, key: str, opts: Options) -> bool:
+def _finished(stage: str, state: dict | None, key: str) -> bool:
     if not state or state.get("key") != key or state.get("state") != "done":
         return False
     if stage == "assemble":  # the product must still be there, unchanged
-        out = opts.output
-        return out.is_file() and out.stat().st_size == state.get("size") and out.stat().st_mtime_ns == state.get("mtime_ns")
+        for path, size, mtime in state.get("outputs", []):
+            p = Path(path)
+            if not p.is_file() or p.stat().st_size != size or p.stat().st_mtime_ns != mtime:
+                return False
+        return bool(state.get("outputs"))
     return True
 
 
-def convert(opts: Options, log) -> Path:
+def tensor_types(opts: Options, ckpt, log=None) -> list[TensorInfo]:
+    """Every tensor's output type and size; raises for a type that cannot hold a tensor."""
+    infos, ternary, fallbacks = [], 0, 0
+    for t in ckpt.plan.tensors:
+        out, fallback = tensor_type(t.role, t.shape, opts.out_type, opts.embedding_type, t.gguf_name)
+        if t.role == TERNARY:
+            ternary += 1
+            fallbacks += fallback is not None
+        infos.append(TensorInfo(t.gguf_name, t.shape, out.ggml_type, out.nbytes(t.shape)))
+    if opts.out_type == "i2_s" and ternary and fallbacks == ternary:
+        raise OptionError(f"--type i2_s: no projection of this checkpoint has rows that are a multiple of "
+                          f"{OUTPUT_TYPES['i2_s'].block_size} values, so nothing could be I2_S; choose tq2_0 or tq1_0")
+    return infos
+
+
+def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> int:
+    from stages.assemble import file_kvs, plan_parts
+
+    metadata = {"arch": ckpt.plan.arch, "kv": ckpt.kv}
+    parts = plan_parts(infos, opts.split_max_size, opts.split_max_tensors)
+    if len(parts) > 99999:
+        raise OptionError(f"--split-max-size / --split-max-tensors: {len(parts)} parts; a split set has at most "
+                          "99999; allow larger parts")
+    try:
+        return sum(file_size(file_kvs(metadata, opts.out_type), [infos[i] for i in idx]) for idx in parts)
+    except (GGUFWriterError, ValueError) as e:
+        raise CheckpointError(f"{opts.model_dir}: the GGUF header cannot be written ({e})") from None
+
+
+def convert(opts: Options, log) -> list[Path]:
     ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre)
     for stage in STAGES:  # import everything first, so the budget's baseline includes it
         importlib.import_module(f"stages.{stage}")
     budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local")
-    plan = ckpt.plan
-    log(f"model: {opts.model_dir} ({plan.family.description}, {len(plan.tensors)} tensors)")
-    log(f"output: {opts.output} ({opts.out_type.upper()}, GGUF arch {plan.arch})")
-    log(f"run directory: {opts.workdir}")
-    log(budget.describe())
+    infos = tensor_types(opts, ckpt)
+    out_bytes = output_size(opts, ckpt, infos)
     keys = stage_keys(opts, ckpt)
-
+    run = RunDir(opts.workdir)
+    run.check_is_ours()
     worker_memory = max(1, (opts.memory_limit - current_rss()) // budget.workers)
-    scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress)
-    try:
-        with RunDir(opts.workdir) as run:
-            _run_stages(opts, ckpt, budget, scheduler, run, keys, log)
-    finally:
-        scheduler.close()
-    size = opts.output.stat().st_size
-    kept = RunDir(opts.workdir).stores_size()
-    log(f"wrote {opts.output} ({format_size(size)})")
+    with run:
+        check_disk(opts, ckpt, run, infos, out_bytes)
+        scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress)
+        try:
+            plan = ckpt.plan
+            log(f"model: {opts.model_dir} ({plan.family.description}, {len(plan.tensors)} tensors)")
+            log(f"output: {opts.output} ({opts.out_type.upper()}, embeddings {opts.embedding_type.upper()}, "
+                f"GGUF arch {plan.arch})")
+            log(f"run directory: {opts.workdir}")
+            log(budget.describe())
+            outputs = _run_stages(opts, ckpt, budget, scheduler, run, keys, log)
+        finally:
+            scheduler.close()
+    size = sum(p.stat().st_size for p in outputs)
+    kept = run.stores_size()
+    shown = outputs[0] if len(outputs) == 1 else f"{outputs[0]} (+ {len(outputs) - 1} more parts)"
+    log(f"wrote {shown} ({format_size(size)})")
     log(f"run directory kept for inspection and reruns: {opts.workdir} ({format_size(kept)}); "
         "delete it when you no longer need it")
-    return opts.output
+    return outputs
 
 
-def disk_needed(ckpt, out_type: str) -> tuple[int, int]:
+def disk_needed(ckpt, infos: list[TensorInfo], out_bytes: int) -> tuple[int, int]:
     """(bytes the run directory will hold, bytes of the GGUF), estimated from the plan."""
-    from stages.pack import choose_codec
-
     extract = codes = packed = 0
-    for t in ckpt.plan.tensors:
-        n = math.prod(t.shape)
-        extract += math.prod(t.source_shape) * ckpt.sources[t.hf_name].np_dtype.itemsize
+    for t, info in zip(ckpt.plan.tensors, infos):
+        source = ckpt.sources[t.hf_name]
+        n = 1
+        for d in t.source_shape:
+            n *= d
+        extract += n * source.np_dtype.itemsize
         if t.role == TERNARY:
-            codes += n // 2  # int8 codes, compressed; generous
+            codes += (n * 4 if t.recipe.packed else n) // 2  # int8 codes, compressed; generous
         else:
-            codes += n * 4
-        codec, _ = choose_codec(t.role, t.shape, out_type)
-        packed += codec.row_bytes(t.shape[-1]) * (n // t.shape[-1])
-    return extract + codes + packed, packed
+            codes += n * source.np_dtype.itemsize
+        packed += info.nbytes
+    return extract + codes + packed, out_bytes
 
 
-def check_disk(opts: Options, ckpt, run: RunDir) -> None:
+def check_disk(opts: Options, ckpt, run: RunDir, infos, out_bytes: int) -> None:
     """Refuse up front when the run directory's or the output's disk cannot hold the result."""
-    work_bytes, out_bytes = disk_needed(ckpt, opts.out_type)
+    work_bytes, out_bytes = disk_needed(ckpt, infos, out_bytes)
     have = run.stores_size()
     needs = {opts.workdir: max(0, work_bytes - have)}
     out_dev, work_dev = os.stat(opts.output.parent).st_dev, os.stat(opts.workdir).st_dev
@@ -103,8 +150,21 @@ def check_disk(opts: Options, ckpt, run: RunDir) -> None:
                               f"{format_size(need)} more; free some space or choose another --workdir / -o")
 
 
-def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> None:
-    check_disk(opts, ckpt, run)
+def _source_unchanged(ckpt):
+    """A check that the weight files are still the ones the run started from."""
+    def check() -> None:
+        files = [Path(p) if Path(p).is_absolute() else ckpt.model_dir / p for p, *_ in ckpt.fingerprint]
+        try:
+            now = files_fingerprint(ckpt.model_dir, files)
+        except OSError:
+            now = None
+        if now != ckpt.fingerprint:
+            raise CheckpointError(f"{ckpt.model_dir}: the checkpoint's files changed during the conversion; "
+                                  "nothing was written; rerun the same command to start over from the new files")
+    return check
+
+
+def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> list[Path]:
     manifest = run.load()
     if manifest.get("fingerprint") not in (None, ckpt.fingerprint):
         log("the checkpoint changed since this run directory was made: starting over")
@@ -119,30 +179,33 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> None:
     if n := run.clean_partials():
         log(f"removed {n} unfinished chunk file(s) of an interrupted run")
     previous = None
+    check_source = _source_unchanged(ckpt)
     for stage in STAGES:
         state = manifest["stages"].get(stage)
-        if _finished(stage, state, keys[stage], opts):
+        if _finished(stage, state, keys[stage]):
             log(f"{stage}: already done, skipped")
         elif state is not None and state.get("key") != keys[stage]:
             run.reset_from(stage, manifest)  # an option it depends on changed
-        if not _finished(stage, manifest["stages"].get(stage), keys[stage], opts):
-            _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log)
+        if not _finished(stage, manifest["stages"].get(stage), keys[stage]):
+            _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log, check_source)
         previous = run.store(stage)
+    return [Path(p) for p, *_ in manifest["stages"]["assemble"]["outputs"]]
 
 
-def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key, log) -> None:
+def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key, log, check_source) -> None:
     started = time.monotonic()
     log(f"{stage}: running")
     manifest["stages"][stage] = {"key": key, "state": "running"}
     run.save(manifest)
     output = opts.output if stage == "assemble" else run.store(stage)
     ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None, log,
-                       run.metadata_path)
+                       run.metadata_path, before_publish=check_source)
     importlib.import_module(f"stages.{stage}").run(ctx)
+    if stage == "extract":
+        check_source()  # a file rewritten while it was read would mix old and new weights
     state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2)}
     if stage == "assemble":
-        st = opts.output.stat()
-        state.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        state["outputs"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in ctx.outputs]
     manifest["stages"][stage] = state
     run.save(manifest)
     log(f"{stage}: done in {state['seconds']} s")

@@ -22,7 +22,7 @@ from pipeline.families import FLOAT_TYPE, TERNARY
 from pipeline.safetensors_io import pread_exact
 from pipeline.stores import row_ranges
 from stages.pack import encode_block
-from stages.quantize import FLOAT_DTYPES, float_rows, row_abs_sums, ternary_chunk_rows, ternary_rows, ternary_scale
+from stages.quantize import row_abs_sums, ternary_chunk_rows, ternary_rows, ternary_scale
 
 
 def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log) -> list[str]:
@@ -78,8 +78,8 @@ def _check_tensor(path: Path, t, planned, src, budget) -> str | None:
         if planned.role == TERNARY:
             block = ternary_rows(src.read_rows, r0, r1, recipe, planned.shape[0], src.dtype, absmean)
         else:
-            block = float_rows(src.read_rows, r0, r1, src.dtype, FLOAT_DTYPES[FLOAT_TYPE[planned.role]])
-        want = encode_block(block, codec.name.lower(), scale)
+            block = src.read_rows(r0, r1)
+        want = encode_block(block, codec.name.lower(), scale, src.dtype)
         start = t.data_offset + (r0 * row_bytes if len(planned.shape) > 1 else 0)
         got = np.frombuffer(pread_exact(path, start, want.nbytes, f"{path}: ends inside tensor {t.name}; "
                                         "the file is truncated"), dtype=np.uint8)

@@ -1,64 +1,89 @@
-"""assemble: pack.zarr -> model.gguf.
+"""assemble: pack.zarr + the run's metadata.json -> model.gguf (or a split set of parts).
 
-`gguf.GGUFWriter` writes the header, key/values and tensor infos; the tensor
-data is then streamed chunk by chunk from pack.zarr with the writer's own
-alignment padding, so no tensor is held whole. The file is written next to the
-output as `<name>.partial`, fsynced, and renamed into place only when complete.
+Our own container writer (pipeline/gguf_file.py) writes the header, the key/values
+decided once per run (metadata.json, plus general.file_type from the output type
+registry) and the tensor infos; the tensor data is then streamed chunk by chunk from
+pack.zarr, each tensor followed by its type's tail (I2_S: the scale), so no tensor is
+held whole. With --split-max-size / --split-max-tensors the tensors are spread over
+`NAME-0000k-of-0000n.gguf` parts as llama.cpp's gguf-split does. Every file is
+written to a temporary name, fsynced, and renamed into place only when all are
+complete (pipeline/output.py).
 """
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import gguf
 import numpy as np
 
 from pipeline.context import StageContext
-from pipeline.metadata import apply_kv
+from pipeline.gguf_file import GGUFSplitWriter, TensorInfo, model_kvs, plan_split
+from pipeline.output import OutputChanged, final_paths, identity, publish, temp_path
+from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
 from pipeline.stores import open_store, row_ranges
 
-FILE_TYPES = {"tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0, "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0}
+
+def file_kvs(metadata: dict, out_type: str) -> list:
+    """Every key/value of the file: the run's metadata, then file type and quantization version."""
+    records = [*metadata["kv"],
+               {"key": gguf.Keys.General.FILE_TYPE, "type": "UINT32", "sub_type": None,
+                "value": OUTPUT_TYPES[out_type].file_type},
+               {"key": gguf.Keys.General.QUANTIZATION_VERSION, "type": "UINT32", "sub_type": None,
+                "value": gguf.GGML_QUANT_VERSION}]
+    return model_kvs(metadata["arch"], records)
 
 
-def partial_path(output: Path) -> Path:
-    return output.with_name(output.name + ".partial")
+def tensor_infos(group) -> list[TensorInfo]:
+    infos = []
+    for name in group.attrs["tensor_order"]:
+        arr = group[name]
+        out = BY_GGML_TYPE[arr.attrs["ggml_type"]]
+        shape = tuple(arr.attrs["shape"])
+        infos.append(TensorInfo(name, shape, out.ggml_type, out.nbytes(shape)))
+    return infos
 
 
-def write_gguf(group, metadata: dict, path: Path, out_type: str, progress) -> None:
-    names = group.attrs["tensor_order"]
-    arrays = [group[n] for n in names]
-    writer = gguf.GGUFWriter(path, metadata["arch"])
-    apply_kv(writer, metadata["kv"])
-    writer.add_file_type(int(FILE_TYPES[out_type]))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for name, arr in zip(names, arrays):
-        writer.add_tensor_info(name, arr.shape, np.dtype(np.uint8), arr.nbytes,
-                               raw_dtype=gguf.GGMLQuantizationType(arr.attrs["ggml_type"]))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    fout = writer.fout[0]
-    with progress(sum(a.nbytes for a in arrays), "assemble", unit="B", unit_scale=True, unit_divisor=1024) as bar:
-        for arr in arrays:
-            writer.write_padding(fout, fout.tell())
-            for r0, r1 in row_ranges(arr.shape[0], arr.chunks[0]):
-                chunk = np.ascontiguousarray(arr[r0:r1])
-                fout.write(chunk.data)
-                bar.update(chunk.nbytes)
-            writer.write_padding(fout, arr.nbytes)
-    fout.flush()
-    os.fsync(fout.fileno())
-    writer.close()
+def plan_parts(infos: list[TensorInfo], max_size: int, max_tensors: int) -> list[list[int]]:
+    return plan_split(infos, max_size=max_size, max_tensors=max_tensors)
+
+
+def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_type: str, progress) -> None:
+    infos = tensor_infos(group)
+    with GGUFSplitWriter(paths, file_kvs(metadata, out_type), infos, parts) as writer:
+        writer.write_header()
+        with progress(sum(t.nbytes for t in infos), "assemble", unit="B", unit_scale=True,
+                      unit_divisor=1024) as bar:
+            for i, info in enumerate(infos):
+                arr = group[info.name]
+                chunk_rows = arr.chunks[0]
+                for r0, r1 in row_ranges(arr.shape[0], chunk_rows):
+                    chunk = np.ascontiguousarray(arr[r0:r1])
+                    writer.write_tensor_data(i, chunk)
+                    bar.update(chunk.nbytes)
+                tail = BY_GGML_TYPE[info.ggml_type].tail_bytes(arr.attrs.get("scale"))
+                if tail:
+                    writer.write_tensor_data(i, tail)
+                    bar.update(len(tail))
+                writer.end_tensor(i)
 
 
 def run(ctx: StageContext) -> None:
     group = open_store(ctx.input, "r")
-    output = ctx.output
-    tmp = partial_path(output)
+    opts = ctx.options
+    metadata = json.loads(ctx.metadata.read_text(encoding="utf-8"))
+    parts = plan_parts(tensor_infos(group), opts.split_max_size, opts.split_max_tensors)
+    finals = final_paths(opts.output, len(parts))
+    temps = [temp_path(f, opts.workdir) for f in finals]
+    before = [identity(f) for f in finals]
     try:
-        metadata = json.loads(ctx.metadata.read_text(encoding="utf-8"))
-        write_gguf(group, metadata, tmp, group.attrs["out_type"], ctx.scheduler.bar)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_gguf(group, metadata, temps, parts, group.attrs["out_type"], ctx.scheduler.bar)
+        if ctx.before_publish is not None:
+            ctx.before_publish()
+        publish(temps, finals, before)
+    except OutputChanged:
+        raise  # the finished files stay at their temporary names, which the message gives
+    except BaseException:
+        for t in temps:
+            t.unlink(missing_ok=True)
+        raise
+    ctx.outputs = finals

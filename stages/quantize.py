@@ -12,9 +12,10 @@ Every ternary projection becomes int8 codes in {-1, 0, +1} plus one float32
   checkpoint's weight_scale in the family's direction (1 / ws or ws).
 
 Either way, the llama q/k permutation moves rows within whole heads, so a chunk is
-a whole number of heads. Other tensors are cast to their output float type.
+a whole number of heads. Other tensors are kept exactly as extracted (pack encodes
+them in their output float type, F16 / BF16 / F32 / Q8_0).
 
-The per-chunk kernels (`ternary_rows`, `row_abs_sums`, `float_rows`) take a
+The per-chunk kernels (`ternary_rows`, `row_abs_sums`) take a
 `read(start, stop)` function of source rows, so `verify` runs the very same code
 on the safetensors files.
 """
@@ -27,12 +28,11 @@ import numpy as np
 from pipeline.codecs import (NonFiniteWeights, absmean_row_sums, absmean_scale, absmean_total, effective_scale,
                              ternary_codes)
 from pipeline.context import StageContext
-from pipeline.families import FLOAT_TYPE, TERNARY, Recipe
+from pipeline.families import TERNARY, Recipe
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import array_path, ensure_array, open_array, open_store, row_ranges, written_chunks
 
-FLOAT_DTYPES = {"f16": np.float16, "f32": np.float32}
 ReadRows = Callable[[int, int], np.ndarray]
 
 
@@ -99,10 +99,6 @@ def ternary_scale(recipe: Recipe, absmean: float | None) -> np.float32:
     raise ValueError(f"unknown scale rule {recipe.scale_rule!r}")
 
 
-def float_rows(read: ReadRows, start: int, stop: int, source_dtype: str, dtype) -> np.ndarray:
-    return as_float32(read(start, stop), source_dtype).astype(dtype)
-
-
 def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
     """Output rows per chunk of a ternary tensor: within the budget, whole heads when permuted."""
     return budget.rows_per_chunk(shape, multiple=recipe.row_multiple)
@@ -125,8 +121,8 @@ def codes_task(src: str, out: str, start: int, stop: int, recipe: dict, out_rows
                                                source_dtype, absmean)
 
 
-def cast_task(src: str, out: str, start: int, stop: int, source_dtype: str, dtype) -> None:
-    open_array(out)[start:stop] = float_rows(_reader(src), start, stop, source_dtype, dtype)
+def copy_task(src: str, out: str, start: int, stop: int) -> None:
+    open_array(out)[start:stop] = open_array(src, "r")[start:stop]
 
 
 def run(ctx: StageContext) -> None:
@@ -145,9 +141,9 @@ def run(ctx: StageContext) -> None:
         if recipe.role == TERNARY:
             rows = ternary_chunk_rows(ctx.budget, shape, recipe)
             arr = ensure_array(group, name, shape, rows, np.int8, base, compress=True)
-        else:
+        else:  # kept in the source representation; pack encodes it in the chosen float type
             rows = src.chunks[0]
-            arr = ensure_array(group, name, shape, rows, FLOAT_DTYPES[FLOAT_TYPE[recipe.role]], base)
+            arr = ensure_array(group, name, shape, rows, src.dtype, base)
         layouts[name] = (src, arr, recipe, rows)
 
     # pass 1: absmean scales of master-weight projections that do not have one yet; packed
@@ -173,7 +169,7 @@ def run(ctx: StageContext) -> None:
                 raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") from None
         arr.attrs.update({"absmean": absmean, "scale": float(ternary_scale(recipe, absmean))})
 
-    # pass 2: codes for ternary tensors, casts for the rest
+    # pass 2: codes for ternary tensors, copies of the rest
     tasks = []
     for name in names:
         src, arr, recipe, rows = layouts[name]
@@ -187,5 +183,5 @@ def run(ctx: StageContext) -> None:
                 tasks.append(chunk_task(codes_task, *paths, r0, r1, recipe.as_json(), arr.shape[0], sdtype,
                                         arr.attrs["absmean"]))
             else:
-                tasks.append(chunk_task(cast_task, *paths, r0, r1, sdtype, arr.dtype))
+                tasks.append(chunk_task(copy_task, *paths, r0, r1))
     ctx.scheduler.run(tasks, "quantize")

@@ -335,7 +335,23 @@ def test_float_codecs(codec, dtype, seed, shape):
 
 
 def test_registry():
-    assert set(CODECS) == {"tq2_0", "tq1_0", "i2_s", "f16", "f32"}
-    assert {k: int(v.ggml_type) for k, v in CODECS.items()} == {"tq2_0": 35, "tq1_0": 34, "i2_s": 36,
-                                                                "f16": 1, "f32": 0}
+    """Type ids, block sizes and file types agree with gguf's constants (and FORMATS.md for I2_S)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+    from pipeline.outtypes import EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES
+
+    assert set(CODECS) == set(OUTPUT_TYPES) == {"tq2_0", "tq1_0", "i2_s", "f16", "bf16", "f32", "q8_0"}
+    assert TERNARY_CHOICES == ("tq2_0", "tq1_0", "i2_s")
+    assert set(EMBEDDING_CHOICES) == {"f16", "bf16", "f32", "q8_0"}
+    file_types = {"tq2_0": LlamaFileType.MOSTLY_TQ2_0, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
+                  "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "f32": LlamaFileType.ALL_F32,
+                  "q8_0": LlamaFileType.MOSTLY_Q8_0}
+    for name, t in OUTPUT_TYPES.items():
+        if name == "i2_s":  # bitnet.cpp's fork only: type 36, file type 40, 128 values in 32 bytes + 32-byte tail
+            assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.tail) == (36, 40, 128, 32, 32)
+            continue
+        gtype = GGMLQuantizationType[name.upper()]
+        assert t.ggml_type == gtype
+        assert (t.block_size, t.codec.type_size) == GGML_QUANT_SIZES[gtype]
+        assert t.file_type == file_types[name] and t.tail == 0
     assert [k for k, v in CODECS.items() if v.ternary] == ["tq2_0", "tq1_0", "i2_s"]

@@ -1,0 +1,66 @@
+"""The output files: where they are written while incomplete, and how they appear.
+
+A conversion writes its GGUF (or every part of a split set) to a temporary file next to
+the output, named after the run directory (`.NAME.<tag>.partial`): two conversions from
+different run directories never share a temporary file, and a rerun of one finds and
+replaces its own. The files appear at their final paths only when all are complete, and
+only where nothing or a regular file was: a final path that changed since the conversion
+started (another process wrote it) is not overwritten silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from pipeline.errors import RunDirError
+from pipeline.gguf_file import split_paths
+
+
+def run_tag(workdir: Path) -> str:
+    return hashlib.sha256(str(workdir).encode()).hexdigest()[:8]
+
+
+def final_paths(output: Path, parts: int) -> list[Path]:
+    return split_paths(output, parts)
+
+
+def temp_path(final: Path, workdir: Path) -> Path:
+    return final.with_name(f".{final.name}.{run_tag(workdir)}.partial")
+
+
+def identity(path: Path) -> list | None:
+    """What a file at `path` is now (None: nothing there), to notice a change."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return [stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+class OutputChanged(RunDirError):
+    """Something else was written at an output path while the conversion ran."""
+
+
+def publish(temps: list[Path], finals: list[Path], before: list[list | None]) -> None:
+    """Rename every complete temporary file to its final path, refusing to replace anything but a
+    regular file, or a file that changed since `before` was taken."""
+    for final, seen in zip(finals, before):
+        now = identity(final)
+        if now is not None and not stat.S_ISREG(now[0]):
+            raise OutputChanged(f"-o: {final} is now not a regular file; the finished GGUF stays at "
+                                f"{temps[0]} (rename it yourself)")
+        if now != seen:
+            raise OutputChanged(f"-o: {final} was written by another process during this conversion; "
+                                f"not replacing it: the finished GGUF stays at {temps[finals.index(final)]} "
+                                "(rename it yourself, or rerun to replace theirs)")
+    for temp, final in zip(temps, finals):
+        os.replace(temp, final)
+    dirs = {final.parent for final in finals}
+    for d in dirs:  # make the renames durable
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
