@@ -12,8 +12,8 @@ import pytest
 import sentencepiece as spm
 from safetensors import safe_open
 
-from pipeline import demo
-from pipeline.demo import DEMO_DEFAULTS, write_bitnet_checkpoint
+from tests import synthetic as demo
+from tests.synthetic import DEMO_DEFAULTS, write_bitnet_checkpoint
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2)
 ST_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}

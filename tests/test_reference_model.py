@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 from safetensors.numpy import save_file
 
-from pipeline.demo import write_bitnet_checkpoint
+from tests.synthetic import write_bitnet_checkpoint
 from tests.conftest import absmean_reference
 from tests.reference_model import PROJECTIONS, absmean_ternary, forward, load_checkpoint, rope_neox
 

@@ -6,7 +6,7 @@ with random weights of a chosen shape, dtype (f32, f16, bf16) and shard count.
 Every tensor is generated and written a row chunk at a time, so a 1 GiB
 embedding costs a few MiB of memory. The same arguments give the same bytes.
 
-    python -m pipeline.demo OUT_DIR [--dtype bf16] [--shards 3] [--hidden-size 512] ...
+    python -m tests.synthetic OUT_DIR [--dtype bf16] [--shards 3] [--hidden-size 512] ...
 """
 from __future__ import annotations
 
@@ -427,7 +427,7 @@ def _write_tokenizer_configs(out: Path, max_length: int, added: dict | None = No
 
 def build_parser() -> argparse.ArgumentParser:
     d = DEMO_DEFAULTS
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo",
+    p = argparse.ArgumentParser(prog="python -m tests.synthetic",
                                 description="Write a small random 1bitLLM BitNet b1.58 checkpoint "
                                             "(config.json, safetensors, tokenizer.model) into OUT_DIR.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -455,7 +455,7 @@ def main(argv=None) -> int:
     try:
         path = write_bitnet_checkpoint(out_dir, **args)
     except OptionError as e:
-        print(f"pipeline.demo: error: {e}", file=sys.stderr)
+        print(f"tests.synthetic: error: {e}", file=sys.stderr)
         return 2
     print(path)
     return 0
