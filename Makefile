@@ -63,7 +63,7 @@ demo-model: $(DEMO_MODEL)/config.json
 
 # generated once, so an interrupted `make convert` resumes instead of starting over
 $(DEMO_MODEL)/config.json: $(VENV)/.stamp-base
-	$(PY) -m pipeline.demo $(DEMO_MODEL)
+	$(PY) -m tests.synthetic $(DEMO_MODEL)
 
 ifeq ($(strip $(MODEL)),)
 convert: demo-model

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import format_size, parse_size  # noqa: E402
-from pipeline.demo import write_bitnet_checkpoint  # noqa: E402
+from tests.synthetic import write_bitnet_checkpoint  # noqa: E402
 from tests.peak_rss import run_measuring_peak  # noqa: E402
 
 # the real models' shapes (FORMATS.md): hidden, intermediate, layers, heads, vocab

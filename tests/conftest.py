@@ -63,7 +63,7 @@ def absmean_reference(w: np.ndarray) -> np.ndarray:
 @pytest.fixture
 def checkpoint(tmp_path):
     """Factory: checkpoint(**shape) -> directory of a fresh synthetic 1bitLLM checkpoint."""
-    from pipeline.demo import write_bitnet_checkpoint
+    from tests.synthetic import write_bitnet_checkpoint
 
     counter = iter(range(1000))
 

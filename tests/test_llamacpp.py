@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from pipeline.demo import write_bitnet_checkpoint, write_safetensors
+from tests.synthetic import write_bitnet_checkpoint, write_safetensors
 from tests.conftest import convert
 from tests.reference_model import _read_safetensors, forward
 

@@ -167,7 +167,7 @@ def test_same_file_as_llama_cpp_converter(llama_convert, checkpoint, tmp_path, n
 
 def test_the_naming_keys_are_the_only_difference(llama_convert, tmp_path):
     """The one difference a user sees in the metadata, spelled out for a 1bitLLM-like directory name."""
-    from pipeline.demo import write_bitnet_checkpoint
+    from tests.synthetic import write_bitnet_checkpoint
 
     model = write_bitnet_checkpoint(tmp_path / "bitnet_b1_58-tiny", hidden_size=256, intermediate_size=512,
                                     num_layers=1, num_heads=4)

@@ -1,0 +1,802 @@
+"""Small synthetic checkpoints of every BitNet b1.58 family, for tests, the demo and the bench.
+
+`write_checkpoint(out_dir, family, ...)` lays out a directory the way the family's
+published checkpoints do (config.json, safetensors, tokenizer), with random weights of
+a chosen shape and shard count (FORMATS.md section 2, docs/notes/packed-families.md
+sections 0 and 4):
+
+    1bitllm      1bitLLM/bitnet_b1_58-*: BitnetForCausalLM, master weights (f32/f16/bf16),
+                 SentencePiece tokenizer.model
+    llama3-1.58  HF1BitLLM/Llama3-8B-1.58-*: LlamaForCausalLM + quant_method bitnet, packed
+                 uint8 projections + bf16 weight_scale (BitLinear: W = codes / scale),
+                 untied lm_head, byte-level BPE tokenizer.json
+    falcon3-1.58 tiiuae/Falcon3-*-1.58bit: as llama3-1.58 plus an explicit head_dim
+    2b4t         microsoft/bitnet-b1.58-2B-4T: BitNetForCausalLM, packed projections
+                 (AutoBitLinear offline: W = codes * scale), relu2, sub-norms, tied
+    2b4t-bf16    microsoft/bitnet-b1.58-2B-4T-bf16: the same with bf16 master weights
+
+Every tensor is generated and written a row chunk at a time (packed ones too), so a
+1 GiB embedding costs a few MiB of memory. The same arguments give the same bytes.
+
+    python -m tests.synthetic OUT_DIR [--family 2b4t] [--dtype bf16] [--shards 3] [--hidden-size 512] ...
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipeline.errors import OptionError
+
+# The shape `make convert` (no MODEL) converts. Hidden and intermediate sizes are
+# multiples of 256 so every projection can be TQ1_0/TQ2_0 (other row lengths fall
+# back to F16); f32 on disk like the real bitnet_b1_58-large.
+DEMO_DEFAULTS = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_layers": 2,
+    "num_heads": 4,
+    "dtype": "f32",
+}
+
+DTYPES = ("f32", "f16", "bf16")  # the float types a checkpoint's float tensors can have
+SAFETENSORS_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "u8": "U8"}
+TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "u8": 1}
+
+CHUNK_ELEMS = 1 << 22  # values generated at once (16 MiB of float32)
+VOCAB_MULTIPLE = 64
+
+
+# -- values -----------------------------------------------------------------------------
+
+# Role of a tensor -> (mean, base std). Projections get a small std so the absmean
+# scale (~0.8 std) is far from 1 and a missing or misplaced scale shows up; norms
+# scatter around 1 so a dropped or swapped norm changes the output. An untied lm_head
+# gets a std that keeps the logits of a unit-RMS hidden state near 1.
+VALUE_PROFILE = {
+    "embedding": (0.0, 1.0),
+    "head": (0.0, 0.06),
+    "norm": (1.0, 0.1),
+    "attn": (0.0, 0.03),
+    "ffn_in": (0.0, 0.04),
+    "ffn_out": (0.0, 0.02),
+}
+
+# Packed projections: the weight_scale of each tensor is drawn from this range, far
+# from 1 so dividing instead of multiplying (or dropping it) changes every value a lot.
+WEIGHT_SCALE_RANGE = (2.0, 8.0)
+# ... and the fraction of zero codes from this one (trained BitNet weights: about a third to a half).
+ZERO_FRACTION_RANGE = (0.3, 0.5)
+
+
+def _tensor_rng(seed: int, name: str) -> np.random.Generator:
+    # Seeded by name, so a tensor's values do not depend on the order tensors are written in.
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+
+
+def tensor_chunks(name: str, shape: tuple[int, ...], role: str, seed: int) -> Iterator[np.ndarray]:
+    """The float32 values of one tensor, as consecutive row blocks of at most CHUNK_ELEMS."""
+    rng = _tensor_rng(seed, name)
+    mean, std = VALUE_PROFILE[role]
+    if role != "embedding":
+        std *= 0.75 + 0.5 * rng.random()  # every tensor gets its own scale
+    row_elems = math.prod(shape[1:])
+    rows_per_chunk = max(1, CHUNK_ELEMS // max(row_elems, 1))
+    for start in range(0, shape[0], rows_per_chunk):
+        rows = min(rows_per_chunk, shape[0] - start)
+        block = rng.standard_normal((rows, *shape[1:]), dtype=np.float32)
+        block *= np.float32(std)
+        if mean:
+            block += np.float32(mean)
+        yield block
+
+
+def packed_chunks(name: str, shape: tuple[int, int], seed: int) -> Iterator[np.ndarray]:
+    """Random ternary codes of a (4 * shape[0], shape[1]) weight, packed: uint8 row blocks of `shape`.
+
+    Packed row r holds unpacked rows r, r + n, r + 2n, r + 3n (n = shape[0]) in bits
+    0-1, 2-3, 4-5, 6-7, each as code + 1 (0, 1, 2 for -1, 0, +1; never 3). The codes are
+    drawn packed row by packed row from one stream per tensor (float32 uniforms, whose
+    stream does not depend on how it is cut), so the chunk size does not change them.
+    """
+    rng = _tensor_rng(seed, name)
+    low, high = ZERO_FRACTION_RANGE
+    zeros = low + (high - low) * rng.random()
+    below_zero, below_plus = np.float32((1 - zeros) / 2), np.float32((1 + zeros) / 2)
+    n_rows, n_cols = shape
+    rows_per_chunk = max(1, CHUNK_ELEMS // max(4 * n_cols, 1))
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8)[None, :, None]
+    for start in range(0, n_rows, rows_per_chunk):
+        rows = min(rows_per_chunk, n_rows - start)
+        u = rng.random((rows, 4, n_cols), dtype=np.float32)  # [packed row, quarter k, column]
+        fields = (u >= below_zero).astype(np.uint8) + (u >= below_plus).astype(np.uint8)
+        yield np.bitwise_or.reduce(fields << shifts, axis=1)
+
+
+def weight_scale_chunks(name: str, seed: int) -> Iterator[np.ndarray]:
+    """The one value of a `<proj>.weight_scale` tensor, in WEIGHT_SCALE_RANGE."""
+    low, high = WEIGHT_SCALE_RANGE
+    yield np.array([low + (high - low) * _tensor_rng(seed, name).random()], dtype=np.float32)
+
+
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest, ties to even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    round_bias = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + round_bias) >> 16).astype(np.uint16)
+
+
+def encode(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Generated values -> the little-endian array whose bytes are stored for `dtype`
+    (float32 values for the float types, uint8 bytes for "u8")."""
+    if dtype == "u8":
+        if values.dtype != np.uint8:
+            raise TypeError(f"u8 tensors are generated as uint8, not {values.dtype}")
+        return values
+    if dtype == "bf16":
+        return bf16_bits(values).astype("<u2", copy=False)
+    return values.astype({"f32": "<f4", "f16": "<f2"}[dtype], copy=False)
+
+
+# -- safetensors writer -------------------------------------------------------------------
+
+# (name, shape, chunks) stored as the file's dtype, or (name, shape, chunks, dtype)
+TensorSpec = tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]]]
+
+
+def write_safetensors(path: Path, tensors: list, dtype: str) -> int:
+    """Write one safetensors file, streaming each tensor's row blocks as they are made.
+
+    `tensors` are (name, shape, chunks) with `chunks()` yielding row blocks (float32 for
+    float types, uint8 for "u8"); they are stored as `dtype` unless an entry carries its
+    own dtype as a fourth item. Returns the number of data bytes. The file is written
+    under a temporary name and renamed, so an interrupted run leaves no file that looks
+    complete.
+    """
+    entries = [(t[0], tuple(t[1]), t[2], t[3] if len(t) > 3 else dtype) for t in tensors]
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, _, dt in entries:
+        nbytes = math.prod(shape) * ITEMSIZE[dt]
+        header[name] = {"dtype": SAFETENSORS_DTYPE[dt], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, chunks, dt in entries:
+            written = 0
+            for block in chunks():
+                data = encode(block, dt)
+                f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+                written += data.nbytes
+            begin, end = header[name]["data_offsets"]
+            if written != end - begin:  # a bug here would silently shift every later tensor
+                raise RuntimeError(f"{name}: generated {written} bytes, the header promised {end - begin}")
+    os.replace(partial, path)
+    return offset
+
+
+# -- families -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hparams:
+    """Everything config.json and the tensor list are derived from."""
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    dtype: str
+    bos_token_id: int
+    eos_token_id: int
+
+
+def _bitnet_1bitllm_config(h: Hparams) -> dict:
+    # Keys and values as in 1bitLLM/bitnet_b1_58-large's config.json. That file says
+    # "tie_word_embeddings": false yet ships no lm_head.weight (its remote code and
+    # llama.cpp's `bitnet` arch use the embedding as the output), so we copy the flag
+    # as it is: a converter must not rely on it for this family. Its pad_token_id
+    # (32000) names a row past the SentencePiece pieces; our tokenizer has no pad
+    # piece, so it is null here.
+    return {
+        "architectures": ["BitnetForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": h.bos_token_id,
+        "eos_token_id": h.eos_token_id,
+        "pad_token_id": None,
+        "hidden_act": "silu",
+        "hidden_size": h.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": h.intermediate_size,
+        "max_position_embeddings": h.max_position_embeddings,
+        "num_attention_heads": h.num_heads,
+        "num_hidden_layers": h.num_layers,
+        "num_key_value_heads": h.num_kv_heads,
+        "pretraining_tp": 1,
+        "rms_norm_eps": h.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": h.rope_theta,
+        "tie_word_embeddings": False,
+        "torch_dtype": TORCH_DTYPE[h.dtype],
+        "transformers_version": "4.39.0",
+        "use_cache": True,
+        "vocab_size": h.vocab_size,
+        "weight_bits": 1,
+        "input_bits": 8,
+    }
+
+
+def _llama_bitnet_config(h: Hparams) -> dict:
+    # HF1BitLLM/Llama3-8B-1.58-100B-tokens (Llama 3, not 3.1: no rope_scaling; no head_dim key)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": h.bos_token_id,
+        "eos_token_id": h.eos_token_id,
+        "hidden_act": "silu",
+        "hidden_size": h.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": h.intermediate_size,
+        "is_bitnet_config": True,
+        "max_position_embeddings": h.max_position_embeddings,
+        "mlp_bias": False,
+        "num_attention_heads": h.num_heads,
+        "num_hidden_layers": h.num_layers,
+        "num_key_value_heads": h.num_kv_heads,
+        "pretraining_tp": 1,
+        "quantization_config": {"quant_method": "bitnet", "modules_to_not_convert": None},
+        "rms_norm_eps": h.rms_norm_eps,
+        "rope_interleaved": False,
+        "rope_scaling": None,
+        "rope_theta": h.rope_theta,
+        "tie_word_embeddings": False,
+        "torch_dtype": TORCH_DTYPE[h.dtype],
+        "transformers_version": "4.44.0",
+        "use_cache": True,
+        "vocab_size": h.vocab_size,
+    }
+
+
+def _falcon3_bitnet_config(h: Hparams) -> dict:
+    # tiiuae/Falcon3-*-1.58bit: explicit head_dim, rope_theta a JSON int, lm_head kept unquantized
+    config = _llama_bitnet_config(h)
+    del config["rope_interleaved"]
+    config |= {
+        "head_dim": h.head_dim,
+        "quantization_config": {"modules_to_not_convert": ["lm_head"], "quant_method": "bitnet"},
+        "rope_theta": int(round(h.rope_theta)),
+    }
+    return dict(sorted(config.items()))
+
+
+def _bitnet_2b4t_config(h: Hparams, packed: bool) -> dict:
+    # microsoft/bitnet-b1.58-2B-4T(-bf16); its auto_map (remote code) is left out
+    config = {
+        "architectures": ["BitNetForCausalLM"],
+        "model_type": "bitnet",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": h.bos_token_id,
+        "eos_token_id": h.eos_token_id,
+        "hidden_act": "relu2",
+        "hidden_size": h.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": h.intermediate_size,
+        "max_position_embeddings": h.max_position_embeddings,
+        "num_attention_heads": h.num_heads,
+        "num_hidden_layers": h.num_layers,
+        "num_key_value_heads": h.num_kv_heads,
+        "rms_norm_eps": h.rms_norm_eps,
+        "rope_theta": h.rope_theta,
+        "tie_word_embeddings": True,
+        "torch_dtype": TORCH_DTYPE[h.dtype],
+        "transformers_version": "4.40.0",
+        "use_cache": True,
+        "vocab_size": h.vocab_size,
+    }
+    if packed:
+        config["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                         "quantization_mode": "offline"}
+    return config
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a checkpoint family's directory looks like."""
+    config: Callable[[Hparams], dict]
+    packed: bool                           # projections as packed uint8 + <proj>.weight_scale
+    sub_norms: tuple[str, str] | None      # (after attention, inside the MLP), or none
+    lm_head: bool                          # an lm_head.weight tensor (untied output)
+    tokenizer: str                         # "sentencepiece" (tokenizer.model) or "bpe" (tokenizer.json)
+    head_dim_key: bool                     # config.json has head_dim (which may differ from hidden/heads)
+    special_tokens: tuple[str, str] = ("<s>", "</s>")  # (bos, eos) token strings
+    defaults: dict = field(default_factory=dict)        # rope_theta, rms_norm_eps, max_position_embeddings, dtype
+
+
+_BITNET_SUB_NORMS = ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+
+FAMILIES: dict[str, Family] = {
+    "1bitllm": Family(
+        config=_bitnet_1bitllm_config, packed=False,
+        sub_norms=("self_attn.inner_attn_ln", "mlp.ffn_layernorm"), lm_head=False,
+        tokenizer="sentencepiece", head_dim_key=False,
+        defaults=dict(rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=2048, dtype="f32",
+                      tokenizer_vocab=320)),
+    "llama3-1.58": Family(
+        config=_llama_bitnet_config, packed=True, sub_norms=None, lm_head=True,
+        tokenizer="bpe", head_dim_key=False, special_tokens=("<|begin_of_text|>", "<|eot_id|>"),
+        defaults=dict(rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192, dtype="bf16",
+                      tokenizer_vocab=400)),
+    "falcon3-1.58": Family(
+        config=_falcon3_bitnet_config, packed=True, sub_norms=None, lm_head=True,
+        tokenizer="bpe", head_dim_key=True, special_tokens=("<|begin_of_text|>", "<|begin_of_text|>"),
+        defaults=dict(rope_theta=1000042, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
+                      tokenizer_vocab=400)),
+    "2b4t": Family(
+        config=lambda h: _bitnet_2b4t_config(h, packed=True), packed=True, sub_norms=_BITNET_SUB_NORMS,
+        lm_head=False, tokenizer="bpe", head_dim_key=False,
+        special_tokens=("<|begin_of_text|>", "<|end_of_text|>"),
+        defaults=dict(rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=4096, dtype="bf16",
+                      tokenizer_vocab=400)),
+    "2b4t-bf16": Family(
+        config=lambda h: _bitnet_2b4t_config(h, packed=False), packed=False, sub_norms=_BITNET_SUB_NORMS,
+        lm_head=False, tokenizer="bpe", head_dim_key=False,
+        special_tokens=("<|begin_of_text|>", "<|end_of_text|>"),
+        defaults=dict(rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=4096, dtype="bf16",
+                      tokenizer_vocab=400)),
+}
+
+PROJECTION_ROLES = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
+                    "self_attn.o_proj": "attn", "mlp.gate_proj": "ffn_in", "mlp.up_proj": "ffn_in",
+                    "mlp.down_proj": "ffn_out"}
+
+
+# -- checkpoint layout --------------------------------------------------------------------
+
+def family_tensor_specs(family: Family, h: Hparams) -> list[tuple[str, tuple[int, ...], str, str]]:
+    """(name, shape, role, stored dtype) of every tensor, in the order transformers saves them.
+
+    role is a VALUE_PROFILE key, "packed" (uint8 codes, shape (out/4, in)) or "weight_scale".
+    """
+    q_dim, kv_dim = h.num_heads * h.head_dim, h.num_kv_heads * h.head_dim
+    proj_shapes = {"self_attn.q_proj": (q_dim, h.hidden_size), "self_attn.k_proj": (kv_dim, h.hidden_size),
+                   "self_attn.v_proj": (kv_dim, h.hidden_size), "self_attn.o_proj": (h.hidden_size, q_dim),
+                   "mlp.gate_proj": (h.intermediate_size, h.hidden_size),
+                   "mlp.up_proj": (h.intermediate_size, h.hidden_size),
+                   "mlp.down_proj": (h.hidden_size, h.intermediate_size)}
+    attn_sub, ffn_sub = family.sub_norms or (None, None)
+
+    def projection(p: str, proj: str) -> list:
+        (out_dim, in_dim), name = proj_shapes[proj], p + proj + ".weight"
+        if not family.packed:
+            return [(name, (out_dim, in_dim), PROJECTION_ROLES[proj], h.dtype)]
+        return [(name, (out_dim // 4, in_dim), "packed", "u8"), (name + "_scale", (1,), "weight_scale", h.dtype)]
+
+    specs = [("model.embed_tokens.weight", (h.vocab_size, h.hidden_size), "embedding", h.dtype)]
+    for i in range(h.num_layers):
+        p = f"model.layers.{i}."
+        specs.append((p + "input_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"):
+            specs += projection(p, proj)
+        if attn_sub:
+            specs.append((p + attn_sub + ".weight", (q_dim,), "norm", h.dtype))
+        specs.append((p + "post_attention_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
+        for proj in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            specs += projection(p, proj)
+        if ffn_sub:
+            specs.append((p + ffn_sub + ".weight", (h.intermediate_size,), "norm", h.dtype))
+    specs.append(("model.norm.weight", (h.hidden_size,), "norm", h.dtype))
+    if family.lm_head:
+        specs.append(("lm_head.weight", (h.vocab_size, h.hidden_size), "head", h.dtype))
+    return specs
+
+
+def split_into_shards(sizes: list[int], shards: int) -> list[int]:
+    """Shard index of each tensor: contiguous, balanced by bytes, no shard empty."""
+    total = sum(sizes) or 1
+    n = len(sizes)
+    out, done, prev = [], 0, 0
+    for i, size in enumerate(sizes):
+        ideal = min(shards - 1, done * shards // total)
+        shard = 0 if i == 0 else min(max(ideal, prev, shards - (n - i)), prev + 1)
+        out.append(shard)
+        prev, done = shard, done + size
+    return out
+
+
+def _positive_int(label: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise OptionError(f"{label} must be a positive integer, not {value!r}")
+
+
+def _check_shape(family_name: str, family: Family, *, hidden_size, intermediate_size, num_heads,
+                 num_kv_heads, head_dim) -> int:
+    """The head dimension, after checking that the shape options fit together and the family."""
+    if num_heads % num_kv_heads:
+        raise OptionError(f"num_heads {num_heads} and num_kv_heads {num_kv_heads}: kv heads must divide heads")
+    if head_dim is None:
+        if hidden_size % num_heads:
+            raise OptionError(f"hidden_size {hidden_size}, num_heads {num_heads} and num_kv_heads {num_kv_heads}: "
+                              "heads must divide hidden_size and kv heads must divide heads")
+        head_dim = hidden_size // num_heads
+    elif not family.head_dim_key and head_dim * num_heads != hidden_size:
+        raise OptionError(f"head_dim {head_dim}: family {family_name} has no head_dim in config.json, "
+                          f"so it must be hidden_size / num_heads = {hidden_size / num_heads:g}")
+    if head_dim % 2:
+        raise OptionError(f"head_dim {head_dim}: rope needs an even head dimension")
+    if family.packed:
+        rows = {"hidden_size": hidden_size, "intermediate_size": intermediate_size,
+                "num_heads * head_dim": num_heads * head_dim, "num_kv_heads * head_dim": num_kv_heads * head_dim}
+        for label, value in rows.items():
+            if value % 4:
+                raise OptionError(f"{label} = {value}: packed weights hold 4 rows per byte, "
+                                  "so it must be a multiple of 4")
+    return head_dim
+
+
+def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, intermediate_size=512,
+                     num_layers=2, num_heads=4, num_kv_heads=None, head_dim=None, vocab_size=None,
+                     tokenizer_vocab=None, dtype=None, shards=1, seed=0, rope_theta=None, rms_norm_eps=None,
+                     max_position_embeddings=None, added_tokens=False) -> Path:
+    """Write a random checkpoint of `family` (a FAMILIES key) into `out_dir` and return its path.
+
+    `dtype` is the stored type of every float tensor (master projections, embedding,
+    lm_head, norms, weight_scale); packed projections are always uint8. `head_dim`
+    (default hidden_size / num_heads) may differ from that only for families whose
+    config.json names it (falcon3-1.58). `vocab_size` (the embedding's row count)
+    defaults to the tokenizer's size rounded up to the next multiple of 64 above it, so
+    there are always rows the tokenizer does not cover. `rope_theta`, `rms_norm_eps`,
+    `max_position_embeddings`, `dtype` and `tokenizer_vocab` default to the family's
+    values. Safetensors files of an earlier run in `out_dir` are replaced.
+    `added_tokens` (1bitllm only) also writes added_tokens.json and tokenizer_config.json's
+    added_tokens_decoder (special and plain tokens, one beyond vocab_size) and a
+    pad_token_id, the way fine-tuned checkpoints extend a SentencePiece vocabulary.
+    """
+    if family not in FAMILIES:
+        raise OptionError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
+    fam = FAMILIES[family]
+    d = fam.defaults
+    dtype = d["dtype"] if dtype is None else dtype
+    tokenizer_vocab = d["tokenizer_vocab"] if tokenizer_vocab is None else tokenizer_vocab
+    rope_theta = d["rope_theta"] if rope_theta is None else rope_theta
+    rms_norm_eps = d["rms_norm_eps"] if rms_norm_eps is None else rms_norm_eps
+    max_position_embeddings = d["max_position_embeddings"] if max_position_embeddings is None \
+        else max_position_embeddings
+    if dtype not in DTYPES:
+        raise OptionError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    for label, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                         ("num_layers", num_layers), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                         ("shards", shards), ("tokenizer_vocab", tokenizer_vocab)):
+        _positive_int(label, value)
+    for label, value in (("vocab_size", vocab_size), ("head_dim", head_dim)):
+        if value is not None:
+            _positive_int(label, value)
+    head_dim = _check_shape(family, fam, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                            num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    if added_tokens and fam.tokenizer != "sentencepiece":
+        raise OptionError(f"added_tokens: only SentencePiece families take them, not {family}")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = TOKENIZERS[fam.tokenizer]
+    n_tokens, (bos_id, eos_id) = tokenizer(out, fam, tokenizer_vocab, seed, max_position_embeddings)
+    if vocab_size is None:
+        vocab_size = (n_tokens // VOCAB_MULTIPLE + 1) * VOCAB_MULTIPLE
+    elif vocab_size < n_tokens:
+        raise OptionError(f"vocab_size {vocab_size}: the tokenizer has {n_tokens} tokens, so it needs at least that")
+    added = _added_tokens(n_tokens, vocab_size) if added_tokens else None
+    if fam.tokenizer == "sentencepiece":
+        _write_tokenizer_configs(out, max_position_embeddings, added)
+
+    hp = Hparams(hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size,
+                 max_position_embeddings, rms_norm_eps, rope_theta, dtype, bos_id, eos_id)
+    specs = family_tensor_specs(fam, hp)
+    if shards > len(specs):
+        raise OptionError(f"shards {shards}: the checkpoint has only {len(specs)} tensors")
+
+    stale_files = [*out.glob("model*.safetensors"), *out.glob("model*.safetensors.partial"),
+                   out / "model.safetensors.index.json"]
+    for stale in stale_files:
+        stale.unlink(missing_ok=True)
+
+    sizes = [math.prod(shape) * ITEMSIZE[dt] for _, shape, _, dt in specs]
+    shard_of = split_into_shards(sizes, shards)
+    files = (["model.safetensors"] if shards == 1 else
+             [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)])
+    weight_map, total = {}, 0
+    for k, fname in enumerate(files):
+        # Within a file, safetensors orders tensors by name ("layers.10" before "layers.2").
+        members = sorted((s for s, sh in zip(specs, shard_of) if sh == k), key=lambda s: s[0])
+        entries = [(name, shape, _chunk_source(name, shape, role, seed), dt) for name, shape, role, dt in members]
+        total += write_safetensors(out / fname, entries, dtype)
+        weight_map.update({name: fname for name, *_ in members})
+    if shards > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(out / "model.safetensors.index.json", index)
+
+    config = fam.config(hp)
+    if added:
+        config["pad_token_id"] = added["pad_token_id"]
+    _write_json(out / "config.json", config)
+    return out
+
+
+def write_bitnet_checkpoint(out_dir, *, hidden_size=256, intermediate_size=512, num_layers=2,
+                            num_heads=4, num_kv_heads=None, vocab_size=None, tokenizer_vocab=320,
+                            dtype="f32", shards=1, seed=0, rope_theta=10000.0, rms_norm_eps=1e-5,
+                            max_position_embeddings=2048, added_tokens=False) -> Path:
+    """A 1bitLLM-style checkpoint (BitnetForCausalLM, master weights, SentencePiece): see write_checkpoint."""
+    return write_checkpoint(out_dir, "1bitllm", hidden_size=hidden_size, intermediate_size=intermediate_size,
+                            num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                            vocab_size=vocab_size, tokenizer_vocab=tokenizer_vocab, dtype=dtype, shards=shards,
+                            seed=seed, rope_theta=rope_theta, rms_norm_eps=rms_norm_eps,
+                            max_position_embeddings=max_position_embeddings, added_tokens=added_tokens)
+
+
+def write_llama3_checkpoint(out_dir, **kw) -> Path:
+    """An HF1BitLLM/Llama3-8B-1.58-style checkpoint: see write_checkpoint."""
+    return write_checkpoint(out_dir, "llama3-1.58", **kw)
+
+
+def write_falcon3_checkpoint(out_dir, **kw) -> Path:
+    """A tiiuae/Falcon3-*-1.58bit-style checkpoint: see write_checkpoint."""
+    return write_checkpoint(out_dir, "falcon3-1.58", **kw)
+
+
+def write_2b4t_checkpoint(out_dir, **kw) -> Path:
+    """A microsoft/bitnet-b1.58-2B-4T-style checkpoint (packed): see write_checkpoint."""
+    return write_checkpoint(out_dir, "2b4t", **kw)
+
+
+def write_2b4t_bf16_checkpoint(out_dir, **kw) -> Path:
+    """A microsoft/bitnet-b1.58-2B-4T-bf16-style checkpoint (master weights): see write_checkpoint."""
+    return write_checkpoint(out_dir, "2b4t-bf16", **kw)
+
+
+def _chunk_source(name, shape, role, seed) -> Callable[[], Iterator[np.ndarray]]:
+    if role == "packed":
+        return lambda: packed_chunks(name, shape, seed)
+    if role == "weight_scale":
+        return lambda: weight_scale_chunks(name, seed)
+    return lambda: tensor_chunks(name, shape, role, seed)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+# -- tokenizer ----------------------------------------------------------------------------
+
+_DETERMINERS = "the a this that every some one no each".split()
+_ADJECTIVES = ("small red old quiet bright green cold warm long short happy busy slow quick dark "
+               "heavy light young clever gentle strange simple early late round narrow wide").split()
+_NOUNS = ("cat dog river house garden teacher window city road tree bird child letter market "
+          "mountain boat story friend kitchen lamp morning evening table door forest village "
+          "farmer painter song cloud stone bridge island train station book paper").split()
+_VERBS = ("sees finds likes keeps opens carries follows watches builds paints reads writes "
+          "brings holds moves visits remembers needs makes loves").split()
+_INTRANSITIVE = "sleeps waits sings runs falls rests stays smiles listens wanders".split()
+_PREPOSITIONS = "near under behind beside across through over into from with".split()
+_ADVERBS = "slowly often quietly today again never always there soon suddenly".split()
+_SYLLABLES = ("ka lo mir an ta ve ri son del bar en is or ul tha qua zen po fi gu "
+              "nor sel vi dra mon ket bel wy xo jan").split()
+
+
+def _noun_phrase(rng: random.Random, names: list[str]) -> str:
+    if rng.random() < 0.15:
+        return rng.choice(names)
+    words = [rng.choice(_DETERMINERS)]
+    if rng.random() < 0.5:
+        words.append(rng.choice(_ADJECTIVES))
+    words.append(rng.choice(_NOUNS))
+    return " ".join(words)
+
+
+def demo_corpus(seed: int = 0, lines: int = 3000, names: int = 400) -> list[str]:
+    """Generated English-like sentences. Nearly all lower case, so a small vocabulary
+    still has room for merges; capitals other than a sentence's first determiner,
+    digits and other characters are absent and reach the model through byte fallback.
+    Made-up names (from syllables) give larger vocabularies something to learn."""
+    # random.Random, not numpy: this is many small scalar draws, where numpy's
+    # per-call overhead made corpus generation 20x slower.
+    rng = random.Random(seed)
+    name_list = ["".join(rng.choices(_SYLLABLES, k=rng.randint(2, 4))) for _ in range(names)]
+    out = []
+    for _ in range(lines):
+        subject = _noun_phrase(rng, name_list)
+        if rng.random() < 0.6:
+            words = [subject, rng.choice(_VERBS), _noun_phrase(rng, name_list)]
+        else:
+            words = [subject, rng.choice(_INTRANSITIVE)]
+        if rng.random() < 0.4:
+            words += [rng.choice(_PREPOSITIONS), _noun_phrase(rng, name_list)]
+        if rng.random() < 0.3:
+            words.append(rng.choice(_ADVERBS))
+        sentence = " ".join(words)
+        if rng.random() < 0.3 and subject.split()[0] in _DETERMINERS:
+            sentence = sentence[0].upper() + sentence[1:]
+        out.append(sentence + ("." if rng.random() < 0.9 else ", and then nothing."))
+    return out
+
+
+def train_sentencepiece_tokenizer(out_dir, vocab_size=320, seed=0) -> Path:
+    """Train a llama-style SentencePiece BPE model on `demo_corpus` -> out_dir/tokenizer.model.
+
+    Ids as in Llama/1bitLLM: <unk> 0, <s> 1, </s> 2, no pad; byte fallback (256
+    <0xNN> pieces), so `vocab_size` must be at least 300. The corpus grows with
+    `vocab_size`; up to about 50000 pieces can be learned (32000 takes ~1 s).
+    """
+    import sentencepiece as spm
+
+    if vocab_size < 300:
+        raise OptionError(f"tokenizer vocab_size {vocab_size}: needs at least 300 "
+                          "(3 special and 256 byte pieces plus the corpus characters)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = demo_corpus(seed, lines=max(3000, 4 * vocab_size), names=max(400, 3 * vocab_size))
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus), model_writer=model, model_type="bpe",
+            vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+            character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        raise OptionError(f"tokenizer vocab_size {vocab_size}: SentencePiece training failed ({e})") from None
+    path = out / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def _added_tokens(n_pieces: int, vocab_size: int) -> dict:
+    """Extra tokens past the SentencePiece pieces: added_tokens.json entries and
+    added_tokens_decoder entries (id -> content, special)."""
+    if vocab_size < n_pieces + 4:
+        raise OptionError(f"added_tokens needs vocab_size >= {n_pieces + 4} (the pieces plus 4 added tokens)")
+    return {
+        "json": {"<pad>": n_pieces, "extra\u2581word": n_pieces + 1},
+        "decoder": {
+            str(n_pieces): {"content": "<pad>", "special": True},
+            str(n_pieces + 2): {"content": "<|im_start|>", "special": False},   # looks special
+            str(n_pieces + 3): {"content": "two\u2581words", "special": False},  # plain, user-defined
+            str(vocab_size + 5): {"content": "<beyond>", "special": True},      # outside the table
+        },
+        "pad_token_id": n_pieces,
+    }
+
+
+def _write_tokenizer_configs(out: Path, max_length: int, added: dict | None = None) -> None:
+    for stale in (out / "added_tokens.json",):
+        stale.unlink(missing_ok=True)
+    if added:
+        _write_json(out / "added_tokens.json", added["json"])
+    _write_json(out / "tokenizer_config.json", {
+        **({"added_tokens_decoder": {k: {**v, "lstrip": False, "rstrip": False, "normalized": False,
+                                         "single_word": False} for k, v in added["decoder"].items()}}
+           if added else {}),
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": max_length,
+        "tokenizer_class": "LlamaTokenizer",
+    })
+    _write_json(out / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+
+
+
+def _sentencepiece_tokenizer(out: Path, family: Family, vocab_size: int, seed: int,
+                             max_length: int) -> tuple[int, tuple[int, int]]:
+    """tokenizer.model; returns (piece count, (bos id, eos id)). The JSON configs come later
+    (they depend on vocab_size when there are added tokens)."""
+    (out / "tokenizer.json").unlink(missing_ok=True)
+    path = train_sentencepiece_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(path))
+    return sp.vocab_size(), (sp.bos_id(), sp.eos_id())
+
+
+def _bpe_tokenizer(out: Path, family: Family, vocab_size: int, seed: int,
+                   max_length: int) -> tuple[int, tuple[int, int]]:
+    """tokenizer.json and tokenizer_config.json (bos/eos set to the family's special tokens);
+    returns (token count including added tokens, (bos id, eos id))."""
+    from tokenizers import Tokenizer
+
+    from tests.bpe_tokenizer import train_bpe_tokenizer
+
+    for stale in ("tokenizer.model", "special_tokens_map.json", "added_tokens.json"):
+        (out / stale).unlink(missing_ok=True)
+    train_bpe_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    bos, eos = family.special_tokens
+    ids = tok.token_to_id(bos), tok.token_to_id(eos)
+    if None in ids:
+        raise RuntimeError(f"the BPE tokenizer has no {bos} or {eos} token")
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    config |= {"bos_token": bos, "eos_token": eos, "model_max_length": max_length}
+    _write_json(config_path, config)
+    return tok.get_vocab_size(with_added_tokens=True), ids
+
+
+TOKENIZERS = {"sentencepiece": _sentencepiece_tokenizer, "bpe": _bpe_tokenizer}
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEMO_DEFAULTS
+    p = argparse.ArgumentParser(prog="python -m tests.synthetic",
+                                description="Write a small random BitNet b1.58 checkpoint of one family "
+                                            "(config.json, safetensors, tokenizer) into OUT_DIR.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    p.add_argument("--family", choices=list(FAMILIES), default="1bitllm")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help=f"float tensors (default: the family's; {d['dtype']} for 1bitllm, bf16 otherwise)")
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--hidden-size", type=int, default=d["hidden_size"])
+    p.add_argument("--intermediate-size", type=int, default=d["intermediate_size"])
+    p.add_argument("--layers", dest="num_layers", type=int, default=d["num_layers"])
+    p.add_argument("--heads", dest="num_heads", type=int, default=d["num_heads"])
+    p.add_argument("--kv-heads", dest="num_kv_heads", type=int, default=None, help="default: --heads")
+    p.add_argument("--head-dim", type=int, default=None,
+                   help="default: hidden size / heads (only falcon3-1.58 may differ)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="embedding rows (default: tokenizer size rounded up past a multiple of 64)")
+    p.add_argument("--tokenizer-vocab", type=int, default=None,
+                   help="tokenizer size (default: 320 SentencePiece pieces, 400 BPE tokens)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rope-theta", type=float, default=None, help="default: the family's")
+    p.add_argument("--rms-norm-eps", type=float, default=None, help="default: the family's")
+    p.add_argument("--max-position-embeddings", type=int, default=None, help="default: the family's")
+    return p
+
+
+def main(argv=None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    out_dir, family = args.pop("out_dir"), args.pop("family")
+    try:
+        path = write_checkpoint(out_dir, family, **args)
+    except OptionError as e:
+        print(f"tests.synthetic: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
