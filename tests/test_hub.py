@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline import safetensors_io
-from pipeline.demo import write_bitnet_checkpoint
+from tests.synthetic import write_bitnet_checkpoint
 from pipeline.errors import CheckpointError
 from pipeline.hub import ResolvedModel, resolve_model
 
