@@ -130,3 +130,125 @@ def test_every_tensor_decodes_to_the_checkpoints_effective_weights(converted, ca
         assert t.tensor_type == (ternary_type if projection else
                                  gguf.GGMLQuantizationType.F16 if w.ndim == 2 else gguf.GGMLQuantizationType.F32), name
         np.testing.assert_array_equal(tensor_values(t), expected_tensor(name, w, t.tensor_type, config), err_msg=name)
+
+
+# -- I2_S (bitnet.cpp) -----------------------------------------------------------------------------
+
+def decode_i2s_reference(raw: bytes, shape: tuple[int, ...]) -> tuple[np.ndarray, np.float32, bytes]:
+    """(values, scale, unused tail) of an I2_S tensor, written from FORMATS.md: the whole tensor
+    flattened, blocks of 128 values in 32 bytes, byte b of block i holding element 128i + b in
+    bits 7:6, 128i + 32 + b in 5:4, 128i + 64 + b in 3:2, 128i + 96 + b in 1:0; 0 -> -1, 1 -> 0,
+    2 -> +1; then the float32 scale and 28 unused bytes."""
+    n = int(np.prod(shape))
+    assert len(raw) == n // 4 + 32
+    packed = np.frombuffer(raw[:n // 4], dtype=np.uint8).reshape(-1, 32)
+    fields = np.stack([(packed >> s) & 3 for s in (6, 4, 2, 0)], axis=1)  # (blocks, 4, 32)
+    assert (fields != 3).all(), "field value 3 is not a code"
+    codes = fields.reshape(-1).astype(np.float32) - 1
+    scale = np.frombuffer(raw[n // 4:n // 4 + 4], dtype="<f4")[0]
+    return (codes * scale).reshape(shape), scale, raw[n // 4 + 4:]
+
+
+I2S_CASES = ["1bitllm-f16", "llama3", "falcon3-head-dim", "2b4t", "2b4t-bf16-sharded"]
+
+
+@pytest.mark.parametrize("case", I2S_CASES)
+def test_i2s_tensors_decode_to_the_effective_weights(converted, case):
+    from pipeline.gguf_file import read_gguf
+
+    model, out = converted(case, "i2_s")
+    family = CASES[case][0]
+    arch, permuted, has_output = FAMILY_FACTS[family]
+    config = json.loads((model / "config.json").read_text())
+    weights = effective_weights(model)
+    contents = read_gguf(out)
+    assert contents.kv("general.architecture") == arch
+    assert contents.kv("general.file_type") == 40
+    assert contents.alignment == 32
+    tensors = {t.name: t for t in contents.tensors}
+    assert set(tensors) == {gguf_name(n) for n in weights}
+    raw_file = out.read_bytes()
+    end = 0
+    for hf, w in weights.items():
+        name = gguf_name(hf)
+        t = tensors[name]
+        assert t.offset % 32 == 0, f"{name} is not aligned"
+        raw = raw_file[t.offset:t.offset + t.nbytes]
+        end = max(end, t.offset + t.nbytes)
+        assert tuple(t.shape) == w.shape
+        if w.ndim == 1:
+            assert t.ggml_type == gguf.GGMLQuantizationType.F32
+            np.testing.assert_array_equal(np.frombuffer(raw, "<f4"), w.astype(np.float32), err_msg=name)
+            continue
+        if name in ("token_embd.weight", "output.weight"):
+            assert t.ggml_type == gguf.GGMLQuantizationType.F16
+            np.testing.assert_array_equal(np.frombuffer(raw, "<f2").reshape(w.shape), w.astype(np.float16))
+            continue
+        assert t.ggml_type == 36, name
+        if permuted and name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = llama_permute(w, config["num_attention_heads"] if "attn_q" in name else config["num_key_value_heads"])
+        values, scale, tail = decode_i2s_reference(raw, w.shape)
+        assert scale == np.float32(np.abs(w).max()), name  # the effective magnitude, float32
+        np.testing.assert_array_equal(values, w.astype(np.float32), err_msg=name)
+        assert tail == bytes(28)
+    assert len(raw_file) == -(-end // 32) * 32, "bytes after the last tensor"
+
+
+def test_i2s_rows_not_a_multiple_of_128_fall_back_to_f16_with_a_warning(tmp_path):
+    # intermediate 320: gate/up rows have 256 values (I2_S), down_proj rows 320 (not a multiple of 128)
+    model = write_checkpoint(tmp_path / "m", "llama3-1.58", hidden_size=256, intermediate_size=320, num_layers=1,
+                             num_heads=4, num_kv_heads=2)
+    out = tmp_path / "m.gguf"
+    proc = convert(model, out, "--type", "i2_s")
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warned == ["warning: blk.0.ffn_down.weight: row length 320 is not a multiple of 128, so it cannot be "
+                      "I2_S; writing F16"]
+    from pipeline.gguf_file import read_gguf
+
+    types = {t.name: t.ggml_type for t in read_gguf(out).tensors}
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.ffn_up.weight"] == 36
+
+
+def test_i2s_needs_at_least_one_projection_it_can_hold(tmp_path):
+    model = write_checkpoint(tmp_path / "m", "1bitllm", hidden_size=320, intermediate_size=320, num_layers=1,
+                             num_heads=4)
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    proc = convert(model, out, "--type", "i2_s", check_exit=2)
+    assert proc.stderr.count("\n") == 1 and "--type i2_s" in proc.stderr and "multiple of 128" in proc.stderr
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["llama3", "2b4t"])
+def test_split_output_holds_the_same_tensors_as_one_file(converted, tmp_path, case):
+    from pipeline.gguf_file import read_gguf
+
+    model, single = converted(case, "tq2_0")
+    out = tmp_path / "split.gguf"
+    proc = convert(model, out, "--type", "tq2_0", "--split-max-tensors", "7")
+    parts = sorted(tmp_path.glob("split-*-of-*.gguf"))
+    n = len(parts)
+    assert n > 2 and [p.name for p in parts] == [f"split-{k:05d}-of-{n:05d}.gguf" for k in range(1, n + 1)]
+    assert not out.exists() and f"{parts[0]} (+ {n - 1} more parts)" in proc.stderr
+    one = read_gguf(single)
+    raw_one = single.read_bytes()
+    got = {}
+    for k, p in enumerate(parts):
+        c = read_gguf(p)
+        assert (c.kv("split.no"), c.kv("split.count"), c.kv("split.tensors.count")) == (k, n, len(one.tensors))
+        assert len(c.tensors) <= 7
+        raw = p.read_bytes()
+        for t in c.tensors:
+            got[t.name] = raw[t.offset:t.offset + t.nbytes]
+        if k == 0:
+            keys = {kv.key for kv in c.kvs} - {"split.no", "split.count", "split.tensors.count"}
+            assert keys == {kv.key for kv in one.kvs}
+        else:
+            assert {kv.key for kv in c.kvs} == {"split.no", "split.count", "split.tensors.count"}
+    assert list(got) == [t.name for t in one.tensors]
+    for t in one.tensors:
+        assert got[t.name] == raw_one[t.offset:t.offset + t.nbytes], t.name
+    # a rerun is a no-op; verify reads the whole set
+    again = convert(model, out, "--type", "tq2_0", "--split-max-tensors", "7")
+    assert again.stderr.count("already done") == 4
