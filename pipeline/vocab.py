@@ -18,8 +18,11 @@ Ids, checked before anything is written (CheckpointError naming the file):
   added_tokens.json or added_tokens_decoder is skipped for SentencePiece (llama.cpp's
   converter skips it) and refused for BPE (llama.cpp's converter stops on it: every
   tokenizer id must be a row). For BPE, tokenizer_config.json and added_tokens.json
-  must name the tokens tokenizer.json has at those ids;
-- special token ids in config.json must be rows of the table.
+  must name the tokens tokenizer.json has at those ids, and tokenizer.json's
+  added_tokens ids must be the ids the `tokenizers` package gives them (it silently
+  renumbers them otherwise);
+- special token ids in config.json (`{kind}_token_id`, also lists of ids and those
+  under text_config) must be rows of the table.
 
 The BPE pre-tokenizer name: `pre` if given (checked against the names llama.cpp's
 runtime accepts); else the name llama.cpp's converter finds by hashing the ids of a
@@ -29,8 +32,10 @@ runtime pre-tokenizer does.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import gguf
@@ -152,10 +157,21 @@ def _add_bpe(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     try:
-        special = gguf.SpecialVocab(model_dir, load_merges=True)
+        with _quiet(logging.getLogger("gguf.vocab")):  # e.g. Llama 3's pair template: "Unknown separator token"
+            special = gguf.SpecialVocab(model_dir, load_merges=True)
     except ValueError as e:
         raise CheckpointError(f"{model_dir / 'tokenizer.json'}: merges or special tokens unreadable ({e})") from None
     special.add_to_gguf(writer, quiet=True)
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_tokenizer_json(path: Path):
@@ -169,14 +185,15 @@ def load_tokenizer_json(path: Path):
     if model_type != "BPE":
         raise CheckpointError(f"{path}: the tokenizer model is {model_type!r}; only BPE tokenizers "
                               "(or a SentencePiece tokenizer.model) can be converted")
-    _check_json_added_tokens(path, data.get("added_tokens", []))
+    added = data.get("added_tokens") or []
+    _check_json_added_tokens(path, added)
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers package raises plain Exception
         raise CheckpointError(f"{path}: the tokenizers package cannot load it ({_one_line(e)})") from None
     tok.no_truncation()  # as transformers encodes by default (and so the converter's hash)
     tok.no_padding()
-    for entry in data.get("added_tokens", []):
+    for entry in added:
         if tok.token_to_id(entry["content"]) != entry["id"]:
             raise CheckpointError(f"{path}: added token {entry['content']!r} has id {entry['id']}, but the "
                                   f"tokenizer gives it id {tok.token_to_id(entry['content'])}; the file is inconsistent")
@@ -308,8 +325,9 @@ def _check_added_agree(model_dir: Path, text_at: dict[int, str], vocab_size: int
             raise CheckpointError(f"{path}: added token {text!r} has id {tid}, past config.json vocab_size "
                                   f"{vocab_size}; the embedding has no row for it")
         if text_at.get(tid) != text:
+            there = repr(text_at[tid]) if tid in text_at else "no token"
             raise CheckpointError(f"{path}: added token {text!r} has id {tid}, but tokenizer.json has "
-                                  f"{text_at.get(tid)!r} there; the tokenizer files disagree")
+                                  f"{there} there; the tokenizer files disagree")
 
 
 def check_special_ids(model_dir: Path, vocab_size: int) -> None:

@@ -184,9 +184,9 @@ def test_bpe_added_token_types(bpe_dir, tmp_path):
     assert fields["tokenizer.ggml.token_type"] == want["tokenizer.ggml.token_type"]
 
 
-def test_bpe_merges_with_spaces_and_no_chat_template(tmp_path):
-    """Merges stored as pairs are written "a b" (gguf's SpecialVocab); no chat template
-    in tokenizer_config.json -> no key."""
+def test_bpe_merges_as_pairs_and_no_chat_template(tmp_path):
+    """Merges stored as [left, right] pairs (tokenizers' format) are written "left right"
+    (gguf's SpecialVocab); no chat template in tokenizer_config.json -> no key."""
     model = tmp_path / "m"
     train_bpe_tokenizer(model, vocab_size=400, seed=3, chat_template=None)
     _, fields = tokenizer_fields(model, n_tokens(model), tmp_path)
@@ -303,9 +303,13 @@ def test_tokenizer_pre_option_with_sentencepiece(spm_dir):
 # -- the real Llama 3 vocabulary (llama.cpp's test vocabulary, when available) ----------------
 
 def _llama3_vocab_gguf() -> Path | None:
-    root = os.environ.get("BITNET_GGUF_LLAMA_CONVERT")
-    path = Path(root) / "src" / "models" / "ggml-vocab-llama-bpe.gguf" if root else None
-    return path if path and path.is_file() else None
+    """llama.cpp's Llama 3 test vocabulary (models/ in the llama.cpp sources), if the
+    converter's copy of the sources has it."""
+    from tests.conftest import ROOT
+
+    base = Path(os.environ.get("BITNET_GGUF_LLAMA_CONVERT", ROOT / "build" / "llama.cpp-convert"))
+    path = base / "src" / "models" / "ggml-vocab-llama-bpe.gguf"
+    return path if path.is_file() else None
 
 
 def _rebuild_llama3_tokenizer(src: Path, out: Path) -> dict:
@@ -633,3 +637,63 @@ def test_llama_cpp_tokenizes_real_llama3_vocabulary_like_tokenizers(llama_cpp, l
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     for text in mixed_texts(1, 300):
         assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == tok.encode(text).ids, text
+
+
+# -- llama.cpp's converter (its own get_vocab_base, through transformers) -----------------------
+
+@pytest.fixture(scope="module")
+def llama_convert_src() -> tuple[Path, Path]:
+    """(python, src) of llama.cpp's converter set up by `make reference-converter`."""
+    from tests.conftest import ROOT
+
+    if os.environ.get("BITNET_GGUF_SKIP_LLAMA") == "1":
+        pytest.skip("BITNET_GGUF_SKIP_LLAMA=1")
+    base = Path(os.environ.get("BITNET_GGUF_LLAMA_CONVERT", ROOT / "build" / "llama.cpp-convert"))
+    python, src = base / "venv" / "bin" / "python", base / "src"
+    if not (python.is_file() and (src / "conversion" / "base.py").is_file()):
+        pytest.fail(f"llama.cpp's converter is not set up in {base}: run `make reference-converter` "
+                    "(part of `make test`), or set BITNET_GGUF_SKIP_LLAMA=1 to skip these tests", pytrace=False)
+    return python, src
+
+
+def _with_added_tokens(model: Path) -> int:
+    """Added tokens of every kind get_vocab_base distinguishes; returns the token count."""
+    n = n_tokens(model)
+    extra = [("<|tool|>", False, False), ("<b>", False, False), ("two\u2581words", False, False),
+             ("[MASK]", False, False), ("<sep>", True, False), ("plain added", False, True),
+             ("\u2581lead", False, False)]
+
+    def add(tj):
+        for k, (text, special, normalized) in enumerate(extra):
+            tj["added_tokens"].append({"id": n + k, "content": text, "single_word": False, "lstrip": False,
+                                       "rstrip": False, "normalized": normalized, "special": special})
+    edit(model / "tokenizer.json", add)
+    return n + len(extra)
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("variant", ["trained", "added-tokens"])
+def test_same_vocab_as_llama_cpp_converter(llama_convert_src, bpe_dir, variant):
+    import subprocess
+
+    n = _with_added_tokens(bpe_dir) if variant == "added-tokens" else n_tokens(bpe_dir)
+    vocab_size = n + 9
+    python, src = llama_convert_src
+    proc = subprocess.run([str(python), str(Path(__file__).with_name("reference_vocab.py")), str(src),
+                           str(bpe_dir), str(vocab_size)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ref = json.loads(proc.stdout)
+
+    w = gguf.GGUFWriter(None, "llama")
+    vocab.add_tokenizer(w, bpe_dir, vocab_size, pre="llama-bpe")   # the converter does not know our hash
+    ours = {k: v.value for k, v in w.kv_data[0].items()}
+    assert ours["tokenizer.ggml.tokens"] == ref["tokens"]
+    assert ours["tokenizer.ggml.token_type"] == ref["types"]
+    assert ours["tokenizer.ggml.merges"] == ref["merges"]
+    for kind, tid in ref["special_ids"].items():
+        assert ours[f"tokenizer.ggml.{kind}_token_id"] == tid
+    assert ours["tokenizer.ggml.add_bos_token"] == ref["add_special"]["bos"]
+    assert ours["tokenizer.chat_template"] == ref["chat_template"]
+    from tokenizers import Tokenizer
+    assert vocab.chkhsh(Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))) == ref["chkhsh"]
+    assert ref["pre"] is None
