@@ -1,58 +1,94 @@
-"""PLACEHOLDER (helper `synth`): a small Llama-3-style byte-level BPE tokenizer for synthetic
-checkpoints. Another branch writes the real version of this file; the lead reconciles the two.
-Only `train_bpe_tokenizer(out_dir, vocab_size=..., seed=...)` is relied on by tests/synthetic.py.
+"""Small Llama-3-style BPE tokenizers, trained on the spot with the `tokenizers` package.
 
-The tokenizer follows the shape of Llama 3's tokenizer.json: BPE with ignore_merges, the
-Llama 3 split regex followed by a ByteLevel step without its own regex, a ByteLevel decoder,
-the specials <|begin_of_text|>, <|end_of_text|>, <|eot_id|>, and a post-processor that puts
-<|begin_of_text|> in front of every sequence.
+The shape is Llama 3's tokenizer.json: a BPE model that ignores merges for words
+already in the vocabulary, a pre-tokenizer that splits with Llama 3's regex and then
+maps bytes to printable characters (ByteLevel without its own regex), a ByteLevel
+decoder and a post-processor that puts <|begin_of_text|> first. Unlike Llama 3 the
+special tokens get the first ids (the trainer puts them there).
 """
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
-# Llama 3's pre-tokenizer split pattern (its tokenizer.json, `Split` with behavior "Isolated").
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+# Llama 3's pre-tokenizer regex, as its tokenizer.json has it (llama.cpp quotes it in
+# src/llama-vocab.cpp as the original of its LLAMA3 pre-tokenizer).
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
-SPECIALS = (BOS, EOS, EOT)
+
+SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+_EXTRA_WORDS = ("café naïve über façade señor crème brûlée jalapeño smörgåsbord Zürich "
+                "привет мир 你好 世界 東京 ☕ 🚀 🦙 😀 👍🏽 ✅").split()
+_PUNCT = list(".,;:!?'\"()[]{}-_/\\@#$%^&*+=<>|~`")
 
 
-def train_bpe_tokenizer(out_dir, vocab_size: int = 400, seed: int = 0) -> Path:
-    """Train on tests.synthetic.demo_corpus; write tokenizer.json and tokenizer_config.json.
+def _corpus(seed: int, lines: int) -> list[str]:
+    from pipeline.demo import demo_corpus
 
-    Returns the path of tokenizer.json. `vocab_size` counts the 256 byte tokens, the merges and
-    the 3 specials (which the trainer puts at ids 0, 1, 2)."""
+    rng = random.Random(seed)
+    out = demo_corpus(seed, lines=lines)
+    for i in range(lines // 2):
+        words = rng.sample(_EXTRA_WORDS, 3)
+        number = str(rng.randint(0, 10 ** rng.randint(1, 9)))
+        out.append(f"{out[i][:-1]} {words[0]} {number}{rng.choice(_PUNCT)} {words[1]}{rng.choice(_PUNCT)} "
+                   f"it's {words[2]}\t{rng.randint(0, 99)}.{rng.randint(0, 99)}\n")
+    return out
+
+
+def train_bpe_tokenizer(out_dir: Path, vocab_size: int = 600, seed: int = 0, specials=SPECIALS,
+                        chat_template=CHAT_TEMPLATE) -> Path:
+    """Train a byte-level BPE tokenizer; write out_dir/tokenizer.json and
+    tokenizer_config.json; return the tokenizer.json path.
+
+    `specials[0]` is the BOS token (added in front of every encoding), `specials[1]`
+    the EOS token; all of them are special added tokens with ids 0.. in order. The
+    result depends only on the arguments (same bytes for the same seed).
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from tests.synthetic import demo_corpus
-
+    if len(specials) < 2:
+        raise ValueError("specials needs at least a BOS and an EOS token")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(demo_corpus(seed, lines=max(3000, 4 * vocab_size)), trainer=trainer)
-    bos_id = tok.token_to_id(BOS)
+    tok.train_from_iterator(_corpus(seed, lines=max(2000, 4 * vocab_size)), trainer=trainer)
+    bos = specials[0]
     tok.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                                      special_tokens=[(bos, tok.token_to_id(bos))]),
     ])
     path = out / "tokenizer.json"
     tok.save(str(path))
-    (out / "tokenizer_config.json").write_text(json.dumps({
+    decoder = {str(tok.token_to_id(s)): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                                         "single_word": False, "special": True} for s in specials}
+    config = {
+        "added_tokens_decoder": decoder,
         "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "clean_up_tokenization_spaces": True,
+        "bos_token": specials[0],
+        "eos_token": specials[1],
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": 131072,
         "tokenizer_class": "PreTrainedTokenizerFast",
-    }, indent=2) + "\n", encoding="utf-8")
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
     return path

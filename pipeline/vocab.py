@@ -1,0 +1,381 @@
+"""Tokenizer key/values: SentencePiece (`tokenizer.model`) or BPE (`tokenizer.json`).
+
+Both are laid out the way llama.cpp's converter lays them out, so its runtime reads
+them as it reads the converter's files:
+
+- SentencePiece: model "llama", pre "default", pieces with scores and types, then
+  added_tokens.json and tokenizer_config.json's added_tokens_decoder over their rows.
+- BPE (`_set_vocab_gpt2`): model "gpt2", a pre-tokenizer name, the byte-level token
+  strings of tokenizer.json with their types (no scores), merges.
+
+Both have exactly `vocab_size` rows (the embedding's row count): ids no token uses
+become unused `[PAD{i}]` rows. gguf.SpecialVocab adds merges, special token ids,
+add_*_token flags and the chat template.
+
+Ids, checked before anything is written (CheckpointError naming the file):
+- the tokenizer's own tokens must fit in `vocab_size`, or pieces would be dropped;
+- added tokens must be well formed with integer ids >= 0. An id >= vocab_size in
+  added_tokens.json or added_tokens_decoder is skipped for SentencePiece (llama.cpp's
+  converter skips it) and refused for BPE (llama.cpp's converter stops on it: every
+  tokenizer id must be a row). For BPE, tokenizer_config.json and added_tokens.json
+  must name the tokens tokenizer.json has at those ids, and tokenizer.json's
+  added_tokens ids must be the ids the `tokenizers` package gives them (it silently
+  renumbers them otherwise);
+- special token ids in config.json (`{kind}_token_id`, also lists of ids and those
+  under text_config) must be rows of the table.
+
+The BPE pre-tokenizer name: `pre` if given (checked against the names llama.cpp's
+runtime accepts); else the name llama.cpp's converter finds by hashing the ids of a
+fixed text; else the name whose runtime regex equals the pre_tokenizer's own Split
+pattern(s), if the tokenizer has no normalizer and ignores merges the way that
+runtime pre-tokenizer does.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import gguf
+
+from pipeline.errors import CheckpointError, OptionError
+from pipeline.tokenizer_tables import CHKTXT, KNOWN_HASHES, RUNTIME_PRE_NAMES, SPLIT_PATTERNS
+
+T = gguf.TokenType
+
+# The converter's does_token_look_special (conversion/base.py): added tokens that are
+# CONTROL even when not flagged special.
+_SPECIAL_LOOKING = ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+_SPECIAL_BRACKETS = (("<|", "|>"), ("<\uff5c", "\uff5c>"), ("<unused", ">"))
+
+# Special token kinds gguf.SpecialVocab reads from config.json as `{kind}_token_id`.
+_SPECIAL_KINDS = ("bos", "eos", "unk", "sep", "pad", "cls", "mask", "eot", "eom")
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str | None = None) -> str:
+    """Add every tokenizer.* key/value to `writer`; return the tokenizer kind ("spm" or "bpe")."""
+    model_dir = Path(model_dir)
+    kind = tokenizer_kind(model_dir)
+    if pre is not None:
+        if kind == "spm":
+            raise OptionError(f"--tokenizer-pre {pre}: {model_dir} has a SentencePiece tokenizer.model, "
+                              "which has no pre-tokenizer; leave the option out")
+        check_pre_name(pre)
+    _WRITERS[kind](writer, model_dir, vocab_size, pre)
+    return kind
+
+
+def tokenizer_kind(model_dir: Path) -> str:
+    for name, kind in _KIND_BY_FILE:
+        if (model_dir / name).is_file():
+            return kind
+    raise CheckpointError(f"{model_dir}: tokenizer missing (needs a SentencePiece tokenizer.model or a BPE tokenizer.json)")
+
+
+def check_pre_name(pre: str) -> None:
+    if pre not in RUNTIME_PRE_NAMES:
+        raise OptionError(f"--tokenizer-pre {pre!r}: llama.cpp does not know this pre-tokenizer; "
+                          f"use one it accepts, such as llama-bpe or falcon3")
+
+
+def looks_special(text: str) -> bool:
+    return text in _SPECIAL_LOOKING or any(text.startswith(a) and text.endswith(b) for a, b in _SPECIAL_BRACKETS)
+
+
+# -- SentencePiece ------------------------------------------------------------------------------
+
+def _add_spm(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str | None) -> None:
+    tokens, scores, types = sentencepiece_vocab(model_dir, vocab_size)
+    check_special_ids(model_dir, vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def sentencepiece_vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and types of a `vocab_size`-row table, as llama.cpp's converter
+    makes them from tokenizer.model, added_tokens.json and added_tokens_decoder."""
+    from sentencepiece import SentencePieceProcessor
+
+    path = model_dir / "tokenizer.model"
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable SentencePiece model ({e})") from None
+    if sp.vocab_size() > vocab_size:
+        raise CheckpointError(f"{path}: has {sp.vocab_size()} pieces, but config.json vocab_size is {vocab_size}; "
+                              "the embedding must have a row for every piece")
+
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [int(T.UNUSED)] * vocab_size
+    for i in range(sp.vocab_size()):
+        tokens[i] = sp.IdToPiece(i)
+        scores[i] = sp.GetScore(i)
+        kind = T.NORMAL
+        if sp.IsUnknown(i):
+            kind = T.UNKNOWN
+        elif sp.IsControl(i):
+            kind = T.CONTROL
+        elif sp.IsUnused(i):
+            kind = T.UNUSED
+        elif sp.IsByte(i):
+            kind = T.BYTE
+        types[i] = int(kind)
+
+    for tid, text in added_tokens_json(model_dir):
+        if tid < vocab_size:
+            tokens[tid], scores[tid], types[tid] = text, -1000.0, int(T.USER_DEFINED)
+    for tid, entry in added_tokens_decoder(model_dir):
+        if tid >= vocab_size:
+            continue
+        text = entry["content"]
+        if entry.get("special") or looks_special(text):
+            types[tid] = int(T.CONTROL)
+        else:
+            text = text.replace("\u2581", " ")
+            types[tid] = int(T.USER_DEFINED)
+        tokens[tid], scores[tid] = text, -1000.0
+    return tokens, scores, types
+
+
+# -- BPE ----------------------------------------------------------------------------------------
+
+def _add_bpe(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str | None) -> None:
+    tok, data = load_tokenizer_json(model_dir / "tokenizer.json")
+    tokens, types = bpe_vocab(model_dir, tok, vocab_size)
+    check_special_ids(model_dir, vocab_size)
+    pre = pre if pre is not None else pre_tokenizer_name(model_dir / "tokenizer.json", tok, data)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    try:
+        with _quiet(logging.getLogger("gguf.vocab")):  # e.g. Llama 3's pair template: "Unknown separator token"
+            special = gguf.SpecialVocab(model_dir, load_merges=True)
+    except ValueError as e:
+        raise CheckpointError(f"{model_dir / 'tokenizer.json'}: merges or special tokens unreadable ({e})") from None
+    special.add_to_gguf(writer, quiet=True)
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_tokenizer_json(path: Path):
+    """(tokenizers.Tokenizer, the parsed JSON) of a BPE tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path}: not a tokenizer.json (no 'model' object)")
+    model_type = data["model"].get("type")
+    if model_type != "BPE":
+        raise CheckpointError(f"{path}: the tokenizer model is {model_type!r}; only BPE tokenizers "
+                              "(or a SentencePiece tokenizer.model) can be converted")
+    added = data.get("added_tokens") or []
+    _check_json_added_tokens(path, added)
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers package raises plain Exception
+        raise CheckpointError(f"{path}: the tokenizers package cannot load it ({_one_line(e)})") from None
+    tok.no_truncation()  # as transformers encodes by default (and so the converter's hash)
+    tok.no_padding()
+    for entry in added:
+        if tok.token_to_id(entry["content"]) != entry["id"]:
+            raise CheckpointError(f"{path}: added token {entry['content']!r} has id {entry['id']}, but the "
+                                  f"tokenizer gives it id {tok.token_to_id(entry['content'])}; the file is inconsistent")
+    return tok, data
+
+
+def bpe_vocab(model_dir: Path, tok, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens and types of a `vocab_size`-row table, as llama.cpp's get_vocab_base makes them."""
+    path = model_dir / "tokenizer.json"
+    vocab = tok.get_vocab(with_added_tokens=True)
+    added = tok.get_added_tokens_decoder()
+    by_id = {tid: text for text, tid in vocab.items()}
+    top = max(by_id, default=-1)
+    if top >= vocab_size:
+        raise CheckpointError(f"{path}: has {len(vocab)} tokens with ids up to {top} ({by_id[top]!r}), but "
+                              f"config.json vocab_size is {vocab_size}; the embedding must have a row for every token")
+    _check_added_agree(model_dir, by_id, vocab_size)
+
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text = by_id.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(T.UNUSED))
+            continue
+        kind = T.NORMAL
+        entry = added.get(i)
+        if entry is not None and entry.content == text:
+            if not entry.normalized:
+                # llama.cpp's runtime expects added tokens pre-normalized: round-trip them.
+                ids = tok.encode(text, add_special_tokens=False).ids
+                text = tok.decode(ids, skip_special_tokens=False)
+            if entry.special or looks_special(text):
+                kind = T.CONTROL
+            else:
+                text = text.replace("\u2581", " ")
+                kind = T.USER_DEFINED
+        tokens.append(text)
+        types.append(int(kind))
+    return tokens, types
+
+
+def chkhsh(tok) -> str:
+    """llama.cpp's converter's fingerprint of a BPE tokenizer (special tokens included)."""
+    ids = tok.encode(CHKTXT).ids
+    return hashlib.sha256(str(ids).encode()).hexdigest()
+
+
+def pre_tokenizer_name(path: Path, tok, data: dict) -> str:
+    name = KNOWN_HASHES.get(chkhsh(tok))
+    if name is not None:
+        return name
+    name = SPLIT_PATTERNS.get(_split_patterns(data))
+    if name is not None and data.get("normalizer") is None and data["model"].get("ignore_merges") is True:
+        return name
+    raise CheckpointError(f"{path}: the pre-tokenizer is not recognised (neither llama.cpp's tokenizer "
+                          "hashes nor a Split pattern its runtime implements, with no normalizer and "
+                          "ignore_merges); pass --tokenizer-pre NAME")
+
+
+def _split_patterns(data: dict) -> tuple[str, ...] | None:
+    """The Regex patterns of a pre_tokenizer made of isolated Splits then one ByteLevel
+    without its own regex (the shape of Llama 3's), in order; None for any other shape."""
+    pre = data.get("pre_tokenizer")
+    if not isinstance(pre, dict):
+        return None
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
+        return None
+    *splits, last = steps
+    if last.get("type") != "ByteLevel" or last.get("use_regex", True) or last.get("add_prefix_space", True):
+        return None
+    patterns = []
+    for s in splits:
+        pattern = s.get("pattern")
+        if (s.get("type") != "Split" or s.get("behavior") != "Isolated" or s.get("invert")
+                or not isinstance(pattern, dict) or not isinstance(pattern.get("Regex"), str)):
+            return None
+        patterns.append(pattern["Regex"])
+    return tuple(patterns) or None
+
+
+# -- ids ----------------------------------------------------------------------------------------
+
+def added_tokens_json(model_dir: Path) -> list[tuple[int, str]]:
+    """(id, text) of added_tokens.json, every id an integer >= 0."""
+    path = model_dir / "added_tokens.json"
+    data = read_json(path)
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: must be a JSON object of token text to id")
+    return [(_token_id(path, tid, text), text) for text, tid in data.items()]
+
+
+def added_tokens_decoder(model_dir: Path) -> list[tuple[int, dict]]:
+    """(id, entry) of tokenizer_config.json's added_tokens_decoder, every id an integer
+    >= 0 and every entry an object with a string "content"."""
+    path = model_dir / "tokenizer_config.json"
+    decoder = read_json_object(path).get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise CheckpointError(f"{path}: added_tokens_decoder must be an object of id to token")
+    out = []
+    for key, entry in decoder.items():
+        digits = key.strip()
+        tid = _token_id(path, int(digits) if digits.isascii() and digits.isdigit() else key, key)
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            raise CheckpointError(f"{path}: added_tokens_decoder entry {key} must be an object with a "
+                                  "string 'content'")
+        out.append((tid, entry))
+    return out
+
+
+def _check_json_added_tokens(path: Path, added: list) -> None:
+    if not isinstance(added, list):
+        raise CheckpointError(f"{path}: added_tokens must be a list")
+    for entry in added:
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            raise CheckpointError(f"{path}: added_tokens entry {entry!r} must be an object with a string 'content'")
+        _token_id(path, entry.get("id"), entry["content"])
+
+
+def _check_added_agree(model_dir: Path, text_at: dict[int, str], vocab_size: int) -> None:
+    """added_tokens.json and added_tokens_decoder must name tokenizer.json's tokens."""
+    entries = [(model_dir / "added_tokens.json", tid, text) for tid, text in added_tokens_json(model_dir)]
+    entries += [(model_dir / "tokenizer_config.json", tid, e["content"]) for tid, e in added_tokens_decoder(model_dir)]
+    for path, tid, text in entries:
+        if tid >= vocab_size:
+            raise CheckpointError(f"{path}: added token {text!r} has id {tid}, past config.json vocab_size "
+                                  f"{vocab_size}; the embedding has no row for it")
+        if text_at.get(tid) != text:
+            there = repr(text_at[tid]) if tid in text_at else "no token"
+            raise CheckpointError(f"{path}: added token {text!r} has id {tid}, but tokenizer.json has "
+                                  f"{there} there; the tokenizer files disagree")
+
+
+def check_special_ids(model_dir: Path, vocab_size: int) -> None:
+    """config.json's `{kind}_token_id` values (ints, lists of ints or null) must be rows."""
+    path = model_dir / "config.json"
+    config = read_json_object(path)
+    scopes = [config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}]
+    for scope in scopes:
+        for kind in _SPECIAL_KINDS:
+            value = scope.get(f"{kind}_token_id")
+            for tid in value if isinstance(value, list) else [] if value is None else [value]:
+                if not _is_int(tid) or not 0 <= tid < vocab_size:
+                    raise CheckpointError(f"{path}: {kind}_token_id {tid!r} is not a token id in "
+                                          f"[0, {vocab_size}) (vocab_size)")
+
+
+def _token_id(path: Path, tid, text) -> int:
+    if not _is_int(tid) or tid < 0:
+        raise CheckpointError(f"{path}: added token {text!r} has id {tid!r}; ids must be integers >= 0")
+    return tid
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; {} when the file is absent."""
+    data = read_json(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object")
+    return data
+
+
+def read_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+_KIND_BY_FILE = (("tokenizer.model", "spm"), ("tokenizer.json", "bpe"))   # llama.cpp tries SentencePiece first
+_WRITERS = {"spm": _add_spm, "bpe": _add_bpe}
