@@ -52,7 +52,8 @@ $(LLAMA_CONVERT)/.stamp-$(LLAMA_CPP_VERSION): $(VENV)/.stamp-base
 	mkdir -p $(LLAMA_CONVERT)/src
 	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(LLAMA_CONVERT)/sdist
 	tar -xzf $(LLAMA_CONVERT)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CONVERT)/src \
-		--strip-components=3 $(SDIST_ROOT)/convert_hf_to_gguf.py $(SDIST_ROOT)/conversion $(SDIST_ROOT)/gguf-py
+		--strip-components=3 $(SDIST_ROOT)/convert_hf_to_gguf.py $(SDIST_ROOT)/conversion $(SDIST_ROOT)/gguf-py \
+		$(SDIST_ROOT)/models/ggml-vocab-llama-bpe.gguf
 	echo $(LLAMA_CPP_VERSION) > $(LLAMA_CONVERT)/src/VERSION
 	rm -rf $(LLAMA_CONVERT)/sdist
 	test -x $(LLAMA_CONVERT)/venv/bin/python || $(PYTHON) -m venv $(LLAMA_CONVERT)/venv

@@ -31,7 +31,7 @@ _PUNCT = list(".,;:!?'\"()[]{}-_/\\@#$%^&*+=<>|~`")
 
 
 def _corpus(seed: int, lines: int) -> list[str]:
-    from pipeline.demo import demo_corpus
+    from tests.synthetic import demo_corpus
 
     rng = random.Random(seed)
     out = demo_corpus(seed, lines=lines)

@@ -499,7 +499,7 @@ def test_no_tokenizer(tmp_path):
 
 @pytest.fixture(scope="module")
 def spm_trained(tmp_path_factory) -> Path:
-    from pipeline.demo import train_sentencepiece_tokenizer
+    from tests.synthetic import train_sentencepiece_tokenizer
 
     out = tmp_path_factory.mktemp("spm")
     train_sentencepiece_tokenizer(out, vocab_size=320)
@@ -596,7 +596,7 @@ def write_vocab_only_gguf(model_dir: Path, vocab_size: int, path: Path) -> None:
 
 
 def mixed_texts(seed: int, count: int) -> list[str]:
-    from pipeline.demo import demo_corpus
+    from tests.synthetic import demo_corpus
 
     rng = random.Random(seed)
     pieces = [*demo_corpus(seed, lines=50), "café", "naïve", "Zürich", "привет", "你好", "🦙", "😀👍🏽", "✅",
