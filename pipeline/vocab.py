@@ -161,6 +161,15 @@ def _add_bpe(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str
             special = gguf.SpecialVocab(model_dir, load_merges=True)
     except ValueError as e:
         raise CheckpointError(f"{model_dir / 'tokenizer.json'}: merges or special tokens unreadable ({e})") from None
+    # llama.cpp's converter ships a newer gguf-py whose SpecialVocab reads a ByteLevel
+    # post-processor as "add neither BOS nor EOS" unless a template says otherwise; the PyPI
+    # release lacks that branch. Same runtime behaviour (BPE defaults to no EOS), but the
+    # explicit keys keep our file identical to theirs.
+    post = data.get("post_processor") or {}
+    processors = post.get("processors", [post]) if isinstance(post, dict) else []
+    if any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in processors):
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(writer, quiet=True)
 
 

@@ -180,3 +180,40 @@ def test_the_naming_keys_are_the_only_difference(llama_convert, tmp_path):
     assert "general.size_label" not in kv_ours and "general.size_label" in kv_theirs
     differing = {k for k in kv_ours.keys() | kv_theirs.keys() if kv_ours.get(k) != kv_theirs.get(k)}
     assert differing <= NAMING_KEYS
+
+
+# -- packed llama-arch families (HF1BitLLM Llama3-8B-1.58, Falcon3-1.58bit) -------------------------
+
+def llama_cpp_convert_packed(llama_convert, model_dir: Path, out: Path, out_type: str, pre: str) -> None:
+    """llama.cpp's converter on a packed checkpoint: `--no-lazy` (its lazy mode crashes on packed
+    weights), and through tests/reference_convert.py, which names the BPE pre-tokenizer for it
+    (it refuses the hash of a tokenizer trained in a test)."""
+    python, script = llama_convert
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    proc = subprocess.run([str(python), str(ROOT / "tests" / "reference_convert.py"), str(script.parent), pre,
+                           str(model_dir), "--outtype", out_type, "--outfile", str(out), "--no-lazy"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"llama.cpp's converter failed:\n{proc.stderr[-4000:]}"
+
+
+PACKED_CASES = {
+    "llama3-1.58": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8, num_kv_heads=2),
+    "llama3-1.58-sharded": dict(hidden_size=512, intermediate_size=768, num_layers=2, num_heads=4, num_kv_heads=4,
+                                shards=3, seed=7),
+    "falcon3-1.58": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=1,
+                         head_dim=128, seed=8),
+}
+PACKED_PARAMS = [(c, t) for c in PACKED_CASES for t in ("tq2_0", "tq1_0")]
+
+
+@pytest.mark.parametrize("case,out_type", PACKED_PARAMS, ids=[f"{c}-{t}" for c, t in PACKED_PARAMS])
+def test_packed_llama_files_equal_llama_cpp_converters(llama_convert, tmp_path, case, out_type):
+    from tests.synthetic import write_checkpoint
+
+    model = write_checkpoint(tmp_path / case, case.removesuffix("-sharded"), **PACKED_CASES[case])
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "llama.cpp.gguf"
+    proc = convert(model, ours, "--type", out_type)
+    pre = gguf.GGUFReader(ours).fields["tokenizer.ggml.pre"]
+    assert bytes(pre.parts[pre.data[0]]).decode() == "llama-bpe", proc.stderr
+    llama_cpp_convert_packed(llama_convert, model, theirs, out_type, "llama-bpe")
+    compare_with_llama_cpp(ours, theirs)
