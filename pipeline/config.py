@@ -39,6 +39,8 @@ def parse_size(text: str | int, option: str = "--memory-limit", bare_letters_dec
     value = float(m.group(1)) * factor
     if value >= 2**62:
         raise OptionError(f"{option}: size {text!r} is too large")
+    if value and not int(value):
+        raise OptionError(f"{option}: size {text!r} is less than one byte")
     return int(value)
 
 

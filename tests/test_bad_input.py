@@ -208,3 +208,173 @@ def test_output_inside_the_checkpoint_is_refused(model):
     proc = convert(model, model / "model.safetensors", check_exit=2)
     assert "inside the checkpoint directory" in proc.stderr
     assert snapshot(model) == before
+
+
+# -- packed families ------------------------------------------------------------------------------
+
+def packed_model(tmp_path, family="llama3-1.58", **kw):
+    from tests.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path / f"packed-{family}", family, **{
+        "hidden_size": 256, "intermediate_size": 512, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, **kw})
+
+
+def edit_safetensors(path, edit):
+    """Rewrite a safetensors file: edit(header dict, data bytearray) -> (header, data)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = edit(json.loads(raw[8:8 + n]), bytearray(raw[8 + n:]))
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(len(head).to_bytes(8, "little") + head + bytes(data))
+
+
+@pytest.mark.parametrize("quant,needle", [
+    ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq'"),
+    ({"quant_method": "bitnet", "use_rms_norm": True}, "use_rms_norm"),
+    ({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}, "quantization_mode"),
+    ({"quant_method": "bitnet", "linear_class": "fancylinear"}, "linear_class"),
+    ({"quant_method": "bitnet", "modules_to_not_convert": ["lm_head", "model.layers.0.mlp"]}, "modules_to_not_convert"),
+    ("bitnet", "quantization_config must be a JSON object"),
+])
+def test_unknown_quantization_configs_are_refused(tmp_path, out, quant, needle):
+    model = packed_model(tmp_path)
+    rewrite_config(model, quantization_config=quant)
+    expect_refusal(model, out, "config.json", needle)
+
+
+def test_llama_without_a_bitnet_quantization_config_is_not_a_bitnet_model(tmp_path, out):
+    model = packed_model(tmp_path)
+    rewrite_config(model, quantization_config=None)
+    expect_refusal(model, out, "config.json", "not a BitNet model")
+
+
+@pytest.mark.parametrize("family", ["llama3-1.58", "2b4t"])
+def test_missing_weight_scale(tmp_path, out, family):
+    model = packed_model(tmp_path, family)
+    name = "model.layers.0.mlp.up_proj.weight_scale"
+
+    def drop(header, data):
+        del header[name]
+        return header, data
+    edit_safetensors(model / "model.safetensors", drop)
+    expect_refusal(model, out, name, "missing")
+
+
+@pytest.mark.parametrize("value,needle", [(0.0, "positive finite"), (float("nan"), "positive finite"),
+                                          (-2.0, "positive finite"), (float("inf"), "positive finite")])
+def test_weight_scale_that_is_not_a_positive_number(tmp_path, out, value, needle):
+    import numpy as np
+
+    model = packed_model(tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight_scale"
+
+    def set_value(header, data):
+        begin, end = header[name]["data_offsets"]
+        bits = (np.array([value], np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+        data[begin:end] = bits
+        return header, data
+    edit_safetensors(model / "model.safetensors", set_value)
+    expect_refusal(model, out, name, needle)
+
+
+def test_weight_scale_of_the_wrong_shape(tmp_path, out):
+    model = packed_model(tmp_path)
+    name = "model.layers.0.self_attn.o_proj.weight_scale"
+
+    def widen(header, data):
+        header[name]["shape"] = [2]
+        header[name]["data_offsets"][1] += 2
+        for other in header.values():  # shift every later tensor by the 2 bytes inserted
+            if isinstance(other, dict) and "data_offsets" in other and other is not header[name] \
+                    and other["data_offsets"][0] >= header[name]["data_offsets"][1] - 2:
+                other["data_offsets"] = [o + 2 for o in other["data_offsets"]]
+        end = header[name]["data_offsets"][1] - 2
+        return header, data[:end] + b"\0\0" + data[end:]
+    edit_safetensors(model / "model.safetensors", widen)
+    expect_refusal(model, out, name, "shape [1]")
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"intermediate_size": 768}, "U8"),       # packed (128, 256) but the config implies (192, 256)
+    ({"num_key_value_heads": 4}, "U8"),
+    ({"hidden_size": 512}, "shape"),
+])
+def test_packed_shape_that_does_not_match_the_config(tmp_path, out, change, needle):
+    model = packed_model(tmp_path)
+    rewrite_config(model, **change)
+    expect_refusal(model, out, needle, "config")
+
+
+def test_packed_weights_stored_as_floats_are_refused(tmp_path, out):
+    model = packed_model(tmp_path)
+    name = "model.layers.0.mlp.gate_proj.weight"
+
+    def as_int8(header, data):
+        header[name]["dtype"] = "I8"
+        return header, data
+    edit_safetensors(model / "model.safetensors", as_int8)
+    expect_refusal(model, out, name, "U8")
+
+
+def test_a_code_value_of_3_in_a_packed_byte(tmp_path, out):
+    model = packed_model(tmp_path)
+    name = "model.layers.0.self_attn.v_proj.weight"
+
+    def corrupt(header, data):
+        begin, _ = header[name]["data_offsets"]
+        data[begin + 100] = 0b11_01_00_10  # the field in bits 6..7 holds 3
+        return header, data
+    edit_safetensors(model / "model.safetensors", corrupt)
+    before = snapshot(model)
+    proc = convert(model, out, check_exit=2)
+    error = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and name in error[0] and "value 3" in error[0], proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == error[0]
+    assert not out.exists() and not list(out.parent.glob("*.partial"))
+    assert snapshot(model) == before
+
+
+def test_2b4t_with_an_untied_lm_head_is_refused(tmp_path, out):
+    model = packed_model(tmp_path, "2b4t")
+
+    def add_head(header, data):
+        size = 2 * header["model.embed_tokens.weight"]["shape"][0] * 256
+        header["lm_head.weight"] = {"dtype": "BF16", "shape": header["model.embed_tokens.weight"]["shape"],
+                                    "data_offsets": [len(data), len(data) + size]}
+        return header, data + bytes(size)
+    edit_safetensors(model / "model.safetensors", add_head)
+    rewrite_config(model, tie_word_embeddings=False)
+    expect_refusal(model, out, "tie_word_embeddings", "token_embd")
+
+
+def test_llama_with_rope_scaling_is_refused(tmp_path, out):
+    model = packed_model(tmp_path)
+    rewrite_config(model, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    expect_refusal(model, out, "config.json", "rope_scaling")
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--type", "i2_t", "--type"),
+    ("--embedding-type", "q4_0", "--embedding-type"),
+    ("--split-max-size", "12 parsecs", "--split-max-size"),
+    ("--split-max-tensors", "-3", "--split-max-tensors"),
+    ("--split-max-tensors", "many", "--split-max-tensors"),
+    ("--tokenizer-pre", "no-such-pre", "--tokenizer-pre"),
+])
+def test_bad_options_of_the_new_outputs(tmp_path, out, flag, value, needle):
+    model = packed_model(tmp_path)
+    expect_refusal(model, out, needle, extra=(flag, value))
+
+
+def test_q8_0_embedding_rows_must_be_multiples_of_32(tmp_path, out):
+    from tests.synthetic import write_checkpoint
+
+    model = write_checkpoint(tmp_path / "odd", "1bitllm", hidden_size=272, intermediate_size=512, num_layers=1,
+                             num_heads=4)
+    expect_refusal(model, out, "--embedding-type q8_0", "272", "multiple of 32", extra=("--embedding-type", "q8_0"))
+
+
+def test_a_split_size_below_one_byte(tmp_path, out):
+    model = packed_model(tmp_path)
+    expect_refusal(model, out, "--split-max-size", "less than one byte", extra=("--split-max-size", "0.0001K"))
