@@ -99,27 +99,34 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     v = sub.add_parser("verify", help="check a GGUF file against its source checkpoint, tensor by tensor",
-                       description="Recompute every tensor from the checkpoint (chunk by chunk) and compare it "
-                                   "with the GGUF's bytes. Exit 0 if all match, 1 if any differ.")
+                       description="Recompute the whole file from the checkpoint (key/values, tensor infos, "
+                                   "every tensor chunk by chunk, the file's length; every part of a split set) "
+                                   "and compare. Exit 0 if all match, 1 if anything differs.")
     v.add_argument("gguf", type=Path, metavar="GGUF", help="file written by convert")
     v.add_argument("model", metavar="MODEL", help="the checkpoint it was converted from (directory or org/name)")
     v.add_argument("--memory-limit", default="1GiB", metavar="SIZE", help="peak memory while verifying")
+    v.add_argument("--name", default=None, metavar="NAME",
+                   help="the general.name the file should carry (default: the model's name, as convert sets it)")
+    v.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                   help="the --tokenizer-pre the file was converted with, if any")
     return p
 
 
 def cmd_verify(args) -> int:
     from pipeline.config import parse_size
     from pipeline.errors import OptionError
+    from pipeline.hub import resolve_model
     from pipeline.verify import verify
 
     if not args.gguf.is_file():
         raise OptionError(f"{args.gguf}: no such file")
-    from pipeline.hub import resolve_model
-
-    problems = verify(args.gguf, resolve_model(args.model).path, parse_size(args.memory_limit), _log)
+    model = resolve_model(args.model)
+    problems = verify(args.gguf, model.path, parse_size(args.memory_limit), _log, name=args.name or model.name,
+                      tokenizer_pre=args.tokenizer_pre)
     for p in problems:
         print(f"MISMATCH {p}")
-    print(f"{args.gguf}: {'OK, every tensor matches the source' if not problems else f'{len(problems)} problem(s)'}")
+    print(f"{args.gguf}: " + ("OK: key/values, tensors and length are what the checkpoint converts to"
+                              if not problems else f"{len(problems)} problem(s)"))
     return EXIT_FAILURE if problems else EXIT_OK
 
 

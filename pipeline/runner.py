@@ -18,7 +18,7 @@ from pipeline.config import Options, format_size
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError, OptionError, RunDirError
 from pipeline.families import TERNARY
-from pipeline.gguf_file import GGUFWriterError, TensorInfo, file_size
+from pipeline.gguf_file import MAX_SPLITS, GGUFWriterError, TensorInfo, file_size
 from pipeline.output import final_paths
 from pipeline.outtypes import OUTPUT_TYPES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
@@ -74,9 +74,9 @@ def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> int:
 
     metadata = {"arch": ckpt.plan.arch, "kv": ckpt.kv}
     parts = plan_parts(infos, opts.split_max_size, opts.split_max_tensors)
-    if len(parts) > 99999:
+    if len(parts) > MAX_SPLITS:
         raise OptionError(f"--split-max-size / --split-max-tensors: {len(parts)} parts; a split set has at most "
-                          "99999; allow larger parts")
+                          f"{MAX_SPLITS}; allow larger parts")
     try:
         return sum(file_size(file_kvs(metadata, opts.out_type), [infos[i] for i in idx]) for idx in parts)
     except (GGUFWriterError, ValueError) as e:

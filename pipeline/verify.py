@@ -1,88 +1,188 @@
-"""`bitnet-gguf verify OUT.gguf MODEL_DIR`: check a GGUF against its source checkpoint.
+"""`bitnet-gguf verify OUT.gguf MODEL`: check a GGUF (or a split set) against its checkpoint.
 
-Independent of the run directory: the expected bytes of every tensor are
-recomputed from the safetensors files with the stages' own per-chunk kernels
-(quantize's `row_abs_sums`, `ternary_rows`, `ternary_scale`, `float_rows`; pack's
-`encode_block`), chunk by chunk, and compared with the file's bytes, read with
-`os.pread` at the offsets the GGUF header gives. Memory stays at one chunk.
+Independent of the run directory, the whole file is recomputed from the checkpoint and
+compared: every key/value (name, type, value and order, split keys included), every
+tensor info (name, shape, type, offset), every tensor's bytes, recomputed chunk by chunk
+with the stages' own kernels (quantize's `row_abs_sums`, `ternary_rows`,
+`ternary_scale`; pack's `encode_block`; the registry's I2_S tail), and the file's length
+(nothing after the last tensor). Files are read with our own reader (pipeline/gguf_file.py:
+it reads I2_S). Memory stays at one chunk.
+
+The output type is taken from the file's general.file_type and the embedding type from its
+token_embd; anything else that differs is a problem. `verify` uses the converter's own
+kernels, so it finds damaged or mismatched files, not kernel bugs (the tests check those).
 """
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from pipeline.budget import plan_budget
 from pipeline.checkpoint import open_checkpoint
-from pipeline.codecs import CODECS, absmean_scale, absmean_total
 from pipeline.errors import CheckpointError
-from pipeline.families import FLOAT_TYPE, TERNARY
+from pipeline.codecs import absmean_scale, absmean_total
+from pipeline.families import TERNARY
+from pipeline.gguf_file import (SPLIT_COUNT, SPLIT_NO, GGUFContents, TensorInfo, align, part_kvs, read_gguf,
+                                split_paths)
+from pipeline.outtypes import BY_GGML_TYPE, EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES, tensor_type
 from pipeline.safetensors_io import pread_exact
 from pipeline.stores import row_ranges
+from stages.assemble import file_kvs
 from stages.pack import encode_block
 from stages.quantize import row_abs_sums, ternary_chunk_rows, ternary_rows, ternary_scale
 
+_PART = re.compile(r"(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf")
 
-def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log) -> list[str]:
-    """Return a list of problems (empty: every tensor matches)."""
-    ckpt = open_checkpoint(model_dir)
-    try:
-        reader = gguf.GGUFReader(gguf_path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{gguf_path}: not a readable GGUF file ({e})") from None
-    tensors = {t.name: t for t in reader.tensors}
+
+def split_set(path: Path) -> list[Path]:
+    """All parts of the split set `path` belongs to (just `path` when it is one file)."""
+    contents = read_gguf(path)
+    count = contents.kv(SPLIT_COUNT)
+    if count is None:
+        return [path]
+    m = _PART.fullmatch(path.name)
+    if not m or int(m.group("n")) != count:
+        raise CheckpointError(f"{path}: a part of a {count}-part split set, but not named NAME-0000k-of-"
+                              f"{count:05d}.gguf; give the first part's path")
+    parts = split_paths(path.with_name(m.group("stem") + ".gguf"), count)
+    missing = [p for p in parts if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{missing[0]}: part of the split set is missing")
+    return parts
+
+
+def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str | None = None,
+           tokenizer_pre: str | None = None) -> list[str]:
+    """Return a list of problems (empty: the files are exactly what the checkpoint converts to)."""
+    ckpt = open_checkpoint(model_dir, name=name, tokenizer_pre=tokenizer_pre)
+    paths = split_set(gguf_path)
+    parts = [read_gguf(p) for p in paths]
+    first = parts[0]
+    problems: list[str] = []
+
+    file_type = first.kv("general.file_type")
+    out_type = next((n for n in TERNARY_CHOICES if OUTPUT_TYPES[n].file_type == file_type), None)
+    if out_type is None:
+        return [f"general.file_type {file_type!r} is not one of ours ({', '.join(TERNARY_CHOICES)})"]
+    tensors = [t for c in parts for t in c.tensors]
+    by_name = {t.name: t for t in tensors}
+    embd = by_name.get("token_embd.weight")
+    embedding_type = BY_GGML_TYPE[embd.ggml_type].name if embd is not None and embd.ggml_type in BY_GGML_TYPE \
+        and BY_GGML_TYPE[embd.ggml_type].name in EMBEDDING_CHOICES else "f16"
+    log(f"{gguf_path}: {len(paths)} file(s), {out_type.upper()}, embeddings {embedding_type.upper()}")
+
+    expected = []
+    for t in ckpt.plan.tensors:
+        out, _ = tensor_type(t.role, t.shape, out_type, embedding_type, t.gguf_name)
+        expected.append((t, out, TensorInfo(t.gguf_name, t.shape, out.ggml_type, out.nbytes(t.shape))))
+
+    # key/values, part by part
+    kvs = file_kvs({"arch": ckpt.plan.arch, "kv": ckpt.kv}, out_type)
+    for k, c in enumerate(parts):
+        want = part_kvs(kvs, k, len(parts), len(expected)) if len(parts) > 1 else kvs
+        problems += _compare_kvs(paths[k], c, want)
+
+    # tensor infos
+    got_names = [t.name for t in tensors]
+    want_names = [info.name for _, _, info in expected]
+    if got_names != want_names:
+        extra = sorted(set(got_names) - set(want_names))
+        missing = sorted(set(want_names) - set(got_names))
+        problems.append(f"tensors differ: {len(got_names)} in the file, {len(want_names)} expected"
+                        f"{'; not in the source: ' + ', '.join(extra[:5]) if extra else ''}"
+                        f"{'; missing: ' + ', '.join(missing[:5]) if missing else ''}"
+                        f"{'; in another order' if not extra and not missing else ''}")
+    for part_path, c in zip(paths, parts):
+        if c.tensors:
+            end = align(c.tensors[-1].offset + c.tensors[-1].nbytes - c.data_start, c.alignment) + c.data_start
+        else:
+            end = align(c.data_start, c.alignment)
+        if c.file_size != end:
+            problems.append(f"{part_path.name}: {c.file_size - end} byte(s) after the last tensor")
+
     budget = plan_budget(memory_limit, 1)
-    problems = []
-    expected_names = [t.gguf_name for t in ckpt.plan.tensors]
-    extra = sorted(set(tensors) - set(expected_names))
-    if extra:
-        problems.append(f"tensors not in the source: {', '.join(extra)}")
-    for planned in ckpt.plan.tensors:
-        t = tensors.get(planned.gguf_name)
+    part_of = {t.name: paths[k] for k, c in enumerate(parts) for t in c.tensors}
+    for planned, out, info in expected:
+        t = by_name.get(info.name)
         if t is None:
-            problems.append(f"{planned.gguf_name}: missing")
             continue
-        problem = _check_tensor(gguf_path, t, planned, ckpt.sources[planned.hf_name], budget)
-        log(f"{planned.gguf_name}: {problem or 'ok'}")
+        if (tuple(t.shape), t.ggml_type, t.nbytes) != (info.shape, info.ggml_type, info.nbytes):
+            problem = (f"shape {list(t.shape)} type {t.ggml_type}, expected shape {list(info.shape)} "
+                       f"type {info.ggml_type} ({out.codec.name})")
+        else:
+            problem = _check_tensor(part_of[info.name], t, planned, out, ckpt.sources[planned.hf_name], budget)
+        log(f"{info.name}: {problem or 'ok'}")
         if problem:
-            problems.append(f"{planned.gguf_name}: {problem}")
+            problems.append(f"{info.name}: {problem}")
     return problems
 
 
-def _check_tensor(path: Path, t, planned, src, budget) -> str | None:
-    shape = tuple(int(x) for x in reversed(t.shape))
-    if shape != planned.shape:
-        return f"shape {list(shape)} in the file, {list(planned.shape)} in the source"
-    type_name = t.tensor_type.name.lower()
-    if type_name not in CODECS:
-        return f"unexpected type {t.tensor_type.name}"
-    codec = CODECS[type_name]
+def _compare_kvs(path: Path, contents: GGUFContents, want) -> list[str]:
+    got = contents.kvs
+    problems = []
+    got_keys, want_keys = [kv.key for kv in got], [kv.key for kv in want]
+    if got_keys != want_keys:
+        extra, missing = sorted(set(got_keys) - set(want_keys)), sorted(set(want_keys) - set(got_keys))
+        problems.append(f"{path.name}: key/values differ: {len(got_keys)} in the file, {len(want_keys)} expected"
+                        f"{'; unexpected: ' + ', '.join(extra[:5]) if extra else ''}"
+                        f"{'; missing: ' + ', '.join(missing[:5]) if missing else ''}")
+    want_by_key = {kv.key: kv for kv in want}
+    for kv in got:
+        w = want_by_key.get(kv.key)
+        if w is None:
+            continue
+        if kv.type != w.type or not _same_value(kv.value, w.value):
+            problems.append(f"{path.name}: {kv.key} is {_short(kv.value)}, expected {_short(w.value)}")
+    return problems
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return np.float32(a).tobytes() == np.float32(b).tobytes() or (a == b)
+    return a == b
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _check_tensor(path: Path, t, planned, out, src, budget) -> str | None:
     recipe = planned.recipe
+    codec = out.codec
     if planned.role == TERNARY:
         rows = ternary_chunk_rows(budget, planned.shape, recipe)
     else:
         rows = budget.rows_per_chunk(planned.shape)
-    ranges = row_ranges(planned.shape[0], rows) if len(planned.shape) > 1 else [(0, planned.shape[0])]
+    two_d = len(planned.shape) > 1
+    ranges = row_ranges(planned.shape[0], rows) if two_d else [(0, planned.shape[0])]
     absmean = scale = None
     if planned.role == TERNARY:
         if recipe.scale_rule == "absmean":
-            total = absmean_total(row_abs_sums(src.read_rows, r0, r1, src.dtype) for r0, r1 in ranges)
-            absmean = float(absmean_scale(total, math.prod(planned.shape)))
+            sums = (row_abs_sums(src.read_rows, r0, r1, src.dtype) for r0, r1 in ranges)
+            absmean = float(absmean_scale(absmean_total(sums), math.prod(planned.shape)))
         scale = float(ternary_scale(recipe, absmean))
-    elif codec.name.lower() != FLOAT_TYPE[planned.role]:
-        return f"type {codec.name}, expected {FLOAT_TYPE[planned.role].upper()}"
-    row_bytes = codec.row_bytes(planned.shape[-1]) if len(planned.shape) > 1 else codec.row_bytes(planned.shape[0])
+    row_bytes = codec.row_bytes(planned.shape[-1]) if two_d else codec.row_bytes(planned.shape[0])
+    truncated = f"{path}: ends inside tensor {t.name}; the file is truncated"
     for r0, r1 in ranges:
         if planned.role == TERNARY:
             block = ternary_rows(src.read_rows, r0, r1, recipe, planned.shape[0], src.dtype, absmean)
         else:
             block = src.read_rows(r0, r1)
-        want = encode_block(block, codec.name.lower(), scale, src.dtype)
-        start = t.data_offset + (r0 * row_bytes if len(planned.shape) > 1 else 0)
-        got = np.frombuffer(pread_exact(path, start, want.nbytes, f"{path}: ends inside tensor {t.name}; "
-                                        "the file is truncated"), dtype=np.uint8)
+        want = encode_block(block, codec.name.lower(), scale if planned.role == TERNARY else None, src.dtype)
+        start = t.offset + (r0 * row_bytes if two_d else 0)
+        got = np.frombuffer(pread_exact(path, start, want.nbytes, truncated), dtype=np.uint8)
         if not np.array_equal(got, want.reshape(-1)):
             return f"bytes differ in rows {r0}..{r1}"
+    if out.tail:
+        body = t.nbytes - out.tail
+        got = bytes(pread_exact(path, t.offset + body, 4, truncated))
+        if got != out.tail_bytes(scale)[:4]:
+            return f"the I2_S scale is {np.frombuffer(got, '<f4')[0]!r}, expected {np.float32(scale)!r}"
     return None
+

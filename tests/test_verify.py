@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gguf
+import pytest
 
 from tests.conftest import convert, run_cli
 
@@ -30,3 +31,75 @@ def test_verify_against_another_checkpoint_fails(checkpoint, tmp_path):
     convert(model, out)
     proc = run_cli("verify", out, other, check_exit=1)
     assert proc.stdout.count("MISMATCH") >= 20
+
+
+def packed(tmp_path, family="llama3-1.58"):
+    from tests.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path / family, family, hidden_size=256, intermediate_size=512, num_layers=1,
+                            num_heads=4, num_kv_heads=2)
+
+
+def flip(path, offset, out):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    out.write_bytes(bytes(raw))
+    return out
+
+
+def kv_value_offset(path, key):
+    """Byte offset of the value of `key` in a GGUF (found by its encoded name)."""
+    raw = path.read_bytes()
+    name = len(key).to_bytes(8, "little") + key.encode()
+    return raw.index(name) + len(name) + 4  # after the u32 value type
+
+
+@pytest.mark.parametrize("family,out_type", [("llama3-1.58", "tq2_0"), ("2b4t", "i2_s"), ("falcon3-1.58", "i2_s"),
+                                             ("2b4t-bf16", "tq1_0")])
+def test_verify_every_family_and_type(tmp_path, family, out_type):
+    model = packed(tmp_path, family)
+    out = tmp_path / "m.gguf"
+    convert(model, out, "--type", out_type, "--embedding-type", "q8_0")
+    assert "OK" in run_cli("verify", out, model).stdout
+
+
+@pytest.mark.parametrize("key", ["llama.embedding_length", "llama.rope.freq_base", "tokenizer.ggml.tokens",
+                                 "general.file_type", "tokenizer.ggml.bos_token_id"])
+def test_verify_finds_a_flipped_byte_in_the_key_values(tmp_path, key):
+    model = packed(tmp_path)
+    out = tmp_path / "m.gguf"
+    convert(model, out)
+    offset = kv_value_offset(out, key) + (8 + 4 + 8 + 2 if key == "tokenizer.ggml.tokens" else 0)
+    bad = flip(out, offset, tmp_path / "bad.gguf")
+    proc = run_cli("verify", bad, model, check_exit=None)
+    assert proc.returncode in (1, 2) and "OK" not in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_verify_finds_trailing_bytes_and_a_wrong_i2s_scale(tmp_path):
+    from pipeline.gguf_file import read_gguf
+
+    model = packed(tmp_path, "2b4t")
+    out = tmp_path / "m.gguf"
+    convert(model, out, "--type", "i2_s")
+    longer = tmp_path / "longer.gguf"
+    longer.write_bytes(out.read_bytes() + b"garbage")
+    proc = run_cli("verify", longer, model, check_exit=1)
+    assert "byte(s) after the last tensor" in proc.stdout
+
+    t = next(t for t in read_gguf(out).tensors if t.name == "blk.0.ffn_up.weight")
+    bad = flip(out, t.offset + t.nbytes - 32, tmp_path / "scale.gguf")  # first byte of the float32 scale
+    proc = run_cli("verify", bad, model, check_exit=1)
+    assert "MISMATCH blk.0.ffn_up.weight: the I2_S scale" in proc.stdout
+
+
+def test_verify_a_split_set_from_any_part(tmp_path):
+    model = packed(tmp_path)
+    out = tmp_path / "m.gguf"
+    convert(model, out, "--split-max-tensors", "4")
+    parts = sorted(tmp_path.glob("m-*-of-*.gguf"))
+    assert len(parts) == 3
+    for p in parts:
+        assert "3 file(s)" in run_cli("verify", p, model).stderr
+    parts[1].unlink()
+    proc = run_cli("verify", parts[0], model, check_exit=2)
+    assert "missing" in proc.stderr and proc.stderr.count("\n") == 1
