@@ -1,16 +1,22 @@
-"""Benchmark: peak memory (whole process tree) and wall time of a conversion,
-side by side with llama.cpp's own converter on the same checkpoint.
+"""Benchmark: peak memory (whole process tree) and wall time of conversions, side by side
+with llama.cpp's own converter on the same checkpoint.
 
-    make bench                                  # bitnet_b1_58-large and -3B shapes
-    python -m tests.bench --shapes large --memory-limit 2GiB
+    make bench                                   # every case below, results appended to docs/benchmarks.md
+    python -m tests.bench --cases llama3-8b      # some of them
+    python -m tests.bench --list
 
-Checkpoints are synthetic (random weights, real shapes) and generated once under
-build/bench/. Results are appended to docs/benchmarks.md with the command, the
-machine and the figures.
+Checkpoints are synthetic (random weights, the real models' shapes) and generated once
+under build/bench/. Each case converts one checkpoint with bitnet-gguf under a memory
+limit and, where given, with llama.cpp's `convert_hf_to_gguf.py` (from the llama-cpp-python
+sdist the tests pin; `--no-lazy` for packed checkpoints, the only mode that reads them,
+through tests/reference_convert.py, which names the BPE pre-tokenizer of a synthetic
+tokenizer). Results are appended to docs/benchmarks.md with the command, the machine and
+every figure.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -25,22 +31,53 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import format_size, parse_size  # noqa: E402
-from tests.synthetic import write_bitnet_checkpoint  # noqa: E402
 from tests.peak_rss import run_measuring_peak  # noqa: E402
+from tests.synthetic import write_checkpoint  # noqa: E402
 
-# the real models' shapes (FORMATS.md): hidden, intermediate, layers, heads, vocab
-SHAPES = {
-    "large": dict(hidden_size=1536, intermediate_size=4096, num_layers=24, num_heads=16, vocab_size=32002),
-    "3B": dict(hidden_size=3200, intermediate_size=8640, num_layers=26, num_heads=32, vocab_size=32002),
-}
 RESULTS = ROOT / "docs" / "benchmarks.md"
 
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, vocab_size=128256)
+# checkpoint name -> (family, shape); the real models' shapes (FORMATS.md)
+CHECKPOINTS = {
+    "large-f32": ("1bitllm", dict(hidden_size=1536, intermediate_size=4096, num_layers=24, num_heads=16,
+                                  vocab_size=32002, dtype="f32")),
+    "3B-f32": ("1bitllm", dict(hidden_size=3200, intermediate_size=8640, num_layers=26, num_heads=32,
+                               vocab_size=32002, dtype="f32")),
+    "llama3-8b-packed": ("llama3-1.58", dict(num_layers=32, **LLAMA3_8B)),
+    "llama3-8b-packed-4l": ("llama3-1.58", dict(num_layers=4, **LLAMA3_8B)),
+    "llama3-8b-packed-16l": ("llama3-1.58", dict(num_layers=16, **LLAMA3_8B)),
+    "8b-bf16-master": ("1bitllm", dict(num_layers=32, dtype="bf16", **LLAMA3_8B)),
+}
 
-def checkpoint(shape: str, workdir: Path) -> Path:
-    path = workdir / f"bitnet-{shape}-f32"
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    checkpoint: str
+    out_type: str = "tq2_0"
+    limit: str = "1GiB"
+    extra: tuple[str, ...] = ()
+    reference: str | None = None   # llama.cpp mode: "lazy" or "no-lazy" (None: not run)
+    note: str = ""
+
+
+CASES = {
+    "large": Case("large-f32", reference="lazy"),
+    "3B": Case("3B-f32", reference="lazy"),
+    "llama3-8b": Case("llama3-8b-packed", reference="no-lazy", note="the seed problem"),
+    "llama3-8b-i2s": Case("llama3-8b-packed", "i2_s"),
+    "llama3-8b-4l": Case("llama3-8b-packed-4l"),
+    "llama3-8b-16l": Case("llama3-8b-packed-16l"),
+    "llama3-8b-cluster": Case("llama3-8b-packed", extra=("--cluster", "local")),
+    "8b-master": Case("8b-bf16-master", reference="lazy"),
+}
+
+
+def checkpoint(name: str, workdir: Path) -> Path:
+    path = workdir / name
     if not (path / "config.json").is_file():
-        print(f"generating the {shape} checkpoint in {path} ...", flush=True)
-        write_bitnet_checkpoint(path, dtype="f32", **SHAPES[shape])
+        family, shape = CHECKPOINTS[name]
+        print(f"generating the {name} checkpoint in {path} ...", flush=True)
+        write_checkpoint(path, family, **shape)
     return path
 
 
@@ -49,61 +86,88 @@ def machine() -> str:
             f"{format_size(psutil.virtual_memory().total)} RAM, Python {platform.python_version()}")
 
 
+def tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_ours(case: Case, model: Path, workdir: Path) -> dict:
+    out = workdir / f"{case.checkpoint}-{case.out_type}.gguf"
+    work = out.with_name(out.name + ".work")
+    for p in (out, work):
+        subprocess.run(["rm", "-rf", str(p)], check=True)
+    cmd = [sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out), "--type", case.out_type,
+           "--memory-limit", case.limit, "--no-progress", *case.extra]
+    r = run_measuring_peak(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, interval=0.05)
+    r["output"] = sum(tree_size(p) for p in out.parent.glob(out.stem + "*.gguf"))
+    r["workdir"] = tree_size(work) if work.exists() else 0
+    for p in (out, work):  # keep the disk free for the next run
+        subprocess.run(["rm", "-rf", str(p)], check=True)
+    return r
+
+
+def run_reference(case: Case, model: Path, workdir: Path, python: str, src: Path) -> dict:
+    out = workdir / f"{case.checkpoint}-{case.out_type}-llamacpp.gguf"
+    if case.reference == "no-lazy":
+        cmd = [python, str(ROOT / "tests" / "reference_convert.py"), str(src), "llama-bpe", str(model),
+               "--outtype", case.out_type, "--outfile", str(out), "--no-lazy"]
+    else:
+        cmd = [python, str(src / "convert_hf_to_gguf.py"), str(model), "--outtype", case.out_type, "--outfile", str(out)]
+    r = run_measuring_peak(cmd, interval=0.05)
+    r["output"] = tree_size(out) if out.exists() else 0
+    r["workdir"] = 0
+    out.unlink(missing_ok=True)
+    return r
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["large", "3B"], choices=sorted(SHAPES))
-    ap.add_argument("--memory-limit", nargs="+", default=["4GiB", "1GiB"], help="limits to run ours under")
-    ap.add_argument("--type", default="tq2_0")
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=sorted(CASES))
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench")
     ap.add_argument("--reference-python", default=str(ROOT / "build" / "llama.cpp-convert" / "venv" / "bin" / "python"),
                     help="Python with torch and transformers for llama.cpp's converter (make reference-converter)")
-    ap.add_argument("--reference-converter", type=Path,
-                    default=ROOT / "build" / "llama.cpp-convert" / "src" / "convert_hf_to_gguf.py")
+    ap.add_argument("--reference-src", type=Path, default=ROOT / "build" / "llama.cpp-convert" / "src")
     ap.add_argument("--no-reference", action="store_true", help="skip llama.cpp's converter")
     args = ap.parse_args(argv)
+    if args.list:
+        for name, c in CASES.items():
+            print(f"{name}: {c.checkpoint} -> {c.out_type} under {c.limit} {' '.join(c.extra)}"
+                  f"{'; llama.cpp ' + c.reference if c.reference else ''}")
+        return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     rows = []
-    for shape in args.shapes:
-        model = checkpoint(shape, args.workdir)
-        size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-        for limit in args.memory_limit:
-            out = args.workdir / f"{shape}-{limit}.gguf"
-            for p in (out, out.with_name(out.name + ".work")):
-                subprocess.run(["rm", "-rf", str(p)], check=True)
-            cmd = [sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out), "--type", args.type,
-                   "--memory-limit", limit, "--no-progress"]
-            r = run_measuring_peak(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, interval=0.05)
-            rows.append((shape, size, f"bitnet-gguf --memory-limit {limit}", r, parse_size(limit)))
-            print(f"{shape}: ours under {limit}: exit {r['exit']}, peak {format_size(r['peak'])}, {r['seconds']:.0f} s",
-                  flush=True)
+    for name in args.cases:
+        case = CASES[name]
+        model = checkpoint(case.checkpoint, args.workdir)
+        size = tree_size(model)
+        r = run_ours(case, model, args.workdir)
+        who = f"bitnet-gguf --memory-limit {case.limit} {' '.join(case.extra)}".strip()
+        rows.append((name, case, size, who, r, parse_size(case.limit)))
+        print(f"{name}: ours: exit {r['exit']}, peak {format_size(r['peak'])}, {r['seconds']:.0f} s", flush=True)
+        if r["exit"]:
+            print(r["stderr"], flush=True)
+        if case.reference and not args.no_reference and (args.reference_src / "convert_hf_to_gguf.py").is_file():
+            r = run_reference(case, model, args.workdir, args.reference_python, args.reference_src)
+            rows.append((name, case, size, f"llama.cpp convert_hf_to_gguf.py{' --no-lazy' if case.reference == 'no-lazy' else ''}",
+                         r, None))
+            print(f"{name}: llama.cpp: exit {r['exit']}, peak {format_size(r['peak'])}, {r['seconds']:.0f} s", flush=True)
             if r["exit"]:
                 print(r["stderr"], flush=True)
-            for p in (out, out.with_name(out.name + ".work")):  # keep the disk free for the next run
-                subprocess.run(["rm", "-rf", str(p)], check=True)
-        if not args.no_reference and args.reference_converter.is_file():
-            out = args.workdir / f"{shape}-llamacpp.gguf"
-            cmd = [args.reference_python, str(args.reference_converter), str(model), "--outtype", args.type,
-                   "--outfile", str(out)]
-            r = run_measuring_peak(cmd, interval=0.05)
-            rows.append((shape, size, "llama.cpp convert_hf_to_gguf.py", r, None))
-            print(f"{shape}: llama.cpp: exit {r['exit']}, peak {format_size(r['peak'])}, {r['seconds']:.0f} s", flush=True)
-            if r["exit"]:
-                print(r["stderr"], flush=True)
-            out.unlink(missing_ok=True)
 
     command = "python -m tests.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    lines = [f"\n## {datetime.date.today().isoformat()}: {args.type.upper()}\n",
+    lines = [f"\n## {datetime.date.today().isoformat()}\n",
              f"Command: `{command.strip()}`  ", f"Machine: {machine()}\n",
-             "| checkpoint | safetensors | converter | exit | peak RSS (process tree) | limit | wall time |",
-             "|---|---|---|---|---|---|---|"]
-    for shape, size, who, r, limit in rows:
-        lines.append(f"| {shape} f32 | {format_size(size)} | {who} | {r['exit']} | {format_size(r['peak'])} | "
-                     f"{format_size(limit) if limit else '-'} | {r['seconds']:.0f} s |")
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmarks\n\nPeak RSS is the sum over the converter's whole process tree, "
-                           "sampled every 50 ms with psutil (file pages of read() calls are not counted; mmap'd "
-                           "pages a process touches are).\n")
+             "| case | checkpoint | safetensors | converter | type | exit | peak RSS (process tree) | limit | "
+             "wall time | output | run directory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, case, size, who, r, limit in rows:
+        lines.append(f"| {name} | {case.checkpoint} | {format_size(size)} | {who} | {case.out_type.upper()} | "
+                     f"{r['exit']} | {format_size(r['peak'])} | {format_size(limit) if limit else '-'} | "
+                     f"{r['seconds']:.0f} s | {format_size(r['output'])} | "
+                     f"{format_size(r['workdir']) if r['workdir'] else '-'} |")
     with open(RESULTS, "a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
