@@ -104,6 +104,12 @@ def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
     return budget.rows_per_chunk(shape, multiple=recipe.row_multiple)
 
 
+def codes_of(arr, start: int, stop: int) -> np.ndarray:
+    """int8 codes in {-1, 0, +1} of rows [start, stop) of a quantize.zarr ternary array, whatever
+    its on-disk layout (for inspect and notebooks)."""
+    return np.asarray(arr[start:stop], dtype=np.int8)
+
+
 # -- tasks ---------------------------------------------------------------------------------------
 
 def _reader(path: str) -> ReadRows:
