@@ -128,3 +128,37 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
                 fout.seek(done)
                 shutil.copyfileobj(fin, fout)
     os.replace(tmp, target)
+
+
+def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of an array. A raw array's chunk files are read directly (one
+    pread per chunk, about five times faster than zarr's read path); others through zarr.
+    A chunk file that is missing or short means a damaged store, not zeros."""
+    if not is_raw(arr):
+        return arr[start:stop]
+    rows_per_chunk = arr.chunks[0]
+    row_bytes = chunk_nbytes(arr) // rows_per_chunk
+    out = np.empty((stop - start, *arr.shape[1:]), dtype=arr.dtype)
+    view = out.reshape(-1).view(np.uint8)
+    done = 0
+    for index in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1 if stop > start else 0):
+        c0 = index * rows_per_chunk
+        r0, r1 = max(start, c0), min(stop, c0 + rows_per_chunk)
+        nbytes = (r1 - r0) * row_bytes
+        path = chunk_path(arr, index)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise DamagedStore(f"{path}: chunk file missing") from None
+        try:
+            got = os.preadv(fd, [view[done:done + nbytes]], (r0 - c0) * row_bytes)
+        finally:
+            os.close(fd)
+        if got != nbytes:
+            raise DamagedStore(f"{path}: chunk file is short ({got} of {nbytes} bytes)")
+        done += nbytes
+    return out
+
+
+class DamagedStore(OSError):
+    """A finished store lacks a chunk it must have: the run directory was damaged."""

@@ -24,7 +24,8 @@ from pipeline.families import TERNARY
 from pipeline.outtypes import tensor_type
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import array_path, ensure_array, is_raw, open_array, open_store, row_ranges, written_chunks
+from pipeline.stores import (array_path, ensure_array, is_raw, open_array, open_store, read_rows, row_ranges,
+                             written_chunks)
 from stages.quantize import LAYOUT_2BIT, LAYOUT_INT8, link_task
 
 # source dtype whose raw bytes already are the output type's
@@ -57,7 +58,7 @@ def check_scale(name: str, scale: float, codec_name: str) -> None:
 
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
                 source_dtype: str, layout: str | None) -> None:
-    data = encode_block(open_array(src, "r")[start:stop], codec_name, scale, source_dtype, layout)
+    data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout)
     dest = open_array(out)
     if dest.ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
         dest[:] = data
