@@ -168,7 +168,7 @@ def _store_info(stage: str, arr) -> dict:
     written = written_chunks(arr)
     info = {"stored_shape": list(arr.shape), "dtype": str(arr.dtype), "rows_per_chunk": arr.chunks[0],
             "chunks": chunk_count(arr), "chunks_written": len(written)}
-    for key in ("scale", "absmean"):
+    for key in ("code_layout", "scale", "absmean"):
         if key in attrs:
             info[key] = attrs[key]
     if stage == "pack" and "ggml_type" in attrs:
@@ -240,6 +240,8 @@ def format_tensor(report: dict) -> str:
             continue
         parts = [f"{'x'.join(map(str, s['stored_shape']))} {s['dtype']}",
                  f"{s['rows_per_chunk']} rows/chunk", f"{s['chunks_written']} of {s['chunks']} chunks written"]
+        if "code_layout" in s:
+            parts.insert(1, f"codes {s['code_layout']}")
         if s.get("scale") is not None:
             parts.append(f"scale {s['scale']:.8g}")
         if s.get("absmean") is not None:
