@@ -28,6 +28,10 @@ from pipeline.stores import (array_path, ensure_array, is_raw, open_array, open_
                              written_chunks)
 from stages.quantize import LAYOUT_2BIT, LAYOUT_INT8, link_task
 
+# float16 bits of every bfloat16 bit pattern, converted by numpy (round to nearest even)
+with np.errstate(over="ignore", invalid="ignore"):
+    _F16_FROM_BF16 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32).astype("<f2").view(np.uint16)
+
 # source dtype whose raw bytes already are the output type's
 SAME_BYTES = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
 
@@ -38,6 +42,8 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
     (`source_dtype`), or ternary codes as quantize.zarr stores them (`layout`) with their scale."""
     codec = CODECS[codec_name]
     if scale is None:
+        if source_dtype == "BF16" and codec_name == "f16":  # the common embedding case: one table lookup
+            return _F16_FROM_BF16[np.asarray(block, dtype=np.uint16)].view(np.uint8).reshape(*block.shape[:-1], -1)
         return codec.encode(as_float32(block, source_dtype))
     if layout == LAYOUT_2BIT:
         return codec.encode_codes(block, np.float32(scale))
