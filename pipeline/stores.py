@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+
+from pipeline.errors import RunDirError
 from zarr.codecs import BloscCodec
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -160,5 +162,53 @@ def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     return out
 
 
-class DamagedStore(OSError):
-    """A finished store lacks a chunk it must have: the run directory was damaged."""
+class DamagedStore(RunDirError):
+    """A store lacks a chunk it must have, or holds other bytes than were written: the run
+    directory was damaged (the message says to delete it)."""
+
+    def __init__(self, what: str):
+        super().__init__(f"the run directory is damaged ({what}); delete it and convert again")
+        self.what = what
+
+
+# -- integrity of finished stores -----------------------------------------------------------------
+# When a stage finishes, every file of its store is hashed (xxh3, at memory speed) into
+# `<stage>.checksums.json` beside the store; the next stage checks its input store against
+# that record before reading it. A chunk deleted, truncated, flipped or added after the
+# stage finished is found there, and the run stops with one line instead of reading zeros.
+
+def store_files(store: Path) -> list[Path]:
+    return sorted(p for p in Path(store).rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+
+
+def file_digest(path: Path) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def store_digests(store: Path) -> dict[str, list]:
+    """{relative path: [size, xxh3 digest]} of every file of a store."""
+    store = Path(store)
+    return {str(p.relative_to(store)): [p.stat().st_size, file_digest(p)] for p in store_files(store)}
+
+
+def check_store(store: Path, recorded: dict[str, list]) -> None:
+    """Raise DamagedStore naming the first file that differs from the record."""
+    store = Path(store)
+    present = {str(p.relative_to(store)): p for p in store_files(store)} if store.is_dir() else {}
+    for rel, (size, digest) in recorded.items():
+        p = present.get(rel)
+        if p is None:
+            raise DamagedStore(f"{store / rel}: missing")
+        if p.stat().st_size != size:
+            raise DamagedStore(f"{store / rel}: {p.stat().st_size} bytes, {size} when it was written")
+        if file_digest(p) != digest:
+            raise DamagedStore(f"{store / rel}: its bytes changed after it was written")
+    extra = sorted(set(present) - set(recorded))
+    if extra:
+        raise DamagedStore(f"{store / extra[0]}: not written by the conversion")

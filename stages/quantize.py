@@ -247,7 +247,7 @@ def run(ctx: StageContext) -> None:
             if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor
                 sums = source[name + SUMS_SUFFIX]
                 try:
-                    absmean = float(absmean_scale(absmean_total([sums[:]]), src.size))
+                    absmean = float(absmean_scale(absmean_total([read_rows(sums, 0, sums.shape[0])]), src.size))
                 except NonFiniteWeights as e:
                     raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") \
                         from None
