@@ -94,7 +94,8 @@ def run(ctx: StageContext) -> None:
         if fallback:
             ctx.log(f"warning: {name}: {fallback}")
         codec = out.codec
-        rows = src.chunks[0] if src.ndim > 1 else codec.row_bytes(shape[0])
+        # rows of this run's budget (the input may come from a run under a larger memory limit)
+        rows = ctx.budget.rows_per_chunk(shape) if src.ndim > 1 else codec.row_bytes(shape[0])
         byte_shape = (*shape[:-1], codec.row_bytes(shape[-1]))
         arr = ensure_array(group, name, byte_shape, rows, np.uint8, {
             "ggml_type": out.ggml_type, "type_name": codec.name, "shape": list(shape),
@@ -102,10 +103,10 @@ def run(ctx: StageContext) -> None:
         })
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))
         same = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES and is_raw(src) \
-            and is_raw(arr) and src.chunks[0] == arr.chunks[0]
+            and is_raw(arr) and src.chunks[0] == arr.chunks[0] and src.ndim > 1
         done = written_chunks(arr)
         layout = src.attrs.get("code_layout", LAYOUT_INT8) if role == TERNARY else None
-        for i, (r0, r1) in enumerate(row_ranges(shape[0], src.chunks[0])):
+        for i, (r0, r1) in enumerate(row_ranges(shape[0], rows if src.ndim > 1 else shape[0])):
             if i in done:
                 continue
             if same:

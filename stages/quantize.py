@@ -210,7 +210,7 @@ def link_task(src: str, out: str, index: int) -> None:
 
 
 def copy_task(src: str, out: str, start: int, stop: int) -> None:
-    open_array(out)[start:stop] = open_array(src, "r")[start:stop]
+    open_array(out)[start:stop] = read_rows(open_array(src, "r"), start, stop)
 
 
 def run(ctx: StageContext) -> None:
@@ -228,13 +228,15 @@ def run(ctx: StageContext) -> None:
                 "recipe": recipe.as_json(), "shape": list(shape)}
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))
         if recipe.role != TERNARY:
-            # not rewritten: the same chunk files (pack encodes them in their output type)
-            arr = ensure_array(group, name, src.shape, src.chunks[0], src.dtype, base)
+            # not rewritten: the same chunk files (pack encodes them in their output type), unless
+            # extract ran under a larger memory limit than this run's: then rows of this run's size
+            rows = ctx.budget.rows_per_chunk(src.shape)
+            arr = ensure_array(group, name, src.shape, rows, src.dtype, base)
+            same = rows == src.chunks[0] and is_raw(src) and is_raw(arr)
             done = written_chunks(arr)
-            for i, (r0, r1) in enumerate(row_ranges(src.shape[0], src.chunks[0])):
+            for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
                 if i not in done:
-                    tasks.append(chunk_task(link_task, *paths, i) if is_raw(src) and is_raw(arr)
-                                 else chunk_task(copy_task, *paths, r0, r1))
+                    tasks.append(chunk_task(link_task, *paths, i) if same else chunk_task(copy_task, *paths, r0, r1))
             continue
         layout = code_layout(shape[1])
         block_rows = packed_block_rows(ctx.budget, shape, recipe)
