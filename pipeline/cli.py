@@ -35,7 +35,7 @@ class OneLineParser(argparse.ArgumentParser):
     """Usage mistakes are one line too (the usage block is what --help is for)."""
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"bitnet-gguf: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

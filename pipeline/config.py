@@ -168,12 +168,9 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path | None = None,
-                 preset: Path | None = None, model_name: str | None = None, **overrides) -> Options:
-    """Merge preset and explicit overrides (None means 'not given') and validate every value,
-    so that nothing the options decide can fail after the work has started."""
-    values = load_preset(preset)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+def _checked_values(values: dict) -> dict:
+    """Option values (preset keys; sizes as text or numbers) checked and normalized."""
+    values = dict(values)
     values["out_type"] = check_choice(values.get("out_type", DEFAULT_TYPE), TERNARY_CHOICES, "--type")
     values["embedding_type"] = check_choice(values.get("embedding_type", DEFAULT_EMBEDDING_TYPE),
                                             EMBEDDING_CHOICES, "--embedding-type")
@@ -186,6 +183,16 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
         if key in values and not isinstance(values[key], bool):
             raise OptionError(f"{option}: {key} must be true or false, not {values[key]!r}")
     values["scheduler"] = check_scheduler(values.get("scheduler", "threads"))
+    return values
+
+
+def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path | None = None,
+                 preset: Path | None = None, model_name: str | None = None, **overrides) -> Options:
+    """Merge preset and explicit overrides (None means 'not given') and validate every value,
+    so that nothing the options decide can fail after the work has started."""
+    preset_values = load_preset(preset)
+    _checked_values(preset_values)  # a bad preset value is refused even where a flag overrides it
+    values = _checked_values({**preset_values, **{k: v for k, v in overrides.items() if v is not None}})
 
     try:
         model_dir = Path(model_dir).resolve()

@@ -334,6 +334,13 @@ def detect_family(config: dict, config_path: Path) -> Family:
     raise CheckpointError(f"{config_path}: architecture {shown} is not supported; supported: {supported_summary()}")
 
 
+# what config.json calls each dimension, for messages
+_DIM_KEYS = {"hidden": "hidden_size", "intermediate": "intermediate_size", "vocab": "vocab_size",
+             "q_dim": "num_attention_heads x head_dim", "kv_dim": "num_key_value_heads x head_dim",
+             "layers": "num_hidden_layers", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+             "head_dim": "head_dim"}
+
+
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -366,7 +373,8 @@ def _dims(config: dict, fam: Family, config_path: Path) -> dict[str, int]:
             "heads": n_head, "kv_heads": n_kv, "head_dim": head_dim}
     too_big = [k for k, v in dims.items() if v > MAX_DIM]
     if too_big:
-        raise CheckpointError(f"{config_path}: {too_big[0]} {dims[too_big[0]]} is not plausible (more than {MAX_DIM})")
+        raise CheckpointError(f"{config_path}: {_DIM_KEYS[too_big[0]]} {dims[too_big[0]]} is not plausible "
+                              f"(more than {MAX_DIM})")
     if fam.permute_qk and head_dim % 2:
         raise CheckpointError(f"{config_path}: head dimension {head_dim} is odd; rotary embeddings need an even one")
     return dims
@@ -381,6 +389,12 @@ def _check_rope_scaling(config: dict, config_path: Path) -> None:
         return  # the identity
     raise CheckpointError(f"{config_path}: rope_scaling {json.dumps(scaling)[:80]} is not supported "
                           "(only checkpoints without rope scaling convert)")
+
+
+def _check_flags(config: dict, config_path: Path) -> None:
+    tied = config.get("tie_word_embeddings")
+    if tied is not None and not isinstance(tied, bool):
+        raise CheckpointError(f"{config_path}: tie_word_embeddings must be true or false, not {tied!r:.40}")
 
 
 def _tied(config: dict) -> bool:
@@ -398,6 +412,7 @@ def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan
     fam = detect_family(config, config_path)
     dims = _dims(config, fam, config_path)
     _check_rope_scaling(config, config_path)
+    _check_flags(config, config_path)
     tensors: list[PlannedTensor] = []
 
     def add(rule: TensorRule, bid: int | None = None) -> None:

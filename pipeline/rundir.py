@@ -205,6 +205,10 @@ class RunDir:
         ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp",
                 *(self.store(s).name for s in STAGES), *(f".{self.store(s).name}.deleting" for s in STAGES),
                 *(self.checksums_path(s).name for s in STAGES), *(self.checksums_path(s).name + ".tmp" for s in STAGES)}
+        if "manifest.json" not in entries:
+            # a run writes its manifest before anything else but the lock: stores without one
+            # are not ours to delete
+            ours = {"lock", "manifest.json.tmp"}
         foreign = [name for name in entries if name not in ours]
         if foreign:
             raise RunDirError(f"{self.path}: not a bitnet-gguf run directory (it holds {foreign[0]!r}"

@@ -75,6 +75,18 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice (json.loads would silently keep the last)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
 def read_header(path: Path) -> dict[str, TensorSource]:
     """Parse and check one safetensors file's header against the file size.
 
@@ -96,9 +108,11 @@ def read_header(path: Path) -> dict[str, TensorSource]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
         if not isinstance(header, dict):
             raise ValueError("not an object")
+    except DuplicateKey as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({str(e)[:80]!r} is listed twice)") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a valid JSON object)") from None
 
