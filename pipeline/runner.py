@@ -62,6 +62,11 @@ def tensor_types(opts: Options, ckpt, log=None) -> list[TensorInfo]:
         if t.role == TERNARY:
             ternary += 1
             fallbacks += fallback is not None
+            if t.recipe.packed:  # the scale is the checkpoint's weight_scale, known now
+                from stages.pack import check_scale
+                from stages.quantize import ternary_scale
+
+                check_scale(t.gguf_name, float(ternary_scale(t.recipe, None)), out.name)
         infos.append(TensorInfo(t.gguf_name, t.shape, out.ggml_type, out.nbytes(t.shape)))
     if opts.out_type == "i2_s" and ternary and fallbacks == ternary:
         raise OptionError(f"--type i2_s: no projection of this checkpoint has rows that are a multiple of "

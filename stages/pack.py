@@ -53,9 +53,15 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
 
 
 def check_scale(name: str, scale: float, codec_name: str) -> None:
-    """A TQ block stores its scale as fp16, and an F16 fallback its values: both must fit."""
+    """The scale must be a finite non-zero float32 (I2_S stores it so); a TQ block stores it as
+    fp16, and an F16 fallback its values: there it must fit fp16 too."""
+    with np.errstate(over="ignore"):
+        s32 = np.float32(scale)
+        d = np.float16(s32)
+    if not np.isfinite(s32) or s32 == 0:
+        raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is not a finite non-zero float32 "
+                              "(the checkpoint's weight_scale is out of range); it cannot be converted")
     if codec_name in ("tq1_0", "tq2_0", "f16"):
-        d = np.float16(np.float32(scale))
         if not np.isfinite(d) or d == 0:
             raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is outside what {codec_name.upper()} "
                                   "stores (fp16, up to 65504, above 6e-8); convert with --type i2_s (a float32 "

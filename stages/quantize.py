@@ -165,7 +165,8 @@ def ternary_scale(recipe: Recipe, absmean: float | None) -> np.float32:
         return effective_scale(np.float32(absmean))
     ws = np.float32(recipe.weight_scale)
     if recipe.scale_rule == "divide":  # BitLinear: W = codes / weight_scale (float32 division, as torch)
-        return np.float32(1) / ws
+        with np.errstate(over="ignore"):  # a tiny weight_scale gives inf, which pack.check_scale refuses
+            return np.float32(1) / ws
     if recipe.scale_rule == "multiply":  # AutoBitLinear: W = codes * weight_scale
         return ws
     raise ValueError(f"unknown scale rule {recipe.scale_rule!r}")

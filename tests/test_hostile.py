@@ -543,11 +543,30 @@ def test_a_projection_scale_beyond_fp16_is_refused_for_tq_and_converts_as_i2_s(f
 
 
 @pytest.mark.parametrize("family,scale", [("llama3-1.58", 1e-6), ("2b4t", 1e6), ("llama3-1.58", 1e30)])
-def test_a_packed_weight_scale_fp16_cannot_hold_is_refused_for_tq(fresh, out, family, scale):
+def test_a_packed_weight_scale_fp16_cannot_hold_is_refused_for_tq_before_any_work(fresh, out, family, scale):
+    """A packed projection's scale is its weight_scale, read before any work: refused then."""
     model = fresh(family)
     name = "model.layers.0.mlp.up_proj.weight_scale"
     set_values(model / "model.safetensors", name, lambda v: np.full_like(v, scale))
-    refuse(model, out, "i2_s", in_data=True)
+    refuse(model, out, "ffn_up", "i2_s")
+    convert(model, out, "--type", "i2_s")
+    run_cli("verify", out, model)
+
+
+@pytest.mark.parametrize("family,scale", [("llama3-1.58", 1e-39), ("2b4t", 3e38)])
+@pytest.mark.parametrize("out_type", ["i2_s", "tq2_0"])
+def test_a_packed_weight_scale_no_float32_can_hold_is_refused_for_every_type(fresh, out, family, scale, out_type):
+    """1 / 1e-39 (a bf16 subnormal) is beyond float32: not even I2_S's float32 scale holds it."""
+    model = fresh(family)
+    name = "model.layers.0.mlp.up_proj.weight_scale"
+    set_values(model / "model.safetensors", name, lambda v: np.full_like(v, scale))
+    if family == "2b4t":  # 3e38 fits float32: only the fp16 types refuse it
+        if out_type == "i2_s":
+            convert(model, out, "--type", out_type)
+            return
+    line = refuse(model, out, "ffn_up", extra=("--type", out_type))
+    if family == "llama3-1.58":
+        assert "i2_s" not in line  # it would not help
 
 
 # == 8. corrupt safetensors files and indexes ====================================================
