@@ -48,12 +48,15 @@ def publish(temps: list[Path], finals: list[Path], before: list[list | None]) ->
     regular file, or a file that changed since `before` was taken."""
     for final, seen in zip(finals, before):
         now = identity(final)
+        kept = temps[finals.index(final)]
+        where = f"{kept}" if len(temps) == 1 else \
+            f"{kept} (and the other {len(temps) - 1} parts at their .partial names beside it)"
         if now is not None and not stat.S_ISREG(now[0]):
             raise OutputChanged(f"-o: {final} is now not a regular file; the finished GGUF stays at "
-                                f"{temps[0]} (rename it yourself)")
+                                f"{where} (rename it yourself)")
         if now != seen:
             raise OutputChanged(f"-o: {final} was written by another process during this conversion; "
-                                f"not replacing it: the finished GGUF stays at {temps[finals.index(final)]} "
+                                f"not replacing it: the finished GGUF stays at {where} "
                                 "(rename it yourself, or rerun to replace theirs)")
     for temp, final in zip(temps, finals):
         os.replace(temp, final)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.budget import current_rss, plan_budget
 from pipeline.checkpoint import open_checkpoint
-from pipeline.config import Options, format_size
+from pipeline.config import Options, check_output_path, format_size
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError, OptionError, RunDirError
 from pipeline.families import TERNARY
@@ -82,6 +82,9 @@ def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> int:
     if len(parts) > MAX_SPLITS:
         raise OptionError(f"--split-max-size / --split-max-tensors: {len(parts)} parts; a split set has at most "
                           f"{MAX_SPLITS}; allow larger parts")
+    if len(parts) > 1:  # every part's path, as -o's was checked: nothing but a GGUF (or --force) is replaced
+        for path in final_paths(opts.output, len(parts)):
+            check_output_path(path, opts.force)
     try:
         return sum(file_size(file_kvs(metadata, opts.out_type), [infos[i] for i in idx]) for idx in parts)
     except (GGUFWriterError, ValueError) as e:

@@ -298,6 +298,50 @@ def test_an_output_that_turns_into_a_fifo_during_the_run_is_not_replaced(model, 
     assert Path(left).read_bytes()[:4] == b"GGUF" and partials(out.parent) == [Path(left)]
 
 
+SPLIT = ("--split-max-tensors", "3")  # 13 tensors of the 1bitLLM checkpoint: 5 parts
+
+
+def part(out: Path, k: int, n: int = 5) -> Path:
+    return out.with_name(f"{out.stem}-{k:05d}-of-{n:05d}.gguf")
+
+
+@pytest.mark.parametrize("k,kind", [(1, "fifo"), (2, "directory"), (3, "link"), (5, "not-gguf")])
+def test_every_part_of_a_split_output_is_checked_before_any_work(model, out, k, kind):
+    path = part(out, k)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "link":
+        path.symlink_to(out.with_name("older.gguf"))
+    else:
+        path.write_text("the user's own file that happens to have this name")
+    line = refuse(model, out, path.name, extra=SPLIT, timeout=60 if kind == "fifo" else None)
+    if kind == "not-gguf":
+        assert "--force" in line
+        convert(model, out, *SPLIT, "--force")
+        assert path.read_bytes()[:4] == b"GGUF"
+    else:
+        refuse(model, out, path.name, extra=(*SPLIT, "--force"), timeout=60 if kind == "fifo" else None)
+
+
+def test_a_split_set_appears_whole_or_not_at_all(model, out):
+    from pipeline.config import make_options
+    from pipeline.errors import RunDirError
+    from pipeline.runner import convert as run_convert
+
+    opts = make_options(model, output=out, split_max_tensors=3, progress=False)
+
+    def log(line):
+        if line == "assemble: running":
+            os.mkfifo(part(out, 4))
+    with pytest.raises(RunDirError, match="other 4 parts") as e:
+        run_convert(opts, log)
+    assert [p for p in out.parent.iterdir() if p.name.startswith("m-")] == [part(out, 4)]
+    assert len(partials(out.parent)) == 5
+    assert str(e.value).count("\n") == 0
+
+
 # == 2. run directories that are not ours =========================================================
 
 @pytest.mark.parametrize("content", [
