@@ -143,8 +143,8 @@ def cmd_inspect(args) -> int:
     from pipeline.rundir import RunDir
 
     run = RunDir(args.workdir)
-    if not run.manifest_path.is_file():
-        raise RunDirError(f"{args.workdir}: no manifest.json; not a bitnet-gguf run directory")
+    if not run.is_our_manifest(run._read_manifest()):
+        raise RunDirError(f"{args.workdir}: no bitnet-gguf manifest.json; not a bitnet-gguf run directory")
     text = inspect_command(run, args.tensor, codes=args.codes, as_json=args.json, plot=args.plot, log=_log)
     if text:
         print(text)

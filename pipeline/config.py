@@ -131,6 +131,15 @@ def check_scheduler(value) -> str:
 NAME_MAX = 255  # bytes in one file name on the usual file systems
 
 
+def _require_utf8(path: Path, option: str) -> None:
+    """Paths go into the manifest, the GGUF's general.name and C libraries as UTF-8."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise OptionError(f"{option}: the path {shown} is not valid UTF-8; rename it or choose another") from None
+
+
 def _check_name_length(path: Path, extra: int, option: str) -> None:
     if len(path.name.encode()) + extra > NAME_MAX:
         raise OptionError(f"{option}: the file name {path.name[:40]}... is too long (with the converter's "
@@ -201,6 +210,8 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
         parent = output.parent.resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
         raise OptionError(f"-o: cannot use the output path {output} ({e}); choose another") from None
+    _require_utf8(model_dir, "MODEL")
+    _require_utf8(output, "-o")
     if _inside(parent / output.name, model_dir):
         raise OptionError(f"-o: {output} is inside the checkpoint directory; write the GGUF somewhere else")
     check_output_path(output, bool(values.get("force")))
@@ -214,6 +225,7 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
         workdir = Path(workdir).resolve() if workdir else output.with_name(output.name + ".work")
     except (OSError, RuntimeError) as e:
         raise OptionError(f"--workdir: cannot use {workdir} ({e}); choose another") from None
+    _require_utf8(workdir, "--workdir")
     _check_name_length(workdir, 0, "--workdir")
     if _inside(output, workdir) or _inside(workdir, output):
         raise OptionError(f"--workdir: the run directory {workdir} and the output {output} must be apart; "

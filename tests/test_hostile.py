@@ -849,6 +849,20 @@ def test_config_fields_of_the_wrong_type_are_refused(model, out, field, value):
     refuse(model, out, "config.json")
 
 
+@pytest.mark.parametrize("which", ["MODEL", "-o", "--workdir"])
+def test_paths_that_are_not_utf8_are_refused_before_any_work(model, out, tmp_path, which):
+    odd = os.fsdecode(b"odd\xff\xfename")  # what Python makes of such bytes in argv
+    if which == "MODEL":
+        moved = tmp_path / "src" / odd
+        os.replace(model, moved)
+        model = moved
+        refuse(model, out, "MODEL", "UTF-8", watch=[tmp_path / "src", out.parent])
+    elif which == "-o":
+        refuse(model, out.with_name(odd + ".gguf"), "-o", "UTF-8", watch=[model, out.parent])
+    else:
+        refuse(model, out, "--workdir", "UTF-8", workdir=tmp_path / odd, watch=[model, out.parent, tmp_path])
+
+
 # == 11. absurd sizes: refused quickly, in bounded memory ========================================
 
 @pytest.mark.parametrize("field,value", [("num_hidden_layers", 1_000_000_000), ("num_hidden_layers", 10**7),
@@ -974,6 +988,21 @@ def test_status_works_on_a_read_only_run_directory_and_changes_nothing(model, ou
     assert ro.returncode == 0, ro.stderr
     assert "assemble" in ro.stdout and "done" in ro.stdout and ro.stderr == ""
     assert_same(before, tree(work, out.parent))
+
+
+@pytest.mark.parametrize("command,args", [("status", []), ("status", ["--json"]), ("inspect", []),
+                                          ("inspect", ["--plot", "PLOT"]), ("inspect", ["--json"]),
+                                          ("inspect", ["blk.0.attn_q.weight"])])
+def test_status_and_inspect_refuse_a_directory_that_is_not_a_run_of_ours(tmp_path, command, args):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "manifest.json").write_text(json.dumps({"name": "my-web-app", "stages": [1, 2]}))
+    args = [str(tmp_path / "p.png") if a == "PLOT" else a for a in args]
+    before = tree(tmp_path)
+    proc = cli(command, theirs, *args)
+    assert proc.returncode == 2 and "not a bitnet-gguf run directory" in one_line(proc), proc
+    assert proc.stdout == ""
+    assert_same(before, tree(tmp_path))
 
 
 @pytest.mark.parametrize("fifo", ["tokenizer.model", "config.json", "model.safetensors", "readme.fifo",
