@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.errors import CheckpointError
 from pipeline.families import TensorPlan, plan_tensors
 from pipeline.metadata import build_kv
-from pipeline.safetensors_io import (TensorSource, as_float32, files_fingerprint, index_checkpoint,
+from pipeline.safetensors_io import (MAX_HEADER, TensorSource, as_float32, files_fingerprint, index_checkpoint,
                                      require_regular_file)
 
 MASTER_DTYPES = ("F32", "F16", "BF16")
@@ -76,15 +76,17 @@ def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
                               f"needs float weights ({', '.join(MASTER_DTYPES)}) there")
 
 
-def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None) -> Checkpoint:
+def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None,
+                    max_header_bytes: int = MAX_HEADER) -> Checkpoint:
     """Check everything about the checkpoint that can be checked without reading the weights.
 
-    `name`: the model's name for general.name (default: the directory's name).
+    `name`: the model's name for general.name (default: the directory's name);
+    `max_header_bytes`: the safetensors headers' total size allowed (safetensors_io.header_budget).
     """
     model_dir = Path(model_dir)
     refuse_special_files(model_dir)
     plan_tensors(model_dir)  # config errors first, before any safetensors file is read
-    found = index_checkpoint(model_dir)
+    found = index_checkpoint(model_dir, max_header_bytes)
     plan = plan_tensors(model_dir, present=set(found))
     fam = plan.family
     sources, used, planned = {}, set(), []

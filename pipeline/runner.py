@@ -22,7 +22,7 @@ from pipeline.gguf_file import MAX_SPLITS, GGUFWriterError, TensorInfo, file_siz
 from pipeline.output import final_paths
 from pipeline.outtypes import OUTPUT_TYPES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
-from pipeline.safetensors_io import files_fingerprint
+from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
@@ -92,7 +92,8 @@ def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> int:
 
 
 def convert(opts: Options, log) -> list[Path]:
-    ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre)
+    ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
+                           max_header_bytes=header_budget(opts.memory_limit))
     for stage in STAGES:  # import everything first, so the budget's baseline includes it
         importlib.import_module(f"stages.{stage}")
     budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local")

@@ -25,6 +25,14 @@ NUMPY_DTYPES = {
     "I16": np.dtype("<i2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8"),
 }
 MAX_HEADER = 100 * 1024**2
+# Parsing a JSON header and keeping its entries takes about 12x its size in memory: a
+# conversion reads at most 1/HEADER_MEMORY_SHARE of its --memory-limit of headers in all.
+HEADER_MEMORY_SHARE = 32
+
+
+def header_budget(memory_limit: int) -> int:
+    """Bytes of safetensors headers a conversion under `memory_limit` may parse, over all shards."""
+    return min(MAX_HEADER, memory_limit // HEADER_MEMORY_SHARE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +95,7 @@ def _unique_keys(pairs: list) -> dict:
     return obj
 
 
-def read_header(path: Path) -> dict[str, TensorSource]:
+def read_header(path: Path, max_bytes: int = MAX_HEADER) -> dict[str, TensorSource]:
     """Parse and check one safetensors file's header against the file size.
 
     Every field is checked as data before it is used: a header is a JSON object of
@@ -104,6 +112,9 @@ def read_header(path: Path) -> dict[str, TensorSource]:
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
+            if n > max_bytes:
+                raise CheckpointError(f"{path}: its safetensors header is {n} bytes, more than the {max_bytes} "
+                                      "this --memory-limit leaves for reading headers; raise --memory-limit")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
@@ -161,8 +172,14 @@ def require_regular_file(path: Path) -> None:
         raise CheckpointError(f"{path}: not a regular file; replace it with the checkpoint's file")
 
 
-def index_checkpoint(model_dir: Path) -> dict[str, TensorSource]:
-    """All tensors of a checkpoint: one model.safetensors, or shards listed in the index."""
+def _header_length(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def index_checkpoint(model_dir: Path, max_header_bytes: int = MAX_HEADER) -> dict[str, TensorSource]:
+    """All tensors of a checkpoint: one model.safetensors, or shards listed in the index.
+    `max_header_bytes`: the headers' total size allowed (see header_budget)."""
     index_path = model_dir / "model.safetensors.index.json"
     single = model_dir / "model.safetensors"
     for path in (index_path, single):
@@ -187,11 +204,12 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorSource]:
             refuse_dangling_link(shard)
             if not shard.is_file():
                 raise CheckpointError(f"{shard}: shard listed in {index_path.name} is missing")
-            for name, src in read_header(shard).items():
+            for name, src in read_header(shard, max_header_bytes).items():
                 if name in tensors:
                     raise CheckpointError(f"{shard}: tensor {name} is also in {tensors[name].file.name}; a tensor "
                                           "must be in one shard only (corrupt checkpoint)")
                 tensors[name] = src
+            max_header_bytes -= _header_length(shard)
         wrong = [name for name, fname in weight_map.items()
                  if name not in tensors or tensors[name].file != model_dir / fname]
         if wrong:
@@ -200,10 +218,10 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorSource]:
                                   "contain it")
         return tensors
     if single.is_file():
-        return read_header(single)
+        return read_header(single, max_header_bytes)
     others = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if len(others) == 1:
-        return read_header(model_dir / others[0])
+        return read_header(model_dir / others[0], max_header_bytes)
     raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
                           "(only safetensors checkpoints are supported)")
 

@@ -885,6 +885,26 @@ def test_absurd_sizes_are_refused_quickly_in_bounded_memory(model, out, field, v
     assert_same(before, tree(model, out.parent))
 
 
+def test_a_huge_safetensors_header_is_refused_within_the_memory_limit(model, out):
+    """A 20 MiB header of junk entries would take ~250 MiB to parse: more than 512MiB's share for headers."""
+    path = model / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    junk = ", ".join(f'"junk.{i}": {{"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}' for i in range(300_000))
+    write_header_bytes(path, (json.dumps(header)[:-1] + ", " + junk + "}").encode())
+    from tests.peak_rss import run_measuring_peak
+
+    before = tree(model, out.parent)
+    r = run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out), "--no-progress",
+                            "--memory-limit", "512MiB"], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r["exit"] == 2, r
+    lines = r["stderr"].strip().splitlines()
+    assert len(lines) == 1 and "model.safetensors" in lines[0] and "--memory-limit" in lines[0], r["stderr"]
+    assert r["peak"] < 300 * 1024**2 and r["seconds"] < 10, r
+    assert_same(before, tree(model, out.parent))
+
+
 # == 12. header values refused before any work ===================================================
 
 @pytest.mark.parametrize("family,field,value", [
