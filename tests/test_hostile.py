@@ -442,6 +442,25 @@ def test_concurrent_conversions_to_one_output_never_leave_a_wrong_file(fresh, tm
             kept.unlink()
 
 
+def test_a_second_conversion_in_a_busy_run_directory_is_refused_and_the_first_finishes(model, out):
+    from pipeline.config import make_options
+    from pipeline.runner import convert as run_convert
+
+    opts = make_options(model, output=out, progress=False)
+    second = []
+
+    def log(line):
+        if line in ("extract: running", "assemble: running"):
+            before = tree(model, out.parent, skip=[opts.workdir])
+            second.append(convert(model, out, check_exit=None, timeout=120))
+            assert_same(before, tree(model, out.parent, skip=[opts.workdir]))
+    run_convert(opts, log)
+    assert len(second) == 2
+    for proc in second:
+        assert proc.returncode == 2 and "another conversion is running" in one_line(proc)
+    run_cli("verify", out, model)
+
+
 # == 5. the source changing under a run =========================================================
 
 def converted_fresh(model: Path, tmp_path: Path, tag: str) -> bytes:
@@ -966,10 +985,14 @@ def test_usage_errors_are_one_line(args, tmp_path):
 
 
 def test_status_polled_continuously_never_makes_a_conversion_refuse(model, out):
+    """One thread runs `status` as a command, another asks what it asks (the manifest, whether the
+    lock is held) in a tight loop, while 20 conversions start in the same run directory."""
+    from pipeline.rundir import RunDir
+
     work = out.with_name("m.gguf.work")
     convert(model, out)
     stop = threading.Event()
-    polls = []
+    polls, asked = [], []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def poll():
@@ -977,18 +1000,29 @@ def test_status_polled_continuously_never_makes_a_conversion_refuse(model, out):
             p = subprocess.run([sys.executable, "-m", "pipeline", "status", work], env=env, capture_output=True,
                                text=True)
             polls.append(p.returncode)
-    poller = threading.Thread(target=poll)
-    poller.start()
+
+    def ask():
+        run = RunDir(work)
+        while not stop.is_set():
+            asked.append((bool(run.load()), run.is_locked()))
+    threads = [threading.Thread(target=poll), threading.Thread(target=ask)]
+    for t in threads:
+        t.start()
     try:
         codes = []
-        for _ in range(20):
-            proc = convert(model, out, check_exit=None)
+        for _ in range(20):  # in this process, so they start often; each takes the lock
+            proc = cli("convert", model, "-o", out, "--no-progress")
             codes.append((proc.returncode, proc.stderr[-300:]))
+        while len(polls) < 3:
+            time.sleep(0.05)
     finally:
         stop.set()
-        poller.join()
+        for t in threads:
+            t.join()
     assert [c for c, _ in codes] == [0] * 20, [c for c in codes if c[0]]
-    assert len(polls) >= 5 and set(polls) == {0}, polls
+    assert set(polls) == {0}, polls
+    assert len(asked) > 100 and all(loaded for loaded, _ in asked)
+    assert any(locked for _, locked in asked), "the asking never overlapped a conversion"
 
 
 def test_status_works_on_a_read_only_run_directory_and_changes_nothing(model, out):
