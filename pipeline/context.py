@@ -22,4 +22,5 @@ class StageContext:
     log: Callable[[str], None] = print
     metadata: Path | None = None  # the run directory's metadata.json (GGUF key/values), for assemble
     before_publish: Callable[[], None] | None = None  # assemble: last check before the files appear
+    outputs_before: list | None = None  # assemble: what was at the output path(s) when the conversion started
     outputs: list[Path] = dataclasses.field(default_factory=list)  # assemble: the files it wrote

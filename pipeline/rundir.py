@@ -205,9 +205,9 @@ class RunDir:
         ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp",
                 *(self.store(s).name for s in STAGES), *(f".{self.store(s).name}.deleting" for s in STAGES),
                 *(self.checksums_path(s).name for s in STAGES), *(self.checksums_path(s).name + ".tmp" for s in STAGES)}
-        if "manifest.json" not in entries:
-            # a run writes its manifest before anything else but the lock: stores without one
-            # are not ours to delete
+        if "manifest.json" not in entries and not any(self._is_our_store(s) for s in STAGES):
+            # without a manifest, only a store of ours proves the directory is a run of ours;
+            # else its files (a user's own extract.zarr or metadata.json) are not ours to replace
             ours = {"lock", "manifest.json.tmp"}
         foreign = [name for name in entries if name not in ours]
         if foreign:
@@ -218,6 +218,18 @@ class RunDir:
             if not self.is_our_manifest(data):
                 raise RunDirError(f"{self.manifest_path}: not a bitnet-gguf manifest; this is not a run directory "
                                   "of ours, choose an empty or new --workdir")
+
+    def _is_our_store(self, stage: str) -> bool:
+        """The store of `stage` is a zarr group that one of our stages made (its `stage` attribute)."""
+        meta = self.store(stage) / "zarr.json"
+        try:
+            if not meta.is_file() or meta.stat().st_size > 64 * 1024**2:
+                return False
+            data = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            return False
+        return isinstance(data, dict) and data.get("node_type") == "group" \
+            and isinstance(data.get("attributes"), dict) and data["attributes"].get("stage") == stage
 
     def clean_partials(self) -> int:
         """Delete leftover temporary chunk files of an interrupted write (inside our stores only)."""

@@ -19,7 +19,7 @@ from pipeline.context import StageContext
 from pipeline.errors import CheckpointError, OptionError, RunDirError
 from pipeline.families import TERNARY
 from pipeline.gguf_file import MAX_SPLITS, GGUFWriterError, TensorInfo, file_size
-from pipeline.output import final_paths
+from pipeline.output import final_paths, identity
 from pipeline.outtypes import OUTPUT_TYPES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
@@ -74,7 +74,8 @@ def tensor_types(opts: Options, ckpt, log=None) -> list[TensorInfo]:
     return infos
 
 
-def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> int:
+def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> tuple[int, int]:
+    """(bytes of the GGUF file(s), number of parts); checks every part's path."""
     from stages.assemble import file_kvs, plan_parts
 
     metadata = {"arch": ckpt.plan.arch, "kv": ckpt.kv}
@@ -86,7 +87,7 @@ def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> int:
         for path in final_paths(opts.output, len(parts)):
             check_output_path(path, opts.force)
     try:
-        return sum(file_size(file_kvs(metadata, opts.out_type), [infos[i] for i in idx]) for idx in parts)
+        return sum(file_size(file_kvs(metadata, opts.out_type), [infos[i] for i in idx]) for idx in parts), len(parts)
     except (GGUFWriterError, ValueError) as e:
         raise CheckpointError(f"{opts.model_dir}: the GGUF header cannot be written ({e})") from None
 
@@ -98,7 +99,10 @@ def convert(opts: Options, log) -> list[Path]:
         importlib.import_module(f"stages.{stage}")
     budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local")
     infos = tensor_types(opts, ckpt)
-    out_bytes = output_size(opts, ckpt, infos)
+    out_bytes, n_parts = output_size(opts, ckpt, infos)
+    # what is at the output path(s) now: anything written there from here on is another
+    # process's, and assemble does not replace it
+    outputs_before = [identity(p) for p in final_paths(opts.output, n_parts)]
     keys = stage_keys(opts, ckpt)
     run = RunDir(opts.workdir)
     run.check_is_ours()
@@ -113,7 +117,7 @@ def convert(opts: Options, log) -> list[Path]:
                 f"GGUF arch {plan.arch})")
             log(f"run directory: {opts.workdir}")
             log(budget.describe())
-            outputs = _run_stages(opts, ckpt, budget, scheduler, run, keys, log)
+            outputs = _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before)
         finally:
             scheduler.close()
     size = sum(p.stat().st_size for p in outputs)
@@ -195,7 +199,7 @@ def check_float_ranges(store: Path, ckpt, opts: Options) -> None:
                                   f"beyond {out.codec.name}'s range ({limit:g}); choose {option} bf16 or f32")
 
 
-def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> list[Path]:
+def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=None) -> list[Path]:
     manifest = run.load()
     if manifest.get("fingerprint") not in (None, ckpt.fingerprint):
         log("the checkpoint changed since this run directory was made: starting over")
@@ -218,14 +222,16 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> list[Path]:
         elif state is not None and state.get("key") != keys[stage]:
             run.reset_from(stage, manifest)  # an option it depends on changed
         if not _finished(stage, manifest["stages"].get(stage), keys[stage]):
-            _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log, check_source)
+            _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log, check_source,
+                       outputs_before)
         if stage == "extract":
             check_float_ranges(run.store("extract"), ckpt, opts)
         previous = run.store(stage)
     return [Path(p) for p, *_ in manifest["stages"]["assemble"]["outputs"]]
 
 
-def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key, log, check_source) -> None:
+def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key, log, check_source,
+               outputs_before=None) -> None:
     if stage != "extract":
         run.check_sealed(STAGES[STAGES.index(stage) - 1])  # its input is what was written
     started = time.monotonic()
@@ -234,7 +240,7 @@ def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, ke
     run.save(manifest)
     output = opts.output if stage == "assemble" else run.store(stage)
     ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None, log,
-                       run.metadata_path, before_publish=check_source)
+                       run.metadata_path, before_publish=check_source, outputs_before=outputs_before)
     importlib.import_module(f"stages.{stage}").run(ctx)
     if stage == "extract":
         check_source()  # a file rewritten while it was read would mix old and new weights

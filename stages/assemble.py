@@ -80,7 +80,9 @@ def run(ctx: StageContext) -> None:
     parts = plan_parts(tensor_infos(group), opts.split_max_size, opts.split_max_tensors)
     finals = final_paths(opts.output, len(parts))
     temps = [temp_path(f, opts.workdir) for f in finals]
-    before = [identity(f) for f in finals]
+    before = ctx.outputs_before
+    if before is None or len(before) != len(finals):
+        before = [identity(f) for f in finals]
     try:
         write_gguf(group, metadata, temps, parts, group.attrs["out_type"], ctx.scheduler.bar)
         if ctx.before_publish is not None:

@@ -353,6 +353,9 @@ def test_a_split_set_appears_whole_or_not_at_all(model, out):
     {"extract.zarr/zarr.json": json.dumps({"mine": True})},  # a store name, but no manifest of ours
     {"pack.zarr": "a file named like a store"},
     {"lock": "the user's lock file", "extract.zarr/data.bin": "precious"},
+    {"metadata.json": json.dumps({"title": "my photos"})},
+    {"extract.zarr/zarr.json": json.dumps({"node_type": "group", "attributes": {"stage": "pack"}}),
+     "metadata.json": "{}"},
 ])
 def test_a_workdir_holding_someone_elses_files_is_refused_and_left_alone(model, out, tmp_path, content):
     work = tmp_path / "theirs"
@@ -440,6 +443,40 @@ def test_concurrent_conversions_to_one_output_never_leave_a_wrong_file(fresh, tm
         assert proc.returncode == 0, (rnd, name, results, proc.stdout[-2000:])
         for kept in left:
             kept.unlink()
+
+
+@pytest.mark.parametrize("when", ["quantize: running", "assemble: running"])
+def test_an_output_another_run_wrote_meanwhile_is_not_replaced_and_a_rerun_replaces_it(fresh, tmp_path, when):
+    """The same race, interleaved on purpose: B finishes while A works."""
+    import gguf
+
+    from pipeline.config import make_options
+    from pipeline.errors import RunDirError
+    from pipeline.runner import convert as run_convert
+
+    alpha, beta = fresh("1bitllm", "alpha"), fresh("1bitllm", "beta")
+    rewrite_in_place(beta / "model.safetensors")
+    out = tmp_path / "race" / "m.gguf"
+    out.parent.mkdir()
+    opts = make_options(alpha, output=out, workdir=tmp_path / "work-alpha", progress=False)
+
+    def log(line):
+        if line == when:
+            convert(beta, out, "--workdir", tmp_path / "work-beta")
+    with pytest.raises(RunDirError, match="another process") as e:
+        run_convert(opts, log)
+    kept = Path(re.search(r"stays at (\S+)", str(e.value)).group(1))
+    assert partials(out.parent) == [kept]
+
+    def name_of(path):
+        field = gguf.GGUFReader(path).fields["general.name"]
+        return bytes(field.parts[field.data[0]]).decode()
+    assert name_of(out) == "beta" and name_of(kept) == "alpha"
+    run_cli("verify", out, beta)
+    proc = convert(alpha, out, "--workdir", tmp_path / "work-alpha")  # the message's other advice
+    assert "assemble: running" in proc.stderr
+    assert name_of(out) == "alpha" and not partials(out.parent)
+    run_cli("verify", out, alpha)
 
 
 def test_a_second_conversion_in_a_busy_run_directory_is_refused_and_the_first_finishes(model, out):
