@@ -19,11 +19,13 @@ is tests/test_vocab.py; 9, verify, is tests/test_verify.py):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -919,6 +921,48 @@ def test_paths_that_are_not_utf8_are_refused_before_any_work(model, out, tmp_pat
         refuse(model, out, "--workdir", "UTF-8", workdir=tmp_path / odd, watch=[model, out.parent, tmp_path])
 
 
+@functools.lru_cache(maxsize=None)
+def read_only_mounts_work() -> bool:
+    probe = "d=$(mktemp -d) && mount --bind $d $d && mount -o remount,ro,bind $d && ! touch $d/x 2>/dev/null"
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "sh", "-c", probe], capture_output=True).returncode == 0
+
+
+def run_with_read_only(directory: Path, *args) -> subprocess.CompletedProcess:
+    """Run the command line with `directory` mounted read-only (in a mount namespace of its own:
+    as root, permissions would not refuse anything)."""
+    command = " ".join(shlex.quote(str(a)) for a in (sys.executable, "-m", "pipeline", *args))
+    script = (f"mount --bind {shlex.quote(str(directory))} {shlex.quote(str(directory))} && "
+              f"mount -o remount,ro,bind {shlex.quote(str(directory))} && exec {command}")
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("case", ["new-workdir", "output-directory", "existing-run", "checkpoint"])
+def test_read_only_places_are_refused_in_one_line(model, tmp_path, case):
+    if not read_only_mounts_work():
+        pytest.skip("no mount namespaces here")
+    ro, rw = tmp_path / "ro", tmp_path / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    if case == "existing-run":
+        convert(model, rw / "first.gguf", "--workdir", ro / "run")
+    args = {"new-workdir": ["-o", rw / "a.gguf", "--workdir", ro / "new"],
+            "output-directory": ["-o", ro / "a.gguf", "--workdir", rw / "w"],
+            "existing-run": ["-o", rw / "b.gguf", "--workdir", ro / "run"],
+            "checkpoint": ["-o", rw / "c.gguf"]}[case]
+    directory = model if case == "checkpoint" else ro
+    before = tree(model, ro)
+    proc = run_with_read_only(directory, "convert", model, *args, "--no-progress")
+    if case == "checkpoint":  # the checkpoint is only read: a read-only one converts
+        assert proc.returncode == 0, proc.stderr
+        return
+    assert proc.returncode == 2, proc.stderr
+    one_line(proc)
+    assert_same(before, tree(model, ro))
+    assert not [p for p in rw.iterdir() if p.name != "first.gguf" and not p.name.endswith(".work")]
+
+
 # == 11. absurd sizes: refused quickly, in bounded memory ========================================
 
 @pytest.mark.parametrize("field,value", [("num_hidden_layers", 1_000_000_000), ("num_hidden_layers", 10**7),
@@ -1070,12 +1114,9 @@ def test_status_works_on_a_read_only_run_directory_and_changes_nothing(model, ou
     assert "assemble" in proc.stdout and "done" in proc.stdout
     json.loads(run_cli("status", work, "--json").stdout)
     assert_same(before, tree(work, out.parent))
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode:
+    if not read_only_mounts_work():
         pytest.skip("cannot make a read-only mount here (no mount namespace)")
-    script = (f"mount --bind {work} {work} && mount -o remount,ro,bind {work} && "
-              f"! touch {work}/probe 2>/dev/null && exec {sys.executable} -m pipeline status {work}")
-    ro = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60,
-                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ro = run_with_read_only(work, "status", work)
     assert ro.returncode == 0, ro.stderr
     assert "assemble" in ro.stdout and "done" in ro.stdout and ro.stderr == ""
     assert_same(before, tree(work, out.parent))
