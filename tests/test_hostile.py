@@ -10,11 +10,20 @@ directory, but no output and no temporary file.
 
 Classes (issue 9 numbering; 4, damaged stores, is tests/test_damage.py; 7, tokenizers,
 is tests/test_vocab.py; 9, verify, is tests/test_verify.py):
-  1 the output path is not a regular file      2 run directories that are not ours
-  3 concurrent conversions to one output       5 the source changing under a run
-  6 values a type cannot represent             8 corrupt safetensors and indexes
- 10 other input errors                         11 absurd sizes, refused in bounded memory
- 12 header values refused before any work      13 one-line refusals, status, FIFOs
+  1 the output path (every part of a split set) is not a regular file, before and during the run
+  2 run directories that are not ours; the output inside the run directory
+  3 conversions to one output from different run directories (raced and interleaved), or in one
+  5 the source changing between runs (same size and mtime, shards in subdirectories) and during one
+  6 values a type cannot represent (NaN/Inf, beyond F16, scales fp16 or float32 cannot hold)
+  8 corrupt safetensors headers and indexes
+ 10 other input errors: presets, scheduler addresses, added tokens, config.json, non-UTF-8 and
+    read-only paths (a mount namespace makes them read-only for root)
+ 11 absurd sizes (config dimensions, a huge header), refused quickly in bounded memory
+ 12 header values refused before any work
+ 13 one-line refusals: usage errors, status and inspect, FIFOs among the checkpoint's files
+
+Refusals before work run the command line in this process (`cli`, fast); what could hang
+or needs its own memory measured runs as a command (`convert`, `run_cli`).
 """
 from __future__ import annotations
 
@@ -235,7 +244,8 @@ def rewrite_in_place(path: Path, keep_times=True) -> None:
         f.write(new)
     if keep_times:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns or not keep_times
+        now = os.stat(path)
+        assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 # == 1. the output path is not a regular file ===================================================
