@@ -152,6 +152,51 @@ def _rows_of_blocks(a: np.ndarray, block_size: int, what: str) -> tuple[int, int
     return rows, cols // block_size
 
 
+# -- ternary codes at 2 bits per value (what quantize.zarr stores) -----------------------------
+#
+# Row by row, blocks of 128 values in 32 bytes: byte b of block i holds the fields
+# f = code + 1 of values 128i + b, 128i + 32 + b, 128i + 64 + b and 128i + 96 + b in bits
+# 1:0, 3:2, 5:4 and 7:6. That is TQ2_0's order inside each half of a 256-value block (so
+# TQ2_0 is these bytes plus a block scale) and I2_S's with the bit pairs reversed (so I2_S
+# is one byte lookup): the two fast output types need no per-value work in pack.
+
+CODE_BLOCK = 128
+_ZERO_CODES_BYTE = 0x55  # four fields of 1 (code 0)
+
+
+def codes_supported(cols: int) -> bool:
+    return cols > 0 and cols % CODE_BLOCK == 0
+
+
+def pack_fields(fields: np.ndarray) -> np.ndarray:
+    """(rows, cols) fields in {0, 1, 2} (uint8) -> (rows, cols / 4) bytes of the 2-bit code layout."""
+    rows, nb = _rows_of_blocks(fields, CODE_BLOCK, "fields")
+    f = np.asarray(fields, dtype=np.uint8).reshape(rows, nb, 4, 32)
+    out = f[:, :, 3, :] << np.uint8(6)
+    out |= f[:, :, 2, :] << np.uint8(4)
+    out |= f[:, :, 1, :] << np.uint8(2)
+    out |= f[:, :, 0, :]
+    return out.reshape(rows, nb * 32)
+
+
+def unpack_fields(packed: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_fields`: (rows, cols / 4) bytes -> (rows, cols) fields (uint8)."""
+    rows, nb = _rows_of_blocks(np.asarray(packed), 32, "packed codes")
+    b = np.asarray(packed, dtype=np.uint8).reshape(rows, nb, 1, 32)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+    return ((b >> shifts) & np.uint8(3)).reshape(rows, nb * CODE_BLOCK)
+
+
+def codes_from_packed(packed: np.ndarray) -> np.ndarray:
+    """int8 codes in {-1, 0, +1} from the 2-bit code layout."""
+    return unpack_fields(packed).view(np.int8) - np.int8(1)
+
+
+# I2_S byte from a code-layout byte: the same four fields with their bit pairs reversed
+_I2S_FROM_CODE_BYTE = np.array([((b & 3) << 6) | (((b >> 2) & 3) << 4) | (((b >> 4) & 3) << 2) | (b >> 6)
+                                for b in range(256)], dtype=np.uint8)
+
+
 # -- codecs ------------------------------------------------------------------------------------
 
 class Codec:
@@ -177,6 +222,15 @@ class Codec:
                              f"(not a multiple of {cls.block_size})")
         return cols // cls.block_size * cls.type_size
 
+    @classmethod
+    def encode_codes(cls, packed: np.ndarray, scale: np.float32) -> np.ndarray:
+        """The bytes of ternary values given as the 2-bit code layout (see `pack_fields`) and
+        their scale; the same bytes as `encode` of the int8 codes (or of codes * scale)."""
+        codes = codes_from_packed(packed)
+        if cls.ternary:
+            return cls.encode(codes, scale)
+        return cls.encode(codes.astype(np.float32) * np.float32(scale))
+
 
 class TQ2_0(Codec):
     """66 bytes per 256 values: 64 bytes of 2-bit q = code + 1, then fp16 d = max|x|.
@@ -197,6 +251,17 @@ class TQ2_0(Codec):
         qs |= q[..., 1, :] << 2
         qs |= q[..., 0, :]
         out[..., 64:] = _block_d(q.reshape(rows, nb, QK_K), scale)
+        return out.reshape(rows, nb * cls.type_size)
+
+    @classmethod
+    def encode_codes(cls, packed: np.ndarray, scale: np.float32) -> np.ndarray:
+        """The code layout is TQ2_0's qs order: copy 64 bytes per block, add d."""
+        rows, nb = _rows_of_blocks(np.asarray(packed), 64, "packed codes")
+        qs = np.asarray(packed, dtype=np.uint8).reshape(rows, nb, 64)
+        out = np.empty((rows, nb, cls.type_size), dtype=np.uint8)
+        out[..., :64] = qs
+        nonzero = (qs != _ZERO_CODES_BYTE).any(axis=-1, keepdims=True)
+        out[..., 64:] = np.where(nonzero, _fp16_bytes(_check_scale(scale)), np.uint8(0))
         return out.reshape(rows, nb * cls.type_size)
 
     @classmethod
@@ -282,6 +347,12 @@ class I2_S(Codec):
         out |= q[..., 2, :] << 2
         out |= q[..., 3, :]
         return out.reshape(rows, nb * cls.type_size)
+
+    @classmethod
+    def encode_codes(cls, packed: np.ndarray, scale: np.float32 | None = None) -> np.ndarray:
+        """The code layout with each byte's bit pairs reversed (one table lookup)."""
+        _rows_of_blocks(np.asarray(packed), 32, "packed codes")
+        return _I2S_FROM_CODE_BYTE[np.asarray(packed, dtype=np.uint8)]
 
     @staticmethod
     def i2s_tail(scale: np.float32) -> bytes:

@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.rundir import STAGES, RunDir
 from pipeline.stores import open_store, row_ranges, written_chunks
+from stages.quantize import codes_of
 
 
 def code_shares(arr) -> dict[str, float]:
@@ -20,7 +21,7 @@ def code_shares(arr) -> dict[str, float]:
     written = written_chunks(arr)
     for i, (r0, r1) in enumerate(row_ranges(arr.shape[0], arr.chunks[0])):
         if i in written:
-            counts += np.bincount(arr[r0:r1].ravel().astype(np.int64) + 1, minlength=3)[:3]
+            counts += np.bincount(codes_of(arr, r0, r1).ravel().astype(np.int64) + 1, minlength=3)[:3]
     total = max(int(counts.sum()), 1)
     return {"-1": counts[0] / total, "0": counts[1] / total, "+1": counts[2] / total}
 
@@ -42,7 +43,7 @@ def describe(run: RunDir, codes: bool = False) -> dict:
             info = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": f"{len(written_chunks(arr))}/{n_chunks}",
                     **{k: v for k, v in arr.attrs.asdict().items() if k in
                        ("role", "source_dtype", "absmean", "scale", "type_name")}}
-            if codes and stage == "quantize" and arr.dtype == np.int8 and written_chunks(arr):
+            if codes and stage == "quantize" and arr.attrs.get("role") == "ternary" and written_chunks(arr):
                 shares = code_shares(arr)
                 if len(written_chunks(arr)) < n_chunks:
                     info["shares_of_written_chunks_only"] = True

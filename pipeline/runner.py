@@ -164,6 +164,28 @@ def _source_unchanged(ckpt):
     return check
 
 
+F16_MAX = 65504.0
+
+
+def check_float_ranges(store: Path, ckpt, opts: Options) -> None:
+    """Refuse a float tensor whose values its output type cannot hold (F16 tops out at 65504),
+    from the row maxima extract recorded: before anything is packed, naming the tensor."""
+    from stages.extract import largest_values
+
+    for t in ckpt.plan.tensors:
+        if t.role == TERNARY:
+            continue  # ternary values are codes times the scale, which pack checks
+        out, _ = tensor_type(t.role, t.shape, opts.out_type, opts.embedding_type, t.gguf_name)
+        limit = {"f16": F16_MAX, "q8_0": F16_MAX * 127}.get(out.name)
+        if limit is None:
+            continue
+        biggest = largest_values(store, t.gguf_name)
+        if biggest > limit:
+            option = "--embedding-type" if t.role != "norm" else "the output type"
+            raise CheckpointError(f"{ckpt.sources[t.hf_name].file}: tensor {t.hf_name} has values up to {biggest:.6g}, "
+                                  f"beyond {out.codec.name}'s range ({limit:g}); choose {option} bf16 or f32")
+
+
 def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> list[Path]:
     manifest = run.load()
     if manifest.get("fingerprint") not in (None, ckpt.fingerprint):
@@ -188,6 +210,8 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> list[Path]:
             run.reset_from(stage, manifest)  # an option it depends on changed
         if not _finished(stage, manifest["stages"].get(stage), keys[stage]):
             _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log, check_source)
+        if stage == "extract":
+            check_float_ranges(run.store("extract"), ckpt, opts)
         previous = run.store(stage)
     return [Path(p) for p, *_ in manifest["stages"]["assemble"]["outputs"]]
 

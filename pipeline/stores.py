@@ -74,3 +74,57 @@ def written_chunks(arr: zarr.Array) -> set[int]:
     if arr.ndim == 1:
         return {int(p.name) for p in root.iterdir() if p.name.isdigit()}
     return {int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "0").is_file()}
+
+
+# -- chunk files -------------------------------------------------------------------------------------
+# An uncompressed array's chunk file is the chunk's raw little-endian bytes in C order (an edge
+# chunk padded to the full chunk shape). Where no byte changes between stores, chunk files are
+# hard-linked (or copied in the kernel) instead of being read and written through Python.
+
+def is_raw(arr: zarr.Array) -> bool:
+    """True when the array's chunk files are its raw bytes (no filters or compressors)."""
+    from zarr.codecs import BytesCodec
+
+    codecs = arr.metadata.codecs
+    return len(codecs) == 1 and isinstance(codecs[0], BytesCodec) and \
+        (arr.dtype.itemsize == 1 or codecs[0].endian is None or codecs[0].endian.value == "little")
+
+
+def chunk_path(arr: zarr.Array, index: int) -> Path:
+    """Path of row-chunk `index` of an array in a local store."""
+    key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
+    return Path(str(arr.store_path.store.root)) / arr.path / key
+
+
+def chunk_nbytes(arr: zarr.Array) -> int:
+    """Size of every chunk file of a raw array (edge chunks are padded to it)."""
+    n = arr.dtype.itemsize
+    for c in arr.chunks:
+        n *= c
+    return n
+
+
+def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
+    """Make row-chunk `index` of `dst` the same file as `src`'s (both raw, same chunk bytes):
+    a hard link, or an in-kernel copy where links are impossible; whole or absent, like zarr's
+    own writes (a temporary name, then a rename)."""
+    source, target = chunk_path(src, index), chunk_path(dst, index)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        with open(source, "rb") as fin, open(tmp, "wb") as fout:
+            size = os.fstat(fin.fileno()).st_size
+            done = 0
+            while done < size:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, done, done)
+                if n == 0:
+                    break
+                done += n
+            if done < size:  # copy_file_range unsupported here: plain copy
+                fin.seek(done)
+                fout.seek(done)
+                shutil.copyfileobj(fin, fout)
+    os.replace(tmp, target)

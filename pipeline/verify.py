@@ -32,7 +32,7 @@ from pipeline.safetensors_io import pread_exact
 from pipeline.stores import row_ranges
 from stages.assemble import file_kvs
 from stages.pack import encode_block
-from stages.quantize import row_abs_sums, ternary_chunk_rows, ternary_rows, ternary_scale
+from stages.quantize import code_layout, code_rows, row_abs_sums, ternary_chunk_rows, ternary_scale
 
 _PART = re.compile(r"(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf")
 
@@ -171,10 +171,10 @@ def _check_tensor(path: Path, t, planned, out, src, budget) -> str | None:
     truncated = f"{path}: ends inside tensor {t.name}; the file is truncated"
     for r0, r1 in ranges:
         if planned.role == TERNARY:
-            block = ternary_rows(src.read_rows, r0, r1, recipe, planned.shape[0], src.dtype, absmean)
+            block = code_rows(src.read_rows, r0, r1, recipe, planned.shape, src.dtype, absmean)
+            want = encode_block(block, codec.name.lower(), scale, src.dtype, code_layout(planned.shape[1]))
         else:
-            block = src.read_rows(r0, r1)
-        want = encode_block(block, codec.name.lower(), scale if planned.role == TERNARY else None, src.dtype)
+            want = encode_block(src.read_rows(r0, r1), codec.name.lower(), None, src.dtype)
         start = t.offset + (r0 * row_bytes if two_d else 0)
         got = np.frombuffer(pread_exact(path, start, want.nbytes, truncated), dtype=np.uint8)
         if not np.array_equal(got, want.reshape(-1)):

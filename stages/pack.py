@@ -1,10 +1,17 @@
 """pack: quantize.zarr -> pack.zarr, the exact bytes each GGUF tensor will hold.
 
 Every array is uint8 of shape (rows, bytes per row), chunked by the same row
-ranges as before (a row is a whole number of blocks, so chunks are block
-aligned). Attribute `ggml_type` names the GGML type. A ternary tensor whose row
-length is not a whole number of blocks of the requested type is written as F16
-(the ternary values times the scale), as llama.cpp's converter does.
+ranges as quantize.zarr (a row is a whole number of blocks, so chunks are block
+aligned). Attribute `ggml_type` names the GGML type (pipeline/outtypes.py). Ternary
+codes arrive at 2 bits per value in TQ2_0's block order, so TQ2_0 is a copy plus the
+block scales and I2_S a byte lookup (pipeline/codecs.py `encode_codes`). A ternary
+tensor whose row length is not a whole number of blocks of the requested type is
+written as F16 (the ternary values times the scale), as llama.cpp's converter does.
+Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, say) are
+hard links to the previous store's chunk files.
+
+A scale the output type cannot hold (a TQ block's fp16 d, an F16 fallback) is refused
+before any work, naming the tensor.
 """
 from __future__ import annotations
 
@@ -12,28 +19,45 @@ import numpy as np
 
 from pipeline.codecs import CODECS
 from pipeline.context import StageContext
+from pipeline.errors import CheckpointError
 from pipeline.families import TERNARY
 from pipeline.outtypes import tensor_type
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import array_path, ensure_array, open_array, open_store, row_ranges, written_chunks
+from pipeline.stores import array_path, ensure_array, is_raw, open_array, open_store, row_ranges, written_chunks
+from stages.quantize import LAYOUT_2BIT, LAYOUT_INT8, link_task
+
+# source dtype whose raw bytes already are the output type's
+SAME_BYTES = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
 
 
-def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None) \
-        -> np.ndarray:
+def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None,
+                 layout: str | None = None) -> np.ndarray:
     """The GGUF bytes of one row chunk: float values in their source representation
-    (`source_dtype`), or ternary codes with their scale."""
+    (`source_dtype`), or ternary codes as quantize.zarr stores them (`layout`) with their scale."""
     codec = CODECS[codec_name]
     if scale is None:
         return codec.encode(as_float32(block, source_dtype))
+    if layout == LAYOUT_2BIT:
+        return codec.encode_codes(block, np.float32(scale))
     if codec.ternary:
         return codec.encode(block, np.float32(scale))
     return codec.encode(block.astype(np.float32) * np.float32(scale))  # ternary fell back to a float type
 
 
+def check_scale(name: str, scale: float, codec_name: str) -> None:
+    """A TQ block stores its scale as fp16, and an F16 fallback its values: both must fit."""
+    if codec_name in ("tq1_0", "tq2_0", "f16"):
+        d = np.float16(np.float32(scale))
+        if not np.isfinite(d) or d == 0:
+            raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is outside what {codec_name.upper()} "
+                                  "stores (fp16, up to 65504, above 6e-8); convert with --type i2_s (a float32 "
+                                  "scale) instead")
+
+
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
-                source_dtype: str) -> None:
-    data = encode_block(open_array(src, "r")[start:stop], codec_name, scale, source_dtype)
+                source_dtype: str, layout: str | None) -> None:
+    data = encode_block(open_array(src, "r")[start:stop], codec_name, scale, source_dtype, layout)
     dest = open_array(out)
     if dest.ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
         dest[:] = data
@@ -47,24 +71,40 @@ def run(ctx: StageContext) -> None:
     opts = ctx.options
     group.attrs.update({**source.attrs.asdict(), "stage": "pack", "out_type": opts.out_type,
                         "embedding_type": opts.embedding_type})
-    tasks = []
+    plans = []
     for name in source.attrs["tensor_order"]:
         src = source[name]
         role = src.attrs["role"]
-        out, fallback = tensor_type(role, src.shape, opts.out_type, opts.embedding_type, name)
+        shape = tuple(src.attrs["shape"])
+        out, fallback = tensor_type(role, shape, opts.out_type, opts.embedding_type, name)
+        scale = src.attrs.get("scale") if role == TERNARY else None
+        if scale is not None:
+            check_scale(name, scale, out.name)
+        plans.append((name, src, role, shape, out, fallback, scale))
+
+    tasks = []
+    for name, src, role, shape, out, fallback, scale in plans:
         if fallback:
             ctx.log(f"warning: {name}: {fallback}")
         codec = out.codec
-        rows = src.chunks[0] if src.ndim > 1 else codec.row_bytes(src.shape[0])
-        scale = src.attrs.get("scale") if role == TERNARY else None
-        byte_shape = (*src.shape[:-1], codec.row_bytes(src.shape[-1]))
+        rows = src.chunks[0] if src.ndim > 1 else codec.row_bytes(shape[0])
+        byte_shape = (*shape[:-1], codec.row_bytes(shape[-1]))
         arr = ensure_array(group, name, byte_shape, rows, np.uint8, {
-            "ggml_type": out.ggml_type, "type_name": codec.name, "shape": list(src.shape),
+            "ggml_type": out.ggml_type, "type_name": codec.name, "shape": list(shape),
             "role": role, **({"scale": scale} if scale is not None else {}),
         })
+        paths = (array_path(ctx.input, name), array_path(ctx.output, name))
+        same = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES and is_raw(src) \
+            and is_raw(arr) and src.chunks[0] == arr.chunks[0]
         done = written_chunks(arr)
-        for i, (r0, r1) in enumerate(row_ranges(src.shape[0], src.chunks[0])):
-            if i not in done:
-                tasks.append(chunk_task(encode_rows, array_path(ctx.input, name), array_path(ctx.output, name),
-                                        r0, r1, codec.name.lower(), scale, src.attrs["source_dtype"]))
+        layout = src.attrs.get("code_layout", LAYOUT_INT8) if role == TERNARY else None
+        for i, (r0, r1) in enumerate(row_ranges(shape[0], src.chunks[0])):
+            if i in done:
+                continue
+            if same:
+                tasks.append(chunk_task(link_task, *paths, i))
+            else:
+                tasks.append(chunk_task(encode_rows, *paths, r0, r1, codec.name.lower(), scale,
+                                        src.attrs["source_dtype"], layout))
     ctx.scheduler.run(tasks, "pack")
+

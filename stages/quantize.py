@@ -1,21 +1,23 @@
 """quantize: extract.zarr -> quantize.zarr.
 
-Every ternary projection becomes int8 codes in {-1, 0, +1} plus one float32
-`scale` (the magnitude a code of +-1 stands for), following the tensor's recipe:
+Every ternary projection becomes its codes at 2 bits per value (pipeline/codecs.py
+`pack_fields`: blocks of 128 values in 32 bytes; rows that are not whole blocks keep
+int8 codes) plus one float32 `scale` (the magnitude a code of +-1 stands for),
+following the tensor's recipe:
 
-- master weights (absmean): two chunked passes. Per-row sums of |W| (float64),
-  reduced exactly with `math.fsum` into the absmean scale, written to the array's
-  attributes before the second pass turns each chunk into codes. The scale does not
+- master weights (absmean): extract already wrote the per-row float64 sums of |W|
+  beside each tensor; they are reduced exactly with `math.fsum` into the absmean
+  scale, written to the array's attributes before the codes pass. The scale does not
   depend on how rows were chunked, and a resumed run never recomputes it.
 - packed weights: the codes are already there (never re-quantized); a chunk of
   output rows is read from the packed quarters it lives in, and the scale is the
   checkpoint's weight_scale in the family's direction (1 / ws or ws).
 
 Either way, the llama q/k permutation moves rows within whole heads, so a chunk is
-a whole number of heads. Other tensors are kept exactly as extracted (pack encodes
-them in their output float type, F16 / BF16 / F32 / Q8_0).
+a whole number of heads. Other tensors are not rewritten: their chunk files are
+hard links to extract's (pack encodes them in their output float type).
 
-The per-chunk kernels (`ternary_rows`, `row_abs_sums`) take a
+The per-chunk kernels (`ternary_fields`, `code_rows`, `row_abs_sums`) take a
 `read(start, stop)` function of source rows, so `verify` runs the very same code
 on the safetensors files.
 """
@@ -25,15 +27,18 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.codecs import (NonFiniteWeights, absmean_row_sums, absmean_scale, absmean_total, effective_scale,
-                             ternary_codes)
+from pipeline.codecs import (NonFiniteWeights, absmean_row_sums, absmean_scale, absmean_total, codes_from_packed,
+                             codes_supported, effective_scale, pack_fields, ternary_codes)
 from pipeline.context import StageContext
 from pipeline.families import TERNARY, Recipe
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import array_path, ensure_array, open_array, open_store, row_ranges, written_chunks
+from pipeline.stores import (array_path, ensure_array, is_raw, link_chunk, open_array, open_store, row_ranges,
+                             written_chunks)
 
 ReadRows = Callable[[int, int], np.ndarray]
+SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside a master-weight projection
+LAYOUT_2BIT, LAYOUT_INT8 = "2bit-128", "int8"
 
 
 class CorruptCodes(ValueError):
@@ -42,21 +47,21 @@ class CorruptCodes(ValueError):
 
 # -- per-chunk kernels ---------------------------------------------------------------------------
 
-def unpack_rows(read_packed: ReadRows, start: int, stop: int, out_rows: int) -> np.ndarray:
-    """int8 codes of unpacked rows [start, stop) of a (out_rows, cols) projection stored packed
-    as (out_rows / 4, cols) uint8: row k * (out_rows / 4) + r is bits 2k..2k+1 of packed row r,
-    and a field f stands for the code f - 1."""
+def unpack_fields_rows(read_packed: ReadRows, start: int, stop: int, out_rows: int) -> np.ndarray:
+    """Fields (code + 1, uint8) of unpacked rows [start, stop) of a (out_rows, cols) projection
+    stored packed as (out_rows / 4, cols) uint8: row k * (out_rows / 4) + r is bits 2k..2k+1 of
+    packed row r, and a field f stands for the code f - 1."""
     quarter = out_rows // 4
     pieces = []
     r = start
     while r < stop:
         k = r // quarter
         end = min(stop, (k + 1) * quarter)
-        fields = (np.asarray(read_packed(r - k * quarter, end - k * quarter), dtype=np.uint8) >> np.uint8(2 * k)) \
-            & np.uint8(3)
+        fields = np.asarray(read_packed(r - k * quarter, end - k * quarter), dtype=np.uint8) >> np.uint8(2 * k)
+        fields &= np.uint8(3)
         if (fields == 3).any():
             raise CorruptCodes(f"packed field value 3 in rows {r}..{end}")
-        pieces.append(fields.view(np.int8) - np.int8(1))
+        pieces.append(fields)
         r = end
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
@@ -73,16 +78,43 @@ def row_abs_sums(read: ReadRows, start: int, stop: int, source_dtype: str) -> np
     return absmean_row_sums(as_float32(read(start, stop), source_dtype))
 
 
-def ternary_rows(read: ReadRows, start: int, stop: int, recipe: Recipe, out_rows: int, source_dtype: str,
-                 absmean: float | None) -> np.ndarray:
-    """int8 codes of GGUF rows [start, stop) of a ternary projection (whole heads when permuted)."""
+def ternary_fields(read: ReadRows, start: int, stop: int, recipe: Recipe, out_rows: int, source_dtype: str,
+                   absmean: float | None) -> np.ndarray:
+    """Fields (code + 1 in {0, 1, 2}, uint8) of GGUF rows [start, stop) of a ternary projection
+    (whole heads when permuted)."""
     if recipe.packed:
-        codes = unpack_rows(read, start, stop, out_rows)
+        fields = unpack_fields_rows(read, start, stop, out_rows)
     else:
-        codes = ternary_codes(as_float32(read(start, stop), source_dtype), np.float32(absmean))
+        fields = ternary_codes(as_float32(read(start, stop), source_dtype), np.float32(absmean)).view(np.uint8)
+        fields += np.uint8(1)  # int8 -1/0/+1 viewed as uint8 is 255/0/1; + 1 wraps to 0/1/2
     if recipe.permute_heads:
-        codes = permute_heads(codes, (stop - start) // recipe.row_multiple)
-    return codes
+        fields = permute_heads(fields, (stop - start) // recipe.row_multiple)
+    return fields
+
+
+def code_layout(cols: int) -> str:
+    return LAYOUT_2BIT if codes_supported(cols) else LAYOUT_INT8
+
+
+def code_rows(read: ReadRows, start: int, stop: int, recipe: Recipe, shape: tuple[int, int], source_dtype: str,
+              absmean: float | None) -> np.ndarray:
+    """What quantize.zarr stores for GGUF rows [start, stop): 2-bit codes, or int8 codes for rows
+    that are not whole 128-value blocks."""
+    fields = ternary_fields(read, start, stop, recipe, shape[0], source_dtype, absmean)
+    if code_layout(shape[1]) == LAYOUT_2BIT:
+        return pack_fields(fields)
+    return fields.view(np.int8) - np.int8(1)
+
+
+def stored_codes(block: np.ndarray, layout: str) -> np.ndarray:
+    """int8 codes from what quantize.zarr stores."""
+    return codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
+
+
+def codes_of(arr, start: int, stop: int) -> np.ndarray:
+    """int8 codes in {-1, 0, +1} of rows [start, stop) of a quantize.zarr ternary array, whatever
+    its on-disk layout (for inspect and notebooks)."""
+    return stored_codes(arr[start:stop], arr.attrs.get("code_layout", LAYOUT_INT8))
 
 
 def ternary_scale(recipe: Recipe, absmean: float | None) -> np.float32:
@@ -104,12 +136,6 @@ def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
     return budget.rows_per_chunk(shape, multiple=recipe.row_multiple)
 
 
-def codes_of(arr, start: int, stop: int) -> np.ndarray:
-    """int8 codes in {-1, 0, +1} of rows [start, stop) of a quantize.zarr ternary array, whatever
-    its on-disk layout (for inspect and notebooks)."""
-    return np.asarray(arr[start:stop], dtype=np.int8)
-
-
 # -- tasks ---------------------------------------------------------------------------------------
 
 def _reader(path: str) -> ReadRows:
@@ -117,14 +143,14 @@ def _reader(path: str) -> ReadRows:
     return lambda a, b: arr[a:b]
 
 
-def sums_task(src: str, start: int, stop: int, source_dtype: str) -> np.ndarray:
-    return row_abs_sums(_reader(src), start, stop, source_dtype)
-
-
-def codes_task(src: str, out: str, start: int, stop: int, recipe: dict, out_rows: int, source_dtype: str,
+def codes_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: list, source_dtype: str,
                absmean: float | None) -> None:
-    open_array(out)[start:stop] = ternary_rows(_reader(src), start, stop, Recipe.from_json(recipe), out_rows,
-                                               source_dtype, absmean)
+    open_array(out)[start:stop] = code_rows(_reader(src), start, stop, Recipe.from_json(recipe), tuple(shape),
+                                            source_dtype, absmean)
+
+
+def link_task(src: str, out: str, index: int) -> None:
+    link_chunk(open_array(src, "r"), open_array(out, "r"), index)
 
 
 def copy_task(src: str, out: str, start: int, stop: int) -> None:
@@ -137,57 +163,41 @@ def run(ctx: StageContext) -> None:
     group.attrs.update({**source.attrs.asdict(), "stage": "quantize"})
     names = source.attrs["tensor_order"]
 
-    layouts = {}
+    tasks = []
     for name in names:
         src = source[name]
         recipe = Recipe.from_json(src.attrs["recipe"])
         shape = tuple(src.attrs["shape"])
         base = {"hf_name": src.attrs["hf_name"], "role": recipe.role, "source_dtype": src.attrs["source_dtype"],
-                "recipe": recipe.as_json()}
-        if recipe.role == TERNARY:
-            rows = ternary_chunk_rows(ctx.budget, shape, recipe)
-            arr = ensure_array(group, name, shape, rows, np.int8, base, compress=True)
-        else:  # kept in the source representation; pack encodes it in the chosen float type
-            rows = src.chunks[0]
-            arr = ensure_array(group, name, shape, rows, src.dtype, base)
-        layouts[name] = (src, arr, recipe, rows)
-
-    # pass 1: absmean scales of master-weight projections that do not have one yet; packed
-    # projections take theirs from the checkpoint's weight_scale
-    pending = [n for n, (_, arr, recipe, _) in layouts.items() if recipe.role == TERNARY and "scale" not in arr.attrs]
-    tasks, owners = [], []
-    for name in pending:
-        src, _, recipe, rows = layouts[name]
-        if recipe.scale_rule == "absmean":
-            for r0, r1 in row_ranges(src.shape[0], rows):
-                tasks.append(chunk_task(sums_task, array_path(ctx.input, name), r0, r1, src.attrs["source_dtype"]))
-                owners.append(name)
-    sums: dict[str, list[np.ndarray]] = {n: [] for n in pending}
-    for name, part in zip(owners, ctx.scheduler.run(tasks, "quantize: scales")):
-        sums[name].append(part)
-    for name in pending:
-        src, arr, recipe, _ = layouts[name]
-        absmean = None
-        if recipe.scale_rule == "absmean":
-            try:
-                absmean = float(absmean_scale(absmean_total(sums[name]), src.size))
-            except NonFiniteWeights as e:
-                raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") from None
-        arr.attrs.update({"absmean": absmean, "scale": float(ternary_scale(recipe, absmean))})
-
-    # pass 2: codes for ternary tensors, copies of the rest
-    tasks = []
-    for name in names:
-        src, arr, recipe, rows = layouts[name]
+                "recipe": recipe.as_json(), "shape": list(shape)}
+        paths = (array_path(ctx.input, name), array_path(ctx.output, name))
+        if recipe.role != TERNARY:
+            # not rewritten: the same chunk files (pack encodes them in their output type)
+            arr = ensure_array(group, name, src.shape, src.chunks[0], src.dtype, base)
+            done = written_chunks(arr)
+            for i, (r0, r1) in enumerate(row_ranges(src.shape[0], src.chunks[0])):
+                if i not in done:
+                    tasks.append(chunk_task(link_task, *paths, i) if is_raw(src) and is_raw(arr)
+                                 else chunk_task(copy_task, *paths, r0, r1))
+            continue
+        layout = code_layout(shape[1])
+        rows = ternary_chunk_rows(ctx.budget, shape, recipe)
+        stored = (shape[0], shape[1] // 4) if layout == LAYOUT_2BIT else shape
+        arr = ensure_array(group, name, stored, rows, np.uint8 if layout == LAYOUT_2BIT else np.int8,
+                           {**base, "code_layout": layout})
+        if "scale" not in arr.attrs:
+            absmean = None
+            if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor
+                sums = source[name + SUMS_SUFFIX]
+                try:
+                    absmean = float(absmean_scale(absmean_total([sums[:]]), src.size))
+                except NonFiniteWeights as e:
+                    raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") \
+                        from None
+            arr.attrs.update({"absmean": absmean, "scale": float(ternary_scale(recipe, absmean))})
         done = written_chunks(arr)
-        sdtype = src.attrs["source_dtype"]
-        for i, (r0, r1) in enumerate(row_ranges(arr.shape[0], rows)):
-            if i in done:
-                continue
-            paths = (array_path(ctx.input, name), array_path(ctx.output, name))
-            if recipe.role == TERNARY:
-                tasks.append(chunk_task(codes_task, *paths, r0, r1, recipe.as_json(), arr.shape[0], sdtype,
-                                        arr.attrs["absmean"]))
-            else:
-                tasks.append(chunk_task(copy_task, *paths, r0, r1))
+        for i, (r0, r1) in enumerate(row_ranges(shape[0], rows)):
+            if i not in done:
+                tasks.append(chunk_task(codes_task, *paths, r0, r1, recipe.as_json(), list(shape),
+                                        src.attrs["source_dtype"], arr.attrs["absmean"]))
     ctx.scheduler.run(tasks, "quantize")
