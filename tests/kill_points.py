@@ -159,7 +159,7 @@ def all_chunk_files(work: Path) -> dict[str, tuple[int, int]]:
 
 def partials(work: Path, out: Path) -> list[Path]:
     """Every *.partial in the run directory and next to the output."""
-    return sorted([*work.rglob("*.partial"), *out.parent.glob("*.partial"), *out.parent.glob(".*.partial")])
+    return sorted({*work.rglob("*.partial"), *out.parent.glob("*.partial")})  # "*" matches dot files too
 
 
 # -- a reference conversion ------------------------------------------------------------------
@@ -267,3 +267,22 @@ def chunk_identity(work: Path, key: str) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_mtime_ns
+
+
+def _row_chunk(key: str) -> tuple[str, str, int]:
+    """("<stage>", "<array>", row-chunk index) of an all_chunk_files key."""
+    stage, rest = key.split("/", 1)
+    array, _, coords = rest.rpartition("/c/")
+    return stage, array, int(coords.split("/")[0])
+
+
+def beside_unfinished_chunk(work: Path, key: str, snapshot: dict[str, tuple[int, int]]) -> bool:
+    """Whether the chunk `key` is in a side array (`<tensor>.<suffix>`: per-row sums or maxima)
+    whose tensor's chunk of the same rows was not on disk in `snapshot`. The task that writes both
+    was unfinished, so a rerun does it again, side chunk included."""
+    stage, array, row = _row_chunk(key)
+    parts = array.split(".")
+    tensors = [".".join(parts[:n]) for n in range(1, len(parts))]
+    done = {_row_chunk(k) for k in snapshot}
+    return any((work / f"{stage}.zarr" / t / "zarr.json").is_file() and (stage, t, row) not in done
+               for t in tensors)
