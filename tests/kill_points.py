@@ -1,12 +1,12 @@
 """Interrupting a conversion at chosen moments, found by watching its run directory.
 
-A kill point names a target and a fraction: the target is a stage (the kill lands once
-manifest.json shows that stage running and the given fraction of its remaining work is on
+A kill point names a target and a fraction: the target is a stage (the kill lands once the
+run's log says it is in that stage and the given fraction of the stage's remaining work is on
 disk: chunk files under `<stage>.zarr/**/c/` for extract, quantize and pack, bytes of the
-temporary `.NAME.<8 hex>.partial` next to the output for assemble) or "time" (that
-fraction of a clean conversion's wall time after the start, wherever that falls). What
-was running when the process died is read back from the manifest afterwards, so the
-report counts where kills landed, not where they were aimed.
+temporary `.NAME.<8 hex>.partial` next to the output for assemble) or "time" (that fraction
+of a clean conversion's wall time after the start, wherever that falls). Where the process
+was when it died is read back from its log and manifest.json, so the report counts where
+kills landed, not where they were aimed.
 
 The plan is drawn from a seeded random.Random: BITNET_GGUF_KILL_SEED overrides the seed.
 """
@@ -61,7 +61,7 @@ def _weighted(rng: random.Random, table) -> object:
 
 
 def _memory_limits(rng: random.Random, n: int, limits: tuple[str, ...], mixed: bool) -> list[str]:
-    """n memory limits; a mixed scenario changes the limit at least once, never at random only."""
+    """n memory limits, one per run; a mixed scenario changes the limit at least once."""
     if not mixed:
         return [limits[0]] * n
     while True:
