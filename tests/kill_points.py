@@ -177,10 +177,11 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start(root: Path, model: Path, out: Path, work: Path, memory_limit: str, log: Path) -> subprocess.Popen:
+def start(root: Path, model: Path, out: Path, work: Path, memory_limit: str, log: Path, *extra: str) \
+        -> subprocess.Popen:
     with open(log, "ab") as err:
         return subprocess.Popen([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
-                                 "--workdir", str(work), "--memory-limit", memory_limit, "--no-progress"],
+                                 "--workdir", str(work), "--memory-limit", memory_limit, "--no-progress", *extra],
                                 stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_default_sigint,
                                 env={**os.environ, "PYTHONPATH": str(root)})
 
@@ -218,7 +219,7 @@ def wait_for(proc: subprocess.Popen, kp: KillPoint, work: Path, out: Path, ref: 
     if stage in CHUNK_STAGES:
         store = work / f"{stage}.zarr"
         first = count_chunks(store)  # chunks an earlier run left (a reset store was removed already)
-        goal = first + kp.fraction * max(ref.chunks[stage] - first, 0)
+        goal = first + kp.fraction * max(ref.chunks.get(stage, 0) - first, 0)
         return _wait_until(proc, lambda: count_chunks(store) >= goal or not in_stage(), deadline)
     goal = kp.fraction * ref.size
 
@@ -242,10 +243,12 @@ class Kill:
     stderr: str = field(repr=False, default="")
 
 
-def interrupt(root: Path, model: Path, out: Path, work: Path, kp: KillPoint, ref: Reference, log: Path) -> Kill:
+def interrupt(root: Path, model: Path, out: Path, work: Path, kp: KillPoint, ref: Reference, log: Path,
+              *extra: str) -> Kill:
+    """Run a conversion (extra: more options) and interrupt it at kp."""
     log.write_bytes(b"")
     started = time.monotonic()
-    proc = start(root, model, out, work, kp.memory_limit, log)
+    proc = start(root, model, out, work, kp.memory_limit, log, *extra)
     try:
         reached = wait_for(proc, kp, work, out, ref, started, log)
         if reached:
