@@ -127,6 +127,24 @@ def test_interrupted_anywhere_then_rerun_gives_identical_bytes(tmp_path, family)
     assert not thin, f"seed {seed}, {family}: fewer than {MIN_PER_STAGE} kills landed in {thin}: {dict(landed)}"
 
 
+@pytest.mark.slow
+def test_sigterm_after_a_sigkilled_assemble_leaves_no_temporary_output(tmp_path):
+    """The temporary output a SIGKILL left is gone after a later run exits 130, even one stopped
+    before it reached assemble (seed 1 of the randomized test found it: SIGKILL, SIGKILL, SIGTERM
+    in assemble, the last before assemble reopened the file)."""
+    model = master_checkpoint(tmp_path / "model")
+    out, work, log = tmp_path / "model.gguf", tmp_path / "work", tmp_path / "stderr.txt"
+    any_size = kp.Reference(seconds=0.0, chunks={}, size=1)  # assemble: kill once the file has a byte
+    k = kp.interrupt(ROOT, model, out, work, kp.KillPoint("assemble", 0.5, signal.SIGKILL, "512MiB"), any_size, log)
+    assert k.landed == "assemble" and kp.partials(work, out), f"no temporary output to leave behind: {k}"
+    # another output type redoes pack: stop it there, long before assemble
+    k = kp.interrupt(ROOT, model, out, work, kp.KillPoint("pack", 0.0, signal.SIGTERM, "512MiB"), any_size, log,
+                     "--type", "tq1_0")
+    assert k.landed == "pack" and k.returncode == 130, k
+    left = kp.partials(work, out)
+    assert not left, f"exit 130 left temporary files: {[str(p) for p in left]}"
+
+
 def test_stores_without_a_manifest_are_not_reused(checkpoint, tmp_path):
     first, second = checkpoint(seed=1), checkpoint(seed=2)
     work = tmp_path / "work"
