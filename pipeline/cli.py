@@ -91,10 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("workdir", type=Path, metavar="WORKDIR", help="run directory (printed by convert)")
     s.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
-    i = sub.add_parser("inspect", help="list every tensor of a run directory's stores",
+    i = sub.add_parser("inspect", help="list every tensor of a run directory's stores, or one tensor, or plot them",
                        description="Per tensor and store: shape, dtype, chunks written, scale, GGML type; "
-                                   "with --codes also the share of -1/0/+1 (reads the codes).")
+                                   "with --codes also the share of -1/0/+1 (reads the codes). With TENSOR, that "
+                                   "tensor's recipe, source, chunk layout, scales and GGML size. With --plot, a "
+                                   "figure of the scale and -1/0/+1 shares of every layer and projection.")
     i.add_argument("workdir", type=Path, metavar="WORKDIR", help="run directory (printed by convert)")
+    i.add_argument("tensor", nargs="?", default=None, metavar="TENSOR",
+                   help="GGUF tensor name, e.g. blk.0.attn_q.weight (inspect WORKDIR lists them)")
+    i.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                   help="draw scale, -1/0/+1 shares (and |W|/absmean histograms of master weights) per layer "
+                        "and projection into an image file (.png, .svg, .pdf, ...); works on an interrupted run")
     i.add_argument("--codes", action="store_true", help="count -1/0/+1 in every ternary tensor (reads all codes)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -132,14 +139,15 @@ def cmd_verify(args) -> int:
 
 def cmd_inspect(args) -> int:
     from pipeline.errors import RunDirError
-    from pipeline.inspect_run import describe, format_report
+    from pipeline.inspect_run import inspect_command
     from pipeline.rundir import RunDir
 
     run = RunDir(args.workdir)
     if not run.manifest_path.is_file():
         raise RunDirError(f"{args.workdir}: no manifest.json; not a bitnet-gguf run directory")
-    report = describe(run, codes=args.codes)
-    print(json.dumps(report, indent=2, default=float) if args.json else format_report(report))
+    text = inspect_command(run, args.tensor, codes=args.codes, as_json=args.json, plot=args.plot, log=_log)
+    if text:
+        print(text)
     return EXIT_OK
 
 

@@ -346,6 +346,40 @@ class GGUFFileWriter:
         f.write(chunk)
         self._written += n
 
+    def copy_tensor_data(self, which: int | str, source, offset: int, nbytes: int) -> None:
+        """Append `nbytes` of file `source` from `offset` to the current tensor, copied in the
+        kernel (copy_file_range) where it can be, without passing through Python."""
+        f = self._open_file()
+        i = self._index(which)
+        if i != self._current:
+            raise GGUFWriterError(f"{self.path}: data for tensor {i} out of order")
+        t = self.tensors[i]
+        if self._written + nbytes > t.nbytes:
+            raise GGUFWriterError(f"{self.path}: tensor {t.name} gets more than its {t.nbytes} bytes")
+        f.flush()
+        pos = f.tell()
+        with open(source, "rb") as src:
+            done = 0
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(src.fileno(), f.fileno(), nbytes - done, offset + done, pos + done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError:
+                pass  # no in-kernel copy between these files: copy the rest through a buffer
+            f.seek(pos + done)
+            src.seek(offset + done)
+            while done < nbytes:
+                block = src.read(min(nbytes - done, 1 << 24))
+                if not block:
+                    break
+                f.write(block)
+                done += len(block)
+        if done != nbytes:
+            raise GGUFWriterError(f"{source}: ended after {done} of {nbytes} bytes for tensor {t.name}")
+        self._written += nbytes
+
     def end_tensor(self, which: int | str | None = None) -> None:
         """The current tensor is complete: check its size and pad to the alignment."""
         f = self._open_file()
@@ -495,6 +529,10 @@ class GGUFSplitWriter:
     def write_tensor_data(self, which: int | str, chunk) -> None:
         w, j = self._writer(which)
         w.write_tensor_data(j, chunk)
+
+    def copy_tensor_data(self, which: int | str, source, offset: int, nbytes: int) -> None:
+        w, j = self._writer(which)
+        w.copy_tensor_data(j, source, offset, nbytes)
 
     def end_tensor(self, which: int | str | None = None) -> None:
         w, j = self._writer(self._current if which is None else which)

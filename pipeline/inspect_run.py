@@ -1,56 +1,135 @@
 """`bitnet-gguf inspect`: what is inside a run directory, tensor by tensor.
 
-Reads only the stores' metadata and chunk listings, plus (with --codes) the
-ternary codes chunk by chunk to count -1 / 0 / +1.
+- `inspect WORKDIR`: every tensor of every store (shape, dtype, chunks written, scale,
+  GGML type; with --codes the share of -1 / 0 / +1).
+- `inspect WORKDIR TENSOR`: one tensor across the stores (recipe, source, chunk layout,
+  scales, GGML type and byte size; with --codes its shares and sparsity).
+- `inspect WORKDIR --plot FILE`: a figure of every layer and projection: the scale
+  (and absmean), the shares of -1 / 0 / +1, and for master-weight checkpoints a
+  histogram of |W| / absmean over sampled rows with the rounding thresholds.
+
+Only what is written is read: a missing store, an array not yet created or a chunk
+not yet on disk is skipped (and reported as such). Codes are read chunk by chunk and
+the histogram reads a few rows of a few chunks, so memory stays at one chunk.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import OptionError, RunDirError
 from pipeline.rundir import STAGES, RunDir
+from pipeline.safetensors_io import as_float32
 from pipeline.stores import open_store, row_ranges, written_chunks
-from stages.quantize import codes_of
+
+# projection kinds in drawing order: short label -> the middle of the GGUF name blk.N.<...>.weight
+PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+               "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+_KIND_OF = {gguf: kind for kind, gguf in PROJECTIONS.items()}
+_PROJECTION_NAME = re.compile(r"^blk\.(\d+)\.(" + "|".join(PROJECTIONS.values()) + r")\.weight$")
+
+TERNARY_ROLE = "ternary"
+MASTER = "master"
+STORE_STAGES = STAGES[:-1]  # assemble writes the GGUF file, not a store
+
+# histogram of |W| / absmean: range, bins, and how much of the checkpoint it samples
+HIST_MAX = 3.0
+HIST_BINS = 60
+THRESHOLDS = (0.5, 1.5)        # |W|/absmean rounds to 0 below 0.5, to 1 up to 1.5, clipped to 1 above
+SAMPLE_TENSORS = 4             # layers sampled per projection kind
+SAMPLE_CHUNKS = 2              # written row chunks read per sampled tensor
+SAMPLE_ROWS = 16               # rows read from each of those chunks
+SHARE_SPAN = 0.05              # share maps colour at least +-5 points around the median
+ANNOTATE_MAX_LAYERS = 16       # write the percentages into the share maps up to this many layers
 
 
-def code_shares(arr) -> dict[str, float]:
-    """Share of -1, 0 and +1 among the written codes of one quantize.zarr array (chunk by
-    chunk; chunks not yet written are skipped rather than read as their fill value)."""
+def parse_projection(name: str) -> tuple[int, str] | None:
+    """(layer, kind) of a GGUF projection name such as blk.3.ffn_up.weight, else None."""
+    m = _PROJECTION_NAME.match(name)
+    return (int(m.group(1)), _KIND_OF[m.group(2)]) if m else None
+
+
+def open_stores(run: RunDir) -> dict:
+    """The stores of a run directory that exist, by stage."""
+    return {stage: open_store(run.store(stage), "r") for stage in STORE_STAGES if run.store(stage).is_dir()}
+
+
+def chunk_count(arr) -> int:
+    return math.ceil(arr.shape[0] / arr.chunks[0]) if arr.shape[0] else 0
+
+
+def is_ternary(arr) -> bool:
+    return arr.attrs.get("role") == TERNARY_ROLE
+
+
+# -- counting codes ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class CodeCounts:
+    counts: np.ndarray   # int64 [n(-1), n(0), n(+1)] over the written chunks
+    written: int         # chunks counted
+    total: int           # chunks of the array
+
+    @property
+    def shares(self) -> dict[str, float]:
+        n = max(int(self.counts.sum()), 1)
+        return {"-1": self.counts[0] / n, "0": self.counts[1] / n, "+1": self.counts[2] / n}
+
+
+def count_codes(arr) -> CodeCounts:
+    """-1 / 0 / +1 counts of a quantize.zarr ternary array, chunk by chunk, written chunks only
+    (a chunk not yet written would read as its fill value)."""
+    from stages.quantize import codes_of
+
     counts = np.zeros(3, dtype=np.int64)
     written = written_chunks(arr)
     for i, (r0, r1) in enumerate(row_ranges(arr.shape[0], arr.chunks[0])):
         if i in written:
-            counts += np.bincount(codes_of(arr, r0, r1).ravel().astype(np.int64) + 1, minlength=3)[:3]
-    total = max(int(counts.sum()), 1)
-    return {"-1": counts[0] / total, "0": counts[1] / total, "+1": counts[2] / total}
+            codes = codes_of(arr, r0, r1)
+            nonzero = np.count_nonzero(codes)
+            negative = np.count_nonzero(codes < 0)
+            counts += (negative, codes.size - nonzero, nonzero - negative)
+    return CodeCounts(counts, len(written), chunk_count(arr))
 
+
+def code_shares(arr) -> dict[str, float]:
+    """Share of -1, 0 and +1 among the written codes of one quantize.zarr array."""
+    return count_codes(arr).shares
+
+
+def _codes_info(arr) -> dict:
+    c = count_codes(arr)
+    info = {"shares": c.shares, "sparsity": c.shares["0"], "codes_counted": int(c.counts.sum())}
+    if c.written < c.total:
+        info["shares_of_written_chunks_only"] = True
+    return info
+
+
+# -- every tensor ---------------------------------------------------------------------------------
 
 def describe(run: RunDir, codes: bool = False) -> dict:
     report = {"run_directory": str(run.path), "manifest": run.load(), "stores": {}}
-    for stage in STAGES[:-1]:
-        path = run.store(stage)
-        if not path.is_dir():
-            continue
-        group = open_store(path, "r")
+    for stage, group in open_stores(run).items():
         tensors = {}
         for name in group.attrs.get("tensor_order", []):
             if name not in group:
                 tensors[name] = {"state": "not created"}
                 continue
             arr = group[name]
-            n_chunks = math.ceil(arr.shape[0] / arr.chunks[0])
-            info = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": f"{len(written_chunks(arr))}/{n_chunks}",
+            written = written_chunks(arr)
+            info = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": f"{len(written)}/{chunk_count(arr)}",
                     **{k: v for k, v in arr.attrs.asdict().items() if k in
                        ("role", "source_dtype", "absmean", "scale", "type_name")}}
-            if codes and stage == "quantize" and arr.attrs.get("role") == "ternary" and written_chunks(arr):
-                shares = code_shares(arr)
-                if len(written_chunks(arr)) < n_chunks:
-                    info["shares_of_written_chunks_only"] = True
-                info["shares"] = shares
-                info["sparsity"] = shares["0"]
+            if codes and stage == "quantize" and is_ternary(arr) and written:
+                info.update(_codes_info(arr))
             tensors[name] = info
-        report["stores"][stage] = {"path": str(path), "tensors": tensors}
+        report["stores"][stage] = {"path": str(run.store(stage)), "tensors": tensors}
     return report
 
 
@@ -67,12 +146,360 @@ def format_report(report: dict) -> str:
                 extra.append(f"source {t['source_dtype']}")
             if "type_name" in t:
                 extra.append(t["type_name"])
-            if "scale" in t:
+            if t.get("scale") is not None:
                 extra.append(f"scale {t['scale']:.6g}")
             if "shares" in t:
-                s = t["shares"]
-                partial = " (written chunks only)" if t.get("shares_of_written_chunks_only") else ""
-                extra.append(f"-1/0/+1 {s['-1']:.1%}/{s['0']:.1%}/{s['+1']:.1%}{partial}")
+                extra.append(_format_shares(t))
             lines.append(f"  {name:<28} {'x'.join(map(str, t['shape'])):>12} {t['dtype']:<7} "
                          f"chunks {t['chunks']:<7} {'  '.join(extra)}")
     return "\n".join(lines)
+
+
+def _format_shares(t: dict) -> str:
+    s = t["shares"]
+    partial = " (written chunks only)" if t.get("shares_of_written_chunks_only") else ""
+    return f"-1/0/+1 {s['-1']:.1%}/{s['0']:.1%}/{s['+1']:.1%}{partial}"
+
+
+# -- one tensor ------------------------------------------------------------------------------------
+
+def _store_info(stage: str, arr) -> dict:
+    attrs = arr.attrs.asdict()
+    written = written_chunks(arr)
+    info = {"stored_shape": list(arr.shape), "dtype": str(arr.dtype), "rows_per_chunk": arr.chunks[0],
+            "chunks": chunk_count(arr), "chunks_written": len(written)}
+    for key in ("code_layout", "scale", "absmean"):
+        if key in attrs:
+            info[key] = attrs[key]
+    if stage == "pack" and "ggml_type" in attrs:
+        from pipeline.outtypes import BY_GGML_TYPE
+
+        info["ggml_type"] = attrs["ggml_type"]
+        info["type_name"] = attrs.get("type_name")
+        out = BY_GGML_TYPE.get(attrs["ggml_type"])
+        if out is not None:
+            info["nbytes"] = out.nbytes(tuple(attrs.get("shape", arr.shape)))
+    return info
+
+
+TENSOR_FIELDS = ("shape", "role", "hf_name", "source_file", "source_dtype", "recipe")
+
+
+def describe_tensor(run: RunDir, name: str, codes: bool = False) -> dict:
+    """One tensor across the stores; RunDirError if no store lists it."""
+    stores = open_stores(run)
+    found = {stage: group for stage, group in stores.items() if name in group.attrs.get("tensor_order", [])}
+    if not found:
+        raise RunDirError(f"{run.path}: no tensor {name!r} in this run directory; "
+                          f"run `bitnet-gguf inspect {run.path}` to list the names")
+    fields: dict = {}
+    per_store: dict = {}
+    codes_info: dict = {}
+    for stage, group in found.items():
+        if name not in group:
+            per_store[stage] = {"state": "not created"}
+            continue
+        arr = group[name]
+        for key, value in arr.attrs.asdict().items():  # extract's attributes first: the GGUF shape, the source
+            if key in TENSOR_FIELDS:
+                fields.setdefault(key, value)
+        per_store[stage] = _store_info(stage, arr)
+        if codes and stage == "quantize" and is_ternary(arr):
+            codes_info = _codes_info(arr) if written_chunks(arr) else {"codes": "no chunk written yet"}
+    if "shape" not in fields:  # neither extract nor pack written: the quantize array's rows and columns
+        fields["shape"] = next((s["stored_shape"] for s in per_store.values() if "stored_shape" in s), None)
+    recipe = fields.get("recipe") or {}
+    return {"run_directory": str(run.path), "tensor": name,
+            **{k: fields[k] for k in TENSOR_FIELDS if fields.get(k) is not None},
+            **({"weight_scale": recipe["weight_scale"]} if recipe.get("weight_scale") is not None else {}),
+            "stores": per_store, **codes_info}
+
+
+def format_tensor(report: dict) -> str:
+    lines = [f"{report['tensor']}  (run directory {report['run_directory']})"]
+
+    def row(label: str, value) -> None:
+        lines.append(f"  {label:<14} {value}")
+
+    if "shape" in report:
+        row("shape", " x ".join(map(str, report["shape"])))
+    if "role" in report:
+        row("role", report["role"])
+    if "hf_name" in report:
+        row("source", f"{report['hf_name']} in {report.get('source_file', '?')}, {report.get('source_dtype', '?')}")
+    recipe = report.get("recipe")
+    if recipe and recipe.get("role") == TERNARY_ROLE:
+        heads = recipe.get("permute_heads") or 0
+        row("recipe", f"weights {recipe.get('weights')}, scale rule {recipe.get('scale_rule')}, "
+                      + (f"permuted over {heads} heads" if heads else "no permutation"))
+    if "weight_scale" in report:
+        row("weight_scale", f"{report['weight_scale']:.8g}")
+    for stage, s in report["stores"].items():
+        if "stored_shape" not in s:
+            row(f"{stage}.zarr", s["state"])
+            continue
+        parts = [f"{'x'.join(map(str, s['stored_shape']))} {s['dtype']}",
+                 f"{s['rows_per_chunk']} rows/chunk", f"{s['chunks_written']} of {s['chunks']} chunks written"]
+        if "code_layout" in s:
+            parts.insert(1, f"codes {s['code_layout']}")
+        if s.get("scale") is not None:
+            parts.append(f"scale {s['scale']:.8g}")
+        if s.get("absmean") is not None:
+            parts.append(f"absmean {s['absmean']:.8g}")
+        if "ggml_type" in s:
+            parts.append(f"{s.get('type_name')} (ggml type {s['ggml_type']})"
+                         + (f", {s['nbytes']} bytes in the GGUF" if "nbytes" in s else ""))
+        row(f"{stage}.zarr", ", ".join(parts))
+    if "codes" in report:
+        row("codes", report["codes"])
+    if "shares" in report:
+        row("codes", f"{_format_shares(report)}, sparsity {report['sparsity']:.1%} "
+                     f"({report['codes_counted']} codes)")
+    return "\n".join(lines)
+
+
+# -- the figure ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LayerStats:
+    """What the figure shows, gathered from the stores (NaN where nothing is written yet)."""
+    n_layers: int
+    scale: np.ndarray            # [kind, layer]
+    absmean: np.ndarray          # [kind, layer]
+    shares: np.ndarray           # [code -1/0/+1, kind, layer]
+    partial: np.ndarray          # [kind, layer] bool: shares of some chunks only
+    chunks: dict                 # stage -> [chunks written, chunks, arrays not created] over the projections
+    master: bool                 # master-weight checkpoint (histograms drawn)
+    hist: dict                   # kind -> (counts[HIST_BINS], rows sampled, layers sampled, values)
+
+
+def _projections(group) -> dict[tuple[int, str], str]:
+    names = {}
+    for name in group.attrs.get("tensor_order", []):
+        parsed = parse_projection(name)
+        if parsed is not None:
+            names[parsed] = name
+    return names
+
+
+def _sample_hist(arr, absmean: float) -> tuple[np.ndarray, int]:
+    """Histogram of |W| / absmean over a few rows of a few written chunks of a master projection."""
+    written = sorted(written_chunks(arr))
+    ranges = row_ranges(arr.shape[0], arr.chunks[0])
+    picks = [written[i] for i in np.unique(np.linspace(0, len(written) - 1, SAMPLE_CHUNKS).round().astype(int))] \
+        if written else []
+    counts, rows = np.zeros(HIST_BINS, dtype=np.int64), 0
+    for i in picks:
+        r0, r1 = ranges[i]
+        block = as_float32(np.asarray(arr[r0:min(r1, r0 + SAMPLE_ROWS)]), arr.attrs["source_dtype"])
+        ratio = np.minimum(np.abs(block) / np.float32(absmean), np.float32(HIST_MAX * (1 - 1e-6)))
+        counts += np.histogram(ratio, bins=HIST_BINS, range=(0, HIST_MAX))[0]
+        rows += block.shape[0]
+    return counts, rows
+
+
+def collect_layer_stats(run: RunDir) -> LayerStats:
+    stores = open_stores(run)
+    kinds = list(PROJECTIONS)
+    names: dict[tuple[int, str], str] = {}
+    for group in stores.values():
+        names.update(_projections(group))
+    n_layers = max((layer for layer, _ in names), default=-1) + 1
+    shape = (len(kinds), n_layers)
+    stats = LayerStats(n_layers, np.full(shape, np.nan), np.full(shape, np.nan), np.full((3, *shape), np.nan),
+                       np.zeros(shape, dtype=bool), {}, False, {})
+    for stage, group in stores.items():
+        written = total = missing = 0
+        for (layer, kind), name in _projections(group).items():
+            if name not in group:
+                missing += 1
+                continue
+            arr = group[name]
+            n_written, n_total = len(written_chunks(arr)), chunk_count(arr)
+            written, total = written + n_written, total + n_total
+            k = kinds.index(kind)
+            if stage == "extract" and (arr.attrs.get("recipe") or {}).get("weights") == MASTER:
+                stats.master = True
+            if stage == "quantize":
+                for key, target in (("scale", stats.scale), ("absmean", stats.absmean)):
+                    if arr.attrs.get(key) is not None:
+                        target[k, layer] = arr.attrs[key]
+                if n_written:
+                    stats.shares[:, k, layer] = list(count_codes(arr).shares.values())
+                    stats.partial[k, layer] = n_written < n_total
+        stats.chunks[stage] = [written, total, missing]
+    if stats.master and "extract" in stores:
+        stats.hist = _collect_hists(stores["extract"], names, stats)
+    return stats
+
+
+def _collect_hists(extract, names: dict, stats: LayerStats) -> dict:
+    hists = {}
+    kinds = list(PROJECTIONS)
+    for k, kind in enumerate(kinds):
+        layers = [layer for layer in range(stats.n_layers)
+                  if (layer, kind) in names and names[layer, kind] in extract
+                  and not math.isnan(stats.absmean[k, layer]) and stats.absmean[k, layer] > 0
+                  and written_chunks(extract[names[layer, kind]])]
+        if not layers:
+            continue
+        picked = sorted({layers[i] for i in np.linspace(0, len(layers) - 1, SAMPLE_TENSORS).round().astype(int)})
+        counts, rows = np.zeros(HIST_BINS, dtype=np.int64), 0
+        for layer in picked:
+            c, r = _sample_hist(extract[names[layer, kind]], float(stats.absmean[k, layer]))
+            counts, rows = counts + c, rows + r
+        hists[kind] = (counts, rows, picked, int(counts.sum()))
+    return hists
+
+
+def supported_plot_types() -> dict[str, str]:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return FigureCanvasBase.get_supported_filetypes()
+
+
+def check_plot_path(path: Path) -> Path:
+    """The figure's path, refused in one line when it cannot be written or its type is unknown."""
+    path = Path(path)
+    types = supported_plot_types()
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in types:
+        raise OptionError(f"--plot {path}: {'unknown image type .' + ext if ext else 'no file extension'}; "
+                          f"name a file ending in one of {', '.join('.' + t for t in sorted(types))}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise OptionError(f"--plot {path}: the directory {parent} does not exist; create it or choose another path")
+    if path.is_dir():
+        raise OptionError(f"--plot {path}: is a directory; name an image file")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OptionError(f"--plot {path}: cannot write there (permission denied); choose another path")
+    return path
+
+
+def share_color_range(share: np.ndarray) -> tuple[float, float]:
+    """Colour range of a share map: its values, but at least SHARE_SPAN either side of the median,
+    so that a uniform model looks uniform and a layer that is off stands out."""
+    values = share[np.isfinite(share)]
+    mid = float(np.median(values))
+    return max(0.0, min(float(values.min()), mid - SHARE_SPAN)), min(1.0, max(float(values.max()), mid + SHARE_SPAN))
+
+
+def _chunks_line(stats: LayerStats) -> str:
+    parts = [f"{stage}.zarr {w} of {t} chunks written" + (f" ({m} tensor(s) not created yet)" if m else "")
+             for stage, (w, t, m) in stats.chunks.items()]
+    return "; ".join(parts) if parts else "no store written yet"
+
+
+def _nothing(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw(stats: LayerStats, title: str):
+    """The figure (a matplotlib Figure on the Agg canvas; nothing is displayed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    kinds = list(PROJECTIONS)
+    layers = np.arange(stats.n_layers)
+    heights = [3.0, 2.0, 2.0, 2.0] + ([2.6] if stats.master else [])
+    fig = Figure(figsize=(16, sum(heights) + 1.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(f"{title}\nternary projections: {_chunks_line(stats)}", fontsize=11)
+    grid = fig.add_gridspec(len(heights), len(kinds), height_ratios=heights)
+
+    ax = fig.add_subplot(grid[0, :])
+    colors = [f"C{i}" for i in range(len(kinds))]
+    if np.isfinite(stats.scale).any():
+        for k, kind in enumerate(kinds):
+            ax.plot(layers, stats.scale[k], marker="o", ms=3, color=colors[k], label=f"{kind} scale")
+            if stats.master and np.isfinite(stats.absmean[k]).any():
+                ax.plot(layers, stats.absmean[k], ls="none", marker="x", ms=6, color=colors[k])
+        ax.set_xlim(-0.5, max(stats.n_layers - 0.5, 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("scale")
+        ax.grid(alpha=0.3)
+        ax.legend(ncol=len(kinds), fontsize=8, loc="upper left", bbox_to_anchor=(0, 1.18), frameon=False)
+        ax.set_title("scale per layer (x: absmean)" if stats.master else "scale per layer", fontsize=10, loc="right")
+    else:
+        _nothing(ax, "no scale written yet (quantize.zarr)")
+
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    for row, (label, share) in enumerate(zip(("-1", "0", "+1"), stats.shares), start=1):
+        ax = fig.add_subplot(grid[row, :])
+        if not np.isfinite(share).any():
+            _nothing(ax, f"share of {label}: no codes written yet (quantize.zarr)")
+            continue
+        vmin, vmax = share_color_range(share)
+        image = ax.imshow(np.ma.masked_invalid(share), aspect="auto", cmap=cmap, interpolation="nearest",
+                          vmin=vmin, vmax=vmax)
+        fig.colorbar(image, ax=ax, pad=0.005, fraction=0.03).ax.tick_params(labelsize=8)
+        ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+        ax.set_xticks(layers if stats.n_layers <= 40 else layers[::4])
+        ax.tick_params(labelsize=8)
+        ax.set_title(f"share of {label}" + (" (= sparsity)" if label == "0" else "")
+                     + ("; grey: not written, *: some chunks only" if row == 1 else ""), fontsize=10, loc="left")
+        for k, layer in zip(*np.nonzero(stats.partial)):
+            ax.text(layer, k, "*", ha="center", va="center", color="red", fontsize=10)
+        if stats.n_layers <= ANNOTATE_MAX_LAYERS:
+            for k, layer in zip(*np.nonzero(np.isfinite(share))):
+                dark = (share[k, layer] - vmin) / (vmax - vmin) < 0.6
+                ax.text(layer, k, f"{share[k, layer]:.1%}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+        if row == 3:
+            ax.set_xlabel("layer")
+
+    if stats.master:
+        edges = np.linspace(0, HIST_MAX, HIST_BINS + 1)
+        for k, kind in enumerate(kinds):
+            ax = fig.add_subplot(grid[4, k])
+            if kind not in stats.hist:
+                _nothing(ax, f"{kind}: not written yet")
+                continue
+            counts, rows, picked, n = stats.hist[kind]
+            ax.stairs(counts / max(n, 1), edges, fill=True, color=colors[k], alpha=0.7)
+            for t in THRESHOLDS:
+                ax.axvline(t, color="black", ls="--", lw=0.8)
+            ax.set_title(f"{kind}: {rows} rows of layers {','.join(map(str, picked))}", fontsize=8)
+            ax.set_xlabel(f"|W| / absmean (last bin: >= {HIST_MAX:g})", fontsize=7)
+            ax.tick_params(labelsize=7)
+            below = counts[: int(THRESHOLDS[0] / HIST_MAX * HIST_BINS)].sum() / max(n, 1)
+            ax.text(0.98, 0.95, f"< 0.5: {below:.0%}\n(-> code 0)", ha="right", va="top",
+                    transform=ax.transAxes, fontsize=7)
+    return fig
+
+
+def plot_run(run: RunDir, path: Path) -> str:
+    """Draw the run directory's figure into `path`; returns a one-line summary."""
+    path = check_plot_path(path)
+    stats = collect_layer_stats(run)
+    fig = draw(stats, f"{run.path}: {stats.n_layers} layers x {len(PROJECTIONS)} projections")
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise OptionError(f"--plot {path}: cannot write the figure ({e.strerror or e}); choose another path") from None
+    return f"wrote {path}: {stats.n_layers} layers x {len(PROJECTIONS)} projections; {_chunks_line(stats)}"
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+def inspect_command(run: RunDir, tensor: str | None = None, codes: bool = False, as_json: bool = False,
+                    plot: Path | None = None, log=print) -> str:
+    """What `bitnet-gguf inspect` prints; with `plot` it also draws the figure and tells `log`."""
+    if plot is not None:
+        check_plot_path(plot)
+    out = []
+    if tensor is not None:
+        report = describe_tensor(run, tensor, codes=codes)
+        out.append(json.dumps(report, indent=2, default=float) if as_json else format_tensor(report))
+    if plot is not None:
+        log(plot_run(run, plot))
+    if tensor is None and plot is None:
+        report = describe(run, codes=codes)
+        out.append(json.dumps(report, indent=2, default=float) if as_json else format_report(report))
+    return "\n".join(out)

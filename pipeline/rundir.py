@@ -4,6 +4,8 @@
       manifest.json     source fingerprint, options, state and key of each stage
       metadata.json     the GGUF architecture and key/values, decided once per run from the
                         checkpoint's config and tokenizer; assemble writes them
+      <stage>.checksums.json   size and xxh3 digest of every file of a finished store, checked
+                        before the next stage reads it
       lock              held (flock) while a conversion runs
       extract.zarr  quantize.zarr  pack.zarr
 
@@ -20,7 +22,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import RunDirError
-from pipeline.stores import remove_tree
+from pipeline.stores import DamagedStore, check_store, remove_tree, store_digests
 
 STAGES = ("extract", "quantize", "pack", "assemble")
 MANIFEST_VERSION = 2
@@ -147,6 +149,27 @@ class RunDir:
         manifest["tool"] = TOOL
         write_json_atomic(self.manifest_path, manifest)
 
+    def checksums_path(self, stage: str) -> Path:
+        return self.path / f"{stage}.checksums.json"
+
+    def seal(self, stage: str) -> None:
+        """Record what a finished stage's store holds (see stores.check_store)."""
+        write_json_atomic(self.checksums_path(stage), store_digests(self.store(stage)))
+
+    def check_sealed(self, stage: str) -> None:
+        """The finished store of `stage` still holds what it held; else a one-line refusal."""
+        try:
+            recorded = json.loads(self.checksums_path(stage).read_text(encoding="utf-8"))
+            if not isinstance(recorded, dict):
+                raise ValueError("not an object")
+            check_store(self.store(stage), recorded)
+        except DamagedStore as e:
+            raise RunDirError(f"{self.path}: the run directory is damaged ({e.what}); delete it and convert again") \
+                from None
+        except (OSError, ValueError):
+            raise RunDirError(f"{self.path}: the run directory is damaged ({self.checksums_path(stage)} is missing or "
+                              "unreadable); delete it and convert again") from None
+
     def save_metadata(self, metadata: dict) -> None:
         write_json_atomic(self.metadata_path, metadata)
 
@@ -154,6 +177,7 @@ class RunDir:
         """Forget `stage` and everything after it, deleting their stores."""
         for name in STAGES[STAGES.index(stage):]:
             manifest.get("stages", {}).pop(name, None)
+            self.checksums_path(name).unlink(missing_ok=True)
             remove_tree(self.store(name))
         self.save(manifest)
 
@@ -179,7 +203,8 @@ class RunDir:
             raise RunDirError(f"{self.path}: cannot list the run directory ({e.strerror}); choose another --workdir") \
                 from None
         ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp",
-                *(self.store(s).name for s in STAGES), *(f".{self.store(s).name}.deleting" for s in STAGES)}
+                *(self.store(s).name for s in STAGES), *(f".{self.store(s).name}.deleting" for s in STAGES),
+                *(self.checksums_path(s).name for s in STAGES), *(self.checksums_path(s).name + ".tmp" for s in STAGES)}
         foreign = [name for name in entries if name not in ours]
         if foreign:
             raise RunDirError(f"{self.path}: not a bitnet-gguf run directory (it holds {foreign[0]!r}"

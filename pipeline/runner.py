@@ -217,6 +217,8 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log) -> list[Path]:
 
 
 def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key, log, check_source) -> None:
+    if stage != "extract":
+        run.check_sealed(STAGES[STAGES.index(stage) - 1])  # its input is what was written
     started = time.monotonic()
     log(f"{stage}: running")
     manifest["stages"][stage] = {"key": key, "state": "running"}
@@ -227,6 +229,8 @@ def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, ke
     importlib.import_module(f"stages.{stage}").run(ctx)
     if stage == "extract":
         check_source()  # a file rewritten while it was read would mix old and new weights
+    if stage != "assemble":
+        run.seal(stage)
     state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2)}
     if stage == "assemble":
         state["outputs"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in ctx.outputs]

@@ -20,7 +20,7 @@ from pipeline.context import StageContext
 from pipeline.gguf_file import GGUFSplitWriter, TensorInfo, model_kvs, plan_split
 from pipeline.output import OutputChanged, final_paths, identity, publish, temp_path
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
-from pipeline.stores import open_store, row_ranges
+from pipeline.stores import DamagedStore, chunk_path, is_raw, open_store, row_ranges
 
 
 def file_kvs(metadata: dict, out_type: str) -> list:
@@ -55,11 +55,17 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
                       unit_divisor=1024) as bar:
             for i, info in enumerate(infos):
                 arr = group[info.name]
-                chunk_rows = arr.chunks[0]
-                for r0, r1 in row_ranges(arr.shape[0], chunk_rows):
-                    chunk = np.ascontiguousarray(arr[r0:r1])
-                    writer.write_tensor_data(i, chunk)
-                    bar.update(chunk.nbytes)
+                row_bytes = arr.nbytes // arr.shape[0] if arr.ndim > 1 else arr.nbytes
+                for k, (r0, r1) in enumerate(row_ranges(arr.shape[0], arr.chunks[0]) if arr.ndim > 1 else [(0, 1)]):
+                    nbytes = (r1 - r0) * row_bytes
+                    if is_raw(arr):  # the chunk file is the bytes: copy it in the kernel
+                        path = chunk_path(arr, k)
+                        if not path.is_file() or path.stat().st_size < nbytes:
+                            raise DamagedStore(f"{path}: chunk file missing or short")
+                        writer.copy_tensor_data(i, path, 0, nbytes)
+                    else:
+                        writer.write_tensor_data(i, np.ascontiguousarray(arr[r0:r1]))
+                    bar.update(nbytes)
                 tail = BY_GGML_TYPE[info.ggml_type].tail_bytes(arr.attrs.get("scale"))
                 if tail:
                     writer.write_tensor_data(i, tail)

@@ -25,7 +25,7 @@ from pipeline.errors import CheckpointError
 from pipeline.families import TERNARY
 from pipeline.safetensors_io import TensorSource, as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import array_path, ensure_array, open_array, open_store, row_ranges, written_chunks
+from pipeline.stores import array_path, ensure_array, open_array, open_store, read_rows, row_ranges, written_chunks
 from stages.quantize import SUMS_SUFFIX
 
 MAX_SUFFIX = ".abs_max"
@@ -107,4 +107,5 @@ def run(ctx: StageContext) -> None:
 
 def largest_values(store, name: str) -> float:
     """max |x| of a float tensor, from the row maxima extract recorded."""
-    return float(open_store(store, "r")[name + MAX_SUFFIX][:].max(initial=0.0))
+    maxima = open_store(store, "r")[name + MAX_SUFFIX]
+    return float(read_rows(maxima, 0, maxima.shape[0]).max(initial=0.0))

@@ -24,8 +24,13 @@ from pipeline.families import TERNARY
 from pipeline.outtypes import tensor_type
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import array_path, ensure_array, is_raw, open_array, open_store, row_ranges, written_chunks
+from pipeline.stores import (array_path, ensure_array, is_raw, open_array, open_store, read_rows, row_ranges,
+                             written_chunks)
 from stages.quantize import LAYOUT_2BIT, LAYOUT_INT8, link_task
+
+# float16 bits of every bfloat16 bit pattern, converted by numpy (round to nearest even)
+with np.errstate(over="ignore", invalid="ignore"):
+    _F16_FROM_BF16 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32).astype("<f2").view(np.uint16)
 
 # source dtype whose raw bytes already are the output type's
 SAME_BYTES = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
@@ -37,6 +42,8 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
     (`source_dtype`), or ternary codes as quantize.zarr stores them (`layout`) with their scale."""
     codec = CODECS[codec_name]
     if scale is None:
+        if source_dtype == "BF16" and codec_name == "f16":  # the common embedding case: one table lookup
+            return _F16_FROM_BF16[np.asarray(block, dtype=np.uint16)].view(np.uint8).reshape(*block.shape[:-1], -1)
         return codec.encode(as_float32(block, source_dtype))
     if layout == LAYOUT_2BIT:
         return codec.encode_codes(block, np.float32(scale))
@@ -57,7 +64,7 @@ def check_scale(name: str, scale: float, codec_name: str) -> None:
 
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
                 source_dtype: str, layout: str | None) -> None:
-    data = encode_block(open_array(src, "r")[start:stop], codec_name, scale, source_dtype, layout)
+    data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout)
     dest = open_array(out)
     if dest.ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
         dest[:] = data
@@ -87,7 +94,8 @@ def run(ctx: StageContext) -> None:
         if fallback:
             ctx.log(f"warning: {name}: {fallback}")
         codec = out.codec
-        rows = src.chunks[0] if src.ndim > 1 else codec.row_bytes(shape[0])
+        # rows of this run's budget (the input may come from a run under a larger memory limit)
+        rows = ctx.budget.rows_per_chunk(shape) if src.ndim > 1 else codec.row_bytes(shape[0])
         byte_shape = (*shape[:-1], codec.row_bytes(shape[-1]))
         arr = ensure_array(group, name, byte_shape, rows, np.uint8, {
             "ggml_type": out.ggml_type, "type_name": codec.name, "shape": list(shape),
@@ -95,10 +103,10 @@ def run(ctx: StageContext) -> None:
         })
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))
         same = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES and is_raw(src) \
-            and is_raw(arr) and src.chunks[0] == arr.chunks[0]
+            and is_raw(arr) and src.chunks[0] == arr.chunks[0] and src.ndim > 1
         done = written_chunks(arr)
         layout = src.attrs.get("code_layout", LAYOUT_INT8) if role == TERNARY else None
-        for i, (r0, r1) in enumerate(row_ranges(shape[0], src.chunks[0])):
+        for i, (r0, r1) in enumerate(row_ranges(shape[0], rows if src.ndim > 1 else shape[0])):
             if i in done:
                 continue
             if same:

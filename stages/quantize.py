@@ -27,14 +27,14 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.codecs import (NonFiniteWeights, absmean_row_sums, absmean_scale, absmean_total, codes_from_packed,
-                             codes_supported, effective_scale, pack_fields, ternary_codes)
+from pipeline.codecs import (CODE_BLOCK, NonFiniteWeights, absmean_scale, absmean_total, codes_from_packed,
+                             codes_supported, effective_scale, pack_fields, absmean_row_sums, ternary_codes)
 from pipeline.context import StageContext
 from pipeline.families import TERNARY, Recipe
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (array_path, ensure_array, is_raw, link_chunk, open_array, open_store, row_ranges,
-                             written_chunks)
+from pipeline.stores import (array_path, ensure_array, is_raw, link_chunk, open_array, open_store, read_rows,
+                             row_ranges, written_chunks)
 
 ReadRows = Callable[[int, int], np.ndarray]
 SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside a master-weight projection
@@ -64,6 +64,46 @@ def unpack_fields_rows(read_packed: ReadRows, start: int, stop: int, out_rows: i
         pieces.append(fields)
         r = end
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def quarters_from_packed(packed: np.ndarray) -> np.ndarray:
+    """The 2-bit code layout of all four output row blocks a block of packed rows holds.
+
+    `packed`: (R, cols) uint8 rows r0..r0+R of a packed projection (cols a multiple of 128);
+    returns (4, R, cols / 4): block k is output rows k * (out / 4) + r0 .. + R in the layout of
+    `pipeline.codecs.pack_fields`. A packed byte holds one field per quarter (bits 2k..2k+1)
+    and a code-layout byte holds four columns 32 apart of one quarter, so a 32-bit word of
+    the four bytes at columns 128i + b + 32j (j = 0..3) is a 4 x 4 matrix of 2-bit fields:
+    transposing it (two masked swaps) turns it into the four output bytes at once.
+    """
+    rows, cols = packed.shape
+    nb = cols // CODE_BLOCK
+    words = np.ascontiguousarray(packed.reshape(rows, nb, 4, 32).transpose(0, 1, 3, 2)).view("<u4")
+    # field (j, k) sits at bit 8j + 2k; swap the off-diagonal 2 x 2 blocks, then inside them
+    t = ((words >> np.uint32(12)) ^ words) & np.uint32(0x0000F0F0)
+    words ^= t ^ (t << np.uint32(12))
+    t = ((words >> np.uint32(6)) ^ words) & np.uint32(0x00CC00CC)
+    words ^= t ^ (t << np.uint32(6))
+    return words.view(np.uint8).reshape(rows, nb, 32, 4).transpose(3, 0, 1, 2).reshape(4, rows, nb * 32)
+
+
+def packed_block_rows(budget, shape: tuple[int, int], recipe: Recipe) -> int | None:
+    """Rows R of a packed projection that one task turns into four output chunks (one per
+    quarter), or None when the fast path does not apply: R divides out / 4 (so every output
+    chunk lies in one quarter) and holds whole heads when permuted."""
+    rows, cols = shape
+    if not recipe.packed or not codes_supported(cols) or rows % 4:
+        return None
+    quarter = rows // 4
+    multiple = recipe.row_multiple
+    if quarter % multiple:
+        return None
+    limit = budget.rows_per_chunk((rows, cols))
+    best = None
+    for r in range(multiple, quarter + 1, multiple):
+        if quarter % r == 0 and r <= max(limit, multiple):
+            best = r
+    return best
 
 
 def permute_heads(block: np.ndarray, n_heads: int) -> np.ndarray:
@@ -140,7 +180,7 @@ def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
 
 def _reader(path: str) -> ReadRows:
     arr = open_array(path, "r")
-    return lambda a, b: arr[a:b]
+    return lambda a, b: read_rows(arr, a, b)
 
 
 def codes_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: list, source_dtype: str,
@@ -149,12 +189,28 @@ def codes_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: l
                                             source_dtype, absmean)
 
 
+def quarters_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: list, missing: list) -> None:
+    """Packed rows [start, stop) -> the four output chunks (of rows stop - start) they hold."""
+    recipe = Recipe.from_json(recipe)
+    packed = read_rows(open_array(src, "r"), start, stop)
+    if ((packed >> np.uint8(1)) & packed & np.uint8(0x55)).any():
+        raise CorruptCodes(f"packed field value 3 in rows {start}..{stop}")
+    quarters = quarters_from_packed(packed)
+    dest = open_array(out)
+    quarter = shape[0] // 4
+    for k in missing:
+        block = quarters[k]
+        if recipe.permute_heads:
+            block = permute_heads(block, (stop - start) // recipe.row_multiple)
+        dest[k * quarter + start:k * quarter + stop] = block
+
+
 def link_task(src: str, out: str, index: int) -> None:
     link_chunk(open_array(src, "r"), open_array(out, "r"), index)
 
 
 def copy_task(src: str, out: str, start: int, stop: int) -> None:
-    open_array(out)[start:stop] = open_array(src, "r")[start:stop]
+    open_array(out)[start:stop] = read_rows(open_array(src, "r"), start, stop)
 
 
 def run(ctx: StageContext) -> None:
@@ -172,16 +228,19 @@ def run(ctx: StageContext) -> None:
                 "recipe": recipe.as_json(), "shape": list(shape)}
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))
         if recipe.role != TERNARY:
-            # not rewritten: the same chunk files (pack encodes them in their output type)
-            arr = ensure_array(group, name, src.shape, src.chunks[0], src.dtype, base)
+            # not rewritten: the same chunk files (pack encodes them in their output type), unless
+            # extract ran under a larger memory limit than this run's: then rows of this run's size
+            rows = ctx.budget.rows_per_chunk(src.shape)
+            arr = ensure_array(group, name, src.shape, rows, src.dtype, base)
+            same = rows == src.chunks[0] and is_raw(src) and is_raw(arr)
             done = written_chunks(arr)
-            for i, (r0, r1) in enumerate(row_ranges(src.shape[0], src.chunks[0])):
+            for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
                 if i not in done:
-                    tasks.append(chunk_task(link_task, *paths, i) if is_raw(src) and is_raw(arr)
-                                 else chunk_task(copy_task, *paths, r0, r1))
+                    tasks.append(chunk_task(link_task, *paths, i) if same else chunk_task(copy_task, *paths, r0, r1))
             continue
         layout = code_layout(shape[1])
-        rows = ternary_chunk_rows(ctx.budget, shape, recipe)
+        block_rows = packed_block_rows(ctx.budget, shape, recipe)
+        rows = block_rows or ternary_chunk_rows(ctx.budget, shape, recipe)
         stored = (shape[0], shape[1] // 4) if layout == LAYOUT_2BIT else shape
         arr = ensure_array(group, name, stored, rows, np.uint8 if layout == LAYOUT_2BIT else np.int8,
                            {**base, "code_layout": layout})
@@ -190,12 +249,19 @@ def run(ctx: StageContext) -> None:
             if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor
                 sums = source[name + SUMS_SUFFIX]
                 try:
-                    absmean = float(absmean_scale(absmean_total([sums[:]]), src.size))
+                    absmean = float(absmean_scale(absmean_total([read_rows(sums, 0, sums.shape[0])]), src.size))
                 except NonFiniteWeights as e:
                     raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") \
                         from None
             arr.attrs.update({"absmean": absmean, "scale": float(ternary_scale(recipe, absmean))})
         done = written_chunks(arr)
+        if block_rows:  # packed: one task reads a block of packed rows once for four output chunks
+            per_quarter = shape[0] // 4 // block_rows
+            for i, (r0, r1) in enumerate(row_ranges(shape[0] // 4, block_rows)):
+                missing = [k for k in range(4) if k * per_quarter + i not in done]
+                if missing:
+                    tasks.append(chunk_task(quarters_task, *paths, r0, r1, recipe.as_json(), list(shape), missing))
+            continue
         for i, (r0, r1) in enumerate(row_ranges(shape[0], rows)):
             if i not in done:
                 tasks.append(chunk_task(codes_task, *paths, r0, r1, recipe.as_json(), list(shape),

@@ -47,3 +47,33 @@ def test_packed_checkpoint_with_embedding_and_head_twice_the_limit(tmp_path):
     print(f"peak RSS of the conversion: {peak / MiB:.0f} MiB (limit {limit / MiB:.0f} MiB)")
     assert peak <= limit, f"peak RSS {peak / MiB:.0f} MiB exceeds --memory-limit 512MiB"
     assert out.stat().st_size > 1024 * MiB  # the two F16 tensors alone are 1 GiB
+
+
+@pytest.mark.slow
+def test_a_rerun_under_a_smaller_limit_honours_it(checkpoint, tmp_path):
+    """extract ran under 4GiB (64 MiB chunks); the rerun under 256MiB must not work in those chunks."""
+    import json
+
+    model = checkpoint(hidden_size=4096, intermediate_size=256, num_layers=1, num_heads=32,
+                       vocab_size=65536, dtype="f32")
+    out, work = tmp_path / "big.gguf", tmp_path / "work"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
+                                "--workdir", str(work), "--memory-limit", "4GiB", "--no-progress"], env=env)
+    assert first["exit"] == 0, first["stderr"]
+    expected = out.read_bytes()
+    out.unlink()
+    manifest = json.loads((work / "manifest.json").read_text())
+    for stage in ("quantize", "pack", "assemble"):  # as if it had been stopped after extract
+        manifest["stages"].pop(stage)
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    r = run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
+                            "--workdir", str(work), "--memory-limit", "256MiB", "--no-progress"], env=env)
+    assert r["exit"] == 0, r["stderr"]
+    print(f"peak RSS: {first['peak'] / MiB:.0f} MiB under 4GiB, then {r['peak'] / MiB:.0f} MiB under 256MiB")
+    assert r["peak"] <= 256 * MiB
+    assert out.read_bytes() == expected
+    # the stages after extract work in chunks of the new budget, not in extract's
+    chunk_rows = {s: json.loads((work / f"{s}.zarr" / "token_embd.weight" / "zarr.json").read_text())
+                  ["chunk_grid"]["configuration"]["chunk_shape"][0] for s in ("extract", "quantize", "pack")}
+    assert chunk_rows["quantize"] < chunk_rows["extract"] and chunk_rows["pack"] < chunk_rows["extract"], chunk_rows
