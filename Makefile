@@ -80,7 +80,7 @@ test: $(VENV)/.stamp-test reference-converter
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.stamp-test reference-converter
-	$(PY) -m tests.bench
+	$(PY) -m tests.bench --free-disk
 
 clean:
 	rm -rf $(BUILD)

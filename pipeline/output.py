@@ -67,3 +67,16 @@ def publish(temps: list[Path], finals: list[Path], before: list[list | None]) ->
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_stale_temps(output: Path, workdir: Path) -> int:
+    """Delete temporary output files an interrupted run of this run directory left (its own
+    names only: `.NAME.<tag>.partial` and those of split parts `.NAME-0000k-of-0000n.gguf...`)."""
+    tag = run_tag(workdir)
+    n = 0
+    for p in output.parent.glob(f".{output.stem}*.{tag}.partial"):
+        name = p.name[1:-len(f".{tag}.partial")]
+        if name == output.name or (name.startswith(output.stem + "-") and name.endswith(".gguf")):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n

@@ -19,7 +19,7 @@ from pipeline.context import StageContext
 from pipeline.errors import CheckpointError, OptionError, RunDirError
 from pipeline.families import TERNARY
 from pipeline.gguf_file import MAX_SPLITS, GGUFWriterError, TensorInfo, file_size
-from pipeline.output import final_paths, identity
+from pipeline.output import final_paths, identity, remove_stale_temps
 from pipeline.outtypes import OUTPUT_TYPES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
@@ -213,6 +213,8 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=No
     run.save_metadata({"arch": ckpt.plan.arch, "kv": ckpt.kv})
     if n := run.clean_partials():
         log(f"removed {n} unfinished chunk file(s) of an interrupted run")
+    if n := remove_stale_temps(opts.output, opts.workdir):
+        log(f"removed {n} unfinished output file(s) of an interrupted run")
     previous = None
     check_source = _source_unchanged(ckpt)
     for stage in STAGES:

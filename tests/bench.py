@@ -61,14 +61,14 @@ class Case:
 
 
 CASES = {
-    "large": Case("large-f32", reference="lazy"),
-    "3B": Case("3B-f32", reference="lazy"),
+    "8b-master": Case("8b-bf16-master", reference="lazy"),
     "llama3-8b": Case("llama3-8b-packed", reference="no-lazy", note="the seed problem"),
     "llama3-8b-i2s": Case("llama3-8b-packed", "i2_s"),
+    "llama3-8b-cluster": Case("llama3-8b-packed", extra=("--cluster", "local")),
     "llama3-8b-4l": Case("llama3-8b-packed-4l"),
     "llama3-8b-16l": Case("llama3-8b-packed-16l"),
-    "llama3-8b-cluster": Case("llama3-8b-packed", extra=("--cluster", "local")),
-    "8b-master": Case("8b-bf16-master", reference="lazy"),
+    "large": Case("large-f32", reference="lazy"),
+    "3B": Case("3B-f32", reference="lazy"),
 }
 
 
@@ -130,6 +130,8 @@ def main(argv=None) -> int:
                     help="Python with torch and transformers for llama.cpp's converter (make reference-converter)")
     ap.add_argument("--reference-src", type=Path, default=ROOT / "build" / "llama.cpp-convert" / "src")
     ap.add_argument("--no-reference", action="store_true", help="skip llama.cpp's converter")
+    ap.add_argument("--free-disk", action="store_true",
+                    help="delete each generated checkpoint after its last case (the whole set needs ~40 GB)")
     args = ap.parse_args(argv)
     if args.list:
         for name, c in CASES.items():
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     rows = []
+    last_use = {CASES[name].checkpoint: name for name in args.cases}
     for name in args.cases:
         case = CASES[name]
         model = checkpoint(case.checkpoint, args.workdir)
@@ -156,6 +159,8 @@ def main(argv=None) -> int:
             print(f"{name}: llama.cpp: exit {r['exit']}, peak {format_size(r['peak'])}, {r['seconds']:.0f} s", flush=True)
             if r["exit"]:
                 print(r["stderr"], flush=True)
+        if args.free_disk and last_use[case.checkpoint] == name:
+            subprocess.run(["rm", "-rf", str(model)], check=True)
 
     command = "python -m tests.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     lines = [f"\n## {datetime.date.today().isoformat()}\n",

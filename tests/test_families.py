@@ -220,13 +220,13 @@ def test_i2s_needs_at_least_one_projection_it_can_hold(tmp_path):
     assert list(out.parent.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["llama3", "2b4t"])
-def test_split_output_holds_the_same_tensors_as_one_file(converted, tmp_path, case):
+@pytest.mark.parametrize("case,out_type", [("llama3", "tq2_0"), ("2b4t", "tq2_0"), ("2b4t", "i2_s")])
+def test_split_output_holds_the_same_tensors_as_one_file(converted, tmp_path, case, out_type):
     from pipeline.gguf_file import read_gguf
 
-    model, single = converted(case, "tq2_0")
+    model, single = converted(case, out_type)
     out = tmp_path / "split.gguf"
-    proc = convert(model, out, "--type", "tq2_0", "--split-max-tensors", "7")
+    proc = convert(model, out, "--type", out_type, "--split-max-tensors", "7")
     parts = sorted(tmp_path.glob("split-*-of-*.gguf"))
     n = len(parts)
     assert n > 2 and [p.name for p in parts] == [f"split-{k:05d}-of-{n:05d}.gguf" for k in range(1, n + 1)]
@@ -249,6 +249,41 @@ def test_split_output_holds_the_same_tensors_as_one_file(converted, tmp_path, ca
     assert list(got) == [t.name for t in one.tensors]
     for t in one.tensors:
         assert got[t.name] == raw_one[t.offset:t.offset + t.nbytes], t.name
-    # a rerun is a no-op; verify reads the whole set
-    again = convert(model, out, "--type", "tq2_0", "--split-max-tensors", "7")
+    # a rerun is a no-op
+    again = convert(model, out, "--type", out_type, "--split-max-tensors", "7")
     assert again.stderr.count("already done") == 4
+
+
+@pytest.mark.parametrize("case,extra", [("llama3", ("--type", "tq2_0", "--embedding-type", "q8_0")),
+                                        ("1bitllm-f16", ("--type", "tq1_0", "--embedding-type", "f32")),
+                                        ("2b4t", ("--type", "tq2_0", "--embedding-type", "bf16"))])
+def test_our_container_equals_gguf_writers(tmp_path, converted, case, extra):
+    """The same key/values and tensors written by gguf.GGUFWriter give the same bytes as our file."""
+    model, _ = converted(case, "tq2_0")
+    ours = tmp_path / "ours.gguf"
+    convert(model, ours, *extra)
+    reader = gguf.GGUFReader(ours)
+    theirs = tmp_path / "theirs.gguf"
+    writer = gguf.GGUFWriter(theirs, bytes(reader.fields["general.architecture"].parts[-1]).decode())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        value = field.contents()
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert theirs.read_bytes() == ours.read_bytes()
+
+
+def test_tokenizer_pre_option_names_the_pre_tokenizer(tmp_path, converted):
+    model, _ = converted("llama3", "tq2_0")
+    out = tmp_path / "m.gguf"
+    convert(model, out, "--tokenizer-pre", "falcon3")
+    pre = gguf.GGUFReader(out).fields["tokenizer.ggml.pre"]
+    assert bytes(pre.parts[pre.data[0]]).decode() == "falcon3"

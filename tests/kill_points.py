@@ -1,0 +1,291 @@
+"""Interrupting a conversion at chosen moments, found by watching its run directory.
+
+A kill point names a target and a fraction: the target is a stage (the kill lands once the
+run's log says it is in that stage and the given fraction of the stage's remaining work is on
+disk: chunk files under `<stage>.zarr/**/c/` for extract, quantize and pack, bytes of the
+temporary `.NAME.<8 hex>.partial` next to the output for assemble) or "time" (that fraction
+of a clean conversion's wall time after the start, wherever that falls). Where the process
+was when it died is read back from its log and manifest.json, so the report counts where
+kills landed, not where they were aimed.
+
+The plan is drawn from a seeded random.Random: BITNET_GGUF_KILL_SEED overrides the seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STAGES = ("extract", "quantize", "pack", "assemble")
+CHUNK_STAGES = STAGES[:3]
+TARGETS = (*STAGES, "time")  # in this order in a chain: a timed kill can land anywhere, so it comes last
+SEED_ENV = "BITNET_GGUF_KILL_SEED"
+DEFAULT_SEED = 1580
+SIGNAL_WEIGHTS = ((signal.SIGKILL, 6), (signal.SIGTERM, 2), (signal.SIGINT, 2))
+CHAIN_WEIGHTS = ((1, 5), (2, 3), (3, 2))  # kills before the final rerun
+POLL = 0.01
+TIMEOUT = 180.0
+
+
+def seed() -> int:
+    return int(os.environ.get(SEED_ENV, DEFAULT_SEED))
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    target: str  # a stage, or "time"
+    fraction: float
+    signal: int
+    memory_limit: str  # of the run this kill interrupts
+
+    def describe(self) -> str:
+        return (f"{signal.Signals(self.signal).name} at {self.fraction:.2f} of {self.target} "
+                f"(--memory-limit {self.memory_limit})")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    kills: tuple[KillPoint, ...]
+    final_memory_limit: str
+
+
+def _weighted(rng: random.Random, table) -> object:
+    values, weights = zip(*table)
+    return rng.choices(values, weights)[0]
+
+
+def _memory_limits(rng: random.Random, n: int, limits: tuple[str, ...], mixed: bool) -> list[str]:
+    """n memory limits, one per run; a mixed scenario changes the limit at least once."""
+    if not mixed:
+        return [limits[0]] * n
+    while True:
+        chosen = [rng.choice(limits) for _ in range(n)]
+        if len(set(chosen)) > 1:
+            return chosen
+
+
+def plan(rng: random.Random, n_kills: int, limits: tuple[str, ...], mixed_share: float = 0.3) -> list[Scenario]:
+    """Scenarios of 1-3 chained kills, n_kills in all, the targets spread evenly over TARGETS.
+
+    Targets in a chain are in stage order ("time" last), so each kill aims at work the earlier
+    ones left. A mixed scenario runs some of its runs (interrupted or final) under another limit."""
+    targets = [TARGETS[i % len(TARGETS)] for i in range(n_kills)]
+    rng.shuffle(targets)
+    scenarios = []
+    while targets:
+        size = min(_weighted(rng, CHAIN_WEIGHTS), len(targets))
+        group, targets = sorted(targets[:size], key=TARGETS.index), targets[size:]
+        mems = _memory_limits(rng, size + 1, limits, rng.random() < mixed_share)
+        kills = tuple(KillPoint(t, round(rng.uniform(0.0, 0.9), 3),
+                                signal.SIGKILL if t == "time" else _weighted(rng, SIGNAL_WEIGHTS), m)
+                      for t, m in zip(group, mems))
+        scenarios.append(Scenario(kills, mems[-1]))
+    return scenarios
+
+
+# -- watching a run directory ------------------------------------------------------------
+def stage_states(work: Path) -> dict[str, str] | None:
+    """Stage -> state from manifest.json (None: no manifest yet)."""
+    try:
+        data = json.loads((work / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {name: st.get("state", "") for name, st in data.get("stages", {}).items()}
+
+
+def progress(log: Path) -> tuple[str | None, set[str]]:
+    """(the stage this run is in, the stages it finished or skipped), from its stderr log.
+
+    The manifest cannot tell: until a rerun reaches the stage an earlier run was killed in, it
+    still says that stage is running."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None, set()
+    started, finished = set(), set()
+    for line in lines:
+        stage, _, what = line.partition(": ")
+        if stage in STAGES:
+            if what == "running":
+                started.add(stage)
+            elif what.startswith(("done", "already done")):
+                finished.add(stage)
+    current = next((s for s in reversed(STAGES) if s in started and s not in finished), None)
+    return current, finished
+
+
+def where(work: Path, log: Path) -> str:
+    """Where a dead conversion stopped: a stage, "start" (before it began or skipped any stage),
+    "between" (after one stage, before the next) or "after" (assemble done)."""
+    current, finished = progress(log)
+    if current is not None:  # the manifest knows whether the stage's end was recorded
+        return "between" if (stage_states(work) or {}).get(current) == "done" else current
+    if "assemble" in finished:
+        return "after"
+    return "between" if finished else "start"
+
+
+def chunk_files(store: Path) -> dict[str, tuple[int, int]]:
+    """Relative path -> (inode, mtime_ns) of every finished chunk file in a zarr store."""
+    found = {}
+    for root, _dirs, files in os.walk(store):
+        rel = Path(root).relative_to(store)
+        if "c" not in rel.parts:
+            continue
+        for f in files:
+            if not f.endswith(".partial"):
+                st = os.stat(os.path.join(root, f))
+                found[str(rel / f)] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+def count_chunks(store: Path) -> int:
+    n = 0
+    for root, _dirs, files in os.walk(store):
+        if "c" in Path(root).relative_to(store).parts:
+            n += sum(1 for f in files if not f.endswith(".partial"))
+    return n
+
+
+def all_chunk_files(work: Path) -> dict[str, tuple[int, int]]:
+    return {f"{stage}/{k}": v for stage in CHUNK_STAGES for k, v in chunk_files(work / f"{stage}.zarr").items()}
+
+
+def partials(work: Path, out: Path) -> list[Path]:
+    """Every *.partial in the run directory and next to the output."""
+    return sorted({*work.rglob("*.partial"), *out.parent.glob("*.partial")})  # "*" matches dot files too
+
+
+# -- a reference conversion ------------------------------------------------------------------
+@dataclass
+class Reference:
+    """What a clean conversion under one memory limit looks like."""
+    seconds: float
+    chunks: dict[str, int]  # stage -> finished chunk files
+    size: int  # of the GGUF
+
+
+# -- running and interrupting ----------------------------------------------------------------
+def _default_sigint() -> None:
+    # a shell that starts the tests in the background ignores SIGINT, and children inherit that
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start(root: Path, model: Path, out: Path, work: Path, memory_limit: str, log: Path, *extra: str) \
+        -> subprocess.Popen:
+    with open(log, "ab") as err:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
+                                 "--workdir", str(work), "--memory-limit", memory_limit, "--no-progress", *extra],
+                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_default_sigint,
+                                env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def _wait_until(proc: subprocess.Popen, ready, deadline: float) -> bool:
+    """Poll until ready() (True) or the process ends (False)."""
+    while proc.poll() is None:
+        if ready():
+            return True
+        if time.monotonic() > deadline:
+            raise AssertionError("the conversion neither reached the kill point nor finished")
+        time.sleep(POLL)
+    return False
+
+
+def _past(stage: str, log: Path) -> bool:
+    """The run is past `stage` (skipped it, or is in a later one): a kill aimed at it lands now."""
+    current, finished = progress(log)
+    return stage in finished or (current is not None and STAGES.index(current) > STAGES.index(stage))
+
+
+def wait_for(proc: subprocess.Popen, kp: KillPoint, work: Path, out: Path, ref: Reference, started: float,
+             log: Path) -> bool:
+    """Block until the kill point is reached (True) or the process has ended (False)."""
+    deadline = started + TIMEOUT
+    if kp.target == "time":
+        moment = started + kp.fraction * ref.seconds
+        return _wait_until(proc, lambda: time.monotonic() >= moment, deadline)
+    stage = kp.target
+
+    def in_stage() -> bool:
+        return progress(log)[0] == stage
+    if not _wait_until(proc, lambda: in_stage() or _past(stage, log), deadline):
+        return False
+    if stage in CHUNK_STAGES:
+        store = work / f"{stage}.zarr"
+        first = count_chunks(store)  # chunks an earlier run left (a reset store was removed already)
+        goal = first + kp.fraction * max(ref.chunks.get(stage, 0) - first, 0)
+        return _wait_until(proc, lambda: count_chunks(store) >= goal or not in_stage(), deadline)
+    goal = kp.fraction * ref.size
+
+    def written() -> int:
+        sizes = [0]
+        for p in out.parent.glob(f".{out.name}.*.partial"):
+            try:
+                sizes.append(p.stat().st_size)
+            except FileNotFoundError:  # renamed into place meanwhile
+                pass
+        return max(sizes)
+    return _wait_until(proc, lambda: written() >= goal or not in_stage(), deadline)
+
+
+@dataclass
+class Kill:
+    point: KillPoint
+    landed: str  # where(work) after the process died, or "finished" (it ended first)
+    returncode: int
+    seconds: float
+    stderr: str = field(repr=False, default="")
+
+
+def interrupt(root: Path, model: Path, out: Path, work: Path, kp: KillPoint, ref: Reference, log: Path,
+              *extra: str) -> Kill:
+    """Run a conversion (extra: more options) and interrupt it at kp."""
+    log.write_bytes(b"")
+    started = time.monotonic()
+    proc = start(root, model, out, work, kp.memory_limit, log, *extra)
+    try:
+        reached = wait_for(proc, kp, work, out, ref, started, log)
+        if reached:
+            proc.send_signal(kp.signal)
+        rc = proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    landed = where(work, log) if reached and rc != 0 else "finished"
+    return Kill(kp, landed, rc, time.monotonic() - started, log.read_text(errors="replace"))
+
+
+def chunk_identity(work: Path, key: str) -> tuple[int, int] | None:
+    """(inode, mtime_ns) of the chunk file `key` ("<stage>/<path in store>") of all_chunk_files."""
+    stage, rel = key.split("/", 1)
+    try:
+        st = os.stat(work / f"{stage}.zarr" / rel)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _row_chunk(key: str) -> tuple[str, str, int]:
+    """("<stage>", "<array>", row-chunk index) of an all_chunk_files key."""
+    stage, rest = key.split("/", 1)
+    array, _, coords = rest.rpartition("/c/")
+    return stage, array, int(coords.split("/")[0])
+
+
+def beside_unfinished_chunk(work: Path, key: str, snapshot: dict[str, tuple[int, int]]) -> bool:
+    """Whether the chunk `key` is in a side array (`<tensor>.<suffix>`: per-row sums or maxima)
+    whose tensor's chunk of the same rows was not on disk in `snapshot`. The task that writes both
+    was unfinished, so a rerun does it again, side chunk included."""
+    stage, array, row = _row_chunk(key)
+    parts = array.split(".")
+    tensors = [".".join(parts[:n]) for n in range(1, len(parts))]
+    done = {_row_chunk(k) for k in snapshot}
+    return any((work / f"{stage}.zarr" / t / "zarr.json").is_file() and (stage, t, row) not in done
+               for t in tensors)
