@@ -59,13 +59,20 @@ def remove_tree(path: Path) -> None:
     """Delete a store or array directory so that a crash midway leaves nothing that looks valid:
     rename it aside first (one atomic step), then delete the renamed copy."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         return
     trash = path.with_name(f".{path.name}.deleting")
-    if trash.exists():
-        shutil.rmtree(trash)
+    _remove(trash)
     os.replace(path, trash)
-    shutil.rmtree(trash)
+    _remove(trash)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, or a file or link where a store should have been."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 def written_chunks(arr: zarr.Array) -> set[int]:

@@ -95,3 +95,21 @@ def test_a_missing_checksum_record_is_damage(finished, tmp_path):
     (work / "pack.checksums.json").unlink()
     proc = convert(model, out, "--workdir", work, check_exit=2)
     assert "pack.checksums.json" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("stage", ["quantize", "pack"])
+def test_a_file_where_a_store_should_be_is_replaced_when_the_stage_is_redone(finished, tmp_path, stage):
+    model, clean = finished
+    out, work = tmp_path / "m.gguf", tmp_path / "work"
+    convert(model, out, "--workdir", work, "--memory-limit", "512MiB")
+    out.unlink()
+    import shutil
+
+    shutil.rmtree(work / f"{stage}.zarr")
+    (work / f"{stage}.zarr").write_bytes(b"not a store")
+    # a new --type redoes pack (and a reset of quantize redoes it): the file is removed, not a crash
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["stages"][stage]["key"] = "changed"
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    convert(model, out, "--workdir", work, "--memory-limit", "512MiB")
+    assert out.read_bytes() == clean.read_bytes()
