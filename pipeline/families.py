@@ -27,8 +27,6 @@ EMBEDDING = "embedding"  # token embedding, kept as F16 (as llama.cpp does for T
 OUTPUT = "output"        # untied output head (lm_head), kept as F16 like the embedding
 NORM = "norm"            # 1-D, kept as F32
 
-FLOAT_TYPE = {EMBEDDING: "f16", OUTPUT: "f16", NORM: "f32"}
-
 # How a ternary projection is stored in the checkpoint and what its scale is.
 MASTER = "master"   # float master weights: absmean scale, codes = clip(round(W / s), -1, 1)
 PACKED = "packed"   # uint8 (out/4, in), 4 codes per byte in quarter layout, plus <name>_scale

@@ -3,7 +3,7 @@
 Independent of the run directory, the whole file is recomputed from the checkpoint and
 compared: every key/value (name, type, value and order, split keys included), every
 tensor info (name, shape, type, offset), every tensor's bytes, recomputed chunk by chunk
-with the stages' own kernels (quantize's `row_abs_sums`, `ternary_rows`,
+with the stages' own kernels (quantize's `row_abs_sums`, `code_rows`,
 `ternary_scale`; pack's `encode_block`; the registry's I2_S tail), and the file's length
 (nothing after the last tensor). Files are read with our own reader (pipeline/gguf_file.py:
 it reads I2_S). Memory stays at one chunk.
@@ -25,7 +25,7 @@ from pipeline.checkpoint import open_checkpoint
 from pipeline.errors import CheckpointError
 from pipeline.codecs import absmean_scale, absmean_total
 from pipeline.families import TERNARY
-from pipeline.gguf_file import (SPLIT_COUNT, SPLIT_NO, GGUFContents, TensorInfo, align, part_kvs, read_gguf,
+from pipeline.gguf_file import (SPLIT_COUNT, GGUFContents, TensorInfo, align, part_kvs, read_gguf,
                                 split_paths)
 from pipeline.outtypes import BY_GGML_TYPE, EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES, tensor_type
 from pipeline.safetensors_io import pread_exact

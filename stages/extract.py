@@ -29,7 +29,6 @@ from pipeline.stores import array_path, ensure_array, open_array, open_store, re
 from stages.quantize import SUMS_SUFFIX
 
 MAX_SUFFIX = ".abs_max"
-F16_MAX = 65504.0
 
 
 def invalid_packed_fields(block: np.ndarray) -> int:

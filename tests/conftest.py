@@ -70,3 +70,17 @@ def checkpoint(tmp_path):
     def make(**kw) -> Path:
         return write_bitnet_checkpoint(tmp_path / f"model{next(counter)}", **kw)
     return make
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama-cpp-python, the real client of our files (`make test` installs it)."""
+    if os.environ.get("BITNET_GGUF_SKIP_LLAMA") == "1":
+        pytest.skip("BITNET_GGUF_SKIP_LLAMA=1")
+    try:
+        import llama_cpp
+    except ImportError as e:
+        pytest.fail(f"llama-cpp-python is not importable ({e}); `make test` installs it "
+                    "(pip install -e '.[llama]'), or set BITNET_GGUF_SKIP_LLAMA=1 to skip these tests",
+                    pytrace=False)
+    return llama_cpp

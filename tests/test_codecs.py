@@ -11,7 +11,7 @@ import struct
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES
 from gguf import quants as gq
 from hypothesis import given, settings
 from hypothesis import strategies as st

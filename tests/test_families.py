@@ -12,15 +12,13 @@ checkpoints), except the naming keys its heuristics add.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, convert
+from tests.conftest import convert
 from tests.reference_model import effective_weights
 from tests.synthetic import write_checkpoint
 

@@ -36,7 +36,6 @@ BITNET_GGUF_SKIP_LLAMA=1 to skip them instead.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -81,19 +80,6 @@ MAX_REL_RMS_MEAN = 0.015
 
 
 # -- llama.cpp --------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def llama_cpp():
-    if os.environ.get("BITNET_GGUF_SKIP_LLAMA") == "1":
-        pytest.skip("BITNET_GGUF_SKIP_LLAMA=1")
-    try:
-        import llama_cpp
-    except ImportError as e:
-        pytest.fail(f"llama-cpp-python is not importable ({e}); `make test` installs it "
-                    "(pip install -e '.[llama]'), or set BITNET_GGUF_SKIP_LLAMA=1 to skip these tests",
-                    pytrace=False)
-    return llama_cpp
-
 
 def load(llama_cpp, path: Path, **kw):
     return llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=2, verbose=False, **kw)

@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 from tests.conftest import convert
 from tests.reference_model import forward
 from tests.synthetic import write_checkpoint
-from tests.test_llamacpp import N_TOKENS, TEXT, llama_cpp, llama_logits, load, relative_rms_error  # noqa: F401
+from tests.test_llamacpp import N_TOKENS, TEXT, llama_logits, load, relative_rms_error
 
 pytestmark = pytest.mark.llama
 

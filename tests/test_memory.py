@@ -12,6 +12,12 @@ from tests.peak_rss import run_measuring_peak
 MiB = 1024**2
 
 
+def convert_measuring_peak(model, out, *options) -> dict:
+    """`bitnet-gguf convert` as a user runs it, with the peak RSS of its whole process tree."""
+    return run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
+                               *map(str, options), "--no-progress"], env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 @pytest.mark.slow
 def test_one_gib_embedding_converts_under_512mib(checkpoint, tmp_path):
     # token_embd is 65536 x 4096 float32 = 1 GiB; the attention projections are 64 MiB each
@@ -20,8 +26,7 @@ def test_one_gib_embedding_converts_under_512mib(checkpoint, tmp_path):
     assert (model / "model.safetensors").stat().st_size > 1024 * MiB
     out = tmp_path / "big.gguf"
     limit = 512 * MiB
-    r = run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
-                            "--memory-limit", "512MiB", "--no-progress"], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = convert_measuring_peak(model, out, "--memory-limit", "512MiB")
     assert r["exit"] == 0, r["stderr"]
     peak = r["peak"]
     print(f"peak RSS of the conversion: {peak / MiB:.0f} MiB (limit {limit / MiB:.0f} MiB)")
@@ -40,8 +45,7 @@ def test_packed_checkpoint_with_embedding_and_head_twice_the_limit(tmp_path):
     assert (model / "model.safetensors").stat().st_size > 1024 * MiB
     out = tmp_path / "packed.gguf"
     limit = 512 * MiB
-    r = run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
-                            "--memory-limit", "512MiB", "--no-progress"], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = convert_measuring_peak(model, out, "--memory-limit", "512MiB")
     assert r["exit"] == 0, r["stderr"]
     peak = r["peak"]
     print(f"peak RSS of the conversion: {peak / MiB:.0f} MiB (limit {limit / MiB:.0f} MiB)")
@@ -57,9 +61,7 @@ def test_a_rerun_under_a_smaller_limit_honours_it(checkpoint, tmp_path):
     model = checkpoint(hidden_size=4096, intermediate_size=256, num_layers=1, num_heads=32,
                        vocab_size=65536, dtype="f32")
     out, work = tmp_path / "big.gguf", tmp_path / "work"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
-                                "--workdir", str(work), "--memory-limit", "4GiB", "--no-progress"], env=env)
+    first = convert_measuring_peak(model, out, "--workdir", work, "--memory-limit", "4GiB")
     assert first["exit"] == 0, first["stderr"]
     expected = out.read_bytes()
     out.unlink()
@@ -67,8 +69,7 @@ def test_a_rerun_under_a_smaller_limit_honours_it(checkpoint, tmp_path):
     for stage in ("quantize", "pack", "assemble"):  # as if it had been stopped after extract
         manifest["stages"].pop(stage)
     (work / "manifest.json").write_text(json.dumps(manifest))
-    r = run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
-                            "--workdir", str(work), "--memory-limit", "256MiB", "--no-progress"], env=env)
+    r = convert_measuring_peak(model, out, "--workdir", work, "--memory-limit", "256MiB")
     assert r["exit"] == 0, r["stderr"]
     print(f"peak RSS: {first['peak'] / MiB:.0f} MiB under 4GiB, then {r['peak'] / MiB:.0f} MiB under 256MiB")
     assert r["peak"] <= 256 * MiB

@@ -563,19 +563,6 @@ def test_spm_unreadable_model(spm_dir):
 
 # -- llama.cpp tokenizes our BPE keys like `tokenizers` -----------------------------------------
 
-@pytest.fixture(scope="module")
-def llama_cpp():
-    if os.environ.get("BITNET_GGUF_SKIP_LLAMA") == "1":
-        pytest.skip("BITNET_GGUF_SKIP_LLAMA=1")
-    try:
-        import llama_cpp
-    except ImportError as e:
-        pytest.fail(f"llama-cpp-python is not importable ({e}); `make test` installs it "
-                    "(pip install -e '.[llama]'), or set BITNET_GGUF_SKIP_LLAMA=1 to skip these tests",
-                    pytrace=False)
-    return llama_cpp
-
-
 def write_vocab_only_gguf(model_dir: Path, vocab_size: int, path: Path) -> None:
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_type(gguf.GGUFType.MODEL)
