@@ -73,14 +73,17 @@ def checkpoint(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def llama_cpp():
-    """llama-cpp-python, the real client of our files (`make test` installs it)."""
+def llama():
+    """llama.cpp, the real client of our files (`make test` installs llama-cpp-python), run in a
+    child process per evaluation (tests/llama_runtime.py: a native crash fails one test)."""
+    import importlib.util
+
+    from tests.llama_runtime import LlamaRuntime
+
     if os.environ.get("BITNET_GGUF_SKIP_LLAMA") == "1":
         pytest.skip("BITNET_GGUF_SKIP_LLAMA=1")
-    try:
-        import llama_cpp
-    except ImportError as e:
-        pytest.fail(f"llama-cpp-python is not importable ({e}); `make test` installs it "
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.fail("llama-cpp-python is not installed; `make test` installs it "
                     "(pip install -e '.[llama]'), or set BITNET_GGUF_SKIP_LLAMA=1 to skip these tests",
                     pytrace=False)
-    return llama_cpp
+    return LlamaRuntime()

@@ -81,18 +81,11 @@ MAX_REL_RMS_MEAN = 0.015
 
 # -- llama.cpp --------------------------------------------------------------------------------
 
-def load(llama_cpp, path: Path, **kw):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=2, verbose=False, **kw)
-
-
-def llama_logits(llama_cpp, path: Path, tokens: list[int], n_vocab: int) -> np.ndarray:
-    llm = load(llama_cpp, path, logits_all=True)  # without logits_all, eval() keeps no logits
-    try:
-        assert llm.n_vocab() == n_vocab
-        llm.eval(tokens)
-        return np.array(llm.scores[:llm.n_tokens], dtype=np.float64)
-    finally:
-        llm.close()
+def llama_logits(llama, path: Path, tokens: list[int], n_vocab: int) -> np.ndarray:
+    """llama.cpp's logits at every position (tests/llama_runtime.py runs it in a child process)."""
+    logits = llama.logits(path, tokens, n_ctx=N_CTX)
+    assert logits.shape == (len(tokens), n_vocab)
+    return logits
 
 
 # -- checkpoints and their GGUF files -----------------------------------------------------------
@@ -160,11 +153,11 @@ def relative_rms_error(got: np.ndarray, want: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("out_type", OUT_TYPES)
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_llamacpp_logits_match_the_reference(llama_cpp, models, name, out_type):
+def test_llamacpp_logits_match_the_reference(llama, models, name, out_type):
     path = models.gguf(name, out_type)
     tokens = models.tokens(name)
     want = models.reference(name)
-    got = llama_logits(llama_cpp, path, tokens, n_vocab=want.shape[1])
+    got = llama_logits(llama, path, tokens, n_vocab=want.shape[1])
 
     vocab_size = json.loads((models.checkpoint(name) / "config.json").read_text())["vocab_size"]
     assert got.shape == want.shape == (N_TOKENS, vocab_size)
@@ -177,12 +170,12 @@ def test_llamacpp_logits_match_the_reference(llama_cpp, models, name, out_type):
     assert np.array_equal(got.argmax(axis=1), want.argmax(axis=1)), detail
 
 
-def test_tq1_0_and_tq2_0_give_the_same_logits(llama_cpp, models):
+def test_tq1_0_and_tq2_0_give_the_same_logits(llama, models):
     """Both types hold the same ternary values and the same fp16 scale; only the packing differs."""
     name = "gqa-f16"
     tokens, n_vocab = models.tokens(name), models.reference(name).shape[1]
-    tq2 = llama_logits(llama_cpp, models.gguf(name, "tq2_0"), tokens, n_vocab)
-    tq1 = llama_logits(llama_cpp, models.gguf(name, "tq1_0"), tokens, n_vocab)
+    tq2 = llama_logits(llama, models.gguf(name, "tq2_0"), tokens, n_vocab)
+    tq1 = llama_logits(llama, models.gguf(name, "tq1_0"), tokens, n_vocab)
     np.testing.assert_allclose(tq1, tq2, rtol=0, atol=1e-4 * np.abs(tq2).max())
 
 
@@ -200,18 +193,16 @@ TOKENIZER_TEXTS = [
 
 
 @pytest.mark.parametrize("name", ["mha-f32", "gqa-f16"])
-def test_llamacpp_tokenizes_like_sentencepiece(llama_cpp, models, name):
+def test_llamacpp_tokenizes_like_sentencepiece(llama, models, name):
     sp = spm.SentencePieceProcessor(model_file=str(models.checkpoint(name) / "tokenizer.model"))
-    llm = load(llama_cpp, models.gguf(name, "tq2_0"), vocab_only=True)
-    try:
-        # tokenizer.ggml.model "llama" is llama.cpp's SentencePiece vocabulary (SPM), which
-        # adds the "▁" dummy prefix and falls back to <0xNN> byte pieces like SentencePiece
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        assert llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM
-        assert (llm.token_bos(), llm.token_eos()) == (sp.bos_id(), sp.eos_id())
-        for text in TOKENIZER_TEXTS:
-            want = sp.encode(text)
-            assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == want, repr(text)
-            assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) == [sp.bos_id()] + want, repr(text)
-    finally:
-        llm.close()
+    path = models.gguf(name, "tq2_0")
+    plain = llama.tokenize(path, TOKENIZER_TEXTS, add_bos=False, special=False)
+    with_bos = llama.tokenize(path, TOKENIZER_TEXTS, add_bos=True, special=False)
+    # tokenizer.ggml.model "llama" is llama.cpp's SentencePiece vocabulary (SPM), which
+    # adds the "▁" dummy prefix and falls back to <0xNN> byte pieces like SentencePiece
+    assert plain["vocab_type"] == "spm"
+    assert (plain["bos"], plain["eos"]) == (sp.bos_id(), sp.eos_id())
+    for text, got, got_bos in zip(TOKENIZER_TEXTS, plain["tokens"], with_bos["tokens"]):
+        want = sp.encode(text)
+        assert got == want, repr(text)
+        assert got_bos == [sp.bos_id()] + want, repr(text)

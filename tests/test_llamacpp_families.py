@@ -35,7 +35,8 @@ from tokenizers import Tokenizer
 from tests.conftest import convert
 from tests.reference_model import forward
 from tests.synthetic import write_checkpoint
-from tests.test_llamacpp import N_TOKENS, TEXT, llama_logits, load, relative_rms_error
+from tests.llama_runtime import LlamaRefused
+from tests.test_llamacpp import N_TOKENS, TEXT, llama_logits, relative_rms_error
 
 pytestmark = pytest.mark.llama
 
@@ -139,24 +140,24 @@ def ternary_as_f32(t, data: bytes) -> tuple[int, bytes]:
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_llama_arch_files_hold_the_hugging_face_model(llama_cpp, packed, name, tmp_path):
+def test_llama_arch_files_hold_the_hugging_face_model(llama, packed, name, tmp_path):
     """The exact check: our file's values, metadata and row order, run by llama.cpp in F32."""
     want = packed.reference(name)
     exact = rewrite(packed.gguf(name, "tq2_0"), tmp_path / "f32.gguf", ternary_as_f32)
-    got = llama_logits(llama_cpp, exact, packed.tokens(name), n_vocab=want.shape[1])
+    got = llama_logits(llama, exact, packed.tokens(name), n_vocab=want.shape[1])
     check_logits(got, want, EXACT_MAX, EXACT_MEAN, 1.0)
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_llama_arch_tq_files_run_in_llamacpp(llama_cpp, packed, name):
+def test_llama_arch_tq_files_run_in_llamacpp(llama, packed, name):
     want = packed.reference(name)
-    tq2 = llama_logits(llama_cpp, packed.gguf(name, "tq2_0"), packed.tokens(name), n_vocab=want.shape[1])
+    tq2 = llama_logits(llama, packed.gguf(name, "tq2_0"), packed.tokens(name), n_vocab=want.shape[1])
     check_logits(tq2, want, TQ_MAX, TQ_MEAN, TQ_TOP1)
-    tq1 = llama_logits(llama_cpp, packed.gguf(name, "tq1_0"), packed.tokens(name), n_vocab=want.shape[1])
+    tq1 = llama_logits(llama, packed.gguf(name, "tq1_0"), packed.tokens(name), n_vocab=want.shape[1])
     np.testing.assert_allclose(tq1, tq2, rtol=0, atol=1e-4 * np.abs(tq2).max())
 
 
-def test_the_reference_tells_a_missing_permutation_apart(llama_cpp, packed, tmp_path):
+def test_the_reference_tells_a_missing_permutation_apart(llama, packed, tmp_path):
     """The checks above can fail: the same model with its q/k rows left in Hugging Face's order
     (what a converter that forgot the permutation writes) is far outside both limits."""
     from tests.test_families import llama_permute
@@ -177,51 +178,45 @@ def test_the_reference_tells_a_missing_permutation_apart(llama_cpp, packed, tmp_
 
     want = packed.reference(name)
     broken = rewrite(packed.gguf(name, "tq2_0"), tmp_path / "unpermuted.gguf", unpermute)
-    err = relative_rms_error(llama_logits(llama_cpp, broken, packed.tokens(name), n_vocab=want.shape[1]), want)
+    err = relative_rms_error(llama_logits(llama, broken, packed.tokens(name), n_vocab=want.shape[1]), want)
     assert err.mean() > 2 * TQ_MEAN, err
 
 
-def test_split_tq2_0_gives_the_logits_of_the_single_file(llama_cpp, packed):
+def test_split_tq2_0_gives_the_logits_of_the_single_file(llama, packed):
     name = "llama3"
     tokens, n_vocab = packed.tokens(name), packed.reference(name).shape[1]
-    single = llama_logits(llama_cpp, packed.gguf(name, "tq2_0"), tokens, n_vocab)
+    single = llama_logits(llama, packed.gguf(name, "tq2_0"), tokens, n_vocab)
     packed.gguf(name, "tq2_0", "--split-max-tensors", "5")
     parts = sorted(packed.root.glob(f"{name}-tq2_0-split-max-tensors-5-*-of-*.gguf"))
     assert len(parts) > 2
-    split = llama_logits(llama_cpp, parts[0], tokens, n_vocab)
+    split = llama_logits(llama, parts[0], tokens, n_vocab)
     np.testing.assert_array_equal(split, single)
 
 
-def test_q8_0_embeddings_stay_within_the_tolerance(llama_cpp, packed):
+def test_q8_0_embeddings_stay_within_the_tolerance(llama, packed):
     name = "falcon3"
     want = packed.reference(name)
     q8 = rewrite(packed.gguf(name, "tq2_0", "--embedding-type", "q8_0"), packed.root / "q8-f32.gguf", ternary_as_f32)
-    got = llama_logits(llama_cpp, q8, packed.tokens(name), n_vocab=want.shape[1])
+    got = llama_logits(llama, q8, packed.tokens(name), n_vocab=want.shape[1])
     # A Q8_0 output matrix makes llama.cpp quantize the last hidden state to 8 bits too (Q8_0
     # dot products): measured 3.4% mean, 6.9% worst, top-1 everywhere, so the TQ limits apply
     check_logits(got, want, TQ_MAX, TQ_MEAN, 1.0)
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_llamacpp_tokenizes_like_the_tokenizers_package(llama_cpp, packed, name):
+def test_llamacpp_tokenizes_like_the_tokenizers_package(llama, packed, name):
     tok = Tokenizer.from_file(str(packed.checkpoint(name) / "tokenizer.json"))
-    llm = load(llama_cpp, packed.gguf(name, "tq2_0"), vocab_only=True)
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        assert llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_BPE
-        for text in MIXED_TEXTS:
-            want = tok.encode(text).ids  # with the BOS token the post-processor adds
-            got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-            assert got == want, repr(text)
-    finally:
-        llm.close()
+    got = llama.tokenize(packed.gguf(name, "tq2_0"), MIXED_TEXTS, add_bos=True, special=True)
+    assert got["vocab_type"] == "bpe"
+    for text, ids in zip(MIXED_TEXTS, got["tokens"]):
+        assert ids == tok.encode(text).ids, repr(text)  # with the BOS token the post-processor adds
 
 
 @pytest.mark.parametrize("family", ["2b4t", "2b4t-bf16"])
-def test_upstream_llamacpp_refuses_2b4t_files_instead_of_computing_silu(llama_cpp, tmp_path, family):
+def test_upstream_llamacpp_refuses_2b4t_files_instead_of_computing_silu(llama, tmp_path, family):
     model = write_checkpoint(tmp_path / family, family, hidden_size=256, intermediate_size=512, num_layers=1,
                              num_heads=4, num_kv_heads=2)
     out = tmp_path / f"{family}.gguf"
     convert(model, out)
-    with pytest.raises(ValueError):
-        load(llama_cpp, out)
+    with pytest.raises(LlamaRefused):
+        llama.load(out)

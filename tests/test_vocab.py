@@ -596,23 +596,21 @@ def mixed_texts(seed: int, count: int) -> list[str]:
 
 
 @pytest.mark.llama
-def test_llama_cpp_tokenizes_like_tokenizers(llama_cpp, trained, tmp_path):
+def test_llama_cpp_tokenizes_like_tokenizers(llama, trained, tmp_path):
     from tokenizers import Tokenizer
 
     vocab_size = n_tokens(trained) + 13            # with [PAD] rows
     path = tmp_path / "vocab.gguf"
     write_vocab_only_gguf(trained, vocab_size, path)
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     tok = Tokenizer.from_file(str(trained / "tokenizer.json"))
-    for text in mixed_texts(0, 300):
-        want = tok.encode(text).ids
-        got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        assert got == want, text
+    texts = mixed_texts(0, 300)
+    for text, got in zip(texts, llama.tokenize(path, texts, add_bos=True, special=True)["tokens"]):
+        assert got == tok.encode(text).ids, text
 
 
 @pytest.mark.llama
 @pytest.mark.slow
-def test_llama_cpp_tokenizes_real_llama3_vocabulary_like_tokenizers(llama_cpp, llama3, tmp_path):
+def test_llama_cpp_tokenizes_real_llama3_vocabulary_like_tokenizers(llama, llama3, tmp_path):
     """With Llama 3's merges the pre-tokenizer matters (a wrong `pre` changes most
     tokenizations of such text), so this checks the name we write."""
     from tokenizers import Tokenizer
@@ -620,10 +618,10 @@ def test_llama_cpp_tokenizes_real_llama3_vocabulary_like_tokenizers(llama_cpp, l
     model, ref = llama3
     path = tmp_path / "vocab.gguf"
     write_vocab_only_gguf(model, len(ref["tokenizer.ggml.tokens"]), path)
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
-    for text in mixed_texts(1, 300):
-        assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == tok.encode(text).ids, text
+    texts = mixed_texts(1, 300)
+    for text, got in zip(texts, llama.tokenize(path, texts, add_bos=True, special=True)["tokens"]):
+        assert got == tok.encode(text).ids, text
 
 
 # -- llama.cpp's converter (its own get_vocab_base, through transformers) -----------------------
