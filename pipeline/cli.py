@@ -15,7 +15,8 @@ import traceback
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.outtypes import DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, TERNARY_CHOICES, choices_help
+from pipeline.outtypes import (DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, TARGETS, TERNARY_CHOICES,
+                               choices_help)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF file to write (default: ./<model name>-<TYPE>.gguf)")
     c.add_argument("--type", dest="out_type", default=None, metavar="TYPE",
                    help=f"type of the ternary projections: {choices_help(TERNARY_CHOICES)} [preset: {DEFAULT_TYPE}]")
+    c.add_argument("--target", default=None, choices=TARGETS, type=str.lower,
+                   help="the bitnet.cpp build the file is for: x86 (AVX2) or arm (NEON); it decides --type i2_s's "
+                        "byte layout (blocks of 128 or 64 values; a file for one build computes garbage on the "
+                        "other) [default: this machine; tl1: arm, tl2: x86]")
+    c.add_argument("--kernel-config", type=Path, default=None, metavar="PATH",
+                   help="for --type tl1/tl2: the include/kernel_config.ini your bitnet.cpp build was generated with "
+                        "(its tiles per matrix shape decide the bytes)")
     c.add_argument("--embedding-type", default=None, metavar="TYPE",
                    help=f"type of token_embd and output: {choices_help(EMBEDDING_CHOICES)} "
                         f"[default: {DEFAULT_EMBEDDING_TYPE}]")
@@ -116,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the general.name the file should carry (default: the model's name, as convert sets it)")
     v.add_argument("--tokenizer-pre", default=None, metavar="NAME",
                    help="the --tokenizer-pre the file was converted with, if any")
+    v.add_argument("--target", default=None, choices=TARGETS, type=str.lower,
+                   help="the bitnet.cpp build the file must be laid out for (default: the one the file names)")
     return p
 
 
@@ -129,7 +139,7 @@ def cmd_verify(args) -> int:
         raise OptionError(f"{args.gguf}: no such file")
     model = resolve_model(args.model)
     problems = verify(args.gguf, model.path, parse_size(args.memory_limit), _log, name=args.name or model.name,
-                      tokenizer_pre=args.tokenizer_pre)
+                      tokenizer_pre=args.tokenizer_pre, target=args.target)
     for p in problems:
         print(f"MISMATCH {p}")
     print(f"{args.gguf}: " + ("OK: key/values, tensors and length are what the checkpoint converts to"
@@ -163,7 +173,8 @@ def cmd_convert(args) -> int:
     opts = make_options(model.path, model_name=model.name, output=args.output, workdir=args.workdir,
                         preset=args.config, tokenizer_pre=args.tokenizer_pre, embedding_type=args.embedding_type,
                         split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors,
-                        out_type=args.out_type, memory_limit=args.memory_limit, workers=args.workers,
+                        out_type=args.out_type, target=args.target, kernel_config=args.kernel_config,
+                        memory_limit=args.memory_limit, workers=args.workers,
                         scheduler=scheduler, progress=False if args.no_progress else sys.stderr.isatty(),
                         force=args.force)
     convert(opts, _log)

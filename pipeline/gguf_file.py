@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFValueType
 
-from pipeline.codecs import I2_S, I2_S_TAIL
+from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, TL1, TL2
 from pipeline.errors import GGUFFormatError
 
 VT = GGUFValueType
@@ -81,10 +81,26 @@ class TypeSize:
         return n // self.block_size * self.type_size + self.tail
 
 
+@dataclass(frozen=True)
+class ShapeSize:
+    """A type whose size is a function of the whole (m, k) shape (bitnet.cpp's TL1 / TL2)."""
+
+    size_of: Any      # (rows, cols) -> bytes
+
+    def nbytes(self, shape: Sequence[int]) -> int:
+        if len(shape) != 2:
+            raise ValueError(f"a lookup-table tensor is 2-D, not of shape {tuple(shape)}")
+        return self.size_of(tuple(shape))
+
+
 def default_type_sizes() -> dict[int, TypeSize]:
-    """gguf-py's GGML_QUANT_SIZES plus bitnet.cpp's I2_S (n/4 bytes of codes, then 32)."""
+    """gguf-py's GGML_QUANT_SIZES plus bitnet.cpp's I2_S (n/4 bytes of codes, then 32; rows of
+    whole 64-value blocks, the smaller of its x86 and ARM blocks) and TL1 / TL2 (payload, then
+    the 32-byte scale slot)."""
     sizes = {int(t): TypeSize(block, size) for t, (block, size) in GGML_QUANT_SIZES.items()}
-    sizes[I2_S.ggml_type] = TypeSize(I2_S.block_size, I2_S.type_size, I2_S_TAIL)
+    sizes[I2_S.ggml_type] = TypeSize(I2_S_ARM.block_size, I2_S_ARM.type_size, I2_S_TAIL)
+    sizes[TL1.ggml_type] = ShapeSize(TL1.file_nbytes)
+    sizes[TL2.ggml_type] = ShapeSize(TL2.file_nbytes)
     return sizes
 
 

@@ -129,14 +129,34 @@ def describe(run: RunDir, codes: bool = False) -> dict:
             if codes and stage == "quantize" and is_ternary(arr) and written:
                 info.update(_codes_info(arr))
             tensors[name] = info
-        report["stores"][stage] = {"path": str(run.store(stage)), "tensors": tensors}
+        report["stores"][stage] = {"path": str(run.store(stage)), "tensors": tensors,
+                                   **{k: v for k, v in group.attrs.asdict().items()
+                                      if k in ("out_type", "target", "kernel_tiles") and stage == "pack"}}
     return report
+
+
+def layout_line(store: dict) -> str | None:
+    """What pack.zarr was laid out for: "layout: I2_S for bitnet.cpp's ARM builds"."""
+    from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES
+
+    out = OUTPUT_TYPES.get(store.get("out_type", ""))
+    if out is None:
+        return None
+    line = f"  layout: {out.codec.name}"
+    if store.get("target"):
+        line += f" for bitnet.cpp's {TARGET_NAMES.get(store['target'], store['target'])} builds (target {store['target']})"
+    if store.get("kernel_tiles"):
+        line += "; kernel tiles (m, k: bm bk bmm) " + ", ".join(f"{m}x{k}: {a} {b} {c}"
+                                                               for m, k, a, b, c in store["kernel_tiles"])
+    return line
 
 
 def format_report(report: dict) -> str:
     lines = [f"run directory: {report['run_directory']}"]
     for stage, store in report["stores"].items():
         lines.append(f"\n{stage}.zarr")
+        if stage == "pack" and (layout := layout_line(store)):
+            lines.append(layout)
         for name, t in store["tensors"].items():
             if "shape" not in t:
                 lines.append(f"  {name:<28} {t['state']}")
@@ -172,13 +192,20 @@ def _store_info(stage: str, arr) -> dict:
         if key in attrs:
             info[key] = attrs[key]
     if stage == "pack" and "ggml_type" in attrs:
-        from pipeline.outtypes import BY_GGML_TYPE
+        from stages.assemble import array_layout
 
         info["ggml_type"] = attrs["ggml_type"]
         info["type_name"] = attrs.get("type_name")
-        out = BY_GGML_TYPE.get(attrs["ggml_type"])
+        try:
+            out, tiles = array_layout(arr)
+        except KeyError:
+            out = tiles = None
         if out is not None:
-            info["nbytes"] = out.nbytes(tuple(attrs.get("shape", arr.shape)))
+            info["nbytes"] = out.nbytes(tuple(attrs.get("shape", arr.shape)), tiles)
+            if out.target:
+                info["target"] = out.target
+            if tiles:
+                info["tiles"] = list(tiles)
     return info
 
 
@@ -248,6 +275,8 @@ def format_tensor(report: dict) -> str:
             parts.append(f"absmean {s['absmean']:.8g}")
         if "ggml_type" in s:
             parts.append(f"{s.get('type_name')} (ggml type {s['ggml_type']})"
+                         + (f" for target {s['target']}" if "target" in s else "")
+                         + (f", tiles bm {s['tiles'][0]} bk {s['tiles'][1]} bmm {s['tiles'][2]}" if "tiles" in s else "")
                          + (f", {s['nbytes']} bytes in the GGUF" if "nbytes" in s else ""))
         row(f"{stage}.zarr", ", ".join(parts))
     if "codes" in report:
