@@ -451,11 +451,29 @@ class Tiles(NamedTuple):
     bm: int
 
 
-def _pair_code_bytes(t: np.ndarray) -> np.ndarray:
-    """(rows, cols) codes -> (rows, cols / 4): 16 * c2(t0, t1) + c2(t2, t3), c2(x, y) = 3x + y + 4."""
-    t = t.astype(np.int8, copy=False)
-    pairs = (t[:, 0::2] * np.int8(3) + t[:, 1::2] + np.int8(4)).view(np.uint8)
+def _pair_code_bytes(f: np.ndarray) -> np.ndarray:
+    """(rows, cols) fields f = code + 1 -> (rows, cols / 4): 16 * c2(t0, t1) + c2(t2, t3), where
+    c2(x, y) = 3x + y + 4 = 3 f_x + f_y."""
+    pairs = f[:, 0::2] * np.uint8(3) + f[:, 1::2]
     return (pairs[:, 0::2] << np.uint8(4)) | pairs[:, 1::2]
+
+
+# TL2's sign word of a 32-row run: the 8 sign bits of row c (first triple in the top bit of a
+# byte) go to word bits 15, 13, ..., 1, those of row 16 + c to bits 14, 12, ..., 0.
+_SPREAD_EVEN = np.array([sum(((b >> (7 - q)) & 1) << (15 - 2 * q) for q in range(8)) for b in range(256)],
+                        dtype=np.uint16)
+
+
+class _TernaryTiles(Codec):
+    """A lookup-table type: encodes fields (code + 1, uint8) of whole tiles of rows."""
+
+    @classmethod
+    def encode(cls, codes: np.ndarray, scale: np.float32 | None = None, tiles=None) -> np.ndarray:
+        return cls.encode_fields(_trits(codes), tiles)
+
+    @classmethod
+    def encode_codes(cls, packed: np.ndarray, scale: np.float32 | None = None, tiles=None) -> np.ndarray:
+        return cls.encode_fields(unpack_fields(packed), tiles)
 
 
 # The quarter swap of TL2's 32-row runs: byte s of a run holds row _QUARTER_SWAP[s].
@@ -468,7 +486,7 @@ def _tl_tiles(tiles) -> Tiles:
     return Tiles(*tiles)
 
 
-class TL1(Codec):
+class TL1(_TernaryTiles):
     """TL1 (type 38): four weights of a row per byte, 16 * c2(k0, k0+1) + c2(k0+2, k0+3).
 
     Byte order, most significant first: BM-row tile, BK-column block, bm-row group, by-column
@@ -493,13 +511,13 @@ class TL1(Codec):
         return None
 
     @classmethod
-    def encode(cls, codes: np.ndarray, scale: np.float32 | None = None, tiles=None) -> np.ndarray:
+    def encode_fields(cls, fields: np.ndarray, tiles) -> np.ndarray:
         BM, BK, bm = _tl_tiles(tiles)
         by = 256 // bm
-        rows, cols = np.asarray(codes).shape
+        rows, cols = fields.shape
         if rows % BM or cols % BK or BK % by or bm % 16 or by % 4:
             raise CodecError(f"TL1 tiles {tuple(tiles)} do not divide a chunk of shape {(rows, cols)}")
-        b = _pair_code_bytes(np.asarray(codes))
+        b = _pair_code_bytes(fields)
         b = b.reshape(rows // BM, BM // bm, bm // 16, 16, cols // BK, BK // by, by // 4)
         # axes (tile, bm group, 16-row group, row, K block, by group, 4-col group) -> file order
         return np.ascontiguousarray(b.transpose(0, 4, 1, 5, 2, 6, 3)).reshape(rows, cols // 4)
@@ -524,7 +542,7 @@ def tl2_payload_size(m: int, k: int) -> int:
     return (((k - 256) * m // 3) * 5) // 8 + 64 * m
 
 
-class TL2(Codec):
+class TL2(_TernaryTiles):
     """TL2 (type 39): the first K3 = K - K mod BK columns as triples (magnitude nibbles, then
     sign bits), the last K2 = K mod BK as pairs; zero padding to P bytes.
 
@@ -571,31 +589,31 @@ class TL2(Codec):
         return None
 
     @classmethod
-    def encode(cls, codes: np.ndarray, scale: np.float32 | None = None, tiles=None) -> np.ndarray:
+    def encode_fields(cls, fields: np.ndarray, tiles) -> np.ndarray:
         BM, BK, bm = _tl_tiles(tiles)
-        t = np.asarray(codes).astype(np.int8, copy=False)
-        rows, cols = t.shape
+        rows, cols = fields.shape
         k3, k2 = cls.split(cols, tiles)
         if rows % BM or BM % 32 or bm != 32 or BK % 24 or k2 % 32:
             raise CodecError(f"TL2 tiles {tuple(tiles)} do not divide a chunk of shape {(rows, cols)}")
         n_tiles, runs = rows // BM, BM // 32
         parts = []
         if k3:
-            tri = t[:, :k3].reshape(rows, k3 // 3, 3)
-            v3 = tri[..., 0] * np.int8(9) + tri[..., 1] * np.int8(3) + tri[..., 2]
+            tri = fields[:, :k3]
+            # v3 = 9 t0 + 3 t1 + t2 = 9 f0 + 3 f1 + f2 - 13, per triple: (rows, k3 / 3)
+            v3 = (tri[:, 0::3] * np.uint8(9) + tri[:, 1::3] * np.uint8(3) + tri[:, 2::3]).view(np.int8) - np.int8(13)
             mag = np.abs(v3).view(np.uint8)
             a = (mag[:, 0::2] << np.uint8(4)) | mag[:, 1::2]
             a = a.reshape(n_tiles, runs, 32, k3 // BK, BK // 6)[:, :, _QUARTER_SWAP]
             parts.append(np.ascontiguousarray(a.transpose(0, 3, 1, 4, 2)).reshape(rows, k3 // 6))
-            # sign of triple q of a 24-column group in row 16 p + c of a run: bit 15 - (2q + p) of word c
-            neg = (v3 < 0).astype(np.uint16).reshape(n_tiles, runs, 2, 16, k3 // BK, BK // 24, 8)
-            weights = (np.uint16(1) << (np.uint16(15) - (2 * np.arange(8, dtype=np.uint16)[None, :]
-                                                          + np.arange(2, dtype=np.uint16)[:, None])))
-            words = (neg * weights.reshape(1, 1, 2, 1, 1, 1, 8)).sum(axis=(2, 6), dtype=np.uint16)
-            words = np.ascontiguousarray(words.transpose(0, 3, 1, 4, 2)).astype("<u2")
+            # the sign of triple q of a 24-column group, row 16 p + c of a run, is bit 15 - (2q + p) of
+            # little-endian word c of the run's 16
+            signs = _SPREAD_EVEN[np.packbits((v3 < 0).reshape(-1))]  # 8 triples of a row per byte
+            signs = signs.reshape(n_tiles, runs, 2, 16, k3 // BK, BK // 24)
+            words = signs[:, :, 0] | (signs[:, :, 1] >> np.uint16(1))
+            words = np.ascontiguousarray(words.transpose(0, 3, 1, 4, 2)).astype("<u2", copy=False)
             parts.append(words.view(np.uint8).reshape(rows, k3 // 24))
         if k2:
-            c = _pair_code_bytes(t[:, k3:]).reshape(n_tiles, runs, 32, k2 // 32, 8)[:, :, _QUARTER_SWAP]
+            c = _pair_code_bytes(fields[:, k3:]).reshape(n_tiles, runs, 32, k2 // 32, 8)[:, :, _QUARTER_SWAP]
             parts.append(np.ascontiguousarray(c.transpose(0, 3, 1, 4, 2)).reshape(rows, k2 // 4))
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
