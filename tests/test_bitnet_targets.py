@@ -10,6 +10,7 @@ and kernel configs that cannot describe the model are refused in one line.
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import signal
 
@@ -149,6 +150,17 @@ def test_a_target_change_redoes_pack_and_assemble_only_and_verify_tells_the_layo
     wrong = run_cli("verify", out, model, "--target", "x86", check_exit=1).stdout
     assert f"MISMATCH m.gguf: {TARGET_KEY} is 'arm', expected 'x86'" in wrong
     assert "attn_q.weight: bytes differ" in wrong
+
+
+def test_the_target_defaults_to_this_machine_and_the_log_says_so(made, tmp_path):
+    model, _, _ = made("2b4t", "arm")
+    here = "arm" if platform.machine().lower() in ("aarch64", "arm64") else "x86"
+    proc = convert(model, tmp_path / "m.gguf", "--type", "i2_s")
+    assert f"(I2_S for bitnet.cpp's {'ARM' if here == 'arm' else 'x86'} builds," in proc.stderr
+    assert read_gguf(tmp_path / "m.gguf").kv(TARGET_KEY) == here
+    # a type that runs on every build names none, and its file carries no target
+    proc = convert(model, tmp_path / "t.gguf", "--type", "tq2_0", "--target", "arm")
+    assert "(TQ2_0, embeddings" in proc.stderr and read_gguf(tmp_path / "t.gguf").kv(TARGET_KEY) is None
 
 
 def test_tl_types_run_on_one_build_each(tmp_path, made):
