@@ -406,10 +406,17 @@ class I2_S(Codec):
         return cls.decode_codes(packed).astype(np.float32) * np.float32(scale)
 
 
-# An ARM I2_S byte from the low (or high) nibbles of two code-layout bytes A and B 16 apart,
-# indexed by nibble(A) | nibble(B) << 4: A's two fields go to bits 7:6 and 3:2, B's to 5:4 and 1:0.
-_ARM_FROM_NIBBLES = np.array([((n & 3) << 6) | (((n >> 4) & 3) << 4) | (((n >> 2) & 3) << 2) | (n >> 6)
-                              for n in range(256)], dtype=np.uint8)
+# ARM I2_S bytes from two code-layout bytes A and B 16 apart, indexed by A | B << 8: the low byte
+# of the entry comes from their low nibbles (A's two fields to bits 7:6 and 3:2, B's to 5:4 and 1:0),
+# the high byte from their high nibbles.
+def _arm_from_nibbles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return ((a & 3) << 6) | ((b & 3) << 4) | (((a >> 2) & 3) << 2) | ((b >> 2) & 3)
+
+
+_AB = np.arange(65536, dtype=np.uint32)
+_ARM_FROM_PAIR = (_arm_from_nibbles(_AB & 15, (_AB >> 8) & 15)
+                  | (_arm_from_nibbles((_AB >> 4) & 15, _AB >> 12) << 8)).astype(np.uint16)
+del _AB
 
 
 class I2_S_ARM(I2_S):
@@ -419,7 +426,7 @@ class I2_S_ARM(I2_S):
     From the 2-bit code layout (blocks of 128 in 32 bytes, byte b holding values b, 32 + b,
     64 + b, 96 + b in bits 1:0 .. 7:6), bytes A = b and B = 16 + b of a block hold the first
     ARM block's values b, 32 + b and 16 + b, 48 + b in their low nibbles, and the second's in
-    their high nibbles: one table lookup per output byte.
+    their high nibbles: one 16-bit table lookup per pair of output bytes.
     """
     block_size, type_size = QK_I2_S_ARM, 16
     group = QK_I2_S_ARM // 4
@@ -428,11 +435,13 @@ class I2_S_ARM(I2_S):
     def encode_codes(cls, packed: np.ndarray, scale: np.float32 | None = None, tiles=None) -> np.ndarray:
         rows, nb = _rows_of_blocks(np.asarray(packed), 32, "packed codes")
         blocks = np.asarray(packed, dtype=np.uint8).reshape(rows, nb, 2, 16)
-        a, b = blocks[:, :, 0, :], blocks[:, :, 1, :]
-        out = np.empty((rows, nb, 2, 16), dtype=np.uint8)
-        out[:, :, 0, :] = _ARM_FROM_NIBBLES[(a & np.uint8(0x0F)) | (b << np.uint8(4))]
-        out[:, :, 1, :] = _ARM_FROM_NIBBLES[(a >> np.uint8(4)) | (b & np.uint8(0xF0))]
-        return out.reshape(rows, nb * 32)
+        pairs = np.empty((rows, nb, 16, 2), dtype=np.uint8)  # (A, B) side by side: little-endian A | B << 8
+        pairs[..., 0] = blocks[:, :, 0, :]
+        pairs[..., 1] = blocks[:, :, 1, :]
+        out = _ARM_FROM_PAIR[pairs.view("<u2")[..., 0]].astype("<u2", copy=False)
+        # entry bytes (first block's byte, second block's byte) -> the two 16-byte blocks
+        return np.ascontiguousarray(out.view(np.uint8).reshape(rows, nb, 16, 2).transpose(0, 1, 3, 2)) \
+            .reshape(rows, nb * 32)
 
 
 # -- bitnet.cpp's lookup-table types (TL1: ARM NEON, TL2: x86 AVX2) ------------------------------

@@ -287,3 +287,48 @@ def test_a_kill_in_pack_and_a_rerun_give_the_same_bytes(tile_model, tmp_path, ki
         convert(model, out, "--memory-limit", "200MiB", "--workdir", work, *extra)
         assert out.read_bytes() == clean.read_bytes(), kill
     assert landed_in_pack, "no kill landed in pack"
+
+
+# -- the codecs alone, on shapes the families do not have ------------------------------------------
+
+TL_SHAPES = {
+    "tl1": [(64, 128, 64, 64, 32), (128, 64, 128, 64, 64), (96, 192, 32, 64, 32), (256, 256, 128, 128, 64)],
+    # K2 = 0 (64 x 288 / 96), K2 = 96 (128 x 480 / 192), K < 256 with a tail (64 x 224), P not a multiple of 32
+    "tl2": [(64, 288, 32, 96, 32), (128, 480, 64, 192, 32), (64, 224, 64, 96, 32), (96, 512, 96, 96, 32),
+            (320, 320, 320, 96, 32)],
+}
+
+
+@pytest.mark.parametrize("kind,shape", [(k, s) for k, shapes in TL_SHAPES.items() for s in shapes])
+def test_tl_codecs_agree_with_the_independent_decoder(kind, shape):
+    from pipeline.codecs import CODECS, Tiles, pack_fields
+
+    m, k, BM, BK, bm = shape
+    codec = CODECS[kind]
+    tiles = Tiles(BM, BK, bm)
+    rng = np.random.default_rng(m * k)
+    codes = rng.integers(-1, 2, (m, k)).astype(np.int8)
+    rows = codec.encode(codes, np.float32(0.75), tiles)
+    if k % 128 == 0:  # from the 2-bit code layout quantize.zarr stores: the same bytes
+        np.testing.assert_array_equal(codec.encode_codes(pack_fields((codes + 1).astype(np.uint8)), 0.75, tiles), rows)
+    # a chunk of whole tiles encodes alone: the first BM rows' bytes are the first rows of the whole
+    np.testing.assert_array_equal(codec.encode(codes[:BM], np.float32(0.75), tiles), rows[:BM])
+    payload = b"".join(np.ascontiguousarray(rows[:, a:b]).tobytes() for a, b in codec.regions(k, tiles))
+    raw = payload + codec.tail_bytes((m, k), np.float32(0.75), tiles)
+    if kind == "tl1":
+        got, scale = decode_tl1(raw, (m, k), BM, BK, bm)
+    else:
+        got, scale = decode_tl2(raw, (m, k), BM, BK)
+    np.testing.assert_array_equal(got, codes)
+    assert scale == np.float32(0.75)
+
+
+def test_arm_i2s_from_the_code_layout_equals_the_independent_decoders_reading():
+    from pipeline.codecs import I2_S_ARM, pack_fields
+
+    rng = np.random.default_rng(7)
+    codes = rng.integers(-1, 2, (12, 640)).astype(np.int8)
+    packed = I2_S_ARM.encode_codes(pack_fields((codes + 1).astype(np.uint8)))
+    got, scale = decode_i2s_arm(packed.tobytes() + I2_S_ARM.i2s_tail(np.float32(2.5)), codes.shape)
+    np.testing.assert_array_equal(got, codes)
+    assert scale == np.float32(2.5)
