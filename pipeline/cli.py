@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with --codes also the share of -1/0/+1 (reads the codes). With TENSOR, that "
                                    "tensor's recipe, source, chunk layout, scales and GGML size. With --plot, a "
                                    "figure of the scale and -1/0/+1 shares of every layer and projection.")
-    i.add_argument("workdir", type=Path, metavar="WORKDIR", help="run directory (printed by convert)")
+    i.add_argument("workdir", type=Path, metavar="WORKDIR",
+                   help="run directory (printed by convert), or a GGUF file (its header: type, target, tensors)")
     i.add_argument("tensor", nargs="?", default=None, metavar="TENSOR",
                    help="GGUF tensor name, e.g. blk.0.attn_q.weight (inspect WORKDIR lists them)")
     i.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
@@ -152,6 +153,12 @@ def cmd_inspect(args) -> int:
     from pipeline.inspect_run import inspect_command
     from pipeline.rundir import RunDir
 
+    if args.workdir.is_file():  # a GGUF file: what its header says
+        from pipeline.inspect_run import describe_gguf, format_gguf
+
+        report = describe_gguf(args.workdir, args.tensor)
+        print(json.dumps(report, indent=2) if args.json else format_gguf(report))
+        return EXIT_OK
     run = RunDir(args.workdir)
     if not run.is_our_manifest(run._read_manifest()):
         raise RunDirError(f"{args.workdir}: no bitnet-gguf manifest.json; not a bitnet-gguf run directory")

@@ -517,6 +517,64 @@ def plot_run(run: RunDir, path: Path) -> str:
 
 # -- the command -----------------------------------------------------------------------------------
 
+# -- a GGUF file alone ----------------------------------------------------------------------------
+
+def describe_gguf(path: Path, tensor: str | None = None) -> dict:
+    """What a GGUF file's header says: arch, output type, the bitnet.cpp build its layout is for
+    (our key), TL kernel tiles, and its tensors (or one tensor)."""
+    from gguf import GGMLQuantizationType
+
+    from pipeline.gguf_file import read_gguf
+    from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
+    from stages.assemble import TARGET_KEY, TILES_KEY
+
+    contents = read_gguf(path)
+
+    def type_name(t: int) -> str:
+        own = BY_GGML_TYPE.get(t)
+        if own is not None:
+            return own.codec.name
+        return GGMLQuantizationType(t).name if t in GGMLQuantizationType._value2member_map_ else str(t)
+
+    file_type = contents.kv("general.file_type")
+    out = next((o for o in OUTPUT_TYPES.values() if o.ternary_choice and o.file_type == file_type), None)
+    tiles = contents.kv(TILES_KEY) or []
+    report = {"file": str(path), "architecture": contents.kv("general.architecture"),
+              "file_type": file_type, "type": out.codec.name if out else None,
+              "target": contents.kv(TARGET_KEY),
+              "kernel_tiles": [tiles[i:i + 5] for i in range(0, len(tiles), 5)],
+              "tensors": {t.name: {"shape": list(t.shape), "type": type_name(t.ggml_type), "ggml_type": t.ggml_type,
+                                   "offset": t.offset, "nbytes": t.nbytes} for t in contents.tensors}}
+    if tensor is not None:
+        if tensor not in report["tensors"]:
+            raise RunDirError(f"{path}: no tensor {tensor!r} in this file; `bitnet-gguf inspect {path}` lists them")
+        report["tensors"] = {tensor: report["tensors"][tensor]}
+    return report
+
+
+def format_gguf(report: dict) -> str:
+    from pipeline.outtypes import TARGET_NAMES
+
+    lines = [f"GGUF file: {report['file']}",
+             f"  arch {report['architecture']}, general.file_type {report['file_type']}"
+             + (f" ({report['type']})" if report["type"] else "")]
+    if report["target"]:
+        lines.append(f"  laid out for bitnet.cpp's {TARGET_NAMES.get(report['target'], report['target'])} builds "
+                     f"(bitnet_gguf.target = {report['target']})")
+    elif report["type"] == "I2_S":
+        lines.append("  no bitnet_gguf.target: an I2_S file of another converter, most likely for x86 builds")
+    if report["kernel_tiles"]:
+        lines.append("  kernel tiles (m, k: bm bk bmm) " + ", ".join(f"{m}x{k}: {a} {b} {c}"
+                                                                    for m, k, a, b, c in report["kernel_tiles"]))
+    counts: dict[str, int] = {}
+    for t in report["tensors"].values():
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    lines.append(f"  {len(report['tensors'])} tensor(s): " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    for name, t in report["tensors"].items():
+        lines.append(f"  {name:<28} {'x'.join(map(str, t['shape'])):>12} {t['type']:<6} {t['nbytes']} bytes at {t['offset']}")
+    return "\n".join(lines)
+
+
 def inspect_command(run: RunDir, tensor: str | None = None, codes: bool = False, as_json: bool = False,
                     plot: Path | None = None, log=print) -> str:
     """What `bitnet-gguf inspect` prints; with `plot` it also draws the figure and tells `log`."""

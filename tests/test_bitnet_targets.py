@@ -90,6 +90,9 @@ def decoded_tensors(model, family: str, out, kind: str, tiles):
 def test_every_ternary_tensor_decodes_to_the_effective_weights(made, case, kind):
     model, out, tiles = made(case, kind)
     contents = read_gguf(out)
+    if kind != "arm":
+        assert [e for e in json.loads(run_cli("inspect", out, "--json").stdout)["kernel_tiles"]] == \
+            [list(t) for t in tiles]
     assert contents.kv("general.file_type") == {"arm": 40, "tl1": 38, "tl2": 39}[kind]
     assert contents.kv(TARGET_KEY) == {"arm": "arm", "tl1": "arm", "tl2": "x86"}[kind]
     assert contents.kv("general.architecture") == FAMILY_FACTS[CASES[case][0]][0]
@@ -146,6 +149,9 @@ def test_a_target_change_redoes_pack_and_assemble_only_and_verify_tells_the_layo
     assert manifest["options"]["target"] == "arm"
     shown = run_cli("inspect", work).stdout
     assert "I2_S for bitnet.cpp's ARM builds (target arm)" in shown
+    # the file alone says it too
+    alone = run_cli("inspect", out).stdout
+    assert "general.file_type 40 (I2_S)" in alone and "laid out for bitnet.cpp's ARM builds" in alone
     assert run_cli("verify", out, model).returncode == 0
     wrong = run_cli("verify", out, model, "--target", "x86", check_exit=1).stdout
     assert f"MISMATCH m.gguf: {TARGET_KEY} is 'arm', expected 'x86'" in wrong
