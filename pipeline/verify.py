@@ -26,7 +26,7 @@ from pipeline.errors import CheckpointError
 from pipeline.codecs import absmean_scale, absmean_total
 from pipeline.families import TERNARY
 from pipeline.gguf_file import (SPLIT_COUNT, GGUFContents, TensorInfo, align, part_kvs, read_gguf,
-                                split_paths)
+                                split_paths, type_sizes_for)
 from pipeline.errors import OptionError
 from pipeline.kernel_config import tiles_of
 from pipeline.outtypes import (BY_GGML_TYPE, EMBEDDING_CHOICES, OUTPUT_TYPES, TARGET_NAMES, TARGETS, TERNARY_CHOICES,
@@ -66,8 +66,9 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
     TL1/TL2 tiles are read from the file's `bitnet_gguf.kernel_tiles`."""
     ckpt = open_checkpoint(model_dir, name=name, tokenizer_pre=tokenizer_pre)
     paths = split_set(gguf_path)
-    parts = [read_gguf(p) for p in paths]
-    first = parts[0]
+    first = read_gguf(paths[0])
+    sizes = type_sizes_for(first.kvs)  # later parts carry no model key/values: size them as the first
+    parts = [first] + [read_gguf(p, sizes) for p in paths[1:]]
     problems: list[str] = []
 
     file_type = first.kv("general.file_type")

@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 
 from pipeline.context import StageContext
-from pipeline.gguf_file import GGUFSplitWriter, TensorInfo, model_kvs, plan_split
+from pipeline.gguf_file import TL_TILES_KEY, GGUFSplitWriter, TensorInfo, model_kvs, plan_split
 from pipeline.output import OutputChanged, final_paths, identity, publish, temp_path
 from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
@@ -27,7 +27,7 @@ from pipeline.stores import DamagedStore, chunk_path, is_raw, open_store, row_ra
 # Our own key/values (bitnet.cpp and llama.cpp ignore keys they do not know): the bitnet.cpp build
 # a file's layout is for, and a TL file's kernel tiles, so `verify` and `inspect` of the file alone can tell.
 TARGET_KEY = "bitnet_gguf.target"
-TILES_KEY = "bitnet_gguf.kernel_tiles"   # UINT32 array: m, k, BM, BK, bm per kernel_config.ini section
+TILES_KEY = TL_TILES_KEY   # UINT32 array: m, k, BM, BK, bm per kernel_config.ini section
 
 
 def file_kvs(metadata: dict, out_type: str, kernel_tiles=()) -> list:

@@ -338,3 +338,18 @@ def test_arm_i2s_from_the_code_layout_equals_the_independent_decoders_reading():
     got, scale = decode_i2s_arm(packed.tobytes() + I2_S_ARM.i2s_tail(np.float32(2.5)), codes.shape)
     np.testing.assert_array_equal(got, codes)
     assert scale == np.float32(2.5)
+
+
+def test_a_split_tl2_set_verifies(made, tmp_path):
+    """Type 39 is MXFP4 upstream: our reader sizes it as TL2 in a file that carries our kernel tiles,
+    and in every later part of its split set (which carries no model key/values)."""
+    model, single, tiles = made("2b4t", "tl2")
+    ini = tmp_path / "k.ini"
+    ini.write_text(kernel_config_text(tiles))
+    out = tmp_path / "split.gguf"
+    convert(model, out, "--type", "tl2", "--kernel-config", ini, "--split-max-tensors", "7")
+    parts = sorted(tmp_path.glob("split-*-of-*.gguf"))
+    assert len(parts) > 2
+    assert run_cli("verify", parts[0], model).returncode == 0
+    got = {t.name: t.nbytes for t in read_gguf(single).tensors}
+    assert got["blk.0.attn_q.weight"] == -(-tl2_payload(256, 256) // 32) * 32 + 32
