@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFValueType
 
+from pipeline import portable
 from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, TL1, TL2
 from pipeline.errors import GGUFFormatError
 
@@ -373,7 +374,7 @@ class GGUFFileWriter:
 
     def copy_tensor_data(self, which: int | str, source, offset: int, nbytes: int) -> None:
         """Append `nbytes` of file `source` from `offset` to the current tensor, copied in the
-        kernel (copy_file_range) where it can be, without passing through Python."""
+        kernel where the system can (portable.copy_range), else through one buffer."""
         f = self._open_file()
         i = self._index(which)
         if i != self._current:
@@ -384,23 +385,8 @@ class GGUFFileWriter:
         f.flush()
         pos = f.tell()
         with open(source, "rb") as src:
-            done = 0
-            try:
-                while done < nbytes:
-                    n = os.copy_file_range(src.fileno(), f.fileno(), nbytes - done, offset + done, pos + done)
-                    if n == 0:
-                        break
-                    done += n
-            except OSError:
-                pass  # no in-kernel copy between these files: copy the rest through a buffer
-            f.seek(pos + done)
-            src.seek(offset + done)
-            while done < nbytes:
-                block = src.read(min(nbytes - done, 1 << 24))
-                if not block:
-                    break
-                f.write(block)
-                done += len(block)
+            done = portable.copy_range(src.fileno(), f.fileno(), nbytes, offset, pos)
+        f.seek(pos + done)
         if done != nbytes:
             raise GGUFWriterError(f"{source}: ended after {done} of {nbytes} bytes for tensor {t.name}")
         self._written += nbytes

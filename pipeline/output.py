@@ -14,6 +14,7 @@ import os
 import stat
 from pathlib import Path
 
+from pipeline import portable
 from pipeline.errors import RunDirError
 from pipeline.gguf_file import split_paths
 
@@ -62,11 +63,7 @@ def publish(temps: list[Path], finals: list[Path], before: list[list | None]) ->
         os.replace(temp, final)
     dirs = {final.parent for final in finals}
     for d in dirs:  # make the renames durable
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        portable.fsync_directory(d)
 
 
 def remove_stale_temps(output: Path, workdir: Path) -> int:

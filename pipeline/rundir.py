@@ -6,7 +6,7 @@
                         checkpoint's config and tokenizer; assemble writes them
       <stage>.checksums.json   size and xxh3 digest of every file of a finished store, checked
                         before the next stage reads it
-      lock              held (flock) while a conversion runs
+      lock              held (an OS file lock, see portable.py) while a conversion runs
       extract.zarr  quantize.zarr  pack.zarr
 
 A stage's key is a hash of everything its output depends on (the previous
@@ -15,34 +15,18 @@ is skipped; a changed key removes that store and every later one.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 from pathlib import Path
 
+from pipeline import portable
 from pipeline.errors import RunDirError
 from pipeline.stores import DamagedStore, check_store, remove_tree, store_digests
 
 STAGES = ("extract", "quantize", "pack", "assemble")
 MANIFEST_VERSION = 2
 TOOL = "bitnet-gguf"
-
-
-def _held_by_proc_locks(path: Path) -> bool | None:
-    """Whether a process holds a lock on `path`, per /proc/locks (None: cannot tell)."""
-    try:
-        st = path.stat()
-        text = Path("/proc/locks").read_text()
-    except OSError:
-        return None
-    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in text.splitlines():
-        fields = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; blocked waiters start with "->"
-        if len(fields) >= 6 and fields[1] != "->" and fields[5] == wanted:
-            return True
-    return False
 
 
 def stage_key(*parts) -> str:
@@ -81,37 +65,23 @@ class RunDir:
         except OSError as e:
             raise RunDirError(f"{self.path / 'lock'}: cannot open the lock file ({e.strerror}); "
                               "choose another --workdir") from None
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not portable.try_lock(self._lock_file):
             self._lock_file.close()
             self._lock_file = None
             raise RunDirError(f"{self.path}: another conversion is running in this run directory; "
                               "wait for it or pass a different --workdir") from None
 
     def is_locked(self) -> bool:
-        """True while a conversion holds this run directory.
-
-        Read from /proc/locks where there is one, so asking never takes the lock itself (a
-        conversion starting at that moment would be refused) and works on a read-only run
-        directory; elsewhere, by trying the lock."""
+        """True while a conversion holds this run directory (see portable.lock_is_held: on Linux
+        asked without taking the lock, so it also works on a read-only run directory)."""
         path = self.path / "lock"
         if not path.is_file():
             return False
-        held = _held_by_proc_locks(path)
-        if held is not None:
-            return held
-        with open(path, "r") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+        return portable.lock_is_held(path)
 
     def release(self) -> None:
         if self._lock_file is not None:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            portable.unlock(self._lock_file)
             self._lock_file.close()
             self._lock_file = None
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import portable
 from pipeline.errors import CheckpointError
 
 # safetensors dtype name -> numpy dtype used to hold its bytes
@@ -66,11 +67,11 @@ def pread_exact(path: Path, offset: int, nbytes: int, truncated_message: str) ->
     """Exactly `nbytes` from `offset` with plain reads (no mmap, so no file pages in our RSS)."""
     buf = bytearray(nbytes)
     view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
+    fd = portable.open_read(path)
     try:
         done = 0
         while done < nbytes:
-            n = os.preadv(fd, [view[done:]], offset + done)
+            n = portable.read_into(fd, view[done:], offset + done)
             if n == 0:
                 raise CheckpointError(truncated_message)
             done += n

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipeline import portable
 from pipeline.errors import RunDirError
 from zarr.codecs import BloscCodec
 
@@ -126,16 +127,8 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
     except OSError:
         with open(source, "rb") as fin, open(tmp, "wb") as fout:
             size = os.fstat(fin.fileno()).st_size
-            done = 0
-            while done < size:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, done, done)
-                if n == 0:
-                    break
-                done += n
-            if done < size:  # copy_file_range unsupported here: plain copy
-                fin.seek(done)
-                fout.seek(done)
-                shutil.copyfileobj(fin, fout)
+            if portable.copy_range(fin.fileno(), fout.fileno(), size, 0, 0) != size:
+                raise DamagedStore(f"{source}: chunk file changed size while being copied")
     os.replace(tmp, target)
 
 
@@ -156,11 +149,11 @@ def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
         nbytes = (r1 - r0) * row_bytes
         path = chunk_path(arr, index)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = portable.open_read(path)
         except FileNotFoundError:
             raise DamagedStore(f"{path}: chunk file missing") from None
         try:
-            got = os.preadv(fd, [view[done:done + nbytes]], (r0 - c0) * row_bytes)
+            got = portable.read_into(fd, view[done:done + nbytes], (r0 - c0) * row_bytes)
         finally:
             os.close(fd)
         if got != nbytes:
