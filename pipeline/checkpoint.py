@@ -58,6 +58,17 @@ def refuse_special_files(model_dir: Path) -> None:
             require_regular_file(p)
 
 
+def open_vocabulary(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None,
+                    model_name: str | None = None, metadata_file: Path | None = None) -> tuple[TensorPlan, list[dict]]:
+    """(plan, key/values) of a file without tensors, from config.json and the tokenizer alone."""
+    model_dir = Path(model_dir)
+    refuse_special_files(model_dir)
+    plan = plan_tensors(model_dir)
+    name = name or model_dir.resolve().name
+    return plan, build_kv(plan, model_dir, name=name, tokenizer_pre=tokenizer_pre, model_name=model_name,
+                          metadata_file=metadata_file, vocab_only=True)
+
+
 def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
     fam = plan.family
     if t.recipe.packed:
@@ -77,10 +88,12 @@ def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
 
 
 def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None,
-                    max_header_bytes: int = MAX_HEADER) -> Checkpoint:
+                    max_header_bytes: int = MAX_HEADER, model_name: str | None = None,
+                    metadata_file: Path | None = None) -> Checkpoint:
     """Check everything about the checkpoint that can be checked without reading the weights.
 
-    `name`: the model's name for general.name (default: the directory's name);
+    `name`: the model's name, general.name's last fallback (default: the directory's name);
+    `model_name`, `metadata_file`: --model-name and --metadata (pipeline.metadata);
     `max_header_bytes`: the safetensors headers' total size allowed (safetensors_io.header_budget).
     """
     model_dir = Path(model_dir)
@@ -125,7 +138,8 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
                               f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''} is not part of "
                               f"{fam.description} as config.json describes it; config and weights disagree")
     name = name or model_dir.resolve().name
-    kv = build_kv(plan, model_dir, name=name, tokenizer_pre=tokenizer_pre)
+    kv = build_kv(plan, model_dir, name=name, tokenizer_pre=tokenizer_pre, model_name=model_name,
+                  metadata_file=metadata_file)
     files = {src.file for src in found.values()}
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():

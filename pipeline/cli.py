@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer-pre", default=None, metavar="NAME",
                    help="BPE pre-tokenizer name for tokenizer.ggml.pre (e.g. llama-bpe, falcon3), when it cannot "
                         "be recognised from tokenizer.json (default: detected as llama.cpp's converter does)")
+    c.add_argument("--model-name", default=None, metavar="NAME",
+                   help="general.name of the file (default: from README.md's front matter, config.json or the "
+                        "directory's name, as llama.cpp's converter decides it)")
+    c.add_argument("--metadata", type=Path, default=None, metavar="FILE.json",
+                   help="general.* key/values overriding the guessed ones, in llama.cpp's converter's layout "
+                        "(e.g. {\"general.name\": \"...\", \"general.license\": \"mit\", \"general.tags\": [...]})")
+    c.add_argument("--vocab-only", action="store_true",
+                   help="write only the tokenizer and key/values, no tensors (reads config.json and the "
+                        "tokenizer, not the weights; default output ./<model name>-vocab.gguf)")
     c.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="run directory for the intermediate zarr stores (default: <output>.work); "
                         "rerun with the same one to resume")
@@ -121,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("gguf", type=Path, metavar="GGUF", help="file written by convert")
     v.add_argument("model", metavar="MODEL", help="the checkpoint it was converted from (directory or org/name)")
     v.add_argument("--memory-limit", default="1GiB", metavar="SIZE", help="peak memory while verifying")
-    v.add_argument("--name", default=None, metavar="NAME",
-                   help="the general.name the file should carry (default: the model's name, as convert sets it)")
+    v.add_argument("--model-name", "--name", dest="name", default=None, metavar="NAME",
+                   help="the --model-name the file was converted with, if any")
+    v.add_argument("--metadata", type=Path, default=None, metavar="FILE.json",
+                   help="the --metadata file the file was converted with, if any")
     v.add_argument("--tokenizer-pre", default=None, metavar="NAME",
                    help="the --tokenizer-pre the file was converted with, if any")
     v.add_argument("--target", default=None, choices=TARGETS, type=str.lower,
@@ -139,8 +150,11 @@ def cmd_verify(args) -> int:
     if not args.gguf.is_file():
         raise OptionError(f"{args.gguf}: no such file")
     model = resolve_model(args.model)
-    problems = verify(args.gguf, model.path, parse_size(args.memory_limit), _log, name=args.name or model.name,
-                      tokenizer_pre=args.tokenizer_pre, target=args.target)
+    if args.metadata is not None and not args.metadata.is_file():
+        raise OptionError(f"--metadata: {args.metadata} does not exist or is not a file")
+    problems = verify(args.gguf, model.path, parse_size(args.memory_limit), _log, name=model.name,
+                      tokenizer_pre=args.tokenizer_pre, target=args.target, model_name=args.name,
+                      metadata_file=args.metadata)
     for p in problems:
         print(f"MISMATCH {p}")
     print(f"{args.gguf}: " + ("OK: key/values, tensors and length are what the checkpoint converts to"
@@ -171,7 +185,7 @@ def cmd_inspect(args) -> int:
 def cmd_convert(args) -> int:
     from pipeline.config import make_options
     from pipeline.hub import resolve_model
-    from pipeline.runner import convert
+    from pipeline.runner import convert, convert_vocab_only
 
     model = resolve_model(args.model)
     if model.source != "directory":
@@ -183,8 +197,9 @@ def cmd_convert(args) -> int:
                         out_type=args.out_type, target=args.target, kernel_config=args.kernel_config,
                         memory_limit=args.memory_limit, workers=args.workers,
                         scheduler=scheduler, progress=False if args.no_progress else sys.stderr.isatty(),
-                        force=args.force)
-    convert(opts, _log)
+                        force=args.force, name_override=args.model_name, metadata_file=args.metadata,
+                        vocab_only=args.vocab_only)
+    (convert_vocab_only if opts.vocab_only else convert)(opts, _log)
     return EXIT_OK
 
 

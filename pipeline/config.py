@@ -72,6 +72,9 @@ class Options:
     target: str = "x86"         # the bitnet.cpp build (x86, arm) whose byte layout --type i2_s writes
     kernel_config: Path | None = None  # TL1/TL2: the kernel_config.ini of the user's bitnet.cpp build
     kernel_tiles: tuple = ()    # ... read: (m, k, BM, BK, bm) per section
+    name_override: str | None = None  # --model-name: general.name, over README and --metadata
+    metadata_file: Path | None = None  # --metadata: general.* overrides (llama.cpp's JSON layout)
+    vocab_only: bool = False    # --vocab-only: tokenizer and key/values, no tensors
 
     @property
     def layout(self) -> OutputType:
@@ -98,15 +101,16 @@ def load_preset(path: Path | None) -> dict:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise OptionError(f"--config: {path} is not valid TOML ({str(e).splitlines()[0] if str(e) else e})") from None
     known = {f.name for f in dataclasses.fields(Options)} - {"model_dir", "output", "workdir", "model_name",
-                                                               "tokenizer_pre", "kernel_config", "kernel_tiles"}
+                                                               "tokenizer_pre", "kernel_config", "kernel_tiles",
+                                                               "name_override", "metadata_file", "vocab_only"}
     unknown = set(data) - known
     if unknown:
         raise OptionError(f"--config: {path} has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
     return data
 
 
-def default_output(model_name: str, out_type: str) -> Path:
-    return Path.cwd() / f"{model_name}-{out_type.upper()}.gguf"
+def default_output(model_name: str, out_type: str, vocab_only: bool = False) -> Path:
+    return Path.cwd() / f"{model_name}-{'vocab' if vocab_only else out_type.upper()}.gguf"
 
 
 _SCHEDULER_ADDRESS = re.compile(r"tcp://(?P<host>[^\s:/]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})/?")
@@ -206,7 +210,8 @@ def _checked_values(values: dict) -> dict:
 
 
 def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path | None = None,
-                 preset: Path | None = None, model_name: str | None = None, **overrides) -> Options:
+                 preset: Path | None = None, model_name: str | None = None, name_override: str | None = None,
+                 metadata_file: Path | None = None, vocab_only: bool = False, **overrides) -> Options:
     """Merge preset and explicit overrides (None means 'not given') and validate every value,
     so that nothing the options decide can fail after the work has started."""
     preset_values = load_preset(preset)
@@ -225,7 +230,8 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
     try:
         model_dir = Path(model_dir).resolve()
         model_name = model_name or model_dir.name
-        output = Path(os.path.abspath(output)) if output else default_output(model_name, values["out_type"])
+        output = Path(os.path.abspath(output)) if output else default_output(model_name, values["out_type"],
+                                                                              vocab_only)
         parent = output.parent.resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
         raise OptionError(f"-o: cannot use the output path {output} ({e}); choose another") from None
@@ -252,7 +258,18 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
     if _inside(workdir, model_dir) or _inside(model_dir, workdir):
         raise OptionError(f"--workdir: {workdir} overlaps the checkpoint directory {model_dir}; "
                           "choose a run directory outside it")
-    return Options(model_dir=model_dir, output=output, workdir=workdir, model_name=model_name, **values)
+    if vocab_only and (values.get("split_max_size") or values.get("split_max_tensors")):
+        raise OptionError("--vocab-only: a file without tensors cannot be split; drop --split-max-size / "
+                          "--split-max-tensors")
+    if metadata_file is not None:
+        metadata_file = Path(os.path.abspath(metadata_file))
+        if not metadata_file.is_file():
+            raise OptionError(f"--metadata: {metadata_file} does not exist or is not a file; give a JSON file of "
+                              "general.* keys")
+    if name_override is not None and not name_override.strip():
+        raise OptionError("--model-name: empty; give the model's name")
+    return Options(model_dir=model_dir, output=output, workdir=workdir, model_name=model_name,
+                   name_override=name_override, metadata_file=metadata_file, vocab_only=vocab_only, **values)
 
 
 # ".<name>.<8 hex>.partial" and split part suffixes "-00001-of-00002"

@@ -23,6 +23,19 @@ _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 MODEL_ID = re.compile(rf"(?P<org>{_PART})/(?P<name>{_PART})(?:@(?P<rev>[A-Za-z0-9._/-]+))?")
 
 
+# What a conversion reads from a repository (config, tokenizer, weights and their index;
+# README.md and generation_config.json for the general.* keys), as `hf download --include` globs.
+CONVERSION_FILES = ("config.json", "generation_config.json", "README.md", "tokenizer*", "added_tokens.json",
+                    "*.safetensors", "model.safetensors.index.json")
+
+
+def download_command(repo_id: str, revision: str | None = None) -> str:
+    """The `hf download` command that fetches exactly the files a conversion reads."""
+    rev = f" --revision {revision}" if revision else ""
+    include = " ".join(f"--include '{g}'" if "*" in g else f"--include {g}" for g in CONVERSION_FILES)
+    return f"hf download {repo_id}{rev} {include}"
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     path: Path    # the directory holding config.json (a cache snapshot stays snapshots/<rev>)
@@ -47,8 +60,8 @@ def resolve_model(arg: str | Path, env: Mapping[str, str] | None = None) -> Reso
     repo = cache / f"{REPO_PREFIX}{match['org']}--{match['name']}"
     if not repo.is_dir():
         raise CheckpointError(f"{text}: not found: no directory {local} and no {repo} in the Hugging Face "
-                              f"cache; download it first (hf download {match['org']}/{match['name']}) "
-                              "or pass a checkpoint directory")
+                              "cache; pass a checkpoint directory, or fetch the files a conversion reads with: "
+                              f"{download_command(match['org'] + '/' + match['name'], match['rev'])}")
     rev, how = _pick_snapshot(repo, match["rev"])
     snapshot = repo / "snapshots" / rev
     return ResolvedModel(_require_config(snapshot), safe_name(match["name"]),
@@ -102,8 +115,8 @@ def _pick_snapshot(repo: Path, rev: str | None) -> tuple[str, str]:
         commit = _read_ref(ref) if ref.is_file() else rev
         if not (snapshots / commit).is_dir():
             repo_id = repo.name[len(REPO_PREFIX):].replace("--", "/", 1)
-            raise CheckpointError(f"{repo}: revision {rev} is not in the cache; download it first "
-                                  f"(hf download {repo_id} --revision {rev}) or pass a checkpoint directory")
+            raise CheckpointError(f"{repo}: revision {rev} is not in the cache; pass a checkpoint directory, or "
+                                  f"fetch the files a conversion reads with: {download_command(repo_id, rev)}")
         return commit, ""
     ref = repo / "refs" / "main"
     if ref.is_file():

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 from pipeline.budget import current_rss, plan_budget
-from pipeline.checkpoint import open_checkpoint
+from pipeline.checkpoint import open_checkpoint, open_vocabulary
 from pipeline.config import Options, check_output_path, format_size
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError, OptionError, RunDirError
 from pipeline.families import TERNARY
-from pipeline.gguf_file import MAX_SPLITS, GGUFWriterError, TensorInfo, file_size
-from pipeline.output import final_paths, identity, remove_stale_temps
+from pipeline.gguf_file import MAX_SPLITS, GGUFSplitWriter, GGUFWriterError, TensorInfo, file_size
+from pipeline.output import OutputChanged, final_paths, identity, publish, remove_stale_temps, temp_path
 from pipeline.outtypes import TARGET_NAMES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
@@ -123,9 +123,32 @@ def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> tuple[int, int]
         raise CheckpointError(f"{opts.model_dir}: the GGUF header cannot be written ({e})") from None
 
 
+def convert_vocab_only(opts: Options, log) -> list[Path]:
+    """--vocab-only: the key/values and tokenizer, no tensors, from config.json and the tokenizer
+    alone (no run directory); written to a temporary name and renamed into place."""
+    from stages.assemble import file_kvs
+
+    plan, kv = open_vocabulary(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
+                               model_name=opts.name_override, metadata_file=opts.metadata_file)
+    before = [identity(opts.output)]
+    temp = temp_path(opts.output, opts.workdir)
+    try:
+        with GGUFSplitWriter([temp], file_kvs({"arch": plan.arch, "kv": kv}, opts.out_type), [], [[]]) as writer:
+            writer.write_header()
+        publish([temp], [opts.output], before)
+    except OutputChanged:
+        raise
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    log(f"wrote {opts.output} ({format_size(opts.output.stat().st_size)}; vocabulary and key/values, no tensors)")
+    return [opts.output]
+
+
 def convert(opts: Options, log) -> list[Path]:
     ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
-                           max_header_bytes=header_budget(opts.memory_limit))
+                           max_header_bytes=header_budget(opts.memory_limit), model_name=opts.name_override,
+                           metadata_file=opts.metadata_file)
     for stage in STAGES:  # import everything first, so the budget's baseline includes it
         importlib.import_module(f"stages.{stage}")
     budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local")

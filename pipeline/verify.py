@@ -58,13 +58,16 @@ def split_set(path: Path) -> list[Path]:
 
 
 def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str | None = None,
-           tokenizer_pre: str | None = None, target: str | None = None) -> list[str]:
+           tokenizer_pre: str | None = None, target: str | None = None, model_name: str | None = None,
+           metadata_file: Path | None = None) -> list[str]:
     """Return a list of problems (empty: the files are exactly what the checkpoint converts to).
 
     The layout is recomputed for `target` (x86, arm), by default the build the file names
     (our `bitnet_gguf.target` key; files without it are x86, the only layout written before).
-    TL1/TL2 tiles are read from the file's `bitnet_gguf.kernel_tiles`."""
-    ckpt = open_checkpoint(model_dir, name=name, tokenizer_pre=tokenizer_pre)
+    TL1/TL2 tiles are read from the file's `bitnet_gguf.kernel_tiles`. `model_name`,
+    `metadata_file`: the --model-name and --metadata the file was converted with."""
+    ckpt = open_checkpoint(model_dir, name=name, tokenizer_pre=tokenizer_pre, model_name=model_name,
+                           metadata_file=metadata_file)
     paths = split_set(gguf_path)
     first = read_gguf(paths[0])
     sizes = type_sizes_for(first.kvs)  # later parts carry no model key/values: size them as the first

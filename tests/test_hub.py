@@ -190,6 +190,28 @@ def test_not_found_lists_the_places_it_looked(tmp_path, monkeypatch):
     assert "hf download 1bitLLM/bitnet_b1_58-large" in message
 
 
+def test_the_download_command_fetches_exactly_what_a_conversion_reads(tmp_path):
+    """The command's --include globs, matched as huggingface_hub matches them (fnmatch), against a
+    repository listing like 1bitLLM's and HF1BitLLM's: every file a conversion reads, nothing else."""
+    import fnmatch
+    import shlex
+
+    from pipeline.hub import download_command
+
+    line = one_line_error("HF1BitLLM/Llama3-8B-1.58-100B-tokens", env_for(tmp_path, HF_HUB_CACHE=str(tmp_path / "c")))
+    command = shlex.split(line.split(": ")[-1])
+    assert command[:3] == ["hf", "download", "HF1BitLLM/Llama3-8B-1.58-100B-tokens"]
+    assert command == shlex.split(download_command("HF1BitLLM/Llama3-8B-1.58-100B-tokens"))
+    globs = [command[i + 1] for i, a in enumerate(command) if a == "--include"]
+    read = ["config.json", "generation_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
+            "tokenizer.model", "added_tokens.json", "model.safetensors", "model-00001-of-00002.safetensors",
+            "model.safetensors.index.json"]
+    not_read = ["pytorch_model.bin", "model.safetensors.bak", "special_tokens_map.json", ".gitattributes",
+                "training_args.bin", "optimizer.pt", "figures/loss.png", "LICENSE"]
+    assert all(any(fnmatch.fnmatch(f, g) for g in globs) for f in read), globs
+    assert not any(fnmatch.fnmatch(f, g) for g in globs for f in not_read), globs
+
+
 @pytest.mark.parametrize("arg", ["no-such-dir", "a/b/c", "org/-bad", "org/na--me", "org/a..b", "/abs/org/m"])
 def test_not_an_id_and_not_a_directory(tmp_path, monkeypatch, arg):
     monkeypatch.chdir(tmp_path)
@@ -353,8 +375,9 @@ def test_convert_a_model_id_from_the_cache_names_the_model_not_the_revision(tmp_
     out = work / "tiny-bitnet-TQ2_0.gguf"
     assert out.is_file(), proc.stderr
     assert "Hugging Face cache" in proc.stderr and REV_A in proc.stderr
-    name = gguf.GGUFReader(out).fields["general.name"]
-    assert bytes(name.parts[name.data[0]]).decode() == "tiny-bitnet"
+    general = {k: f.contents() for k, f in gguf.GGUFReader(out).fields.items() if k.startswith("general.")}
+    assert general["general.name"] == "Tiny Bitnet"  # the title llama.cpp's converter makes of "tiny-bitnet"
+    assert not any(REV_A in str(v) for v in general.values()), general  # nothing guessed from the snapshot's hash
     # the same bytes as converting the plain directory under the same name
     ref = tmp_path / "ref.gguf"
     run_cli("convert", plain, "-o", ref, "--no-progress", env=env)
