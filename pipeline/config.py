@@ -195,7 +195,10 @@ def _checked_values(values: dict) -> dict:
     values = dict(values)
     values["out_type"] = check_choice(values.get("out_type", DEFAULT_TYPE), TERNARY_CHOICES, "--type")
     values["target"] = target_of(values["out_type"], values.get("target"))
-    values["embedding_type"] = check_choice(values.get("embedding_type", DEFAULT_EMBEDDING_TYPE),
+    # a float --type makes the whole file that type unless --embedding-type says otherwise, as
+    # llama.cpp's --outtype does; ternary types keep F16 embeddings (as llama.cpp's converter too)
+    default_embedding = values["out_type"] if values["out_type"] in EMBEDDING_CHOICES else DEFAULT_EMBEDDING_TYPE
+    values["embedding_type"] = check_choice(values.get("embedding_type", default_embedding),
                                             EMBEDDING_CHOICES, "--embedding-type")
     values["memory_limit"] = parse_size(values.get("memory_limit", Options.memory_limit))
     values["split_max_size"] = parse_size(values.get("split_max_size", 0), "--split-max-size",

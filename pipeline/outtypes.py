@@ -35,7 +35,8 @@ class OutputType:
     codec: type[Codec]
     file_type: int | None      # general.file_type when this is the --type (llama.cpp's LlamaFileType)
     summary: str               # one phrase for --help
-    ternary_choice: bool = False    # a --type choice for the projections
+    ternary_choice: bool = False    # a --type choice for the projections (a float type: their effective
+                                    # weights, the ternary values times the scale, as llama.cpp's --outtype)
     embedding_choice: bool = False  # an --embedding-type choice for token_embd / output
     fallback: str | None = None     # type of projections whose rows are not whole blocks
     option: str | None = None       # the --type spelling when it is not `name` ("i2_s" for i2_s_arm)
@@ -80,10 +81,11 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
                ternary_choice=True, target="arm", needs_tiles=True),
     OutputType("tl2", TL2, 39, "1.67 bits/weight, bitnet.cpp's lookup-table kernels for x86; needs --kernel-config",
                ternary_choice=True, target="x86", needs_tiles=True),
-    OutputType("f16", F16, 1, "half precision", embedding_choice=True),
-    OutputType("bf16", BF16, 32, "bfloat16", embedding_choice=True),
-    OutputType("f32", F32, 0, "single precision", embedding_choice=True),
-    OutputType("q8_0", Q8_0, 7, "8 bits, about half of F16 (rows must be a multiple of 32)", embedding_choice=True),
+    OutputType("f16", F16, 1, "half precision", ternary_choice=True, embedding_choice=True),
+    OutputType("bf16", BF16, 32, "bfloat16", ternary_choice=True, embedding_choice=True),
+    OutputType("f32", F32, 0, "single precision", ternary_choice=True, embedding_choice=True),
+    OutputType("q8_0", Q8_0, 7, "8 bits, about half of F16 (rows must be a multiple of 32)", ternary_choice=True,
+               embedding_choice=True, fallback="f16"),
 )}
 assert set(OUTPUT_TYPES) == set(CODECS), "every codec has a registry entry"
 # a ggml type id names one registry entry for what is target-independent about it (sizes)

@@ -8,7 +8,9 @@ block scales and I2_S a byte lookup (pipeline/codecs.py `encode_codes`; the layo
 `--target`'s bitnet.cpp build, one registry entry each). TL1/TL2 bytes come in tiles of BM
 rows (from --kernel-config): their chunks hold whole tiles, so any memory limit and any
 number of workers give the same bytes; TL2's three regions are column ranges of each
-row chunk, which assemble writes region by region. A ternary
+row chunk, which assemble writes region by region. With a float --type (f32, f16, bf16,
+q8_0) the projections are their effective weights, the ternary values times the scale, as
+llama.cpp's converter writes them with --outtype. A ternary
 tensor whose row length is not a whole number of blocks of the requested type is
 written as F16 (the ternary values times the scale), as llama.cpp's converter does.
 Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, say) are
@@ -51,11 +53,17 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
         if source_dtype == "BF16" and codec_name == "f16":  # the common embedding case: one table lookup
             return _F16_FROM_BF16[np.asarray(block, dtype=np.uint16)].view(np.uint8).reshape(*block.shape[:-1], -1)
         return codec.encode(as_float32(block, source_dtype))
+    scale = np.float32(scale)
+    if not codec.ternary and source_dtype == "F16":
+        # a float type of the effective weights (--type f32/f16/bf16/q8_0, or a fallback) from fp16
+        # master weights: llama.cpp's converter casts the ternary values times the scale back to the
+        # checkpoint's fp16 before writing any type, so the value a code stands for is fp16(scale)
+        scale = np.float32(np.float16(scale))
     if layout == LAYOUT_2BIT:
-        return codec.encode_codes(block, np.float32(scale), tiles) if tiles else codec.encode_codes(block, np.float32(scale))
+        return codec.encode_codes(block, scale, tiles) if tiles else codec.encode_codes(block, scale)
     if codec.ternary:
-        return codec.encode(block, np.float32(scale), tiles) if tiles else codec.encode(block, np.float32(scale))
-    return codec.encode(block.astype(np.float32) * np.float32(scale))  # ternary fell back to a float type
+        return codec.encode(block, scale, tiles) if tiles else codec.encode(block, scale)
+    return codec.encode(block.astype(np.float32) * scale)  # a float type of the ternary values
 
 
 def check_scale(name: str, scale: float, codec_name: str) -> None:

@@ -206,3 +206,28 @@ def test_llamacpp_tokenizes_like_sentencepiece(llama, models, name):
         want = sp.encode(text)
         assert got == want, repr(text)
         assert got_bos == [sp.bos_id()] + want, repr(text)
+
+
+# -- full-precision outputs of the effective weights (--type f32 / f16) -------------------------
+FLOAT_EXACT_MAX, FLOAT_EXACT_MEAN = 0.01, 0.005  # as the F32 rewrite in test_llamacpp_families.py
+FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+@pytest.mark.parametrize("out_type", list(FLOAT_DTYPES))
+@pytest.mark.parametrize("name", ["mha-f32", "gqa-f16"])
+def test_float_type_files_give_the_reference_logits(llama, models, name, out_type):
+    """--type f32 / f16: every projection is its effective weights (ternary values times the
+    scale) and the embedding the same type; llama.cpp runs the file with the logits of the
+    numpy forward pass over those values, tightly."""
+    import gguf
+
+    path = models.gguf(name, out_type)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == out_type.upper()
+    dtype = FLOAT_DTYPES[out_type]
+    want = forward(models.checkpoint(name), models.tokens(name), embed_dtype=dtype, ternary_dtype=dtype)
+    got = llama_logits(llama, path, models.tokens(name), n_vocab=want.shape[1])
+    err = relative_rms_error(got, want)
+    detail = f"relative RMS logit error per position: {np.array2string(err, precision=4)}"
+    assert err.max() <= FLOAT_EXACT_MAX and err.mean() <= FLOAT_EXACT_MEAN, detail
+    assert np.array_equal(got.argmax(axis=1), want.argmax(axis=1)), detail

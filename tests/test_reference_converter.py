@@ -256,3 +256,62 @@ def test_packed_llama_files_equal_llama_cpp_converters(llama_convert, tmp_path, 
     assert bytes(pre.parts[pre.data[0]]).decode() == "llama-bpe", proc.stderr
     llama_cpp_convert_packed(llama_convert, model, theirs, out_type, "llama-bpe")
     compare_with_llama_cpp(ours, theirs)
+
+
+# -- full-precision outputs of the effective weights (--type f32 / f16 / bf16 / q8_0) --------------
+FLOAT_VIEWS = {"F32": "<u4", "F16": "<u2", "BF16": "<u2"}
+SIGN_BIT = {"<u4": 0x80000000, "<u2": 0x8000}
+
+
+def assert_same_up_to_the_sign_of_zero(ours_path: Path, theirs_path: Path, scale_ulps: int = 0) -> None:
+    """Every tensor of the same type; Q8_0 and F32 norms byte-identical; the float projections the
+    same values, their bits differing only where llama.cpp's zero keeps the sign of the weight it
+    came from (see assert_same_f16_ternary): ours +0, theirs -0. `scale_ulps`: for F32 projections
+    of master weights, how far (in F32 ulps) the value of a nonzero code may be from llama.cpp's:
+    its absmean is torch's float32 mean (rounded along its summation order), ours the exact mean
+    rounded once, which can differ in the last bit; every other output type rounds that away."""
+    ours, theirs = gguf.GGUFReader(ours_path), gguf.GGUFReader(theirs_path)
+    kv_ours, kv_theirs = metadata(ours), metadata(theirs)
+    assert {k for k in kv_ours.keys() | kv_theirs.keys() if kv_ours.get(k) != kv_theirs.get(k)} <= NAMING_KEYS
+    t_theirs = {t.name: t for t in theirs.tensors}
+    assert sorted(t.name for t in ours.tensors) == sorted(t_theirs)
+    for a in ours.tensors:
+        b = t_theirs[a.name]
+        assert (a.tensor_type.name, list(a.shape)) == (b.tensor_type.name, list(b.shape)), a.name
+        x, y = np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)
+        view = FLOAT_VIEWS.get(a.tensor_type.name)
+        if view is None or np.array_equal(x, y):
+            assert np.array_equal(x, y), f"{a.name} ({a.tensor_type.name}): bytes differ from llama.cpp's"
+            continue
+        xb, yb = x.view(view), y.view(view)
+        differ = xb != yb
+        zero = xb == 0
+        assert (yb[differ & zero] == SIGN_BIT[view]).all(), f"{a.name}: a zero differs from llama.cpp's"
+        off = (xb.astype(np.int64) - yb.astype(np.int64))[differ & ~zero]
+        assert (np.abs(off) <= (scale_ulps if view == "<u4" else 0)).all(), \
+            f"{a.name} ({a.tensor_type.name}): differs from llama.cpp's other than in the sign of zero"
+
+
+FLOAT_CASES = [("f16", "f32"), ("f16", "f16"), ("f16", "bf16"), ("f16", "q8_0"), ("bf16", "f32"), ("f32", "bf16"),
+               ("llama3-1.58", "f16"), ("llama3-1.58", "q8_0")]
+
+
+@pytest.mark.parametrize("source,out_type", FLOAT_CASES, ids=[f"{s}-{t}" for s, t in FLOAT_CASES])
+def test_float_types_equal_llama_cpp_converters_outtype(llama_convert, tmp_path, source, out_type):
+    """--type X (embeddings following it) against llama.cpp's --outtype X: master weights of each
+    dtype (llama.cpp casts W' back to an fp16 checkpoint's dtype) and a packed checkpoint."""
+    from tests.synthetic import write_bitnet_checkpoint, write_checkpoint
+
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "llama.cpp.gguf"
+    if source == "llama3-1.58":
+        model = write_checkpoint(tmp_path / source, source, **PACKED_CASES[source])
+        llama_cpp_convert_packed(llama_convert, model, theirs, out_type, "llama-bpe")
+    else:
+        model = write_bitnet_checkpoint(tmp_path / f"model-{source}", hidden_size=256, intermediate_size=512,
+                                        num_layers=1, num_heads=4, dtype=source, seed=5)
+        llama_cpp_convert(llama_convert, model, theirs, out_type)
+    convert(model, ours, "--type", out_type)
+    assert_same_up_to_the_sign_of_zero(ours, theirs, scale_ulps=0 if source == "llama3-1.58" else 1)
+    if out_type == "q8_0":  # the format without a sign of zero: the whole file's tensors are identical
+        a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+        assert {t.name: bytes(t.data) for t in a.tensors} == {t.name: bytes(t.data) for t in b.tensors}
