@@ -378,3 +378,19 @@ def test_q8_0_embedding_rows_must_be_multiples_of_32(tmp_path, out):
 def test_a_split_size_below_one_byte(tmp_path, out):
     model = packed_model(tmp_path)
     expect_refusal(model, out, "--split-max-size", "less than one byte", extra=("--split-max-size", "0.0001K"))
+
+
+@pytest.mark.parametrize("content,needle", [("[1]", "JSON object"), ("{not json", "not JSON"),
+                                            ('{"general.tags": 5}', "wrong type"), (None, "does not exist")])
+def test_a_bad_metadata_file_is_refused(checkpoint, tmp_path, content, needle):
+    model = checkpoint()
+    meta = tmp_path / "meta.json"
+    if content is not None:
+        meta.write_text(content)
+    (tmp_path / "out").mkdir()  # the output's directory holds nothing but what a conversion would write
+    expect_refusal(model, tmp_path / "out" / "m.gguf", "--metadata", needle, extra=("--metadata", meta))
+
+
+def test_vocab_only_cannot_be_split(checkpoint, tmp_path):
+    expect_refusal(checkpoint(), tmp_path / "m.gguf", "--vocab-only", "split",
+                   extra=("--vocab-only", "--split-max-tensors", "3"))

@@ -103,3 +103,21 @@ def test_verify_a_split_set_from_any_part(tmp_path):
     parts[1].unlink()
     proc = run_cli("verify", parts[0], model, check_exit=2)
     assert "missing" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("out_type", ["f16", "q8_0"])
+def test_verify_a_float_type_file_with_metadata_overrides(checkpoint, tmp_path, out_type):
+    """--type f16 / q8_0 files and --metadata / --model-name: verify recomputes them when told the
+    same options, and finds the overrides missing when not."""
+    import json
+
+    model = checkpoint(dtype="f16")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"general.author": "Someone", "general.tags": ["x"]}))
+    out = tmp_path / "m.gguf"
+    convert(model, out, "--type", out_type, "--metadata", meta, "--model-name", "Named")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.ffn_up.weight"] == types["token_embd.weight"] == out_type.upper()
+    assert "OK" in run_cli("verify", out, model, "--metadata", meta, "--model-name", "Named").stdout
+    proc = run_cli("verify", out, model, check_exit=1)
+    assert "general.author" in proc.stdout and "general.name is 'Named'" in proc.stdout
