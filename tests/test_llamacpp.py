@@ -231,3 +231,17 @@ def test_float_type_files_give_the_reference_logits(llama, models, name, out_typ
     detail = f"relative RMS logit error per position: {np.array2string(err, precision=4)}"
     assert err.max() <= FLOAT_EXACT_MAX and err.mean() <= FLOAT_EXACT_MEAN, detail
     assert np.array_equal(got.argmax(axis=1), want.argmax(axis=1)), detail
+
+
+def test_a_vocab_only_file_tokenizes_in_llamacpp_like_sentencepiece(llama, models, tmp_path):
+    """--vocab-only: no tensors, and llama.cpp loads it as a vocabulary (its tokenizer tools do)."""
+    import gguf
+
+    name = "gqa-f16"
+    path = tmp_path / "vocab.gguf"
+    convert(models.checkpoint(name), path, "--vocab-only")
+    assert not gguf.GGUFReader(path).tensors
+    sp = spm.SentencePieceProcessor(model_file=str(models.checkpoint(name) / "tokenizer.model"))
+    got = llama.tokenize(path, TOKENIZER_TEXTS, add_bos=True, special=False)
+    assert got["vocab_type"] == "spm" and (got["bos"], got["eos"]) == (sp.bos_id(), sp.eos_id())
+    assert got["tokens"] == [[sp.bos_id()] + sp.encode(text) for text in TOKENIZER_TEXTS]
