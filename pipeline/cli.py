@@ -48,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint directory to a GGUF file",
                        description="Convert a checkpoint directory (config.json, *.safetensors, tokenizer) to GGUF.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_convert_options(c)
+    c.add_argument("--dry-run", action="store_true",
+                   help="show the plan (as `bitnet-gguf plan`) and write nothing")
+    pl = sub.add_parser("plan", help="show what a conversion would do, without writing anything",
+                        description="Every GGUF tensor (source dtype -> output type, size, part, fallback), the "
+                                    "output and run directory sizes and the memory budget, from the checkpoint's "
+                                    "headers and the options convert takes; what convert would refuse is refused.")
+    add_convert_options(pl)
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return build_parser_rest(p, sub)
+
+
+def add_convert_options(c) -> None:
     c.add_argument("model", metavar="MODEL",
                    help="Hugging Face checkpoint directory, or a model id org/name already downloaded to the "
                         "local Hugging Face cache (HF_HUB_CACHE / HF_HOME; never downloaded)")
@@ -103,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback when something fails")
 
+
+def build_parser_rest(p, sub) -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show the stages of a run directory",
                        description="Show which stages of a run directory are done.")
     s.add_argument("workdir", type=Path, metavar="WORKDIR", help="run directory (printed by convert)")
@@ -182,10 +197,9 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
-def cmd_convert(args) -> int:
+def _convert_options(args):
     from pipeline.config import make_options
     from pipeline.hub import resolve_model
-    from pipeline.runner import convert, convert_vocab_only
 
     model = resolve_model(args.model)
     if model.source != "directory":
@@ -199,6 +213,27 @@ def cmd_convert(args) -> int:
                         scheduler=scheduler, progress=False if args.no_progress else sys.stderr.isatty(),
                         force=args.force, name_override=args.model_name, metadata_file=args.metadata,
                         vocab_only=args.vocab_only)
+    return opts
+
+
+def cmd_plan(args) -> int:
+    from pipeline.errors import OptionError
+    from pipeline.runner import plan_conversion
+
+    opts = _convert_options(args)
+    if opts.vocab_only:
+        raise OptionError("--vocab-only: nothing to plan (no tensors, no run directory); drop --vocab-only")
+    plan = plan_conversion(opts)
+    print(json.dumps(plan.as_json(), indent=2) if getattr(args, "json", False) else plan.table())
+    return EXIT_OK
+
+
+def cmd_convert(args) -> int:
+    from pipeline.runner import convert, convert_vocab_only
+
+    if args.dry_run:
+        return cmd_plan(args)
+    opts = _convert_options(args)
     (convert_vocab_only if opts.vocab_only else convert)(opts, _log)
     return EXIT_OK
 
@@ -244,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        return {"convert": cmd_convert, "status": cmd_status, "inspect": cmd_inspect,
+        return {"convert": cmd_convert, "plan": cmd_plan, "status": cmd_status, "inspect": cmd_inspect,
                 "verify": cmd_verify}[args.command](args)
     except UserError as e:
         if args.debug:

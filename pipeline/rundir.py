@@ -2,6 +2,8 @@
 
     <workdir>/
       manifest.json     source fingerprint, options, state and key of each stage
+      plan.json         the plan of the conversion (pipeline/plan.py): every tensor's source, type,
+                        size and place in the file, the sizes of the outputs and stores, the memory
       metadata.json     the GGUF architecture and key/values, decided once per run from the
                         checkpoint's config and tokenizer; assemble writes them
       <stage>.checksums.json   size and xxh3 digest of every file of a finished store, checked
@@ -172,7 +174,8 @@ class RunDir:
         except OSError as e:
             raise RunDirError(f"{self.path}: cannot list the run directory ({e.strerror}); choose another --workdir") \
                 from None
-        ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp",
+        ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp", "plan.json",
+                "plan.json.tmp",
                 *(self.store(s).name for s in STAGES), *(f".{self.store(s).name}.deleting" for s in STAGES),
                 *(self.checksums_path(s).name for s in STAGES), *(self.checksums_path(s).name + ".tmp" for s in STAGES)}
         if "manifest.json" not in entries and not any(self._is_our_store(s) for s in STAGES):

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from pipeline.budget import current_rss, plan_budget
 from pipeline.checkpoint import open_checkpoint, open_vocabulary
-from pipeline.config import Options, check_output_path, format_size
+from pipeline.config import Options, format_size
 from pipeline.context import StageContext
-from pipeline.errors import CheckpointError, OptionError, RunDirError
+from pipeline.errors import CheckpointError, RunDirError
 from pipeline.families import TERNARY
-from pipeline.gguf_file import MAX_SPLITS, GGUFSplitWriter, GGUFWriterError, TensorInfo, file_size
+from pipeline.gguf_file import GGUFSplitWriter
 from pipeline.output import OutputChanged, final_paths, identity, publish, remove_stale_temps, temp_path
 from pipeline.outtypes import TARGET_NAMES, tensor_type
+from pipeline.plan import make_plan, save_plan
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler
@@ -56,73 +57,6 @@ def _finished(stage: str, state: dict | None, key: str) -> bool:
     return True
 
 
-def check_kernel_shapes(opts: Options, ckpt) -> None:
-    """TL1/TL2: every ternary projection's (m, k) has a section in --kernel-config (refused before any work)."""
-    from pipeline.kernel_config import missing_shapes_message, tiles_of
-
-    layout = opts.layout
-    if not layout.needs_tiles:
-        return
-    missing: dict[tuple[int, int], list[str]] = {}
-    for t in ckpt.plan.tensors:
-        if t.role == TERNARY and tiles_of(opts.kernel_tiles, t.shape) is None:
-            missing.setdefault(tuple(t.shape), []).append(t.gguf_name)
-    if missing or opts.kernel_config is None:
-        if not missing:  # no ternary projection at all: nothing to ask for
-            return
-        raise OptionError(missing_shapes_message(opts.kernel_config, layout.codec, missing))
-
-
-def tensor_tiles(opts: Options, role: str, shape) -> tuple | None:
-    """The kernel tiles of a ternary projection of a TL type, else None."""
-    if role != TERNARY or not opts.layout.needs_tiles:
-        return None
-    from pipeline.kernel_config import tiles_of
-
-    return tiles_of(opts.kernel_tiles, shape)
-
-
-def tensor_types(opts: Options, ckpt, log=None) -> list[TensorInfo]:
-    """Every tensor's output type and size; raises for a type that cannot hold a tensor."""
-    check_kernel_shapes(opts, ckpt)
-    infos, ternary, fallbacks = [], 0, 0
-    for t in ckpt.plan.tensors:
-        out, fallback = tensor_type(t.role, t.shape, opts.layout.name, opts.embedding_type, t.gguf_name)
-        if t.role == TERNARY:
-            ternary += 1
-            fallbacks += fallback is not None
-            if t.recipe.packed:  # the scale is the checkpoint's weight_scale, known now
-                from stages.pack import check_scale
-                from stages.quantize import ternary_scale
-
-                check_scale(t.gguf_name, float(ternary_scale(t.recipe, None)), out.name)
-        infos.append(TensorInfo(t.gguf_name, t.shape, out.ggml_type,
-                                out.nbytes(t.shape, tensor_tiles(opts, t.role, t.shape))))
-    if opts.out_type == "i2_s" and ternary and fallbacks == ternary:
-        raise OptionError(f"--type i2_s: no projection of this checkpoint has rows that are a multiple of "
-                          f"{opts.layout.block_size} values, so nothing could be I2_S; choose tq2_0 or tq1_0")
-    return infos
-
-
-def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> tuple[int, int]:
-    """(bytes of the GGUF file(s), number of parts); checks every part's path."""
-    from stages.assemble import file_kvs, plan_parts
-
-    metadata = {"arch": ckpt.plan.arch, "kv": ckpt.kv}
-    parts = plan_parts(infos, opts.split_max_size, opts.split_max_tensors)
-    if len(parts) > MAX_SPLITS:
-        raise OptionError(f"--split-max-size / --split-max-tensors: {len(parts)} parts; a split set has at most "
-                          f"{MAX_SPLITS}; allow larger parts")
-    if len(parts) > 1:  # every part's path, as -o's was checked: nothing but a GGUF (or --force) is replaced
-        for path in final_paths(opts.output, len(parts)):
-            check_output_path(path, opts.force)
-    try:
-        kvs = file_kvs(metadata, opts.layout.name, opts.kernel_tiles)
-        return sum(file_size(kvs, [infos[i] for i in idx]) for idx in parts), len(parts)
-    except (GGUFWriterError, ValueError) as e:
-        raise CheckpointError(f"{opts.model_dir}: the GGUF header cannot be written ({e})") from None
-
-
 def convert_vocab_only(opts: Options, log) -> list[Path]:
     """--vocab-only: the key/values and tokenizer, no tensors, from config.json and the tokenizer
     alone (no run directory); written to a temporary name and renamed into place."""
@@ -145,6 +79,17 @@ def convert_vocab_only(opts: Options, log) -> list[Path]:
     return [opts.output]
 
 
+def plan_conversion(opts: Options):
+    """The plan of `convert(opts)` (pipeline/plan.py), refusing what it would refuse; writes nothing."""
+    ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
+                           max_header_bytes=header_budget(opts.memory_limit), model_name=opts.name_override,
+                           metadata_file=opts.metadata_file)
+    for stage in STAGES:  # as convert does, so the budget's baseline is the same
+        importlib.import_module(f"stages.{stage}")
+    budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local")
+    return make_plan(opts, ckpt, budget)
+
+
 def convert(opts: Options, log) -> list[Path]:
     ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
                            max_header_bytes=header_budget(opts.memory_limit), model_name=opts.name_override,
@@ -152,17 +97,17 @@ def convert(opts: Options, log) -> list[Path]:
     for stage in STAGES:  # import everything first, so the budget's baseline includes it
         importlib.import_module(f"stages.{stage}")
     budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local")
-    infos = tensor_types(opts, ckpt)
-    out_bytes, n_parts = output_size(opts, ckpt, infos)
+    plan = make_plan(opts, ckpt, budget)
     # what is at the output path(s) now: anything written there from here on is another
     # process's, and assemble does not replace it
-    outputs_before = [identity(p) for p in final_paths(opts.output, n_parts)]
+    outputs_before = [identity(p) for p in final_paths(opts.output, len(plan.outputs))]
     keys = stage_keys(opts, ckpt)
     run = RunDir(opts.workdir)
     run.check_is_ours()
     worker_memory = max(1, (opts.memory_limit - current_rss()) // budget.workers)
     with run:
-        check_disk(opts, ckpt, run, infos, out_bytes)
+        check_disk(opts, run, plan)
+        save_plan(run, plan)
         scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress)
         try:
             plan = ckpt.plan
@@ -184,26 +129,9 @@ def convert(opts: Options, log) -> list[Path]:
     return outputs
 
 
-def disk_needed(ckpt, infos: list[TensorInfo], out_bytes: int) -> tuple[int, int]:
-    """(bytes the run directory will hold, bytes of the GGUF), estimated from the plan."""
-    extract = codes = packed = 0
-    for t, info in zip(ckpt.plan.tensors, infos):
-        source = ckpt.sources[t.hf_name]
-        n = 1
-        for d in t.source_shape:
-            n *= d
-        extract += n * source.np_dtype.itemsize
-        if t.role == TERNARY:
-            codes += (n * 4 if t.recipe.packed else n) // 2  # int8 codes, compressed; generous
-        else:
-            codes += n * source.np_dtype.itemsize
-        packed += info.nbytes
-    return extract + codes + packed, out_bytes
-
-
-def check_disk(opts: Options, ckpt, run: RunDir, infos, out_bytes: int) -> None:
+def check_disk(opts: Options, run: RunDir, plan) -> None:
     """Refuse up front when the run directory's or the output's disk cannot hold the result."""
-    work_bytes, out_bytes = disk_needed(ckpt, infos, out_bytes)
+    work_bytes, out_bytes = plan.run_dir_bytes, plan.output_bytes
     have = run.stores_size()
     needs = {opts.workdir: max(0, work_bytes - have)}
     out_dev, work_dev = os.stat(opts.output.parent).st_dev, os.stat(opts.workdir).st_dev

@@ -1,0 +1,80 @@
+"""`bitnet-gguf plan` (and `convert --dry-run`): the plan a conversion follows, shown before any
+work and without writing anything; the sizes it predicts are those of the files the conversion
+then writes (every GGUF part and every tensor's offset exactly, the run directory's stores within
+10%), and its memory figure is not below the peak measured."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, convert, run_cli
+from tests.peak_rss import run_measuring_peak
+
+CASES = {
+    # name: (family, checkpoint shape, convert options)
+    "master-tq2_0": ("1bitllm", dict(hidden_size=256, intermediate_size=640, dtype="f16"), ["--type", "tq2_0"]),
+    "packed-split": ("llama3-1.58", dict(hidden_size=256, intermediate_size=512, num_heads=8, num_kv_heads=2),
+                     ["--type", "tq1_0", "--split-max-tensors", "7"]),
+    "2b4t-i2_s": ("2b4t", dict(hidden_size=256, intermediate_size=512), ["--type", "i2_s"]),
+    "master-f16": ("1bitllm", dict(hidden_size=256, intermediate_size=512, dtype="bf16"), ["--type", "f16"]),
+}
+
+
+def files_under(*dirs) -> dict:
+    return {os.path.join(r, f): os.stat(os.path.join(r, f)).st_size for d in dirs for r, _, fs in os.walk(d)
+            for f in fs}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_plan_predicts_the_files_the_conversion_writes(tmp_path, case):
+    from pipeline.gguf_file import read_gguf
+    from tests.synthetic import write_checkpoint
+
+    family, shape, options = CASES[case]
+    model = write_checkpoint(tmp_path / "model", family, num_layers=2, **shape)
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    before = files_under(tmp_path)
+    plan = json.loads(run_cli("plan", model, "-o", out, *options, "--json").stdout)
+    table = run_cli("convert", model, "-o", out, *options, "--dry-run").stdout
+    assert files_under(tmp_path) == before, "plan / --dry-run wrote something"
+    assert "blk.0.attn_q.weight" in table and "run directory:" in table
+
+    convert(model, out, *options)
+    written = {}
+    for path, size in plan["outputs"]:
+        assert os.path.getsize(path) == size, path
+        for t in read_gguf(path).tensors:
+            written[t.name] = (plan["outputs"].index([path, size]), t.offset, t.nbytes, t.ggml_type)
+    assert {t["name"]: (t["part"], t["offset"], t["nbytes"], t["ggml_type"]) for t in plan["tensors"]} == written
+    assert plan["output_bytes"] == sum(os.path.getsize(p) for p, _ in plan["outputs"])
+    work = out.with_name(out.name + ".work")
+    for store, predicted in plan["stores"].items():
+        measured = sum(files_under(work / f"{store}.zarr").values())
+        assert abs(measured - predicted) <= 0.1 * measured, (store, predicted, measured)
+    saved = json.loads((work / "plan.json").read_text())
+    assert saved == plan | {"memory_limit": saved["memory_limit"], "peak_memory": saved["peak_memory"]}
+
+
+def test_the_memory_figure_is_not_below_the_measured_peak(tmp_path):
+    from tests.synthetic import write_checkpoint
+
+    model = write_checkpoint(tmp_path / "model", "llama3-1.58", hidden_size=1024, intermediate_size=4096,
+                             num_layers=2, num_heads=8, num_kv_heads=2, vocab_size=32768)
+    out = tmp_path / "m.gguf"
+    plan = json.loads(run_cli("plan", model, "-o", out, "--memory-limit", "512MiB", "--json").stdout)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    got = run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
+                              "--memory-limit", "512MiB", "--no-progress"], env=env)
+    assert got["exit"] == 0, got["stderr"]
+    assert plan["peak_memory"] >= got["peak"], (plan["peak_memory"], got["peak"])
+    assert plan["peak_memory"] <= 512 * 1024**2
+
+
+def test_plan_refuses_what_convert_refuses(checkpoint, tmp_path):
+    model = checkpoint(hidden_size=320, intermediate_size=448)  # no row is a multiple of 128
+    proc = run_cli("plan", model, "-o", tmp_path / "m.gguf", "--type", "i2_s", check_exit=2)
+    assert proc.stderr.count("\n") == 1 and "--type i2_s" in proc.stderr and proc.stdout == ""
