@@ -342,7 +342,8 @@ def test_registry():
 
     assert set(CODECS) == set(OUTPUT_TYPES) == {"tq2_0", "tq1_0", "i2_s", "i2_s_arm", "tl1", "tl2", "f16", "bf16",
                                                 "f32", "q8_0"}
-    assert TERNARY_CHOICES == ("tq2_0", "tq1_0", "i2_s", "tl1", "tl2")
+    # --type: the ternary types, and the float types of the effective weights (as llama.cpp's --outtype)
+    assert TERNARY_CHOICES == ("tq2_0", "tq1_0", "i2_s", "tl1", "tl2", "f16", "bf16", "f32", "q8_0")
     assert set(EMBEDDING_CHOICES) == {"f16", "bf16", "f32", "q8_0"}
     file_types = {"tq2_0": LlamaFileType.MOSTLY_TQ2_0, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
                   "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "f32": LlamaFileType.ALL_F32,
