@@ -67,7 +67,8 @@ def convert_vocab_only(opts: Options, log) -> list[Path]:
     before = [identity(opts.output)]
     temp = temp_path(opts.output, opts.workdir)
     try:
-        with GGUFSplitWriter([temp], file_kvs({"arch": plan.arch, "kv": kv}, opts.out_type), [], [[]]) as writer:
+        kvs = file_kvs({"arch": plan.arch, "kv": kv}, opts.layout.name, opts.kernel_tiles)
+        with GGUFSplitWriter([temp], kvs, [], [[]]) as writer:
             writer.write_header()
         publish([temp], [opts.output], before)
     except OutputChanged:
