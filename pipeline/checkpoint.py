@@ -68,12 +68,12 @@ def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
                                   f"{fam.description} packs it as U8 {list(t.source_shape)} (4 ternary codes per "
                                   f"byte for {list(t.shape)}); config and weights disagree")
         return
+    if src.dtype not in MASTER_DTYPES:  # before the shape: packed codes are a quarter of the rows
+        raise CheckpointError(f"{src.file}: tensor {t.hf_name} is {src.dtype}; {fam.description} "
+                              f"needs float weights ({', '.join(MASTER_DTYPES)}) there")
     if src.shape != t.shape:
         raise CheckpointError(f"{src.file}: tensor {t.hf_name} has shape {list(src.shape)}, but config.json "
                               f"implies {list(t.shape)}; config and weights disagree")
-    if src.dtype not in MASTER_DTYPES:
-        raise CheckpointError(f"{src.file}: tensor {t.hf_name} is {src.dtype}; {fam.description} "
-                              f"needs float weights ({', '.join(MASTER_DTYPES)}) there")
 
 
 def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None,

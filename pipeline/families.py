@@ -69,6 +69,13 @@ class Family:
                                         "num_attention_heads", "vocab_size", "max_position_embeddings")
     # checkpoint tensors that carry nothing the GGUF needs (recomputed by the runtime)
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    # config.json keys that must hold these values for the row to match (a checkpoint whose
+    # architecture and quantization_config are those of plain float models says so this way)
+    config_markers: tuple[tuple[str, object], ...] = ()
+
+    def matches(self, config: dict, archs: list[str], quant: str | None) -> bool:
+        return (any(a in self.architectures for a in archs) and self.quantization == quant
+                and all(config.get(k) == v for k, v in self.config_markers))
 
     @property
     def weights(self) -> str:
@@ -126,6 +133,10 @@ _VOCAB_AND_ROPE_DIM = (
     ("rope.dimension_count", "@head_dim", "uint32"),
 )
 
+_LLAMA_TENSORS = dict(global_tensors=(_EMBED,), block_tensors=_block(None, None, True),
+                      trailing_tensors=(_OUTPUT_NORM, _LM_HEAD))
+_LLAMA_HPARAMS = _COMMON_HPARAMS + _HEAD_LENGTHS + _VOCAB_AND_ROPE_DIM
+
 _BITNET_2B_TENSORS = dict(global_tensors=(_EMBED,), block_tensors=_block("attn_sub_norm", "ffn_sub_norm", False),
                           trailing_tensors=(_OUTPUT_NORM,))
 
@@ -149,7 +160,7 @@ FAMILIES = (
     Family(
         name="llama-bitnet",
         description="packed BitNet Llama (LlamaForCausalLM + quant_method bitnet: HF1BitLLM Llama3-8B-1.58, "
-                    "Falcon3-1.58bit)",
+                    "Falcon3-1.58bit, Falcon-E main revision, onebitllms quantize_to_1bit output)",
         architectures=("LlamaForCausalLM",),
         quantization="bitlinear",
         gguf_arch="llama",
@@ -157,10 +168,26 @@ FAMILIES = (
         permute_qk=True,
         output="untied",
         runtime="llama.cpp, bitnet.cpp",
-        global_tensors=(_EMBED,),
-        block_tensors=_block(None, None, True),
-        trailing_tensors=(_OUTPUT_NORM, _LM_HEAD),
-        hparams=_COMMON_HPARAMS + _HEAD_LENGTHS + _VOCAB_AND_ROPE_DIM,
+        hparams=_LLAMA_HPARAMS,
+        **_LLAMA_TENSORS,
+    ),
+    Family(
+        # tiiuae Falcon-E `prequantized` revision (what onebitllms fine-tunes start from): a plain
+        # Llama checkpoint whose projections are BitNet master weights; only its config's
+        # is_bitnet_config says so (docs/notes/families.md)
+        name="llama-bitnet-master",
+        description="BitNet Llama master weights (LlamaForCausalLM with is_bitnet_config: true and no "
+                    "quantization_config: Falcon-E prequantized revision)",
+        architectures=("LlamaForCausalLM",),
+        quantization=None,
+        gguf_arch="llama",
+        scale_rule="absmean",
+        permute_qk=True,
+        output="untied",
+        runtime="llama.cpp, bitnet.cpp",
+        hparams=_LLAMA_HPARAMS,
+        config_markers=(("is_bitnet_config", True),),
+        **_LLAMA_TENSORS,
     ),
     Family(
         name="bitnet-2b4t",
@@ -318,14 +345,16 @@ def detect_family(config: dict, config_path: Path) -> Family:
     for fam in FAMILIES:
         if any(a in fam.architectures for a in archs):
             known_arch = True
-            if fam.quantization == quant:
+            if fam.matches(config, archs, quant):
                 return fam
     shown = ", ".join(archs) if archs else "no 'architectures' entry"
     if known_arch:
         what = f"with quantization {quant}" if quant else "without a BitNet quantization_config"
         if archs == ["LlamaForCausalLM"] and quant is None:
             raise CheckpointError(f"{config_path}: a LlamaForCausalLM checkpoint without quantization_config "
-                                  "(quant_method \"bitnet\") is not a BitNet model; supported: "
+                                  "(quant_method \"bitnet\") or \"is_bitnet_config\": true is not a BitNet model "
+                                  "(if its projections are BitNet master weights, such as Falcon-E's prequantized "
+                                  "revision, add \"is_bitnet_config\": true to config.json); supported: "
                                   f"{supported_summary()}")
         raise CheckpointError(f"{config_path}: architecture {shown} {what} is not supported; "
                               f"supported: {supported_summary()}")

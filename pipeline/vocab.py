@@ -41,7 +41,7 @@ from pathlib import Path
 import gguf
 
 from pipeline.errors import CheckpointError, OptionError
-from pipeline.tokenizer_tables import CHKTXT, KNOWN_HASHES, RUNTIME_PRE_NAMES, SPLIT_PATTERNS
+from pipeline.tokenizer_tables import CHKTXT, KNOWN_HASHES, PORTABLE_HASH_NAMES, RUNTIME_PRE_NAMES, SPLIT_PATTERNS
 
 T = gguf.TokenType
 
@@ -251,8 +251,14 @@ def chkhsh(tok) -> str:
     return hashlib.sha256(str(ids).encode()).hexdigest()
 
 
+def pre_name_for_hash(digest: str) -> str | None:
+    """The `tokenizer.ggml.pre` to write for a tokenizer llama.cpp's converter knows by its hash:
+    the converter's name, or one every target runtime accepts where some runtime lacks it."""
+    return PORTABLE_HASH_NAMES.get(digest) or KNOWN_HASHES.get(digest)
+
+
 def pre_tokenizer_name(path: Path, tok, data: dict) -> str:
-    name = KNOWN_HASHES.get(chkhsh(tok))
+    name = pre_name_for_hash(chkhsh(tok))
     if name is not None:
         return name
     name = SPLIT_PATTERNS.get(_split_patterns(data))

@@ -14,6 +14,11 @@ sections 0 and 4):
     2b4t         microsoft/bitnet-b1.58-2B-4T: BitNetForCausalLM, packed projections
                  (AutoBitLinear offline: W = codes * scale), relu2, sub-norms, tied
     2b4t-bf16    microsoft/bitnet-b1.58-2B-4T-bf16: the same with bf16 master weights
+    falcon-e     tiiuae/Falcon-E-*: packed like falcon3-1.58 as onebitllms' quantize_to_1bit writes it
+                 (weight_scale = 1 / absmean, so tens; modules_to_not_convert ["lm_head"])
+    falcon-e-prequantized
+                 tiiuae/Falcon-E-* revision "prequantized": LlamaForCausalLM, bf16 master weights,
+                 no quantization_config, is_bitnet_config true
 
 Every tensor is generated and written a row chunk at a time (packed ones too), so a
 1 GiB embedding costs a few MiB of memory. The same arguments give the same bytes.
@@ -126,9 +131,9 @@ def packed_chunks(name: str, shape: tuple[int, int], seed: int) -> Iterator[np.n
         yield np.bitwise_or.reduce(fields << shifts, axis=1)
 
 
-def weight_scale_chunks(name: str, seed: int) -> Iterator[np.ndarray]:
-    """The one value of a `<proj>.weight_scale` tensor, in WEIGHT_SCALE_RANGE."""
-    low, high = WEIGHT_SCALE_RANGE
+def weight_scale_chunks(name: str, seed: int, value_range=WEIGHT_SCALE_RANGE) -> Iterator[np.ndarray]:
+    """The one value of a `<proj>.weight_scale` tensor, in `value_range`."""
+    low, high = value_range
     yield np.array([low + (high - low) * _tensor_rng(seed, name).random()], dtype=np.float32)
 
 
@@ -296,6 +301,18 @@ def _falcon3_bitnet_config(h: Hparams) -> dict:
     return dict(sorted(config.items()))
 
 
+def _falcon_e_config(h: Hparams, packed: bool) -> dict:
+    # tiiuae/Falcon-E-*: what onebitllms' quantize_to_1bit writes over the source Llama config
+    # (is_bitnet_config, pretraining_tp 1, quantization_config with modules_to_not_convert
+    # from transformers' get_keys_to_not_convert: ["lm_head"] for an untied head). The
+    # prequantized revision is the same Llama config without quantization_config (whether
+    # it carries is_bitnet_config is unverified; the converter needs it, see families.md).
+    config = _falcon3_bitnet_config(h)
+    if not packed:
+        del config["quantization_config"]
+    return config
+
+
 def _bitnet_2b4t_config(h: Hparams, packed: bool) -> dict:
     # microsoft/bitnet-b1.58-2B-4T(-bf16); its auto_map (remote code) is left out
     config = {
@@ -337,6 +354,7 @@ class Family:
     tokenizer: str                         # "sentencepiece" (tokenizer.model) or "bpe" (tokenizer.json)
     head_dim_key: bool                     # config.json has head_dim (which may differ from hidden/heads)
     special_tokens: tuple[str, str] = ("<s>", "</s>")  # (bos, eos) token strings
+    weight_scale_range: tuple[float, float] = WEIGHT_SCALE_RANGE  # packed: where weight_scale values lie
     defaults: dict = field(default_factory=dict)        # rope_theta, rms_norm_eps, max_position_embeddings, dtype
 
 
@@ -370,6 +388,17 @@ FAMILIES: dict[str, Family] = {
         lm_head=False, tokenizer="bpe", head_dim_key=False,
         special_tokens=("<|begin_of_text|>", "<|end_of_text|>"),
         defaults=dict(rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=4096, dtype="bf16",
+                      tokenizer_vocab=400)),
+    "falcon-e": Family(
+        config=lambda h: _falcon_e_config(h, packed=True), packed=True, sub_norms=None, lm_head=True,
+        tokenizer="bpe", head_dim_key=True, special_tokens=("<|begin_of_text|>", "<|end_of_text|>"),
+        weight_scale_range=(16.0, 64.0),  # 1 / absmean of weights of std 0.02-0.05
+        defaults=dict(rope_theta=1000042, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
+                      tokenizer_vocab=400)),
+    "falcon-e-prequantized": Family(
+        config=lambda h: _falcon_e_config(h, packed=False), packed=False, sub_norms=None, lm_head=True,
+        tokenizer="bpe", head_dim_key=True, special_tokens=("<|begin_of_text|>", "<|end_of_text|>"),
+        defaults=dict(rope_theta=1000042, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
                       tokenizer_vocab=400)),
 }
 
@@ -535,7 +564,7 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
     for k, fname in enumerate(files):
         # Within a file, safetensors orders tensors by name ("layers.10" before "layers.2").
         members = sorted((s for s, sh in zip(specs, shard_of) if sh == k), key=lambda s: s[0])
-        entries = [(name, shape, _chunk_source(name, shape, role, seed), dt) for name, shape, role, dt in members]
+        entries = [(name, shape, _chunk_source(name, shape, role, seed, fam), dt) for name, shape, role, dt in members]
         total += write_safetensors(out / fname, entries, dtype)
         weight_map.update({name: fname for name, *_ in members})
     if shards > 1:
@@ -581,11 +610,11 @@ def write_2b4t_bf16_checkpoint(out_dir, **kw) -> Path:
     return write_checkpoint(out_dir, "2b4t-bf16", **kw)
 
 
-def _chunk_source(name, shape, role, seed) -> Callable[[], Iterator[np.ndarray]]:
+def _chunk_source(name, shape, role, seed, family: Family) -> Callable[[], Iterator[np.ndarray]]:
     if role == "packed":
         return lambda: packed_chunks(name, shape, seed)
     if role == "weight_scale":
-        return lambda: weight_scale_chunks(name, seed)
+        return lambda: weight_scale_chunks(name, seed, family.weight_scale_range)
     return lambda: tensor_chunks(name, shape, role, seed)
 
 

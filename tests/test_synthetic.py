@@ -285,9 +285,16 @@ FAMILY_FACTS = {
                  eos_token="<|end_of_text|>"),
     "2b4t-bf16": dict(arch="BitNetForCausalLM", model_type="bitnet", packed=False, sub_norms=True, lm_head=False,
                       quantization_config=None, eos_token="<|end_of_text|>"),
+    # onebitllms' quantize_to_1bit: weight_scale = 1 / absmean (tiiuae/onebitllms quantization_utils.py)
+    "falcon-e": dict(arch="LlamaForCausalLM", model_type="llama", packed=True, sub_norms=False, lm_head=True,
+                     quantization_config={"quant_method": "bitnet", "modules_to_not_convert": ["lm_head"]},
+                     eos_token="<|end_of_text|>", weight_scale=(16.0, 64.0)),
+    "falcon-e-prequantized": dict(arch="LlamaForCausalLM", model_type="llama", packed=False, sub_norms=False,
+                                  lm_head=True, quantization_config=None, eos_token="<|end_of_text|>"),
 }
+HEAD_DIM_KEY = ("falcon3-1.58", "falcon-e", "falcon-e-prequantized")
 PACKED_SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2)
-FAMILY_SHAPE = {family: PACKED_SHAPE | (dict(head_dim=96) if family == "falcon3-1.58" else {})
+FAMILY_SHAPE = {family: PACKED_SHAPE | (dict(head_dim=96) if family in HEAD_DIM_KEY else {})
                 for family in FAMILY_FACTS}
 
 
@@ -351,10 +358,11 @@ def test_family_checkpoint_is_well_formed(tmp_path, family, shards):
     assert config["torch_dtype"] == "bfloat16"
     assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
             config["num_attention_heads"], config["num_key_value_heads"]) == (256, 512, 2, 4, 2)
-    if family == "falcon3-1.58":
+    if family in HEAD_DIM_KEY:
         assert config["head_dim"] == 96 != config["hidden_size"] // config["num_attention_heads"]
         assert type(config["rope_theta"]) is int and config["rms_norm_eps"] == 1e-6
-        assert config["eos_token_id"] == config["bos_token_id"]
+        assert (config["eos_token_id"] == config["bos_token_id"]) is (family == "falcon3-1.58")
+        assert config["is_bitnet_config"] is True
     else:
         assert "head_dim" not in config
         assert config["rope_theta"] == 500000.0 and type(config["rope_theta"]) is float
@@ -367,6 +375,8 @@ def test_family_checkpoint_is_well_formed(tmp_path, family, shards):
     assert {name: t[:2] for name, t in tensors.items()} == expected_family_tensors(config, facts)
 
     # packed bytes: fields 0, 1, 2 only, all of them used; weight_scale a bf16 in about [2, 8]
+    # (falcon-e: 1 / absmean, tens)
+    low, high = facts.get("weight_scale", (2.0, 8.0))
     scales = []
     for name, (dtype, _, stored) in tensors.items():
         if dtype == "U8":
@@ -374,7 +384,7 @@ def test_family_checkpoint_is_well_formed(tmp_path, family, shards):
             assert counts[3] == 0, f"{name} holds field value 3"
             assert (counts[:3] > 0.2 * stored.size).all(), name
             (scale,) = as_float32(*tensors[name + "_scale"][::2])
-            assert 2.0 <= scale <= 8.0, name
+            assert low * 0.99 <= scale <= high * 1.01, name
             scales.append(scale)
     assert len(scales) == (14 if facts["packed"] else 0)
     assert len(set(scales)) >= len(scales) // 2, "every projection draws its own scale (bf16 values may repeat)"
