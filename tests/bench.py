@@ -47,6 +47,10 @@ CHECKPOINTS = {
     "llama3-8b-packed-4l": ("llama3-1.58", dict(num_layers=4, **LLAMA3_8B)),
     "llama3-8b-packed-16l": ("llama3-1.58", dict(num_layers=16, **LLAMA3_8B)),
     "8b-bf16-master": ("1bitllm", dict(num_layers=32, dtype="bf16", **LLAMA3_8B)),
+    # 1bitLLM/bitnet_b1_58-xl (config.json: hidden 2048, FFN 5460, 24 layers, 32 heads, f16, tied):
+    # ffn_down's rows of 5460 values fall back to F16
+    "xl-f16": ("1bitllm", dict(hidden_size=2048, intermediate_size=5460, num_layers=24, num_heads=32,
+                               vocab_size=32002, dtype="f16")),
 }
 
 
@@ -69,6 +73,7 @@ CASES = {
     "llama3-8b-16l": Case("llama3-8b-packed-16l"),
     "large": Case("large-f32", reference="lazy"),
     "3B": Case("3B-f32", reference="lazy"),
+    "xl": Case("xl-f16", reference="lazy"),
 }
 
 

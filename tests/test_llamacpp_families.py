@@ -45,6 +45,13 @@ CHECKPOINTS = {
                                    num_kv_heads=2, tokenizer_vocab=700, vocab_size=1024, seed=5)),
     "falcon3": ("falcon3-1.58", dict(hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4,
                                      num_kv_heads=2, head_dim=128, tokenizer_vocab=600, seed=6)),
+    # onebitllms quantize_to_1bit layout (Falcon-E main revision): weight_scale = 1 / absmean
+    "falcon-e": ("falcon-e", dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, head_dim=64, tokenizer_vocab=600, seed=12)),
+    # Falcon-E prequantized revision: bf16 master weights, absmean here, arch llama (q/k permuted)
+    "falcon-e-prequantized": ("falcon-e-prequantized", dict(hidden_size=256, intermediate_size=512, num_layers=2,
+                                                            num_heads=4, num_kv_heads=1, tokenizer_vocab=600,
+                                                            seed=13)),
 }
 
 MIXED_TEXTS = [
@@ -210,6 +217,18 @@ def test_llamacpp_tokenizes_like_the_tokenizers_package(llama, packed, name):
     assert got["vocab_type"] == "bpe"
     for text, ids in zip(MIXED_TEXTS, got["tokens"]):
         assert ids == tok.encode(text).ids, repr(text)  # with the BOS token the post-processor adds
+
+
+def test_falcon_e_pre_tokenizer_name_runs_in_llamacpp(llama_cpp, packed):
+    """The name written for Falcon-E's tokenizer (falcon3, docs/notes/families.md) loads and splits
+    text as the tokenizers package does (Falcon-E's split is Llama 3's)."""
+    tok = Tokenizer.from_file(str(packed.checkpoint("falcon-e") / "tokenizer.json"))
+    llm = load(llama_cpp, packed.gguf("falcon-e", "tq2_0", "--tokenizer-pre", "falcon3"), vocab_only=True)
+    try:
+        for text in MIXED_TEXTS:
+            assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == tok.encode(text).ids, repr(text)
+    finally:
+        llm.close()
 
 
 @pytest.mark.parametrize("family", ["2b4t", "2b4t-bf16"])

@@ -202,6 +202,9 @@ PACKED_CASES = {
                                 shards=3, seed=7),
     "falcon3-1.58": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=1,
                          head_dim=128, seed=8),
+    # Falcon-E main revision / onebitllms quantize_to_1bit output (weight_scale = 1 / absmean)
+    "falcon-e": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=64, seed=14),
 }
 PACKED_PARAMS = [(c, t) for c in PACKED_CASES for t in ("tq2_0", "tq1_0")]
 
