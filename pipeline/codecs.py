@@ -27,6 +27,7 @@ from pipeline.errors import CheckpointError
 
 QK_K = 256        # values per TQ1_0 / TQ2_0 block
 QK_I2_S = 128     # values per I2_S block (32 bytes)
+QK2_0 = 64        # values per Q2_0 block (upstream llama.cpp, ggml type 42)
 I2_S_TAIL = 32    # bytes after an I2_S tensor's packed codes: float32 scale + 28 unused
 ABSMEAN_FLOOR = 1e-5
 
@@ -372,6 +373,51 @@ class I2_S(Codec):
         return cls.decode_codes(packed).astype(np.float32) * np.float32(scale)
 
 
+class Q2_0(Codec):
+    """Upstream llama.cpp's Q2_0 (ggml type 42, not in the gguf package's enum): 18 bytes per 64
+    values, fp16 d first, then 16 bytes; value j of a block is in byte j // 4 at bits 2 * (j % 4),
+    as q = code + 1 (x = (q - 1) * d; q = 3 would be +2d and never occurs for ternary codes).
+
+    One scale per 64 values, so `scale` may also be one scale per block, shape (rows, cols / 64):
+    the type for checkpoints whose ternary scale changes along a row (groups of 64 or multiples).
+    Like llama.cpp's reference quantizer on the values codes * scale, a block without a non-zero
+    code stores d = 0.
+    """
+    name, ggml_type, block_size, type_size, ternary = "Q2_0", 42, QK2_0, 18, True
+
+    @classmethod
+    def encode(cls, codes: np.ndarray, scale) -> np.ndarray:
+        rows, nb = _rows_of_blocks(codes, QK2_0, "codes")
+        q = _trits(codes).reshape(rows, nb, 16, 4)
+        out = np.empty((rows, nb, cls.type_size), dtype=np.uint8)
+        qs = out[..., 2:]
+        np.left_shift(q[..., 3], 6, out=qs)
+        qs |= q[..., 2] << 4
+        qs |= q[..., 1] << 2
+        qs |= q[..., 0]
+        nonzero = (q != 1).any(axis=(-2, -1))[..., None]
+        scales = np.asarray(scale, dtype=np.float32)
+        if scales.ndim == 0:
+            d = _fp16_bytes(_check_scale(scales))
+        else:
+            if scales.shape != (rows, nb):
+                raise CodecError(f"Q2_0 block scales must have shape {(rows, nb)}, got {scales.shape}")
+            if not (np.isfinite(scales) & (scales > 0)).all():
+                raise CodecError("Q2_0 block scales must be finite and positive")
+            d = scales.astype("<f2")[..., None].view(np.uint8)
+        out[..., :2] = np.where(nonzero, d, np.uint8(0))
+        return out.reshape(rows, nb * cls.type_size)
+
+    @classmethod
+    def decode(cls, data: np.ndarray) -> np.ndarray:
+        rows, nb = _rows_of_blocks(np.asarray(data), cls.type_size, "data")
+        blocks = np.asarray(data, dtype=np.uint8).reshape(rows, nb, cls.type_size)
+        d = np.ascontiguousarray(blocks[..., :2]).view("<f2").astype(np.float32)  # (rows, nb, 1)
+        shifts = np.array([0, 2, 4, 6], dtype=np.uint8)
+        q = (blocks[..., 2:, None] >> shifts) & np.uint8(3)                       # (rows, nb, 16, 4)
+        return ((q.reshape(rows, nb, QK2_0).astype(np.float32) - 1) * d).reshape(rows, -1)
+
+
 class _Float(Codec):
     block_size, ternary = 1, False
     dtype: np.dtype
@@ -425,3 +471,4 @@ class Q8_0(_GGUFQuant):
 
 CODECS: dict[str, type[Codec]] = {"tq2_0": TQ2_0, "tq1_0": TQ1_0, "i2_s": I2_S, "f16": F16, "bf16": BF16,
                                   "f32": F32, "q8_0": Q8_0}
+CODECS["q2_0"] = Q2_0

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFValueType
 
-from pipeline.codecs import I2_S, I2_S_TAIL
+from pipeline.codecs import I2_S, I2_S_TAIL, Q2_0
 from pipeline.errors import GGUFFormatError
 
 VT = GGUFValueType
@@ -85,6 +85,8 @@ def default_type_sizes() -> dict[int, TypeSize]:
     """gguf-py's GGML_QUANT_SIZES plus bitnet.cpp's I2_S (n/4 bytes of codes, then 32)."""
     sizes = {int(t): TypeSize(block, size) for t, (block, size) in GGML_QUANT_SIZES.items()}
     sizes[I2_S.ggml_type] = TypeSize(I2_S.block_size, I2_S.type_size, I2_S_TAIL)
+    # upstream llama.cpp's Q2_0, which older gguf packages do not list
+    sizes.setdefault(Q2_0.ggml_type, TypeSize(Q2_0.block_size, Q2_0.type_size))
     return sizes
 
 

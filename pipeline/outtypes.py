@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_TAIL, Q8_0, TQ1_0, TQ2_0, Codec
+from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_TAIL, Q2_0, Q8_0, TQ1_0, TQ2_0, Codec
 from pipeline.errors import OptionError
 from pipeline.families import EMBEDDING, NORM, OUTPUT, TERNARY
 
@@ -64,6 +64,9 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
     OutputType("f32", F32, 0, "single precision", embedding_choice=True),
     OutputType("q8_0", Q8_0, 7, "8 bits, about half of F16 (rows must be a multiple of 32)", embedding_choice=True),
 )}
+# upstream llama.cpp's Q2_0 (file type MOSTLY_Q2_0 = 41): one fp16 scale per 64 values
+OUTPUT_TYPES["q2_0"] = OutputType("q2_0", Q2_0, 41, "2.25 bits/weight, upstream llama.cpp only (one scale per "
+                                  "64 values: group-scaled checkpoints)", ternary_choice=True, fallback="f16")
 assert set(OUTPUT_TYPES) == set(CODECS), "every codec has a registry entry"
 BY_GGML_TYPE = {t.ggml_type: t for t in OUTPUT_TYPES.values()}
 

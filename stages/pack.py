@@ -61,7 +61,7 @@ def check_scale(name: str, scale: float, codec_name: str) -> None:
     if not np.isfinite(s32) or s32 == 0:
         raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is not a finite non-zero float32 "
                               "(the checkpoint's weight_scale is out of range); it cannot be converted")
-    if codec_name in ("tq1_0", "tq2_0", "f16"):
+    if codec_name in ("tq1_0", "tq2_0", "q2_0", "f16"):
         if not np.isfinite(d) or d == 0:
             raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is outside what {codec_name.upper()} "
                                   "stores (fp16, up to 65504, above 6e-8); convert with --type i2_s (a float32 "

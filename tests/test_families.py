@@ -209,6 +209,35 @@ def test_i2s_tensors_decode_to_the_effective_weights(converted, case):
     assert len(raw_file) == -(-end // 32) * 32, "bytes after the last tensor"
 
 
+Q2_0_CASES = ["1bitllm-f16", "llama3", "2b4t", "falcon-e", "falcon-e-prequantized"]
+
+
+@pytest.mark.parametrize("case", Q2_0_CASES)
+def test_q2_0_tensors_decode_to_the_effective_weights(converted, case):
+    """--type q2_0 (upstream llama.cpp's type 42, which the gguf package here cannot read): every
+    projection decoded with the transcription of llama.cpp's dequantize_row_q2_0 (tests/test_codecs.py)."""
+    from pipeline.gguf_file import read_gguf
+    from tests.test_codecs import q2_0_reference_decode
+
+    model, out = converted(case, "q2_0")
+    arch, permuted, _ = FAMILY_FACTS[CASES[case][0]]
+    config = json.loads((model / "config.json").read_text())
+    contents = read_gguf(out)
+    assert contents.kv("general.file_type") == 41
+    tensors = {t.name: t for t in contents.tensors}
+    raw_file = out.read_bytes()
+    for hf, w in effective_weights(model).items():
+        name = gguf_name(hf)
+        t = tensors[name]
+        if w.ndim == 1 or name in ("token_embd.weight", "output.weight"):
+            continue
+        if permuted and name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = llama_permute(w, config["num_attention_heads"] if "attn_q" in name else config["num_key_value_heads"])
+        assert t.ggml_type == 42, name
+        values = q2_0_reference_decode(raw_file[t.offset:t.offset + t.nbytes], *w.shape)
+        np.testing.assert_array_equal(values, expected_tensor(name, w, None, config), err_msg=name)
+
+
 def test_i2s_rows_not_a_multiple_of_128_fall_back_to_f16_with_a_warning(tmp_path):
     # intermediate 320: gate/up rows have 256 values (I2_S), down_proj rows 320 (not a multiple of 128)
     model = write_checkpoint(tmp_path / "m", "llama3-1.58", hidden_size=256, intermediate_size=320, num_layers=1,

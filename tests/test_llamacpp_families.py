@@ -164,6 +164,15 @@ def test_llama_arch_tq_files_run_in_llamacpp(llama, packed, name):
     np.testing.assert_allclose(tq1, tq2, rtol=0, atol=1e-4 * np.abs(tq2).max())
 
 
+@pytest.mark.parametrize("name", ["llama3", "falcon-e-prequantized"])
+def test_q2_0_files_run_in_llamacpp(llama, packed, name):
+    """Upstream llama.cpp's Q2_0 (one fp16 scale per 64 values) holds the same ternary values:
+    within the TQ limits of the reference (its CPU kernel also quantizes activations to 8 bits)."""
+    want = packed.reference(name)
+    got = llama_logits(llama, packed.gguf(name, "q2_0"), packed.tokens(name), n_vocab=want.shape[1])
+    check_logits(got, want, TQ_MAX, TQ_MEAN, TQ_TOP1)
+
+
 def test_the_reference_tells_a_missing_permutation_apart(llama, packed, tmp_path):
     """The checks above can fail: the same model with its q/k rows left in Hugging Face's order
     (what a converter that forgot the permutation writes) is far outside both limits."""
