@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CheckpointError
-from pipeline.families import TensorPlan, plan_tensors
+from pipeline.families import GROUPED, TensorPlan, plan_tensors
 from pipeline.metadata import build_kv
 from pipeline.safetensors_io import (MAX_HEADER, TensorSource, as_float32, files_fingerprint, index_checkpoint,
                                      require_regular_file)
 
 MASTER_DTYPES = ("F32", "F16", "BF16")
+GROUP_BLOCK = 64  # the smallest block that holds one scale (Q2_0): group-scaled rows are whole blocks
 PACKED_DTYPES = ("U8",)
 
 
@@ -74,6 +75,9 @@ def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
     if src.shape != t.shape:
         raise CheckpointError(f"{src.file}: tensor {t.hf_name} has shape {list(src.shape)}, but config.json "
                               f"implies {list(t.shape)}; config and weights disagree")
+    if t.recipe.weights == GROUPED and t.shape[-1] % GROUP_BLOCK:
+        raise CheckpointError(f"{src.file}: tensor {t.hf_name} has rows of {t.shape[-1]} values; group-scaled "
+                              f"ternary projections convert only with rows that are a multiple of {GROUP_BLOCK}")
 
 
 def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None,

@@ -94,6 +94,30 @@ def ternary_codes(block: np.ndarray, scale: np.float32) -> np.ndarray:
     return values.astype(np.int8)
 
 
+# -- group-scaled ternary weights (read from the data) ------------------------------------------
+
+def group_magnitudes(block: np.ndarray, group: int) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """(float32 (rows, cols / group) magnitudes, first non-ternary (row, group) or None) of float
+    weights that should hold {-s, 0, +s} in every run of `group` values of a row: each group's s
+    is its max |x| (0 for an all-zero group), and every value's |x| must be 0 or s (NaN and
+    infinities never are)."""
+    values = np.asarray(block, dtype=np.float32)
+    rows, cols = values.shape
+    a = np.abs(values).reshape(rows, cols // group, group)
+    m = a.max(axis=2)
+    ok = ((a == 0) | (a == m[..., None])).all(axis=2) & np.isfinite(m)
+    if ok.all():
+        return m, None
+    r, g = np.argwhere(~ok)[0]
+    return m, (int(r), int(g))
+
+
+def sign_fields(block: np.ndarray) -> np.ndarray:
+    """Fields (code + 1, uint8) of ternary float values: the sign of each value."""
+    codes = np.sign(np.asarray(block, dtype=np.float32)).astype(np.int8)
+    return codes.view(np.uint8) + np.uint8(1)
+
+
 # -- helpers shared by the ternary codecs -----------------------------------------------------
 
 def _trits(codes: np.ndarray) -> np.ndarray:

@@ -30,11 +30,16 @@ NORM = "norm"            # 1-D, kept as F32
 # How a ternary projection is stored in the checkpoint and what its scale is.
 MASTER = "master"   # float master weights: absmean scale, codes = clip(round(W / s), -1, 1)
 PACKED = "packed"   # uint8 (out/4, in), 4 codes per byte in quarter layout, plus <name>_scale
+GROUPED = "grouped"  # float weights already ternary: {-s, 0, +s} with one s per group of columns
 SCALE_RULES = {
     "absmean": MASTER,   # s = max(mean|W|, 1e-5) over the whole tensor
     "divide": PACKED,    # BitLinear: W = codes / weight_scale
     "multiply": PACKED,  # AutoBitLinear (offline): W = codes * weight_scale
+    "group": GROUPED,    # read from the data: each group of GROUP_COLUMNS values of a row is {-s, 0, +s}
 }
+# The finest group the data is checked at (every group size in use, 64 and 128, is a multiple):
+# each run of 32 values of a row must hold at most one non-zero magnitude.
+GROUP_COLUMNS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +87,8 @@ class Family:
         return SCALE_RULES[self.scale_rule]
 
 
-def _block(attn_sub_norm: str | None, ffn_sub_norm: str | None, permute: bool) -> tuple[TensorRule, ...]:
+def _block(attn_sub_norm: str | None, ffn_sub_norm: str | None, permute: bool,
+           qk_norm: bool = False) -> tuple[TensorRule, ...]:
     p = "model.layers.{bid}."
     rules = [
         TensorRule(p + "input_layernorm.weight", "blk.{bid}.attn_norm.weight", NORM, ("hidden",)),
@@ -93,6 +99,11 @@ def _block(attn_sub_norm: str | None, ffn_sub_norm: str | None, permute: bool) -
         TensorRule(p + "self_attn.v_proj.weight", "blk.{bid}.attn_v.weight", TERNARY, ("kv_dim", "hidden")),
         TensorRule(p + "self_attn.o_proj.weight", "blk.{bid}.attn_output.weight", TERNARY, ("hidden", "q_dim")),
     ]
+    if qk_norm:  # Qwen3: an RMSNorm over each head's q and k, before rope
+        rules += [
+            TensorRule(p + "self_attn.q_norm.weight", "blk.{bid}.attn_q_norm.weight", NORM, ("head_dim",)),
+            TensorRule(p + "self_attn.k_norm.weight", "blk.{bid}.attn_k_norm.weight", NORM, ("head_dim",)),
+        ]
     if attn_sub_norm:
         rules.append(TensorRule(p + f"self_attn.{attn_sub_norm}.weight", "blk.{bid}.attn_sub_norm.weight",
                                 NORM, ("hidden",)))
@@ -188,6 +199,25 @@ FAMILIES = (
         hparams=_LLAMA_HPARAMS,
         config_markers=(("is_bitnet_config", True),),
         **_LLAMA_TENSORS,
+    ),
+    Family(
+        # PrismML Ternary-Bonsai (Qwen3, "unpacked" fp16): every projection's values are {-s, 0, +s}
+        # with one s per group of 128 columns; nothing in config.json says so, the data does
+        # (docs/notes/families.md, section 3)
+        name="qwen3-ternary",
+        description="group-scaled ternary Qwen3 (Qwen3ForCausalLM with ternary float projections, one scale "
+                    "per group of columns: PrismML Ternary-Bonsai unpacked)",
+        architectures=("Qwen3ForCausalLM",),
+        quantization=None,
+        gguf_arch="qwen3",
+        scale_rule="group",
+        permute_qk=False,
+        output="untied",
+        runtime="llama.cpp",
+        global_tensors=(_EMBED,),
+        block_tensors=_block(None, None, False, qk_norm=True),
+        trailing_tensors=(_OUTPUT_NORM, _LM_HEAD),
+        hparams=_COMMON_HPARAMS + _HEAD_LENGTHS,
     ),
     Family(
         name="bitnet-2b4t",

@@ -23,16 +23,17 @@ import numpy as np
 from pipeline.budget import plan_budget
 from pipeline.checkpoint import open_checkpoint
 from pipeline.errors import CheckpointError
-from pipeline.codecs import absmean_scale, absmean_total
-from pipeline.families import TERNARY
+from pipeline.codecs import absmean_scale, absmean_total, group_magnitudes
+from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY
 from pipeline.gguf_file import (SPLIT_COUNT, GGUFContents, TensorInfo, align, part_kvs, read_gguf,
                                 split_paths)
 from pipeline.outtypes import BY_GGML_TYPE, EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES, tensor_type
-from pipeline.safetensors_io import pread_exact
+from pipeline.safetensors_io import as_float32, pread_exact
 from pipeline.stores import row_ranges
 from stages.assemble import file_kvs
 from stages.pack import encode_block
-from stages.quantize import code_layout, code_rows, row_abs_sums, ternary_chunk_rows, ternary_scale
+from stages.quantize import (code_layout, code_rows, group_scales, row_abs_sums, ternary_chunk_rows,
+                             ternary_scale)
 
 _PART = re.compile(r"(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf")
 
@@ -161,8 +162,16 @@ def _check_tensor(path: Path, t, planned, out, src, budget) -> str | None:
         rows = budget.rows_per_chunk(planned.shape)
     two_d = len(planned.shape) > 1
     ranges = row_ranges(planned.shape[0], rows) if two_d else [(0, planned.shape[0])]
-    absmean = scale = None
-    if planned.role == TERNARY:
+    absmean = scale = blocks = None
+    if planned.role == TERNARY and recipe.weights == GROUPED:
+        mags = []
+        for r0, r1 in ranges:
+            m, bad = group_magnitudes(as_float32(src.read_rows(r0, r1), src.dtype), GROUP_COLUMNS)
+            if bad is not None:
+                return f"the checkpoint's values are not ternary in row {r0 + bad[0]}"
+            mags.append(m)
+        scale, blocks = group_scales(np.concatenate(mags), planned.hf_name)
+    elif planned.role == TERNARY:
         if recipe.scale_rule == "absmean":
             sums = (row_abs_sums(src.read_rows, r0, r1, src.dtype) for r0, r1 in ranges)
             absmean = float(absmean_scale(absmean_total(sums), math.prod(planned.shape)))
@@ -172,7 +181,8 @@ def _check_tensor(path: Path, t, planned, out, src, budget) -> str | None:
     for r0, r1 in ranges:
         if planned.role == TERNARY:
             block = code_rows(src.read_rows, r0, r1, recipe, planned.shape, src.dtype, absmean)
-            want = encode_block(block, codec.name.lower(), scale, src.dtype, code_layout(planned.shape[1]))
+            want = encode_block(block, codec.name.lower(), scale, src.dtype, code_layout(planned.shape[1]),
+                                None if blocks is None else blocks[r0:r1])
         else:
             want = encode_block(src.read_rows(r0, r1), codec.name.lower(), None, src.dtype)
         start = t.offset + (r0 * row_bytes if two_d else 0)

@@ -10,6 +10,9 @@ later stages need to know about the values, beside each tensor:
   which quantize computes the absmean scale without reading the weights again;
 - other float tensors: per-row max |x| (`<name>.abs_max`), so a value that the chosen
   output type cannot hold (above F16's 65504) is refused before anything is packed;
+- group-scaled ternary projections (float values already {-s, 0, +s} per group of columns):
+  the magnitude s of every run of GROUP_COLUMNS values (`<name>.group_max`, rows x cols / 32),
+  after checking that each run holds one magnitude at most;
 
 and refuses what cannot be converted at all, naming the tensor: NaN or infinite
 weights, a packed 2-bit field holding 3 (only 0, 1, 2 are codes). A task writes its
@@ -19,16 +22,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.codecs import absmean_row_sums
+from pipeline.codecs import absmean_row_sums, group_magnitudes
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
-from pipeline.families import TERNARY
+from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY
 from pipeline.safetensors_io import TensorSource, as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import array_path, ensure_array, open_array, open_store, read_rows, row_ranges, written_chunks
 from stages.quantize import SUMS_SUFFIX
 
 MAX_SUFFIX = ".abs_max"
+GROUP_SUFFIX = ".group_max"
 
 
 def invalid_packed_fields(block: np.ndarray) -> int:
@@ -46,9 +50,19 @@ def row_abs_max(values: np.ndarray) -> np.ndarray:
 
 
 def copy_rows(source: TensorSource, out: str, start: int, stop: int, kind: str) -> None:
-    """Copy rows [start, stop); kind: "packed", "master" (write |W| row sums) or "float" (row maxima)."""
+    """Copy rows [start, stop); kind: "packed", "master" (write |W| row sums), "grouped" (group
+    magnitudes) or "float" (row maxima)."""
     block = source.read_rows(start, stop)
-    if kind == "packed":
+    if kind == "grouped":
+        mags, bad = group_magnitudes(as_float32(block, source.dtype), GROUP_COLUMNS)
+        if bad is not None:
+            row, g = bad
+            raise CheckpointError(f"{source.file}: tensor {source.name}, row {start + row}, columns "
+                                  f"{g * GROUP_COLUMNS}..{(g + 1) * GROUP_COLUMNS - 1}: the values are not ternary "
+                                  "(-s, 0 and +s for one s per group); only group-scaled ternary weights "
+                                  "convert here, this checkpoint's are not")
+        open_array(out + GROUP_SUFFIX)[start:stop] = mags
+    elif kind == "packed":
         if bad := invalid_packed_fields(block):
             raise CheckpointError(f"{source.file}: tensor {source.name} holds {bad} packed 2-bit field(s) of value 3 "
                                   f"in rows {start}..{stop}; only 0, 1 and 2 are ternary codes, the file is corrupt")
@@ -67,7 +81,7 @@ def copy_rows(source: TensorSource, out: str, start: int, stop: int, kind: str) 
 
 
 def side_array_name(name: str, kind: str) -> str | None:
-    return {"master": name + SUMS_SUFFIX, "float": name + MAX_SUFFIX}.get(kind)
+    return {"master": name + SUMS_SUFFIX, "float": name + MAX_SUFFIX, "grouped": name + GROUP_SUFFIX}.get(kind)
 
 
 def run(ctx: StageContext) -> None:
@@ -85,14 +99,18 @@ def run(ctx: StageContext) -> None:
     tasks = []
     for t in plan.tensors:
         src = ckpt.sources[t.hf_name]
-        kind = "packed" if t.recipe.packed else "master" if t.role == TERNARY else "float"
+        kind = ("packed" if t.recipe.packed else "grouped" if t.recipe.weights == GROUPED
+                else "master" if t.role == TERNARY else "float")
         rows = ctx.budget.rows_per_chunk(src.shape)
         arr = ensure_array(group, t.gguf_name, src.shape, rows, src.np_dtype, {
             "hf_name": t.hf_name, "role": t.role, "source_dtype": src.dtype,
             "source_file": src.file.name, "shape": list(t.shape), "recipe": t.recipe.as_json(),
         })
         side = side_array_name(t.gguf_name, kind)
-        if side:
+        if side and kind == "grouped":
+            ensure_array(group, side, (src.shape[0], src.shape[1] // GROUP_COLUMNS), rows, np.float32,
+                         {"of": t.gguf_name})
+        elif side:
             n_rows = src.shape[0] if len(src.shape) > 1 else 1
             ensure_array(group, side, (n_rows,), rows if len(src.shape) > 1 else 1,
                          np.float64 if kind == "master" else np.float32, {"of": t.gguf_name})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.codecs import CODECS
+from pipeline.codecs import CODECS, codes_from_packed
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import TERNARY
@@ -26,7 +26,10 @@ from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (array_path, ensure_array, is_raw, open_array, open_store, read_rows, row_ranges,
                              written_chunks)
-from stages.quantize import LAYOUT_2BIT, LAYOUT_INT8, link_task
+from stages.quantize import BLOCK_SCALES_SUFFIX, LAYOUT_2BIT, LAYOUT_INT8, link_task
+
+# output types that keep one scale per block of 64 values (group-scaled tensors whose scale changes)
+PER_BLOCK_SCALES = ("q2_0",)
 
 # float16 bits of every bfloat16 bit pattern, converted by numpy (round to nearest even)
 with np.errstate(over="ignore", invalid="ignore"):
@@ -37,10 +40,14 @@ SAME_BYTES = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
 
 
 def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None,
-                 layout: str | None = None) -> np.ndarray:
+                 layout: str | None = None, block_scales: np.ndarray | None = None) -> np.ndarray:
     """The GGUF bytes of one row chunk: float values in their source representation
-    (`source_dtype`), or ternary codes as quantize.zarr stores them (`layout`) with their scale."""
+    (`source_dtype`), or ternary codes as quantize.zarr stores them (`layout`) with their scale
+    (or, for group-scaled tensors, `block_scales`: one per 64 values of the chunk's rows)."""
     codec = CODECS[codec_name]
+    if block_scales is not None:
+        codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
+        return codec.encode(codes, block_scales)
     if scale is None:
         if source_dtype == "BF16" and codec_name == "f16":  # the common embedding case: one table lookup
             return _F16_FROM_BF16[np.asarray(block, dtype=np.uint16)].view(np.uint8).reshape(*block.shape[:-1], -1)
@@ -69,8 +76,10 @@ def check_scale(name: str, scale: float, codec_name: str) -> None:
 
 
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
-                source_dtype: str, layout: str | None) -> None:
-    data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout)
+                source_dtype: str, layout: str | None, block_scales: str | None = None) -> None:
+    scales = read_rows(open_array(block_scales, "r"), start, stop) if block_scales else None
+    data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout,
+                        scales)
     dest = open_array(out)
     if dest.ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
         dest[:] = data
@@ -91,12 +100,22 @@ def run(ctx: StageContext) -> None:
         shape = tuple(src.attrs["shape"])
         out, fallback = tensor_type(role, shape, opts.out_type, opts.embedding_type, name)
         scale = src.attrs.get("scale") if role == TERNARY else None
+        block_scales = None
+        if role == TERNARY and scale is None:  # group-scaled, one scale per 64 values
+            if out.name not in PER_BLOCK_SCALES:
+                raise CheckpointError(f"tensor {src.attrs['hf_name']}: its ternary scale changes along its rows (one "
+                                      f"per 64 values), which {out.codec.name} cannot hold without requantizing; "
+                                      f"convert with --type {' or '.join(PER_BLOCK_SCALES)}")
+            block_scales = array_path(ctx.input, name + BLOCK_SCALES_SUFFIX)
+            values = read_rows(open_array(block_scales, "r"), 0, shape[0])
+            for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):
+                check_scale(name, float(v), out.name)
         if scale is not None:
             check_scale(name, scale, out.name)
-        plans.append((name, src, role, shape, out, fallback, scale))
+        plans.append((name, src, role, shape, out, fallback, scale, block_scales))
 
     tasks = []
-    for name, src, role, shape, out, fallback, scale in plans:
+    for name, src, role, shape, out, fallback, scale, block_scales in plans:
         if fallback:
             ctx.log(f"warning: {name}: {fallback}")
         codec = out.codec
@@ -119,6 +138,6 @@ def run(ctx: StageContext) -> None:
                 tasks.append(chunk_task(link_task, *paths, i))
             else:
                 tasks.append(chunk_task(encode_rows, *paths, r0, r1, codec.name.lower(), scale,
-                                        src.attrs["source_dtype"], layout))
+                                        src.attrs["source_dtype"], layout, block_scales))
     ctx.scheduler.run(tasks, "pack")
 

@@ -12,6 +12,11 @@ following the tensor's recipe:
 - packed weights: the codes are already there (never re-quantized); a chunk of
   output rows is read from the packed quarters it lives in, and the scale is the
   checkpoint's weight_scale in the family's direction (1 / ws or ws).
+- group-scaled weights (float values already {-s, 0, +s} per group of columns): the codes
+  are the values' signs; the magnitudes extract recorded per 32 values decide the scale:
+  one for the whole tensor (`scale`, any output type), or one per block of 64 values
+  (`<name>.block_scales`, rows x cols / 64; only Q2_0 holds that); a magnitude that
+  changes inside a block of 64 is refused, naming the tensor.
 
 Either way, the llama q/k permutation moves rows within whole heads, so a chunk is
 a whole number of heads. Other tensors are not rewritten: their chunk files are
@@ -28,9 +33,11 @@ from typing import Callable
 import numpy as np
 
 from pipeline.codecs import (CODE_BLOCK, NonFiniteWeights, absmean_scale, absmean_total, codes_from_packed,
-                             codes_supported, effective_scale, pack_fields, absmean_row_sums, ternary_codes)
+                             codes_supported, effective_scale, pack_fields, absmean_row_sums, sign_fields,
+                             ternary_codes)
+from pipeline.errors import CheckpointError
 from pipeline.context import StageContext
-from pipeline.families import TERNARY, Recipe
+from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY, Recipe
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (array_path, ensure_array, is_raw, link_chunk, open_array, open_store, read_rows,
@@ -38,6 +45,9 @@ from pipeline.stores import (array_path, ensure_array, is_raw, link_chunk, open_
 
 ReadRows = Callable[[int, int], np.ndarray]
 SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside a master-weight projection
+GROUP_SUFFIX = ".group_max"   # extract.zarr: magnitude of every GROUP_COLUMNS values of a group-scaled projection
+BLOCK_SCALES_SUFFIX = ".block_scales"  # quantize.zarr: one scale per 64 values, when not one per tensor
+SCALE_BLOCK = 64              # values per block scale (Q2_0's block)
 LAYOUT_2BIT, LAYOUT_INT8 = "2bit-128", "int8"
 
 
@@ -124,6 +134,8 @@ def ternary_fields(read: ReadRows, start: int, stop: int, recipe: Recipe, out_ro
     (whole heads when permuted)."""
     if recipe.packed:
         fields = unpack_fields_rows(read, start, stop, out_rows)
+    elif recipe.weights == GROUPED:
+        fields = sign_fields(as_float32(read(start, stop), source_dtype))
     else:
         fields = ternary_codes(as_float32(read(start, stop), source_dtype), np.float32(absmean)).view(np.uint8)
         fields += np.uint8(1)  # int8 -1/0/+1 viewed as uint8 is 255/0/1; + 1 wraps to 0/1/2
@@ -169,7 +181,34 @@ def ternary_scale(recipe: Recipe, absmean: float | None) -> np.float32:
             return np.float32(1) / ws
     if recipe.scale_rule == "multiply":  # AutoBitLinear: W = codes * weight_scale
         return ws
+    if recipe.scale_rule == "group":  # read from the data (group_scales); not known from the recipe
+        raise ValueError("a group-scaled tensor's scale comes from its data: use group_scales")
     raise ValueError(f"unknown scale rule {recipe.scale_rule!r}")
+
+
+class GroupScaleError(CheckpointError):
+    """A group-scaled tensor whose scale changes more often than any output type can hold."""
+
+
+def group_scales(mags: np.ndarray, name: str) -> tuple[float | None, np.ndarray | None]:
+    """(one scale for the whole tensor, or None; else float32 scales per block of 64 values) from
+    the per-32-value magnitudes of a group-scaled tensor (0: a group of zeros, which takes any
+    scale). A block of 64 whose two halves have different non-zero magnitudes is refused."""
+    nonzero = mags[mags > 0]
+    if nonzero.size == 0 or (nonzero == nonzero[0]).all():
+        return (float(nonzero[0]) if nonzero.size else 1.0), None
+    per = SCALE_BLOCK // GROUP_COLUMNS
+    halves = mags.reshape(mags.shape[0], -1, per)
+    top = halves.max(axis=2)
+    clash = ((halves != top[..., None]) & (halves > 0)).any(axis=2)
+    if clash.any():
+        r, b = np.argwhere(clash)[0]
+        found = sorted({float(v) for v in halves[r, b] if v > 0})
+        raise GroupScaleError(f"tensor {name}: its ternary scale changes every {GROUP_COLUMNS} values (row {r}, "
+                              f"columns {b * SCALE_BLOCK}..{(b + 1) * SCALE_BLOCK - 1} hold magnitudes "
+                              f"{', '.join(f'{v:.6g}' for v in found)}); no output type holds that without "
+                              f"requantizing (Q2_0 keeps one scale per {SCALE_BLOCK} values)")
+    return None, top.astype(np.float32)
 
 
 def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
@@ -245,7 +284,18 @@ def run(ctx: StageContext) -> None:
         stored = (shape[0], shape[1] // 4) if layout == LAYOUT_2BIT else shape
         arr = ensure_array(group, name, stored, rows, np.uint8 if layout == LAYOUT_2BIT else np.int8,
                            {**base, "code_layout": layout})
-        if "scale" not in arr.attrs:
+        if recipe.weights == GROUPED and "scale" not in arr.attrs:
+            mags = source[name + GROUP_SUFFIX]
+            try:
+                scale, blocks = group_scales(read_rows(mags, 0, mags.shape[0]), src.attrs["hf_name"])
+            except GroupScaleError as e:
+                raise GroupScaleError(f"{src.attrs['source_file']}: {e}") from None
+            if blocks is not None:
+                side = ensure_array(group, name + BLOCK_SCALES_SUFFIX, blocks.shape, blocks.shape[0], np.float32,
+                                    {"of": name})
+                side[:] = blocks
+            arr.attrs.update({"absmean": None, "scale": scale})
+        elif "scale" not in arr.attrs:
             absmean = None
             if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor
                 sums = source[name + SUMS_SUFFIX]

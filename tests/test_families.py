@@ -31,6 +31,7 @@ FAMILY_FACTS = {
     "2b4t-bf16": ("bitnet-b1.58", False, False),
     "falcon-e": ("llama", True, True),
     "falcon-e-prequantized": ("llama", True, True),
+    "bonsai": ("qwen3", False, True),
 }
 
 CASES = {
@@ -50,6 +51,11 @@ CASES = {
     # of 4 but not of 8, 32, 128 or 256, like 5460): ffn_down's rows cannot be TQ/I2_S -> F16
     "1bitllm-xl-shape": ("1bitllm", dict(hidden_size=256, intermediate_size=340, num_heads=4, dtype="f16",
                                          seed=11)),
+    # PrismML Ternary-Bonsai-like (Qwen3, q/k norms, fp16 ternary projections), one scale per
+    # group of 128 values of a row (Q2_0 only), per 64, or one per tensor (every type)
+    "bonsai": ("bonsai", dict(num_heads=4, num_kv_heads=2, head_dim=64, seed=15)),
+    "bonsai-g64": ("bonsai", dict(num_heads=4, num_kv_heads=1, group_size=64, shards=2, seed=16)),
+    "bonsai-uniform": ("bonsai", dict(num_heads=4, num_kv_heads=2, group_size=0, seed=17)),
 }
 
 HF_TO_GGUF = {
@@ -59,6 +65,7 @@ HF_TO_GGUF = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "self_attn.inner_attn_ln": "attn_sub_norm", "mlp.ffn_layernorm": "ffn_sub_norm",
     "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
 }
 
 
@@ -109,7 +116,8 @@ def converted(tmp_path_factory):
     return get
 
 
-PARAMS = [(c, t) for c in CASES for t in ("tq2_0", "tq1_0")]
+GROUP_SCALED = ("bonsai", "bonsai-g64")  # the scale changes along rows: only Q2_0 holds them
+PARAMS = [(c, t) for c in CASES if c not in GROUP_SCALED for t in ("tq2_0", "tq1_0")]
 
 
 @pytest.mark.parametrize("case,out_type", PARAMS, ids=[f"{c}-{t}" for c, t in PARAMS])
@@ -160,7 +168,7 @@ def decode_i2s_reference(raw: bytes, shape: tuple[int, ...]) -> tuple[np.ndarray
 
 
 I2S_CASES = ["1bitllm-f16", "llama3", "falcon3-head-dim", "2b4t", "2b4t-bf16-sharded", "falcon-e",
-             "falcon-e-prequantized", "1bitllm-xl-shape"]
+             "falcon-e-prequantized", "1bitllm-xl-shape", "bonsai-uniform"]
 
 
 @pytest.mark.parametrize("case", I2S_CASES)
@@ -209,7 +217,8 @@ def test_i2s_tensors_decode_to_the_effective_weights(converted, case):
     assert len(raw_file) == -(-end // 32) * 32, "bytes after the last tensor"
 
 
-Q2_0_CASES = ["1bitllm-f16", "llama3", "2b4t", "falcon-e", "falcon-e-prequantized"]
+Q2_0_CASES = ["1bitllm-f16", "llama3", "2b4t", "falcon-e", "falcon-e-prequantized", "bonsai", "bonsai-g64",
+              "bonsai-uniform"]
 
 
 @pytest.mark.parametrize("case", Q2_0_CASES)
@@ -235,7 +244,11 @@ def test_q2_0_tensors_decode_to_the_effective_weights(converted, case):
             w = llama_permute(w, config["num_attention_heads"] if "attn_q" in name else config["num_key_value_heads"])
         assert t.ggml_type == 42, name
         values = q2_0_reference_decode(raw_file[t.offset:t.offset + t.nbytes], *w.shape)
-        np.testing.assert_array_equal(values, expected_tensor(name, w, None, config), err_msg=name)
+        if case in GROUP_SCALED:  # one fp16 scale per group: Q2_0 holds the values exactly
+            assert (w.astype(np.float16) == w).all(), name
+            np.testing.assert_array_equal(values, w.astype(np.float32), err_msg=name)
+        else:
+            np.testing.assert_array_equal(values, expected_tensor(name, w, None, config), err_msg=name)
 
 
 def test_i2s_rows_not_a_multiple_of_128_fall_back_to_f16_with_a_warning(tmp_path):
