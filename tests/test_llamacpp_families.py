@@ -53,6 +53,11 @@ CHECKPOINTS = {
                                                             num_heads=4, num_kv_heads=1, tokenizer_vocab=600,
                                                             seed=13)),
 }
+# group-scaled ternary (PrismML Ternary-Bonsai-like Qwen3, one fp16 scale per 128 values): Q2_0 only
+GROUPED_CHECKPOINTS = {
+    "bonsai": ("bonsai", dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
+                              head_dim=64, tokenizer_vocab=600, seed=18)),
+}
 
 MIXED_TEXTS = [
     TEXT,
@@ -73,7 +78,7 @@ class Packed:
     def checkpoint(self, name: str) -> Path:
         path = self.root / name
         if not (path / "config.json").is_file():
-            family, kw = CHECKPOINTS[name]
+            family, kw = {**CHECKPOINTS, **GROUPED_CHECKPOINTS}[name]
             write_checkpoint(path, family, **kw)
         return path
 
@@ -171,6 +176,30 @@ def test_q2_0_files_run_in_llamacpp(llama, packed, name):
     want = packed.reference(name)
     got = llama_logits(llama, packed.gguf(name, "q2_0"), packed.tokens(name), n_vocab=want.shape[1])
     check_logits(got, want, TQ_MAX, TQ_MEAN, TQ_TOP1)
+
+
+def q2_0_as_f32(t, data: bytes) -> tuple[int, bytes]:
+    from tests.test_codecs import q2_0_reference_decode
+
+    if t.ggml_type != 42:
+        return t.ggml_type, data
+    rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
+    return 0, q2_0_reference_decode(data, rows, t.shape[-1]).astype("<f4").tobytes()
+
+
+def test_qwen3_group_scaled_q2_0_files_hold_the_model(llama, packed, tmp_path):
+    """Qwen3 with q/k norms and one scale per 128 values: the Q2_0 file decoded to F32 (with the
+    transcription of llama.cpp's dequantizer) runs in llama.cpp within the exact limits of the
+    numpy reference (transformers' Qwen3 graph, tests/test_reference_model.py), and the Q2_0 file
+    itself within the TQ limits."""
+    name = "bonsai"
+    want = packed.reference(name)
+    q2 = packed.gguf(name, "q2_0")
+    exact = rewrite(q2, tmp_path / "f32.gguf", q2_0_as_f32)
+    check_logits(llama_logits(llama, exact, packed.tokens(name), n_vocab=want.shape[1]), want,
+                 EXACT_MAX, EXACT_MEAN, 1.0)
+    check_logits(llama_logits(llama, q2, packed.tokens(name), n_vocab=want.shape[1]), want,
+                 TQ_MAX, TQ_MEAN, TQ_TOP1)
 
 
 def test_the_reference_tells_a_missing_permutation_apart(llama, packed, tmp_path):
