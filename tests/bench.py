@@ -51,6 +51,10 @@ CHECKPOINTS = {
     # ffn_down's rows of 5460 values fall back to F16
     "xl-f16": ("1bitllm", dict(hidden_size=2048, intermediate_size=5460, num_layers=24, num_heads=32,
                                vocab_size=32002, dtype="f16")),
+    # prism-ml/Ternary-Bonsai-8B (Qwen3-8B: hidden 4096, FFN 12288, 36 layers, 32/8 heads, head_dim 128,
+    # vocab 151936, untied), fp16 projections with one scale per 128 values: Q2_0 only
+    "bonsai-8b": ("bonsai", dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                                 num_kv_heads=8, head_dim=128, vocab_size=151936)),
 }
 
 
@@ -74,6 +78,7 @@ CASES = {
     "large": Case("large-f32", reference="lazy"),
     "3B": Case("3B-f32", reference="lazy"),
     "xl": Case("xl-f16", reference="lazy"),
+    "bonsai-8b": Case("bonsai-8b", "q2_0", note="group-scaled ternary, one scale per 128 values"),
 }
 
 
