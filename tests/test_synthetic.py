@@ -299,7 +299,29 @@ FAMILY_SHAPE = {family: PACKED_SHAPE | (dict(head_dim=96) if family in HEAD_DIM_
 
 
 def test_the_registry_has_every_family():
-    assert set(FAMILIES) == {"1bitllm", *FAMILY_FACTS}
+    assert set(FAMILIES) == {"1bitllm", "bonsai", *FAMILY_FACTS}
+
+
+@pytest.mark.parametrize("group_size", [128, 64, 0])
+def test_bonsai_checkpoint_is_group_scaled_ternary(tmp_path, group_size):
+    """Qwen3ForCausalLM with q/k norms; fp16 projections whose every run of `group_size` values of a
+    row is {-s, 0, +s} for one fp16 s, the scales differing between groups (0: one s per tensor)."""
+    d = write_checkpoint(tmp_path / "m", "bonsai", **PACKED_SHAPE, head_dim=64, group_size=group_size, seed=3)
+    config = json.loads((d / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+    assert config["head_dim"] == 64 and config["torch_dtype"] == "float16" and "quantization_config" not in config
+    tensors, _ = read_checkpoint(d)
+    assert tensors["model.layers.1.self_attn.q_norm.weight"][:2] == ("F16", (64,))
+    assert tensors["model.layers.0.self_attn.k_norm.weight"][:2] == ("F16", (64,))
+    assert tensors["model.layers.0.self_attn.q_proj.weight"][:2] == ("F16", (256, 256))
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+        dtype, shape, stored = tensors[name]
+        w = np.abs(as_float32(dtype, stored).reshape(shape))
+        groups = w.reshape(shape[0], -1, group_size) if group_size else w.reshape(1, 1, -1)
+        mags = [set(g[g > 0].tolist()) for row in groups for g in row]
+        assert all(len(m) == 1 for m in mags), name
+        distinct = {m.pop() for m in mags}
+        assert (len(distinct) > len(mags) // 2) if group_size else len(distinct) == 1, name
 
 
 def expected_family_tensors(config: dict, facts: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
