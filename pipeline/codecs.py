@@ -136,6 +136,19 @@ def _fp16_bytes(scale: np.float32) -> np.ndarray:
     return np.array([np.float32(scale)], dtype=np.float32).astype("<f2").view(np.uint8)
 
 
+def _d_bytes(scale, rows: int, nb: int) -> np.ndarray:
+    """fp16 bytes of the block scale: (2,) for one scale, (rows, nb, 2) for one scale per block
+    (group-scaled tensors whose scale is constant over each block of the type)."""
+    scales = np.asarray(scale, dtype=np.float32)
+    if scales.ndim == 0:
+        return _fp16_bytes(_check_scale(scales))
+    if scales.shape != (rows, nb):
+        raise CodecError(f"block scales must have shape {(rows, nb)}, got {scales.shape}")
+    if not (np.isfinite(scales) & (scales > 0)).all():
+        raise CodecError("block scales must be finite and positive")
+    return scales.astype("<f2")[..., None].view(np.uint8)
+
+
 def _check_scale(scale) -> np.float32:
     s = np.float32(scale)
     if not (np.isfinite(s) and s > 0):
@@ -286,7 +299,7 @@ class TQ2_0(Codec):
         out = np.empty((rows, nb, cls.type_size), dtype=np.uint8)
         out[..., :64] = qs
         nonzero = (qs != _ZERO_CODES_BYTE).any(axis=-1, keepdims=True)
-        out[..., 64:] = np.where(nonzero, _fp16_bytes(_check_scale(scale)), np.uint8(0))
+        out[..., 64:] = np.where(nonzero, _d_bytes(scale, rows, nb), np.uint8(0))
         return out.reshape(rows, nb * cls.type_size)
 
     @classmethod
@@ -334,13 +347,14 @@ class TQ1_0(Codec):
         return _values(q, blocks[..., 52:], rows)
 
 
-def _block_d(q: np.ndarray, scale: np.float32) -> np.ndarray:
+def _block_d(q: np.ndarray, scale) -> np.ndarray:
     """(rows, nb, 256) trits -> (rows, nb, 2) fp16 bytes of each block's d = max|code * scale|.
 
     That maximum is fp16(scale) when the block has a non-zero code and 0 otherwise (gguf's
-    quantizer takes max|x| in float32 and casts it: code * scale is exactly +-scale).
+    quantizer takes max|x| in float32 and casts it: code * scale is exactly +-scale). `scale`
+    may be one per block, (rows, nb).
     """
-    d = _fp16_bytes(_check_scale(scale))
+    d = _d_bytes(scale, q.shape[0], q.shape[1])
     nonzero = (q != 1).any(axis=-1, keepdims=True)
     return np.where(nonzero, d, np.uint8(0))
 
@@ -420,16 +434,7 @@ class Q2_0(Codec):
         qs |= q[..., 1] << 2
         qs |= q[..., 0]
         nonzero = (q != 1).any(axis=(-2, -1))[..., None]
-        scales = np.asarray(scale, dtype=np.float32)
-        if scales.ndim == 0:
-            d = _fp16_bytes(_check_scale(scales))
-        else:
-            if scales.shape != (rows, nb):
-                raise CodecError(f"Q2_0 block scales must have shape {(rows, nb)}, got {scales.shape}")
-            if not (np.isfinite(scales) & (scales > 0)).all():
-                raise CodecError("Q2_0 block scales must be finite and positive")
-            d = scales.astype("<f2")[..., None].view(np.uint8)
-        out[..., :2] = np.where(nonzero, d, np.uint8(0))
+        out[..., :2] = np.where(nonzero, _d_bytes(scale, rows, nb), np.uint8(0))
         return out.reshape(rows, nb * cls.type_size)
 
     @classmethod

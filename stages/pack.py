@@ -21,15 +21,37 @@ from pipeline.codecs import CODECS, codes_from_packed
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import TERNARY
-from pipeline.outtypes import tensor_type
+from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES, tensor_type
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (array_path, ensure_array, is_raw, open_array, open_store, read_rows, row_ranges,
                              written_chunks)
-from stages.quantize import BLOCK_SCALES_SUFFIX, LAYOUT_2BIT, LAYOUT_INT8, link_task
+from stages.quantize import BLOCK_SCALES_SUFFIX, LAYOUT_2BIT, LAYOUT_INT8, SCALE_BLOCK, link_task
 
-# output types that keep one scale per block of 64 values (group-scaled tensors whose scale changes)
-PER_BLOCK_SCALES = ("q2_0",)
+
+def scales_per_type_block(block_scales: np.ndarray, block_size: int) -> np.ndarray:
+    """One scale per block of an output type from one per 64 values (group-scaled tensors; the
+    scale is known to be constant over each of the type's blocks, zeros aside)."""
+    rows = block_scales.shape[0]
+    return block_scales.reshape(rows, -1, block_size // SCALE_BLOCK).max(axis=2)
+
+
+def block_scale_problem(block_scales: np.ndarray, out) -> str | None:
+    """Why a group-scaled tensor (one scale per 64 values) cannot be `out` without requantizing,
+    or None: the type keeps one scale per block of block_size values (I2_S one per tensor, after
+    its codes), so the scale must be constant over each of its blocks."""
+    if out.tail or not out.codec.ternary:
+        return f"{out.codec.name} keeps one scale per tensor" if out.tail else \
+            f"{out.codec.name} (the fallback for rows that are not whole blocks) is not taken for it"
+    per = out.block_size // SCALE_BLOCK
+    blocks = block_scales.reshape(block_scales.shape[0], -1, per)
+    top = blocks.max(axis=2, keepdims=True)
+    clash = ((blocks != top) & (blocks > 0)).any(axis=2)
+    if not clash.any():
+        return None
+    r, b = np.argwhere(clash)[0]
+    return (f"its scale changes inside a block of {out.block_size} values (row {r}, columns "
+            f"{b * out.block_size}..{(b + 1) * out.block_size - 1}), and {out.codec.name} keeps one per block")
 
 # float16 bits of every bfloat16 bit pattern, converted by numpy (round to nearest even)
 with np.errstate(over="ignore", invalid="ignore"):
@@ -47,7 +69,7 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
     codec = CODECS[codec_name]
     if block_scales is not None:
         codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
-        return codec.encode(codes, block_scales)
+        return codec.encode(codes, scales_per_type_block(np.asarray(block_scales), codec.block_size))
     if scale is None:
         if source_dtype == "BF16" and codec_name == "f16":  # the common embedding case: one table lookup
             return _F16_FROM_BF16[np.asarray(block, dtype=np.uint16)].view(np.uint8).reshape(*block.shape[:-1], -1)
@@ -102,12 +124,13 @@ def run(ctx: StageContext) -> None:
         scale = src.attrs.get("scale") if role == TERNARY else None
         block_scales = None
         if role == TERNARY and scale is None:  # group-scaled, one scale per 64 values
-            if out.name not in PER_BLOCK_SCALES:
-                raise CheckpointError(f"tensor {src.attrs['hf_name']}: its ternary scale changes along its rows (one "
-                                      f"per 64 values), which {out.codec.name} cannot hold without requantizing; "
-                                      f"convert with --type {' or '.join(PER_BLOCK_SCALES)}")
             block_scales = array_path(ctx.input, name + BLOCK_SCALES_SUFFIX)
             values = read_rows(open_array(block_scales, "r"), 0, shape[0])
+            problem = block_scale_problem(values, out)
+            if problem:
+                takes = [n for n in TERNARY_CHOICES if block_scale_problem(values, OUTPUT_TYPES[n]) is None]
+                raise CheckpointError(f"tensor {src.attrs['hf_name']}: --type {opts.out_type}: {problem}; it "
+                                      f"converts without requantizing to --type {' or '.join(takes)}")
             for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):
                 check_scale(name, float(v), out.name)
         if scale is not None:

@@ -99,6 +99,22 @@ def test_tq_encode_matches_gguf(codec, codes, scale):
 
 
 @pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+@given(codes=code_matrices(), seed=st.integers(0, 2**32 - 1))
+def test_tq_encode_takes_one_scale_per_block(codec, codes, seed):
+    """Group-scaled tensors whose scale is constant over each 256-value block: one scale per block,
+    the same bytes as gguf's quantizer on the values."""
+    rows, nb = codes.shape[0], codes.shape[1] // QK_K
+    scales = np.random.default_rng(seed).uniform(1e-3, 10, (rows, nb)).astype(np.float16).astype(np.float32)
+    values = (codes.reshape(rows, nb, QK_K) * scales[..., None]).reshape(codes.shape).astype(np.float32)
+    want = gq.quantize(values, codec.ggml_type)
+    np.testing.assert_array_equal(codec.encode(codes, scales), want)
+    if codec is TQ2_0:
+        from pipeline.codecs import pack_fields
+
+        np.testing.assert_array_equal(codec.encode_codes(pack_fields((codes + 1).astype(np.uint8)), scales), want)
+
+
+@pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
 @pytest.mark.parametrize("scale", [np.float32(1e-5), np.float32(1.0), np.float32(0.1), np.float32(65504),
                                    np.float32(65519), *fp16_ties()])
 def test_tq_encode_special_scales(codec, scale):

@@ -2,7 +2,8 @@
 {-s, 0, +s} with one s per group of columns): what the data allows, and every refusal.
 
 Ternarity is read from the data, every 32 values of a row; the scale decides the output types:
-one scale per tensor takes any type, one per 64 values (or a multiple) only Q2_0. Each refusal
+one scale per tensor takes any type, one per 256 values (or a multiple) TQ2_0, TQ1_0 and Q2_0,
+one per 64 or 128 values only Q2_0. Each refusal
 is one line naming the tensor (and for the data, the row and columns), exit 2, and no output
 or temporary file; a refusal that only the data shows may leave the run directory.
 """
@@ -107,11 +108,36 @@ def test_groups_of_32_are_refused_even_for_q2_0(tmp_path, out):
             in_data=True)
 
 
-@pytest.mark.parametrize("out_type", ["tq2_0", "tq1_0", "i2_s"])
-def test_per_group_scales_refuse_the_types_with_one_scale(tmp_path, out, out_type):
+@pytest.mark.parametrize("out_type,needle", [("tq2_0", "changes inside a block of 256 values"),
+                                            ("tq1_0", "changes inside a block of 256 values"),
+                                            ("i2_s", "I2_S keeps one scale per tensor")])
+def test_per_group_scales_refuse_the_types_with_bigger_blocks(tmp_path, out, out_type, needle):
     model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE)
-    refused(model, out, "model.layers.0.self_attn.q_proj.weight", "--type q2_0", extra=("--type", out_type),
-            in_data=True)
+    refused(model, out, "model.layers.0.self_attn.q_proj.weight", f"--type {out_type}", needle,
+            "converts without requantizing to --type q2_0", extra=("--type", out_type), in_data=True)
+
+
+def test_groups_of_256_take_tq_but_not_i2_s(tmp_path, out):
+    """One scale per 256 values: TQ2_0 and TQ1_0 keep one per block, so they hold it exactly
+    (decoded with gguf's dequantizer: the checkpoint's values); I2_S is refused, naming the rest."""
+    import gguf
+
+    from pipeline.gguf_file import read_gguf
+    from tests.reference_model import load_checkpoint
+
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE, group_size=256)
+    _, tensors = load_checkpoint(model)
+    w = tensors["model.layers.0.mlp.gate_proj.weight"]
+    assert len(np.unique(np.abs(w[w != 0]))) > 100  # many different scales
+    for out_type in ("tq2_0", "tq1_0"):
+        path = tmp_path / f"{out_type}.gguf"
+        convert(model, path, "--type", out_type)
+        t = next(t for t in read_gguf(path).tensors if t.name == "blk.0.ffn_gate.weight")
+        raw = np.frombuffer(path.read_bytes()[t.offset:t.offset + t.nbytes], np.uint8).reshape(t.shape[0], -1)
+        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[out_type.upper()])
+        np.testing.assert_array_equal(values, w.astype(np.float32))
+    refused(model, out, "--type i2_s", "I2_S keeps one scale per tensor", "--type tq2_0 or tq1_0 or q2_0",
+            extra=("--type", "i2_s"), in_data=True)
 
 
 def test_rows_that_are_not_whole_64_value_blocks_are_refused_before_any_work(tmp_path, out):
