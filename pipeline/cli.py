@@ -15,7 +15,8 @@ import traceback
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.outtypes import DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, TERNARY_CHOICES, choices_help
+from pipeline.outtypes import (DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, TARGETS, TERNARY_CHOICES,
+                               choices_help)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF file to write (default: ./<model name>-<TYPE>.gguf)")
     c.add_argument("--type", dest="out_type", default=None, metavar="TYPE",
                    help=f"type of the ternary projections: {choices_help(TERNARY_CHOICES)} [preset: {DEFAULT_TYPE}]")
+    c.add_argument("--target", default=None, choices=TARGETS, type=str.lower,
+                   help="the bitnet.cpp build the file is for: x86 (AVX2) or arm (NEON); it decides --type i2_s's "
+                        "byte layout (blocks of 128 or 64 values; a file for one build computes garbage on the "
+                        "other) [default: this machine; tl1: arm, tl2: x86]")
+    c.add_argument("--kernel-config", type=Path, default=None, metavar="PATH",
+                   help="for --type tl1/tl2: the include/kernel_config.ini your bitnet.cpp build was generated with "
+                        "(its tiles per matrix shape decide the bytes)")
     c.add_argument("--embedding-type", default=None, metavar="TYPE",
                    help=f"type of token_embd and output: {choices_help(EMBEDDING_CHOICES)} "
                         f"[default: {DEFAULT_EMBEDDING_TYPE}]")
@@ -96,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with --codes also the share of -1/0/+1 (reads the codes). With TENSOR, that "
                                    "tensor's recipe, source, chunk layout, scales and GGML size. With --plot, a "
                                    "figure of the scale and -1/0/+1 shares of every layer and projection.")
-    i.add_argument("workdir", type=Path, metavar="WORKDIR", help="run directory (printed by convert)")
+    i.add_argument("workdir", type=Path, metavar="WORKDIR",
+                   help="run directory (printed by convert), or a GGUF file (its header: type, target, tensors)")
     i.add_argument("tensor", nargs="?", default=None, metavar="TENSOR",
                    help="GGUF tensor name, e.g. blk.0.attn_q.weight (inspect WORKDIR lists them)")
     i.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
@@ -116,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the general.name the file should carry (default: the model's name, as convert sets it)")
     v.add_argument("--tokenizer-pre", default=None, metavar="NAME",
                    help="the --tokenizer-pre the file was converted with, if any")
+    v.add_argument("--target", default=None, choices=TARGETS, type=str.lower,
+                   help="the bitnet.cpp build the file must be laid out for (default: the one the file names)")
     return p
 
 
@@ -129,7 +140,7 @@ def cmd_verify(args) -> int:
         raise OptionError(f"{args.gguf}: no such file")
     model = resolve_model(args.model)
     problems = verify(args.gguf, model.path, parse_size(args.memory_limit), _log, name=args.name or model.name,
-                      tokenizer_pre=args.tokenizer_pre)
+                      tokenizer_pre=args.tokenizer_pre, target=args.target)
     for p in problems:
         print(f"MISMATCH {p}")
     print(f"{args.gguf}: " + ("OK: key/values, tensors and length are what the checkpoint converts to"
@@ -142,6 +153,12 @@ def cmd_inspect(args) -> int:
     from pipeline.inspect_run import inspect_command
     from pipeline.rundir import RunDir
 
+    if args.workdir.is_file():  # a GGUF file: what its header says
+        from pipeline.inspect_run import describe_gguf, format_gguf
+
+        report = describe_gguf(args.workdir, args.tensor)
+        print(json.dumps(report, indent=2) if args.json else format_gguf(report))
+        return EXIT_OK
     run = RunDir(args.workdir)
     if not run.is_our_manifest(run._read_manifest()):
         raise RunDirError(f"{args.workdir}: no bitnet-gguf manifest.json; not a bitnet-gguf run directory")
@@ -163,7 +180,8 @@ def cmd_convert(args) -> int:
     opts = make_options(model.path, model_name=model.name, output=args.output, workdir=args.workdir,
                         preset=args.config, tokenizer_pre=args.tokenizer_pre, embedding_type=args.embedding_type,
                         split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors,
-                        out_type=args.out_type, memory_limit=args.memory_limit, workers=args.workers,
+                        out_type=args.out_type, target=args.target, kernel_config=args.kernel_config,
+                        memory_limit=args.memory_limit, workers=args.workers,
                         scheduler=scheduler, progress=False if args.no_progress else sys.stderr.isatty(),
                         force=args.force)
     convert(opts, _log)

@@ -9,7 +9,8 @@ import tomllib
 from pathlib import Path
 
 from pipeline.errors import OptionError
-from pipeline.outtypes import DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, TERNARY_CHOICES, check_choice
+from pipeline.outtypes import (DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, TERNARY_CHOICES, OutputType,
+                               check_choice, resolve, target_of)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = CONFIG_DIR / "default.toml"
@@ -68,6 +69,14 @@ class Options:
     split_max_tensors: int = 0  # tensors per output part (0: no limit)
     model_name: str = ""        # general.name and the default output name (not a snapshot's hash)
     tokenizer_pre: str | None = None  # BPE pre-tokenizer name, when detection cannot tell
+    target: str = "x86"         # the bitnet.cpp build (x86, arm) whose byte layout --type i2_s writes
+    kernel_config: Path | None = None  # TL1/TL2: the kernel_config.ini of the user's bitnet.cpp build
+    kernel_tiles: tuple = ()    # ... read: (m, k, BM, BK, bm) per section
+
+    @property
+    def layout(self) -> OutputType:
+        """The output type registry entry of --type for --target."""
+        return resolve(self.out_type, self.target)
 
     def as_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -89,7 +98,7 @@ def load_preset(path: Path | None) -> dict:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise OptionError(f"--config: {path} is not valid TOML ({str(e).splitlines()[0] if str(e) else e})") from None
     known = {f.name for f in dataclasses.fields(Options)} - {"model_dir", "output", "workdir", "model_name",
-                                                               "tokenizer_pre"}
+                                                               "tokenizer_pre", "kernel_config", "kernel_tiles"}
     unknown = set(data) - known
     if unknown:
         raise OptionError(f"--config: {path} has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
@@ -181,6 +190,7 @@ def _checked_values(values: dict) -> dict:
     """Option values (preset keys; sizes as text or numbers) checked and normalized."""
     values = dict(values)
     values["out_type"] = check_choice(values.get("out_type", DEFAULT_TYPE), TERNARY_CHOICES, "--type")
+    values["target"] = target_of(values["out_type"], values.get("target"))
     values["embedding_type"] = check_choice(values.get("embedding_type", DEFAULT_EMBEDDING_TYPE),
                                             EMBEDDING_CHOICES, "--embedding-type")
     values["memory_limit"] = parse_size(values.get("memory_limit", Options.memory_limit))
@@ -202,6 +212,15 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
     preset_values = load_preset(preset)
     _checked_values(preset_values)  # a bad preset value is refused even where a flag overrides it
     values = _checked_values({**preset_values, **{k: v for k, v in overrides.items() if v is not None}})
+    layout = resolve(values["out_type"], values["target"])
+    if values.get("kernel_config") is not None:
+        from pipeline.kernel_config import read_kernel_config
+
+        if not layout.needs_tiles:
+            raise OptionError(f"--kernel-config: only --type tl1 and tl2 use a kernel config, not --type "
+                              f"{values['out_type']}; leave it out")
+        values["kernel_config"] = Path(os.path.abspath(values["kernel_config"]))
+        values["kernel_tiles"] = read_kernel_config(values["kernel_config"], layout.codec)
 
     try:
         model_dir = Path(model_dir).resolve()

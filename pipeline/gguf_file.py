@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFValueType
 
-from pipeline.codecs import I2_S, I2_S_TAIL, Q2_0
+from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, Q2_0, TL1, TL2
 from pipeline.errors import GGUFFormatError
 
 VT = GGUFValueType
@@ -81,16 +81,40 @@ class TypeSize:
         return n // self.block_size * self.type_size + self.tail
 
 
+@dataclass(frozen=True)
+class ShapeSize:
+    """A type whose size is a function of the whole (m, k) shape (bitnet.cpp's TL1 / TL2)."""
+
+    size_of: Any      # (rows, cols) -> bytes
+
+    def nbytes(self, shape: Sequence[int]) -> int:
+        if len(shape) != 2:
+            raise ValueError(f"a lookup-table tensor is 2-D, not of shape {tuple(shape)}")
+        return self.size_of(tuple(shape))
+
+
 def default_type_sizes() -> dict[int, TypeSize]:
-    """gguf-py's GGML_QUANT_SIZES plus bitnet.cpp's I2_S (n/4 bytes of codes, then 32)."""
+    """gguf-py's GGML_QUANT_SIZES plus bitnet.cpp's I2_S (n/4 bytes of codes, then 32; rows of
+    whole 64-value blocks, the smaller of its x86 and ARM blocks) and TL1 (payload, then the
+    32-byte scale slot); ids 36 and 38 are retired upstream."""
     sizes = {int(t): TypeSize(block, size) for t, (block, size) in GGML_QUANT_SIZES.items()}
-    sizes[I2_S.ggml_type] = TypeSize(I2_S.block_size, I2_S.type_size, I2_S_TAIL)
+    sizes[I2_S.ggml_type] = TypeSize(I2_S_ARM.block_size, I2_S_ARM.type_size, I2_S_TAIL)
+    sizes[TL1.ggml_type] = ShapeSize(TL1.file_nbytes)
     # upstream llama.cpp's Q2_0, which older gguf packages do not list
     sizes.setdefault(Q2_0.ggml_type, TypeSize(Q2_0.block_size, Q2_0.type_size))
     return sizes
 
 
 TYPE_SIZES: Mapping[int, TypeSize] = default_type_sizes()
+# bitnet.cpp's TL2 is type 39, which upstream ggml gives to MXFP4: a file of ours that holds TL2
+# tensors says so with this key (its kernel tiles), and is sized with TL2_TYPE_SIZES
+TL_TILES_KEY = "bitnet_gguf.kernel_tiles"
+TL2_TYPE_SIZES: Mapping[int, TypeSize] = {**TYPE_SIZES, TL2.ggml_type: ShapeSize(TL2.file_nbytes)}
+
+
+def type_sizes_for(kvs: Iterable[KV]) -> Mapping[int, TypeSize]:
+    """The type sizes a file with these key/values uses (TL2's for type 39 in a TL file of ours)."""
+    return TL2_TYPE_SIZES if any(kv.key == TL_TILES_KEY for kv in kvs) else TYPE_SIZES
 
 
 def align(n: int, alignment: int) -> int:
@@ -287,9 +311,10 @@ class GGUFFileWriter:
     """
 
     def __init__(self, path, kvs: Iterable[KV | Mapping[str, Any]], tensors: Sequence[TensorInfo],
-                 alignment: int | None = None, type_sizes: Mapping[int, TypeSize] = TYPE_SIZES):
+                 alignment: int | None = None, type_sizes: Mapping[int, TypeSize] | None = None):
         self.path = Path(path)
         self.kvs = [as_kv(r) for r in kvs]
+        type_sizes = type_sizes_for(self.kvs) if type_sizes is None else type_sizes
         self.tensors = [TensorInfo(t.name, tuple(int(d) for d in t.shape), int(t.ggml_type), int(t.nbytes))
                         for t in tensors]
         check_kvs(self.kvs)
@@ -487,8 +512,9 @@ class GGUFSplitWriter:
     """
 
     def __init__(self, paths: Sequence, kvs: Iterable[KV | Mapping[str, Any]], tensors: Sequence[TensorInfo],
-                 parts: Sequence[Sequence[int]], type_sizes: Mapping[int, TypeSize] = TYPE_SIZES):
+                 parts: Sequence[Sequence[int]], type_sizes: Mapping[int, TypeSize] | None = None):
         kvs = [as_kv(r) for r in kvs]
+        type_sizes = type_sizes_for(kvs) if type_sizes is None else type_sizes  # the same for every part
         tensors = list(tensors)
         check_parts(parts, len(tensors))
         if len(paths) != len(parts):
@@ -676,11 +702,12 @@ class _Cursor:
         return name, shape, ggml_type, offset, nbytes
 
 
-def read_gguf(path, type_sizes: Mapping[int, TypeSize] = TYPE_SIZES) -> GGUFContents:
+def read_gguf(path, type_sizes: Mapping[int, TypeSize] | None = None) -> GGUFContents:
     """The header of a GGUF file, checked as llama.cpp checks it; tensor data is not read.
 
     Raises GGUFFormatError for a truncated or corrupt file, and for tensor types missing from
-    `type_sizes` (their sizes, so the data layout, are unknown).
+    `type_sizes` (their sizes, so the data layout, are unknown; default: `type_sizes_for` the
+    file's key/values).
     """
     path = Path(path)
     with open(path, "rb") as f:
@@ -691,7 +718,7 @@ def read_gguf(path, type_sizes: Mapping[int, TypeSize] = TYPE_SIZES) -> GGUFCont
             return _parse(_Cursor(path, buf, size), type_sizes)
 
 
-def _parse(cur: _Cursor, type_sizes: Mapping[int, TypeSize]) -> GGUFContents:
+def _parse(cur: _Cursor, type_sizes: Mapping[int, TypeSize] | None) -> GGUFContents:
     if cur.raw(4, "magic") != GGUF_MAGIC:
         raise cur.fail("no GGUF magic")
     version = cur.unpack("I", "version")
@@ -707,6 +734,8 @@ def _parse(cur: _Cursor, type_sizes: Mapping[int, TypeSize]) -> GGUFContents:
             raise cur.fail(f"duplicate key {kv.key}")
         seen.add(kv.key)
         kvs.append(kv)
+    if type_sizes is None:
+        type_sizes = type_sizes_for(kvs)
     alignment = DEFAULT_ALIGNMENT
     for kv in kvs:
         if kv.key == ALIGNMENT_KEY:

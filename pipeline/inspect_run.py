@@ -129,14 +129,34 @@ def describe(run: RunDir, codes: bool = False) -> dict:
             if codes and stage == "quantize" and is_ternary(arr) and written:
                 info.update(_codes_info(arr))
             tensors[name] = info
-        report["stores"][stage] = {"path": str(run.store(stage)), "tensors": tensors}
+        report["stores"][stage] = {"path": str(run.store(stage)), "tensors": tensors,
+                                   **{k: v for k, v in group.attrs.asdict().items()
+                                      if k in ("out_type", "target", "kernel_tiles") and stage == "pack"}}
     return report
+
+
+def layout_line(store: dict) -> str | None:
+    """What pack.zarr was laid out for: "layout: I2_S for bitnet.cpp's ARM builds"."""
+    from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES
+
+    out = OUTPUT_TYPES.get(store.get("out_type", ""))
+    if out is None:
+        return None
+    line = f"  layout: {out.codec.name}"
+    if store.get("target"):
+        line += f" for bitnet.cpp's {TARGET_NAMES.get(store['target'], store['target'])} builds (target {store['target']})"
+    if store.get("kernel_tiles"):
+        line += "; kernel tiles (m, k: bm bk bmm) " + ", ".join(f"{m}x{k}: {a} {b} {c}"
+                                                               for m, k, a, b, c in store["kernel_tiles"])
+    return line
 
 
 def format_report(report: dict) -> str:
     lines = [f"run directory: {report['run_directory']}"]
     for stage, store in report["stores"].items():
         lines.append(f"\n{stage}.zarr")
+        if stage == "pack" and (layout := layout_line(store)):
+            lines.append(layout)
         for name, t in store["tensors"].items():
             if "shape" not in t:
                 lines.append(f"  {name:<28} {t['state']}")
@@ -172,13 +192,20 @@ def _store_info(stage: str, arr) -> dict:
         if key in attrs:
             info[key] = attrs[key]
     if stage == "pack" and "ggml_type" in attrs:
-        from pipeline.outtypes import BY_GGML_TYPE
+        from stages.assemble import array_layout
 
         info["ggml_type"] = attrs["ggml_type"]
         info["type_name"] = attrs.get("type_name")
-        out = BY_GGML_TYPE.get(attrs["ggml_type"])
+        try:
+            out, tiles = array_layout(arr)
+        except KeyError:
+            out = tiles = None
         if out is not None:
-            info["nbytes"] = out.nbytes(tuple(attrs.get("shape", arr.shape)))
+            info["nbytes"] = out.nbytes(tuple(attrs.get("shape", arr.shape)), tiles)
+            if out.target:
+                info["target"] = out.target
+            if tiles:
+                info["tiles"] = list(tiles)
     return info
 
 
@@ -248,6 +275,8 @@ def format_tensor(report: dict) -> str:
             parts.append(f"absmean {s['absmean']:.8g}")
         if "ggml_type" in s:
             parts.append(f"{s.get('type_name')} (ggml type {s['ggml_type']})"
+                         + (f" for target {s['target']}" if "target" in s else "")
+                         + (f", tiles bm {s['tiles'][0]} bk {s['tiles'][1]} bmm {s['tiles'][2]}" if "tiles" in s else "")
                          + (f", {s['nbytes']} bytes in the GGUF" if "nbytes" in s else ""))
         row(f"{stage}.zarr", ", ".join(parts))
     if "codes" in report:
@@ -487,6 +516,64 @@ def plot_run(run: RunDir, path: Path) -> str:
 
 
 # -- the command -----------------------------------------------------------------------------------
+
+# -- a GGUF file alone ----------------------------------------------------------------------------
+
+def describe_gguf(path: Path, tensor: str | None = None) -> dict:
+    """What a GGUF file's header says: arch, output type, the bitnet.cpp build its layout is for
+    (our key), TL kernel tiles, and its tensors (or one tensor)."""
+    from gguf import GGMLQuantizationType
+
+    from pipeline.gguf_file import read_gguf
+    from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
+    from stages.assemble import TARGET_KEY, TILES_KEY
+
+    contents = read_gguf(path)
+
+    def type_name(t: int) -> str:
+        own = BY_GGML_TYPE.get(t)
+        if own is not None:
+            return own.codec.name
+        return GGMLQuantizationType(t).name if t in GGMLQuantizationType._value2member_map_ else str(t)
+
+    file_type = contents.kv("general.file_type")
+    out = next((o for o in OUTPUT_TYPES.values() if o.ternary_choice and o.file_type == file_type), None)
+    tiles = contents.kv(TILES_KEY) or []
+    report = {"file": str(path), "architecture": contents.kv("general.architecture"),
+              "file_type": file_type, "type": out.codec.name if out else None,
+              "target": contents.kv(TARGET_KEY),
+              "kernel_tiles": [tiles[i:i + 5] for i in range(0, len(tiles), 5)],
+              "tensors": {t.name: {"shape": list(t.shape), "type": type_name(t.ggml_type), "ggml_type": t.ggml_type,
+                                   "offset": t.offset, "nbytes": t.nbytes} for t in contents.tensors}}
+    if tensor is not None:
+        if tensor not in report["tensors"]:
+            raise RunDirError(f"{path}: no tensor {tensor!r} in this file; `bitnet-gguf inspect {path}` lists them")
+        report["tensors"] = {tensor: report["tensors"][tensor]}
+    return report
+
+
+def format_gguf(report: dict) -> str:
+    from pipeline.outtypes import TARGET_NAMES
+
+    lines = [f"GGUF file: {report['file']}",
+             f"  arch {report['architecture']}, general.file_type {report['file_type']}"
+             + (f" ({report['type']})" if report["type"] else "")]
+    if report["target"]:
+        lines.append(f"  laid out for bitnet.cpp's {TARGET_NAMES.get(report['target'], report['target'])} builds "
+                     f"(bitnet_gguf.target = {report['target']})")
+    elif report["type"] == "I2_S":
+        lines.append("  no bitnet_gguf.target: an I2_S file of another converter, most likely for x86 builds")
+    if report["kernel_tiles"]:
+        lines.append("  kernel tiles (m, k: bm bk bmm) " + ", ".join(f"{m}x{k}: {a} {b} {c}"
+                                                                    for m, k, a, b, c in report["kernel_tiles"]))
+    counts: dict[str, int] = {}
+    for t in report["tensors"].values():
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    lines.append(f"  {len(report['tensors'])} tensor(s): " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    for name, t in report["tensors"].items():
+        lines.append(f"  {name:<28} {'x'.join(map(str, t['shape'])):>12} {t['type']:<6} {t['nbytes']} bytes at {t['offset']}")
+    return "\n".join(lines)
+
 
 def inspect_command(run: RunDir, tensor: str | None = None, codes: bool = False, as_json: bool = False,
                     plot: Path | None = None, log=print) -> str:

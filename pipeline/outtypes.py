@@ -3,32 +3,48 @@
 Every fact about an output type lives in its `OutputType` record: its codec (and so its
 GGML type id, block size and bytes per block), `general.file_type` when it is the
 conversion's `--type`, the bytes that follow a tensor's blocks (I2_S's scale), whether
-it is a `--type` (ternary projections) or an `--embedding-type` choice, and what a
-projection falls back to when its rows are not whole blocks. The CLI's choices and help,
-the per-tensor type decision, the disk estimate, assemble and verify all read it.
+it is a `--type` (ternary projections) or an `--embedding-type` choice, what a
+projection falls back to when its rows are not whole blocks, and the bitnet.cpp build
+(`--target`) its byte layout is for. The CLI's choices and help, the per-tensor type
+decision, the disk estimate, assemble and verify all read it.
+
+One `--type` can have a layout per target: `--type i2_s` is the entry `i2_s` (x86 builds,
+blocks of 128 values) or `i2_s_arm` (ARM builds, blocks of 64); `resolve` picks it.
+TL1 and TL2 exist for one target each.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import platform
 
 import numpy as np
 
-from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_TAIL, Q2_0, Q8_0, TQ1_0, TQ2_0, Codec
+from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_ARM, Q2_0, Q8_0, TL1, TL2, TQ1_0, TQ2_0, Codec
 from pipeline.errors import OptionError
 from pipeline.families import EMBEDDING, NORM, OUTPUT, TERNARY
 
 
+TARGETS = ("x86", "arm")  # bitnet.cpp builds: x86 (AVX2/AVX512) and ARM (NEON)
+TARGET_NAMES = {"x86": "x86", "arm": "ARM"}
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputType:
-    name: str                  # as the options spell it: "tq2_0"
+    name: str                  # registry key: "tq2_0", "i2_s_arm"
     codec: type[Codec]
     file_type: int | None      # general.file_type when this is the --type (llama.cpp's LlamaFileType)
     summary: str               # one phrase for --help
     ternary_choice: bool = False    # a --type choice for the projections
     embedding_choice: bool = False  # an --embedding-type choice for token_embd / output
-    tail: int = 0              # bytes after a tensor's blocks (I2_S: float32 scale + 28 unused)
     fallback: str | None = None     # type of projections whose rows are not whole blocks
+    option: str | None = None       # the --type spelling when it is not `name` ("i2_s" for i2_s_arm)
+    target: str | None = None       # the bitnet.cpp build these bytes are laid out for (None: any)
+    needs_tiles: bool = False       # TL1/TL2: tile sizes per shape from --kernel-config
+
+    @property
+    def type_option(self) -> str:
+        return self.option or self.name
 
     @property
     def ggml_type(self) -> int:
@@ -41,15 +57,14 @@ class OutputType:
     def supports(self, cols: int) -> bool:
         return self.codec.supports(cols)
 
-    def nbytes(self, shape: tuple[int, ...]) -> int:
+    def nbytes(self, shape: tuple[int, ...], tiles=None) -> int:
         """Bytes of a tensor of this type, tail included."""
         rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-        return rows * self.codec.row_bytes(shape[-1]) + self.tail
+        return rows * self.codec.row_bytes(shape[-1], tiles) + self.codec.tail_size(tuple(shape), tiles)
 
-    def tail_bytes(self, scale: float | None) -> bytes:
-        if not self.tail:
-            return b""
-        return I2_S.i2s_tail(np.float32(scale))
+    def tail_bytes(self, shape: tuple[int, ...], scale: float | None, tiles=None) -> bytes:
+        """What follows a tensor's rows: I2_S's and TL's scale slot (TL2: after zero padding)."""
+        return self.codec.tail_bytes(tuple(shape), scale, tiles) if self.codec.tail_size(tuple(shape), tiles) else b""
 
 
 OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
@@ -57,8 +72,14 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
                fallback="f16"),
     OutputType("tq1_0", TQ1_0, 36, "1.69 bits/weight, smallest, llama.cpp and bitnet.cpp", ternary_choice=True,
                fallback="f16"),
-    OutputType("i2_s", I2_S, 40, "2 bits/weight, bitnet.cpp's fast CPU kernels (not upstream llama.cpp)",
-               ternary_choice=True, tail=I2_S_TAIL, fallback="f16"),
+    OutputType("i2_s", I2_S, 40, "2 bits/weight, bitnet.cpp's fast CPU kernels (not upstream llama.cpp), "
+               "laid out for the --target build", ternary_choice=True, fallback="f16", target="x86"),
+    OutputType("i2_s_arm", I2_S_ARM, 40, "I2_S for bitnet.cpp's ARM builds", ternary_choice=True, fallback="f16",
+               option="i2_s", target="arm"),
+    OutputType("tl1", TL1, 38, "2 bits/weight, bitnet.cpp's lookup-table kernels for ARM; needs --kernel-config",
+               ternary_choice=True, target="arm", needs_tiles=True),
+    OutputType("tl2", TL2, 39, "1.67 bits/weight, bitnet.cpp's lookup-table kernels for x86; needs --kernel-config",
+               ternary_choice=True, target="x86", needs_tiles=True),
     OutputType("f16", F16, 1, "half precision", embedding_choice=True),
     OutputType("bf16", BF16, 32, "bfloat16", embedding_choice=True),
     OutputType("f32", F32, 0, "single precision", embedding_choice=True),
@@ -68,15 +89,50 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
 OUTPUT_TYPES["q2_0"] = OutputType("q2_0", Q2_0, 41, "2.25 bits/weight, upstream llama.cpp only (one scale per "
                                   "64 values: group-scaled checkpoints)", ternary_choice=True, fallback="f16")
 assert set(OUTPUT_TYPES) == set(CODECS), "every codec has a registry entry"
-BY_GGML_TYPE = {t.ggml_type: t for t in OUTPUT_TYPES.values()}
+# a ggml type id names one registry entry for what is target-independent about it (sizes)
+BY_GGML_TYPE = {t.ggml_type: t for t in reversed(OUTPUT_TYPES.values())}
 
-TERNARY_CHOICES = tuple(n for n, t in OUTPUT_TYPES.items() if t.ternary_choice)
+
+def host_target() -> str:
+    """The bitnet.cpp build of the machine the conversion runs on."""
+    return "arm" if platform.machine().lower() in ("aarch64", "arm64", "armv8l", "armv7l") else "x86"
+
+
+def targets_of(option: str) -> tuple[str, ...]:
+    """The targets a --type has a layout for (empty: it runs on every build)."""
+    return tuple(t.target for t in OUTPUT_TYPES.values() if t.type_option == option and t.target)
+
+
+def resolve(option: str, target: str | None) -> OutputType:
+    """The registry entry of `--type option` for `--target target` (a target-free type ignores it)."""
+    for t in OUTPUT_TYPES.values():
+        if t.type_option == option and t.ternary_choice and t.target in (None, target):
+            return t
+    names = " and ".join(TARGET_NAMES[x] for x in targets_of(option))
+    raise OptionError(f"--type {option} runs on bitnet.cpp's {names} builds only, not --target {target}; "
+                      f"choose --target {targets_of(option)[0]} or another --type")
+
+
+TERNARY_CHOICES = tuple(dict.fromkeys(t.type_option for t in OUTPUT_TYPES.values() if t.ternary_choice))
 EMBEDDING_CHOICES = tuple(n for n, t in OUTPUT_TYPES.items() if t.embedding_choice)
 DEFAULT_TYPE, DEFAULT_EMBEDDING_TYPE, NORM_TYPE = "tq2_0", "f16", "f32"
 
 
 def choices_help(choices: tuple[str, ...]) -> str:
     return "; ".join(f"{n} ({OUTPUT_TYPES[n].summary})" for n in choices)
+
+
+def target_of(option: str, target: str | None) -> str:
+    """The target a conversion to `--type option` is for: the one given, else the type's only
+    one (TL1: arm, TL2: x86), else the machine's."""
+    own = targets_of(option)
+    if target is None:
+        return own[0] if len(own) == 1 else host_target()
+    name = str(target).lower()
+    if name not in TARGETS:
+        raise OptionError(f"--target: unknown bitnet.cpp build {target!r}; choose one of {', '.join(TARGETS)}")
+    resolve(option, name)  # refuses a type that has no layout for it
+    return name
 
 
 def check_choice(value, choices: tuple[str, ...], option: str) -> str:

@@ -20,7 +20,7 @@ from pipeline.errors import CheckpointError, OptionError, RunDirError
 from pipeline.families import TERNARY
 from pipeline.gguf_file import MAX_SPLITS, GGUFWriterError, TensorInfo, file_size
 from pipeline.output import final_paths, identity, remove_stale_temps
-from pipeline.outtypes import OUTPUT_TYPES, tensor_type
+from pipeline.outtypes import TARGET_NAMES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler
@@ -36,9 +36,11 @@ def stage_keys(opts: Options, ckpt) -> dict[str, str]:
     plan = [[t.hf_name, t.gguf_name, list(t.shape), t.recipe.as_json()] for t in ckpt.plan.tensors]
     keys["extract"] = stage_key("extract", STAGE_VERSIONS["extract"], ckpt.fingerprint, plan)
     keys["quantize"] = stage_key(keys["extract"], "quantize", STAGE_VERSIONS["quantize"])
-    keys["pack"] = stage_key(keys["quantize"], "pack", STAGE_VERSIONS["pack"], opts.out_type, opts.embedding_type)
+    # the layout (--type and, where it matters, --target) and the tiles of a TL type
+    keys["pack"] = stage_key(keys["quantize"], "pack", STAGE_VERSIONS["pack"], opts.layout.name, opts.embedding_type,
+                             *([opts.kernel_tiles] if opts.layout.needs_tiles else []))
     keys["assemble"] = stage_key(keys["pack"], "assemble", STAGE_VERSIONS["assemble"], str(opts.output), ckpt.kv,
-                                 opts.split_max_size, opts.split_max_tensors)
+                                 opts.split_max_size, opts.split_max_tensors, opts.layout.name)
     return keys
 
 
@@ -54,11 +56,38 @@ def _finished(stage: str, state: dict | None, key: str) -> bool:
     return True
 
 
+def check_kernel_shapes(opts: Options, ckpt) -> None:
+    """TL1/TL2: every ternary projection's (m, k) has a section in --kernel-config (refused before any work)."""
+    from pipeline.kernel_config import missing_shapes_message, tiles_of
+
+    layout = opts.layout
+    if not layout.needs_tiles:
+        return
+    missing: dict[tuple[int, int], list[str]] = {}
+    for t in ckpt.plan.tensors:
+        if t.role == TERNARY and tiles_of(opts.kernel_tiles, t.shape) is None:
+            missing.setdefault(tuple(t.shape), []).append(t.gguf_name)
+    if missing or opts.kernel_config is None:
+        if not missing:  # no ternary projection at all: nothing to ask for
+            return
+        raise OptionError(missing_shapes_message(opts.kernel_config, layout.codec, missing))
+
+
+def tensor_tiles(opts: Options, role: str, shape) -> tuple | None:
+    """The kernel tiles of a ternary projection of a TL type, else None."""
+    if role != TERNARY or not opts.layout.needs_tiles:
+        return None
+    from pipeline.kernel_config import tiles_of
+
+    return tiles_of(opts.kernel_tiles, shape)
+
+
 def tensor_types(opts: Options, ckpt, log=None) -> list[TensorInfo]:
     """Every tensor's output type and size; raises for a type that cannot hold a tensor."""
+    check_kernel_shapes(opts, ckpt)
     infos, ternary, fallbacks = [], 0, 0
     for t in ckpt.plan.tensors:
-        out, fallback = tensor_type(t.role, t.shape, opts.out_type, opts.embedding_type, t.gguf_name)
+        out, fallback = tensor_type(t.role, t.shape, opts.layout.name, opts.embedding_type, t.gguf_name)
         if t.role == TERNARY:
             ternary += 1
             fallbacks += fallback is not None
@@ -67,10 +96,11 @@ def tensor_types(opts: Options, ckpt, log=None) -> list[TensorInfo]:
                 from stages.quantize import ternary_scale
 
                 check_scale(t.gguf_name, float(ternary_scale(t.recipe, None)), out.name)
-        infos.append(TensorInfo(t.gguf_name, t.shape, out.ggml_type, out.nbytes(t.shape)))
+        infos.append(TensorInfo(t.gguf_name, t.shape, out.ggml_type,
+                                out.nbytes(t.shape, tensor_tiles(opts, t.role, t.shape))))
     if opts.out_type == "i2_s" and ternary and fallbacks == ternary:
         raise OptionError(f"--type i2_s: no projection of this checkpoint has rows that are a multiple of "
-                          f"{OUTPUT_TYPES['i2_s'].block_size} values, so nothing could be I2_S; choose tq2_0 or tq1_0")
+                          f"{opts.layout.block_size} values, so nothing could be I2_S; choose tq2_0 or tq1_0")
     return infos
 
 
@@ -87,7 +117,8 @@ def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> tuple[int, int]
         for path in final_paths(opts.output, len(parts)):
             check_output_path(path, opts.force)
     try:
-        return sum(file_size(file_kvs(metadata, opts.out_type), [infos[i] for i in idx]) for idx in parts), len(parts)
+        kvs = file_kvs(metadata, opts.layout.name, opts.kernel_tiles)
+        return sum(file_size(kvs, [infos[i] for i in idx]) for idx in parts), len(parts)
     except (GGUFWriterError, ValueError) as e:
         raise CheckpointError(f"{opts.model_dir}: the GGUF header cannot be written ({e})") from None
 
@@ -113,7 +144,8 @@ def convert(opts: Options, log) -> list[Path]:
         try:
             plan = ckpt.plan
             log(f"model: {opts.model_dir} ({plan.family.description}, {len(plan.tensors)} tensors)")
-            log(f"output: {opts.output} ({opts.out_type.upper()}, embeddings {opts.embedding_type.upper()}, "
+            built = f" for bitnet.cpp's {TARGET_NAMES[opts.target]} builds" if opts.layout.target else ""
+            log(f"output: {opts.output} ({opts.out_type.upper()}{built}, embeddings {opts.embedding_type.upper()}, "
                 f"GGUF arch {plan.arch})")
             log(f"run directory: {opts.workdir}")
             log(budget.describe())
@@ -188,7 +220,7 @@ def check_float_ranges(store: Path, ckpt, opts: Options) -> None:
     for t in ckpt.plan.tensors:
         if t.role == TERNARY:
             continue  # ternary values are codes times the scale, which pack checks
-        out, _ = tensor_type(t.role, t.shape, opts.out_type, opts.embedding_type, t.gguf_name)
+        out, _ = tensor_type(t.role, t.shape, opts.layout.name, opts.embedding_type, t.gguf_name)
         limit = {"f16": F16_MAX, "q8_0": F16_MAX * 127}.get(out.name)
         if limit is None:
             continue

@@ -17,29 +17,50 @@ import gguf
 import numpy as np
 
 from pipeline.context import StageContext
-from pipeline.gguf_file import GGUFSplitWriter, TensorInfo, model_kvs, plan_split
+from pipeline.gguf_file import TL_TILES_KEY, GGUFSplitWriter, TensorInfo, model_kvs, plan_split
 from pipeline.output import OutputChanged, final_paths, identity, publish, temp_path
+from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
 from pipeline.stores import DamagedStore, chunk_path, is_raw, open_store, row_ranges
 
 
-def file_kvs(metadata: dict, out_type: str) -> list:
-    """Every key/value of the file: the run's metadata, then file type and quantization version."""
+# Our own key/values (bitnet.cpp and llama.cpp ignore keys they do not know): the bitnet.cpp build
+# a file's layout is for, and a TL file's kernel tiles, so `verify` and `inspect` of the file alone can tell.
+TARGET_KEY = "bitnet_gguf.target"
+TILES_KEY = TL_TILES_KEY   # UINT32 array: m, k, BM, BK, bm per kernel_config.ini section
+
+
+def file_kvs(metadata: dict, out_type: str, kernel_tiles=()) -> list:
+    """Every key/value of the file: the run's metadata, then file type and quantization version,
+    then (for a layout made for one bitnet.cpp build) our target and kernel tiles."""
+    out = OUTPUT_TYPES[out_type]
     records = [*metadata["kv"],
                {"key": gguf.Keys.General.FILE_TYPE, "type": "UINT32", "sub_type": None,
-                "value": OUTPUT_TYPES[out_type].file_type},
+                "value": out.file_type},
                {"key": gguf.Keys.General.QUANTIZATION_VERSION, "type": "UINT32", "sub_type": None,
                 "value": gguf.GGML_QUANT_VERSION}]
+    if out.target:
+        records.append({"key": TARGET_KEY, "type": "STRING", "sub_type": None, "value": out.target})
+    if out.needs_tiles:
+        records.append({"key": TILES_KEY, "type": "ARRAY", "sub_type": "UINT32",
+                        "value": [int(v) for entry in kernel_tiles for v in entry]})
     return model_kvs(metadata["arch"], records)
+
+
+def array_layout(arr):
+    """(output type, tiles or None) of a pack.zarr array."""
+    out = OUTPUT_TYPES[arr.attrs["out_type"]] if "out_type" in arr.attrs else BY_GGML_TYPE[arr.attrs["ggml_type"]]
+    tiles = arr.attrs.get("tiles")
+    return out, (Tiles(*tiles) if tiles else None)
 
 
 def tensor_infos(group) -> list[TensorInfo]:
     infos = []
     for name in group.attrs["tensor_order"]:
         arr = group[name]
-        out = BY_GGML_TYPE[arr.attrs["ggml_type"]]
+        out, tiles = array_layout(arr)
         shape = tuple(arr.attrs["shape"])
-        infos.append(TensorInfo(name, shape, out.ggml_type, out.nbytes(shape)))
+        infos.append(TensorInfo(name, shape, out.ggml_type, out.nbytes(shape, tiles)))
     return infos
 
 
@@ -49,24 +70,31 @@ def plan_parts(infos: list[TensorInfo], max_size: int, max_tensors: int) -> list
 
 def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_type: str, progress) -> None:
     infos = tensor_infos(group)
-    with GGUFSplitWriter(paths, file_kvs(metadata, out_type), infos, parts) as writer:
+    kvs = file_kvs(metadata, out_type, [tuple(t) for t in group.attrs.get("kernel_tiles", [])])
+    with GGUFSplitWriter(paths, kvs, infos, parts) as writer:
         writer.write_header()
         with progress(sum(t.nbytes for t in infos), "assemble", unit="B", unit_scale=True,
                       unit_divisor=1024) as bar:
             for i, info in enumerate(infos):
                 arr = group[info.name]
+                out, tiles = array_layout(arr)
                 row_bytes = arr.nbytes // arr.shape[0] if arr.ndim > 1 else arr.nbytes
-                for k, (r0, r1) in enumerate(row_ranges(arr.shape[0], arr.chunks[0]) if arr.ndim > 1 else [(0, 1)]):
-                    nbytes = (r1 - r0) * row_bytes
-                    if is_raw(arr):  # the chunk file is the bytes: copy it in the kernel
-                        path = chunk_path(arr, k)
-                        if not path.is_file() or path.stat().st_size < nbytes:
-                            raise DamagedStore(f"{path}: chunk file missing or short")
-                        writer.copy_tensor_data(i, path, 0, nbytes)
-                    else:
-                        writer.write_tensor_data(i, np.ascontiguousarray(arr[r0:r1]))
-                    bar.update(nbytes)
-                tail = BY_GGML_TYPE[info.ggml_type].tail_bytes(arr.attrs.get("scale"))
+                chunks = list(row_ranges(arr.shape[0], arr.chunks[0]) if arr.ndim > 1 else [(0, 1)])
+                regions = out.codec.regions(info.shape[-1], tiles) if arr.ndim > 1 else [(0, row_bytes)]
+                for c0, c1 in regions:  # TL2: magnitudes, signs, tail of every chunk in turn
+                    for k, (r0, r1) in enumerate(chunks):
+                        nbytes = (r1 - r0) * (c1 - c0)
+                        if is_raw(arr) and len(regions) == 1:  # the chunk file is the bytes: copy it in the kernel
+                            path = chunk_path(arr, k)
+                            if not path.is_file() or path.stat().st_size < nbytes:
+                                raise DamagedStore(f"{path}: chunk file missing or short")
+                            writer.copy_tensor_data(i, path, 0, nbytes)
+                        elif len(regions) == 1:
+                            writer.write_tensor_data(i, np.ascontiguousarray(arr[r0:r1]))
+                        else:
+                            writer.write_tensor_data(i, np.ascontiguousarray(arr[r0:r1, c0:c1]))
+                        bar.update(nbytes)
+                tail = out.tail_bytes(info.shape, arr.attrs.get("scale"), tiles)
                 if tail:
                     writer.write_tensor_data(i, tail)
                     bar.update(len(tail))

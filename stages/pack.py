@@ -4,7 +4,11 @@ Every array is uint8 of shape (rows, bytes per row), chunked by the same row
 ranges as quantize.zarr (a row is a whole number of blocks, so chunks are block
 aligned). Attribute `ggml_type` names the GGML type (pipeline/outtypes.py). Ternary
 codes arrive at 2 bits per value in TQ2_0's block order, so TQ2_0 is a copy plus the
-block scales and I2_S a byte lookup (pipeline/codecs.py `encode_codes`). A ternary
+block scales and I2_S a byte lookup (pipeline/codecs.py `encode_codes`; the layout of
+`--target`'s bitnet.cpp build, one registry entry each). TL1/TL2 bytes come in tiles of BM
+rows (from --kernel-config): their chunks hold whole tiles, so any memory limit and any
+number of workers give the same bytes; TL2's three regions are column ranges of each
+row chunk, which assemble writes region by region. A ternary
 tensor whose row length is not a whole number of blocks of the requested type is
 written as F16 (the ternary values times the scale), as llama.cpp's converter does.
 Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, say) are
@@ -21,6 +25,7 @@ from pipeline.codecs import CODECS, codes_from_packed
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import TERNARY
+from pipeline.kernel_config import tiles_of
 from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES, tensor_type
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
@@ -38,11 +43,13 @@ def scales_per_type_block(block_scales: np.ndarray, block_size: int) -> np.ndarr
 
 def block_scale_problem(block_scales: np.ndarray, out) -> str | None:
     """Why a group-scaled tensor (one scale per 64 values) cannot be `out` without requantizing,
-    or None: the type keeps one scale per block of block_size values (I2_S one per tensor, after
-    its codes), so the scale must be constant over each of its blocks."""
-    if out.tail or not out.codec.ternary:
-        return f"{out.codec.name} keeps one scale per tensor" if out.tail else \
-            f"{out.codec.name} (the fallback for rows that are not whole blocks) is not taken for it"
+    or None: the type keeps one fp16 scale per block of block_size values (TQ, Q2_0; I2_S and
+    TL one per tensor, after their codes), so the scale must be constant over each block."""
+    codec = out.codec
+    if not codec.ternary:
+        return f"{codec.name} (the fallback for rows that are not whole blocks) is not taken for it"
+    if codec.block_size % SCALE_BLOCK or codec.tail_size():
+        return f"{codec.name} keeps one scale per tensor"
     per = out.block_size // SCALE_BLOCK
     blocks = block_scales.reshape(block_scales.shape[0], -1, per)
     top = blocks.max(axis=2, keepdims=True)
@@ -53,6 +60,7 @@ def block_scale_problem(block_scales: np.ndarray, out) -> str | None:
     return (f"its scale changes inside a block of {out.block_size} values (row {r}, columns "
             f"{b * out.block_size}..{(b + 1) * out.block_size - 1}), and {out.codec.name} keeps one per block")
 
+
 # float16 bits of every bfloat16 bit pattern, converted by numpy (round to nearest even)
 with np.errstate(over="ignore", invalid="ignore"):
     _F16_FROM_BF16 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32).astype("<f2").view(np.uint16)
@@ -62,10 +70,11 @@ SAME_BYTES = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
 
 
 def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None,
-                 layout: str | None = None, block_scales: np.ndarray | None = None) -> np.ndarray:
+                 layout: str | None = None, tiles=None, block_scales: np.ndarray | None = None) -> np.ndarray:
     """The GGUF bytes of one row chunk: float values in their source representation
     (`source_dtype`), or ternary codes as quantize.zarr stores them (`layout`) with their scale
-    (or, for group-scaled tensors, `block_scales`: one per 64 values of the chunk's rows)."""
+    (and, for TL1/TL2, the tensor's kernel tiles; for group-scaled tensors, `block_scales`: one
+    per 64 values of the chunk's rows). `codec_name` is an output type registry key."""
     codec = CODECS[codec_name]
     if block_scales is not None:
         codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
@@ -75,9 +84,9 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
             return _F16_FROM_BF16[np.asarray(block, dtype=np.uint16)].view(np.uint8).reshape(*block.shape[:-1], -1)
         return codec.encode(as_float32(block, source_dtype))
     if layout == LAYOUT_2BIT:
-        return codec.encode_codes(block, np.float32(scale))
+        return codec.encode_codes(block, np.float32(scale), tiles) if tiles else codec.encode_codes(block, np.float32(scale))
     if codec.ternary:
-        return codec.encode(block, np.float32(scale))
+        return codec.encode(block, np.float32(scale), tiles) if tiles else codec.encode(block, np.float32(scale))
     return codec.encode(block.astype(np.float32) * np.float32(scale))  # ternary fell back to a float type
 
 
@@ -98,9 +107,9 @@ def check_scale(name: str, scale: float, codec_name: str) -> None:
 
 
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
-                source_dtype: str, layout: str | None, block_scales: str | None = None) -> None:
+                source_dtype: str, layout: str | None, tiles=None, block_scales: str | None = None) -> None:
     scales = read_rows(open_array(block_scales, "r"), start, stop) if block_scales else None
-    data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout,
+    data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout, tiles,
                         scales)
     dest = open_array(out)
     if dest.ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
@@ -113,14 +122,17 @@ def run(ctx: StageContext) -> None:
     source = open_store(ctx.input, "r")
     group = open_store(ctx.output)
     opts = ctx.options
-    group.attrs.update({**source.attrs.asdict(), "stage": "pack", "out_type": opts.out_type,
-                        "embedding_type": opts.embedding_type})
+    layout = opts.layout
+    group.attrs.update({**source.attrs.asdict(), "stage": "pack", "out_type": layout.name,
+                        "embedding_type": opts.embedding_type,
+                        **({"target": layout.target} if layout.target else {}),
+                        **({"kernel_tiles": [list(t) for t in opts.kernel_tiles]} if layout.needs_tiles else {})})
     plans = []
     for name in source.attrs["tensor_order"]:
         src = source[name]
         role = src.attrs["role"]
         shape = tuple(src.attrs["shape"])
-        out, fallback = tensor_type(role, shape, opts.out_type, opts.embedding_type, name)
+        out, fallback = tensor_type(role, shape, layout.name, opts.embedding_type, name)
         scale = src.attrs.get("scale") if role == TERNARY else None
         block_scales = None
         if role == TERNARY and scale is None:  # group-scaled, one scale per 64 values
@@ -129,7 +141,7 @@ def run(ctx: StageContext) -> None:
             problem = block_scale_problem(values, out)
             if problem:
                 takes = [n for n in TERNARY_CHOICES if block_scale_problem(values, OUTPUT_TYPES[n]) is None]
-                raise CheckpointError(f"tensor {src.attrs['hf_name']}: --type {opts.out_type}: {problem}; it "
+                raise CheckpointError(f"tensor {src.attrs['hf_name']}: --type {layout.type_option}: {problem}; it "
                                       f"converts without requantizing to --type {' or '.join(takes)}")
             for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):
                 check_scale(name, float(v), out.name)
@@ -142,25 +154,28 @@ def run(ctx: StageContext) -> None:
         if fallback:
             ctx.log(f"warning: {name}: {fallback}")
         codec = out.codec
-        # rows of this run's budget (the input may come from a run under a larger memory limit)
-        rows = ctx.budget.rows_per_chunk(shape) if src.ndim > 1 else codec.row_bytes(shape[0])
-        byte_shape = (*shape[:-1], codec.row_bytes(shape[-1]))
+        tiles = tiles_of(opts.kernel_tiles, shape) if out.needs_tiles else None
+        # rows of this run's budget (the input may come from a run under a larger memory limit), whole tiles
+        rows = ctx.budget.rows_per_chunk(shape, codec.row_multiple(tiles)) if src.ndim > 1 \
+            else codec.row_bytes(shape[0])
+        byte_shape = (*shape[:-1], codec.row_bytes(shape[-1], tiles))
         arr = ensure_array(group, name, byte_shape, rows, np.uint8, {
-            "ggml_type": out.ggml_type, "type_name": codec.name, "shape": list(shape),
+            "ggml_type": out.ggml_type, "type_name": codec.name, "out_type": out.name, "shape": list(shape),
             "role": role, **({"scale": scale} if scale is not None else {}),
+            **({"tiles": list(tiles)} if tiles else {}),
         })
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))
         same = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES and is_raw(src) \
             and is_raw(arr) and src.chunks[0] == arr.chunks[0] and src.ndim > 1
         done = written_chunks(arr)
-        layout = src.attrs.get("code_layout", LAYOUT_INT8) if role == TERNARY else None
+        code_layout = src.attrs.get("code_layout", LAYOUT_INT8) if role == TERNARY else None
         for i, (r0, r1) in enumerate(row_ranges(shape[0], rows if src.ndim > 1 else shape[0])):
             if i in done:
                 continue
             if same:
                 tasks.append(chunk_task(link_task, *paths, i))
             else:
-                tasks.append(chunk_task(encode_rows, *paths, r0, r1, codec.name.lower(), scale,
-                                        src.attrs["source_dtype"], layout, block_scales))
+                tasks.append(chunk_task(encode_rows, *paths, r0, r1, out.name, scale,
+                                        src.attrs["source_dtype"], code_layout, tiles, block_scales))
     ctx.scheduler.run(tasks, "pack")
 

@@ -66,12 +66,20 @@ class Case:
     extra: tuple[str, ...] = ()
     reference: str | None = None   # llama.cpp mode: "lazy" or "no-lazy" (None: not run)
     note: str = ""
+    kernel_config: tuple = ()      # TL1/TL2: (m, k, bm, bk, bmm) sections written to a kernel_config.ini
+
+
+# The tiles bitnet.cpp's setup_env.py gives utils/codegen_tl2.py for Llama3-8B-1.58 (BM, BK, bm per shape)
+LLAMA3_8B_TL2 = ((14336, 4096, 256, 96, 32), (4096, 14336, 128, 96, 32), (1024, 4096, 256, 96, 32),
+                 (4096, 4096, 128, 96, 32))
 
 
 CASES = {
     "8b-master": Case("8b-bf16-master", reference="lazy"),
     "llama3-8b": Case("llama3-8b-packed", reference="no-lazy", note="the seed problem"),
-    "llama3-8b-i2s": Case("llama3-8b-packed", "i2_s"),
+    "llama3-8b-i2s": Case("llama3-8b-packed", "i2_s", extra=("--target", "x86")),
+    "llama3-8b-i2s-arm": Case("llama3-8b-packed", "i2_s", extra=("--target", "arm")),
+    "llama3-8b-tl2": Case("llama3-8b-packed", "tl2", kernel_config=LLAMA3_8B_TL2),
     "llama3-8b-cluster": Case("llama3-8b-packed", extra=("--cluster", "local")),
     "llama3-8b-4l": Case("llama3-8b-packed-4l"),
     "llama3-8b-16l": Case("llama3-8b-packed-16l"),
@@ -107,8 +115,14 @@ def run_ours(case: Case, model: Path, workdir: Path) -> dict:
     work = out.with_name(out.name + ".work")
     for p in (out, work):
         subprocess.run(["rm", "-rf", str(p)], check=True)
+    extra = list(case.extra)
+    if case.kernel_config:
+        ini = workdir / f"{case.checkpoint}-{case.out_type}-kernel_config.ini"
+        ini.write_text("\n".join(f"[Kernels_{i}]\nm = {m}\nk = {k}\nbm = {a}\nbk = {b}\nbmm = {c}\n"
+                                 for i, (m, k, a, b, c) in enumerate(case.kernel_config)))
+        extra += ["--kernel-config", str(ini)]
     cmd = [sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out), "--type", case.out_type,
-           "--memory-limit", case.limit, "--no-progress", *case.extra]
+           "--memory-limit", case.limit, "--no-progress", *extra]
     r = run_measuring_peak(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, interval=0.05)
     r["output"] = sum(tree_size(p) for p in out.parent.glob(out.stem + "*.gguf"))
     r["workdir"] = tree_size(work) if work.exists() else 0

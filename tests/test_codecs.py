@@ -356,25 +356,35 @@ def test_registry():
 
     from pipeline.outtypes import EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES
 
-    assert set(CODECS) == set(OUTPUT_TYPES) == {"tq2_0", "tq1_0", "i2_s", "f16", "bf16", "f32", "q8_0", "q2_0"}
-    assert TERNARY_CHOICES == ("tq2_0", "tq1_0", "i2_s", "q2_0")
+    assert set(CODECS) == set(OUTPUT_TYPES) == {"tq2_0", "tq1_0", "i2_s", "i2_s_arm", "tl1", "tl2", "f16", "bf16",
+                                                "f32", "q8_0", "q2_0"}
+    assert TERNARY_CHOICES == ("tq2_0", "tq1_0", "i2_s", "tl1", "tl2", "q2_0")
     assert set(EMBEDDING_CHOICES) == {"f16", "bf16", "f32", "q8_0"}
     file_types = {"tq2_0": LlamaFileType.MOSTLY_TQ2_0, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
                   "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "f32": LlamaFileType.ALL_F32,
                   "q8_0": LlamaFileType.MOSTLY_Q8_0}
     for name, t in OUTPUT_TYPES.items():
         if name == "i2_s":  # bitnet.cpp's fork only: type 36, file type 40, 128 values in 32 bytes + 32-byte tail
-            assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.tail) == (36, 40, 128, 32, 32)
+            assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.codec.tail_size(), t.target) \
+                == (36, 40, 128, 32, 32, "x86")
+            continue
+        if name == "i2_s_arm":  # FORMATS.md: ARM builds read blocks of 64 values in 16 bytes
+            assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.codec.tail_size(), t.target,
+                    t.type_option) == (36, 40, 64, 16, 32, "arm", "i2_s")
+            continue
+        if name in ("tl1", "tl2"):  # TL-FORMAT.md: types 38 / 39, file types 38 / 39, ARM / x86
+            assert (t.ggml_type, t.file_type, t.target) == {"tl1": (38, 38, "arm"), "tl2": (39, 39, "x86")}[name]
             continue
         if name == "q2_0":  # newer than the gguf package here; llama.cpp 0.3.36's gguf-py constants.py:
             # Q2_0 = 42, MOSTLY_Q2_0 = 41, GGML_QUANT_SIZES[Q2_0] = (64, 2 + 16)
-            assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.tail) == (42, 41, 64, 18, 0)
+            assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.codec.tail_size(), t.target) \
+                == (42, 41, 64, 18, 0, None)
             continue
         gtype = GGMLQuantizationType[name.upper()]
         assert t.ggml_type == gtype
         assert (t.block_size, t.codec.type_size) == GGML_QUANT_SIZES[gtype]
-        assert t.file_type == file_types[name] and t.tail == 0
-    assert [k for k, v in CODECS.items() if v.ternary] == ["tq2_0", "tq1_0", "i2_s", "q2_0"]
+        assert t.file_type == file_types[name] and t.codec.tail_size() == 0 and t.target is None
+    assert [k for k, v in CODECS.items() if v.ternary] == ["tq2_0", "tq1_0", "i2_s", "i2_s_arm", "tl1", "tl2", "q2_0"]
 
 
 # -- Q2_0 (upstream llama.cpp, type 42) ---------------------------------------------------------

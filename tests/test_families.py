@@ -110,8 +110,8 @@ def converted(tmp_path_factory):
             family, kw = CASES[case]
             made[case] = write_checkpoint(root / case, family, **kw)
         out = root / f"{case}-{out_type}.gguf"
-        if not out.exists():
-            convert(made[case], out, "--type", out_type)
+        if not out.exists():  # I2_S in the x86 layout, which decode_i2s_reference reads, on any machine
+            convert(made[case], out, "--type", out_type, *(("--target", "x86") if out_type == "i2_s" else ()))
         return made[case], out
     return get
 
@@ -256,7 +256,7 @@ def test_i2s_rows_not_a_multiple_of_128_fall_back_to_f16_with_a_warning(tmp_path
     model = write_checkpoint(tmp_path / "m", "llama3-1.58", hidden_size=256, intermediate_size=320, num_layers=1,
                              num_heads=4, num_kv_heads=2)
     out = tmp_path / "m.gguf"
-    proc = convert(model, out, "--type", "i2_s")
+    proc = convert(model, out, "--type", "i2_s", "--target", "x86")  # ARM's 64-value blocks hold 320
     warned = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
     assert warned == ["warning: blk.0.ffn_down.weight: row length 320 is not a multiple of 128, so it cannot be "
                       "I2_S; writing F16"]
@@ -283,7 +283,7 @@ def test_i2s_needs_at_least_one_projection_it_can_hold(tmp_path):
                              num_heads=4)
     out = tmp_path / "out" / "m.gguf"
     out.parent.mkdir()
-    proc = convert(model, out, "--type", "i2_s", check_exit=2)
+    proc = convert(model, out, "--type", "i2_s", "--target", "x86", check_exit=2)
     assert proc.stderr.count("\n") == 1 and "--type i2_s" in proc.stderr and "multiple of 128" in proc.stderr
     assert list(out.parent.iterdir()) == []
 
@@ -294,7 +294,8 @@ def test_split_output_holds_the_same_tensors_as_one_file(converted, tmp_path, ca
 
     model, single = converted(case, out_type)
     out = tmp_path / "split.gguf"
-    proc = convert(model, out, "--type", out_type, "--split-max-tensors", "7")
+    target = ("--target", "x86") if out_type == "i2_s" else ()
+    proc = convert(model, out, "--type", out_type, "--split-max-tensors", "7", *target)
     parts = sorted(tmp_path.glob("split-*-of-*.gguf"))
     n = len(parts)
     assert n > 2 and [p.name for p in parts] == [f"split-{k:05d}-of-{n:05d}.gguf" for k in range(1, n + 1)]
@@ -318,7 +319,7 @@ def test_split_output_holds_the_same_tensors_as_one_file(converted, tmp_path, ca
     for t in one.tensors:
         assert got[t.name] == raw_one[t.offset:t.offset + t.nbytes], t.name
     # a rerun is a no-op
-    again = convert(model, out, "--type", out_type, "--split-max-tensors", "7")
+    again = convert(model, out, "--type", out_type, "--split-max-tensors", "7", *target)
     assert again.stderr.count("already done") == 4
 
 
