@@ -58,20 +58,28 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
     return codec.encode(block.astype(np.float32) * np.float32(scale))  # ternary fell back to a float type
 
 
+# The smallest normal numbers: below them a float keeps fewer significant bits than its type
+# promises (an fp16 scale of 1e-6 is 2^-20 in 2^-24 steps, up to 3% off; 1e-7 is 19% off).
+FP16_TINY = float(np.finfo(np.float16).tiny)    # 6.1e-5
+FP32_TINY = float(np.finfo(np.float32).tiny)    # 1.2e-38
+FP16_SCALE_TYPES = ("tq1_0", "tq2_0", "f16")  # a TQ block's d, an F16 fallback's values
+
+
 def check_scale(name: str, scale: float, codec_name: str) -> None:
-    """The scale must be a finite non-zero float32 (I2_S stores it so); a TQ block stores it as
-    fp16, and an F16 fallback its values: there it must fit fp16 too."""
-    with np.errstate(over="ignore"):
+    """The scale must be a normal float32 (I2_S stores it so); a TQ block stores it as fp16, and
+    an F16 fallback its values: there it must be a normal fp16 too. A subnormal or overflowing
+    scale is refused naming the tensor, not written with a few bits of precision."""
+    with np.errstate(over="ignore", under="ignore"):
         s32 = np.float32(scale)
         d = np.float16(s32)
-    if not np.isfinite(s32) or s32 == 0:
-        raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is not a finite non-zero float32 "
-                              "(the checkpoint's weight_scale is out of range); it cannot be converted")
-    if codec_name in ("tq1_0", "tq2_0", "f16"):
-        if not np.isfinite(d) or d == 0:
+    if not np.isfinite(s32) or abs(float(s32)) < FP32_TINY:
+        raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is not a normal float32 (above 1.2e-38, "
+                              "finite; the checkpoint's weight_scale is out of range); it cannot be converted")
+    if codec_name in FP16_SCALE_TYPES:
+        if not np.isfinite(d) or abs(float(d)) < FP16_TINY:
             raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is outside what {codec_name.upper()} "
-                                  "stores (fp16, up to 65504, above 6e-8); convert with --type i2_s (a float32 "
-                                  "scale) instead")
+                                  f"stores to fp16's precision (a normal fp16, {FP16_TINY:.3g} to 65504); convert "
+                                  "with --type i2_s (a float32 scale) instead")
 
 
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
