@@ -30,7 +30,7 @@ from pipeline.outtypes import tensor_type
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (array_path, ensure_array, is_raw, open_array, open_store, read_rows, row_ranges,
-                             written_chunks)
+                             write_rows, written_chunks)
 from stages.quantize import LAYOUT_2BIT, LAYOUT_INT8, link_task
 
 # float16 bits of every bfloat16 bit pattern, converted by numpy (round to nearest even)
@@ -85,11 +85,10 @@ def check_scale(name: str, scale: float, codec_name: str) -> None:
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
                 source_dtype: str, layout: str | None, tiles=None) -> None:
     data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout, tiles)
-    dest = open_array(out)
-    if dest.ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
-        dest[:] = data
+    if open_array(out, "r").ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
+        write_rows(out, 0, data.shape[0], data)
     else:
-        dest[start:stop] = data
+        write_rows(out, start, stop, data)
 
 
 def run(ctx: StageContext) -> None:
