@@ -9,8 +9,10 @@ with the stages' own kernels (quantize's `row_abs_sums`, `code_rows`,
 it reads I2_S). Memory stays at one chunk.
 
 The output type is taken from the file's general.file_type and the embedding type from its
-token_embd; anything else that differs is a problem. `verify` uses the converter's own
-kernels, so it finds damaged or mismatched files, not kernel bugs (the tests check those).
+token_embd; anything else that differs is a problem. The byte comparison uses the converter's
+own kernels, so on its own it would find damaged or mismatched files, not kernel bugs: every
+tensor's bytes are also decoded to values and compared with the effective weights computed
+independently from the checkpoint in float64 (`EffectiveWeights`), to each type's precision.
 """
 from __future__ import annotations
 
@@ -258,6 +260,7 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None) -> str |
 # its float, and a little more for the float32 steps of the reference converters
 VALUE_PRECISION = {"F32": 0.0, "F16": 2.0 ** -10, "BF16": 2.0 ** -7, "TQ1_0": 2.0 ** -10, "TQ2_0": 2.0 ** -10,
                    "I2_S": 2.0 ** -20}
+SUBNORMAL_HALF_STEP = {"F16": 2.0 ** -25, "BF16": 2.0 ** -134}
 TIE_WIDTH = 1e-5  # |W| / absmean this close to 0.5 may round either way (float32 vs float64)
 CHECK_ELEMENTS = 1 << 20  # values compared at a time (the float64 reference of a chunk is not held whole)
 
@@ -334,11 +337,12 @@ class EffectiveWeights:
         else:
             want = self._source(a, b)
             err = np.abs(values - want)
-            if name == "Q8_0":  # a block of 32 stores round(x / d), d = fp16(max|x| / 127)
+            if name == "Q8_0":  # a block of 32 stores round(x / d), d = fp16(max|x| / 127) (for a block of
+                # tiny values a subnormal fp16, as gguf's quantizer and llama.cpp write it: 127 half-steps of 2^-24)
                 amax = np.abs(want).reshape(*want.shape[:-1], -1, 32).max(axis=-1)
-                tol = np.repeat(amax * (0.51 / 127 + 2.0 ** -10), 32, axis=-1)
-            else:
-                tol = np.maximum(np.abs(want) * VALUE_PRECISION[name], 2.0 ** -25 if name == "F16" else 0.0)
+                tol = np.repeat(amax * (0.51 / 127 + 2.0 ** -10) + 127 * 2.0 ** -25, 32, axis=-1)
+            else:  # half a step of the type's subnormals, for values below its normal range
+                tol = np.maximum(np.abs(want) * VALUE_PRECISION[name], SUBNORMAL_HALF_STEP.get(name, 0.0))
             what = "the checkpoint's values"
         bad = ~(err <= tol)  # NaN or infinity in the file is bad too
         if bad.any():

@@ -14,8 +14,8 @@ written as F16 (the ternary values times the scale), as llama.cpp's converter do
 Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, say) are
 hard links to the previous store's chunk files.
 
-A scale the output type cannot hold (a TQ block's fp16 d, an F16 fallback) is refused
-before any work, naming the tensor.
+A scale the output type cannot hold as a normal number (a TQ block's fp16 d, an F16
+fallback's values, I2_S's float32) is refused before any work, naming the tensor.
 """
 from __future__ import annotations
 
