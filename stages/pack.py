@@ -77,9 +77,10 @@ def check_scale(name: str, scale: float, codec_name: str) -> None:
                               "finite; the checkpoint's weight_scale is out of range); it cannot be converted")
     if codec_name in FP16_SCALE_TYPES:
         if not np.isfinite(d) or abs(float(d)) < FP16_TINY:
+            advice = ("its rows are not whole blocks, so it is written as F16 in every --type; it cannot be converted"
+                      if codec_name == "f16" else "convert with --type i2_s (a float32 scale) instead")
             raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is outside what {codec_name.upper()} "
-                                  f"stores to fp16's precision (a normal fp16, {FP16_TINY:.3g} to 65504); convert "
-                                  "with --type i2_s (a float32 scale) instead")
+                                  f"stores to fp16's precision (a normal fp16, {FP16_TINY:.3g} to 65504); {advice}")
 
 
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
