@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import convert, run_cli
-from tests.test_hostile import ERROR, cli, fresh, model, one_line, out, pristine, refuse, set_values  # noqa: F401
+from tests.test_hostile import ERROR, SHAPE, cli, fresh, model, one_line, out, pristine, refuse, set_values  # noqa: F401
 
 UP = "model.layers.0.mlp.up_proj.weight_scale"
 
@@ -82,6 +82,19 @@ def test_tiny_master_weights_are_refused_for_tq_and_convert_as_i2_s(fresh, out, 
     assert "fp16" in line
     convert(model, out, "--type", "i2_s", "--workdir", out.parent / "w-i2s")
     assert "OK" in run_cli("verify", out, model).stdout
+
+
+@pytest.mark.parametrize("out_type", ["tq2_0", "i2_s"])
+def test_tiny_master_weights_written_as_an_f16_fallback_are_refused_for_every_type(tmp_path, out, out_type):
+    """ffn_down's rows of 320 values are not whole blocks of any ternary type: it is F16 in every
+    --type, and F16 holds a scale of 2e-5 only as a subnormal; i2_s is no way out, so not suggested."""
+    from tests.synthetic import write_checkpoint
+
+    model = write_checkpoint(tmp_path / "m320", "1bitllm", dtype="f32", **{**SHAPE, "intermediate_size": 320})
+    name = "model.layers.0.mlp.down_proj.weight"
+    set_values(model / "model.safetensors", name, lambda v: v * np.float32(2e-5 / np.abs(v).mean()))
+    line = refuse(model, out, "ffn_down", "F16", extra=("--type", out_type), in_data=True)
+    assert "i2_s" not in line
 
 
 def test_verify_finds_a_file_whose_tq_block_scale_is_subnormal(fresh, out, monkeypatch):
