@@ -287,7 +287,7 @@ def interrupted_in(work: Path, stage: str, rng: random.Random) -> list[Path]:
     for victim in rng.sample(chunks, len(chunks) // 3):
         rel = victim.relative_to(store).parts
         at = len(rel) - 1 - rel[::-1].index("c")
-        (store.joinpath(*rel[:at]) / "digests" / rel[at + 1]).unlink()
+        (store.joinpath(*rel[:at]) / "digests" / rel[at + 1]).unlink(missing_ok=True)
         victim.unlink()
     return [p for p in chunks if p.exists() and p.stat().st_size > 1]
 
