@@ -184,6 +184,11 @@ def _item_type(kv: KV) -> GGUFValueType:
     return first
 
 
+def array_item_type(kv: KV) -> GGUFValueType:
+    """The item type an ARRAY key/value is written with (given, or inferred as GGUFWriter does)."""
+    return _item_type(kv)
+
+
 def encode_value(kv: KV) -> bytes:
     """The value type and value of one key, as GGUFWriter packs them."""
     vtype, value = kv.type, kv.value

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import RunDirError
-from pipeline.stores import DamagedStore, check_store, remove_tree, store_digests
+from pipeline.stores import DamagedStore, check_store, chunk_records, remove_tree, store_digests
 
 STAGES = ("extract", "quantize", "pack", "assemble")
 MANIFEST_VERSION = 2
@@ -153,8 +153,15 @@ class RunDir:
         return self.path / f"{stage}.checksums.json"
 
     def seal(self, stage: str) -> None:
-        """Record what a finished stage's store holds (see stores.check_store)."""
-        write_json_atomic(self.checksums_path(stage), store_digests(self.store(stage)))
+        """Record what a finished stage's store holds (see stores.check_store), once every chunk
+        still matches the record made when it was written (stores.chunk_records)."""
+        digests = store_digests(self.store(stage))
+        try:
+            chunk_records(self.store(stage), digests)
+        except DamagedStore as e:
+            raise RunDirError(f"{self.path}: the run directory is damaged ({e.what}); delete it and convert again") \
+                from None
+        write_json_atomic(self.checksums_path(stage), digests)
 
     def check_sealed(self, stage: str) -> None:
         """The finished store of `stage` still holds what it held; else a one-line refusal."""

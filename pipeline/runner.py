@@ -19,8 +19,8 @@ from pipeline.context import StageContext
 from pipeline.errors import CheckpointError, OptionError, RunDirError
 from pipeline.families import TERNARY
 from pipeline.gguf_file import MAX_SPLITS, GGUFWriterError, TensorInfo, file_size
-from pipeline.output import final_paths, identity, remove_stale_temps
-from pipeline.outtypes import TARGET_NAMES, tensor_type
+from pipeline.output import final_paths, identity, remove_stale_temps, written_identity
+from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler
@@ -47,12 +47,14 @@ def stage_keys(opts: Options, ckpt) -> dict[str, str]:
 def _finished(stage: str, state: dict | None, key: str) -> bool:
     if not state or state.get("key") != key or state.get("state") != "done":
         return False
-    if stage == "assemble":  # the product must still be there, unchanged
-        for path, size, mtime in state.get("outputs", []):
-            p = Path(path)
-            if not p.is_file() or p.stat().st_size != size or p.stat().st_mtime_ns != mtime:
+    if stage == "assemble":  # the product must still be there, the very file that was renamed into place
+        outputs = state.get("outputs")
+        if not isinstance(outputs, list) or not outputs:
+            return False
+        for record in outputs:
+            if not isinstance(record, list) or not record or not isinstance(record[0], str) \
+                    or written_identity(Path(record[0])) != record[1:]:
                 return False
-        return bool(state.get("outputs"))
     return True
 
 
@@ -209,26 +211,23 @@ def _source_unchanged(ckpt):
     return check
 
 
-F16_MAX = 65504.0
-
-
 def check_float_ranges(store: Path, ckpt, opts: Options) -> None:
-    """Refuse a float tensor whose values its output type cannot hold (F16 tops out at 65504),
-    from the row maxima extract recorded: before anything is packed, naming the tensor."""
+    """Refuse a float tensor whose values its output type cannot hold as finite numbers (F16
+    tops out at 65504, BF16 below float32's largest values, Q8_0's block scale is an fp16), from
+    the row maxima extract recorded: before anything is packed, naming the tensor."""
     from stages.extract import largest_values
 
     for t in ckpt.plan.tensors:
         if t.role == TERNARY:
             continue  # ternary values are codes times the scale, which pack checks
         out, _ = tensor_type(t.role, t.shape, opts.layout.name, opts.embedding_type, t.gguf_name)
-        limit = {"f16": F16_MAX, "q8_0": F16_MAX * 127}.get(out.name)
-        if limit is None:
-            continue
         biggest = largest_values(store, t.gguf_name)
-        if biggest > limit:
+        if not out.holds(biggest):
+            roomier = [n for n in ("bf16", "f32") if OUTPUT_TYPES[n].holds(biggest)]
             option = "--embedding-type" if t.role != "norm" else "the output type"
             raise CheckpointError(f"{ckpt.sources[t.hf_name].file}: tensor {t.hf_name} has values up to {biggest:.6g}, "
-                                  f"beyond {out.codec.name}'s range ({limit:g}); choose {option} bf16 or f32")
+                                  f"beyond {out.codec.name}'s range ({out.largest:.6g}); choose {option} "
+                                  f"{' or '.join(roomier)}")
 
 
 def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=None) -> list[Path]:
@@ -282,7 +281,7 @@ def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, ke
         run.seal(stage)
     state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2)}
     if stage == "assemble":
-        state["outputs"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in ctx.outputs]
+        state["outputs"] = [[str(p), *(written_identity(p) or [])] for p in ctx.outputs]
     manifest["stages"][stage] = state
     run.save(manifest)
     log(f"{stage}: done in {state['seconds']} s")

@@ -7,6 +7,7 @@ resume treats a missing chunk as not yet written.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -76,13 +77,17 @@ def _remove(path: Path) -> None:
 
 
 def written_chunks(arr: zarr.Array) -> set[int]:
-    """Row-chunk indices whose chunk file is on disk (written whole or not at all)."""
-    root = Path(str(arr.store_path.store.root)) / arr.path / "c"
-    if not root.is_dir():
+    """Row-chunk indices written whole and recorded: the chunk file is on disk and so is its digest
+    record (see `write_rows`). A chunk file without a record was being written when the run
+    stopped: it is written again."""
+    base = Path(str(arr.store_path.store.root)) / arr.path
+    root, records = base / "c", base / DIGESTS
+    if not root.is_dir() or not records.is_dir():
         return set()
+    recorded = {int(p.name) for p in records.iterdir() if p.name.isdigit()}
     if arr.ndim == 1:
-        return {int(p.name) for p in root.iterdir() if p.name.isdigit()}
-    return {int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "0").is_file()}
+        return {int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_file()} & recorded
+    return {int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "0").is_file()} & recorded
 
 
 # -- chunk files -------------------------------------------------------------------------------------
@@ -137,6 +142,7 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
                 fout.seek(done)
                 shutil.copyfileobj(fin, fout)
     os.replace(tmp, target)
+    record_chunk(dst, index)
 
 
 def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
@@ -176,6 +182,71 @@ class DamagedStore(RunDirError):
     def __init__(self, what: str):
         super().__init__(f"the run directory is damaged ({what}); delete it and convert again")
         self.what = what
+
+
+# -- chunk digests ------------------------------------------------------------------------------
+# Every chunk is recorded when it is written, not when its store is finished: right after a task
+# writes a chunk file (zarr renames it into place whole), its size and xxh3 digest go into
+# `<array>/digests/<row-chunk index>` (a temporary name, then a rename). A chunk counts as
+# written only with its record, so a rerun redoes a chunk whose record a kill prevented, and a
+# chunk of an interrupted store that changed while no conversion ran (flipped, truncated,
+# replaced, added) no longer matches its record when the store is sealed: the run stops there,
+# before anything reads it.
+
+DIGESTS = "digests"
+
+
+def digest_path(arr: zarr.Array, index: int) -> Path:
+    """Where the record of row-chunk `index` of an array lives."""
+    return Path(str(arr.store_path.store.root)) / arr.path / DIGESTS / str(index)
+
+
+def record_chunk(arr: zarr.Array, index: int) -> None:
+    """Record row-chunk `index` of `arr` as just written: [size, xxh3 digest] of its chunk file."""
+    path = chunk_path(arr, index)
+    record = digest_path(arr, index)
+    record.parent.mkdir(exist_ok=True)
+    tmp = record.with_name(record.name + ".partial")
+    tmp.write_text(json.dumps([path.stat().st_size, file_digest(path)]))
+    os.replace(tmp, record)
+
+
+def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
+    """Rows [start, stop) of the array at `path` (whole chunks) = `data`, each chunk recorded."""
+    arr = open_array(path)
+    arr[start:stop] = data
+    rows_per_chunk = arr.chunks[0]
+    for index in range(start // rows_per_chunk, -(-stop // rows_per_chunk)):
+        record_chunk(arr, index)
+
+
+def chunk_records(store: Path, digests: dict[str, list]) -> None:
+    """Check a store's chunks against the records written with them, before it is sealed.
+
+    `digests`: {relative path: [size, digest]} of every file of the store now. Every row chunk of
+    every array must be on disk and match its record, and nothing else may be there but zarr's
+    metadata. Raises DamagedStore naming the first chunk file that does not."""
+    store = Path(store)
+    expected = {"zarr.json"}
+    for _name, arr in open_store(store, "r").arrays():
+        base = Path(arr.path)
+        expected.add(str(base / "zarr.json"))
+        for index in range(-(-arr.shape[0] // arr.chunks[0]) if arr.ndim else 1):
+            chunk = str(chunk_path(arr, index).relative_to(store))
+            record = str(digest_path(arr, index).relative_to(store))
+            expected |= {chunk, record}
+            if chunk not in digests:
+                raise DamagedStore(f"{store / chunk}: missing")
+            try:
+                recorded = json.loads((store / record).read_text(encoding="utf-8"))
+            except (OSError, ValueError, UnicodeDecodeError):
+                raise DamagedStore(f"{store / chunk}: its record ({store / record}) is missing or unreadable") \
+                    from None
+            if recorded != digests[chunk]:
+                raise DamagedStore(f"{store / chunk}: its bytes changed after it was written")
+    extra = sorted(set(digests) - expected)
+    if extra:
+        raise DamagedStore(f"{store / extra[0]}: not written by the conversion")
 
 
 # -- integrity of finished stores -----------------------------------------------------------------

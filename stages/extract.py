@@ -28,7 +28,7 @@ from pipeline.errors import CheckpointError
 from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY
 from pipeline.safetensors_io import TensorSource, as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import array_path, ensure_array, open_array, open_store, read_rows, row_ranges, written_chunks
+from pipeline.stores import array_path, ensure_array, open_store, read_rows, row_ranges, write_rows, written_chunks
 from stages.quantize import SUMS_SUFFIX
 
 MAX_SUFFIX = ".abs_max"
@@ -72,12 +72,12 @@ def copy_rows(source: TensorSource, out: str, start: int, stop: int, kind: str) 
         if not np.isfinite(side).all():
             raise CheckpointError(f"{source.file}: tensor {source.name} holds NaN or infinite values in rows "
                                   f"{start}..{stop}; the checkpoint is damaged")
-        sides = open_array(out + (SUMS_SUFFIX if kind == "master" else MAX_SUFFIX))
+        sides = out + (SUMS_SUFFIX if kind == "master" else MAX_SUFFIX)
         if len(source.shape) == 1:  # a 1-D tensor is one row, in one chunk
-            sides[:] = side
+            write_rows(sides, 0, 1, side)
         else:
-            sides[start:stop] = side
-    open_array(out)[start:stop] = block
+            write_rows(sides, start, stop, side)
+    write_rows(out, start, stop, block)
 
 
 def side_array_name(name: str, kind: str) -> str | None:

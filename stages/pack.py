@@ -14,8 +14,8 @@ written as F16 (the ternary values times the scale), as llama.cpp's converter do
 Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, say) are
 hard links to the previous store's chunk files.
 
-A scale the output type cannot hold (a TQ block's fp16 d, an F16 fallback) is refused
-before any work, naming the tensor.
+A scale the output type cannot hold as a normal number (a TQ block's fp16 d, an F16
+fallback's values, I2_S's float32) is refused before any work, naming the tensor.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES, tensor_type
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (array_path, ensure_array, is_raw, open_array, open_store, read_rows, row_ranges,
-                             written_chunks)
+                             write_rows, written_chunks)
 from stages.quantize import BLOCK_SCALES_SUFFIX, LAYOUT_2BIT, LAYOUT_INT8, SCALE_BLOCK, link_task
 
 
@@ -90,20 +90,29 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
     return codec.encode(block.astype(np.float32) * np.float32(scale))  # ternary fell back to a float type
 
 
+# The smallest normal numbers: below them a float keeps fewer significant bits than its type
+# promises (an fp16 scale of 1e-6 is 2^-20 in 2^-24 steps, up to 3% off; 1e-7 is 19% off).
+FP16_TINY = float(np.finfo(np.float16).tiny)    # 6.1e-5
+FP32_TINY = float(np.finfo(np.float32).tiny)    # 1.2e-38
+FP16_SCALE_TYPES = ("tq1_0", "tq2_0", "q2_0", "f16")  # a TQ/Q2_0 block's d, an F16 fallback's values
+
+
 def check_scale(name: str, scale: float, codec_name: str) -> None:
-    """The scale must be a finite non-zero float32 (I2_S stores it so); a TQ block stores it as
-    fp16, and an F16 fallback its values: there it must fit fp16 too."""
-    with np.errstate(over="ignore"):
+    """The scale must be a normal float32 (I2_S stores it so); a TQ block stores it as fp16, and
+    an F16 fallback its values: there it must be a normal fp16 too. A subnormal or overflowing
+    scale is refused naming the tensor, not written with a few bits of precision."""
+    with np.errstate(over="ignore", under="ignore"):
         s32 = np.float32(scale)
         d = np.float16(s32)
-    if not np.isfinite(s32) or s32 == 0:
-        raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is not a finite non-zero float32 "
-                              "(the checkpoint's weight_scale is out of range); it cannot be converted")
-    if codec_name in ("tq1_0", "tq2_0", "q2_0", "f16"):
-        if not np.isfinite(d) or d == 0:
+    if not np.isfinite(s32) or abs(float(s32)) < FP32_TINY:
+        raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is not a normal float32 (above 1.2e-38, "
+                              "finite; the checkpoint's weight_scale is out of range); it cannot be converted")
+    if codec_name in FP16_SCALE_TYPES:
+        if not np.isfinite(d) or abs(float(d)) < FP16_TINY:
+            advice = ("its rows are not whole blocks, so it is written as F16 in every --type; it cannot be converted"
+                      if codec_name == "f16" else "convert with --type i2_s (a float32 scale) instead")
             raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is outside what {codec_name.upper()} "
-                                  "stores (fp16, up to 65504, above 6e-8); convert with --type i2_s (a float32 "
-                                  "scale) instead")
+                                  f"stores to fp16's precision (a normal fp16, {FP16_TINY:.3g} to 65504); {advice}")
 
 
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
@@ -111,11 +120,10 @@ def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scal
     scales = read_rows(open_array(block_scales, "r"), start, stop) if block_scales else None
     data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout, tiles,
                         scales)
-    dest = open_array(out)
-    if dest.ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
-        dest[:] = data
+    if open_array(out, "r").ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
+        write_rows(out, 0, data.shape[0], data)
     else:
-        dest[start:stop] = data
+        write_rows(out, start, stop, data)
 
 
 def run(ctx: StageContext) -> None:

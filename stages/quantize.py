@@ -41,7 +41,7 @@ from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY, Recipe
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (array_path, ensure_array, is_raw, link_chunk, open_array, open_store, read_rows,
-                             row_ranges, written_chunks)
+                             row_ranges, write_rows, written_chunks)
 
 ReadRows = Callable[[int, int], np.ndarray]
 SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside a master-weight projection
@@ -225,8 +225,8 @@ def _reader(path: str) -> ReadRows:
 
 def codes_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: list, source_dtype: str,
                absmean: float | None) -> None:
-    open_array(out)[start:stop] = code_rows(_reader(src), start, stop, Recipe.from_json(recipe), tuple(shape),
-                                            source_dtype, absmean)
+    write_rows(out, start, stop, code_rows(_reader(src), start, stop, Recipe.from_json(recipe), tuple(shape),
+                                           source_dtype, absmean))
 
 
 def quarters_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: list, missing: list) -> None:
@@ -236,13 +236,12 @@ def quarters_task(src: str, out: str, start: int, stop: int, recipe: dict, shape
     if ((packed >> np.uint8(1)) & packed & np.uint8(0x55)).any():
         raise CorruptCodes(f"packed field value 3 in rows {start}..{stop}")
     quarters = quarters_from_packed(packed)
-    dest = open_array(out)
     quarter = shape[0] // 4
     for k in missing:
         block = quarters[k]
         if recipe.permute_heads:
             block = permute_heads(block, (stop - start) // recipe.row_multiple)
-        dest[k * quarter + start:k * quarter + stop] = block
+        write_rows(out, k * quarter + start, k * quarter + stop, block)
 
 
 def link_task(src: str, out: str, index: int) -> None:
@@ -250,7 +249,7 @@ def link_task(src: str, out: str, index: int) -> None:
 
 
 def copy_task(src: str, out: str, start: int, stop: int) -> None:
-    open_array(out)[start:stop] = read_rows(open_array(src, "r"), start, stop)
+    write_rows(out, start, stop, read_rows(open_array(src, "r"), start, stop))
 
 
 def run(ctx: StageContext) -> None:

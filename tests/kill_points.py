@@ -131,26 +131,33 @@ def where(work: Path, log: Path) -> str:
     return "between" if finished else "start"
 
 
+def _recorded(store: Path, rel: Path) -> bool:
+    """Whether the chunk file at `rel` (`<array>/c/<i>[/0]`) has the digest record that makes it
+    written (`<array>/digests/<i>`, pipeline/stores.py): without it, a rerun writes it again."""
+    parts = rel.parts
+    at = len(parts) - 1 - parts[::-1].index("c")
+    return (store.joinpath(*parts[:at]) / "digests" / parts[at + 1]).is_file()
+
+
 def chunk_files(store: Path) -> dict[str, tuple[int, int]]:
-    """Relative path -> (inode, mtime_ns) of every finished chunk file in a zarr store."""
+    """Relative path -> (inode, mtime_ns) of every finished (recorded) chunk file in a zarr store."""
     found = {}
     for root, _dirs, files in os.walk(store):
         rel = Path(root).relative_to(store)
         if "c" not in rel.parts:
             continue
         for f in files:
-            if not f.endswith(".partial"):
-                st = os.stat(os.path.join(root, f))
+            if not f.endswith(".partial") and _recorded(store, rel / f):
+                try:
+                    st = os.stat(os.path.join(root, f))
+                except FileNotFoundError:  # removed meanwhile (an array being redone)
+                    continue
                 found[str(rel / f)] = (st.st_ino, st.st_mtime_ns)
     return found
 
 
 def count_chunks(store: Path) -> int:
-    n = 0
-    for root, _dirs, files in os.walk(store):
-        if "c" in Path(root).relative_to(store).parts:
-            n += sum(1 for f in files if not f.endswith(".partial"))
-    return n
+    return len(chunk_files(store))
 
 
 def all_chunk_files(work: Path) -> dict[str, tuple[int, int]]:
