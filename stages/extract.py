@@ -61,7 +61,7 @@ def copy_rows(source: TensorSource, out: str, start: int, stop: int, kind: str) 
                                   f"{g * GROUP_COLUMNS}..{(g + 1) * GROUP_COLUMNS - 1}: the values are not ternary "
                                   "(-s, 0 and +s for one s per group); only group-scaled ternary weights "
                                   "convert here, this checkpoint's are not")
-        open_array(out + GROUP_SUFFIX)[start:stop] = mags
+        write_rows(out + GROUP_SUFFIX, start, stop, mags)
     elif kind == "packed":
         if bad := invalid_packed_fields(block):
             raise CheckpointError(f"{source.file}: tensor {source.name} holds {bad} packed 2-bit field(s) of value 3 "

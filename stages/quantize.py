@@ -290,9 +290,9 @@ def run(ctx: StageContext) -> None:
             except GroupScaleError as e:
                 raise GroupScaleError(f"{src.attrs['source_file']}: {e}") from None
             if blocks is not None:
-                side = ensure_array(group, name + BLOCK_SCALES_SUFFIX, blocks.shape, blocks.shape[0], np.float32,
-                                    {"of": name})
-                side[:] = blocks
+                ensure_array(group, name + BLOCK_SCALES_SUFFIX, blocks.shape, blocks.shape[0], np.float32,
+                             {"of": name})
+                write_rows(array_path(ctx.output, name + BLOCK_SCALES_SUFFIX), 0, blocks.shape[0], blocks)
             arr.attrs.update({"absmean": None, "scale": scale})
         elif "scale" not in arr.attrs:
             absmean = None
