@@ -251,6 +251,10 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=No
     check_source = _source_unchanged(ckpt)
     for stage in STAGES:
         state = manifest["stages"].get(stage)
+        if stage != "assemble" and _finished(stage, state, keys[stage]) and not run.store(stage).is_dir():
+            log(f"{stage}: its store {run.store(stage)} is gone: redoing {stage} and the stages after it")
+            run.reset_from(stage, manifest)
+            state = None
         if _finished(stage, state, keys[stage]):
             log(f"{stage}: already done, skipped")
         elif state is not None and state.get("key") != keys[stage]:

@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import RunDirError
+from pipeline.safe_files import create_exclusive
 from zarr.codecs import BloscCodec
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -124,7 +125,7 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
     try:
         os.link(source, tmp)
     except OSError:
-        with open(source, "rb") as fin, open(tmp, "wb") as fout:
+        with open(source, "rb") as fin, create_exclusive(tmp) as fout:
             size = os.fstat(fin.fileno()).st_size
             done = 0
             while done < size:
