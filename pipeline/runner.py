@@ -23,7 +23,7 @@ from pipeline.output import final_paths, identity, remove_stale_temps
 from pipeline.outtypes import TARGET_NAMES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
-from pipeline.scheduler import Scheduler
+from pipeline.scheduler import Scheduler, probe_scheduler
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
 STAGE_VERSIONS = {"extract": 2, "quantize": 3, "pack": 3, "assemble": 3}
@@ -124,6 +124,8 @@ def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> tuple[int, int]
 
 
 def convert(opts: Options, log) -> list[Path]:
+    if opts.scheduler.startswith("tcp://"):
+        probe_scheduler(opts.scheduler)  # before anything is read or written: a wrong address is one line
     ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
                            max_header_bytes=header_budget(opts.memory_limit))
     for stage in STAGES:  # import everything first, so the budget's baseline includes it
