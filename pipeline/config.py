@@ -151,8 +151,8 @@ def _require_utf8(path: Path, option: str) -> None:
 
 PATH_MAX = 4096  # bytes in a whole path (Linux), the terminating NUL included
 # the longest path the conversion makes inside a run directory, past the directory's own path:
-# /<stage>.zarr/<tensor name>.abs_max/zarr.<32 hex>.partial, tensor names being GGUF names (< 64 bytes)
-RUN_DIR_INNER_BYTES = 200
+# /<stage>.zarr/<tensor name>.abs_max/zarr.<32 hex>.partial, tensor names being GGUF names (<= 64 bytes)
+RUN_DIR_INNER_BYTES = 136
 
 
 def _check_name_length(path: Path, extra: int, option: str) -> None:
