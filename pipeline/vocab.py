@@ -159,6 +159,30 @@ def _generation_tag():
     return GenerationTag
 
 
+# Memory of reading a tokenizer and keeping its key/values until assemble has written them
+# (measured, docs/notes/tokenizer-memory.md): per row of the token table (text, type, score as
+# Python objects, their JSON record, the copy assemble reads back and the header it builds), and
+# per byte of the files parsed whole (tokenizer.json is parsed by json, by the tokenizers package
+# and by gguf.SpecialVocab: about 35x its size at the peak; other JSON files about 12x).
+ROW_BYTES = 384
+FILE_BYTES_PER_BYTE = {"tokenizer.json": 40, "tokenizer.model": 8}
+JSON_BYTES_PER_BYTE = 12
+
+
+def tokenizer_memory(model_dir: Path, vocab_size: int) -> tuple[int, Path]:
+    """(bytes of memory reading the tokenizer takes at its peak, the file that costs most) --
+    from the files' sizes and the table's rows, before anything is read."""
+    costs = {model_dir / "config.json": ROW_BYTES * vocab_size}  # the rows: vocab_size names them
+    for name in dict.fromkeys(_JSON_FILES + tuple(n for n, _ in _KIND_BY_FILE)):
+        path = model_dir / name
+        try:
+            size = path.stat().st_size if path.is_file() else 0
+        except OSError:
+            size = 0  # unreadable: the reader says so
+        costs[path] = costs.get(path, 0) + size * FILE_BYTES_PER_BYTE.get(name, JSON_BYTES_PER_BYTE)
+    return sum(costs.values()), max(costs, key=costs.get)
+
+
 def check_pre_name(pre: str) -> None:
     if pre not in RUNTIME_PRE_NAMES:
         raise OptionError(f"--tokenizer-pre {pre!r}: llama.cpp does not know this pre-tokenizer; "

@@ -512,3 +512,108 @@ def test_an_output_directory_path_too_long_for_the_files_made_there_is_refused(f
     out = deep_directory(tmp_path / "long", total) / "m.gguf"
     line = refuse(model, out, "too long", workdir=tmp_path / "w" if workdir else None)
     assert ("-o" in line) if total > 4060 or workdir else ("--workdir" in line)
+
+
+# == 9. tokenizers and configs the memory limit cannot hold ========================================
+# Checkpoints with huge vocabularies stay cheap: the embedding's rows are a hole in a sparse file.
+
+MiB = 1024**2
+
+
+def widen_vocab(model: Path, vocab_size: int) -> None:
+    """Make config.json's vocab_size and the embedding (and lm_head) `vocab_size` rows; the new
+    tensor bytes are a hole in a sparse file (zeros)."""
+    path = model / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
+    pos, pieces = 0, []
+    for name in sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]):
+        info = header[name]
+        b, e = info["data_offsets"]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            info["shape"] = [vocab_size, info["shape"][1]]
+            size, chunk = vocab_size * info["shape"][1] * itemsize[info["dtype"]], None
+        else:
+            size, chunk = e - b, data[b:e]
+        pieces.append((pos, chunk))
+        info["data_offsets"] = [pos, pos + size]
+        pos += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        start = f.tell()
+        for at, chunk in pieces:
+            if chunk is not None:
+                f.seek(start + at)
+                f.write(chunk)
+        f.truncate(start + pos)
+    rewrite_config(model, vocab_size=vocab_size)
+
+
+def add_vocabulary(model: Path, extra: int) -> int:
+    """`extra` more entries in tokenizer.json's BPE vocabulary (added tokens renumbered after them);
+    returns the tokenizer's size."""
+    path = model / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    base = max(vocab.values()) + 1
+    vocab.update({f"x{i:07d}": base + i for i in range(extra)})
+    for token in data.get("added_tokens", []):
+        if token["id"] >= base:
+            token["id"] += extra
+    path.write_text(json.dumps(data))
+    return base + extra + len(data.get("added_tokens", []))
+
+
+def convert_measuring(model: Path, out: Path, limit: str) -> dict:
+    from tests.peak_rss import run_measuring_peak
+
+    return run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
+                               "--no-progress", "--memory-limit", limit], env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def refused_within(r: dict, limit: int, *needles) -> str:
+    lines = r["stderr"].strip().splitlines()
+    assert r["exit"] == 2 and len(lines) == 1 and lines[0].startswith(ERROR), r
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert r["peak"] <= limit, f"peak {r['peak'] / MiB:.0f} MiB over the {limit / MiB:.0f} MiB limit"
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind,rows", [("bpe", 1_000_000), ("spm", 1_000_000), ("bpe", 4_000_000)])
+def test_a_vocabulary_the_limit_cannot_hold_is_refused_before_it_is_read(fresh, out, kind, rows):
+    """Was: 300-1850 MiB spent building the token table before the first stage, under 300MiB."""
+    model = fresh(kind)
+    widen_vocab(model, rows)
+    before = tree(model, out.parent)
+    r = convert_measuring(model, out, "300MiB")
+    refused_within(r, 300 * MiB, "config.json", f"vocab_size {rows}", "--memory-limit", "allow at least")
+    assert_same(before, tree(model, out.parent))
+
+
+def test_a_huge_tokenizer_json_is_refused_before_it_is_read(fresh, out):
+    model = fresh("bpe")
+    size = add_vocabulary(model, 1_000_000)  # a 20 MB tokenizer.json: about 700 MiB to read
+    widen_vocab(model, -(-size // 64) * 64)
+    r = convert_measuring(model, out, "512MiB")
+    refused_within(r, 512 * MiB, "tokenizer.json", "allow at least")
+    assert not os.path.lexists(out) and not os.path.lexists(out.with_name("m.gguf.work"))
+
+
+def test_a_huge_config_json_is_refused_without_reading_it(fresh, out):
+    model = fresh("bpe")
+    rewrite_config(model, notes="x" * (150 * 10**6))
+    r = convert_measuring(model, out, "300MiB")
+    refused_within(r, 300 * MiB, "config.json")
+
+
+def test_a_large_vocabulary_the_limit_holds_converts_under_it(fresh, out):
+    model = fresh("bpe")
+    widen_vocab(model, 200_000)
+    r = convert_measuring(model, out, "300MiB")
+    assert r["exit"] == 0, r["stderr"]
+    assert r["peak"] <= 300 * MiB, f"peak {r['peak'] / MiB:.0f} MiB"
