@@ -84,7 +84,10 @@ def check_tokenizer_fits(model_dir: Path, vocab_size: int, memory_limit: int) ->
     from pipeline.config import format_size
 
     need, worst = tokenizer_memory(model_dir, vocab_size)
-    total = current_rss() + need + HEADROOM + minimum_task_bytes()
+    rest = current_rss() + HEADROOM + minimum_task_bytes()
+    if rest > memory_limit:
+        return  # too small for any conversion: the budget says so, with the minimum
+    total = rest + need
     if total > memory_limit:
         what = f"vocab_size {vocab_size} (rows of the token table)" if worst.name == "config.json" else \
             f"{format_size(worst.stat().st_size)}"

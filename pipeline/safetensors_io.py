@@ -230,7 +230,8 @@ def refuse_dangling_link(path: Path) -> None:
     """A Hugging Face cache snapshot links its files into blobs/; a missing blob is an incomplete download."""
     try:
         dangling = path.is_symlink() and not path.exists()
-        os.stat(path)
+        if not dangling:
+            os.stat(path)
     except FileNotFoundError:
         return  # the caller says what is missing
     except OSError as e:  # a directory on the way that cannot be searched, a link loop

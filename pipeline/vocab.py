@@ -272,8 +272,9 @@ def _add_bpe(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str
         raise CheckpointError(f"{model_dir / 'tokenizer.json'}: merges or special tokens unreadable ({e})") from None
     if not special.merges or not all(isinstance(m, str) for m in special.merges):
         # llama.cpp refuses a BPE vocabulary without tokenizer.ggml.merges ("cannot find tokenizer merges")
-        raise CheckpointError(f"{model_dir / 'tokenizer.json'}: the BPE tokenizer has no merges (model.merges is "
-                              "empty or missing, and there is no merges.txt); llama.cpp cannot load such a file")
+        raise CheckpointError(f"{model_dir / 'tokenizer.json'}: the BPE tokenizer has no usable merges (model.merges "
+                              "is empty, missing or not strings, and there is no merges.txt); llama.cpp cannot load "
+                              "such a file")
     # llama.cpp's converter ships a newer gguf-py whose SpecialVocab reads a ByteLevel
     # post-processor as "add neither BOS nor EOS" unless a template says otherwise; the PyPI
     # release lacks that branch. Same runtime behaviour (BPE defaults to no EOS), but the
