@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.errors import CheckpointError
 from pipeline.families import GROUPED, TensorPlan, plan_tensors
 from pipeline.metadata import build_kv
+from pipeline.vocab import tokenizer_memory
 from pipeline.safetensors_io import (MAX_HEADER, TensorSource, as_float32, files_fingerprint, index_checkpoint,
                                      require_regular_file)
 
@@ -80,12 +81,32 @@ def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
                               f"ternary projections convert only with rows that are a multiple of {GROUP_BLOCK}")
 
 
+def check_tokenizer_fits(model_dir: Path, vocab_size: int, memory_limit: int) -> None:
+    """Refuse, before reading it, a tokenizer whose reading the memory limit cannot hold beside
+    what this process already uses and the smallest chunk work; name the file and the limit that would do."""
+    from pipeline.budget import HEADROOM, current_rss, minimum_task_bytes
+    from pipeline.config import format_size
+
+    need, worst = tokenizer_memory(model_dir, vocab_size)
+    rest = current_rss() + HEADROOM + minimum_task_bytes()
+    if rest > memory_limit:
+        return  # too small for any conversion: the budget says so, with the minimum
+    total = rest + need
+    if total > memory_limit:
+        what = f"vocab_size {vocab_size} (rows of the token table)" if worst.name == "config.json" else \
+            f"{format_size(worst.stat().st_size)}"
+        raise CheckpointError(f"{worst}: {what}: reading the tokenizer takes about {format_size(need)}, more than "
+                              f"--memory-limit {format_size(memory_limit)} holds beside the rest of the conversion; "
+                              f"allow at least {-(-total // 2**20)}MiB")
+
+
 def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None,
-                    max_header_bytes: int = MAX_HEADER) -> Checkpoint:
+                    max_header_bytes: int = MAX_HEADER, memory_limit: int | None = None) -> Checkpoint:
     """Check everything about the checkpoint that can be checked without reading the weights.
 
     `name`: the model's name for general.name (default: the directory's name);
-    `max_header_bytes`: the safetensors headers' total size allowed (safetensors_io.header_budget).
+    `max_header_bytes`: the safetensors headers' total size allowed (safetensors_io.header_budget);
+    `memory_limit`: refuse a tokenizer that cannot be read under it (check_tokenizer_fits).
     """
     model_dir = Path(model_dir)
     refuse_special_files(model_dir)
@@ -129,6 +150,8 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
                               f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''} is not part of "
                               f"{fam.description} as config.json describes it; config and weights disagree")
     name = name or model_dir.resolve().name
+    if memory_limit is not None:
+        check_tokenizer_fits(model_dir, plan.config["vocab_size"], memory_limit)
     kv = build_kv(plan, model_dir, name=name, tokenizer_pre=tokenizer_pre)
     files = {src.file for src in found.values()}
     index = model_dir / "model.safetensors.index.json"

@@ -308,6 +308,9 @@ class TensorPlan:
 
 # -- reading and checking config.json ----------------------------------------------------------
 
+MAX_CONFIG_BYTES = 4 * 1024**2
+
+
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not model_dir.is_dir():
@@ -315,6 +318,9 @@ def read_config(model_dir: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a Hugging Face checkpoint directory needs its config.json")
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:  # parsed whole, at about 12x its size
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes; a model's config.json is a few kilobytes "
+                                  f"(at most {MAX_CONFIG_BYTES // 1024**2} MiB are read); this is not one")
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0][:200]})") from None

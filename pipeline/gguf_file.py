@@ -35,6 +35,7 @@ from gguf import GGML_QUANT_SIZES, GGUFValueType
 
 from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, Q2_0, TL1, TL2
 from pipeline.errors import GGUFFormatError
+from pipeline.safe_files import create_exclusive
 
 VT = GGUFValueType
 GGUF_MAGIC = b"GGUF"
@@ -360,7 +361,7 @@ class GGUFFileWriter:
         if self._file is not None or self._closed:
             raise GGUFWriterError(f"{self.path}: header already written")
         head = header_bytes(self.kvs, self.tensors, self.alignment)
-        self._file = open(self.path, "wb")
+        self._file = create_exclusive(self.path)  # a temporary name: never written through a planted link
         self._file.write(head)
         self._file.write(bytes(align(len(head), self.alignment) - len(head)))
 

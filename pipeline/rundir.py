@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import RunDirError
+from pipeline.safe_files import create_exclusive, open_no_link
 from pipeline.stores import DamagedStore, check_store, chunk_records, remove_tree, store_digests
 
 STAGES = ("extract", "quantize", "pack", "assemble")
@@ -45,13 +46,20 @@ def _held_by_proc_locks(path: Path) -> bool | None:
     return False
 
 
+def _is_checksum_record(data) -> bool:
+    """{relative path: [size, digest]}, as seal writes it."""
+    return isinstance(data, dict) and all(
+        isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and not isinstance(v[0], bool)
+        and isinstance(v[1], str) for v in data.values())
+
+
 def stage_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with create_exclusive(tmp, "w") as f:  # never through a link planted at the temporary name
         json.dump(data, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
@@ -77,7 +85,7 @@ class RunDir:
             raise RunDirError(f"cannot create the run directory {self.path} ({e.strerror}); "
                               "choose another place with --workdir") from None
         try:
-            self._lock_file = open(self.path / "lock", "a+")
+            self._lock_file = os.fdopen(open_no_link(self.path / "lock", os.O_RDWR | os.O_CREAT), "r+b")
         except OSError as e:
             raise RunDirError(f"{self.path / 'lock'}: cannot open the lock file ({e.strerror}); "
                               "choose another --workdir") from None
@@ -96,12 +104,12 @@ class RunDir:
         conversion starting at that moment would be refused) and works on a read-only run
         directory; elsewhere, by trying the lock."""
         path = self.path / "lock"
-        if not path.is_file():
+        if not path.is_file() or path.is_symlink():
             return False
         held = _held_by_proc_locks(path)
         if held is not None:
             return held
-        with open(path, "r") as f:
+        with os.fdopen(open_no_link(path, os.O_RDONLY), "rb") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -167,13 +175,13 @@ class RunDir:
         """The finished store of `stage` still holds what it held; else a one-line refusal."""
         try:
             recorded = json.loads(self.checksums_path(stage).read_text(encoding="utf-8"))
-            if not isinstance(recorded, dict):
-                raise ValueError("not an object")
+            if not _is_checksum_record(recorded):
+                raise ValueError("not an object of [size, digest] entries")
             check_store(self.store(stage), recorded)
         except DamagedStore as e:
             raise RunDirError(f"{self.path}: the run directory is damaged ({e.what}); delete it and convert again") \
                 from None
-        except (OSError, ValueError):
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             raise RunDirError(f"{self.path}: the run directory is damaged ({self.checksums_path(stage)} is missing or "
                               "unreadable); delete it and convert again") from None
 
@@ -220,11 +228,27 @@ class RunDir:
         if foreign:
             raise RunDirError(f"{self.path}: not a bitnet-gguf run directory (it holds {foreign[0]!r}"
                               f"{' and more' if len(foreign) > 1 else ''}); choose an empty or new --workdir")
+        links = self._links(entries)
+        if links:
+            raise RunDirError(f"{links[0]}: a symbolic link in the run directory (a run of ours makes none, and "
+                              "never writes through one); remove it, or delete the run directory and convert again")
         if "manifest.json" in entries:
             data = self._read_manifest()
             if not self.is_our_manifest(data):
                 raise RunDirError(f"{self.manifest_path}: not a bitnet-gguf manifest; this is not a run directory "
                                   "of ours, choose an empty or new --workdir")
+
+    def _links(self, entries: list[str]) -> list[Path]:
+        """Symbolic links among the run directory's entries and inside its stores (not followed)."""
+        found = []
+        for name in entries:
+            path = self.path / name
+            if path.is_symlink():
+                found.append(path)
+            elif path.is_dir():
+                for root, dirs, files in os.walk(path):
+                    found += [Path(root) / n for n in dirs + files if os.path.islink(os.path.join(root, n))]
+        return found
 
     def _is_our_store(self, stage: str) -> bool:
         """The store of `stage` is a zarr group that one of our stages made (its `stage` attribute)."""

@@ -23,7 +23,11 @@ from pipeline.output import final_paths, identity, remove_stale_temps, written_i
 from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
-from pipeline.scheduler import Scheduler
+from pipeline.scheduler import Scheduler, probe_scheduler
+
+# Memory assemble takes to read the key/values back from metadata.json and build the header,
+# per row of the token table (measured with a 1M-row table; docs/notes/tokenizer-memory.md).
+KV_READBACK_BYTES_PER_ROW = 160
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
 STAGE_VERSIONS = {"extract": 2, "quantize": 3, "pack": 3, "assemble": 3}
@@ -126,11 +130,15 @@ def output_size(opts: Options, ckpt, infos: list[TensorInfo]) -> tuple[int, int]
 
 
 def convert(opts: Options, log) -> list[Path]:
+    if opts.scheduler.startswith("tcp://"):
+        probe_scheduler(opts.scheduler)  # before anything is read or written: a wrong address is one line
     ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
-                           max_header_bytes=header_budget(opts.memory_limit))
+                           max_header_bytes=header_budget(opts.memory_limit), memory_limit=opts.memory_limit)
     for stage in STAGES:  # import everything first, so the budget's baseline includes it
         importlib.import_module(f"stages.{stage}")
-    budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local")
+    # assemble reads the key/values back beside the checkpoint's own copy: rows of the token table
+    budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local",
+                         reserve=KV_READBACK_BYTES_PER_ROW * ckpt.plan.config["vocab_size"])
     infos = tensor_types(opts, ckpt)
     out_bytes, n_parts = output_size(opts, ckpt, infos)
     # what is at the output path(s) now: anything written there from here on is another
@@ -250,6 +258,10 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=No
     check_source = _source_unchanged(ckpt)
     for stage in STAGES:
         state = manifest["stages"].get(stage)
+        if stage != "assemble" and _finished(stage, state, keys[stage]) and not run.store(stage).is_dir():
+            log(f"{stage}: its store {run.store(stage)} is gone: redoing {stage} and the stages after it")
+            run.reset_from(stage, manifest)
+            state = None
         if _finished(stage, state, keys[stage]):
             log(f"{stage}: already done, skipped")
         elif state is not None and state.get("key") != keys[stage]:

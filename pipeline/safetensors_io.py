@@ -228,7 +228,16 @@ def index_checkpoint(model_dir: Path, max_header_bytes: int = MAX_HEADER) -> dic
 
 def refuse_dangling_link(path: Path) -> None:
     """A Hugging Face cache snapshot links its files into blobs/; a missing blob is an incomplete download."""
-    if path.is_symlink() and not path.exists():
+    try:
+        dangling = path.is_symlink() and not path.exists()
+        if not dangling:
+            os.stat(path)
+    except FileNotFoundError:
+        return  # the caller says what is missing
+    except OSError as e:  # a directory on the way that cannot be searched, a link loop
+        raise CheckpointError(f"{path}: cannot reach this file ({e.strerror}); check the permissions of the "
+                              "directories on its path") from None
+    if dangling:
         raise CheckpointError(f"{path}: links to {os.readlink(path)}, which does not exist; "
                               "the download is incomplete: download the model again")
 

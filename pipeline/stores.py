@@ -16,6 +16,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import RunDirError
+from pipeline.safe_files import create_exclusive
 from zarr.codecs import BloscCodec
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -129,7 +130,7 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
     try:
         os.link(source, tmp)
     except OSError:
-        with open(source, "rb") as fin, open(tmp, "wb") as fout:
+        with open(source, "rb") as fin, create_exclusive(tmp) as fout:
             size = os.fstat(fin.fileno()).st_size
             done = 0
             while done < size:
@@ -207,7 +208,8 @@ def record_chunk(arr: zarr.Array, index: int) -> None:
     record = digest_path(arr, index)
     record.parent.mkdir(exist_ok=True)
     tmp = record.with_name(record.name + ".partial")
-    tmp.write_text(json.dumps([path.stat().st_size, file_digest(path)]))
+    with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
+        f.write(json.dumps([path.stat().st_size, file_digest(path)]))
     os.replace(tmp, record)
 
 

@@ -74,7 +74,7 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
     The layout is recomputed for `target` (x86, arm), by default the build the file names
     (our `bitnet_gguf.target` key; files without it are x86, the only layout written before).
     TL1/TL2 tiles are read from the file's `bitnet_gguf.kernel_tiles`."""
-    ckpt = open_checkpoint(model_dir, name=name, tokenizer_pre=tokenizer_pre)
+    ckpt = open_checkpoint(model_dir, name=name, tokenizer_pre=tokenizer_pre, memory_limit=memory_limit)
     try:
         paths = split_set(gguf_path)
     except NotAPart as e:
