@@ -26,7 +26,7 @@ import numpy as np
 from pipeline.errors import OptionError, RunDirError
 from pipeline.rundir import STAGES, RunDir
 from pipeline.safetensors_io import as_float32
-from pipeline.stores import open_store, row_ranges, written_chunks
+from pipeline.stores import open_store, read_rows, row_ranges, written_chunks
 
 # projection kinds in drawing order: short label -> the middle of the GGUF name blk.N.<...>.weight
 PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
@@ -320,7 +320,7 @@ def _sample_hist(arr, absmean: float) -> tuple[np.ndarray, int]:
     counts, rows = np.zeros(HIST_BINS, dtype=np.int64), 0
     for i in picks:
         r0, r1 = ranges[i]
-        block = as_float32(np.asarray(arr[r0:min(r1, r0 + SAMPLE_ROWS)]), arr.attrs["source_dtype"])
+        block = as_float32(read_rows(arr, r0, min(r1, r0 + SAMPLE_ROWS)), arr.attrs["source_dtype"])
         ratio = np.minimum(np.abs(block) / np.float32(absmean), np.float32(HIST_MAX * (1 - 1e-6)))
         counts += np.histogram(ratio, bins=HIST_BINS, range=(0, HIST_MAX))[0]
         rows += block.shape[0]

@@ -20,13 +20,14 @@ from pipeline.errors import CheckpointError, OptionError, RunDirError
 from pipeline.families import TERNARY
 from pipeline.gguf_file import MAX_SPLITS, GGUFWriterError, TensorInfo, file_size
 from pipeline.output import final_paths, identity, remove_stale_temps
-from pipeline.outtypes import TARGET_NAMES, tensor_type
+from pipeline.outtypes import BY_GGML_TYPE, TARGET_NAMES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler
+from pipeline.stores import source_changed
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 2, "quantize": 3, "pack": 3, "assemble": 3}
+STAGE_VERSIONS = {"extract": 3, "quantize": 3, "pack": 3, "assemble": 3}
 
 
 def stage_keys(opts: Options, ckpt) -> dict[str, str]:
@@ -162,19 +163,23 @@ def convert(opts: Options, log) -> list[Path]:
 
 
 def disk_needed(ckpt, infos: list[TensorInfo], out_bytes: int) -> tuple[int, int]:
-    """(bytes the run directory will hold, bytes of the GGUF), estimated from the plan."""
+    """(bytes the run directory will hold, bytes of the GGUF), estimated from the plan. extract
+    and quantize index the checkpoint's float tensors, and pack those whose bytes do not change."""
+    from stages.pack import SAME_BYTES
+
     extract = codes = packed = 0
     for t, info in zip(ckpt.plan.tensors, infos):
         source = ckpt.sources[t.hf_name]
         n = 1
         for d in t.source_shape:
             n *= d
-        extract += n * source.np_dtype.itemsize
+        rows = t.source_shape[0] if len(t.source_shape) > 1 else 1
+        extract += 8 * rows + (4 << 20)  # per-row sums or maxima; metadata, a padded edge chunk (generous)
         if t.role == TERNARY:
             codes += (n * 4 if t.recipe.packed else n) // 2  # int8 codes, compressed; generous
-        else:
-            codes += n * source.np_dtype.itemsize
-        packed += info.nbytes
+            packed += info.nbytes
+        elif (source.dtype, BY_GGML_TYPE[info.ggml_type].name) not in SAME_BYTES:
+            packed += info.nbytes
     return extract + codes + packed, out_bytes
 
 
@@ -196,7 +201,8 @@ def check_disk(opts: Options, ckpt, run: RunDir, infos, out_bytes: int) -> None:
 
 
 def _source_unchanged(ckpt):
-    """A check that the weight files are still the ones the run started from."""
+    """A check that the weight files are still the ones the run started from (every stage reads
+    them: extract's arrays index their bytes)."""
     def check() -> None:
         files = [Path(p) if Path(p).is_absolute() else ckpt.model_dir / p for p, *_ in ckpt.fingerprint]
         try:
@@ -204,8 +210,7 @@ def _source_unchanged(ckpt):
         except OSError:
             now = None
         if now != ckpt.fingerprint:
-            raise CheckpointError(f"{ckpt.model_dir}: the checkpoint's files changed during the conversion; "
-                                  "nothing was written; rerun the same command to start over from the new files")
+            raise source_changed(ckpt.model_dir)
     return check
 
 
@@ -276,9 +281,8 @@ def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, ke
     ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None, log,
                        run.metadata_path, before_publish=check_source, outputs_before=outputs_before)
     importlib.import_module(f"stages.{stage}").run(ctx)
-    if stage == "extract":
+    if stage != "assemble":  # assemble checks before it publishes
         check_source()  # a file rewritten while it was read would mix old and new weights
-    if stage != "assemble":
         run.seal(stage)
     state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2)}
     if stage == "assemble":
