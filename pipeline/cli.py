@@ -189,7 +189,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pipeline.rundir import STAGES, RunDir
+    from pipeline.rundir import STAGES, RunDir, checkpoint_state
     from pipeline.errors import RunDirError
 
     run = RunDir(args.workdir)
@@ -203,6 +203,9 @@ def cmd_status(args) -> int:
     running = run.is_locked()
     print(f"run directory: {run.path}{'  (a conversion is running)' if running else ''}")
     print(f"model: {opts.get('model_dir')}")
+    source = checkpoint_state(manifest)
+    if source is not None:
+        print(f"  checkpoint {source['state']}: {source['message']}")
     print(f"output: {opts.get('output')}")
     interrupted = False
     for stage in STAGES:

@@ -10,7 +10,8 @@ already are, contiguous and row-major, in a checkpoint file (extract writes one 
 safetensors tensor, and the later stages pass it on for tensors whose bytes they do not
 change). `read_rows` reads those bytes directly, after checking that the file is still the
 one the reference was made for (size, mtime, ctime, inode); `refs_json` describes the
-whole store as a kerchunk/fsspec reference file, so that zarr itself opens it with data.
+whole store as a kerchunk/fsspec reference file (`extract.refs.json` beside the store), so
+that zarr itself opens it with data.
 """
 from __future__ import annotations
 
@@ -255,7 +256,11 @@ def copy_ref(arr: zarr.Array) -> dict:
     return dict(source_ref(arr))
 
 
-REFS_FILE = "refs.json"
+def refs_path(store: Path) -> Path:
+    """Where a store's reference file is: beside it (`extract.refs.json` for `extract.zarr`), not
+    inside, where zarr would take it for a member of the group."""
+    store = Path(store)
+    return store.with_name(store.stem + ".refs.json")
 
 
 def refs_json(store: Path, arrays: dict[str, zarr.Array]) -> dict:
@@ -263,7 +268,7 @@ def refs_json(store: Path, arrays: dict[str, zarr.Array]) -> dict:
     chunks as [file, offset, length] (a full chunk: an edge chunk runs on into the bytes that
     follow it; one that would run past the end of its file is a padded copy in the store),
     other chunks as their files in the store (written by the time the stage is done). Open it with
-    zarr.open_group("reference://", storage_options={"fo": "<store>/refs.json"})."""
+    zarr.open_group("reference://", storage_options={"fo": "<workdir>/extract.refs.json"}) (open_with_refs)."""
     store = Path(store)
     templates, refs = {"store": str(store.resolve())}, {"zarr.json": (store / "zarr.json").read_text()}
     files: dict[str, str] = {}
@@ -312,7 +317,7 @@ def write_padded_tail(array_dir: Path, ref: dict, arr: zarr.Array, index: int) -
 def open_with_refs(store: Path) -> zarr.Group:
     """A store opened through its reference file: indexed arrays read from the checkpoint."""
     return zarr.open_group("reference://", mode="r", zarr_format=3,
-                           storage_options={"fo": str(Path(store) / REFS_FILE), "remote_protocol": "file"})
+                           storage_options={"fo": str(refs_path(store)), "remote_protocol": "file"})
 
 
 class DamagedStore(RunDirError):

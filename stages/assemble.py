@@ -5,7 +5,8 @@ decided once per run (metadata.json, plus general.file_type from the output type
 registry) and the tensor infos; the tensor data is then streamed chunk by chunk from
 pack.zarr, each tensor followed by its type's tail (I2_S: the scale), so no tensor is
 held whole; a tensor whose pack array indexes the checkpoint (bytes that no stage
-changes) is copied from the checkpoint file, after checking it is the one indexed. With --split-max-size / --split-max-tensors the tensors are spread over
+changes) is copied from the checkpoint file, after checking it is the one indexed.
+With --split-max-size / --split-max-tensors the tensors are spread over
 `NAME-0000k-of-0000n.gguf` parts as llama.cpp's gguf-split does. Every file is
 written to a temporary name, fsynced, and renamed into place only when all are
 complete (pipeline/output.py).

@@ -5,9 +5,9 @@ stages read as it is (bf16 as its uint16 bit pattern, attribute `source_dtype`; 
 uint8 projections 4 codes per byte, with their checked `weight_scale` in the tensor's
 recipe). So extract copies no weights: each tensor becomes a zarr array whose only
 attribute of note is `source_ref`, the file, byte offset and identity of its bytes
-(pipeline/stores.py, "indexed arrays"), and the store's `refs.json` lets zarr open it with
-data (a kerchunk reference set). The later stages read rows from the checkpoint through
-that reference, which refuses a file that is no longer the one indexed.
+(pipeline/stores.py, "indexed arrays"), and `extract.refs.json` beside the store (a
+kerchunk reference set) lets zarr open it with data. The later stages read rows from the
+checkpoint through the reference, which refuses a file that is no longer the one indexed.
 
 What needs a pass over the values is still done here, the one pass that reads them,
 beside each float tensor:
@@ -19,7 +19,7 @@ beside each float tensor:
 
 and NaN or infinite weights are refused, naming the tensor. Packed projections need no
 pass here: quantize reads every packed byte once anyway and refuses a 2-bit field holding
-3 there. The index (every array's metadata and refs.json) is written first; a rerun after
+3 there. The index (every array's metadata and the reference set) is written first; a rerun after
 a kill rewrites it (the same bytes) and scans only the side chunks not yet on disk.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pipeline.families import TERNARY
 from pipeline.rundir import write_json_atomic
 from pipeline.safetensors_io import TensorSource, as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (REFS_FILE, array_path, ensure_array, index_array, make_ref, open_array, open_store,
-                             read_rows, refs_json, row_ranges, written_chunks)
+from pipeline.stores import (array_path, ensure_array, index_array, make_ref, open_array, open_store,
+                             read_rows, refs_json, refs_path, row_ranges, written_chunks)
 from stages.quantize import SUMS_SUFFIX
 
 MAX_SUFFIX = ".abs_max"
@@ -84,8 +84,9 @@ def run(ctx: StageContext) -> None:
         "model_dir": str(ckpt.model_dir),
         "config": plan.config,
         "tensor_order": [t.gguf_name for t in plan.tensors],
-        "data": f"tensors are byte ranges of the checkpoint's files (attribute source_ref); open {REFS_FILE} "
-                "with zarr.open_group('reference://', storage_options={'fo': path}) to read them through zarr",
+        "data": f"tensors are byte ranges of the checkpoint's files (attribute source_ref); open "
+                f"{refs_path(ctx.output).name} beside this store with zarr.open_group('reference://', "
+                "storage_options={'fo': path}) to read them through zarr",
     })
     identities = file_identities(ckpt)
     arrays, tasks = {}, []
@@ -107,7 +108,7 @@ def run(ctx: StageContext) -> None:
             for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
                 if i not in done:
                     tasks.append(chunk_task(scan_rows, src, array_path(ctx.output, side), r0, r1, kind))
-    write_json_atomic(Path(ctx.output) / REFS_FILE, refs_json(ctx.output, arrays))
+    write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, arrays))
     ctx.scheduler.run(tasks, "extract")
 
 
