@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitnet-gguf: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        # a write zarr's event loop thread was doing is abandoned (zarr writes a file whole or not
+        # at all); asyncio's complaints about it at exit are not for the user
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
         print("bitnet-gguf: interrupted; rerun the same command to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the CLI boundary

@@ -205,3 +205,29 @@ def test_a_checkpoint_changed_between_a_kill_and_the_rerun_redoes_extract(tmp_pa
     clean = tmp_path / "clean.gguf"
     convert(model, clean, "--workdir", tmp_path / "clean.work", "--memory-limit", "512MiB")
     assert out.read_bytes() == clean.read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_row_maxima_from_bit_patterns_equal_numpy_on_the_values(dtype):
+    """extract's row max |x| from sign-cleared bit patterns: the same float32 values as numpy's
+    abs and max over the values, and non-finite exactly when numpy says so (inf, NaN, -0.0)."""
+    from stages.extract import row_abs_max_bits
+
+    rng = np.random.default_rng(7)
+    uint = np.uint32 if dtype == "F32" else np.uint16
+    specials = {"BF16": [0x7F80, 0xFF80, 0x7FC1, 0x8000, 0x0001], "F16": [0x7C00, 0xFC00, 0x7E01, 0x8000, 0x0001],
+                "F32": [0x7F800000, 0xFF800000, 0x7FC00001, 0x80000000, 0x00000001]}[dtype]
+    for trial in range(300):
+        x = rng.standard_normal((5, 40)).astype(np.float32) * np.float32(rng.choice([1e-30, 1e-3, 1.0, 3e4]))
+        bits = (x.view(np.uint32) >> 16).astype(np.uint16) if dtype == "BF16" else x.astype(
+            {"F16": "<f2", "F32": "<f4"}[dtype]).view(uint)
+        if trial % 3 == 0:
+            bits[rng.integers(5), rng.integers(40)] = rng.choice(specials)
+        values = (bits.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else \
+            bits.view({"F16": np.float16, "F32": np.float32}[dtype]).astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            expected = np.abs(values).max(axis=1)
+        got, finite = row_abs_max_bits(bits, dtype)
+        assert finite == bool(np.isfinite(expected).all()), trial
+        if finite:
+            assert got.dtype == np.float32 and np.array_equal(got, expected), trial
