@@ -315,10 +315,19 @@ def _row_chunk(key: str) -> tuple[str, str, int]:
 def beside_unfinished_chunk(work: Path, key: str, snapshot: dict[str, tuple[int, int]]) -> bool:
     """Whether the chunk `key` is in a side array (`<tensor>.<suffix>`: per-row sums or maxima)
     whose tensor's chunk of the same rows was not on disk in `snapshot`. The task that writes both
-    was unfinished, so a rerun does it again, side chunk included."""
+    was unfinished, so a rerun does it again, side chunk included. A tensor that indexes the
+    checkpoint (extract writes no chunk of it) excuses nothing: the side chunk is its task's
+    only output."""
     stage, array, row = _row_chunk(key)
     parts = array.split(".")
     tensors = [".".join(parts[:n]) for n in range(1, len(parts))]
     done = {_row_chunk(k) for k in snapshot}
-    return any((work / f"{stage}.zarr" / t / "zarr.json").is_file() and (stage, t, row) not in done
-               for t in tensors)
+    return any(_copied(work / f"{stage}.zarr" / t / "zarr.json") and (stage, t, row) not in done for t in tensors)
+
+
+def _copied(metadata: Path) -> bool:
+    """An array whose zarr.json exists and that holds chunk files of its own (no source_ref)."""
+    try:
+        return "source_ref" not in json.loads(metadata.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
