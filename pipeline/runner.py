@@ -7,6 +7,7 @@ the lock and the disk. A refusal is therefore one line, and nothing has been wri
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import shutil
 import time
@@ -166,17 +167,23 @@ def disk_needed(ckpt, infos: list[TensorInfo], out_bytes: int) -> tuple[int, int
     """(bytes the run directory will hold, bytes of the GGUF), estimated from the plan. extract
     and quantize index the checkpoint's float tensors, and pack those whose bytes do not change."""
     from stages.pack import SAME_BYTES
+    from stages.quantize import LAYOUT_2BIT, code_layout
 
-    extract = codes = packed = 0
+    from pipeline.budget import MAX_CHUNK_BYTES
+
+    last: dict = {}  # the last tensor of each file: an edge chunk of it that runs past the file's end is a copy
+    for t in ckpt.plan.tensors:
+        src = ckpt.sources[t.hf_name]
+        if src.offset >= last.get(src.file, src).offset:
+            last[src.file] = src
+    extract = sum(min(MAX_CHUNK_BYTES, math.prod(src.shape) * src.np_dtype.itemsize) for src in last.values())
+    codes = packed = 0
     for t, info in zip(ckpt.plan.tensors, infos):
         source = ckpt.sources[t.hf_name]
-        n = 1
-        for d in t.source_shape:
-            n *= d
-        rows = t.source_shape[0] if len(t.source_shape) > 1 else 1
-        extract += 8 * rows + (4 << 20)  # per-row sums or maxima; metadata, a padded edge chunk (generous)
-        if t.role == TERNARY:
-            codes += (n * 4 if t.recipe.packed else n) // 2  # int8 codes, compressed; generous
+        extract += 8 * (t.source_shape[0] if len(t.source_shape) > 1 else 1) + (64 << 10)  # side arrays, metadata
+        if t.role == TERNARY:  # 2-bit codes, or int8 where rows are not whole 128-value blocks
+            values = math.prod(t.shape)
+            codes += values // 4 if code_layout(t.shape[-1]) == LAYOUT_2BIT else values
             packed += info.nbytes
         elif (source.dtype, BY_GGML_TYPE[info.ggml_type].name) not in SAME_BYTES:
             packed += info.nbytes
