@@ -8,6 +8,8 @@
                         before the next stage reads it
       lock              held (flock) while a conversion runs
       extract.zarr  quantize.zarr  pack.zarr
+      extract.refs.json   extract.zarr as a kerchunk reference set: zarr reads the checkpoint
+                        bytes its arrays index through it (stores.open_with_refs)
 
 A stage's key is a hash of everything its output depends on (the previous
 stage's key plus the options it reads). A finished stage whose key still matches
@@ -23,9 +25,31 @@ from pathlib import Path
 
 from pipeline.errors import RunDirError
 from pipeline.safe_files import create_exclusive, open_no_link
-from pipeline.stores import DamagedStore, check_store, chunk_records, remove_tree, store_digests
+from pipeline.stores import DamagedStore, check_store, chunk_records, refs_path, remove_tree, store_digests
 
 STAGES = ("extract", "quantize", "pack", "assemble")
+
+
+def checkpoint_state(manifest: dict) -> dict | None:
+    """Whether the checkpoint a run read is still there as it was: the stores index its bytes,
+    so the run directory is only valid next to the same files. None before a run recorded it;
+    else {"path", "state": "unchanged" | "changed" | "gone", "message"}."""
+    from pipeline.safetensors_io import fingerprint_changes
+
+    model_dir, fingerprint = manifest.get("options", {}).get("model_dir"), manifest.get("fingerprint")
+    if not model_dir or not isinstance(fingerprint, list):
+        return None
+    try:
+        change = fingerprint_changes(Path(model_dir), fingerprint)
+    except (TypeError, ValueError):
+        change = ("changed", model_dir)
+    if change is None:
+        return {"path": model_dir, "state": "unchanged", "message": "its files are the ones this run read"}
+    state, path = change
+    return {"path": model_dir, "state": state,
+            "message": f"{path} is {'gone' if state == 'gone' else 'not the file this run read'}: the stores refer to "
+                       "the checkpoint's bytes, so their tensors cannot be read; rerun the convert command with the "
+                       "checkpoint to start over"}
 MANIFEST_VERSION = 2
 TOOL = "bitnet-gguf"
 
@@ -193,6 +217,7 @@ class RunDir:
         for name in STAGES[STAGES.index(stage):]:
             manifest.get("stages", {}).pop(name, None)
             self.checksums_path(name).unlink(missing_ok=True)
+            refs_path(self.store(name)).unlink(missing_ok=True)
             remove_tree(self.store(name))
         self.save(manifest)
 
@@ -219,7 +244,9 @@ class RunDir:
                 from None
         ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp",
                 *(self.store(s).name for s in STAGES), *(f".{self.store(s).name}.deleting" for s in STAGES),
-                *(self.checksums_path(s).name for s in STAGES), *(self.checksums_path(s).name + ".tmp" for s in STAGES)}
+                *(self.checksums_path(s).name for s in STAGES), *(self.checksums_path(s).name + ".tmp" for s in STAGES),
+                *(refs_path(self.store(s)).name for s in STAGES),
+                *(refs_path(self.store(s)).name + ".tmp" for s in STAGES)}
         if "manifest.json" not in entries and not any(self._is_our_store(s) for s in STAGES):
             # without a manifest, only a store of ours proves the directory is a run of ours;
             # else its files (a user's own extract.zarr or metadata.json) are not ours to replace

@@ -7,6 +7,7 @@ the lock and the disk. A refusal is therefore one line, and nothing has been wri
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import shutil
 import time
@@ -20,17 +21,18 @@ from pipeline.errors import CheckpointError, OptionError, RunDirError
 from pipeline.families import TERNARY
 from pipeline.gguf_file import MAX_SPLITS, GGUFWriterError, TensorInfo, file_size
 from pipeline.output import final_paths, identity, remove_stale_temps, written_identity
-from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES, tensor_type
+from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES, TARGET_NAMES, tensor_type
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler, probe_scheduler
+from pipeline.stores import source_changed
 
 # Memory assemble takes to read the key/values back from metadata.json and build the header,
 # per row of the token table (measured with a 1M-row table; docs/notes/tokenizer-memory.md).
 KV_READBACK_BYTES_PER_ROW = 160
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 2, "quantize": 3, "pack": 3, "assemble": 3}
+STAGE_VERSIONS = {"extract": 3, "quantize": 3, "pack": 3, "assemble": 3}
 
 
 def stage_keys(opts: Options, ckpt) -> dict[str, str]:
@@ -172,19 +174,29 @@ def convert(opts: Options, log) -> list[Path]:
 
 
 def disk_needed(ckpt, infos: list[TensorInfo], out_bytes: int) -> tuple[int, int]:
-    """(bytes the run directory will hold, bytes of the GGUF), estimated from the plan."""
-    extract = codes = packed = 0
+    """(bytes the run directory will hold, bytes of the GGUF), estimated from the plan. extract
+    and quantize index the checkpoint's float tensors, and pack those whose bytes do not change."""
+    from stages.pack import SAME_BYTES
+    from stages.quantize import LAYOUT_2BIT, code_layout
+
+    from pipeline.budget import MAX_CHUNK_BYTES
+
+    last: dict = {}  # the last tensor of each file: an edge chunk of it that runs past the file's end is a copy
+    for t in ckpt.plan.tensors:
+        src = ckpt.sources[t.hf_name]
+        if src.offset >= last.get(src.file, src).offset:
+            last[src.file] = src
+    extract = sum(min(MAX_CHUNK_BYTES, math.prod(src.shape) * src.np_dtype.itemsize) for src in last.values())
+    codes = packed = 0
     for t, info in zip(ckpt.plan.tensors, infos):
         source = ckpt.sources[t.hf_name]
-        n = 1
-        for d in t.source_shape:
-            n *= d
-        extract += n * source.np_dtype.itemsize
-        if t.role == TERNARY:
-            codes += (n * 4 if t.recipe.packed else n) // 2  # int8 codes, compressed; generous
-        else:
-            codes += n * source.np_dtype.itemsize
-        packed += info.nbytes
+        extract += 8 * (t.source_shape[0] if len(t.source_shape) > 1 else 1) + (64 << 10)  # side arrays, metadata
+        if t.role == TERNARY:  # 2-bit codes, or int8 where rows are not whole 128-value blocks
+            values = math.prod(t.shape)
+            codes += values // 4 if code_layout(t.shape[-1]) == LAYOUT_2BIT else values
+            packed += info.nbytes
+        elif (source.dtype, BY_GGML_TYPE[info.ggml_type].name) not in SAME_BYTES:
+            packed += info.nbytes
     return extract + codes + packed, out_bytes
 
 
@@ -206,7 +218,8 @@ def check_disk(opts: Options, ckpt, run: RunDir, infos, out_bytes: int) -> None:
 
 
 def _source_unchanged(ckpt):
-    """A check that the weight files are still the ones the run started from."""
+    """A check that the weight files are still the ones the run started from (every stage reads
+    them: extract's arrays index their bytes)."""
     def check() -> None:
         files = [Path(p) if Path(p).is_absolute() else ckpt.model_dir / p for p, *_ in ckpt.fingerprint]
         try:
@@ -214,8 +227,7 @@ def _source_unchanged(ckpt):
         except OSError:
             now = None
         if now != ckpt.fingerprint:
-            raise CheckpointError(f"{ckpt.model_dir}: the checkpoint's files changed during the conversion; "
-                                  "nothing was written; rerun the same command to start over from the new files")
+            raise source_changed(ckpt.model_dir)
     return check
 
 
@@ -287,9 +299,8 @@ def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, ke
     ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None, log,
                        run.metadata_path, before_publish=check_source, outputs_before=outputs_before)
     importlib.import_module(f"stages.{stage}").run(ctx)
-    if stage == "extract":
+    if stage != "assemble":  # assemble checks before it publishes
         check_source()  # a file rewritten while it was read would mix old and new weights
-    if stage != "assemble":
         run.seal(stage)
     state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2)}
     if stage == "assemble":

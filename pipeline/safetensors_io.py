@@ -257,6 +257,20 @@ def files_fingerprint(model_dir: Path, files) -> list[list]:
     return out
 
 
+def fingerprint_changes(model_dir: Path, fingerprint: list) -> tuple[str, str] | None:
+    """None when every file of a `files_fingerprint` record is as recorded; else ("gone" or
+    "changed", the first such file)."""
+    for name, *identity in fingerprint:
+        p = Path(name) if Path(name).is_absolute() else Path(model_dir) / name
+        try:
+            st = p.stat()
+        except OSError:
+            return "gone", str(p)
+        if [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] != identity:
+            return "changed", str(p)
+    return None
+
+
 def as_float32(block: np.ndarray, dtype: str) -> np.ndarray:
     """A block in its source representation -> float32 values (bf16 is uint16 bits)."""
     if dtype == "BF16":

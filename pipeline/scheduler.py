@@ -11,6 +11,7 @@ import time
 from typing import Sequence
 
 import dask
+import dask.threaded
 from dask.callbacks import Callback
 from tqdm import tqdm
 
@@ -126,8 +127,10 @@ class Scheduler:
             return []
         with self.bar(len(tasks), desc) as bar:
             if self.client is None:
+                # the threaded scheduler's function, not its name: given a name, dask imports
+                # distributed to look for a client (over a second at every start)
                 with _TaskProgress({t.key for t in tasks}, bar):
-                    return list(dask.compute(*tasks, scheduler="threads", num_workers=self.workers))
+                    return list(dask.compute(*tasks, scheduler=dask.threaded.get, num_workers=self.workers))
             from distributed import as_completed
             futures = self.client.compute(list(tasks))
             for _ in as_completed(futures):

@@ -11,8 +11,9 @@ number of workers give the same bytes; TL2's three regions are column ranges of 
 row chunk, which assemble writes region by region. A ternary
 tensor whose row length is not a whole number of blocks of the requested type is
 written as F16 (the ternary values times the scale), as llama.cpp's converter does.
-Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, say) are
-hard links to the previous store's chunk files.
+Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, a BF16
+embedding with --embedding-type bf16) are not copied: their arrays index the checkpoint's
+bytes, which assemble copies into the GGUF (or hard-link the previous store's chunk files).
 
 A scale the output type cannot hold as a normal number (a TQ block's fp16 d, an F16
 fallback's values, I2_S's float32) is refused before any work, naming the tensor.
@@ -29,8 +30,8 @@ from pipeline.kernel_config import tiles_of
 from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES, tensor_type
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (array_path, ensure_array, is_raw, open_array, open_store, read_rows, row_ranges,
-                             write_rows, written_chunks)
+from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, open_array,
+                             open_store, read_rows, row_ranges, write_rows, written_chunks)
 from stages.quantize import BLOCK_SCALES_SUFFIX, LAYOUT_2BIT, LAYOUT_INT8, SCALE_BLOCK, link_task
 
 
@@ -167,14 +168,16 @@ def run(ctx: StageContext) -> None:
         rows = ctx.budget.rows_per_chunk(shape, codec.row_multiple(tiles)) if src.ndim > 1 \
             else codec.row_bytes(shape[0])
         byte_shape = (*shape[:-1], codec.row_bytes(shape[-1], tiles))
-        arr = ensure_array(group, name, byte_shape, rows, np.uint8, {
-            "ggml_type": out.ggml_type, "type_name": codec.name, "out_type": out.name, "shape": list(shape),
-            "role": role, **({"scale": scale} if scale is not None else {}),
-            **({"tiles": list(tiles)} if tiles else {}),
-        })
+        attrs = {"ggml_type": out.ggml_type, "type_name": codec.name, "out_type": out.name, "shape": list(shape),
+                 "role": role, **({"scale": scale} if scale is not None else {}),
+                 **({"tiles": list(tiles)} if tiles else {})}
+        unchanged = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES
+        if unchanged and is_indexed(src):  # the checkpoint's bytes are the GGUF's: assemble copies them
+            index_array(group, name, byte_shape, rows, np.uint8, attrs, copy_ref(src))
+            continue
+        arr = ensure_array(group, name, byte_shape, rows, np.uint8, attrs)
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))
-        same = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES and is_raw(src) \
-            and is_raw(arr) and src.chunks[0] == arr.chunks[0] and src.ndim > 1
+        same = unchanged and is_raw(src) and is_raw(arr) and src.chunks[0] == arr.chunks[0] and src.ndim > 1
         done = written_chunks(arr)
         code_layout = src.attrs.get("code_layout", LAYOUT_INT8) if role == TERNARY else None
         for i, (r0, r1) in enumerate(row_ranges(shape[0], rows if src.ndim > 1 else shape[0])):

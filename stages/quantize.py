@@ -19,8 +19,10 @@ following the tensor's recipe:
   changes inside a block of 64 is refused, naming the tensor.
 
 Either way, the llama q/k permutation moves rows within whole heads, so a chunk is
-a whole number of heads. Other tensors are not rewritten: their chunk files are
-hard links to extract's (pack encodes them in their output float type).
+a whole number of heads. A packed byte with a 2-bit field of 3 (not a code) is refused
+here, naming the tensor: this is the one pass that reads the packed bytes. Other tensors
+are not rewritten: their arrays index the same checkpoint bytes as extract's (or, for an
+array extract copied, hard-link its chunk files); pack encodes them in their output type.
 
 The per-chunk kernels (`ternary_fields`, `code_rows`, `row_abs_sums`) take a
 `read(start, stop)` function of source rows, so `verify` runs the very same code
@@ -37,11 +39,12 @@ from pipeline.codecs import (CODE_BLOCK, NonFiniteWeights, absmean_scale, absmea
                              ternary_codes)
 from pipeline.errors import CheckpointError
 from pipeline.context import StageContext
+from pipeline.errors import CheckpointError
 from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY, Recipe
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (array_path, ensure_array, is_raw, link_chunk, open_array, open_store, read_rows,
-                             row_ranges, write_rows, written_chunks)
+from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, link_chunk,
+                             open_array, open_store, read_rows, row_ranges, source_ref, write_rows, written_chunks)
 
 ReadRows = Callable[[int, int], np.ndarray]
 SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside a master-weight projection
@@ -52,7 +55,23 @@ LAYOUT_2BIT, LAYOUT_INT8 = "2bit-128", "int8"
 
 
 class CorruptCodes(ValueError):
-    """Packed data that is not ternary reached quantize (extract refuses it; this is a guard)."""
+    """Packed data that is not ternary (a 2-bit field holding 3)."""
+
+
+def invalid_packed_fields(block: np.ndarray) -> int:
+    """How many 2-bit fields of a packed uint8 block hold 3 (only 0, 1, 2 are codes)."""
+    both_bits = (block >> 1) & block & np.uint8(0x55)
+    if not both_bits.any():
+        return 0
+    return int(np.unpackbits(both_bits).sum())
+
+
+def corrupt_packed(src, bad: int, start: int, stop: int) -> CheckpointError:
+    """The refusal of packed rows [start, stop) of extract's array `src` holding `bad` fields of 3."""
+    ref = source_ref(src) or {}
+    return CheckpointError(f"{ref.get('file', src.attrs.get('source_file'))}: tensor {src.attrs.get('hf_name')} holds "
+                           f"{bad} packed 2-bit field(s) of value 3 in rows {start}..{stop}; only 0, 1 and 2 are "
+                           "ternary codes, the file is corrupt")
 
 
 # -- per-chunk kernels ---------------------------------------------------------------------------
@@ -218,23 +237,26 @@ def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
 
 # -- tasks ---------------------------------------------------------------------------------------
 
-def _reader(path: str) -> ReadRows:
-    arr = open_array(path, "r")
-    return lambda a, b: read_rows(arr, a, b)
-
-
 def codes_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: list, source_dtype: str,
                absmean: float | None) -> None:
-    write_rows(out, start, stop, code_rows(_reader(src), start, stop, Recipe.from_json(recipe), tuple(shape),
-                                           source_dtype, absmean))
+    recipe = Recipe.from_json(recipe)
+    source = open_array(src, "r")
+
+    def read(a: int, b: int) -> np.ndarray:
+        block = read_rows(source, a, b)
+        if recipe.packed and (bad := invalid_packed_fields(block)):  # name the tensor, count the bad fields
+            raise corrupt_packed(source, bad, a, b)
+        return block
+    write_rows(out, start, stop, code_rows(read, start, stop, recipe, tuple(shape), source_dtype, absmean))
 
 
 def quarters_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: list, missing: list) -> None:
     """Packed rows [start, stop) -> the four output chunks (of rows stop - start) they hold."""
     recipe = Recipe.from_json(recipe)
-    packed = read_rows(open_array(src, "r"), start, stop)
-    if ((packed >> np.uint8(1)) & packed & np.uint8(0x55)).any():
-        raise CorruptCodes(f"packed field value 3 in rows {start}..{stop}")
+    source = open_array(src, "r")
+    packed = read_rows(source, start, stop)
+    if bad := invalid_packed_fields(packed):
+        raise corrupt_packed(source, bad, start, stop)
     quarters = quarters_from_packed(packed)
     quarter = shape[0] // 4
     for k in missing:
@@ -267,9 +289,12 @@ def run(ctx: StageContext) -> None:
                 "recipe": recipe.as_json(), "shape": list(shape)}
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))
         if recipe.role != TERNARY:
-            # not rewritten: the same chunk files (pack encodes them in their output type), unless
-            # extract ran under a larger memory limit than this run's: then rows of this run's size
+            # not rewritten: the same checkpoint bytes, or the same chunk files (pack encodes them in
+            # their output type); chunks of this run's size (extract may have run under a larger limit)
             rows = ctx.budget.rows_per_chunk(src.shape)
+            if is_indexed(src):
+                index_array(group, name, src.shape, rows, src.dtype, base, copy_ref(src))
+                continue
             arr = ensure_array(group, name, src.shape, rows, src.dtype, base)
             same = rows == src.chunks[0] and is_raw(src) and is_raw(arr)
             done = written_chunks(arr)
