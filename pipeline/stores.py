@@ -194,6 +194,9 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
                 fin.seek(done)
                 fout.seek(done)
                 shutil.copyfileobj(fin, fout)
+    # a link an interrupted run made (no record yet) is the same file as tmp, and rename()
+    # between two links of one file does nothing, leaving tmp behind: remove it first
+    target.unlink(missing_ok=True)
     os.replace(tmp, target)
     record_chunk(dst, index)
 

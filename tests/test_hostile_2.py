@@ -407,3 +407,24 @@ def test_verify_finds_a_key_value_array_of_another_item_type(converted, tmp_path
     bad.write_bytes(bytes(raw))
     proc = run_cli("verify", bad, model, check_exit=1)
     assert f"MISMATCH m.gguf: {key}" in proc.stdout.replace("bad.gguf", "m.gguf"), proc.stdout
+
+
+def test_a_chunk_linked_again_after_an_interruption_leaves_no_temporary_file(tmp_path):
+    """A kill between a chunk's link and its record: the rerun links the same file again, and
+    rename() between two links of one file does nothing (the randomized kill test found the
+    leftover .partial)."""
+    import zarr
+
+    from pipeline.stores import chunk_path, digest_path, link_chunk, written_chunks
+
+    src = zarr.create_array(tmp_path / "a", shape=(8, 4), chunks=(4, 4), dtype="f4", compressors=None,
+                            fill_value=0)
+    dst = zarr.create_array(tmp_path / "b", shape=(8, 4), chunks=(4, 4), dtype="f4", compressors=None,
+                            fill_value=0)
+    src[:] = np.arange(32, dtype="f4").reshape(8, 4)
+    link_chunk(src, dst, 0)
+    digest_path(dst, 0).unlink()  # as if killed before the record was written
+    assert written_chunks(dst) == set()
+    link_chunk(src, dst, 0)
+    assert sorted(p.name for p in chunk_path(dst, 0).parent.iterdir()) == ["0"]
+    assert written_chunks(dst) == {0}
