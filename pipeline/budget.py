@@ -49,6 +49,11 @@ class Budget:
                 f"baseline {format_size(self.baseline)}")
 
 
+def minimum_task_bytes(workers: int = 1) -> int:
+    """Memory of the smallest chunk work the conversion can do."""
+    return workers * MIN_TASK_ELEMENTS * BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER
+
+
 def current_rss() -> int:
     return psutil.Process().memory_info().rss
 
@@ -57,10 +62,11 @@ WORKER_PROCESS_OVERHEAD = 160 * 1024**2  # an interpreter with dask.distributed,
 
 
 def plan_budget(memory_limit: int, workers: int = 0, baseline: int | None = None,
-                worker_processes: bool = False) -> Budget:
+                worker_processes: bool = False, reserve: int = 0) -> Budget:
     """`worker_processes`: tasks run in separate processes (--cluster local), each costing
-    WORKER_PROCESS_OVERHEAD on top of its chunks."""
-    baseline = current_rss() if baseline is None else baseline
+    WORKER_PROCESS_OVERHEAD on top of its chunks; `reserve`: memory some later step needs on top
+    of what this process holds now (assemble reading the key/values back)."""
+    baseline = (current_rss() if baseline is None else baseline) + reserve
     if worker_processes:
         if not workers:  # as many processes as fit beside their minimum chunk memory
             per_process = WORKER_PROCESS_OVERHEAD + MIN_TASK_ELEMENTS * BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER

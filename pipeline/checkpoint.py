@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CheckpointError
-from pipeline.families import TensorPlan, plan_tensors
+from pipeline.families import GROUPED, TensorPlan, plan_tensors
 from pipeline.metadata import build_kv
+from pipeline.vocab import tokenizer_memory
 from pipeline.safetensors_io import (MAX_HEADER, TensorSource, as_float32, files_fingerprint, index_checkpoint,
                                      require_regular_file)
 
 MASTER_DTYPES = ("F32", "F16", "BF16")
+GROUP_BLOCK = 64  # the smallest block that holds one scale (Q2_0): group-scaled rows are whole blocks
 PACKED_DTYPES = ("U8",)
 
 
@@ -79,22 +81,45 @@ def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
                                   f"{fam.description} packs it as U8 {list(t.source_shape)} (4 ternary codes per "
                                   f"byte for {list(t.shape)}); config and weights disagree")
         return
+    if src.dtype not in MASTER_DTYPES:  # before the shape: packed codes are a quarter of the rows
+        raise CheckpointError(f"{src.file}: tensor {t.hf_name} is {src.dtype}; {fam.description} "
+                              f"needs float weights ({', '.join(MASTER_DTYPES)}) there")
     if src.shape != t.shape:
         raise CheckpointError(f"{src.file}: tensor {t.hf_name} has shape {list(src.shape)}, but config.json "
                               f"implies {list(t.shape)}; config and weights disagree")
-    if src.dtype not in MASTER_DTYPES:
-        raise CheckpointError(f"{src.file}: tensor {t.hf_name} is {src.dtype}; {fam.description} "
-                              f"needs float weights ({', '.join(MASTER_DTYPES)}) there")
+    if t.recipe.weights == GROUPED and t.shape[-1] % GROUP_BLOCK:
+        raise CheckpointError(f"{src.file}: tensor {t.hf_name} has rows of {t.shape[-1]} values; group-scaled "
+                              f"ternary projections convert only with rows that are a multiple of {GROUP_BLOCK}")
+
+
+def check_tokenizer_fits(model_dir: Path, vocab_size: int, memory_limit: int) -> None:
+    """Refuse, before reading it, a tokenizer whose reading the memory limit cannot hold beside
+    what this process already uses and the smallest chunk work; name the file and the limit that would do."""
+    from pipeline.budget import HEADROOM, current_rss, minimum_task_bytes
+    from pipeline.config import format_size
+
+    need, worst = tokenizer_memory(model_dir, vocab_size)
+    rest = current_rss() + HEADROOM + minimum_task_bytes()
+    if rest > memory_limit:
+        return  # too small for any conversion: the budget says so, with the minimum
+    total = rest + need
+    if total > memory_limit:
+        what = f"vocab_size {vocab_size} (rows of the token table)" if worst.name == "config.json" else \
+            f"{format_size(worst.stat().st_size)}"
+        raise CheckpointError(f"{worst}: {what}: reading the tokenizer takes about {format_size(need)}, more than "
+                              f"--memory-limit {format_size(memory_limit)} holds beside the rest of the conversion; "
+                              f"allow at least {-(-total // 2**20)}MiB")
 
 
 def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None,
                     max_header_bytes: int = MAX_HEADER, model_name: str | None = None,
-                    metadata_file: Path | None = None) -> Checkpoint:
+                    metadata_file: Path | None = None, memory_limit: int | None = None) -> Checkpoint:
     """Check everything about the checkpoint that can be checked without reading the weights.
 
     `name`: the model's name, general.name's last fallback (default: the directory's name);
     `model_name`, `metadata_file`: --model-name and --metadata (pipeline.metadata);
-    `max_header_bytes`: the safetensors headers' total size allowed (safetensors_io.header_budget).
+    `max_header_bytes`: the safetensors headers' total size allowed (safetensors_io.header_budget);
+    `memory_limit`: refuse a tokenizer that cannot be read under it (check_tokenizer_fits).
     """
     model_dir = Path(model_dir)
     refuse_special_files(model_dir)
@@ -138,6 +163,8 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
                               f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''} is not part of "
                               f"{fam.description} as config.json describes it; config and weights disagree")
     name = name or model_dir.resolve().name
+    if memory_limit is not None:
+        check_tokenizer_fits(model_dir, plan.config["vocab_size"], memory_limit)
     kv = build_kv(plan, model_dir, name=name, tokenizer_pre=tokenizer_pre, model_name=model_name,
                   metadata_file=metadata_file)
     files = {src.file for src in found.values()}

@@ -239,7 +239,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pipeline.rundir import STAGES, RunDir
+    from pipeline.rundir import STAGES, RunDir, checkpoint_state
     from pipeline.errors import RunDirError
 
     run = RunDir(args.workdir)
@@ -253,6 +253,9 @@ def cmd_status(args) -> int:
     running = run.is_locked()
     print(f"run directory: {run.path}{'  (a conversion is running)' if running else ''}")
     print(f"model: {opts.get('model_dir')}")
+    source = checkpoint_state(manifest)
+    if source is not None:
+        print(f"  checkpoint {source['state']}: {source['message']}")
     print(f"output: {opts.get('output')}")
     interrupted = False
     for stage in STAGES:
@@ -287,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitnet-gguf: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        # a write zarr's event loop thread was doing is abandoned (zarr writes a file whole or not
+        # at all); asyncio's complaints about it at exit are not for the user
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
         print("bitnet-gguf: interrupted; rerun the same command to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the CLI boundary

@@ -29,6 +29,7 @@ from pipeline.errors import CheckpointError
 QK_K = 256        # values per TQ1_0 / TQ2_0 block
 QK_I2_S = 128     # values per I2_S block (32 bytes) in bitnet.cpp's x86 builds
 QK_I2_S_ARM = 64  # ... and in its ARM (NEON) builds (16 bytes)
+QK2_0 = 64        # values per Q2_0 block (upstream llama.cpp, ggml type 42)
 I2_S_TAIL = 32    # bytes after an I2_S tensor's packed codes: float32 scale + 28 unused
 ABSMEAN_FLOOR = 1e-5
 
@@ -95,6 +96,30 @@ def ternary_codes(block: np.ndarray, scale: np.float32) -> np.ndarray:
     return values.astype(np.int8)
 
 
+# -- group-scaled ternary weights (read from the data) ------------------------------------------
+
+def group_magnitudes(block: np.ndarray, group: int) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """(float32 (rows, cols / group) magnitudes, first non-ternary (row, group) or None) of float
+    weights that should hold {-s, 0, +s} in every run of `group` values of a row: each group's s
+    is its max |x| (0 for an all-zero group), and every value's |x| must be 0 or s (NaN and
+    infinities never are)."""
+    values = np.asarray(block, dtype=np.float32)
+    rows, cols = values.shape
+    a = np.abs(values).reshape(rows, cols // group, group)
+    m = a.max(axis=2)
+    ok = ((a == 0) | (a == m[..., None])).all(axis=2) & np.isfinite(m)
+    if ok.all():
+        return m, None
+    r, g = np.argwhere(~ok)[0]
+    return m, (int(r), int(g))
+
+
+def sign_fields(block: np.ndarray) -> np.ndarray:
+    """Fields (code + 1, uint8) of ternary float values: the sign of each value."""
+    codes = np.sign(np.asarray(block, dtype=np.float32)).astype(np.int8)
+    return codes.view(np.uint8) + np.uint8(1)
+
+
 # -- helpers shared by the ternary codecs -----------------------------------------------------
 
 def _trits(codes: np.ndarray) -> np.ndarray:
@@ -111,6 +136,19 @@ def _trits(codes: np.ndarray) -> np.ndarray:
 def _fp16_bytes(scale: np.float32) -> np.ndarray:
     """The 2 little-endian bytes of fp16(scale) (via float32, as gguf's quantizer rounds)."""
     return np.array([np.float32(scale)], dtype=np.float32).astype("<f2").view(np.uint8)
+
+
+def _d_bytes(scale, rows: int, nb: int) -> np.ndarray:
+    """fp16 bytes of the block scale: (2,) for one scale, (rows, nb, 2) for one scale per block
+    (group-scaled tensors whose scale is constant over each block of the type)."""
+    scales = np.asarray(scale, dtype=np.float32)
+    if scales.ndim == 0:
+        return _fp16_bytes(_check_scale(scales))
+    if scales.shape != (rows, nb):
+        raise CodecError(f"block scales must have shape {(rows, nb)}, got {scales.shape}")
+    if not (np.isfinite(scales) & (scales > 0)).all():
+        raise CodecError("block scales must be finite and positive")
+    return scales.astype("<f2")[..., None].view(np.uint8)
 
 
 def _check_scale(scale) -> np.float32:
@@ -284,7 +322,7 @@ class TQ2_0(Codec):
         out = np.empty((rows, nb, cls.type_size), dtype=np.uint8)
         out[..., :64] = qs
         nonzero = (qs != _ZERO_CODES_BYTE).any(axis=-1, keepdims=True)
-        out[..., 64:] = np.where(nonzero, _fp16_bytes(_check_scale(scale)), np.uint8(0))
+        out[..., 64:] = np.where(nonzero, _d_bytes(scale, rows, nb), np.uint8(0))
         return out.reshape(rows, nb * cls.type_size)
 
     @classmethod
@@ -332,13 +370,14 @@ class TQ1_0(Codec):
         return _values(q, blocks[..., 52:], rows)
 
 
-def _block_d(q: np.ndarray, scale: np.float32) -> np.ndarray:
+def _block_d(q: np.ndarray, scale) -> np.ndarray:
     """(rows, nb, 256) trits -> (rows, nb, 2) fp16 bytes of each block's d = max|code * scale|.
 
     That maximum is fp16(scale) when the block has a non-zero code and 0 otherwise (gguf's
-    quantizer takes max|x| in float32 and casts it: code * scale is exactly +-scale).
+    quantizer takes max|x| in float32 and casts it: code * scale is exactly +-scale). `scale`
+    may be one per block, (rows, nb).
     """
-    d = _fp16_bytes(_check_scale(scale))
+    d = _d_bytes(scale, q.shape[0], q.shape[1])
     nonzero = (q != 1).any(axis=-1, keepdims=True)
     return np.where(nonzero, d, np.uint8(0))
 
@@ -642,6 +681,42 @@ class TL2(_TernaryTiles):
         return bytes(cls.tail_size(shape, tiles) - I2_S_TAIL) + I2_S.i2s_tail(np.float32(scale))
 
 
+class Q2_0(Codec):
+    """Upstream llama.cpp's Q2_0 (ggml type 42, not in the gguf package's enum): 18 bytes per 64
+    values, fp16 d first, then 16 bytes; value j of a block is in byte j // 4 at bits 2 * (j % 4),
+    as q = code + 1 (x = (q - 1) * d; q = 3 would be +2d and never occurs for ternary codes).
+
+    One scale per 64 values, so `scale` may also be one scale per block, shape (rows, cols / 64):
+    the type for checkpoints whose ternary scale changes along a row (groups of 64 or multiples).
+    Like llama.cpp's reference quantizer on the values codes * scale, a block without a non-zero
+    code stores d = 0.
+    """
+    name, ggml_type, block_size, type_size, ternary = "Q2_0", 42, QK2_0, 18, True
+
+    @classmethod
+    def encode(cls, codes: np.ndarray, scale) -> np.ndarray:
+        rows, nb = _rows_of_blocks(codes, QK2_0, "codes")
+        q = _trits(codes).reshape(rows, nb, 16, 4)
+        out = np.empty((rows, nb, cls.type_size), dtype=np.uint8)
+        qs = out[..., 2:]
+        np.left_shift(q[..., 3], 6, out=qs)
+        qs |= q[..., 2] << 4
+        qs |= q[..., 1] << 2
+        qs |= q[..., 0]
+        nonzero = (q != 1).any(axis=(-2, -1))[..., None]
+        out[..., :2] = np.where(nonzero, _d_bytes(scale, rows, nb), np.uint8(0))
+        return out.reshape(rows, nb * cls.type_size)
+
+    @classmethod
+    def decode(cls, data: np.ndarray) -> np.ndarray:
+        rows, nb = _rows_of_blocks(np.asarray(data), cls.type_size, "data")
+        blocks = np.asarray(data, dtype=np.uint8).reshape(rows, nb, cls.type_size)
+        d = np.ascontiguousarray(blocks[..., :2]).view("<f2").astype(np.float32)  # (rows, nb, 1)
+        shifts = np.array([0, 2, 4, 6], dtype=np.uint8)
+        q = (blocks[..., 2:, None] >> shifts) & np.uint8(3)                       # (rows, nb, 16, 4)
+        return ((q.reshape(rows, nb, QK2_0).astype(np.float32) - 1) * d).reshape(rows, -1)
+
+
 class _Float(Codec):
     block_size, ternary = 1, False
     dtype: np.dtype
@@ -695,3 +770,4 @@ class Q8_0(_GGUFQuant):
 
 CODECS: dict[str, type[Codec]] = {"tq2_0": TQ2_0, "tq1_0": TQ1_0, "i2_s": I2_S, "i2_s_arm": I2_S_ARM,
                                   "tl1": TL1, "tl2": TL2, "f16": F16, "bf16": BF16, "f32": F32, "q8_0": Q8_0}
+CODECS["q2_0"] = Q2_0  # upstream llama.cpp (type 42): group-scaled checkpoints

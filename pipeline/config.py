@@ -153,10 +153,19 @@ def _require_utf8(path: Path, option: str) -> None:
         raise OptionError(f"{option}: the path {shown} is not valid UTF-8; rename it or choose another") from None
 
 
+PATH_MAX = 4096  # bytes in a whole path (Linux), the terminating NUL included
+# the longest path the conversion makes inside a run directory, past the directory's own path:
+# /<stage>.zarr/<tensor name>.abs_max/zarr.<32 hex>.partial, tensor names being GGUF names (<= 64 bytes)
+RUN_DIR_INNER_BYTES = 136
+
+
 def _check_name_length(path: Path, extra: int, option: str) -> None:
     if len(path.name.encode()) + extra > NAME_MAX:
         raise OptionError(f"{option}: the file name {path.name[:40]}... is too long (with the converter's "
                           f"temporary suffix it exceeds {NAME_MAX} bytes); choose a shorter name")
+    if len(os.fsencode(path)) + extra >= PATH_MAX:
+        raise OptionError(f"{option}: the path {str(path)[:40]}... is too long (with the files the converter "
+                          f"makes there it exceeds {PATH_MAX} bytes); choose a shorter path")
 
 
 def check_output_path(output: Path, force: bool) -> None:
@@ -255,6 +264,9 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
         raise OptionError(f"--workdir: cannot use {workdir} ({e}); choose another") from None
     _require_utf8(workdir, "--workdir")
     _check_name_length(workdir, 0, "--workdir")
+    if len(os.fsencode(workdir)) + RUN_DIR_INNER_BYTES >= PATH_MAX:
+        raise OptionError(f"--workdir: the run directory's path {str(workdir)[:40]}... is too long (the files inside "
+                          f"it would exceed {PATH_MAX} bytes); choose a shorter --workdir or -o")
     if _inside(output, workdir) or _inside(workdir, output):
         raise OptionError(f"--workdir: the run directory {workdir} and the output {output} must be apart; "
                           "choose another --workdir or -o")

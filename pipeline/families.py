@@ -30,11 +30,16 @@ NORM = "norm"            # 1-D, kept as F32
 # How a ternary projection is stored in the checkpoint and what its scale is.
 MASTER = "master"   # float master weights: absmean scale, codes = clip(round(W / s), -1, 1)
 PACKED = "packed"   # uint8 (out/4, in), 4 codes per byte in quarter layout, plus <name>_scale
+GROUPED = "grouped"  # float weights already ternary: {-s, 0, +s} with one s per group of columns
 SCALE_RULES = {
     "absmean": MASTER,   # s = max(mean|W|, 1e-5) over the whole tensor
     "divide": PACKED,    # BitLinear: W = codes / weight_scale
     "multiply": PACKED,  # AutoBitLinear (offline): W = codes * weight_scale
+    "group": GROUPED,    # read from the data: each group of GROUP_COLUMNS values of a row is {-s, 0, +s}
 }
+# The finest group the data is checked at (every group size in use, 64 and 128, is a multiple):
+# each run of 32 values of a row must hold at most one non-zero magnitude.
+GROUP_COLUMNS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +74,21 @@ class Family:
                                         "num_attention_heads", "vocab_size", "max_position_embeddings")
     # checkpoint tensors that carry nothing the GGUF needs (recomputed by the runtime)
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    # config.json keys that must hold these values for the row to match (a checkpoint whose
+    # architecture and quantization_config are those of plain float models says so this way)
+    config_markers: tuple[tuple[str, object], ...] = ()
+
+    def matches(self, config: dict, archs: list[str], quant: str | None) -> bool:
+        return (any(a in self.architectures for a in archs) and self.quantization == quant
+                and all(config.get(k) == v for k, v in self.config_markers))
 
     @property
     def weights(self) -> str:
         return SCALE_RULES[self.scale_rule]
 
 
-def _block(attn_sub_norm: str | None, ffn_sub_norm: str | None, permute: bool) -> tuple[TensorRule, ...]:
+def _block(attn_sub_norm: str | None, ffn_sub_norm: str | None, permute: bool,
+           qk_norm: bool = False) -> tuple[TensorRule, ...]:
     p = "model.layers.{bid}."
     rules = [
         TensorRule(p + "input_layernorm.weight", "blk.{bid}.attn_norm.weight", NORM, ("hidden",)),
@@ -86,6 +99,11 @@ def _block(attn_sub_norm: str | None, ffn_sub_norm: str | None, permute: bool) -
         TensorRule(p + "self_attn.v_proj.weight", "blk.{bid}.attn_v.weight", TERNARY, ("kv_dim", "hidden")),
         TensorRule(p + "self_attn.o_proj.weight", "blk.{bid}.attn_output.weight", TERNARY, ("hidden", "q_dim")),
     ]
+    if qk_norm:  # Qwen3: an RMSNorm over each head's q and k, before rope
+        rules += [
+            TensorRule(p + "self_attn.q_norm.weight", "blk.{bid}.attn_q_norm.weight", NORM, ("head_dim",)),
+            TensorRule(p + "self_attn.k_norm.weight", "blk.{bid}.attn_k_norm.weight", NORM, ("head_dim",)),
+        ]
     if attn_sub_norm:
         rules.append(TensorRule(p + f"self_attn.{attn_sub_norm}.weight", "blk.{bid}.attn_sub_norm.weight",
                                 NORM, ("hidden",)))
@@ -126,6 +144,10 @@ _VOCAB_AND_ROPE_DIM = (
     ("rope.dimension_count", "@head_dim", "uint32"),
 )
 
+_LLAMA_TENSORS = dict(global_tensors=(_EMBED,), block_tensors=_block(None, None, True),
+                      trailing_tensors=(_OUTPUT_NORM, _LM_HEAD))
+_LLAMA_HPARAMS = _COMMON_HPARAMS + _HEAD_LENGTHS + _VOCAB_AND_ROPE_DIM
+
 _BITNET_2B_TENSORS = dict(global_tensors=(_EMBED,), block_tensors=_block("attn_sub_norm", "ffn_sub_norm", False),
                           trailing_tensors=(_OUTPUT_NORM,))
 
@@ -149,7 +171,7 @@ FAMILIES = (
     Family(
         name="llama-bitnet",
         description="packed BitNet Llama (LlamaForCausalLM + quant_method bitnet: HF1BitLLM Llama3-8B-1.58, "
-                    "Falcon3-1.58bit)",
+                    "Falcon3-1.58bit, Falcon-E main revision, onebitllms quantize_to_1bit output)",
         architectures=("LlamaForCausalLM",),
         quantization="bitlinear",
         gguf_arch="llama",
@@ -157,10 +179,45 @@ FAMILIES = (
         permute_qk=True,
         output="untied",
         runtime="llama.cpp, bitnet.cpp",
+        hparams=_LLAMA_HPARAMS,
+        **_LLAMA_TENSORS,
+    ),
+    Family(
+        # tiiuae Falcon-E `prequantized` revision (what onebitllms fine-tunes start from): a plain
+        # Llama checkpoint whose projections are BitNet master weights; only its config's
+        # is_bitnet_config says so (docs/notes/families.md)
+        name="llama-bitnet-master",
+        description="BitNet Llama master weights (LlamaForCausalLM with is_bitnet_config: true and no "
+                    "quantization_config: Falcon-E prequantized revision)",
+        architectures=("LlamaForCausalLM",),
+        quantization=None,
+        gguf_arch="llama",
+        scale_rule="absmean",
+        permute_qk=True,
+        output="untied",
+        runtime="llama.cpp, bitnet.cpp",
+        hparams=_LLAMA_HPARAMS,
+        config_markers=(("is_bitnet_config", True),),
+        **_LLAMA_TENSORS,
+    ),
+    Family(
+        # PrismML Ternary-Bonsai (Qwen3, "unpacked" fp16): every projection's values are {-s, 0, +s}
+        # with one s per group of 128 columns; nothing in config.json says so, the data does
+        # (docs/notes/families.md, section 3)
+        name="qwen3-ternary",
+        description="group-scaled ternary Qwen3 (Qwen3ForCausalLM with ternary float projections, one scale "
+                    "per group of columns: PrismML Ternary-Bonsai unpacked)",
+        architectures=("Qwen3ForCausalLM",),
+        quantization=None,
+        gguf_arch="qwen3",
+        scale_rule="group",
+        permute_qk=False,
+        output="untied",
+        runtime="llama.cpp",
         global_tensors=(_EMBED,),
-        block_tensors=_block(None, None, True),
+        block_tensors=_block(None, None, False, qk_norm=True),
         trailing_tensors=(_OUTPUT_NORM, _LM_HEAD),
-        hparams=_COMMON_HPARAMS + _HEAD_LENGTHS + _VOCAB_AND_ROPE_DIM,
+        hparams=_COMMON_HPARAMS + _HEAD_LENGTHS,
     ),
     Family(
         name="bitnet-2b4t",
@@ -251,6 +308,9 @@ class TensorPlan:
 
 # -- reading and checking config.json ----------------------------------------------------------
 
+MAX_CONFIG_BYTES = 4 * 1024**2
+
+
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not model_dir.is_dir():
@@ -258,6 +318,9 @@ def read_config(model_dir: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a Hugging Face checkpoint directory needs its config.json")
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:  # parsed whole, at about 12x its size
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes; a model's config.json is a few kilobytes "
+                                  f"(at most {MAX_CONFIG_BYTES // 1024**2} MiB are read); this is not one")
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
@@ -318,14 +381,16 @@ def detect_family(config: dict, config_path: Path) -> Family:
     for fam in FAMILIES:
         if any(a in fam.architectures for a in archs):
             known_arch = True
-            if fam.quantization == quant:
+            if fam.matches(config, archs, quant):
                 return fam
     shown = ", ".join(archs) if archs else "no 'architectures' entry"
     if known_arch:
         what = f"with quantization {quant}" if quant else "without a BitNet quantization_config"
         if archs == ["LlamaForCausalLM"] and quant is None:
             raise CheckpointError(f"{config_path}: a LlamaForCausalLM checkpoint without quantization_config "
-                                  "(quant_method \"bitnet\") is not a BitNet model; supported: "
+                                  "(quant_method \"bitnet\") or \"is_bitnet_config\": true is not a BitNet model "
+                                  "(if its projections are BitNet master weights, such as Falcon-E's prequantized "
+                                  "revision, add \"is_bitnet_config\": true to config.json); supported: "
                                   f"{supported_summary()}")
         raise CheckpointError(f"{config_path}: architecture {shown} {what} is not supported; "
                               f"supported: {supported_summary()}")

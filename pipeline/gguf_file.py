@@ -34,8 +34,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFValueType
 
 from pipeline import portable
-from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, TL1, TL2
+from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, Q2_0, TL1, TL2
 from pipeline.errors import GGUFFormatError
+from pipeline.safe_files import create_exclusive
 
 VT = GGUFValueType
 GGUF_MAGIC = b"GGUF"
@@ -101,6 +102,8 @@ def default_type_sizes() -> dict[int, TypeSize]:
     sizes = {int(t): TypeSize(block, size) for t, (block, size) in GGML_QUANT_SIZES.items()}
     sizes[I2_S.ggml_type] = TypeSize(I2_S_ARM.block_size, I2_S_ARM.type_size, I2_S_TAIL)
     sizes[TL1.ggml_type] = ShapeSize(TL1.file_nbytes)
+    # upstream llama.cpp's Q2_0, which older gguf packages do not list
+    sizes.setdefault(Q2_0.ggml_type, TypeSize(Q2_0.block_size, Q2_0.type_size))
     return sizes
 
 
@@ -181,6 +184,11 @@ def _item_type(kv: KV) -> GGUFValueType:
     if any(VT.get_type(v) is not first for v in kv.value[1:]):
         raise GGUFWriterError(f"key {kv.key}: array items are not all of one type")
     return first
+
+
+def array_item_type(kv: KV) -> GGUFValueType:
+    """The item type an ARRAY key/value is written with (given, or inferred as GGUFWriter does)."""
+    return _item_type(kv)
 
 
 def encode_value(kv: KV) -> bytes:
@@ -354,7 +362,7 @@ class GGUFFileWriter:
         if self._file is not None or self._closed:
             raise GGUFWriterError(f"{self.path}: header already written")
         head = header_bytes(self.kvs, self.tensors, self.alignment)
-        self._file = open(self.path, "wb")
+        self._file = create_exclusive(self.path)  # a temporary name: never written through a planted link
         self._file.write(head)
         self._file.write(bytes(align(len(head), self.alignment) - len(head)))
 

@@ -21,6 +21,10 @@ REPO_PREFIX = "models--"
 # each starting and ending with a letter or digit, with no '--' or '..' inside.
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 MODEL_ID = re.compile(rf"(?P<org>{_PART})/(?P<name>{_PART})(?:@(?P<rev>[A-Za-z0-9._/-]+))?")
+# A revision: a commit hash, or a branch or tag name whose ref file is under the repository's
+# refs/ (path parts that start with a letter, digit, '_' or '-': no absolute path, no '.' or '..').
+COMMIT = re.compile(r"[0-9a-f]{40}")
+REF_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 
 
 # What a conversion reads from a repository (config, tokenizer, weights and their index;
@@ -111,12 +115,16 @@ def _pick_snapshot(repo: Path, rev: str | None) -> tuple[str, str]:
     """(snapshot folder name, note for the source line) for a `models--org--name` folder."""
     snapshots = repo / "snapshots"
     if rev is not None:
+        if not (COMMIT.fullmatch(rev) or REF_NAME.fullmatch(rev)):
+            raise CheckpointError(f"@{rev}: not a revision (a commit hash of 40 hex digits, or a branch or tag "
+                                  "name); pass a revision the cache holds, or a checkpoint directory")
         ref = repo / "refs" / rev
-        commit = _read_ref(ref) if ref.is_file() else rev
-        if not (snapshots / commit).is_dir():
+        commit = _read_ref(ref) if ref.is_file() else rev if COMMIT.fullmatch(rev) else None
+        if commit is None or not (snapshots / commit).is_dir():
             repo_id = repo.name[len(REPO_PREFIX):].replace("--", "/", 1)
             raise CheckpointError(f"{repo}: revision {rev} is not in the cache; pass a checkpoint directory, or "
                                   f"fetch the files a conversion reads with: {download_command(repo_id, rev)}")
+        _require_inside(repo, snapshots / commit)
         return commit, ""
     ref = repo / "refs" / "main"
     if ref.is_file():
@@ -124,14 +132,17 @@ def _pick_snapshot(repo: Path, rev: str | None) -> tuple[str, str]:
         if not (snapshots / commit).is_dir():
             raise CheckpointError(f"{ref}: names snapshot {commit}, but {snapshots / commit} does not exist; "
                                   "the download is incomplete: download it again or pass a checkpoint directory")
+        _require_inside(repo, snapshots / commit)
         return commit, ""
     found = [p for p in snapshots.iterdir() if p.is_dir()] if snapshots.is_dir() else []
     if not found:
         raise CheckpointError(f"{repo}: no snapshots in the cache (empty or missing {snapshots}); "
                               "download the model again or pass a checkpoint directory")
     if len(found) == 1:
+        _require_inside(repo, found[0])
         return found[0].name, ", the only snapshot; no refs/main"
     newest = max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+    _require_inside(repo, newest)
     return newest.name, f", the newest of {len(found)} snapshots; no refs/main"
 
 
@@ -140,9 +151,16 @@ def _read_ref(ref: Path) -> str:
         commit = ref.read_text().strip()
     except (OSError, UnicodeDecodeError):
         raise CheckpointError(f"{ref}: cannot read this ref file; download the model again") from None
-    if not commit or "/" in commit or commit in (".", ".."):
+    if not COMMIT.fullmatch(commit):
         raise CheckpointError(f"{ref}: does not hold a commit hash; download the model again")
     return commit
+
+
+def _require_inside(repo: Path, snapshot: Path) -> None:
+    """A snapshot folder is the cache's own, not a link to a directory elsewhere."""
+    if snapshot.is_symlink() or repo.resolve() not in snapshot.resolve().parents:
+        raise CheckpointError(f"{snapshot}: is a link out of the cache, not a snapshot folder; "
+                              "download the model again or pass a checkpoint directory")
 
 
 def _require_config(snapshot: Path) -> Path:

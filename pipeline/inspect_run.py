@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import OptionError, RunDirError
-from pipeline.rundir import STAGES, RunDir
+from pipeline.rundir import STAGES, RunDir, checkpoint_state
 from pipeline.safetensors_io import as_float32
-from pipeline.stores import open_store, row_ranges, written_chunks
+from pipeline.stores import is_indexed, open_store, read_rows, row_ranges, written_chunks
 
 # projection kinds in drawing order: short label -> the middle of the GGUF name blk.N.<...>.weight
 PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
@@ -114,7 +114,9 @@ def _codes_info(arr) -> dict:
 # -- every tensor ---------------------------------------------------------------------------------
 
 def describe(run: RunDir, codes: bool = False) -> dict:
-    report = {"run_directory": str(run.path), "manifest": run.load(), "stores": {}}
+    manifest = run.load()
+    report = {"run_directory": str(run.path), "manifest": manifest, "checkpoint": checkpoint_state(manifest),
+              "stores": {}}
     for stage, group in open_stores(run).items():
         tensors = {}
         for name in group.attrs.get("tensor_order", []):
@@ -124,6 +126,7 @@ def describe(run: RunDir, codes: bool = False) -> dict:
             arr = group[name]
             written = written_chunks(arr)
             info = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": f"{len(written)}/{chunk_count(arr)}",
+                    **({"in_checkpoint": True} if is_indexed(arr) else {}),
                     **{k: v for k, v in arr.attrs.asdict().items() if k in
                        ("role", "source_dtype", "absmean", "scale", "type_name")}}
             if codes and stage == "quantize" and is_ternary(arr) and written:
@@ -153,6 +156,9 @@ def layout_line(store: dict) -> str | None:
 
 def format_report(report: dict) -> str:
     lines = [f"run directory: {report['run_directory']}"]
+    if report.get("checkpoint"):
+        source = report["checkpoint"]
+        lines.append(f"checkpoint: {source['path']} ({source['state']}: {source['message']})")
     for stage, store in report["stores"].items():
         lines.append(f"\n{stage}.zarr")
         if stage == "pack" and (layout := layout_line(store)):
@@ -166,6 +172,8 @@ def format_report(report: dict) -> str:
                 extra.append(f"source {t['source_dtype']}")
             if "type_name" in t:
                 extra.append(t["type_name"])
+            if t.get("in_checkpoint"):
+                extra.append("bytes in the checkpoint")
             if t.get("scale") is not None:
                 extra.append(f"scale {t['scale']:.6g}")
             if "shares" in t:
@@ -188,6 +196,8 @@ def _store_info(stage: str, arr) -> dict:
     written = written_chunks(arr)
     info = {"stored_shape": list(arr.shape), "dtype": str(arr.dtype), "rows_per_chunk": arr.chunks[0],
             "chunks": chunk_count(arr), "chunks_written": len(written)}
+    if is_indexed(arr):
+        info["in_checkpoint"] = True
     for key in ("code_layout", "scale", "absmean"):
         if key in attrs:
             info[key] = attrs[key]
@@ -236,7 +246,7 @@ def describe_tensor(run: RunDir, name: str, codes: bool = False) -> dict:
     if "shape" not in fields:  # neither extract nor pack written: the quantize array's rows and columns
         fields["shape"] = next((s["stored_shape"] for s in per_store.values() if "stored_shape" in s), None)
     recipe = fields.get("recipe") or {}
-    return {"run_directory": str(run.path), "tensor": name,
+    return {"run_directory": str(run.path), "tensor": name, "checkpoint": checkpoint_state(run.load()),
             **{k: fields[k] for k in TENSOR_FIELDS if fields.get(k) is not None},
             **({"weight_scale": recipe["weight_scale"]} if recipe.get("weight_scale") is not None else {}),
             "stores": per_store, **codes_info}
@@ -248,6 +258,9 @@ def format_tensor(report: dict) -> str:
     def row(label: str, value) -> None:
         lines.append(f"  {label:<14} {value}")
 
+    source = report.get("checkpoint")
+    if source and source["state"] != "unchanged":
+        row("checkpoint", f"{source['state']}: {source['message']}")
     if "shape" in report:
         row("shape", " x ".join(map(str, report["shape"])))
     if "role" in report:
@@ -266,7 +279,8 @@ def format_tensor(report: dict) -> str:
             row(f"{stage}.zarr", s["state"])
             continue
         parts = [f"{'x'.join(map(str, s['stored_shape']))} {s['dtype']}",
-                 f"{s['rows_per_chunk']} rows/chunk", f"{s['chunks_written']} of {s['chunks']} chunks written"]
+                 f"{s['rows_per_chunk']} rows/chunk", f"{s['chunks_written']} of {s['chunks']} chunks written"
+                 + (" (bytes in the checkpoint)" if s.get("in_checkpoint") else "")]
         if "code_layout" in s:
             parts.insert(1, f"codes {s['code_layout']}")
         if s.get("scale") is not None:
@@ -320,7 +334,7 @@ def _sample_hist(arr, absmean: float) -> tuple[np.ndarray, int]:
     counts, rows = np.zeros(HIST_BINS, dtype=np.int64), 0
     for i in picks:
         r0, r1 = ranges[i]
-        block = as_float32(np.asarray(arr[r0:min(r1, r0 + SAMPLE_ROWS)]), arr.attrs["source_dtype"])
+        block = as_float32(read_rows(arr, r0, min(r1, r0 + SAMPLE_ROWS)), arr.attrs["source_dtype"])
         ratio = np.minimum(np.abs(block) / np.float32(absmean), np.float32(HIST_MAX * (1 - 1e-6)))
         counts += np.histogram(ratio, bins=HIST_BINS, range=(0, HIST_MAX))[0]
         rows += block.shape[0]
@@ -357,7 +371,8 @@ def collect_layer_stats(run: RunDir) -> LayerStats:
                     stats.shares[:, k, layer] = list(count_codes(arr).shares.values())
                     stats.partial[k, layer] = n_written < n_total
         stats.chunks[stage] = [written, total, missing]
-    if stats.master and "extract" in stores:
+    source = checkpoint_state(run.load()) or {}
+    if stats.master and "extract" in stores and source.get("state") == "unchanged":  # extract indexes its bytes
         stats.hist = _collect_hists(stores["extract"], names, stats)
     return stats
 

@@ -40,6 +40,20 @@ def identity(path: Path) -> list | None:
     return [stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino]
 
 
+def written_identity(path: Path) -> list | None:
+    """What a finished output file is, recorded when it is renamed into place and compared on a
+    rerun: size, mtime, ctime, inode and device. ctime changes on any write or rename, even one
+    that restores size and mtime, and a different file has another inode; None when `path` is
+    not a regular file."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
 class OutputChanged(RunDirError):
     """Something else was written at an output path while the conversion ran."""
 

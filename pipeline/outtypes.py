@@ -20,7 +20,7 @@ import platform
 
 import numpy as np
 
-from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_ARM, Q8_0, TL1, TL2, TQ1_0, TQ2_0, Codec
+from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_ARM, Q2_0, Q8_0, TL1, TL2, TQ1_0, TQ2_0, Codec
 from pipeline.errors import OptionError
 from pipeline.families import EMBEDDING, NORM, OUTPUT, TERNARY
 
@@ -42,6 +42,7 @@ class OutputType:
     option: str | None = None       # the --type spelling when it is not `name` ("i2_s" for i2_s_arm)
     target: str | None = None       # the bitnet.cpp build these bytes are laid out for (None: any)
     needs_tiles: bool = False       # TL1/TL2: tile sizes per shape from --kernel-config
+    largest: float | None = None    # float types: the largest magnitude they store (for messages; see holds)
 
     @property
     def type_option(self) -> str:
@@ -63,6 +64,17 @@ class OutputType:
         rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
         return rows * self.codec.row_bytes(shape[-1], tiles) + self.codec.tail_size(tuple(shape), tiles)
 
+    def holds(self, magnitude: float) -> bool:
+        """Whether a float type stores values up to `magnitude` as finite numbers: a block of
+        that value is encoded with the type's own codec and read back (F16 rounds below 65520 to
+        65504, BF16 rounds the top of float32's range to infinity, Q8_0's fp16 block scale is
+        max / 127). Ternary types hold codes and a scale, which `stages.pack.check_scale` checks."""
+        assert not self.codec.ternary, self.name
+        block = np.full((1, self.block_size), magnitude, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            back = self.codec.decode(self.codec.encode(block))
+        return bool(np.isfinite(back).all())
+
     def tail_bytes(self, shape: tuple[int, ...], scale: float | None, tiles=None) -> bytes:
         """What follows a tensor's rows: I2_S's and TL's scale slot (TL2: after zero padding)."""
         return self.codec.tail_bytes(tuple(shape), scale, tiles) if self.codec.tail_size(tuple(shape), tiles) else b""
@@ -81,12 +93,16 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
                ternary_choice=True, target="arm", needs_tiles=True),
     OutputType("tl2", TL2, 39, "1.67 bits/weight, bitnet.cpp's lookup-table kernels for x86; needs --kernel-config",
                ternary_choice=True, target="x86", needs_tiles=True),
-    OutputType("f16", F16, 1, "half precision", ternary_choice=True, embedding_choice=True),
-    OutputType("bf16", BF16, 32, "bfloat16", ternary_choice=True, embedding_choice=True),
-    OutputType("f32", F32, 0, "single precision", ternary_choice=True, embedding_choice=True),
+    OutputType("f16", F16, 1, "half precision", ternary_choice=True, embedding_choice=True, largest=65504.0),
+    OutputType("bf16", BF16, 32, "bfloat16", ternary_choice=True, embedding_choice=True, largest=3.3895314e38),
+    OutputType("f32", F32, 0, "single precision", ternary_choice=True, embedding_choice=True,
+               largest=float(np.finfo(np.float32).max)),
     OutputType("q8_0", Q8_0, 7, "8 bits, about half of F16 (rows must be a multiple of 32)", ternary_choice=True,
-               embedding_choice=True, fallback="f16"),
+               embedding_choice=True, fallback="f16", largest=65504.0 * 127),
 )}
+# upstream llama.cpp's Q2_0 (file type MOSTLY_Q2_0 = 41): one fp16 scale per 64 values
+OUTPUT_TYPES["q2_0"] = OutputType("q2_0", Q2_0, 41, "2.25 bits/weight, upstream llama.cpp only (one scale per "
+                                  "64 values: group-scaled checkpoints)", ternary_choice=True, fallback="f16")
 assert set(OUTPUT_TYPES) == set(CODECS), "every codec has a registry entry"
 # a ggml type id names one registry entry for what is target-independent about it (sizes)
 BY_GGML_TYPE = {t.ggml_type: t for t in reversed(OUTPUT_TYPES.values())}

@@ -169,34 +169,45 @@ def _chunked_bytes(rows: int, rows_per_chunk: int, row_bytes: int) -> int:
 
 
 def store_sizes(ckpt, budget: Budget, types: list[tuple]) -> dict[str, int]:
-    """The bytes extract, quantize and pack will hold (chunk files; their JSON is not counted)."""
+    """The bytes extract, quantize and pack will hold (chunk files; their JSON is not counted).
+    extract indexes the checkpoint (no tensor bytes: the side arrays, and a padded copy of a
+    file's last chunk where the file ends inside it); quantize indexes float tensors; pack
+    indexes the floats whose bytes do not change."""
+    from stages.pack import SAME_BYTES
     from stages.quantize import LAYOUT_2BIT, code_layout, packed_block_rows, ternary_chunk_rows
 
+    from pipeline.families import GROUP_COLUMNS, GROUPED
+
     sizes = {"extract": 0, "quantize": 0, "pack": 0}
+    last: dict = {}  # the last tensor of each file
+    for t in ckpt.plan.tensors:
+        src = ckpt.sources[t.hf_name]
+        if src.offset >= last.get(src.file, src).offset:
+            last[src.file] = src
+    for src in last.values():
+        if len(src.shape) > 1:
+            rows, chunk = src.shape[0], budget.rows_per_chunk(src.shape)
+            if rows % chunk:
+                sizes["extract"] += chunk * math.prod(src.shape[1:]) * src.np_dtype.itemsize
     for t, (out, _) in zip(ckpt.plan.tensors, types):
         src = ckpt.sources[t.hf_name]
         shape, source_shape = t.shape, t.source_shape
-        item = src.np_dtype.itemsize
-        row_elems = math.prod(source_shape[1:]) if len(source_shape) > 1 else 1
         src_rows = source_shape[0] if len(source_shape) > 1 else 1
         src_chunk = budget.rows_per_chunk(source_shape) if len(source_shape) > 1 else 1
-        if len(source_shape) > 1:
-            sizes["extract"] += _chunked_bytes(src_rows, src_chunk, row_elems * item)
-            side = 8 if t.role == TERNARY and not t.recipe.packed else 4  # abs_sums float64, abs_max float32
-            if not (t.role == TERNARY and t.recipe.packed):
-                sizes["extract"] += _chunked_bytes(src_rows, src_chunk, side)
-        else:
-            sizes["extract"] += math.prod(source_shape) * item + 4  # and its abs_max
+        grouped = t.role == TERNARY and t.recipe.weights == GROUPED
+        if grouped:  # one float32 magnitude per group of columns
+            sizes["extract"] += _chunked_bytes(src_rows, src_chunk, source_shape[1] // GROUP_COLUMNS * 4)
+        elif not (t.role == TERNARY and t.recipe.packed):
+            side = 8 if t.role == TERNARY else 4  # abs_sums float64, abs_max float32
+            sizes["extract"] += _chunked_bytes(src_rows, src_chunk, side) if len(source_shape) > 1 else side
         rows = budget.rows_per_chunk(shape) if len(shape) > 1 else shape[0]
         if t.role == TERNARY:
             cols = shape[1]
             code_bytes = cols // 4 if code_layout(cols) == LAYOUT_2BIT else cols
             q_rows = packed_block_rows(budget, shape, t.recipe) or ternary_chunk_rows(budget, shape, t.recipe)
             sizes["quantize"] += _chunked_bytes(shape[0], q_rows, code_bytes)
-        elif len(shape) > 1:
-            sizes["quantize"] += _chunked_bytes(shape[0], rows, math.prod(shape[1:]) * item)
-        else:
-            sizes["quantize"] += math.prod(shape) * item
+        elif (src.dtype, out.name) in SAME_BYTES:
+            continue  # quantize and pack index the checkpoint's bytes
         codec = out.codec
         if len(shape) > 1:
             sizes["pack"] += _chunked_bytes(shape[0], rows, codec.row_bytes(shape[-1]))

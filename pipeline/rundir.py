@@ -10,6 +10,8 @@
                         before the next stage reads it
       lock              held (an OS file lock, see portable.py) while a conversion runs
       extract.zarr  quantize.zarr  pack.zarr
+      extract.refs.json   extract.zarr as a kerchunk reference set: zarr reads the checkpoint
+                        bytes its arrays index through it (stores.open_with_refs)
 
 A stage's key is a hash of everything its output depends on (the previous
 stage's key plus the options it reads). A finished stage whose key still matches
@@ -24,11 +26,41 @@ from pathlib import Path
 
 from pipeline import portable
 from pipeline.errors import RunDirError
-from pipeline.stores import DamagedStore, check_store, remove_tree, store_digests
+from pipeline.safe_files import create_exclusive, open_no_link
+from pipeline.stores import DamagedStore, check_store, chunk_records, refs_path, remove_tree, store_digests
 
 STAGES = ("extract", "quantize", "pack", "assemble")
+
+
+def checkpoint_state(manifest: dict) -> dict | None:
+    """Whether the checkpoint a run read is still there as it was: the stores index its bytes,
+    so the run directory is only valid next to the same files. None before a run recorded it;
+    else {"path", "state": "unchanged" | "changed" | "gone", "message"}."""
+    from pipeline.safetensors_io import fingerprint_changes
+
+    model_dir, fingerprint = manifest.get("options", {}).get("model_dir"), manifest.get("fingerprint")
+    if not model_dir or not isinstance(fingerprint, list):
+        return None
+    try:
+        change = fingerprint_changes(Path(model_dir), fingerprint)
+    except (TypeError, ValueError):
+        change = ("changed", model_dir)
+    if change is None:
+        return {"path": model_dir, "state": "unchanged", "message": "its files are the ones this run read"}
+    state, path = change
+    return {"path": model_dir, "state": state,
+            "message": f"{path} is {'gone' if state == 'gone' else 'not the file this run read'}: the stores refer to "
+                       "the checkpoint's bytes, so their tensors cannot be read; rerun the convert command with the "
+                       "checkpoint to start over"}
 MANIFEST_VERSION = 2
 TOOL = "bitnet-gguf"
+
+
+def _is_checksum_record(data) -> bool:
+    """{relative path: [size, digest]}, as seal writes it."""
+    return isinstance(data, dict) and all(
+        isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and not isinstance(v[0], bool)
+        and isinstance(v[1], str) for v in data.values())
 
 
 def stage_key(*parts) -> str:
@@ -37,7 +69,7 @@ def stage_key(*parts) -> str:
 
 def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with create_exclusive(tmp, "w") as f:  # never through a link planted at the temporary name
         json.dump(data, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
@@ -63,7 +95,7 @@ class RunDir:
             raise RunDirError(f"cannot create the run directory {self.path} ({e.strerror}); "
                               "choose another place with --workdir") from None
         try:
-            self._lock_file = open(self.path / "lock", "a+")
+            self._lock_file = os.fdopen(open_no_link(self.path / "lock", os.O_RDWR | os.O_CREAT), "r+b")
         except OSError as e:
             raise RunDirError(f"{self.path / 'lock'}: cannot open the lock file ({e.strerror}); "
                               "choose another --workdir") from None
@@ -77,7 +109,7 @@ class RunDir:
         """True while a conversion holds this run directory (see portable.lock_is_held: on Linux
         asked without taking the lock, so it also works on a read-only run directory)."""
         path = self.path / "lock"
-        if not path.is_file():
+        if not path.is_file() or path.is_symlink():
             return False
         return portable.lock_is_held(path)
 
@@ -125,20 +157,27 @@ class RunDir:
         return self.path / f"{stage}.checksums.json"
 
     def seal(self, stage: str) -> None:
-        """Record what a finished stage's store holds (see stores.check_store)."""
-        write_json_atomic(self.checksums_path(stage), store_digests(self.store(stage)))
+        """Record what a finished stage's store holds (see stores.check_store), once every chunk
+        still matches the record made when it was written (stores.chunk_records)."""
+        digests = store_digests(self.store(stage))
+        try:
+            chunk_records(self.store(stage), digests)
+        except DamagedStore as e:
+            raise RunDirError(f"{self.path}: the run directory is damaged ({e.what}); delete it and convert again") \
+                from None
+        write_json_atomic(self.checksums_path(stage), digests)
 
     def check_sealed(self, stage: str) -> None:
         """The finished store of `stage` still holds what it held; else a one-line refusal."""
         try:
             recorded = json.loads(self.checksums_path(stage).read_text(encoding="utf-8"))
-            if not isinstance(recorded, dict):
-                raise ValueError("not an object")
+            if not _is_checksum_record(recorded):
+                raise ValueError("not an object of [size, digest] entries")
             check_store(self.store(stage), recorded)
         except DamagedStore as e:
             raise RunDirError(f"{self.path}: the run directory is damaged ({e.what}); delete it and convert again") \
                 from None
-        except (OSError, ValueError):
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             raise RunDirError(f"{self.path}: the run directory is damaged ({self.checksums_path(stage)} is missing or "
                               "unreadable); delete it and convert again") from None
 
@@ -150,6 +189,7 @@ class RunDir:
         for name in STAGES[STAGES.index(stage):]:
             manifest.get("stages", {}).pop(name, None)
             self.checksums_path(name).unlink(missing_ok=True)
+            refs_path(self.store(name)).unlink(missing_ok=True)
             remove_tree(self.store(name))
         self.save(manifest)
 
@@ -177,7 +217,9 @@ class RunDir:
         ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp", "plan.json",
                 "plan.json.tmp",
                 *(self.store(s).name for s in STAGES), *(f".{self.store(s).name}.deleting" for s in STAGES),
-                *(self.checksums_path(s).name for s in STAGES), *(self.checksums_path(s).name + ".tmp" for s in STAGES)}
+                *(self.checksums_path(s).name for s in STAGES), *(self.checksums_path(s).name + ".tmp" for s in STAGES),
+                *(refs_path(self.store(s)).name for s in STAGES),
+                *(refs_path(self.store(s)).name + ".tmp" for s in STAGES)}
         if "manifest.json" not in entries and not any(self._is_our_store(s) for s in STAGES):
             # without a manifest, only a store of ours proves the directory is a run of ours;
             # else its files (a user's own extract.zarr or metadata.json) are not ours to replace
@@ -186,11 +228,27 @@ class RunDir:
         if foreign:
             raise RunDirError(f"{self.path}: not a bitnet-gguf run directory (it holds {foreign[0]!r}"
                               f"{' and more' if len(foreign) > 1 else ''}); choose an empty or new --workdir")
+        links = self._links(entries)
+        if links:
+            raise RunDirError(f"{links[0]}: a symbolic link in the run directory (a run of ours makes none, and "
+                              "never writes through one); remove it, or delete the run directory and convert again")
         if "manifest.json" in entries:
             data = self._read_manifest()
             if not self.is_our_manifest(data):
                 raise RunDirError(f"{self.manifest_path}: not a bitnet-gguf manifest; this is not a run directory "
                                   "of ours, choose an empty or new --workdir")
+
+    def _links(self, entries: list[str]) -> list[Path]:
+        """Symbolic links among the run directory's entries and inside its stores (not followed)."""
+        found = []
+        for name in entries:
+            path = self.path / name
+            if path.is_symlink():
+                found.append(path)
+            elif path.is_dir():
+                for root, dirs, files in os.walk(path):
+                    found += [Path(root) / n for n in dirs + files if os.path.islink(os.path.join(root, n))]
+        return found
 
     def _is_our_store(self, stage: str) -> bool:
         """The store of `stage` is a zarr group that one of our stages made (its `stage` attribute)."""

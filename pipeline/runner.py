@@ -7,6 +7,7 @@ the lock and the disk. A refusal is therefore one line, and nothing has been wri
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import shutil
 import time
@@ -19,15 +20,20 @@ from pipeline.context import StageContext
 from pipeline.errors import CheckpointError, RunDirError
 from pipeline.families import TERNARY
 from pipeline.gguf_file import GGUFSplitWriter
-from pipeline.output import OutputChanged, final_paths, identity, publish, remove_stale_temps, temp_path
-from pipeline.outtypes import TARGET_NAMES, tensor_type
+from pipeline.output import OutputChanged, final_paths, identity, publish, remove_stale_temps, temp_path, written_identity
+from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES, tensor_type
 from pipeline.plan import make_plan, save_plan
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
-from pipeline.scheduler import Scheduler
+from pipeline.scheduler import Scheduler, probe_scheduler
+from pipeline.stores import source_changed
+
+# Memory assemble takes to read the key/values back from metadata.json and build the header,
+# per row of the token table (measured with a 1M-row table; docs/notes/tokenizer-memory.md).
+KV_READBACK_BYTES_PER_ROW = 160
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 2, "quantize": 3, "pack": 3, "assemble": 3}
+STAGE_VERSIONS = {"extract": 3, "quantize": 3, "pack": 3, "assemble": 3}
 
 
 def stage_keys(opts: Options, ckpt) -> dict[str, str]:
@@ -48,12 +54,14 @@ def stage_keys(opts: Options, ckpt) -> dict[str, str]:
 def _finished(stage: str, state: dict | None, key: str) -> bool:
     if not state or state.get("key") != key or state.get("state") != "done":
         return False
-    if stage == "assemble":  # the product must still be there, unchanged
-        for path, size, mtime in state.get("outputs", []):
-            p = Path(path)
-            if not p.is_file() or p.stat().st_size != size or p.stat().st_mtime_ns != mtime:
+    if stage == "assemble":  # the product must still be there, the very file that was renamed into place
+        outputs = state.get("outputs")
+        if not isinstance(outputs, list) or not outputs:
+            return False
+        for record in outputs:
+            if not isinstance(record, list) or not record or not isinstance(record[0], str) \
+                    or written_identity(Path(record[0])) != record[1:]:
                 return False
-        return bool(state.get("outputs"))
     return True
 
 
@@ -84,20 +92,28 @@ def plan_conversion(opts: Options):
     """The plan of `convert(opts)` (pipeline/plan.py), refusing what it would refuse; writes nothing."""
     ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
                            max_header_bytes=header_budget(opts.memory_limit), model_name=opts.name_override,
-                           metadata_file=opts.metadata_file)
+                           metadata_file=opts.metadata_file, memory_limit=opts.memory_limit)
     for stage in STAGES:  # as convert does, so the budget's baseline is the same
         importlib.import_module(f"stages.{stage}")
-    budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local")
-    return make_plan(opts, ckpt, budget)
+    return make_plan(opts, ckpt, conversion_budget(opts, ckpt))
+
+
+def conversion_budget(opts: Options, ckpt):
+    """The memory budget: assemble reads the key/values back beside the checkpoint's own copy,
+    so rows of the token table are reserved."""
+    return plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local",
+                       reserve=KV_READBACK_BYTES_PER_ROW * ckpt.plan.config["vocab_size"])
 
 
 def convert(opts: Options, log) -> list[Path]:
+    if opts.scheduler.startswith("tcp://"):
+        probe_scheduler(opts.scheduler)  # before anything is read or written: a wrong address is one line
     ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
                            max_header_bytes=header_budget(opts.memory_limit), model_name=opts.name_override,
-                           metadata_file=opts.metadata_file)
+                           metadata_file=opts.metadata_file, memory_limit=opts.memory_limit)
     for stage in STAGES:  # import everything first, so the budget's baseline includes it
         importlib.import_module(f"stages.{stage}")
-    budget = plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local")
+    budget = conversion_budget(opts, ckpt)
     plan = make_plan(opts, ckpt, budget)
     # what is at the output path(s) now: anything written there from here on is another
     # process's, and assemble does not replace it
@@ -148,7 +164,8 @@ def check_disk(opts: Options, run: RunDir, plan) -> None:
 
 
 def _source_unchanged(ckpt):
-    """A check that the weight files are still the ones the run started from."""
+    """A check that the weight files are still the ones the run started from (every stage reads
+    them: extract's arrays index their bytes)."""
     def check() -> None:
         files = [Path(p) if Path(p).is_absolute() else ckpt.model_dir / p for p, *_ in ckpt.fingerprint]
         try:
@@ -156,31 +173,27 @@ def _source_unchanged(ckpt):
         except OSError:
             now = None
         if now != ckpt.fingerprint:
-            raise CheckpointError(f"{ckpt.model_dir}: the checkpoint's files changed during the conversion; "
-                                  "nothing was written; rerun the same command to start over from the new files")
+            raise source_changed(ckpt.model_dir)
     return check
 
 
-F16_MAX = 65504.0
-
-
 def check_float_ranges(store: Path, ckpt, opts: Options) -> None:
-    """Refuse a float tensor whose values its output type cannot hold (F16 tops out at 65504),
-    from the row maxima extract recorded: before anything is packed, naming the tensor."""
+    """Refuse a float tensor whose values its output type cannot hold as finite numbers (F16
+    tops out at 65504, BF16 below float32's largest values, Q8_0's block scale is an fp16), from
+    the row maxima extract recorded: before anything is packed, naming the tensor."""
     from stages.extract import largest_values
 
     for t in ckpt.plan.tensors:
         if t.role == TERNARY:
             continue  # ternary values are codes times the scale, which pack checks
         out, _ = tensor_type(t.role, t.shape, opts.layout.name, opts.embedding_type, t.gguf_name)
-        limit = {"f16": F16_MAX, "q8_0": F16_MAX * 127}.get(out.name)
-        if limit is None:
-            continue
         biggest = largest_values(store, t.gguf_name)
-        if biggest > limit:
+        if not out.holds(biggest):
+            roomier = [n for n in ("bf16", "f32") if OUTPUT_TYPES[n].holds(biggest)]
             option = "--embedding-type" if t.role != "norm" else "the output type"
             raise CheckpointError(f"{ckpt.sources[t.hf_name].file}: tensor {t.hf_name} has values up to {biggest:.6g}, "
-                                  f"beyond {out.codec.name}'s range ({limit:g}); choose {option} bf16 or f32")
+                                  f"beyond {out.codec.name}'s range ({out.largest:.6g}); choose {option} "
+                                  f"{' or '.join(roomier)}")
 
 
 def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=None) -> list[Path]:
@@ -203,6 +216,10 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=No
     check_source = _source_unchanged(ckpt)
     for stage in STAGES:
         state = manifest["stages"].get(stage)
+        if stage != "assemble" and _finished(stage, state, keys[stage]) and not run.store(stage).is_dir():
+            log(f"{stage}: its store {run.store(stage)} is gone: redoing {stage} and the stages after it")
+            run.reset_from(stage, manifest)
+            state = None
         if _finished(stage, state, keys[stage]):
             log(f"{stage}: already done, skipped")
         elif state is not None and state.get("key") != keys[stage]:
@@ -228,13 +245,12 @@ def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, ke
     ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None, log,
                        run.metadata_path, before_publish=check_source, outputs_before=outputs_before)
     importlib.import_module(f"stages.{stage}").run(ctx)
-    if stage == "extract":
+    if stage != "assemble":  # assemble checks before it publishes
         check_source()  # a file rewritten while it was read would mix old and new weights
-    if stage != "assemble":
         run.seal(stage)
     state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2)}
     if stage == "assemble":
-        state["outputs"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in ctx.outputs]
+        state["outputs"] = [[str(p), *(written_identity(p) or [])] for p in ctx.outputs]
     manifest["stages"][stage] = state
     run.save(manifest)
     log(f"{stage}: done in {state['seconds']} s")

@@ -229,7 +229,16 @@ def index_checkpoint(model_dir: Path, max_header_bytes: int = MAX_HEADER) -> dic
 
 def refuse_dangling_link(path: Path) -> None:
     """A Hugging Face cache snapshot links its files into blobs/; a missing blob is an incomplete download."""
-    if path.is_symlink() and not path.exists():
+    try:
+        dangling = path.is_symlink() and not path.exists()
+        if not dangling:
+            os.stat(path)
+    except FileNotFoundError:
+        return  # the caller says what is missing
+    except OSError as e:  # a directory on the way that cannot be searched, a link loop
+        raise CheckpointError(f"{path}: cannot reach this file ({e.strerror}); check the permissions of the "
+                              "directories on its path") from None
+    if dangling:
         raise CheckpointError(f"{path}: links to {os.readlink(path)}, which does not exist; "
                               "the download is incomplete: download the model again")
 
@@ -247,6 +256,20 @@ def files_fingerprint(model_dir: Path, files) -> list[list]:
             name = str(p)
         out.append([name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
     return out
+
+
+def fingerprint_changes(model_dir: Path, fingerprint: list) -> tuple[str, str] | None:
+    """None when every file of a `files_fingerprint` record is as recorded; else ("gone" or
+    "changed", the first such file)."""
+    for name, *identity in fingerprint:
+        p = Path(name) if Path(name).is_absolute() else Path(model_dir) / name
+        try:
+            st = p.stat()
+        except OSError:
+            return "gone", str(p)
+        if [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] != identity:
+            return "changed", str(p)
+    return None
 
 
 def as_float32(block: np.ndarray, dtype: str) -> np.ndarray:

@@ -4,10 +4,14 @@ distributed cluster, or an existing one. Stages hand over lists of
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 import sys
+import time
 from typing import Sequence
 
 import dask
+import dask.threaded
 from dask.callbacks import Callback
 from tqdm import tqdm
 
@@ -18,6 +22,68 @@ def chunk_task(func, *args):
     """One chunk of work as a dask task. Keys are unique per call (pure=False): a shared
     cluster must never take one conversion's chunk for another's."""
     return dask.delayed(func, pure=False)(*args)
+
+
+# How long a dask scheduler may take to accept a connection and send its handshake.
+HANDSHAKE_TIMEOUT = 10.0
+_MAX_HANDSHAKE = 64 * 1024  # a dask handshake is well under 100 bytes
+_HANDSHAKE_KEYS = {"compression", "python", "pickle-protocol"}
+
+
+def probe_scheduler(address: str, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+    """Refuse in one line, before anything is written, an address where no dask scheduler
+    answers: nothing listening, a server that accepts and says nothing, or one that speaks
+    another protocol. A dask comm's first message on a new connection is the server's
+    handshake: an 8-byte length, then frames (an 8-byte count, 8-byte lengths, the bytes)
+    holding one msgpack map with the keys in _HANDSHAKE_KEYS."""
+    url = address[len("tcp://"):].rstrip("/")
+    host, _, port = url.rpartition(":")
+    host = host.strip("[]")
+    where = f"--scheduler {address}"
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except OSError as e:
+        raise OptionError(f"{where}: cannot connect ({e.strerror or e}); start the dask scheduler there "
+                          "or check the address") from None
+    with sock:
+        try:
+            total = struct.unpack("<Q", _receive(sock, 8, deadline))[0]
+            if not 16 <= total <= _MAX_HANDSHAKE:
+                raise ValueError
+            body = _receive(sock, total, deadline)
+            n = struct.unpack_from("<Q", body)[0]
+            lengths = struct.unpack_from(f"<{n}Q", body, 8) if 1 <= n <= 16 else ()
+            if not lengths or 8 + 8 * n + sum(lengths) != total:
+                raise ValueError
+            import msgpack
+
+            message = msgpack.unpackb(body[8 + 8 * n:8 + 8 * n + lengths[0]], raw=False)
+            if not isinstance(message, dict) or not _HANDSHAKE_KEYS <= message.keys():
+                raise ValueError
+        except TimeoutError:
+            raise OptionError(f"{where}: connected, but no dask handshake came within {timeout:g} s; this is not "
+                              "a dask scheduler (or it is stuck); check the address") from None
+        except Exception:  # noqa: BLE001 - ValueError, struct.error, msgpack's own errors, a reset connection
+            raise OptionError(f"{where}: the server there does not speak dask's protocol; give the address of a "
+                              "dask scheduler (dask scheduler prints it)") from None
+
+
+def _receive(sock: socket.socket, n: int, deadline: float) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(min(n - len(data), 65536))
+        except socket.timeout:
+            raise TimeoutError from None
+        if not chunk:
+            raise ValueError("closed")
+        data += chunk
+    return bytes(data)
 
 
 class _TaskProgress(Callback):
@@ -47,7 +113,7 @@ class Scheduler:
         elif kind.startswith("tcp://"):
             from distributed import Client
             try:
-                self.client = Client(kind, timeout=20)
+                self.client = Client(kind, timeout=HANDSHAKE_TIMEOUT)
             except (OSError, TimeoutError) as e:
                 raise OptionError(f"--scheduler: cannot reach the dask scheduler at {kind} ({e})") from None
 
@@ -61,8 +127,10 @@ class Scheduler:
             return []
         with self.bar(len(tasks), desc) as bar:
             if self.client is None:
+                # the threaded scheduler's function, not its name: given a name, dask imports
+                # distributed to look for a client (over a second at every start)
                 with _TaskProgress({t.key for t in tasks}, bar):
-                    return list(dask.compute(*tasks, scheduler="threads", num_workers=self.workers))
+                    return list(dask.compute(*tasks, scheduler=dask.threaded.get, num_workers=self.workers))
             from distributed import as_completed
             futures = self.client.compute(list(tasks))
             for _ in as_completed(futures):

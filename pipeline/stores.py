@@ -4,9 +4,19 @@ Every array is chunked along rows only, with the same row ranges in every
 store, so a task reads and writes whole chunks (no two tasks touch one chunk).
 `write_empty_chunks` is on: an all-zero chunk must still appear on disk, because
 resume treats a missing chunk as not yet written.
+
+An *indexed* array has no chunk files: its attribute `source_ref` says where its bytes
+already are, contiguous and row-major, in a checkpoint file (extract writes one for every
+safetensors tensor, and the later stages pass it on for tensors whose bytes they do not
+change). `read_rows` reads those bytes directly, after checking that the file is still the
+one the reference was made for (size, mtime, ctime, inode); `refs_json` describes the
+whole store as a kerchunk/fsspec reference file (`extract.refs.json` beside the store), so
+that zarr itself opens it with data.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +25,8 @@ import numpy as np
 import zarr
 
 from pipeline import portable
-from pipeline.errors import RunDirError
+from pipeline.errors import CheckpointError, RunDirError
+from pipeline.safe_files import create_exclusive
 from zarr.codecs import BloscCodec
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -40,12 +51,52 @@ def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], rows_per_
         arr = group[name]
         if isinstance(arr, zarr.Array) and arr.shape == tuple(shape) and arr.chunks == chunks \
                 and arr.dtype == np.dtype(dtype):
-            arr.attrs.update(attrs)
+            merged = {**arr.attrs.asdict(), **attrs}
+            if merged != arr.attrs.asdict() and not compress:
+                write_array_metadata(group, name, shape, chunks, dtype, merged)
+                return group[name]
+            if merged != arr.attrs.asdict():
+                arr.attrs.update(attrs)
             return arr
         remove_tree(Path(str(group.store_path.store.root)) / group.path / name)
-    compressors = (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),) if compress else None
+    if not compress:
+        write_array_metadata(group, name, shape, chunks, dtype, attrs)
+        return group[name]
+    compressors = (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),)
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, attributes=attrs,
                               compressors=compressors, fill_value=0, config=ARRAY_CONFIG)
+
+
+_TEMPLATES: dict[tuple[str, int], dict] = {}
+
+
+def _metadata_template(dtype, ndim: int) -> dict:
+    """zarr's own zarr.json of an uncompressed array of `dtype` and `ndim` dimensions (made once,
+    in memory, by zarr itself)."""
+    key = (np.dtype(dtype).str, ndim)
+    if key not in _TEMPLATES:
+        from zarr.core.buffer import default_buffer_prototype
+
+        scratch = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
+        arr = scratch.create_array("t", shape=(1,) * ndim, chunks=(1,) * ndim, dtype=dtype, fill_value=0,
+                                   compressors=None, config=ARRAY_CONFIG)
+        _TEMPLATES[key] = json.loads(arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
+    return _TEMPLATES[key]
+
+
+def write_array_metadata(group: zarr.Group, name: str, shape, chunks, dtype, attrs: dict) -> None:
+    """An uncompressed array's zarr.json, as zarr writes it (its template with this shape, chunks and
+    attributes), whole or not at all; zarr's create_array costs several times more per array, which
+    adds up over the hundreds of arrays of an 8B model's stores."""
+    meta = json.loads(json.dumps(_metadata_template(dtype, len(shape))))
+    meta["shape"] = [int(n) for n in shape]
+    meta["chunk_grid"]["configuration"]["chunk_shape"] = [int(n) for n in chunks]
+    meta["attributes"] = attrs
+    path = Path(str(group.store_path.store.root)) / group.path / name / "zarr.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("zarr.json.partial")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, path)
 
 
 def array_path(store: Path, name: str) -> str:
@@ -77,13 +128,20 @@ def _remove(path: Path) -> None:
 
 
 def written_chunks(arr: zarr.Array) -> set[int]:
-    """Row-chunk indices whose chunk file is on disk (written whole or not at all)."""
-    root = Path(str(arr.store_path.store.root)) / arr.path / "c"
-    if not root.is_dir():
+    """Row-chunk indices written whole and recorded: the chunk file is on disk and so is its digest
+    record (see `write_rows`). A chunk file without a record was being written when the run
+    stopped: it is written again. Every chunk of an indexed array (its bytes are in the
+    checkpoint)."""
+    if is_indexed(arr):
+        return set(range(-(-arr.shape[0] // arr.chunks[0]) if arr.shape and arr.shape[0] else 0))
+    base = Path(str(arr.store_path.store.root)) / arr.path
+    root, records = base / "c", base / DIGESTS
+    if not root.is_dir() or not records.is_dir():
         return set()
+    recorded = {int(p.name) for p in records.iterdir() if p.name.isdigit()}
     if arr.ndim == 1:
-        return {int(p.name) for p in root.iterdir() if p.name.isdigit()}
-    return {int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "0").is_file()}
+        return {int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_file()} & recorded
+    return {int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "0").is_file()} & recorded
 
 
 # -- chunk files -------------------------------------------------------------------------------------
@@ -125,17 +183,28 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
     try:
         os.link(source, tmp)
     except OSError:
-        with open(source, "rb") as fin, open(tmp, "wb") as fout:
+        with open(source, "rb") as fin, create_exclusive(tmp) as fout:
             size = os.fstat(fin.fileno()).st_size
             if portable.copy_range(fin.fileno(), fout.fileno(), size, 0, 0) != size:
                 raise DamagedStore(f"{source}: chunk file changed size while being copied")
+    # a link an interrupted run made (no record yet) is the same file as tmp, and rename()
+    # between two links of one file does nothing, leaving tmp behind: remove it first
+    target.unlink(missing_ok=True)
     os.replace(tmp, target)
+    record_chunk(dst, index)
 
 
 def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of an array. A raw array's chunk files are read directly (one
     pread per chunk, about five times faster than zarr's read path); others through zarr.
-    A chunk file that is missing or short means a damaged store, not zeros."""
+    A chunk file that is missing or short means a damaged store, not zeros. An indexed
+    array's rows are one pread from the checkpoint file."""
+    ref = source_ref(arr)
+    if ref is not None:
+        out = np.empty((stop - start, *arr.shape[1:]), dtype=arr.dtype)
+        row_bytes = out.itemsize * math.prod(arr.shape[1:])
+        read_source(ref, start * row_bytes, out.reshape(-1).view(np.uint8))
+        return out
     if not is_raw(arr):
         return arr[start:stop]
     rows_per_chunk = arr.chunks[0]
@@ -162,6 +231,139 @@ def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     return out
 
 
+# -- indexed arrays: bytes that are in the checkpoint -------------------------------------------------
+
+SOURCE_REF = "source_ref"
+
+
+def source_changed(model_dir) -> CheckpointError:
+    """The refusal when a checkpoint file is not the one the run started from."""
+    return CheckpointError(f"{model_dir}: the checkpoint's files changed during the conversion; nothing was "
+                           "written; rerun the same command to start over from the new files")
+
+
+def file_identity(st: os.stat_result) -> list[int]:
+    """What says a file is unchanged (as in safetensors_io.files_fingerprint)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def make_ref(path: Path, offset: int, model_dir: Path, identity: list[int]) -> dict:
+    """`source_ref` of an array whose bytes start at `offset` in checkpoint file `path`."""
+    return {"file": str(path), "offset": int(offset), "identity": list(identity), "model_dir": str(model_dir)}
+
+
+def source_ref(arr: zarr.Array) -> dict | None:
+    return arr.attrs.get(SOURCE_REF)
+
+
+def is_indexed(arr: zarr.Array) -> bool:
+    return source_ref(arr) is not None
+
+
+def index_array(group: zarr.Group, name: str, shape: tuple[int, ...], rows_per_chunk: int, dtype, attrs: dict,
+                ref: dict) -> zarr.Array:
+    """An array whose bytes are `ref`'s, in the checkpoint: only its metadata is written."""
+    return ensure_array(group, name, shape, rows_per_chunk, dtype, {**attrs, SOURCE_REF: ref})
+
+
+def check_source_file(ref: dict, st: os.stat_result | None = None) -> None:
+    """Refuse (the one-line message) when the referenced file is gone or not the one indexed."""
+    try:
+        st = os.stat(ref["file"]) if st is None else st
+    except OSError:
+        raise source_changed(ref["model_dir"]) from None
+    if file_identity(st) != ref["identity"]:
+        raise source_changed(ref["model_dir"])
+
+
+def read_source(ref: dict, offset: int, view: memoryview | np.ndarray) -> None:
+    """Fill `view` (bytes) from `offset` bytes into the referenced tensor, checking the file first."""
+    try:
+        fd = portable.open_read(ref["file"])
+    except OSError:
+        raise source_changed(ref["model_dir"]) from None
+    try:
+        check_source_file(ref, os.fstat(fd))
+        done, nbytes = 0, len(view)
+        while done < nbytes:
+            n = portable.read_into(fd, view[done:], ref["offset"] + offset + done)
+            if n == 0:  # shorter than when it was indexed: changed under us
+                raise source_changed(ref["model_dir"])
+            done += n
+    finally:
+        os.close(fd)
+
+
+def copy_ref(arr: zarr.Array) -> dict:
+    """The `source_ref` of an indexed array, to index another array with the same bytes."""
+    return dict(source_ref(arr))
+
+
+def refs_path(store: Path) -> Path:
+    """Where a store's reference file is: beside it (`extract.refs.json` for `extract.zarr`), not
+    inside, where zarr would take it for a member of the group."""
+    store = Path(store)
+    return store.with_name(store.stem + ".refs.json")
+
+
+def refs_json(store: Path, arrays: dict[str, zarr.Array]) -> dict:
+    """The store as a kerchunk (version 1) reference set: metadata inline, an indexed array's
+    chunks as [file, offset, length] (a full chunk: an edge chunk runs on into the bytes that
+    follow it; one that would run past the end of its file is a padded copy in the store),
+    other chunks as their files in the store (written by the time the stage is done). Open it with
+    zarr.open_group("reference://", storage_options={"fo": "<workdir>/extract.refs.json"}) (open_with_refs)."""
+    store = Path(store)
+    templates, refs = {"store": str(store.resolve())}, {"zarr.json": (store / "zarr.json").read_text()}
+    files: dict[str, str] = {}
+    for name, arr in sorted(arrays.items()):
+        refs[f"{name}/zarr.json"] = (store / name / "zarr.json").read_text()
+        ref = source_ref(arr)
+        n_chunks = -(-arr.shape[0] // arr.chunks[0]) if arr.shape and arr.shape[0] else 0
+        tail = [0] * (arr.ndim - 1)
+        if ref is None:  # chunk files of the store (written by the time the stage is done)
+            for i in range(n_chunks):
+                key = arr.metadata.encode_chunk_key((i, *tail))
+                refs[f"{name}/{key}"] = ["{{store}}/" + f"{name}/{key}"]
+            continue
+        file = files.setdefault(ref["file"], f"f{len(files)}")
+        templates[file] = ref["file"]
+        size = ref["identity"][0]
+        nbytes = chunk_nbytes(arr)
+        for i in range(n_chunks):
+            key = arr.metadata.encode_chunk_key((i, *tail))
+            offset = ref["offset"] + i * nbytes
+            if offset + nbytes <= size:
+                refs[f"{name}/{key}"] = ["{{" + file + "}}", offset, nbytes]
+            else:
+                refs[f"{name}/{key}"] = ["{{store}}/" + f"{name}/{write_padded_tail(store / name, ref, arr, i)}"]
+    return {"version": 1, "templates": templates, "refs": refs}
+
+
+def write_padded_tail(array_dir: Path, ref: dict, arr: zarr.Array, index: int) -> str:
+    """A copy of an indexed array's last chunk padded with zeros to the full chunk (its file
+    ends inside the chunk), for the reference view only; the stages read the checkpoint."""
+    name = f"padded-chunk.{index}"
+    path = array_dir / name
+    nbytes = chunk_nbytes(arr)
+    if path.is_file() and path.stat().st_size == nbytes:
+        return name
+    row_bytes = nbytes // arr.chunks[0]
+    buf = np.zeros(nbytes, dtype=np.uint8)
+    have = (arr.shape[0] - index * arr.chunks[0]) * row_bytes
+    read_source(ref, index * nbytes, buf[:have])
+    tmp = path.with_name(name + ".partial")
+    with create_exclusive(tmp) as f:  # never through a link planted at the name
+        f.write(buf.tobytes())
+    os.replace(tmp, path)
+    return name
+
+
+def open_with_refs(store: Path) -> zarr.Group:
+    """A store opened through its reference file: indexed arrays read from the checkpoint."""
+    return zarr.open_group("reference://", mode="r", zarr_format=3,
+                           storage_options={"fo": str(refs_path(store)), "remote_protocol": "file"})
+
+
 class DamagedStore(RunDirError):
     """A store lacks a chunk it must have, or holds other bytes than were written: the run
     directory was damaged (the message says to delete it)."""
@@ -169,6 +371,76 @@ class DamagedStore(RunDirError):
     def __init__(self, what: str):
         super().__init__(f"the run directory is damaged ({what}); delete it and convert again")
         self.what = what
+
+
+# -- chunk digests ------------------------------------------------------------------------------
+# Every chunk is recorded when it is written, not when its store is finished: right after a task
+# writes a chunk file (zarr renames it into place whole), its size and xxh3 digest go into
+# `<array>/digests/<row-chunk index>` (a temporary name, then a rename). A chunk counts as
+# written only with its record, so a rerun redoes a chunk whose record a kill prevented, and a
+# chunk of an interrupted store that changed while no conversion ran (flipped, truncated,
+# replaced, added) no longer matches its record when the store is sealed: the run stops there,
+# before anything reads it.
+
+DIGESTS = "digests"
+
+
+def digest_path(arr: zarr.Array, index: int) -> Path:
+    """Where the record of row-chunk `index` of an array lives."""
+    return Path(str(arr.store_path.store.root)) / arr.path / DIGESTS / str(index)
+
+
+def record_chunk(arr: zarr.Array, index: int) -> None:
+    """Record row-chunk `index` of `arr` as just written: [size, xxh3 digest] of its chunk file."""
+    path = chunk_path(arr, index)
+    record = digest_path(arr, index)
+    record.parent.mkdir(exist_ok=True)
+    tmp = record.with_name(record.name + ".partial")
+    with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
+        f.write(json.dumps([path.stat().st_size, file_digest(path)]))
+    os.replace(tmp, record)
+
+
+def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
+    """Rows [start, stop) of the array at `path` (whole chunks) = `data`, each chunk recorded."""
+    arr = open_array(path)
+    arr[start:stop] = data
+    rows_per_chunk = arr.chunks[0]
+    for index in range(start // rows_per_chunk, -(-stop // rows_per_chunk)):
+        record_chunk(arr, index)
+
+
+def chunk_records(store: Path, digests: dict[str, list]) -> None:
+    """Check a store's chunks against the records written with them, before it is sealed.
+
+    `digests`: {relative path: [size, digest]} of every file of the store now. Every row chunk of
+    every array must be on disk and match its record, and nothing else may be there but zarr's
+    metadata. Raises DamagedStore naming the first chunk file that does not."""
+    store = Path(store)
+    expected = {"zarr.json"}
+    for _name, arr in open_store(store, "r").arrays():
+        base = Path(arr.path)
+        expected.add(str(base / "zarr.json"))
+        if is_indexed(arr):  # no chunk files: its bytes are in the checkpoint (see read_source), but
+            # for the reference view's padded copy of a last chunk the file ends inside
+            expected |= {k for k in digests if k.startswith(f"{base}/padded-chunk.")}
+            continue
+        for index in range(-(-arr.shape[0] // arr.chunks[0]) if arr.ndim else 1):
+            chunk = str(chunk_path(arr, index).relative_to(store))
+            record = str(digest_path(arr, index).relative_to(store))
+            expected |= {chunk, record}
+            if chunk not in digests:
+                raise DamagedStore(f"{store / chunk}: missing")
+            try:
+                recorded = json.loads((store / record).read_text(encoding="utf-8"))
+            except (OSError, ValueError, UnicodeDecodeError):
+                raise DamagedStore(f"{store / chunk}: its record ({store / record}) is missing or unreadable") \
+                    from None
+            if recorded != digests[chunk]:
+                raise DamagedStore(f"{store / chunk}: its bytes changed after it was written")
+    extra = sorted(set(digests) - expected)
+    if extra:
+        raise DamagedStore(f"{store / extra[0]}: not written by the conversion")
 
 
 # -- integrity of finished stores -----------------------------------------------------------------

@@ -124,6 +124,16 @@ KNOWN_HASHES = {
     "9d70134b369a70e5735009b6de918f7581b5211f7c074d1f89f753aea8248af1": "youtu",
 }
 
+# Tokenizers whose converter name some target runtime does not accept, and the name every
+# target runtime (upstream llama.cpp, bitnet.cpp's fork, ik_llama.cpp) accepts and handles the
+# way it handles the name its own converter writes (docs/notes/families.md, section 1):
+# tiiuae Falcon-E's tokenizer is "falcon-h1" to llama.cpp's converter (which its runtime treats
+# as llama3 split + ignore_merges, like "falcon3") and "falcon_e" to microsoft/BitNet's (which its
+# fork treats exactly as "falcon3", and upstream llama.cpp refuses).
+PORTABLE_HASH_NAMES = {
+    "a6b57017d60e6edb4d88ecc2845188e0eb333a70357e45dcc9b53964a73bbae6": "falcon3",
+}
+
 RUNTIME_PRE_NAMES = frozenset((
     'default', 'minicpm5', 'llama3', 'llama-v3', 'llama-bpe', 'falcon3', 'falcon-h1', 'pixtral',
     'midm-2.0', 'lfm2', 'jina-v5-nano', 'deepseek-llm', 'deepseek-coder', 'deepseek-v3',

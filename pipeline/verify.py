@@ -9,8 +9,10 @@ with the stages' own kernels (quantize's `row_abs_sums`, `code_rows`,
 it reads I2_S). Memory stays at one chunk.
 
 The output type is taken from the file's general.file_type and the embedding type from its
-token_embd; anything else that differs is a problem. `verify` uses the converter's own
-kernels, so it finds damaged or mismatched files, not kernel bugs (the tests check those).
+token_embd; anything else that differs is a problem. The byte comparison uses the converter's
+own kernels, so on its own it would find damaged or mismatched files, not kernel bugs: every
+tensor's bytes are also decoded to values and compared with the effective weights computed
+independently from the checkpoint in float64 (`EffectiveWeights`), to each type's precision.
 """
 from __future__ import annotations
 
@@ -19,34 +21,42 @@ import re
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFValueType
 
 from pipeline.budget import plan_budget
 from pipeline.checkpoint import open_checkpoint
 from pipeline.errors import CheckpointError
-from pipeline.codecs import absmean_scale, absmean_total
-from pipeline.families import TERNARY
-from pipeline.gguf_file import (SPLIT_COUNT, GGUFContents, TensorInfo, align, part_kvs, read_gguf,
-                                split_paths, type_sizes_for)
+from pipeline.codecs import absmean_scale, absmean_total, group_magnitudes
+from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY
+from pipeline.gguf_file import (SPLIT_COUNT, GGUFContents, TensorInfo, align, array_item_type, part_kvs,
+                                read_gguf, split_paths, type_sizes_for)
 from pipeline.errors import OptionError
 from pipeline.kernel_config import tiles_of
 from pipeline.outtypes import (BY_GGML_TYPE, EMBEDDING_CHOICES, OUTPUT_TYPES, TARGET_NAMES, TARGETS, TERNARY_CHOICES,
                                resolve, target_of, targets_of, tensor_type)
-from pipeline.safetensors_io import pread_exact
+from pipeline.safetensors_io import as_float32, pread_exact
 from pipeline.stores import row_ranges
 from stages.assemble import TARGET_KEY, TILES_KEY, file_kvs
 from stages.pack import encode_block
-from stages.quantize import code_layout, code_rows, row_abs_sums, ternary_scale
+from stages.quantize import code_layout, code_rows, group_scales, row_abs_sums, ternary_scale
 
 _PART = re.compile(r"(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf")
+
+
+class NotAPart(Exception):
+    """A file named as a part of a split set holds a whole model (no split keys)."""
 
 
 def split_set(path: Path) -> list[Path]:
     """All parts of the split set `path` belongs to (just `path` when it is one file)."""
     contents = read_gguf(path)
     count = contents.kv(SPLIT_COUNT)
-    if count is None:
-        return [path]
     m = _PART.fullmatch(path.name)
+    if count is None:
+        if m and int(m.group("n")) > 1:  # a part of a set replaced by a whole file: the set is broken
+            raise NotAPart(f"{path.name}: named as part {int(m.group('k'))} of a {int(m.group('n'))}-part split set, "
+                           f"but it is a single file (no {SPLIT_COUNT}); the set is not what convert writes")
+        return [path]
     if not m or int(m.group("n")) != count:
         raise CheckpointError(f"{path}: a part of a {count}-part split set, but not named NAME-0000k-of-"
                               f"{count:05d}.gguf; give the first part's path")
@@ -67,8 +77,11 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
     TL1/TL2 tiles are read from the file's `bitnet_gguf.kernel_tiles`. `model_name`,
     `metadata_file`: the --model-name and --metadata the file was converted with."""
     ckpt = open_checkpoint(model_dir, name=name, tokenizer_pre=tokenizer_pre, model_name=model_name,
-                           metadata_file=metadata_file)
-    paths = split_set(gguf_path)
+                           metadata_file=metadata_file, memory_limit=memory_limit)
+    try:
+        paths = split_set(gguf_path)
+    except NotAPart as e:
+        return [str(e)]
     first = read_gguf(paths[0])
     sizes = type_sizes_for(first.kvs)  # later parts carry no model key/values: size them as the first
     parts = [first] + [read_gguf(p, sizes) for p in paths[1:]]
@@ -92,6 +105,7 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
     embedding_type = BY_GGML_TYPE[embd.ggml_type].name if embd is not None and embd.ggml_type in BY_GGML_TYPE \
         and BY_GGML_TYPE[embd.ggml_type].name in EMBEDDING_CHOICES else "f16"
     built = f" for bitnet.cpp's {TARGET_NAMES[target]} builds" if OUTPUT_TYPES[out_type].target else ""
+    budget = plan_budget(memory_limit, 1)  # a limit too small is refused before anything is logged
     log(f"{gguf_path}: {len(paths)} file(s), {option.upper()}{built}, embeddings {embedding_type.upper()}")
 
     expected = []
@@ -129,7 +143,6 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
         if c.file_size != end:
             problems.append(f"{part_path.name}: {c.file_size - end} byte(s) after the last tensor")
 
-    budget = plan_budget(memory_limit, 1)
     part_of = {t.name: paths[k] for k, c in enumerate(parts) for t in c.tensors}
     for planned, out, info, tiles in expected:
         t = by_name.get(info.name)
@@ -162,6 +175,9 @@ def _compare_kvs(path: Path, contents: GGUFContents, want) -> list[str]:
             continue
         if kv.type != w.type or not _same_value(kv.value, w.value):
             problems.append(f"{path.name}: {kv.key} is {_short(kv.value)}, expected {_short(w.value)}")
+        elif kv.type == GGUFValueType.ARRAY and kv.sub_type != array_item_type(w):
+            problems.append(f"{path.name}: {kv.key} is an array of {kv.sub_type.name}, "
+                            f"expected {array_item_type(w).name}")
     return problems
 
 
@@ -188,10 +204,22 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None) -> str |
         rows = budget.rows_per_chunk(planned.shape)
     two_d = len(planned.shape) > 1
     ranges = row_ranges(planned.shape[0], rows) if two_d else [(0, planned.shape[0])]
-    absmean = scale = None
-    if planned.role == TERNARY:
-        if recipe.scale_rule == "absmean":
-            sums = (row_abs_sums(src.read_rows, r0, r1, src.dtype) for r0, r1 in ranges)
+    absmean = scale = blocks = total_abs = None
+    if planned.role == TERNARY and recipe.weights == GROUPED:
+        mags = []
+        for r0, r1 in ranges:
+            m, bad = group_magnitudes(as_float32(src.read_rows(r0, r1), src.dtype), GROUP_COLUMNS)
+            if bad is not None:
+                return f"the checkpoint's values are not ternary in row {r0 + bad[0]}"
+            mags.append(m)
+        scale, blocks = group_scales(np.concatenate(mags), planned.hf_name)
+    elif planned.role == TERNARY:
+        if recipe.scale_rule == "absmean":  # one pass: the converter's row sums, and the reference's own sum
+            sums, total_abs = [], 0.0
+            for r0, r1 in ranges:
+                block = src.read_rows(r0, r1)
+                sums.append(row_abs_sums(lambda a, b: block, r0, r1, src.dtype))
+                total_abs += float(np.abs(source_values(block, src.dtype)).sum(dtype=np.float64))
             absmean = float(absmean_scale(absmean_total(sums), math.prod(planned.shape)))
         scale = float(ternary_scale(recipe, absmean))
     row_bytes = codec.row_bytes(planned.shape[-1], tiles) if two_d else codec.row_bytes(planned.shape[0])
@@ -199,10 +227,24 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None) -> str |
     regions = codec.regions(planned.shape[-1], tiles) if two_d else [(0, row_bytes)]
     n_rows = planned.shape[0] if two_d else 1
     truncated = f"{path}: ends inside tensor {t.name}; the file is truncated"
+    tail = out.tail_bytes(planned.shape, scale, tiles)
+    tail_scale = None
+    if tail:  # what a runtime reads of it: up to the scale (the 28 bytes after it are never read)
+        body = t.nbytes - len(tail)
+        got = bytes(pread_exact(path, t.offset + body, len(tail) - 28, truncated))
+        tail_scale = float(np.frombuffer(got[-4:], "<f4")[0])
+        if got != tail[:-28]:
+            return f"the {codec.name} scale slot holds {np.float32(tail_scale)!r}, expected {np.float32(scale)!r}" \
+                if got[:-4] == tail[:-32] else f"the {codec.name} padding before the scale is not zeros"
+    # the values, independently, for the types whose rows are whole and that can be decoded here
+    # (group-scaled tensors: their bytes only, against the per-block scales recomputed above)
+    reference = EffectiveWeights(planned, src, total_abs) \
+        if len(regions) == 1 and decodable(out) and blocks is None else None
     for r0, r1 in ranges:
         if planned.role == TERNARY:
             block = code_rows(src.read_rows, r0, r1, recipe, planned.shape, src.dtype, absmean)
-            want = encode_block(block, out.name, scale, src.dtype, code_layout(planned.shape[1]), tiles)
+            want = encode_block(block, out.name, scale, src.dtype, code_layout(planned.shape[1]), tiles,
+                                None if blocks is None else blocks[r0:r1])
         else:
             want = encode_block(src.read_rows(r0, r1), out.name, None, src.dtype)
         want = want.reshape(-1, row_bytes) if two_d else want.reshape(1, -1)
@@ -212,12 +254,146 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None) -> str |
             got = np.frombuffer(pread_exact(path, start, part.nbytes, truncated), dtype=np.uint8)
             if not np.array_equal(got, part):
                 return f"bytes differ in rows {r0}..{r1}"
-    tail = out.tail_bytes(planned.shape, scale, tiles)
-    if tail:  # what a runtime reads of it: up to the scale (the 28 bytes after it are never read)
-        body = t.nbytes - len(tail)
-        got = bytes(pread_exact(path, t.offset + body, len(tail) - 28, truncated))
-        if got != tail[:-28]:
-            found = np.frombuffer(got[-4:], "<f4")[0]
-            return f"the {codec.name} scale slot holds {found!r}, expected {np.float32(scale)!r}" \
-                if got[:-4] == tail[:-32] else f"the {codec.name} padding before the scale is not zeros"
+        # the file's bytes equal `want` here: decode them to values
+        if reference is not None and \
+                (problem := reference.check(out, want if two_d else want.reshape(-1), r0, r1, tail_scale)):
+            return problem
     return None
+
+
+# -- the values, computed independently ---------------------------------------------------------
+# The byte comparison above recomputes the file with the converter's own kernels, so a kernel
+# that writes the wrong bytes (or a scale a type holds only as a subnormal) would agree with
+# itself. Here the file's bytes are decoded to values (gguf's reference dequantizer; I2_S from
+# its format) and compared with the effective weights computed from the checkpoint in float64,
+# written plainly from the recipe: absmean in float64, packed fields unpacked one quarter at a
+# time, the q/k permutation as an index map, the weight_scale rule. Each type must hold them to
+# the precision it promises.
+
+# relative error a type may add to a value (of the scale, for ternary values): half an ulp of
+# its float, and a little more for the float32 steps of the reference converters
+VALUE_PRECISION = {"F32": 0.0, "F16": 2.0 ** -10, "BF16": 2.0 ** -7, "TQ1_0": 2.0 ** -10, "TQ2_0": 2.0 ** -10,
+                   "I2_S": 2.0 ** -20}
+SUBNORMAL_HALF_STEP = {"F16": 2.0 ** -25, "BF16": 2.0 ** -134}
+TIE_WIDTH = 1e-5  # |W| / absmean this close to 0.5 may round either way (float32 vs float64)
+CHECK_ELEMENTS = 1 << 20  # values compared at a time (the float64 reference of a chunk is not held whole)
+
+
+class EffectiveWeights:
+    """The values a tensor of the checkpoint stands for, row range by row range, in float64."""
+
+    def __init__(self, planned, src, total_abs: float | None):
+        """`total_abs`: the sum of |W| over a master-weight tensor (float64)."""
+        self.planned, self.src, self.recipe = planned, src, planned.recipe
+        self.absmean = self.scale = None
+        if planned.role == TERNARY:
+            if self.recipe.scale_rule == "absmean":
+                self.absmean = max(total_abs / math.prod(planned.shape), 1e-5)  # BitNet b1.58: mean |W|, floor 1e-5
+                self.scale = self.absmean
+            elif self.recipe.scale_rule == "divide":
+                self.scale = 1.0 / float(self.recipe.weight_scale)
+            else:
+                self.scale = float(self.recipe.weight_scale)
+
+    def _source(self, r0: int, r1: int) -> np.ndarray:
+        return source_values(self.src.read_rows(r0, r1), self.src.dtype)
+
+    def _hf_rows(self, r0: int, r1: int) -> np.ndarray:
+        """The checkpoint's (unpacked) row of every GGUF row in [r0, r1)."""
+        rows = np.arange(r0, r1)
+        heads = self.recipe.permute_heads
+        if not heads:
+            return rows
+        d = self.planned.shape[0] // heads  # rows per head; GGUF row 2i + j of a head is HF row j * d/2 + i
+        within = rows % d
+        return rows - within + (within % 2) * (d // 2) + within // 2
+
+    def _codes(self, hf_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, alternative codes at rounding ties) of the given checkpoint rows."""
+        lo, hi = int(hf_rows.min()), int(hf_rows.max()) + 1
+        if self.recipe.packed:
+            quarter = self.planned.shape[0] // 4
+            fields = np.empty((hi - lo, self.planned.shape[1]), dtype=np.int16)
+            for k in range(lo // quarter, (hi - 1) // quarter + 1):
+                a, b = max(lo, k * quarter), min(hi, (k + 1) * quarter)
+                packed = self.src.read_rows(a - k * quarter, b - k * quarter).astype(np.int16)
+                fields[a - lo:b - lo] = (packed >> (2 * k)) & 3
+            codes = fields[hf_rows - lo] - 1
+            return codes, codes
+        ratio = self._source(lo, hi)[hf_rows - lo] / self.absmean
+        codes = np.clip(np.rint(ratio), -1, 1)
+        tie = np.abs(np.abs(ratio) - 0.5) < TIE_WIDTH
+        return codes, np.where(tie, np.sign(ratio) - codes, codes)
+
+    def check(self, out, got: np.ndarray, r0: int, r1: int, tail_scale: float | None) -> str | None:
+        """A problem with the values the file's bytes `got` of GGUF rows [r0, r1) decode to."""
+        if got.ndim == 1:  # a 1-D tensor (a norm): one small row
+            return self._compare(out, decode_values(out, got, tail_scale), r0, r1)
+        cols = self.planned.shape[-1]
+        step = max(1, CHECK_ELEMENTS // cols)
+        if self.recipe.permute_heads:
+            per_head = self.planned.shape[0] // self.recipe.permute_heads
+            step = max(per_head, step // per_head * per_head)
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            values = decode_values(out, got[a - r0:b - r0], tail_scale)
+            if problem := self._compare(out, values, a, b):
+                return problem
+        return None
+
+    def _compare(self, out, values: np.ndarray, a: int, b: int) -> str | None:
+        name = out.codec.name
+        if self.planned.role == TERNARY:
+            codes, alternative = self._codes(self._hf_rows(a, b))
+            err = np.minimum(np.abs(values - codes * self.scale), np.abs(values - alternative * self.scale))
+            tol = abs(self.scale) * VALUE_PRECISION[name]
+            what = f"scale {self.scale:.6g}"
+        else:
+            want = self._source(a, b)
+            err = np.abs(values - want)
+            if name == "Q8_0":  # a block of 32 stores round(x / d), d = fp16(max|x| / 127) (for a block of
+                # tiny values a subnormal fp16, as gguf's quantizer and llama.cpp write it: 127 half-steps of 2^-24)
+                amax = np.abs(want).reshape(*want.shape[:-1], -1, 32).max(axis=-1)
+                tol = np.repeat(amax * (0.51 / 127 + 2.0 ** -10) + 127 * 2.0 ** -25, 32, axis=-1)
+            else:  # half a step of the type's subnormals, for values below its normal range
+                tol = np.maximum(np.abs(want) * VALUE_PRECISION[name], SUBNORMAL_HALF_STEP.get(name, 0.0))
+            what = "the checkpoint's values"
+        bad = ~(err <= tol)  # NaN or infinity in the file is bad too
+        if bad.any():
+            i = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            row = a + (i[0] if bad.ndim > 1 else 0)
+            return (f"values differ from the checkpoint's ({what}) by up to {float(np.nanmax(np.where(bad, err, 0))):.3g} "
+                    f"in rows {a}..{b}, first at row {row}: {name} cannot hold them to its precision")
+        return None
+
+
+def source_values(block: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values of checkpoint rows in their source representation (bf16 is the top half of a float32)."""
+    if dtype == "BF16":
+        return (np.asarray(block, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+    return np.asarray(block).astype(np.float64)
+
+
+VALUE_DECODED = ("tq1_0", "tq2_0", "i2_s", "f16", "bf16", "f32", "q8_0")
+
+
+def decodable(out) -> bool:
+    """Whether `decode_values` reads this type (gguf's types and x86 I2_S; the ARM I2_S and TL
+    layouts are checked by their bytes only)."""
+    return out.name in VALUE_DECODED
+
+
+def decode_values(out, data: np.ndarray, tail_scale: float | None) -> np.ndarray:
+    """float64 values of a tensor's bytes (rows of them): gguf's reference dequantizer; I2_S (which
+    gguf does not know) from its format: 2-bit fields q[b], q[32+b], q[64+b], q[96+b] of each
+    128-value block in bits 7:6, 5:4, 3:2, 1:0 of byte b, code q - 1, times the float32 tail scale."""
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    if out.name == "i2_s":
+        rows = data.reshape(-1, data.shape[-1])
+        fields = (rows.reshape(rows.shape[0], -1, 1, 32) >> np.array([6, 4, 2, 0], np.uint8).reshape(4, 1)) & 3
+        return (fields.reshape(rows.shape[0], -1).astype(np.float64) - 1) * np.float64(np.float32(tail_scale))
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        return dequantize(data, GGMLQuantizationType(out.ggml_type)).astype(np.float64)

@@ -36,12 +36,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import gguf
 
 from pipeline.errors import CheckpointError, OptionError
-from pipeline.tokenizer_tables import CHKTXT, KNOWN_HASHES, RUNTIME_PRE_NAMES, SPLIT_PATTERNS
+from pipeline.tokenizer_tables import CHKTXT, KNOWN_HASHES, PORTABLE_HASH_NAMES, RUNTIME_PRE_NAMES, SPLIT_PATTERNS
 
 T = gguf.TokenType
 
@@ -58,6 +59,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre
     """Add every tokenizer.* key/value to `writer`; return the tokenizer kind ("spm" or "bpe")."""
     model_dir = Path(model_dir)
     kind = tokenizer_kind(model_dir)
+    check_tokenizer_files(model_dir, read_elsewhere=("tokenizer.json",) if kind == "bpe" else ())
     if pre is not None:
         if kind == "spm":
             raise OptionError(f"--tokenizer-pre {pre}: {model_dir} has a SentencePiece tokenizer.model, "
@@ -69,9 +71,116 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre
 
 def tokenizer_kind(model_dir: Path) -> str:
     for name, kind in _KIND_BY_FILE:
-        if (model_dir / name).is_file():
+        if is_present(model_dir / name):
             return kind
     raise CheckpointError(f"{model_dir}: tokenizer missing (needs a SentencePiece tokenizer.model or a BPE tokenizer.json)")
+
+
+# Files gguf.SpecialVocab opens (with the keys it reads from them): each is read here first,
+# so that a file it would stop on (unreadable, not UTF-8, not JSON, nested past the parser's
+# depth, of the wrong JSON type) is refused naming it, and a dangling link is not skipped
+# silently (gguf's is_file() takes a link to a missing blob for an absent file).
+_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "added_tokens.json",
+               "special_tokens_map.json", "chat_template.json")
+
+
+def check_tokenizer_files(model_dir: Path, read_elsewhere: tuple[str, ...] = ()) -> None:
+    """Every tokenizer and config file is readable and of the right JSON type, and the chat
+    template gguf.SpecialVocab would take is text jinja2 can parse (llama-cpp-python compiles
+    it with jinja2 when it loads the file). `read_elsewhere`: files the caller reads and checks."""
+    data = {name: read_json(model_dir / name) for name in _JSON_FILES if name not in read_elsewhere}
+    for name in ("tokenizer_config.json", "chat_template.json", "added_tokens.json", "special_tokens_map.json"):
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            raise CheckpointError(f"{model_dir / name}: must hold a JSON object")
+    config = data.get("config.json") or {}
+    if "text_config" in config and not isinstance(config["text_config"], dict):
+        raise CheckpointError(f"{model_dir / 'config.json'}: text_config must be a JSON object, "
+                              f"not {type(config['text_config']).__name__}")
+    tokenizer_config = data.get("tokenizer_config.json")
+    if not tokenizer_config:
+        return  # gguf.SpecialVocab reads no chat template without a tokenizer_config.json
+    jinja = model_dir / "chat_template.jinja"
+    files = [jinja, *sorted((model_dir / "additional_chat_templates").glob("*.jinja"))] if is_present(jinja) else []
+    templates = {path: read_text(path) for path in files}
+    if "chat_template" in tokenizer_config:
+        where, template = f"{model_dir / 'tokenizer_config.json'}: chat_template", tokenizer_config["chat_template"]
+    elif templates:
+        for path, text in templates.items():
+            check_chat_template(str(path), text)
+        return
+    else:
+        where = f"{model_dir / 'chat_template.json'}: chat_template"
+        template = (data.get("chat_template.json") or {}).get("chat_template")
+    if isinstance(template, list):
+        for i, entry in enumerate(template):
+            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                    and isinstance(entry.get("template"), str)):
+                raise CheckpointError(f"{where}[{i}] must be an object with a string 'name' and 'template'")
+            check_chat_template(f"{where}[{i}]", entry["template"])
+    elif isinstance(template, str):
+        check_chat_template(where, template)
+    elif template is not None:
+        raise CheckpointError(f"{where} must be a string (or a list of named templates), "
+                              f"not {type(template).__name__}")
+
+
+def check_chat_template(where: str, template: str) -> None:
+    """A chat template is UTF-8 text that jinja2 parses (transformers' extensions allowed)."""
+    import jinja2
+    import jinja2.ext
+
+    try:
+        template.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{where}: the chat template is not valid UTF-8 text (a lone surrogate); "
+                              "fix or remove it") from None
+    env = jinja2.Environment(extensions=[jinja2.ext.loopcontrols, _generation_tag()])
+    try:
+        env.parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise CheckpointError(f"{where}: the chat template does not parse (line {e.lineno}: {_one_line(e)}); "
+                              "fix or remove it") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: the chat template is nested too deeply to parse; fix or remove it") from None
+
+
+def _generation_tag():
+    import jinja2.ext
+    from jinja2 import nodes
+
+    class GenerationTag(jinja2.ext.Extension):
+        """transformers' `{% generation %}...{% endgeneration %}` block, parsed as its body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+    return GenerationTag
+
+
+# Memory of reading a tokenizer and keeping its key/values until assemble has written them
+# (measured, docs/notes/tokenizer-memory.md): per row of the token table (text, type, score as
+# Python objects, their JSON record, the copy assemble reads back and the header it builds), and
+# per byte of the files parsed whole (tokenizer.json is parsed by json, by the tokenizers package
+# and by gguf.SpecialVocab: about 35x its size at the peak; other JSON files about 12x).
+ROW_BYTES = 384
+FILE_BYTES_PER_BYTE = {"tokenizer.json": 40, "tokenizer.model": 8}
+JSON_BYTES_PER_BYTE = 12
+
+
+def tokenizer_memory(model_dir: Path, vocab_size: int) -> tuple[int, Path]:
+    """(bytes of memory reading the tokenizer takes at its peak, the file that costs most) --
+    from the files' sizes and the table's rows, before anything is read."""
+    costs = {model_dir / "config.json": ROW_BYTES * vocab_size}  # the rows: vocab_size names them
+    for name in dict.fromkeys(_JSON_FILES + tuple(n for n, _ in _KIND_BY_FILE)):
+        path = model_dir / name
+        try:
+            size = path.stat().st_size if path.is_file() else 0
+        except OSError:
+            size = 0  # unreadable: the reader says so
+        costs[path] = costs.get(path, 0) + size * FILE_BYTES_PER_BYTE.get(name, JSON_BYTES_PER_BYTE)
+    return sum(costs.values()), max(costs, key=costs.get)
 
 
 def check_pre_name(pre: str) -> None:
@@ -161,6 +270,11 @@ def _add_bpe(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str
             special = gguf.SpecialVocab(model_dir, load_merges=True)
     except ValueError as e:
         raise CheckpointError(f"{model_dir / 'tokenizer.json'}: merges or special tokens unreadable ({e})") from None
+    if not special.merges or not all(isinstance(m, str) for m in special.merges):
+        # llama.cpp refuses a BPE vocabulary without tokenizer.ggml.merges ("cannot find tokenizer merges")
+        raise CheckpointError(f"{model_dir / 'tokenizer.json'}: the BPE tokenizer has no usable merges (model.merges "
+                              "is empty, missing or not strings, and there is no merges.txt); llama.cpp cannot load "
+                              "such a file")
     # llama.cpp's converter ships a newer gguf-py whose SpecialVocab reads a ByteLevel
     # post-processor as "add neither BOS nor EOS" unless a template says otherwise; the PyPI
     # release lacks that branch. Same runtime behaviour (BPE defaults to no EOS), but the
@@ -251,8 +365,14 @@ def chkhsh(tok) -> str:
     return hashlib.sha256(str(ids).encode()).hexdigest()
 
 
+def pre_name_for_hash(digest: str) -> str | None:
+    """The `tokenizer.ggml.pre` to write for a tokenizer llama.cpp's converter knows by its hash:
+    the converter's name, or one every target runtime accepts where some runtime lacks it."""
+    return PORTABLE_HASH_NAMES.get(digest) or KNOWN_HASHES.get(digest)
+
+
 def pre_tokenizer_name(path: Path, tok, data: dict) -> str:
-    name = KNOWN_HASHES.get(chkhsh(tok))
+    name = pre_name_for_hash(chkhsh(tok))
     if name is not None:
         return name
     name = SPLIT_PATTERNS.get(_split_patterns(data))
@@ -377,13 +497,39 @@ def read_json_object(path: Path) -> dict:
     return data
 
 
-def read_json(path: Path):
+def is_present(path: Path) -> bool:
+    """Whether a checkpoint file is there; a link to nothing (an incomplete download, a link loop)
+    or something that is not a file is refused, not taken for an absent file."""
+    if not os.path.lexists(path):
+        return False
+    if not path.exists():
+        raise CheckpointError(f"{path}: a link to a missing file (an incomplete download?); download it again "
+                              "or remove the link")
     if not path.is_file():
-        return None
+        raise CheckpointError(f"{path}: not a regular file; remove it or put the file there")
+    return True
+
+
+def read_text(path: Path, what: str = "UTF-8 text") -> str:
+    """A checkpoint text file, or a one-line refusal naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror}); check the file and its permissions") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not {what} ({e})") from None
+
+
+def read_json(path: Path):
+    if not is_present(path):
+        return None
+    text = read_text(path, "valid JSON (JSON is UTF-8 text)")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply to read (a damaged or hostile file)") from None
 
 
 _KIND_BY_FILE = (("tokenizer.model", "spm"), ("tokenizer.json", "bpe"))   # llama.cpp tries SentencePiece first

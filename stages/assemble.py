@@ -4,7 +4,9 @@ Our own container writer (pipeline/gguf_file.py) writes the header, the key/valu
 decided once per run (metadata.json, plus general.file_type from the output type
 registry) and the tensor infos; the tensor data is then streamed chunk by chunk from
 pack.zarr, each tensor followed by its type's tail (I2_S: the scale), so no tensor is
-held whole. With --split-max-size / --split-max-tensors the tensors are spread over
+held whole; a tensor whose pack array indexes the checkpoint (bytes that no stage
+changes) is copied from the checkpoint file, after checking it is the one indexed.
+With --split-max-size / --split-max-tensors the tensors are spread over
 `NAME-0000k-of-0000n.gguf` parts as llama.cpp's gguf-split does. Every file is
 written to a temporary name, fsynced, and renamed into place only when all are
 complete (pipeline/output.py).
@@ -17,11 +19,11 @@ import gguf
 import numpy as np
 
 from pipeline.context import StageContext
-from pipeline.gguf_file import TL_TILES_KEY, GGUFSplitWriter, TensorInfo, model_kvs, plan_split
+from pipeline.gguf_file import TL_TILES_KEY, GGUFSplitWriter, GGUFWriterError, TensorInfo, model_kvs, plan_split
 from pipeline.output import OutputChanged, final_paths, identity, publish, temp_path
 from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
-from pipeline.stores import DamagedStore, chunk_path, is_raw, open_store, row_ranges
+from pipeline.stores import DamagedStore, check_source_file, chunk_path, is_raw, open_store, row_ranges, source_ref
 
 
 # Our own key/values (bitnet.cpp and llama.cpp ignore keys they do not know): the bitnet.cpp build
@@ -79,12 +81,21 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
                 arr = group[info.name]
                 out, tiles = array_layout(arr)
                 row_bytes = arr.nbytes // arr.shape[0] if arr.ndim > 1 else arr.nbytes
+                ref = source_ref(arr)
+                if ref is not None:
+                    check_source_file(ref)
                 chunks = list(row_ranges(arr.shape[0], arr.chunks[0]) if arr.ndim > 1 else [(0, 1)])
                 regions = out.codec.regions(info.shape[-1], tiles) if arr.ndim > 1 else [(0, row_bytes)]
                 for c0, c1 in regions:  # TL2: magnitudes, signs, tail of every chunk in turn
                     for k, (r0, r1) in enumerate(chunks):
                         nbytes = (r1 - r0) * (c1 - c0)
-                        if is_raw(arr) and len(regions) == 1:  # the chunk file is the bytes: copy it in the kernel
+                        if ref is not None and len(regions) == 1:  # the checkpoint's bytes: copy them in the kernel
+                            try:
+                                writer.copy_tensor_data(i, ref["file"], ref["offset"] + r0 * row_bytes, nbytes)
+                            except (OSError, GGUFWriterError):
+                                check_source_file(ref)  # a file shortened or removed meanwhile: that message
+                                raise
+                        elif is_raw(arr) and len(regions) == 1:  # the chunk file is the bytes: copy it in the kernel
                             path = chunk_path(arr, k)
                             if not path.is_file() or path.stat().st_size < nbytes:
                                 raise DamagedStore(f"{path}: chunk file missing or short")

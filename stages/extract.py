@@ -1,42 +1,56 @@
-"""extract: safetensors -> extract.zarr, one array per tensor in its source representation.
+"""extract: safetensors -> extract.zarr, an index of the checkpoint's tensors.
 
-bf16 is stored as its uint16 bit pattern (attribute `source_dtype` says so); packed
-uint8 projections stay packed (4 codes per byte), with their checked `weight_scale`
-in the tensor's recipe. Rows are copied in chunks with `os.pread`; no tensor is ever
-read whole. This is the one pass that reads the checkpoint, so it also records what
-later stages need to know about the values, beside each tensor:
+Every tensor of a safetensors file is a contiguous row-major array in a dtype the later
+stages read as it is (bf16 as its uint16 bit pattern, attribute `source_dtype`; packed
+uint8 projections 4 codes per byte, with their checked `weight_scale` in the tensor's
+recipe). So extract copies no weights: each tensor becomes a zarr array whose only
+attribute of note is `source_ref`, the file, byte offset and identity of its bytes
+(pipeline/stores.py, "indexed arrays"), and `extract.refs.json` beside the store (a
+kerchunk reference set) lets zarr open it with data. The later stages read rows from the
+checkpoint through the reference, which refuses a file that is no longer the one indexed.
+
+What needs a pass over the values is still done here, the one pass that reads them,
+beside each float tensor:
 
 - master-weight projections: per-row float64 sums of |W| (`<name>.abs_sums`), from
-  which quantize computes the absmean scale without reading the weights again;
+  which quantize computes the absmean scale without reading the weights twice;
 - other float tensors: per-row max |x| (`<name>.abs_max`), so a value that the chosen
   output type cannot hold (above F16's 65504) is refused before anything is packed;
+- group-scaled ternary projections (float values already {-s, 0, +s} per group of columns):
+  the magnitude s of every run of GROUP_COLUMNS values (`<name>.group_max`, rows x cols / 32),
+  after checking that each run holds one magnitude at most;
 
-and refuses what cannot be converted at all, naming the tensor: NaN or infinite
-weights, a packed 2-bit field holding 3 (only 0, 1, 2 are codes). A task writes its
-side array chunk before the data chunk, so a data chunk on disk means both are.
+and NaN or infinite weights are refused, naming the tensor. Packed projections need no
+pass here: quantize reads every packed byte once anyway and refuses a 2-bit field holding
+3 there. The index (every array's metadata and the reference set) is written first; a rerun after
+a kill rewrites it (the same bytes) and scans only the side chunks not yet on disk.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from pipeline.codecs import absmean_row_sums
+from pipeline.codecs import absmean_row_sums, group_magnitudes
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
-from pipeline.families import TERNARY
+from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY
+from pipeline.rundir import write_json_atomic
 from pipeline.safetensors_io import TensorSource, as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import array_path, ensure_array, open_array, open_store, read_rows, row_ranges, written_chunks
+from pipeline.stores import (array_path, ensure_array, index_array, make_ref, open_store, read_rows, refs_json,
+                             refs_path, row_ranges, write_rows, written_chunks)
 from stages.quantize import SUMS_SUFFIX
 
 MAX_SUFFIX = ".abs_max"
+GROUP_SUFFIX = ".group_max"
 
 
-def invalid_packed_fields(block: np.ndarray) -> int:
-    """How many 2-bit fields of a packed uint8 block hold 3 (only 0, 1, 2 are codes)."""
-    both_bits = (block >> 1) & block & np.uint8(0x55)
-    if not both_bits.any():
-        return 0
-    return int(np.unpackbits(both_bits).sum())
+# source dtype -> (its bits as an unsigned integer, the mask that clears the sign, infinity's bits):
+# with the sign cleared, the bit patterns of finite values order as their magnitudes, and every
+# pattern from infinity's up is infinite or NaN, so a row's max |x| is an integer max
+MAGNITUDE_BITS = {"BF16": (np.uint16, 0x7FFF, 0x7F80), "F16": (np.uint16, 0x7FFF, 0x7C00),
+                  "F32": (np.uint32, 0x7FFFFFFF, 0x7F800000)}
 
 
 def row_abs_max(values: np.ndarray) -> np.ndarray:
@@ -45,29 +59,59 @@ def row_abs_max(values: np.ndarray) -> np.ndarray:
     return a.max(axis=1) if a.size else np.zeros(a.shape[0], np.float32)
 
 
-def copy_rows(source: TensorSource, out: str, start: int, stop: int, kind: str) -> None:
-    """Copy rows [start, stop); kind: "packed", "master" (write |W| row sums) or "float" (row maxima)."""
+def row_abs_max_bits(block: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
+    """(float32 max |x| of each row, whether every value is finite) of a block in its source
+    representation, from the bit patterns (a quarter of the float path's memory traffic)."""
+    uint, mask, inf = MAGNITUDE_BITS[dtype]
+    bits = block.view(uint)
+    bits = bits.reshape(bits.shape[0], -1) if bits.ndim > 1 else bits.reshape(1, -1)
+    if not bits.size:
+        return np.zeros(bits.shape[0], np.float32), True
+    top = np.bitwise_and(bits, uint(mask)).max(axis=1)
+    finite = bool((top < uint(inf)).all())
+    if dtype == "BF16":
+        return (top.astype(np.uint32) << 16).view(np.float32), finite
+    return (top.view(np.float16).astype(np.float32) if dtype == "F16" else top.view(np.float32)), finite
+
+
+def scan_rows(source: TensorSource, side_path: str, start: int, stop: int, kind: str) -> None:
+    """Rows [start, stop) of a tensor the later stages read from the checkpoint: refuse what they
+    cannot take, and write into the side array the per-row |W| sums (kind "master"), maxima
+    ("float") or the per-group magnitudes of a group-scaled tensor ("grouped")."""
     block = source.read_rows(start, stop)
-    if kind == "packed":
-        if bad := invalid_packed_fields(block):
-            raise CheckpointError(f"{source.file}: tensor {source.name} holds {bad} packed 2-bit field(s) of value 3 "
-                                  f"in rows {start}..{stop}; only 0, 1 and 2 are ternary codes, the file is corrupt")
+    if kind == "grouped":
+        side, bad = group_magnitudes(as_float32(block, source.dtype), GROUP_COLUMNS)
+        if bad is not None:
+            row, g = bad
+            raise CheckpointError(f"{source.file}: tensor {source.name}, row {start + row}, columns "
+                                  f"{g * GROUP_COLUMNS}..{(g + 1) * GROUP_COLUMNS - 1}: the values are not ternary "
+                                  "(-s, 0 and +s for one s per group); only group-scaled ternary weights "
+                                  "convert here, this checkpoint's are not")
+        write_rows(side_path, start, stop, side)
+        return
+    if kind == "float" and source.dtype in MAGNITUDE_BITS:
+        side, finite = row_abs_max_bits(block, source.dtype)
     else:
         values = as_float32(block, source.dtype)
         side = absmean_row_sums(values) if kind == "master" else row_abs_max(values)
-        if not np.isfinite(side).all():
-            raise CheckpointError(f"{source.file}: tensor {source.name} holds NaN or infinite values in rows "
-                                  f"{start}..{stop}; the checkpoint is damaged")
-        sides = open_array(out + (SUMS_SUFFIX if kind == "master" else MAX_SUFFIX))
-        if len(source.shape) == 1:  # a 1-D tensor is one row, in one chunk
-            sides[:] = side
-        else:
-            sides[start:stop] = side
-    open_array(out)[start:stop] = block
+        finite = bool(np.isfinite(side).all())
+    if not finite:
+        raise CheckpointError(f"{source.file}: tensor {source.name} holds NaN or infinite values in rows "
+                              f"{start}..{stop}; the checkpoint is damaged")
+    if len(source.shape) == 1:  # a 1-D tensor is one row, in one chunk
+        write_rows(side_path, 0, 1, side)
+    else:
+        write_rows(side_path, start, stop, side)
 
 
 def side_array_name(name: str, kind: str) -> str | None:
-    return {"master": name + SUMS_SUFFIX, "float": name + MAX_SUFFIX}.get(kind)
+    return {"master": name + SUMS_SUFFIX, "float": name + MAX_SUFFIX, "grouped": name + GROUP_SUFFIX}.get(kind)
+
+
+def file_identities(ckpt) -> dict[Path, list[int]]:
+    """Checkpoint file -> [size, mtime_ns, ctime_ns, inode] as fingerprinted when it was opened."""
+    return {Path(name) if Path(name).is_absolute() else ckpt.model_dir / name: ident
+            for name, *ident in ckpt.fingerprint}
 
 
 def run(ctx: StageContext) -> None:
@@ -81,26 +125,36 @@ def run(ctx: StageContext) -> None:
         "model_dir": str(ckpt.model_dir),
         "config": plan.config,
         "tensor_order": [t.gguf_name for t in plan.tensors],
+        "data": f"tensors are byte ranges of the checkpoint's files (attribute source_ref); open "
+                f"{refs_path(ctx.output).name} beside this store with zarr.open_group('reference://', "
+                "storage_options={'fo': path}) to read them through zarr",
     })
-    tasks = []
+    identities = file_identities(ckpt)
+    arrays, tasks = {}, []
     for t in plan.tensors:
         src = ckpt.sources[t.hf_name]
-        kind = "packed" if t.recipe.packed else "master" if t.role == TERNARY else "float"
+        kind = ("packed" if t.recipe.packed else "grouped" if t.recipe.weights == GROUPED
+                else "master" if t.role == TERNARY else "float")
         rows = ctx.budget.rows_per_chunk(src.shape)
-        arr = ensure_array(group, t.gguf_name, src.shape, rows, src.np_dtype, {
+        ref = make_ref(src.file, src.offset, ckpt.model_dir, identities[src.file])
+        arrays[t.gguf_name] = index_array(group, t.gguf_name, src.shape, rows, src.np_dtype, {
             "hf_name": t.hf_name, "role": t.role, "source_dtype": src.dtype,
             "source_file": src.file.name, "shape": list(t.shape), "recipe": t.recipe.as_json(),
-        })
+        }, ref)
         side = side_array_name(t.gguf_name, kind)
-        if side:
+        if side and kind == "grouped":
+            arrays[side] = ensure_array(group, side, (src.shape[0], src.shape[1] // GROUP_COLUMNS), rows,
+                                        np.float32, {"of": t.gguf_name})
+        elif side:
             n_rows = src.shape[0] if len(src.shape) > 1 else 1
-            ensure_array(group, side, (n_rows,), rows if len(src.shape) > 1 else 1,
-                         np.float64 if kind == "master" else np.float32, {"of": t.gguf_name})
-        done = written_chunks(arr)
-        out = array_path(ctx.output, t.gguf_name)
-        for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
-            if i not in done:
-                tasks.append(chunk_task(copy_rows, src, out, r0, r1, kind))
+            arrays[side] = ensure_array(group, side, (n_rows,), rows if len(src.shape) > 1 else 1,
+                                        np.float64 if kind == "master" else np.float32, {"of": t.gguf_name})
+        if side:
+            done = written_chunks(arrays[side])
+            for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
+                if i not in done:
+                    tasks.append(chunk_task(scan_rows, src, array_path(ctx.output, side), r0, r1, kind))
+    write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, arrays))
     ctx.scheduler.run(tasks, "extract")
 
 

@@ -13,27 +13,56 @@ q8_0) the projections are their effective weights, the ternary values times the 
 llama.cpp's converter writes them with --outtype. A ternary
 tensor whose row length is not a whole number of blocks of the requested type is
 written as F16 (the ternary values times the scale), as llama.cpp's converter does.
-Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, say) are
-hard links to the previous store's chunk files.
+Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, a BF16
+embedding with --embedding-type bf16) are not copied: their arrays index the checkpoint's
+bytes, which assemble copies into the GGUF (or hard-link the previous store's chunk files).
 
-A scale the output type cannot hold (a TQ block's fp16 d, an F16 fallback) is refused
-before any work, naming the tensor.
+A scale the output type cannot hold as a normal number (a TQ block's fp16 d, an F16
+fallback's values, I2_S's float32) is refused before any work, naming the tensor.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.codecs import CODECS
+from pipeline.codecs import CODECS, codes_from_packed
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import TERNARY
 from pipeline.kernel_config import tiles_of
-from pipeline.outtypes import tensor_type
+from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES, tensor_type
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (array_path, ensure_array, is_raw, open_array, open_store, read_rows, row_ranges,
-                             written_chunks)
-from stages.quantize import LAYOUT_2BIT, LAYOUT_INT8, link_task
+from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, open_array,
+                             open_store, read_rows, row_ranges, write_rows, written_chunks)
+from stages.quantize import BLOCK_SCALES_SUFFIX, LAYOUT_2BIT, LAYOUT_INT8, SCALE_BLOCK, link_task
+
+
+def scales_per_type_block(block_scales: np.ndarray, block_size: int) -> np.ndarray:
+    """One scale per block of an output type from one per 64 values (group-scaled tensors; the
+    scale is known to be constant over each of the type's blocks, zeros aside)."""
+    rows = block_scales.shape[0]
+    return block_scales.reshape(rows, -1, block_size // SCALE_BLOCK).max(axis=2)
+
+
+def block_scale_problem(block_scales: np.ndarray, out) -> str | None:
+    """Why a group-scaled tensor (one scale per 64 values) cannot be `out` without requantizing,
+    or None: the type keeps one fp16 scale per block of block_size values (TQ, Q2_0; I2_S and
+    TL one per tensor, after their codes), so the scale must be constant over each block."""
+    codec = out.codec
+    if not codec.ternary:
+        return f"{codec.name} (the fallback for rows that are not whole blocks) is not taken for it"
+    if codec.block_size % SCALE_BLOCK or codec.tail_size():
+        return f"{codec.name} keeps one scale per tensor"
+    per = out.block_size // SCALE_BLOCK
+    blocks = block_scales.reshape(block_scales.shape[0], -1, per)
+    top = blocks.max(axis=2, keepdims=True)
+    clash = ((blocks != top) & (blocks > 0)).any(axis=2)
+    if not clash.any():
+        return None
+    r, b = np.argwhere(clash)[0]
+    return (f"its scale changes inside a block of {out.block_size} values (row {r}, columns "
+            f"{b * out.block_size}..{(b + 1) * out.block_size - 1}), and {out.codec.name} keeps one per block")
+
 
 # float16 bits of every bfloat16 bit pattern, converted by numpy (round to nearest even)
 with np.errstate(over="ignore", invalid="ignore"):
@@ -44,11 +73,15 @@ SAME_BYTES = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
 
 
 def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None,
-                 layout: str | None = None, tiles=None) -> np.ndarray:
+                 layout: str | None = None, tiles=None, block_scales: np.ndarray | None = None) -> np.ndarray:
     """The GGUF bytes of one row chunk: float values in their source representation
     (`source_dtype`), or ternary codes as quantize.zarr stores them (`layout`) with their scale
-    (and, for TL1/TL2, the tensor's kernel tiles). `codec_name` is an output type registry key."""
+    (and, for TL1/TL2, the tensor's kernel tiles; for group-scaled tensors, `block_scales`: one
+    per 64 values of the chunk's rows). `codec_name` is an output type registry key."""
     codec = CODECS[codec_name]
+    if block_scales is not None:
+        codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
+        return codec.encode(codes, scales_per_type_block(np.asarray(block_scales), codec.block_size))
     if scale is None:
         if source_dtype == "BF16" and codec_name == "f16":  # the common embedding case: one table lookup
             return _F16_FROM_BF16[np.asarray(block, dtype=np.uint16)].view(np.uint8).reshape(*block.shape[:-1], -1)
@@ -66,30 +99,40 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
     return codec.encode(block.astype(np.float32) * scale)  # a float type of the ternary values
 
 
+# The smallest normal numbers: below them a float keeps fewer significant bits than its type
+# promises (an fp16 scale of 1e-6 is 2^-20 in 2^-24 steps, up to 3% off; 1e-7 is 19% off).
+FP16_TINY = float(np.finfo(np.float16).tiny)    # 6.1e-5
+FP32_TINY = float(np.finfo(np.float32).tiny)    # 1.2e-38
+FP16_SCALE_TYPES = ("tq1_0", "tq2_0", "q2_0", "f16")  # a TQ/Q2_0 block's d, an F16 fallback's values
+
+
 def check_scale(name: str, scale: float, codec_name: str) -> None:
-    """The scale must be a finite non-zero float32 (I2_S stores it so); a TQ block stores it as
-    fp16, and an F16 fallback its values: there it must fit fp16 too."""
-    with np.errstate(over="ignore"):
+    """The scale must be a normal float32 (I2_S stores it so); a TQ block stores it as fp16, and
+    an F16 fallback its values: there it must be a normal fp16 too. A subnormal or overflowing
+    scale is refused naming the tensor, not written with a few bits of precision."""
+    with np.errstate(over="ignore", under="ignore"):
         s32 = np.float32(scale)
         d = np.float16(s32)
-    if not np.isfinite(s32) or s32 == 0:
-        raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is not a finite non-zero float32 "
-                              "(the checkpoint's weight_scale is out of range); it cannot be converted")
-    if codec_name in ("tq1_0", "tq2_0", "f16"):
-        if not np.isfinite(d) or d == 0:
+    if not np.isfinite(s32) or abs(float(s32)) < FP32_TINY:
+        raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is not a normal float32 (above 1.2e-38, "
+                              "finite; the checkpoint's weight_scale is out of range); it cannot be converted")
+    if codec_name in FP16_SCALE_TYPES:
+        if not np.isfinite(d) or abs(float(d)) < FP16_TINY:
+            advice = ("its rows are not whole blocks, so it is written as F16 in every --type; it cannot be converted"
+                      if codec_name == "f16" else "convert with --type i2_s (a float32 scale) instead")
             raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is outside what {codec_name.upper()} "
-                                  "stores (fp16, up to 65504, above 6e-8); convert with --type i2_s (a float32 "
-                                  "scale) instead")
+                                  f"stores to fp16's precision (a normal fp16, {FP16_TINY:.3g} to 65504); {advice}")
 
 
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
-                source_dtype: str, layout: str | None, tiles=None) -> None:
-    data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout, tiles)
-    dest = open_array(out)
-    if dest.ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
-        dest[:] = data
+                source_dtype: str, layout: str | None, tiles=None, block_scales: str | None = None) -> None:
+    scales = read_rows(open_array(block_scales, "r"), start, stop) if block_scales else None
+    data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout, tiles,
+                        scales)
+    if open_array(out, "r").ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
+        write_rows(out, 0, data.shape[0], data)
     else:
-        dest[start:stop] = data
+        write_rows(out, start, stop, data)
 
 
 def run(ctx: StageContext) -> None:
@@ -108,12 +151,23 @@ def run(ctx: StageContext) -> None:
         shape = tuple(src.attrs["shape"])
         out, fallback = tensor_type(role, shape, layout.name, opts.embedding_type, name)
         scale = src.attrs.get("scale") if role == TERNARY else None
+        block_scales = None
+        if role == TERNARY and scale is None:  # group-scaled, one scale per 64 values
+            block_scales = array_path(ctx.input, name + BLOCK_SCALES_SUFFIX)
+            values = read_rows(open_array(block_scales, "r"), 0, shape[0])
+            problem = block_scale_problem(values, out)
+            if problem:
+                takes = [n for n in TERNARY_CHOICES if block_scale_problem(values, OUTPUT_TYPES[n]) is None]
+                raise CheckpointError(f"tensor {src.attrs['hf_name']}: --type {layout.type_option}: {problem}; it "
+                                      f"converts without requantizing to --type {' or '.join(takes)}")
+            for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):
+                check_scale(name, float(v), out.name)
         if scale is not None:
             check_scale(name, scale, out.name)
-        plans.append((name, src, role, shape, out, fallback, scale))
+        plans.append((name, src, role, shape, out, fallback, scale, block_scales))
 
     tasks = []
-    for name, src, role, shape, out, fallback, scale in plans:
+    for name, src, role, shape, out, fallback, scale, block_scales in plans:
         if fallback:
             ctx.log(f"warning: {name}: {fallback}")
         codec = out.codec
@@ -122,14 +176,16 @@ def run(ctx: StageContext) -> None:
         rows = ctx.budget.rows_per_chunk(shape, codec.row_multiple(tiles)) if src.ndim > 1 \
             else codec.row_bytes(shape[0])
         byte_shape = (*shape[:-1], codec.row_bytes(shape[-1], tiles))
-        arr = ensure_array(group, name, byte_shape, rows, np.uint8, {
-            "ggml_type": out.ggml_type, "type_name": codec.name, "out_type": out.name, "shape": list(shape),
-            "role": role, **({"scale": scale} if scale is not None else {}),
-            **({"tiles": list(tiles)} if tiles else {}),
-        })
+        attrs = {"ggml_type": out.ggml_type, "type_name": codec.name, "out_type": out.name, "shape": list(shape),
+                 "role": role, **({"scale": scale} if scale is not None else {}),
+                 **({"tiles": list(tiles)} if tiles else {})}
+        unchanged = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES
+        if unchanged and is_indexed(src):  # the checkpoint's bytes are the GGUF's: assemble copies them
+            index_array(group, name, byte_shape, rows, np.uint8, attrs, copy_ref(src))
+            continue
+        arr = ensure_array(group, name, byte_shape, rows, np.uint8, attrs)
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))
-        same = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES and is_raw(src) \
-            and is_raw(arr) and src.chunks[0] == arr.chunks[0] and src.ndim > 1
+        same = unchanged and is_raw(src) and is_raw(arr) and src.chunks[0] == arr.chunks[0] and src.ndim > 1
         done = written_chunks(arr)
         code_layout = src.attrs.get("code_layout", LAYOUT_INT8) if role == TERNARY else None
         for i, (r0, r1) in enumerate(row_ranges(shape[0], rows if src.ndim > 1 else shape[0])):
@@ -139,6 +195,6 @@ def run(ctx: StageContext) -> None:
                 tasks.append(chunk_task(link_task, *paths, i))
             else:
                 tasks.append(chunk_task(encode_rows, *paths, r0, r1, out.name, scale,
-                                        src.attrs["source_dtype"], code_layout, tiles))
+                                        src.attrs["source_dtype"], code_layout, tiles, block_scales))
     ctx.scheduler.run(tasks, "pack")
 

@@ -12,10 +12,17 @@ following the tensor's recipe:
 - packed weights: the codes are already there (never re-quantized); a chunk of
   output rows is read from the packed quarters it lives in, and the scale is the
   checkpoint's weight_scale in the family's direction (1 / ws or ws).
+- group-scaled weights (float values already {-s, 0, +s} per group of columns): the codes
+  are the values' signs; the magnitudes extract recorded per 32 values decide the scale:
+  one for the whole tensor (`scale`, any output type), or one per block of 64 values
+  (`<name>.block_scales`, rows x cols / 64; only Q2_0 holds that); a magnitude that
+  changes inside a block of 64 is refused, naming the tensor.
 
 Either way, the llama q/k permutation moves rows within whole heads, so a chunk is
-a whole number of heads. Other tensors are not rewritten: their chunk files are
-hard links to extract's (pack encodes them in their output float type).
+a whole number of heads. A packed byte with a 2-bit field of 3 (not a code) is refused
+here, naming the tensor: this is the one pass that reads the packed bytes. Other tensors
+are not rewritten: their arrays index the same checkpoint bytes as extract's (or, for an
+array extract copied, hard-link its chunk files); pack encodes them in their output type.
 
 The per-chunk kernels (`ternary_fields`, `code_rows`, `row_abs_sums`) take a
 `read(start, stop)` function of source rows, so `verify` runs the very same code
@@ -28,21 +35,43 @@ from typing import Callable
 import numpy as np
 
 from pipeline.codecs import (CODE_BLOCK, NonFiniteWeights, absmean_scale, absmean_total, codes_from_packed,
-                             codes_supported, effective_scale, pack_fields, absmean_row_sums, ternary_codes)
+                             codes_supported, effective_scale, pack_fields, absmean_row_sums, sign_fields,
+                             ternary_codes)
+from pipeline.errors import CheckpointError
 from pipeline.context import StageContext
-from pipeline.families import TERNARY, Recipe
+from pipeline.errors import CheckpointError
+from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY, Recipe
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (array_path, ensure_array, is_raw, link_chunk, open_array, open_store, read_rows,
-                             row_ranges, written_chunks)
+from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, link_chunk,
+                             open_array, open_store, read_rows, row_ranges, source_ref, write_rows, written_chunks)
 
 ReadRows = Callable[[int, int], np.ndarray]
 SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside a master-weight projection
+GROUP_SUFFIX = ".group_max"   # extract.zarr: magnitude of every GROUP_COLUMNS values of a group-scaled projection
+BLOCK_SCALES_SUFFIX = ".block_scales"  # quantize.zarr: one scale per 64 values, when not one per tensor
+SCALE_BLOCK = 64              # values per block scale (Q2_0's block)
 LAYOUT_2BIT, LAYOUT_INT8 = "2bit-128", "int8"
 
 
 class CorruptCodes(ValueError):
-    """Packed data that is not ternary reached quantize (extract refuses it; this is a guard)."""
+    """Packed data that is not ternary (a 2-bit field holding 3)."""
+
+
+def invalid_packed_fields(block: np.ndarray) -> int:
+    """How many 2-bit fields of a packed uint8 block hold 3 (only 0, 1, 2 are codes)."""
+    both_bits = (block >> 1) & block & np.uint8(0x55)
+    if not both_bits.any():
+        return 0
+    return int(np.unpackbits(both_bits).sum())
+
+
+def corrupt_packed(src, bad: int, start: int, stop: int) -> CheckpointError:
+    """The refusal of packed rows [start, stop) of extract's array `src` holding `bad` fields of 3."""
+    ref = source_ref(src) or {}
+    return CheckpointError(f"{ref.get('file', src.attrs.get('source_file'))}: tensor {src.attrs.get('hf_name')} holds "
+                           f"{bad} packed 2-bit field(s) of value 3 in rows {start}..{stop}; only 0, 1 and 2 are "
+                           "ternary codes, the file is corrupt")
 
 
 # -- per-chunk kernels ---------------------------------------------------------------------------
@@ -124,6 +153,8 @@ def ternary_fields(read: ReadRows, start: int, stop: int, recipe: Recipe, out_ro
     (whole heads when permuted)."""
     if recipe.packed:
         fields = unpack_fields_rows(read, start, stop, out_rows)
+    elif recipe.weights == GROUPED:
+        fields = sign_fields(as_float32(read(start, stop), source_dtype))
     else:
         fields = ternary_codes(as_float32(read(start, stop), source_dtype), np.float32(absmean)).view(np.uint8)
         fields += np.uint8(1)  # int8 -1/0/+1 viewed as uint8 is 255/0/1; + 1 wraps to 0/1/2
@@ -169,7 +200,34 @@ def ternary_scale(recipe: Recipe, absmean: float | None) -> np.float32:
             return np.float32(1) / ws
     if recipe.scale_rule == "multiply":  # AutoBitLinear: W = codes * weight_scale
         return ws
+    if recipe.scale_rule == "group":  # read from the data (group_scales); not known from the recipe
+        raise ValueError("a group-scaled tensor's scale comes from its data: use group_scales")
     raise ValueError(f"unknown scale rule {recipe.scale_rule!r}")
+
+
+class GroupScaleError(CheckpointError):
+    """A group-scaled tensor whose scale changes more often than any output type can hold."""
+
+
+def group_scales(mags: np.ndarray, name: str) -> tuple[float | None, np.ndarray | None]:
+    """(one scale for the whole tensor, or None; else float32 scales per block of 64 values) from
+    the per-32-value magnitudes of a group-scaled tensor (0: a group of zeros, which takes any
+    scale). A block of 64 whose two halves have different non-zero magnitudes is refused."""
+    nonzero = mags[mags > 0]
+    if nonzero.size == 0 or (nonzero == nonzero[0]).all():
+        return (float(nonzero[0]) if nonzero.size else 1.0), None
+    per = SCALE_BLOCK // GROUP_COLUMNS
+    halves = mags.reshape(mags.shape[0], -1, per)
+    top = halves.max(axis=2)
+    clash = ((halves != top[..., None]) & (halves > 0)).any(axis=2)
+    if clash.any():
+        r, b = np.argwhere(clash)[0]
+        found = sorted({float(v) for v in halves[r, b] if v > 0})
+        raise GroupScaleError(f"tensor {name}: its ternary scale changes every {GROUP_COLUMNS} values (row {r}, "
+                              f"columns {b * SCALE_BLOCK}..{(b + 1) * SCALE_BLOCK - 1} hold magnitudes "
+                              f"{', '.join(f'{v:.6g}' for v in found)}); no output type holds that without "
+                              f"requantizing (Q2_0 keeps one scale per {SCALE_BLOCK} values)")
+    return None, top.astype(np.float32)
 
 
 def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
@@ -179,31 +237,33 @@ def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
 
 # -- tasks ---------------------------------------------------------------------------------------
 
-def _reader(path: str) -> ReadRows:
-    arr = open_array(path, "r")
-    return lambda a, b: read_rows(arr, a, b)
-
-
 def codes_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: list, source_dtype: str,
                absmean: float | None) -> None:
-    open_array(out)[start:stop] = code_rows(_reader(src), start, stop, Recipe.from_json(recipe), tuple(shape),
-                                            source_dtype, absmean)
+    recipe = Recipe.from_json(recipe)
+    source = open_array(src, "r")
+
+    def read(a: int, b: int) -> np.ndarray:
+        block = read_rows(source, a, b)
+        if recipe.packed and (bad := invalid_packed_fields(block)):  # name the tensor, count the bad fields
+            raise corrupt_packed(source, bad, a, b)
+        return block
+    write_rows(out, start, stop, code_rows(read, start, stop, recipe, tuple(shape), source_dtype, absmean))
 
 
 def quarters_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: list, missing: list) -> None:
     """Packed rows [start, stop) -> the four output chunks (of rows stop - start) they hold."""
     recipe = Recipe.from_json(recipe)
-    packed = read_rows(open_array(src, "r"), start, stop)
-    if ((packed >> np.uint8(1)) & packed & np.uint8(0x55)).any():
-        raise CorruptCodes(f"packed field value 3 in rows {start}..{stop}")
+    source = open_array(src, "r")
+    packed = read_rows(source, start, stop)
+    if bad := invalid_packed_fields(packed):
+        raise corrupt_packed(source, bad, start, stop)
     quarters = quarters_from_packed(packed)
-    dest = open_array(out)
     quarter = shape[0] // 4
     for k in missing:
         block = quarters[k]
         if recipe.permute_heads:
             block = permute_heads(block, (stop - start) // recipe.row_multiple)
-        dest[k * quarter + start:k * quarter + stop] = block
+        write_rows(out, k * quarter + start, k * quarter + stop, block)
 
 
 def link_task(src: str, out: str, index: int) -> None:
@@ -211,7 +271,7 @@ def link_task(src: str, out: str, index: int) -> None:
 
 
 def copy_task(src: str, out: str, start: int, stop: int) -> None:
-    open_array(out)[start:stop] = read_rows(open_array(src, "r"), start, stop)
+    write_rows(out, start, stop, read_rows(open_array(src, "r"), start, stop))
 
 
 def run(ctx: StageContext) -> None:
@@ -229,9 +289,12 @@ def run(ctx: StageContext) -> None:
                 "recipe": recipe.as_json(), "shape": list(shape)}
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))
         if recipe.role != TERNARY:
-            # not rewritten: the same chunk files (pack encodes them in their output type), unless
-            # extract ran under a larger memory limit than this run's: then rows of this run's size
+            # not rewritten: the same checkpoint bytes, or the same chunk files (pack encodes them in
+            # their output type); chunks of this run's size (extract may have run under a larger limit)
             rows = ctx.budget.rows_per_chunk(src.shape)
+            if is_indexed(src):
+                index_array(group, name, src.shape, rows, src.dtype, base, copy_ref(src))
+                continue
             arr = ensure_array(group, name, src.shape, rows, src.dtype, base)
             same = rows == src.chunks[0] and is_raw(src) and is_raw(arr)
             done = written_chunks(arr)
@@ -245,7 +308,18 @@ def run(ctx: StageContext) -> None:
         stored = (shape[0], shape[1] // 4) if layout == LAYOUT_2BIT else shape
         arr = ensure_array(group, name, stored, rows, np.uint8 if layout == LAYOUT_2BIT else np.int8,
                            {**base, "code_layout": layout})
-        if "scale" not in arr.attrs:
+        if recipe.weights == GROUPED and "scale" not in arr.attrs:
+            mags = source[name + GROUP_SUFFIX]
+            try:
+                scale, blocks = group_scales(read_rows(mags, 0, mags.shape[0]), src.attrs["hf_name"])
+            except GroupScaleError as e:
+                raise GroupScaleError(f"{src.attrs['source_file']}: {e}") from None
+            if blocks is not None:
+                ensure_array(group, name + BLOCK_SCALES_SUFFIX, blocks.shape, blocks.shape[0], np.float32,
+                             {"of": name})
+                write_rows(array_path(ctx.output, name + BLOCK_SCALES_SUFFIX), 0, blocks.shape[0], blocks)
+            arr.attrs.update({"absmean": None, "scale": scale})
+        elif "scale" not in arr.attrs:
             absmean = None
             if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor
                 sums = source[name + SUMS_SUFFIX]

@@ -47,6 +47,14 @@ CHECKPOINTS = {
     "llama3-8b-packed-4l": ("llama3-1.58", dict(num_layers=4, **LLAMA3_8B)),
     "llama3-8b-packed-16l": ("llama3-1.58", dict(num_layers=16, **LLAMA3_8B)),
     "8b-bf16-master": ("1bitllm", dict(num_layers=32, dtype="bf16", **LLAMA3_8B)),
+    # 1bitLLM/bitnet_b1_58-xl (config.json: hidden 2048, FFN 5460, 24 layers, 32 heads, f16, tied):
+    # ffn_down's rows of 5460 values fall back to F16
+    "xl-f16": ("1bitllm", dict(hidden_size=2048, intermediate_size=5460, num_layers=24, num_heads=32,
+                               vocab_size=32002, dtype="f16")),
+    # prism-ml/Ternary-Bonsai-8B (Qwen3-8B: hidden 4096, FFN 12288, 36 layers, 32/8 heads, head_dim 128,
+    # vocab 151936, untied), fp16 projections with one scale per 128 values: Q2_0 only
+    "bonsai-8b": ("bonsai", dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                                 num_kv_heads=8, head_dim=128, vocab_size=151936)),
 }
 
 
@@ -77,6 +85,8 @@ CASES = {
     "llama3-8b-16l": Case("llama3-8b-packed-16l"),
     "large": Case("large-f32", reference="lazy"),
     "3B": Case("3B-f32", reference="lazy"),
+    "xl": Case("xl-f16", reference="lazy"),
+    "bonsai-8b": Case("bonsai-8b", "q2_0", note="group-scaled ternary, one scale per 128 values"),
 }
 
 
@@ -116,9 +126,27 @@ def run_ours(case: Case, model: Path, workdir: Path) -> dict:
     r = run_measuring_peak(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, interval=0.05)
     r["output"] = sum(tree_size(p) for p in out.parent.glob(out.stem + "*.gguf"))
     r["workdir"] = tree_size(work) if work.exists() else 0
+    r["stages"] = stage_figures(work)
     for p in (out, work):  # keep the disk free for the next run
         subprocess.run(["rm", "-rf", str(p)], check=True)
     return r
+
+
+def stage_figures(work: Path) -> str:
+    """Each stage's seconds (from the manifest) and the bytes its store holds on disk."""
+    import json
+
+    try:
+        stages = json.loads((work / "manifest.json").read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    parts = []
+    for stage in ("extract", "quantize", "pack", "assemble"):
+        seconds = stages.get(stage, {}).get("seconds")
+        store = work / f"{stage}.zarr"
+        held = f", {format_size(tree_size(store))}" if store.is_dir() else ""
+        parts.append(f"{stage} {seconds if seconds is not None else '?'} s{held}")
+    return "; ".join(parts)
 
 
 def run_reference(case: Case, model: Path, workdir: Path, python: str, src: Path) -> dict:
@@ -154,6 +182,7 @@ def main(argv=None) -> int:
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
 
+    load_before = os.getloadavg()
     rows = []
     last_use = {CASES[name].checkpoint: name for name in args.cases}
     for name in args.cases:
@@ -178,7 +207,10 @@ def main(argv=None) -> int:
 
     command = "python -m tests.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     lines = [f"\n## {datetime.date.today().isoformat()}\n",
-             f"Command: `{command.strip()}`  ", f"Machine: {machine()}\n",
+             f"Command: `{command.strip()}`  ", f"Machine: {machine()}  ",
+             "Load average (1, 5, 15 min; other processes share the cores when above about 0.5): "
+             f"{' '.join(f'{x:.1f}' for x in load_before)} at the start, "
+             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end\n",
              "| case | checkpoint | safetensors | converter | type | exit | peak RSS (process tree) | limit | "
              "wall time | output | run directory |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -187,6 +219,10 @@ def main(argv=None) -> int:
                      f"{r['exit']} | {format_size(r['peak'])} | {format_size(limit) if limit else '-'} | "
                      f"{r['seconds']:.0f} s | {format_size(r['output'])} | "
                      f"{format_size(r['workdir']) if r['workdir'] else '-'} |")
+    lines.append("")
+    for name, case, size, who, r, limit in rows:
+        if r.get("workdir"):
+            lines.append(f"- {name}: run directory {r['workdir'] / size:.2f}x the checkpoint; {r.get('stages', '')}")
     with open(RESULTS, "a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -3,8 +3,10 @@
 A kill point names a target and a fraction: the target is a stage (the kill lands once the
 run's log says it is in that stage and the given fraction of the stage's remaining work is on
 disk: chunk files under `<stage>.zarr/**/c/` for extract, quantize and pack, bytes of the
-temporary `.NAME.<8 hex>.partial` next to the output for assemble) or "time" (that fraction
-of a clean conversion's wall time after the start, wherever that falls). Where the process
+temporary `.NAME.<8 hex>.partial` next to the output for assemble), "index" (extract is
+running and that fraction of its index is on disk: the arrays' zarr.json files, then
+extract.refs.json; 0 aims before the index, 1 after it) or "time" (that fraction of a clean
+conversion's wall time after the start, wherever that falls). Where the process
 was when it died is read back from its log and manifest.json, so the report counts where
 kills landed, not where they were aimed.
 
@@ -24,7 +26,8 @@ from pathlib import Path
 
 STAGES = ("extract", "quantize", "pack", "assemble")
 CHUNK_STAGES = STAGES[:3]
-TARGETS = (*STAGES, "time")  # in this order in a chain: a timed kill can land anywhere, so it comes last
+TARGETS = ("index", *STAGES, "time")  # in this order in a chain: a timed kill can land anywhere, so it comes last
+INDEX_MOMENTS = ("before", "during", "after")  # where an "index" kill aims, in turn
 SEED_ENV = "BITNET_GGUF_KILL_SEED"
 DEFAULT_SEED = 1580
 SIGNAL_WEIGHTS = ((signal.SIGKILL, 6), (signal.SIGTERM, 2), (signal.SIGINT, 2))
@@ -77,16 +80,23 @@ def plan(rng: random.Random, n_kills: int, limits: tuple[str, ...], mixed_share:
     ones left. A mixed scenario runs some of its runs (interrupted or final) under another limit."""
     targets = [TARGETS[i % len(TARGETS)] for i in range(n_kills)]
     rng.shuffle(targets)
+    moments = iter(INDEX_MOMENTS * n_kills)
     scenarios = []
     while targets:
         size = min(_weighted(rng, CHAIN_WEIGHTS), len(targets))
         group, targets = sorted(targets[:size], key=TARGETS.index), targets[size:]
         mems = _memory_limits(rng, size + 1, limits, rng.random() < mixed_share)
-        kills = tuple(KillPoint(t, round(rng.uniform(0.0, 0.9), 3),
+        kills = tuple(KillPoint(t, _index_fraction(rng, next(moments)) if t == "index"
+                                else round(rng.uniform(0.0, 0.9), 3),
                                 signal.SIGKILL if t == "time" else _weighted(rng, SIGNAL_WEIGHTS), m)
                       for t, m in zip(group, mems))
         scenarios.append(Scenario(kills, mems[-1]))
     return scenarios
+
+
+def _index_fraction(rng: random.Random, moment: str) -> float:
+    """An "index" kill's fraction: 0 before the index, 1 after it, else between."""
+    return {"before": 0.0, "during": round(rng.uniform(0.1, 0.9), 3), "after": 1.0}[moment]
 
 
 # -- watching a run directory ------------------------------------------------------------
@@ -131,26 +141,47 @@ def where(work: Path, log: Path) -> str:
     return "between" if finished else "start"
 
 
+def _recorded(store: Path, rel: Path) -> bool:
+    """Whether the chunk file at `rel` (`<array>/c/<i>[/0]`) has the digest record that makes it
+    written (`<array>/digests/<i>`, pipeline/stores.py): without it, a rerun writes it again."""
+    parts = rel.parts
+    at = len(parts) - 1 - parts[::-1].index("c")
+    return (store.joinpath(*parts[:at]) / "digests" / parts[at + 1]).is_file()
+
+
 def chunk_files(store: Path) -> dict[str, tuple[int, int]]:
-    """Relative path -> (inode, mtime_ns) of every finished chunk file in a zarr store."""
+    """Relative path -> (inode, mtime_ns) of every finished (recorded) chunk file in a zarr store."""
     found = {}
     for root, _dirs, files in os.walk(store):
         rel = Path(root).relative_to(store)
         if "c" not in rel.parts:
             continue
         for f in files:
-            if not f.endswith(".partial"):
-                st = os.stat(os.path.join(root, f))
+            if not f.endswith(".partial") and _recorded(store, rel / f):
+                try:
+                    st = os.stat(os.path.join(root, f))
+                except FileNotFoundError:  # removed meanwhile (an array being redone)
+                    continue
                 found[str(rel / f)] = (st.st_ino, st.st_mtime_ns)
     return found
 
 
+def index_files(work: Path) -> int:
+    """Files of extract's index on disk: every array's zarr.json (not the group's), then the
+    reference set extract.refs.json."""
+    store = work / "extract.zarr"
+    n = sum(1 for p in store.glob("*/zarr.json")) if store.is_dir() else 0
+    return n + (work / "extract.refs.json").is_file()
+
+
+def index_moment(work: Path, ref: "Reference") -> str:
+    """Where extract's index was when a run died: "before" (none of it), "during", "after"."""
+    n = index_files(work)
+    return "before" if n == 0 else "after" if n >= ref.index_files else "during"
+
+
 def count_chunks(store: Path) -> int:
-    n = 0
-    for root, _dirs, files in os.walk(store):
-        if "c" in Path(root).relative_to(store).parts:
-            n += sum(1 for f in files if not f.endswith(".partial"))
-    return n
+    return len(chunk_files(store))
 
 
 def all_chunk_files(work: Path) -> dict[str, tuple[int, int]]:
@@ -169,6 +200,7 @@ class Reference:
     seconds: float
     chunks: dict[str, int]  # stage -> finished chunk files
     size: int  # of the GGUF
+    index_files: int = 0  # files of extract's index (index_files)
 
 
 # -- running and interrupting ----------------------------------------------------------------
@@ -212,6 +244,12 @@ def wait_for(proc: subprocess.Popen, kp: KillPoint, work: Path, out: Path, ref: 
         return _wait_until(proc, lambda: time.monotonic() >= moment, deadline)
     stage = kp.target
 
+    if stage == "index":
+        if not _wait_until(proc, lambda: progress(log)[0] == "extract" or _past("extract", log), deadline):
+            return False
+        goal = kp.fraction * ref.index_files
+        return _wait_until(proc, lambda: index_files(work) >= goal or progress(log)[0] != "extract", deadline)
+
     def in_stage() -> bool:
         return progress(log)[0] == stage
     if not _wait_until(proc, lambda: in_stage() or _past(stage, log), deadline):
@@ -240,6 +278,7 @@ class Kill:
     landed: str  # where(work) after the process died, or "finished" (it ended first)
     returncode: int
     seconds: float
+    index: str = ""  # an "index" kill: index_moment when it died
     stderr: str = field(repr=False, default="")
 
 
@@ -259,7 +298,8 @@ def interrupt(root: Path, model: Path, out: Path, work: Path, kp: KillPoint, ref
             proc.kill()
             proc.wait()
     landed = where(work, log) if reached and rc != 0 else "finished"
-    return Kill(kp, landed, rc, time.monotonic() - started, log.read_text(errors="replace"))
+    index = index_moment(work, ref) if kp.target == "index" and landed != "finished" else ""
+    return Kill(kp, landed, rc, time.monotonic() - started, index, log.read_text(errors="replace"))
 
 
 def chunk_identity(work: Path, key: str) -> tuple[int, int] | None:
@@ -282,10 +322,19 @@ def _row_chunk(key: str) -> tuple[str, str, int]:
 def beside_unfinished_chunk(work: Path, key: str, snapshot: dict[str, tuple[int, int]]) -> bool:
     """Whether the chunk `key` is in a side array (`<tensor>.<suffix>`: per-row sums or maxima)
     whose tensor's chunk of the same rows was not on disk in `snapshot`. The task that writes both
-    was unfinished, so a rerun does it again, side chunk included."""
+    was unfinished, so a rerun does it again, side chunk included. A tensor that indexes the
+    checkpoint (extract writes no chunk of it) excuses nothing: the side chunk is its task's
+    only output."""
     stage, array, row = _row_chunk(key)
     parts = array.split(".")
     tensors = [".".join(parts[:n]) for n in range(1, len(parts))]
     done = {_row_chunk(k) for k in snapshot}
-    return any((work / f"{stage}.zarr" / t / "zarr.json").is_file() and (stage, t, row) not in done
-               for t in tensors)
+    return any(_copied(work / f"{stage}.zarr" / t / "zarr.json") and (stage, t, row) not in done for t in tensors)
+
+
+def _copied(metadata: Path) -> bool:
+    """An array whose zarr.json exists and that holds chunk files of its own (no source_ref)."""
+    try:
+        return "source_ref" not in json.loads(metadata.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False

@@ -33,6 +33,11 @@ checkpoint stores them (Hugging Face's rotary layout, no q/k permutation):
   / `ffn_sub_norm`, tied output.
 - `LlamaForCausalLM` (HF1BitLLM, Falcon3): transformers' modeling_llama: silu, no sub-norms,
   untied lm_head when the checkpoint has one, head_dim from config.json when it names one.
+- `Qwen3ForCausalLM` (PrismML Ternary-Bonsai): transformers' modeling_qwen3: as Llama, plus an
+  RMSNorm over each head of q and of k (`self_attn.q_norm` / `k_norm`, weight of head_dim)
+  before rope. Its projections are stored already ternary, {-s, 0, +s} with one s per group of
+  columns: `effective_weights` checks that (every run of 32 values of a row holds one non-zero
+  magnitude at most) and returns them as stored.
 
 The options mirror what a GGUF stores: `embed_dtype=np.float16` for an F16 `token_embd`
 (and `output`), `ternary_dtype=np.float16` for TQ1_0/TQ2_0 blocks (their scale is an fp16,
@@ -151,6 +156,25 @@ def packed_weight(packed: np.ndarray, weight_scale, direction: str, ternary_dtyp
     return w.astype(ternary_dtype).astype(np.float64)
 
 
+GROUP_CHECK = 32  # every group size in use (64, 128) is a multiple
+
+
+def group_ternary(w: np.ndarray, name: str) -> np.ndarray:
+    """The stored weight, after checking it is {-s, 0, +s} with one s per run of GROUP_CHECK values."""
+    a = np.abs(np.asarray(w, dtype=np.float64))
+    rows, cols = a.shape
+    for r in range(rows):
+        for g in range(0, cols, GROUP_CHECK):
+            mags = set(a[r, g:g + GROUP_CHECK].tolist()) - {0.0}
+            if len(mags) > 1:
+                raise ValueError(f"{name}: row {r}, columns {g}..{g + GROUP_CHECK - 1} are not ternary")
+    return np.asarray(w, dtype=np.float64)
+
+
+# architectures whose float projections are stored already ternary (one scale per group)
+GROUP_SCALED = ("Qwen3ForCausalLM",)
+
+
 def _is_projection(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith(tuple(p + ".weight" for p in PROJECTIONS))
 
@@ -164,6 +188,7 @@ def effective_weights(model_dir, ternary_dtype=np.float32) -> dict[str, np.ndarr
     as stored."""
     config, tensors = load_checkpoint(model_dir)
     direction = scale_direction(config)
+    grouped = config["architectures"][0] in GROUP_SCALED
     out = {}
     for name, w in tensors.items():
         if name.endswith(".weight_scale"):
@@ -172,6 +197,8 @@ def effective_weights(model_dir, ternary_dtype=np.float32) -> dict[str, np.ndarr
             if direction is None or name + "_scale" not in tensors:
                 raise ValueError(f"{name}: packed uint8 weights need quant_method bitnet and a {name}_scale tensor")
             out[name] = packed_weight(w, tensors[name + "_scale"], direction, ternary_dtype)
+        elif _is_projection(name) and grouped:
+            out[name] = group_ternary(w, name)
         elif _is_projection(name):
             if name + "_scale" in tensors:
                 raise ValueError(f"{name}: a float weight with a weight_scale is not a known layout")
@@ -236,7 +263,9 @@ ARCHITECTURES: dict[str, tuple[Callable[[np.ndarray], np.ndarray], tuple[str, st
     "BitnetForCausalLM": (silu, ("self_attn.inner_attn_ln", "mlp.ffn_layernorm")),
     "BitNetForCausalLM": (relu2, ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")),
     "LlamaForCausalLM": (silu, None),
+    "Qwen3ForCausalLM": (silu, None),
 }
+QK_NORM = ("Qwen3ForCausalLM",)  # RMSNorm over each head of q and k before rope
 
 
 # -- forward -----------------------------------------------------------------------------------------
@@ -272,6 +301,9 @@ def forward(model_dir, tokens: list[int], embed_dtype=None, ternary_dtype=np.flo
         q = (h @ w["self_attn.q_proj"].T).reshape(len(tokens), n_head, head_dim)
         k = (h @ w["self_attn.k_proj"].T).reshape(len(tokens), n_head_kv, head_dim)
         v = (h @ w["self_attn.v_proj"].T).reshape(len(tokens), n_head_kv, head_dim)
+        if arch in QK_NORM:
+            q = rms_norm(q, norms[p + "self_attn.q_norm.weight"], eps)
+            k = rms_norm(k, norms[p + "self_attn.k_norm.weight"], eps)
         a = causal_attention(rope_neox(q, positions, theta), rope_neox(k, positions, theta), v)
         if sub_norms:
             a = rms_norm(a, norms[p + sub_norms[0] + ".weight"], eps)

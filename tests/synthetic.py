@@ -14,6 +14,14 @@ sections 0 and 4):
     2b4t         microsoft/bitnet-b1.58-2B-4T: BitNetForCausalLM, packed projections
                  (AutoBitLinear offline: W = codes * scale), relu2, sub-norms, tied
     2b4t-bf16    microsoft/bitnet-b1.58-2B-4T-bf16: the same with bf16 master weights
+    falcon-e     tiiuae/Falcon-E-*: packed like falcon3-1.58 as onebitllms' quantize_to_1bit writes it
+                 (weight_scale = 1 / absmean, so tens; modules_to_not_convert ["lm_head"])
+    falcon-e-prequantized
+                 tiiuae/Falcon-E-* revision "prequantized": LlamaForCausalLM, bf16 master weights,
+                 no quantization_config, is_bitnet_config true
+    bonsai       prism-ml/Ternary-Bonsai-*-unpacked: Qwen3ForCausalLM (q/k norms), fp16 projections
+                 already ternary, {-s, 0, +s} with one s per group of 128 values of a row
+                 (`group_size`; 0: one s per tensor)
 
 Every tensor is generated and written a row chunk at a time (packed ones too), so a
 1 GiB embedding costs a few MiB of memory. The same arguments give the same bytes.
@@ -126,10 +134,35 @@ def packed_chunks(name: str, shape: tuple[int, int], seed: int) -> Iterator[np.n
         yield np.bitwise_or.reduce(fields << shifts, axis=1)
 
 
-def weight_scale_chunks(name: str, seed: int) -> Iterator[np.ndarray]:
-    """The one value of a `<proj>.weight_scale` tensor, in WEIGHT_SCALE_RANGE."""
-    low, high = WEIGHT_SCALE_RANGE
+def weight_scale_chunks(name: str, seed: int, value_range=WEIGHT_SCALE_RANGE) -> Iterator[np.ndarray]:
+    """The one value of a `<proj>.weight_scale` tensor, in `value_range`."""
+    low, high = value_range
     yield np.array([low + (high - low) * _tensor_rng(seed, name).random()], dtype=np.float32)
+
+
+# Group-scaled projections: each group's scale from this range (fp16-exact), the codes as packed ones.
+GROUP_SCALE_RANGE = (0.01, 0.05)
+
+
+def grouped_chunks(name: str, shape: tuple[int, int], seed: int, group: int) -> Iterator[np.ndarray]:
+    """float32 rows of a group-scaled ternary weight: codes in {-1, 0, +1} times one fp16-exact
+    scale per `group` values of a row (0: one scale for the whole tensor)."""
+    rng = _tensor_rng(seed, name)
+    low, high = ZERO_FRACTION_RANGE
+    zeros = low + (high - low) * rng.random()
+    n_rows, n_cols = shape
+    slow, shigh = GROUP_SCALE_RANGE
+    whole = np.float32(np.float16(slow + (shigh - slow) * rng.random()))
+    rows_per_chunk = max(1, CHUNK_ELEMS // max(n_cols, 1))
+    for start in range(0, n_rows, rows_per_chunk):
+        rows = min(rows_per_chunk, n_rows - start)
+        u = rng.random((rows, n_cols), dtype=np.float32)
+        codes = (u >= (1 - zeros) / 2).astype(np.float32) + (u >= (1 + zeros) / 2).astype(np.float32) - 1
+        if group:
+            scales = rng.uniform(slow, shigh, (rows, n_cols // group)).astype(np.float16).astype(np.float32)
+            yield (codes.reshape(rows, -1, group) * scales[..., None]).reshape(rows, n_cols)
+        else:
+            yield codes * whole
 
 
 def bf16_bits(values: np.ndarray) -> np.ndarray:
@@ -296,6 +329,51 @@ def _falcon3_bitnet_config(h: Hparams) -> dict:
     return dict(sorted(config.items()))
 
 
+def _falcon_e_config(h: Hparams, packed: bool) -> dict:
+    # tiiuae/Falcon-E-*: what onebitllms' quantize_to_1bit writes over the source Llama config
+    # (is_bitnet_config, pretraining_tp 1, quantization_config with modules_to_not_convert
+    # from transformers' get_keys_to_not_convert: ["lm_head"] for an untied head). The
+    # prequantized revision is the same Llama config without quantization_config (whether
+    # it carries is_bitnet_config is unverified; the converter needs it, see families.md).
+    config = _falcon3_bitnet_config(h)
+    if not packed:
+        del config["quantization_config"]
+    return config
+
+
+def _qwen3_config(h: Hparams) -> dict:
+    # Qwen3-8B's config.json keys (prism-ml/Ternary-Bonsai-8B: Qwen3-8B, 36 layers, 32/8 heads);
+    # no rope scaling, untied head
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": h.bos_token_id,
+        "eos_token_id": h.eos_token_id,
+        "head_dim": h.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": h.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": h.intermediate_size,
+        "max_position_embeddings": h.max_position_embeddings,
+        "max_window_layers": h.num_layers,
+        "num_attention_heads": h.num_heads,
+        "num_hidden_layers": h.num_layers,
+        "num_key_value_heads": h.num_kv_heads,
+        "rms_norm_eps": h.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": h.rope_theta,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": TORCH_DTYPE[h.dtype],
+        "transformers_version": "4.51.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": h.vocab_size,
+    }
+
+
 def _bitnet_2b4t_config(h: Hparams, packed: bool) -> dict:
     # microsoft/bitnet-b1.58-2B-4T(-bf16); its auto_map (remote code) is left out
     config = {
@@ -337,6 +415,9 @@ class Family:
     tokenizer: str                         # "sentencepiece" (tokenizer.model) or "bpe" (tokenizer.json)
     head_dim_key: bool                     # config.json has head_dim (which may differ from hidden/heads)
     special_tokens: tuple[str, str] = ("<s>", "</s>")  # (bos, eos) token strings
+    weight_scale_range: tuple[float, float] = WEIGHT_SCALE_RANGE  # packed: where weight_scale values lie
+    grouped: bool = False                  # float projections already ternary, one scale per group
+    qk_norm: bool = False                  # self_attn.q_norm / k_norm (Qwen3)
     defaults: dict = field(default_factory=dict)        # rope_theta, rms_norm_eps, max_position_embeddings, dtype
 
 
@@ -371,6 +452,22 @@ FAMILIES: dict[str, Family] = {
         special_tokens=("<|begin_of_text|>", "<|end_of_text|>"),
         defaults=dict(rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=4096, dtype="bf16",
                       tokenizer_vocab=400)),
+    "falcon-e": Family(
+        config=lambda h: _falcon_e_config(h, packed=True), packed=True, sub_norms=None, lm_head=True,
+        tokenizer="bpe", head_dim_key=True, special_tokens=("<|begin_of_text|>", "<|end_of_text|>"),
+        weight_scale_range=(16.0, 64.0),  # 1 / absmean of weights of std 0.02-0.05
+        defaults=dict(rope_theta=1000042, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
+                      tokenizer_vocab=400)),
+    "falcon-e-prequantized": Family(
+        config=lambda h: _falcon_e_config(h, packed=False), packed=False, sub_norms=None, lm_head=True,
+        tokenizer="bpe", head_dim_key=True, special_tokens=("<|begin_of_text|>", "<|end_of_text|>"),
+        defaults=dict(rope_theta=1000042, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
+                      tokenizer_vocab=400)),
+    "bonsai": Family(
+        config=_qwen3_config, packed=False, sub_norms=None, lm_head=True, tokenizer="bpe", head_dim_key=True,
+        special_tokens=("<|begin_of_text|>", "<|end_of_text|>"), grouped=True, qk_norm=True,
+        defaults=dict(rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=65536, dtype="f16",
+                      tokenizer_vocab=400, group_size=128)),
 }
 
 PROJECTION_ROLES = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
@@ -380,10 +477,11 @@ PROJECTION_ROLES = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "sel
 
 # -- checkpoint layout --------------------------------------------------------------------
 
-def family_tensor_specs(family: Family, h: Hparams) -> list[tuple[str, tuple[int, ...], str, str]]:
+def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0) -> list[tuple[str, tuple[int, ...], str, str]]:
     """(name, shape, role, stored dtype) of every tensor, in the order transformers saves them.
 
-    role is a VALUE_PROFILE key, "packed" (uint8 codes, shape (out/4, in)) or "weight_scale".
+    role is a VALUE_PROFILE key, "packed" (uint8 codes, shape (out/4, in)), "weight_scale" or
+    "grouped:G" (ternary floats, one scale per G values of a row).
     """
     q_dim, kv_dim = h.num_heads * h.head_dim, h.num_kv_heads * h.head_dim
     proj_shapes = {"self_attn.q_proj": (q_dim, h.hidden_size), "self_attn.k_proj": (kv_dim, h.hidden_size),
@@ -395,6 +493,8 @@ def family_tensor_specs(family: Family, h: Hparams) -> list[tuple[str, tuple[int
 
     def projection(p: str, proj: str) -> list:
         (out_dim, in_dim), name = proj_shapes[proj], p + proj + ".weight"
+        if family.grouped:
+            return [(name, (out_dim, in_dim), f"grouped:{group_size}", h.dtype)]
         if not family.packed:
             return [(name, (out_dim, in_dim), PROJECTION_ROLES[proj], h.dtype)]
         return [(name, (out_dim // 4, in_dim), "packed", "u8"), (name + "_scale", (1,), "weight_scale", h.dtype)]
@@ -405,6 +505,9 @@ def family_tensor_specs(family: Family, h: Hparams) -> list[tuple[str, tuple[int
         specs.append((p + "input_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
         for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"):
             specs += projection(p, proj)
+        if family.qk_norm:
+            specs += [(p + "self_attn.q_norm.weight", (h.head_dim,), "norm", h.dtype),
+                      (p + "self_attn.k_norm.weight", (h.head_dim,), "norm", h.dtype)]
         if attn_sub:
             specs.append((p + attn_sub + ".weight", (q_dim,), "norm", h.dtype))
         specs.append((p + "post_attention_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
@@ -464,7 +567,7 @@ def _check_shape(family_name: str, family: Family, *, hidden_size, intermediate_
 def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, intermediate_size=512,
                      num_layers=2, num_heads=4, num_kv_heads=None, head_dim=None, vocab_size=None,
                      tokenizer_vocab=None, dtype=None, shards=1, seed=0, rope_theta=None, rms_norm_eps=None,
-                     max_position_embeddings=None, added_tokens=False) -> Path:
+                     max_position_embeddings=None, added_tokens=False, group_size=None) -> Path:
     """Write a random checkpoint of `family` (a FAMILIES key) into `out_dir` and return its path.
 
     `dtype` is the stored type of every float tensor (master projections, embedding,
@@ -478,6 +581,8 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
     `added_tokens` (1bitllm only) also writes added_tokens.json and tokenizer_config.json's
     added_tokens_decoder (special and plain tokens, one beyond vocab_size) and a
     pad_token_id, the way fine-tuned checkpoints extend a SentencePiece vocabulary.
+    `group_size` (group-scaled families, default the family's): values per scale along a row,
+    0 for one scale per tensor.
     """
     if family not in FAMILIES:
         raise OptionError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
@@ -501,6 +606,12 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
             _positive_int(label, value)
     head_dim = _check_shape(family, fam, hidden_size=hidden_size, intermediate_size=intermediate_size,
                             num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    group_size = d.get("group_size", 0) if group_size is None else group_size
+    if group_size and not fam.grouped:
+        raise OptionError(f"group_size: only group-scaled families take it, not {family}")
+    if fam.grouped and group_size and (hidden_size % group_size or intermediate_size % group_size
+                                       or (num_heads * head_dim) % group_size):
+        raise OptionError(f"group_size {group_size} must divide every projection's row length")
     if added_tokens and fam.tokenizer != "sentencepiece":
         raise OptionError(f"added_tokens: only SentencePiece families take them, not {family}")
 
@@ -518,7 +629,7 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
 
     hp = Hparams(hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size,
                  max_position_embeddings, rms_norm_eps, rope_theta, dtype, bos_id, eos_id)
-    specs = family_tensor_specs(fam, hp)
+    specs = family_tensor_specs(fam, hp, group_size)
     if shards > len(specs):
         raise OptionError(f"shards {shards}: the checkpoint has only {len(specs)} tensors")
 
@@ -535,7 +646,7 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
     for k, fname in enumerate(files):
         # Within a file, safetensors orders tensors by name ("layers.10" before "layers.2").
         members = sorted((s for s, sh in zip(specs, shard_of) if sh == k), key=lambda s: s[0])
-        entries = [(name, shape, _chunk_source(name, shape, role, seed), dt) for name, shape, role, dt in members]
+        entries = [(name, shape, _chunk_source(name, shape, role, seed, fam), dt) for name, shape, role, dt in members]
         total += write_safetensors(out / fname, entries, dtype)
         weight_map.update({name: fname for name, *_ in members})
     if shards > 1:
@@ -581,11 +692,13 @@ def write_2b4t_bf16_checkpoint(out_dir, **kw) -> Path:
     return write_checkpoint(out_dir, "2b4t-bf16", **kw)
 
 
-def _chunk_source(name, shape, role, seed) -> Callable[[], Iterator[np.ndarray]]:
+def _chunk_source(name, shape, role, seed, family: Family) -> Callable[[], Iterator[np.ndarray]]:
     if role == "packed":
         return lambda: packed_chunks(name, shape, seed)
     if role == "weight_scale":
-        return lambda: weight_scale_chunks(name, seed)
+        return lambda: weight_scale_chunks(name, seed, family.weight_scale_range)
+    if role.startswith("grouped:"):
+        return lambda: grouped_chunks(name, shape, seed, int(role.split(":")[1]))
     return lambda: tensor_chunks(name, shape, role, seed)
 
 
@@ -783,6 +896,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rope-theta", type=float, default=None, help="default: the family's")
     p.add_argument("--rms-norm-eps", type=float, default=None, help="default: the family's")
     p.add_argument("--max-position-embeddings", type=int, default=None, help="default: the family's")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="bonsai: values per scale along a row (default 128; 0: one scale per tensor)")
     return p
 
 

@@ -245,8 +245,39 @@ def test_unknown_quantization_configs_are_refused(tmp_path, out, quant, needle):
 
 def test_llama_without_a_bitnet_quantization_config_is_not_a_bitnet_model(tmp_path, out):
     model = packed_model(tmp_path)
+    rewrite_config(model, quantization_config=None, is_bitnet_config=None)
+    expect_refusal(model, out, "config.json", "not a BitNet model", "is_bitnet_config")
+
+
+def test_packed_weights_under_a_master_weight_config_are_refused(tmp_path, out):
+    """is_bitnet_config without quantization_config means master weights (Falcon-E prequantized):
+    uint8 projections there are named, not unpacked as floats."""
+    model = packed_model(tmp_path)
     rewrite_config(model, quantization_config=None)
-    expect_refusal(model, out, "config.json", "not a BitNet model")
+    expect_refusal(model, out, "model.safetensors", "q_proj.weight is U8", "needs float weights")
+
+
+def test_prequantized_llama_without_the_marker_is_refused(tmp_path, out):
+    from tests.synthetic import write_checkpoint
+
+    model = write_checkpoint(tmp_path / "m", "falcon-e-prequantized", hidden_size=256, intermediate_size=512,
+                             num_layers=1)
+    rewrite_config(model, is_bitnet_config=False)
+    expect_refusal(model, out, "config.json", "not a BitNet model", "add \"is_bitnet_config\": true")
+
+
+def test_prequantized_llama_missing_a_norm_is_refused(tmp_path, out):
+    from tests.synthetic import write_checkpoint
+
+    model = write_checkpoint(tmp_path / "m", "falcon-e-prequantized", hidden_size=256, intermediate_size=512,
+                             num_layers=1)
+    name = "model.layers.0.post_attention_layernorm.weight"
+
+    def drop(header, data):
+        del header[name]
+        return header, data
+    edit_safetensors(model / "model.safetensors", drop)
+    expect_refusal(model, out, name, "missing")
 
 
 @pytest.mark.parametrize("family", ["llama3-1.58", "2b4t"])

@@ -99,6 +99,22 @@ def test_tq_encode_matches_gguf(codec, codes, scale):
 
 
 @pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+@given(codes=code_matrices(), seed=st.integers(0, 2**32 - 1))
+def test_tq_encode_takes_one_scale_per_block(codec, codes, seed):
+    """Group-scaled tensors whose scale is constant over each 256-value block: one scale per block,
+    the same bytes as gguf's quantizer on the values."""
+    rows, nb = codes.shape[0], codes.shape[1] // QK_K
+    scales = np.random.default_rng(seed).uniform(1e-3, 10, (rows, nb)).astype(np.float16).astype(np.float32)
+    values = (codes.reshape(rows, nb, QK_K) * scales[..., None]).reshape(codes.shape).astype(np.float32)
+    want = gq.quantize(values, codec.ggml_type)
+    np.testing.assert_array_equal(codec.encode(codes, scales), want)
+    if codec is TQ2_0:
+        from pipeline.codecs import pack_fields
+
+        np.testing.assert_array_equal(codec.encode_codes(pack_fields((codes + 1).astype(np.uint8)), scales), want)
+
+
+@pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
 @pytest.mark.parametrize("scale", [np.float32(1e-5), np.float32(1.0), np.float32(0.1), np.float32(65504),
                                    np.float32(65519), *fp16_ties()])
 def test_tq_encode_special_scales(codec, scale):
@@ -341,9 +357,9 @@ def test_registry():
     from pipeline.outtypes import EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES
 
     assert set(CODECS) == set(OUTPUT_TYPES) == {"tq2_0", "tq1_0", "i2_s", "i2_s_arm", "tl1", "tl2", "f16", "bf16",
-                                                "f32", "q8_0"}
+                                                "f32", "q8_0", "q2_0"}
     # --type: the ternary types, and the float types of the effective weights (as llama.cpp's --outtype)
-    assert TERNARY_CHOICES == ("tq2_0", "tq1_0", "i2_s", "tl1", "tl2", "f16", "bf16", "f32", "q8_0")
+    assert set(TERNARY_CHOICES) == {"tq2_0", "tq1_0", "i2_s", "tl1", "tl2", "q2_0", "f16", "bf16", "f32", "q8_0"}
     assert set(EMBEDDING_CHOICES) == {"f16", "bf16", "f32", "q8_0"}
     file_types = {"tq2_0": LlamaFileType.MOSTLY_TQ2_0, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
                   "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "f32": LlamaFileType.ALL_F32,
@@ -360,8 +376,87 @@ def test_registry():
         if name in ("tl1", "tl2"):  # TL-FORMAT.md: types 38 / 39, file types 38 / 39, ARM / x86
             assert (t.ggml_type, t.file_type, t.target) == {"tl1": (38, 38, "arm"), "tl2": (39, 39, "x86")}[name]
             continue
+        if name == "q2_0":  # newer than the gguf package here; llama.cpp 0.3.36's gguf-py constants.py:
+            # Q2_0 = 42, MOSTLY_Q2_0 = 41, GGML_QUANT_SIZES[Q2_0] = (64, 2 + 16)
+            assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.codec.tail_size(), t.target) \
+                == (42, 41, 64, 18, 0, None)
+            continue
         gtype = GGMLQuantizationType[name.upper()]
         assert t.ggml_type == gtype
         assert (t.block_size, t.codec.type_size) == GGML_QUANT_SIZES[gtype]
         assert t.file_type == file_types[name] and t.codec.tail_size() == 0 and t.target is None
-    assert [k for k, v in CODECS.items() if v.ternary] == ["tq2_0", "tq1_0", "i2_s", "i2_s_arm", "tl1", "tl2"]
+    assert [k for k, v in CODECS.items() if v.ternary] == ["tq2_0", "tq1_0", "i2_s", "i2_s_arm", "tl1", "tl2", "q2_0"]
+
+
+# -- Q2_0 (upstream llama.cpp, type 42) ---------------------------------------------------------
+
+def q2_0_reference_quantize(values: np.ndarray) -> bytes:
+    """llama.cpp's quantize_row_q2_0_ref (ggml-quants.c of the llama-cpp-python 0.3.36 sdist),
+    transcribed element by element: per block of 64, d = max|x| (fp16, first 2 bytes),
+    q = clamp(round(x / d) + 1, 0, 3) (roundf: half away from zero), value j in byte j // 4
+    at bits 2 * (j % 4)."""
+    out = bytearray()
+    for row in np.asarray(values, dtype=np.float32):
+        for b in range(0, len(row), 64):
+            block = row[b:b + 64]
+            d = max(abs(float(x)) for x in block)
+            inv = 1.0 / np.float32(d) if d > 0 else 0.0
+            out += struct.pack("<e", d)
+            qs = [0] * 16
+            for j, x in enumerate(block):
+                v = float(np.float32(x) * np.float32(inv))
+                q = int(np.floor(abs(v) + 0.5)) * (1 if v >= 0 else -1) + 1
+                qs[j // 4] |= min(max(q, 0), 3) << (2 * (j % 4))
+            out += bytes(qs)
+    return bytes(out)
+
+
+def q2_0_reference_decode(raw: bytes, rows: int, cols: int) -> np.ndarray:
+    """dequantize_row_q2_0, transcribed: x = (q - 1) * d, 00 = -1, 01 = 0, 10 = +1, 11 = +2."""
+    out = np.empty((rows, cols), np.float32)
+    pos = 0
+    for r in range(rows):
+        for b in range(0, cols, 64):
+            (d,) = struct.unpack("<e", raw[pos:pos + 2])
+            for j in range(64):
+                q = (raw[pos + 2 + j // 4] >> (2 * (j % 4))) & 3
+                out[r, b + j] = (q - 1) * np.float32(d)
+            pos += 18
+    return out
+
+
+@given(codes=code_matrices(block=64), scale=fp16_scale)
+def test_q2_0_matches_llama_cpps_reference_quantizer(codes, scale):
+    from pipeline.codecs import Q2_0
+
+    ours = Q2_0.encode(codes, np.float32(scale))
+    assert ours.shape == (codes.shape[0], codes.shape[1] // 64 * 18)
+    assert ours.tobytes() == q2_0_reference_quantize(codes * np.float32(scale))
+    np.testing.assert_array_equal(Q2_0.decode(ours), q2_0_reference_decode(ours.tobytes(), *codes.shape))
+    np.testing.assert_array_equal(Q2_0.decode(ours), codes * np.float32(np.float16(scale)))
+
+
+@given(codes=code_matrices(block=64), seed=st.integers(0, 2**32 - 1))
+def test_q2_0_takes_one_scale_per_block(codes, seed):
+    """A group-scaled tensor: each 64-value block keeps its own scale, losslessly."""
+    from pipeline.codecs import Q2_0
+
+    rows, nb = codes.shape[0], codes.shape[1] // 64
+    scales = np.random.default_rng(seed).uniform(1e-3, 10, (rows, nb)).astype(np.float16).astype(np.float32)
+    values = (codes.reshape(rows, nb, 64) * scales[..., None]).reshape(codes.shape)
+    ours = Q2_0.encode(codes, scales)
+    assert ours.tobytes() == q2_0_reference_quantize(values)
+    np.testing.assert_array_equal(Q2_0.decode(ours), values)
+
+
+def test_q2_0_code_layout_path_and_rejections():
+    from pipeline.codecs import Q2_0, pack_fields
+
+    codes = make_codes(np.random.default_rng(3), [["random", "zero"], ["sparse", "max_and_min"]], block=64)
+    packed = pack_fields((codes + 1).astype(np.uint8))
+    assert Q2_0.encode_codes(packed, np.float32(0.5)).tobytes() == Q2_0.encode(codes, np.float32(0.5)).tobytes()
+    assert not Q2_0.supports(96) and Q2_0.supports(64) and Q2_0.row_bytes(128) == 36
+    with pytest.raises(CodecError):
+        Q2_0.encode(np.zeros((1, 96), np.int8), np.float32(1))
+    with pytest.raises(CodecError):
+        Q2_0.encode(np.zeros((2, 128), np.int8), np.ones((2, 3), np.float32))

@@ -29,6 +29,9 @@ FAMILY_FACTS = {
     "falcon3-1.58": ("llama", True, True),
     "2b4t": ("bitnet-b1.58", False, False),
     "2b4t-bf16": ("bitnet-b1.58", False, False),
+    "falcon-e": ("llama", True, True),
+    "falcon-e-prequantized": ("llama", True, True),
+    "bonsai": ("qwen3", False, True),
 }
 
 CASES = {
@@ -40,6 +43,19 @@ CASES = {
     "falcon3-head-dim": ("falcon3-1.58", dict(num_heads=4, num_kv_heads=1, head_dim=128, seed=2)),
     "2b4t": ("2b4t", dict(num_heads=4, num_kv_heads=1, seed=3)),
     "2b4t-bf16-sharded": ("2b4t-bf16", dict(num_heads=4, num_kv_heads=2, shards=2, seed=4)),
+    # onebitllms' quantize_to_1bit layout (Falcon-E main revision): weight_scale = 1 / absmean
+    "falcon-e": ("falcon-e", dict(num_heads=4, num_kv_heads=2, head_dim=128, seed=9)),
+    # Falcon-E prequantized revision: bf16 master weights of a Llama, absmean, q/k permuted
+    "falcon-e-prequantized": ("falcon-e-prequantized", dict(num_heads=4, num_kv_heads=1, shards=2, seed=10)),
+    # 1bitLLM bitnet_b1_58-xl's shape scaled down (hidden 2048 -> 256, FFN 5460 -> 340: a multiple
+    # of 4 but not of 8, 32, 128 or 256, like 5460): ffn_down's rows cannot be TQ/I2_S -> F16
+    "1bitllm-xl-shape": ("1bitllm", dict(hidden_size=256, intermediate_size=340, num_heads=4, dtype="f16",
+                                         seed=11)),
+    # PrismML Ternary-Bonsai-like (Qwen3, q/k norms, fp16 ternary projections), one scale per
+    # group of 128 values of a row (Q2_0 only), per 64, or one per tensor (every type)
+    "bonsai": ("bonsai", dict(num_heads=4, num_kv_heads=2, head_dim=64, seed=15)),
+    "bonsai-g64": ("bonsai", dict(num_heads=4, num_kv_heads=1, group_size=64, shards=2, seed=16)),
+    "bonsai-uniform": ("bonsai", dict(num_heads=4, num_kv_heads=2, group_size=0, seed=17)),
 }
 
 HF_TO_GGUF = {
@@ -49,6 +65,7 @@ HF_TO_GGUF = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "self_attn.inner_attn_ln": "attn_sub_norm", "mlp.ffn_layernorm": "ffn_sub_norm",
     "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
 }
 
 
@@ -99,7 +116,8 @@ def converted(tmp_path_factory):
     return get
 
 
-PARAMS = [(c, t) for c in CASES for t in ("tq2_0", "tq1_0")]
+GROUP_SCALED = ("bonsai", "bonsai-g64")  # the scale changes along rows: only Q2_0 holds them
+PARAMS = [(c, t) for c in CASES if c not in GROUP_SCALED for t in ("tq2_0", "tq1_0")]
 
 
 @pytest.mark.parametrize("case,out_type", PARAMS, ids=[f"{c}-{t}" for c, t in PARAMS])
@@ -125,7 +143,9 @@ def test_every_tensor_decodes_to_the_checkpoints_effective_weights(converted, ca
             heads = config["num_attention_heads"] if "attn_q" in name else config["num_key_value_heads"]
             w = llama_permute(w, heads)
         projection = w.ndim == 2 and name not in ("token_embd.weight", "output.weight")
-        assert t.tensor_type == (ternary_type if projection else
+        # rows that are not whole 256-value blocks are F16, as llama.cpp's converter writes them
+        whole_blocks = w.ndim == 2 and w.shape[1] % 256 == 0
+        assert t.tensor_type == (ternary_type if projection and whole_blocks else
                                  gguf.GGMLQuantizationType.F16 if w.ndim == 2 else gguf.GGMLQuantizationType.F32), name
         np.testing.assert_array_equal(tensor_values(t), expected_tensor(name, w, t.tensor_type, config), err_msg=name)
 
@@ -147,7 +167,8 @@ def decode_i2s_reference(raw: bytes, shape: tuple[int, ...]) -> tuple[np.ndarray
     return (codes * scale).reshape(shape), scale, raw[n // 4 + 4:]
 
 
-I2S_CASES = ["1bitllm-f16", "llama3", "falcon3-head-dim", "2b4t", "2b4t-bf16-sharded"]
+I2S_CASES = ["1bitllm-f16", "llama3", "falcon3-head-dim", "2b4t", "2b4t-bf16-sharded", "falcon-e",
+             "falcon-e-prequantized", "1bitllm-xl-shape", "bonsai-uniform"]
 
 
 @pytest.mark.parametrize("case", I2S_CASES)
@@ -182,14 +203,52 @@ def test_i2s_tensors_decode_to_the_effective_weights(converted, case):
             assert t.ggml_type == gguf.GGMLQuantizationType.F16
             np.testing.assert_array_equal(np.frombuffer(raw, "<f2").reshape(w.shape), w.astype(np.float16))
             continue
-        assert t.ggml_type == 36, name
         if permuted and name.endswith(("attn_q.weight", "attn_k.weight")):
             w = llama_permute(w, config["num_attention_heads"] if "attn_q" in name else config["num_key_value_heads"])
+        if w.shape[1] % 128:  # bitnet.cpp computes such rows wrong: F16 with the same values
+            assert t.ggml_type == gguf.GGMLQuantizationType.F16, name
+            np.testing.assert_array_equal(np.frombuffer(raw, "<f2").reshape(w.shape), w.astype(np.float16))
+            continue
+        assert t.ggml_type == 36, name
         values, scale, tail = decode_i2s_reference(raw, w.shape)
         assert scale == np.float32(np.abs(w).max()), name  # the effective magnitude, float32
         np.testing.assert_array_equal(values, w.astype(np.float32), err_msg=name)
         assert tail == bytes(28)
     assert len(raw_file) == -(-end // 32) * 32, "bytes after the last tensor"
+
+
+Q2_0_CASES = ["1bitllm-f16", "llama3", "2b4t", "falcon-e", "falcon-e-prequantized", "bonsai", "bonsai-g64",
+              "bonsai-uniform"]
+
+
+@pytest.mark.parametrize("case", Q2_0_CASES)
+def test_q2_0_tensors_decode_to_the_effective_weights(converted, case):
+    """--type q2_0 (upstream llama.cpp's type 42, which the gguf package here cannot read): every
+    projection decoded with the transcription of llama.cpp's dequantize_row_q2_0 (tests/test_codecs.py)."""
+    from pipeline.gguf_file import read_gguf
+    from tests.test_codecs import q2_0_reference_decode
+
+    model, out = converted(case, "q2_0")
+    arch, permuted, _ = FAMILY_FACTS[CASES[case][0]]
+    config = json.loads((model / "config.json").read_text())
+    contents = read_gguf(out)
+    assert contents.kv("general.file_type") == 41
+    tensors = {t.name: t for t in contents.tensors}
+    raw_file = out.read_bytes()
+    for hf, w in effective_weights(model).items():
+        name = gguf_name(hf)
+        t = tensors[name]
+        if w.ndim == 1 or name in ("token_embd.weight", "output.weight"):
+            continue
+        if permuted and name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = llama_permute(w, config["num_attention_heads"] if "attn_q" in name else config["num_key_value_heads"])
+        assert t.ggml_type == 42, name
+        values = q2_0_reference_decode(raw_file[t.offset:t.offset + t.nbytes], *w.shape)
+        if case in GROUP_SCALED:  # one fp16 scale per group: Q2_0 holds the values exactly
+            assert (w.astype(np.float16) == w).all(), name
+            np.testing.assert_array_equal(values, w.astype(np.float32), err_msg=name)
+        else:
+            np.testing.assert_array_equal(values, expected_tensor(name, w, None, config), err_msg=name)
 
 
 def test_i2s_rows_not_a_multiple_of_128_fall_back_to_f16_with_a_warning(tmp_path):
@@ -206,6 +265,17 @@ def test_i2s_rows_not_a_multiple_of_128_fall_back_to_f16_with_a_warning(tmp_path
     types = {t.name: t.ggml_type for t in read_gguf(out).tensors}
     assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16
     assert types["blk.0.ffn_up.weight"] == 36
+
+
+def test_xl_shaped_ffn_down_falls_back_to_f16_with_the_existing_warning(converted, tmp_path):
+    """bitnet_b1_58-xl (hidden 2048, FFN 5460; here 256 and 340): every ffn_down row is 340 values,
+    not whole TQ blocks, so each layer's ffn_down is F16 with one warning; the rest is TQ2_0."""
+    model, _ = converted("1bitllm-xl-shape", "tq2_0")
+    out = tmp_path / "xl.gguf"
+    proc = convert(model, out, "--type", "tq2_0")
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warned == [f"warning: blk.{i}.ffn_down.weight: row length 340 is not a multiple of 256, so it cannot be "
+                      "TQ2_0; writing F16" for i in range(2)]
 
 
 def test_i2s_needs_at_least_one_projection_it_can_hold(tmp_path):

@@ -45,6 +45,18 @@ CHECKPOINTS = {
                                    num_kv_heads=2, tokenizer_vocab=700, vocab_size=1024, seed=5)),
     "falcon3": ("falcon3-1.58", dict(hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4,
                                      num_kv_heads=2, head_dim=128, tokenizer_vocab=600, seed=6)),
+    # onebitllms quantize_to_1bit layout (Falcon-E main revision): weight_scale = 1 / absmean
+    "falcon-e": ("falcon-e", dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, head_dim=64, tokenizer_vocab=600, seed=12)),
+    # Falcon-E prequantized revision: bf16 master weights, absmean here, arch llama (q/k permuted)
+    "falcon-e-prequantized": ("falcon-e-prequantized", dict(hidden_size=256, intermediate_size=512, num_layers=2,
+                                                            num_heads=4, num_kv_heads=1, tokenizer_vocab=600,
+                                                            seed=13)),
+}
+# group-scaled ternary (PrismML Ternary-Bonsai-like Qwen3, one fp16 scale per 128 values): Q2_0 only
+GROUPED_CHECKPOINTS = {
+    "bonsai": ("bonsai", dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
+                              head_dim=64, tokenizer_vocab=600, seed=18)),
 }
 
 MIXED_TEXTS = [
@@ -66,7 +78,7 @@ class Packed:
     def checkpoint(self, name: str) -> Path:
         path = self.root / name
         if not (path / "config.json").is_file():
-            family, kw = CHECKPOINTS[name]
+            family, kw = {**CHECKPOINTS, **GROUPED_CHECKPOINTS}[name]
             write_checkpoint(path, family, **kw)
         return path
 
@@ -157,6 +169,39 @@ def test_llama_arch_tq_files_run_in_llamacpp(llama, packed, name):
     np.testing.assert_allclose(tq1, tq2, rtol=0, atol=1e-4 * np.abs(tq2).max())
 
 
+@pytest.mark.parametrize("name", ["llama3", "falcon-e-prequantized"])
+def test_q2_0_files_run_in_llamacpp(llama, packed, name):
+    """Upstream llama.cpp's Q2_0 (one fp16 scale per 64 values) holds the same ternary values:
+    within the TQ limits of the reference (its CPU kernel also quantizes activations to 8 bits)."""
+    want = packed.reference(name)
+    got = llama_logits(llama, packed.gguf(name, "q2_0"), packed.tokens(name), n_vocab=want.shape[1])
+    check_logits(got, want, TQ_MAX, TQ_MEAN, TQ_TOP1)
+
+
+def q2_0_as_f32(t, data: bytes) -> tuple[int, bytes]:
+    from tests.test_codecs import q2_0_reference_decode
+
+    if t.ggml_type != 42:
+        return t.ggml_type, data
+    rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
+    return 0, q2_0_reference_decode(data, rows, t.shape[-1]).astype("<f4").tobytes()
+
+
+def test_qwen3_group_scaled_q2_0_files_hold_the_model(llama, packed, tmp_path):
+    """Qwen3 with q/k norms and one scale per 128 values: the Q2_0 file decoded to F32 (with the
+    transcription of llama.cpp's dequantizer) runs in llama.cpp within the exact limits of the
+    numpy reference (transformers' Qwen3 graph, tests/test_reference_model.py), and the Q2_0 file
+    itself within the TQ limits."""
+    name = "bonsai"
+    want = packed.reference(name)
+    q2 = packed.gguf(name, "q2_0")
+    exact = rewrite(q2, tmp_path / "f32.gguf", q2_0_as_f32)
+    check_logits(llama_logits(llama, exact, packed.tokens(name), n_vocab=want.shape[1]), want,
+                 EXACT_MAX, EXACT_MEAN, 1.0)
+    check_logits(llama_logits(llama, q2, packed.tokens(name), n_vocab=want.shape[1]), want,
+                 TQ_MAX, TQ_MEAN, TQ_TOP1)
+
+
 def test_the_reference_tells_a_missing_permutation_apart(llama, packed, tmp_path):
     """The checks above can fail: the same model with its q/k rows left in Hugging Face's order
     (what a converter that forgot the permutation writes) is far outside both limits."""
@@ -210,6 +255,17 @@ def test_llamacpp_tokenizes_like_the_tokenizers_package(llama, packed, name):
     assert got["vocab_type"] == "bpe"
     for text, ids in zip(MIXED_TEXTS, got["tokens"]):
         assert ids == tok.encode(text).ids, repr(text)  # with the BOS token the post-processor adds
+
+
+def test_falcon_e_pre_tokenizer_name_runs_in_llamacpp(llama, packed):
+    """The name written for Falcon-E's tokenizer (falcon3, docs/notes/families.md) loads and splits
+    text as the tokenizers package does (Falcon-E's split is Llama 3's)."""
+    tok = Tokenizer.from_file(str(packed.checkpoint("falcon-e") / "tokenizer.json"))
+    got = llama.tokenize(packed.gguf("falcon-e", "tq2_0", "--tokenizer-pre", "falcon3"), MIXED_TEXTS, add_bos=True,
+                         special=True)
+    assert got["vocab_type"] == "bpe"
+    for text, ids in zip(MIXED_TEXTS, got["tokens"]):
+        assert ids == tok.encode(text).ids, repr(text)
 
 
 @pytest.mark.parametrize("family", ["2b4t", "2b4t-bf16"])

@@ -241,6 +241,9 @@ PACKED_CASES = {
                                 shards=3, seed=7),
     "falcon3-1.58": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=1,
                          head_dim=128, seed=8),
+    # Falcon-E main revision / onebitllms quantize_to_1bit output (weight_scale = 1 / absmean)
+    "falcon-e": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=64, seed=14),
 }
 PACKED_PARAMS = [(c, t) for c in PACKED_CASES for t in ("tq2_0", "tq1_0")]
 
@@ -315,3 +318,61 @@ def test_float_types_equal_llama_cpp_converters_outtype(llama_convert, tmp_path,
     if out_type == "q8_0":  # the format without a sign of zero: the whole file's tensors are identical
         a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
         assert {t.name: bytes(t.data) for t in a.tensors} == {t.name: bytes(t.data) for t in b.tensors}
+
+
+# -- group-scaled Qwen3 (PrismML Ternary-Bonsai-like) ---------------------------------------------
+
+@pytest.mark.parametrize("embedding_type", ["f16", "q8_0"])
+def test_qwen3_group_scaled_float_tensors_equal_llama_cpp_converters(llama_convert, tmp_path, embedding_type):
+    """llama.cpp's converter reads the unpacked checkpoint as a float Qwen3. At --outtype f16 its
+    file holds every projection as F16 (exact: the values are fp16), at q8_0 as Q8_0; ours holds
+    them as Q2_0. Everything else must be the same bytes: metadata (but the file type), the
+    embedding and head at the same type, the F32 norms (q/k norms included); and at f16 our Q2_0
+    projections decode to exactly their F16 values."""
+    from pipeline.gguf_file import read_gguf
+    from tests.synthetic import write_checkpoint
+    from tests.test_codecs import q2_0_reference_decode
+
+    model = write_checkpoint(tmp_path / "bonsai", "bonsai", hidden_size=256, intermediate_size=512, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=64, seed=19)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "llama.cpp.gguf"
+    convert(model, ours, "--type", "q2_0", "--embedding-type", embedding_type)
+    python, script = llama_convert
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    proc = subprocess.run([str(python), str(ROOT / "tests" / "reference_convert.py"), str(script.parent), "llama-bpe",
+                           str(model), "--outtype", embedding_type, "--outfile", str(theirs)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"llama.cpp's converter failed:\n{proc.stderr[-4000:]}"
+
+    theirs_reader = gguf.GGUFReader(theirs)
+    kv_theirs = metadata(theirs_reader)
+    kv_ours = {kv.key: kv.value for kv in read_gguf(ours).kvs}
+    for key, (types, value) in kv_theirs.items():
+        if key.startswith("GGUF.") or key in NAMING_KEYS or key == "general.file_type":
+            continue
+        assert key in kv_ours, key
+        got = kv_ours[key]
+        if isinstance(value, float):
+            assert np.float32(got) == np.float32(value), key
+        else:
+            assert got == value, key
+    assert set(kv_ours) - set(kv_theirs) <= NAMING_KEYS | {"general.file_type"}
+    assert kv_ours["general.file_type"] == 41
+
+    raw = ours.read_bytes()
+    mine = {t.name: t for t in read_gguf(ours).tensors}
+    assert sorted(mine) == sorted(t.name for t in theirs_reader.tensors)
+    projections = 0
+    for t in theirs_reader.tensors:
+        m = mine[t.name]
+        data = raw[m.offset:m.offset + m.nbytes]
+        if m.ggml_type == 42:
+            projections += 1
+            if embedding_type == "f16":
+                assert t.tensor_type == gguf.GGMLQuantizationType.F16, t.name
+                values = q2_0_reference_decode(data, *m.shape)
+                np.testing.assert_array_equal(values, np.asarray(t.data).astype(np.float32), err_msg=t.name)
+            continue
+        assert (m.ggml_type, tuple(m.shape)) == (int(t.tensor_type), tuple(int(x) for x in reversed(t.shape))), t.name
+        assert data == np.asarray(t.data).tobytes(), f"{t.name}: bytes differ from llama.cpp's"
+    assert projections == 2 * 7

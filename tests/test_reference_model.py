@@ -279,7 +279,9 @@ np.save(sys.argv[2], logits.numpy())
 """
 HF_SHAPE = dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
 HF_FAMILIES = {"llama3-1.58": HF_SHAPE, "falcon3-1.58": HF_SHAPE | dict(head_dim=48),
-               "2b4t": HF_SHAPE, "2b4t-bf16": HF_SHAPE | dict(num_kv_heads=1)}
+               "2b4t": HF_SHAPE, "2b4t-bf16": HF_SHAPE | dict(num_kv_heads=1),
+               # Qwen3 (q/k norms), group-scaled ternary projections
+               "bonsai": HF_SHAPE | dict(group_size=64)}
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 The kill points are drawn from a seeded RNG (tests/kill_points.py; the seed is printed, and
 BITNET_GGUF_KILL_SEED picks another) and aimed at every stage by watching the run directory:
-the manifest's running stage, the chunk files in its store, the bytes of the temporary output.
+the manifest's running stage, the chunk files in its store, the bytes of the temporary output,
+and extract's index of the checkpoint (kills before, during and after it is written).
 Mostly SIGKILL, some SIGTERM and SIGINT (exit 130, no *.partial left behind); some runs are
 interrupted two or three times before the rerun, and some change --memory-limit between runs
 (the converter must resume or redo, never mix).
@@ -22,7 +23,7 @@ from tests import kill_points as kp
 from tests.conftest import ROOT, convert, run_cli
 
 MEMORY_LIMITS = ("512MiB", "1GiB")  # the first is the one most runs use
-KILLS = {"1bitllm": 18, "llama3-1.58": 14}  # per checkpoint kind: about 3 minutes for both on 2 busy cores
+KILLS = {"1bitllm": 21, "llama3-1.58": 17}  # per checkpoint kind: about 3 minutes for both on 2 busy cores
 MIN_PER_STAGE = 2
 
 
@@ -53,7 +54,7 @@ def clean_conversions(model, tmp_path):
         convert(model, out, "--workdir", work, "--memory-limit", mem)
         refs[mem] = kp.Reference(time.monotonic() - t0,
                                  {s: kp.count_chunks(work / f"{s}.zarr") for s in kp.CHUNK_STAGES},
-                                 out.stat().st_size)
+                                 out.stat().st_size, kp.index_files(work))
         files[mem] = out
         shutil.rmtree(work)
     expected = files[MEMORY_LIMITS[0]]
@@ -91,7 +92,7 @@ def test_interrupted_anywhere_then_rerun_gives_identical_bytes(tmp_path, family)
     model = CHECKPOINTS[family](tmp_path / "model")
     expected, refs = clean_conversions(model, tmp_path)
     scenarios = kp.plan(rng, KILLS[family], MEMORY_LIMITS)
-    landed = collections.Counter()
+    landed, index_moments = collections.Counter(), collections.Counter()
     for i, scenario in enumerate(scenarios):
         d = tmp_path / f"run{i}"
         d.mkdir()
@@ -100,8 +101,10 @@ def test_interrupted_anywhere_then_rerun_gives_identical_bytes(tmp_path, family)
         for j, point in enumerate(scenario.kills):
             where = f"seed {seed}, {family}, scenario {i}, kill {j + 1} ({point.describe()})"
             k = kp.interrupt(ROOT, model, out, work, point, refs[point.memory_limit], d / "stderr.txt")
-            story.append(f"{point.describe()} -> landed in {k.landed} after {k.seconds:.2f} s")
+            story.append(f"{point.describe()} -> landed in {k.landed}{f' ({k.index} the index)' if k.index else ''} "
+                         f"after {k.seconds:.2f} s")
             landed[k.landed] += 1
+            index_moments[k.index] += bool(k.index)
             check_interrupted(k, out, work, expected, where)
         snapshot, states = kp.all_chunk_files(work), kp.stage_states(work) or {}
         where = f"seed {seed}, {family}, scenario {i}: " + "; ".join(story) + \
@@ -122,9 +125,12 @@ def test_interrupted_anywhere_then_rerun_gives_identical_bytes(tmp_path, family)
                                   f"e.g. {rewritten[:3]}"
         shutil.rmtree(d)
     print(f"{family}: {sum(landed.values())} kills landed in:",
-          ", ".join(f"{w} {landed[w]}" for w in ("start", *kp.STAGES, "between", "after", "finished") if landed[w]))
+          ", ".join(f"{w} {landed[w]}" for w in ("start", *kp.STAGES, "between", "after", "finished") if landed[w]),
+          "; in extract:", ", ".join(f"{m} the index {index_moments[m]}" for m in kp.INDEX_MOMENTS))
     thin = [s for s in kp.STAGES if landed[s] < MIN_PER_STAGE]
     assert not thin, f"seed {seed}, {family}: fewer than {MIN_PER_STAGE} kills landed in {thin}: {dict(landed)}"
+    assert index_moments["before"] and index_moments["after"], \
+        f"seed {seed}, {family}: no kill landed before or after extract's index: {dict(index_moments)}"
 
 
 @pytest.mark.slow

@@ -285,14 +285,43 @@ FAMILY_FACTS = {
                  eos_token="<|end_of_text|>"),
     "2b4t-bf16": dict(arch="BitNetForCausalLM", model_type="bitnet", packed=False, sub_norms=True, lm_head=False,
                       quantization_config=None, eos_token="<|end_of_text|>"),
+    # onebitllms' quantize_to_1bit: weight_scale = 1 / absmean (tiiuae/onebitllms quantization_utils.py)
+    "falcon-e": dict(arch="LlamaForCausalLM", model_type="llama", packed=True, sub_norms=False, lm_head=True,
+                     quantization_config={"quant_method": "bitnet", "modules_to_not_convert": ["lm_head"]},
+                     eos_token="<|end_of_text|>", weight_scale=(16.0, 64.0)),
+    "falcon-e-prequantized": dict(arch="LlamaForCausalLM", model_type="llama", packed=False, sub_norms=False,
+                                  lm_head=True, quantization_config=None, eos_token="<|end_of_text|>"),
 }
+HEAD_DIM_KEY = ("falcon3-1.58", "falcon-e", "falcon-e-prequantized")
 PACKED_SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2)
-FAMILY_SHAPE = {family: PACKED_SHAPE | (dict(head_dim=96) if family == "falcon3-1.58" else {})
+FAMILY_SHAPE = {family: PACKED_SHAPE | (dict(head_dim=96) if family in HEAD_DIM_KEY else {})
                 for family in FAMILY_FACTS}
 
 
 def test_the_registry_has_every_family():
-    assert set(FAMILIES) == {"1bitllm", *FAMILY_FACTS}
+    assert set(FAMILIES) == {"1bitllm", "bonsai", *FAMILY_FACTS}
+
+
+@pytest.mark.parametrize("group_size", [128, 64, 0])
+def test_bonsai_checkpoint_is_group_scaled_ternary(tmp_path, group_size):
+    """Qwen3ForCausalLM with q/k norms; fp16 projections whose every run of `group_size` values of a
+    row is {-s, 0, +s} for one fp16 s, the scales differing between groups (0: one s per tensor)."""
+    d = write_checkpoint(tmp_path / "m", "bonsai", **PACKED_SHAPE, head_dim=64, group_size=group_size, seed=3)
+    config = json.loads((d / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+    assert config["head_dim"] == 64 and config["torch_dtype"] == "float16" and "quantization_config" not in config
+    tensors, _ = read_checkpoint(d)
+    assert tensors["model.layers.1.self_attn.q_norm.weight"][:2] == ("F16", (64,))
+    assert tensors["model.layers.0.self_attn.k_norm.weight"][:2] == ("F16", (64,))
+    assert tensors["model.layers.0.self_attn.q_proj.weight"][:2] == ("F16", (256, 256))
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+        dtype, shape, stored = tensors[name]
+        w = np.abs(as_float32(dtype, stored).reshape(shape))
+        groups = w.reshape(shape[0], -1, group_size) if group_size else w.reshape(1, 1, -1)
+        mags = [set(g[g > 0].tolist()) for row in groups for g in row]
+        assert all(len(m) == 1 for m in mags), name
+        distinct = {m.pop() for m in mags}
+        assert (len(distinct) > len(mags) // 2) if group_size else len(distinct) == 1, name
 
 
 def expected_family_tensors(config: dict, facts: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -351,10 +380,11 @@ def test_family_checkpoint_is_well_formed(tmp_path, family, shards):
     assert config["torch_dtype"] == "bfloat16"
     assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
             config["num_attention_heads"], config["num_key_value_heads"]) == (256, 512, 2, 4, 2)
-    if family == "falcon3-1.58":
+    if family in HEAD_DIM_KEY:
         assert config["head_dim"] == 96 != config["hidden_size"] // config["num_attention_heads"]
         assert type(config["rope_theta"]) is int and config["rms_norm_eps"] == 1e-6
-        assert config["eos_token_id"] == config["bos_token_id"]
+        assert (config["eos_token_id"] == config["bos_token_id"]) is (family == "falcon3-1.58")
+        assert config["is_bitnet_config"] is True
     else:
         assert "head_dim" not in config
         assert config["rope_theta"] == 500000.0 and type(config["rope_theta"]) is float
@@ -367,6 +397,8 @@ def test_family_checkpoint_is_well_formed(tmp_path, family, shards):
     assert {name: t[:2] for name, t in tensors.items()} == expected_family_tensors(config, facts)
 
     # packed bytes: fields 0, 1, 2 only, all of them used; weight_scale a bf16 in about [2, 8]
+    # (falcon-e: 1 / absmean, tens)
+    low, high = facts.get("weight_scale", (2.0, 8.0))
     scales = []
     for name, (dtype, _, stored) in tensors.items():
         if dtype == "U8":
@@ -374,7 +406,7 @@ def test_family_checkpoint_is_well_formed(tmp_path, family, shards):
             assert counts[3] == 0, f"{name} holds field value 3"
             assert (counts[:3] > 0.2 * stored.size).all(), name
             (scale,) = as_float32(*tensors[name + "_scale"][::2])
-            assert 2.0 <= scale <= 8.0, name
+            assert low * 0.99 <= scale <= high * 1.01, name
             scales.append(scale)
     assert len(scales) == (14 if facts["packed"] else 0)
     assert len(set(scales)) >= len(scales) // 2, "every projection draws its own scale (bf16 values may repeat)"

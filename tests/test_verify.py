@@ -55,7 +55,8 @@ def kv_value_offset(path, key):
 
 
 @pytest.mark.parametrize("family,out_type", [("llama3-1.58", "tq2_0"), ("2b4t", "i2_s"), ("falcon3-1.58", "i2_s"),
-                                             ("2b4t-bf16", "tq1_0")])
+                                             ("2b4t-bf16", "tq1_0"), ("bonsai", "q2_0"),
+                                             ("falcon-e-prequantized", "q2_0")])
 def test_verify_every_family_and_type(tmp_path, family, out_type):
     model = packed(tmp_path, family)
     out = tmp_path / "m.gguf"
@@ -73,6 +74,19 @@ def test_verify_finds_a_flipped_byte_in_the_key_values(tmp_path, key):
     bad = flip(out, offset, tmp_path / "bad.gguf")
     proc = run_cli("verify", bad, model, check_exit=None)
     assert proc.returncode in (1, 2) and "OK" not in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_verify_finds_a_changed_block_scale_of_a_group_scaled_tensor(tmp_path):
+    """Q2_0 of a group-scaled checkpoint: each 64-value block has its own scale, checked too."""
+    from pipeline.gguf_file import read_gguf
+
+    model = packed(tmp_path, "bonsai")
+    out = tmp_path / "m.gguf"
+    convert(model, out, "--type", "q2_0")
+    t = next(t for t in read_gguf(out).tensors if t.name == "blk.0.ffn_up.weight")
+    bad = flip(out, t.offset + 18 * 3 + 1, tmp_path / "bad.gguf")  # the fp16 d of the 4th block
+    proc = run_cli("verify", bad, model, check_exit=None)
+    assert proc.returncode == 1 and "blk.0.ffn_up.weight: bytes differ" in proc.stdout + proc.stderr
 
 
 def test_verify_finds_trailing_bytes_and_a_wrong_i2s_scale(tmp_path):

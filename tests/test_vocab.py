@@ -221,6 +221,22 @@ def test_known_hash_gives_its_name(bpe_dir, tmp_path, monkeypatch):
     assert fields["tokenizer.ggml.pre"] == "falcon3"
 
 
+FALCON_E_HASH = "a6b57017d60e6edb4d88ecc2845188e0eb333a70357e45dcc9b53964a73bbae6"
+
+
+def test_falcon_e_tokenizer_gets_a_name_every_runtime_accepts(bpe_dir, tmp_path, monkeypatch):
+    """tiiuae Falcon-E's tokenizer hash (microsoft/BitNet's converter calls it falcon_e, which upstream
+    llama.cpp refuses; llama.cpp's converter calls it falcon-h1, which bitnet.cpp's fork refuses) is
+    written as falcon3, which both accept (docs/notes/families.md)."""
+    from pipeline.tokenizer_tables import KNOWN_HASHES, RUNTIME_PRE_NAMES
+
+    assert KNOWN_HASHES[FALCON_E_HASH] == "falcon-h1"  # llama.cpp's converter's own table
+    assert "falcon3" in RUNTIME_PRE_NAMES and "falcon_e" not in RUNTIME_PRE_NAMES
+    monkeypatch.setattr(vocab, "chkhsh", lambda tok: FALCON_E_HASH)
+    _, fields = tokenizer_fields(bpe_dir, n_tokens(bpe_dir), tmp_path)
+    assert fields["tokenizer.ggml.pre"] == "falcon3"
+
+
 def test_hash_includes_the_post_processor(bpe_dir, monkeypatch):
     """Without the BOS template the ids (and the hash) differ, so the table does not match."""
     monkeypatch.setattr(vocab, "KNOWN_HASHES", {hash_of(bpe_dir): "falcon3"})

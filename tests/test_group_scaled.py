@@ -1,0 +1,176 @@
+"""Group-scaled ternary checkpoints (PrismML Ternary-Bonsai-like: Qwen3, fp16 projections that are
+{-s, 0, +s} with one s per group of columns): what the data allows, and every refusal.
+
+Ternarity is read from the data, every 32 values of a row; the scale decides the output types:
+one scale per tensor takes any type, one per 256 values (or a multiple) TQ2_0, TQ1_0 and Q2_0,
+one per 64 or 128 values only Q2_0. Each refusal
+is one line naming the tensor (and for the data, the row and columns), exit 2, and no output
+or temporary file; a refusal that only the data shows may leave the run directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.conftest import convert
+from tests.synthetic import write_checkpoint
+
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=2)
+
+
+def files_under(*dirs, skip=()) -> dict[str, tuple[int, int]]:
+    out = {}
+    for d in dirs:
+        for root, subdirs, files in os.walk(d):
+            subdirs[:] = [s for s in subdirs if os.path.join(root, s) not in skip]
+            for f in files:
+                st = os.stat(os.path.join(root, f))
+                out[os.path.join(root, f)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def refused(model, out, *needles, extra=(), in_data=False) -> str:
+    run_dir = str(out) + ".work"
+    before = files_under(model, out.parent, skip=(run_dir,))
+    proc = convert(model, out, *extra, check_exit=2)
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("bitnet-gguf: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    if not in_data:
+        assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial") or p.name.startswith(".")]
+    assert files_under(model, out.parent, skip=(run_dir,)) == before, "a refused conversion touched files"
+    return errors[0]
+
+
+@pytest.fixture
+def out(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    return d / "m.gguf"
+
+
+def edit_tensor(model, name, change):
+    """Rewrite one fp16 tensor of model.safetensors in place: change(values) -> values."""
+    path = model / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    info = json.loads(raw[8:8 + n])[name]
+    begin, end = (8 + n + o for o in info["data_offsets"])
+    values = np.frombuffer(bytes(raw[begin:end]), "<f2").reshape(info["shape"]).copy()
+    raw[begin:end] = change(values).astype("<f2").tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def test_a_group_that_is_not_ternary_is_refused_naming_tensor_row_and_columns(tmp_path, out):
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE)
+    name = "model.layers.0.mlp.gate_proj.weight"
+
+    def spoil(w):
+        w[3, 130] = w[3, 128:160][w[3, 128:160] != 0][0] * 2 + 0.001  # a second magnitude in the group
+        return w
+    edit_tensor(model, name, spoil)
+    refused(model, out, name, "row 3, columns 128..159", "not ternary", extra=("--type", "q2_0"), in_data=True)
+
+
+def test_an_ordinary_float_qwen3_is_refused(tmp_path, out):
+    """A Qwen3ForCausalLM checkpoint is only taken for group-scaled ternary; float weights are not."""
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE)
+    edit_tensor(model, "model.layers.0.self_attn.q_proj.weight",
+                lambda w: np.random.default_rng(0).normal(0, 0.02, w.shape))
+    refused(model, out, "model.layers.0.self_attn.q_proj.weight", "row 0, columns 0..31", "not ternary",
+            extra=("--type", "q2_0"), in_data=True)
+
+
+def test_a_missing_q_norm_is_refused(tmp_path, out):
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE)
+    path = model / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    del header["model.layers.0.self_attn.q_norm.weight"]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    refused(model, out, "model.layers.0.self_attn.q_norm.weight", "missing")
+
+
+def test_groups_of_32_are_refused_even_for_q2_0(tmp_path, out):
+    """Q2_0 keeps one scale per 64 values: a scale that changes every 32 cannot be held."""
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE, group_size=32)
+    refused(model, out, "changes every 32 values", "Q2_0 keeps one scale per 64", extra=("--type", "q2_0"),
+            in_data=True)
+
+
+@pytest.mark.parametrize("out_type,needle", [("tq2_0", "changes inside a block of 256 values"),
+                                            ("tq1_0", "changes inside a block of 256 values"),
+                                            ("i2_s", "I2_S keeps one scale per tensor")])
+def test_per_group_scales_refuse_the_types_with_bigger_blocks(tmp_path, out, out_type, needle):
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE)
+    refused(model, out, "model.layers.0.self_attn.q_proj.weight", f"--type {out_type}", needle,
+            "converts without requantizing to --type q2_0", extra=("--type", out_type), in_data=True)
+
+
+def test_groups_of_256_take_tq_but_not_i2_s(tmp_path, out):
+    """One scale per 256 values: TQ2_0 and TQ1_0 keep one per block, so they hold it exactly
+    (decoded with gguf's dequantizer: the checkpoint's values); I2_S is refused, naming the rest."""
+    import gguf
+
+    from pipeline.gguf_file import read_gguf
+    from tests.reference_model import load_checkpoint
+
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE, group_size=256)
+    _, tensors = load_checkpoint(model)
+    w = tensors["model.layers.0.mlp.gate_proj.weight"]
+    assert len(np.unique(np.abs(w[w != 0]))) > 100  # many different scales
+    for out_type in ("tq2_0", "tq1_0"):
+        path = tmp_path / f"{out_type}.gguf"
+        convert(model, path, "--type", out_type)
+        t = next(t for t in read_gguf(path).tensors if t.name == "blk.0.ffn_gate.weight")
+        raw = np.frombuffer(path.read_bytes()[t.offset:t.offset + t.nbytes], np.uint8).reshape(t.shape[0], -1)
+        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[out_type.upper()])
+        np.testing.assert_array_equal(values, w.astype(np.float32))
+    refused(model, out, "--type i2_s", "I2_S keeps one scale per tensor", "--type tq2_0 or tq1_0 or q2_0",
+            extra=("--type", "i2_s"), in_data=True)
+
+
+def test_rows_that_are_not_whole_64_value_blocks_are_refused_before_any_work(tmp_path, out):
+    model = write_checkpoint(tmp_path / "m", "bonsai", **(SHAPE | dict(intermediate_size=288)), group_size=32)
+    refused(model, out, "model.layers.0.mlp.down_proj.weight", "rows of 288 values", "multiple of 64",
+            extra=("--type", "q2_0"))
+
+
+def test_one_scale_per_tensor_takes_every_type(tmp_path):
+    """The same data at every ternary type: decoded values equal (I2_S and Q2_0 read with our
+    readers, TQ with gguf's), so one magnitude per tensor is recognised as such."""
+    import gguf
+
+    from pipeline.gguf_file import read_gguf
+    from tests.test_codecs import q2_0_reference_decode
+    from tests.test_families import decode_i2s_reference
+
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE, group_size=0)
+    name = "blk.0.ffn_up.weight"
+    decoded = {}
+    for out_type in ("tq2_0", "tq1_0", "i2_s", "q2_0"):
+        out = tmp_path / f"{out_type}.gguf"
+        convert(model, out, "--type", out_type)
+        t = next(t for t in read_gguf(out).tensors if t.name == name)
+        raw = out.read_bytes()[t.offset:t.offset + t.nbytes]
+        shape = tuple(t.shape)
+        if out_type == "i2_s":
+            decoded[out_type] = decode_i2s_reference(raw, shape)[0]
+        elif out_type == "q2_0":
+            decoded[out_type] = q2_0_reference_decode(raw, *shape)
+        else:
+            qtype = gguf.GGMLQuantizationType[out_type.upper()]
+            decoded[out_type] = gguf.quants.dequantize(np.frombuffer(raw, np.uint8).reshape(shape[0], -1), qtype)
+    for out_type, values in decoded.items():
+        np.testing.assert_array_equal(values, decoded["q2_0"], err_msg=out_type)
+    assert len(np.unique(np.abs(decoded["q2_0"][decoded["q2_0"] != 0]))) == 1
