@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -293,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         # a write zarr's event loop thread was doing is abandoned (zarr writes a file whole or not
         # at all); asyncio's complaints about it at exit are not for the user
         logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+        # so are the leftovers of whatever the signal cut short (an event loop half constructed,
+        # a coroutine never awaited), reported when they are collected on the way out
+        sys.unraisablehook = lambda unraisable: None
+        warnings.simplefilter("ignore")
         print("bitnet-gguf: interrupted; rerun the same command to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the CLI boundary
