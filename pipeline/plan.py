@@ -26,6 +26,11 @@ from pipeline.outtypes import OUTPUT_TYPES, tensor_type
 
 PLAN_VERSION = 1
 
+# The run directory's files beside the stores' chunks, per tensor: every store's zarr.json and
+# chunk digests, the checksums, extract's references, plan.json (measured: 6.7-7.5 KiB on the
+# test checkpoints; tests/test_plan.py holds the total to 10%).
+RECORD_BYTES_PER_TENSOR = 7 * 1024
+
 
 @dataclasses.dataclass(frozen=True)
 class TensorRecord:
@@ -57,7 +62,8 @@ class Plan:
     tensors: list[TensorRecord]
     kv_count: int
     outputs: list             # [path, bytes] of every file (one, or the parts of a split set)
-    stores: dict              # bytes of each store of the run directory
+    stores: dict              # bytes of each store's chunks in the run directory
+    records: int              # bytes of everything else there: metadata, manifest, zarr.json files
     memory_limit: int
     workers: int
     chunk_elements: int
@@ -70,7 +76,7 @@ class Plan:
 
     @property
     def run_dir_bytes(self) -> int:
-        return sum(self.stores.values())
+        return sum(self.stores.values()) + self.records
 
     def infos(self) -> list[TensorInfo]:
         return [TensorInfo(t.name, tuple(t.shape), t.ggml_type, t.nbytes) for t in self.tensors]
@@ -89,7 +95,7 @@ class Plan:
         files = ", ".join(f"{p} ({format_size(s)})" for p, s in self.outputs)
         lines += [f"output: {files}; {len(self.tensors)} tensors, {self.kv_count} key/values",
                   "run directory: " + ", ".join(f"{k} {format_size(v)}" for k, v in self.stores.items())
-                  + f" (total {format_size(self.run_dir_bytes)})",
+                  + f", records {format_size(self.records)} (total {format_size(self.run_dir_bytes)})",
                   f"memory: at most {format_size(self.peak_memory)} of --memory-limit "
                   f"{format_size(self.memory_limit)} ({self.workers} worker(s), chunks of up to "
                   f"{format_size(self.chunk_elements * 4)} of float32)"]
@@ -168,7 +174,7 @@ def _chunked_bytes(rows: int, rows_per_chunk: int, row_bytes: int) -> int:
     return math.ceil(rows / rows_per_chunk) * rows_per_chunk * row_bytes if rows else 0
 
 
-def store_sizes(ckpt, budget: Budget, types: list[tuple]) -> dict[str, int]:
+def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict[str, int]:
     """The bytes extract, quantize and pack will hold (chunk files; their JSON is not counted).
     extract indexes the checkpoint (no tensor bytes: the side arrays, and a padded copy of a
     file's last chunk where the file ends inside it); quantize indexes float tensors; pack
@@ -209,8 +215,10 @@ def store_sizes(ckpt, budget: Budget, types: list[tuple]) -> dict[str, int]:
         elif (src.dtype, out.name) in SAME_BYTES:
             continue  # quantize and pack index the checkpoint's bytes
         codec = out.codec
-        if len(shape) > 1:
-            sizes["pack"] += _chunked_bytes(shape[0], rows, codec.row_bytes(shape[-1]))
+        tiles = tensor_tiles(opts, t.role, shape) if out.needs_tiles else None
+        if len(shape) > 1:  # as pack chunks it: whole tiles of a TL type
+            rows = budget.rows_per_chunk(shape, codec.row_multiple(tiles))
+            sizes["pack"] += _chunked_bytes(shape[0], rows, codec.row_bytes(shape[-1], tiles))
         else:
             sizes["pack"] += codec.row_bytes(shape[0])
     return sizes
@@ -248,7 +256,8 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
                                            if len(r.shape) > 1), default=1))
     peak = budget.baseline + HEADROOM + budget.workers * IN_FLIGHT_PER_WORKER * BYTES_PER_ELEMENT * task
     return Plan(str(opts.model_dir), ckpt.plan.family.description, ckpt.plan.arch, opts.out_type,
-                opts.embedding_type, records, len(kvs), outputs, store_sizes(ckpt, budget, types),
+                opts.embedding_type, records, len(kvs), outputs, store_sizes(opts, ckpt, budget, types),
+                len(json.dumps(metadata, indent=2, sort_keys=True)) + RECORD_BYTES_PER_TENSOR * len(records),
                 budget.memory_limit, budget.workers, budget.chunk_elements, int(min(peak, budget.memory_limit)))
 
 

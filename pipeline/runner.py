@@ -36,19 +36,46 @@ KV_READBACK_BYTES_PER_ROW = 160
 STAGE_VERSIONS = {"extract": 3, "quantize": 3, "pack": 3, "assemble": 3}
 
 
-def stage_keys(opts: Options, ckpt) -> dict[str, str]:
-    keys = {}
+def stage_inputs(opts: Options, ckpt) -> dict[str, dict]:
+    """What each stage's output depends on besides the stage before it, labelled as the user
+    knows it (an option, the checkpoint): its key hashes these, and a rerun names the ones that
+    changed."""
+    plan = [[t.hf_name, t.gguf_name, list(t.shape), t.recipe.as_json()] for t in ckpt.plan.tensors]
     # extract depends on the weight files and the tensor plan only: a tokenizer or metadata
     # change (the key/values) redoes assemble alone
-    plan = [[t.hf_name, t.gguf_name, list(t.shape), t.recipe.as_json()] for t in ckpt.plan.tensors]
-    keys["extract"] = stage_key("extract", STAGE_VERSIONS["extract"], ckpt.fingerprint, plan)
-    keys["quantize"] = stage_key(keys["extract"], "quantize", STAGE_VERSIONS["quantize"])
-    # the layout (--type and, where it matters, --target) and the tiles of a TL type
-    keys["pack"] = stage_key(keys["quantize"], "pack", STAGE_VERSIONS["pack"], opts.layout.name, opts.embedding_type,
-                             *([opts.kernel_tiles] if opts.layout.needs_tiles else []))
-    keys["assemble"] = stage_key(keys["pack"], "assemble", STAGE_VERSIONS["assemble"], str(opts.output), ckpt.kv,
-                                 opts.split_max_size, opts.split_max_tensors, opts.layout.name)
+    pack = {"--type": opts.out_type, "--embedding-type": opts.embedding_type}
+    if opts.layout.target:
+        pack["--target"] = opts.target
+    if opts.layout.needs_tiles:
+        pack["--kernel-config"] = stage_key(opts.kernel_tiles)
+    return {
+        "extract": {"the weight files": stage_key(ckpt.fingerprint), "the tensor plan": stage_key(plan)},
+        "quantize": {},
+        "pack": pack,
+        "assemble": {"-o": str(opts.output), "the key/values (config, tokenizer, metadata)": stage_key(ckpt.kv),
+                     "--split-max-size": opts.split_max_size, "--split-max-tensors": opts.split_max_tensors},
+    }
+
+
+def stage_keys(opts: Options, ckpt) -> dict[str, str]:
+    inputs, keys, previous = stage_inputs(opts, ckpt), {}, None
+    for stage in STAGES:
+        keys[stage] = stage_key(previous, stage, STAGE_VERSIONS[stage], inputs[stage])
+        previous = keys[stage]
     return keys
+
+
+def what_changed(before: dict | None, now: dict) -> str:
+    """The inputs of a stage that differ from the ones recorded when it was done, for a person."""
+    if not isinstance(before, dict):
+        return "its inputs"
+    changed = []
+    for label, value in now.items():
+        if before.get(label, value) != value:
+            old = before[label]
+            shown = f" ({old} -> {value})" if label.startswith("-") and label != "--kernel-config" else ""
+            changed.append(label + shown)
+    return ", ".join(changed) or "its inputs (or this version of bitnet-gguf)"
 
 
 def _finished(stage: str, state: dict | None, key: str) -> bool:
@@ -214,6 +241,7 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=No
         log(f"removed {n} unfinished output file(s) of an interrupted run")
     previous = None
     check_source = _source_unchanged(ckpt)
+    inputs = stage_inputs(opts, ckpt)
     for stage in STAGES:
         state = manifest["stages"].get(stage)
         if stage != "assemble" and _finished(stage, state, keys[stage]) and not run.store(stage).is_dir():
@@ -223,10 +251,14 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=No
         if _finished(stage, state, keys[stage]):
             log(f"{stage}: already done, skipped")
         elif state is not None and state.get("key") != keys[stage]:
-            run.reset_from(stage, manifest)  # an option it depends on changed
+            later = STAGES[STAGES.index(stage):]
+            kept = STAGES[:STAGES.index(stage)]
+            log(f"{stage}: {what_changed(state.get('inputs'), inputs[stage])} changed since it was done: redoing "
+                f"{', '.join(later)}" + (f"; {', '.join(kept)} reused" if kept else ""))
+            run.reset_from(stage, manifest)
         if not _finished(stage, manifest["stages"].get(stage), keys[stage]):
             _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log, check_source,
-                       outputs_before)
+                       outputs_before, inputs[stage])
         if stage == "extract":
             check_float_ranges(run.store("extract"), ckpt, opts)
         previous = run.store(stage)
@@ -234,7 +266,7 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=No
 
 
 def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key, log, check_source,
-               outputs_before=None) -> None:
+               outputs_before=None, inputs=None) -> None:
     if stage != "extract":
         run.check_sealed(STAGES[STAGES.index(stage) - 1])  # its input is what was written
     started = time.monotonic()
@@ -248,7 +280,7 @@ def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, ke
     if stage != "assemble":  # assemble checks before it publishes
         check_source()  # a file rewritten while it was read would mix old and new weights
         run.seal(stage)
-    state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2)}
+    state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2), "inputs": inputs or {}}
     if stage == "assemble":
         state["outputs"] = [[str(p), *(written_identity(p) or [])] for p in ctx.outputs]
     manifest["stages"][stage] = state

@@ -133,7 +133,33 @@ def test_rerun_skips_finished_stages_and_new_type_redoes_only_pack(checkpoint, t
     switched = convert(model, out1, "--type", "tq1_0", "--workdir", str(tmp_path / "m.gguf.work"))
     assert "extract: already done" in switched.stderr and "quantize: already done" in switched.stderr
     assert "pack: already done" not in switched.stderr
+    # and it says why, and which stages it redoes
+    assert "pack: --type (tq2_0 -> tq1_0) changed since it was done: redoing pack, assemble; extract, quantize " \
+           "reused" in switched.stderr, switched.stderr
     check_gguf(out1, model, "tq1_0")
+
+
+@pytest.mark.parametrize("change, expected", [
+    (["--embedding-type", "bf16"], "pack: --embedding-type (f16 -> bf16) changed"),
+    (["--type", "i2_s", "--target", "arm"], "pack: --type (tq2_0 -> i2_s) changed"),
+    (["--split-max-tensors", "7"], "assemble: --split-max-tensors (0 -> 7) changed"),
+    (["-o", "{tmp}/elsewhere.gguf"], "assemble: -o ({tmp}/m.gguf -> {tmp}/elsewhere.gguf) changed"),
+])
+def test_a_rerun_with_other_options_names_what_changed_and_redoes_only_what_it_touches(checkpoint, tmp_path, change,
+                                                                                         expected):
+    model = checkpoint()
+    out, work = tmp_path / "m.gguf", tmp_path / "work"
+    convert(model, out, "--workdir", str(work))
+    change = [c.format(tmp=tmp_path) for c in change]
+    expected = expected.format(tmp=tmp_path)
+    rerun = convert(model, out, "--workdir", str(work), *change)
+    stage = expected.split(":")[0]
+    assert expected in rerun.stderr, rerun.stderr
+    for before in ("extract", "quantize", "pack", "assemble")[:("extract", "quantize", "pack", "assemble").index(stage)]:
+        assert f"{before}: already done" in rerun.stderr, rerun.stderr
+    assert f"{stage}: already done" not in rerun.stderr
+    again = convert(model, out, "--workdir", str(work), *change)
+    assert again.stderr.count("already done") == 4 and "changed since" not in again.stderr
 
 
 def test_local_cluster_writes_the_same_bytes(checkpoint, tmp_path):
