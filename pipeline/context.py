@@ -8,6 +8,7 @@ from pathlib import Path
 from pipeline.budget import Budget
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Options
+from pipeline.plan import Plan
 from pipeline.scheduler import Scheduler
 
 
@@ -24,3 +25,4 @@ class StageContext:
     before_publish: Callable[[], None] | None = None  # assemble: last check before the files appear
     outputs_before: list | None = None  # assemble: what was at the output path(s) when the conversion started
     outputs: list[Path] = dataclasses.field(default_factory=list)  # assemble: the files it wrote
+    plan: "Plan | None" = None  # the run's plan (plan.json): every tensor's output type, part and offset

@@ -541,7 +541,7 @@ def describe_gguf(path: Path, tensor: str | None = None) -> dict:
 
     from pipeline.gguf_file import read_gguf
     from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
-    from stages.assemble import TARGET_KEY, TILES_KEY
+    from pipeline.plan import TARGET_KEY, TILES_KEY
 
     contents = read_gguf(path)
 

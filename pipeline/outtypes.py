@@ -68,7 +68,7 @@ class OutputType:
         """Whether a float type stores values up to `magnitude` as finite numbers: a block of
         that value is encoded with the type's own codec and read back (F16 rounds below 65520 to
         65504, BF16 rounds the top of float32's range to infinity, Q8_0's fp16 block scale is
-        max / 127). Ternary types hold codes and a scale, which `stages.pack.check_scale` checks."""
+        max / 127). Ternary types hold codes and a scale, which `pipeline.plan.check_scale` checks."""
         assert not self.codec.ternary, self.name
         block = np.full((1, self.block_size), magnitude, dtype=np.float32)
         with np.errstate(over="ignore", invalid="ignore"):

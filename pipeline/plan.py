@@ -7,7 +7,10 @@ count; every output file's size; the run directory's size per store; the memory 
 refuse a conversion up front (a type that cannot hold a tensor, a packed scale a type cannot
 store, a split set too large, an output part's path), so the runner only builds the plan and
 runs the stages. `bitnet-gguf plan MODEL` (and `convert --dry-run`) prints it; `convert`
-saves it as the run directory's plan.json.
+saves it as the run directory's plan.json and hands it to every stage: pack writes each tensor
+in the plan's output type, assemble puts it in the plan's part. The decisions themselves (a
+projection's code layout, its scale, the scale check, the key/values, the split) live here, and
+the stages import them from here.
 """
 from __future__ import annotations
 
@@ -15,12 +18,16 @@ import dataclasses
 import json
 import math
 
+import gguf
+import numpy as np
+
 from pipeline.budget import BYTES_PER_ELEMENT, HEADROOM, IN_FLIGHT_PER_WORKER, Budget
+from pipeline.codecs import codes_supported, effective_scale
 from pipeline.config import Options, check_output_path, format_size
 from pipeline.errors import CheckpointError, OptionError
-from pipeline.families import TERNARY
-from pipeline.gguf_file import (MAX_SPLITS, GGUFWriterError, TensorInfo, align, alignment_of, as_kv, data_offsets,
-                                file_size, header_bytes, part_kvs)
+from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY, Recipe
+from pipeline.gguf_file import (MAX_SPLITS, TL_TILES_KEY, GGUFWriterError, TensorInfo, align, alignment_of, as_kv,
+                                data_offsets, file_size, header_bytes, model_kvs, part_kvs, plan_split)
 from pipeline.output import final_paths
 from pipeline.outtypes import OUTPUT_TYPES, tensor_type
 
@@ -30,6 +37,114 @@ PLAN_VERSION = 1
 # chunk digests, the checksums, extract's references, plan.json (measured: 6.7-7.5 KiB on the
 # test checkpoints; tests/test_plan.py holds the total to 10%).
 RECORD_BYTES_PER_TENSOR = 7 * 1024
+
+
+# -- the decisions, which the stages follow -------------------------------------------------------
+
+# quantize.zarr holds a projection's codes 2 bits each where its rows are whole 128-value blocks
+LAYOUT_2BIT, LAYOUT_INT8 = "2bit-128", "int8"
+
+
+def code_layout(cols: int) -> str:
+    return LAYOUT_2BIT if codes_supported(cols) else LAYOUT_INT8
+
+
+def ternary_scale(recipe: Recipe, absmean: float | None) -> np.float32:
+    """The magnitude a code of +-1 stands for, as the reference converters compute it in float32."""
+    if recipe.scale_rule == "absmean":
+        # codes use iscale = 1/absmean; the values they stand for are codes / iscale, which
+        # llama.cpp's converter writes and which can differ from codes * absmean in the last bit
+        return effective_scale(np.float32(absmean))
+    ws = np.float32(recipe.weight_scale)
+    if recipe.scale_rule == "divide":  # BitLinear: W = codes / weight_scale (float32 division, as torch)
+        with np.errstate(over="ignore"):  # a tiny weight_scale gives inf, which check_scale refuses
+            return np.float32(1) / ws
+    if recipe.scale_rule == "multiply":  # AutoBitLinear: W = codes * weight_scale
+        return ws
+    if recipe.scale_rule == "group":  # read from the data (group_scales); not known from the recipe
+        raise ValueError("a group-scaled tensor's scale comes from its data: use group_scales")
+    raise ValueError(f"unknown scale rule {recipe.scale_rule!r}")
+
+
+def packed_block_rows(budget, shape: tuple[int, int], recipe: Recipe) -> int | None:
+    """Rows R of a packed projection that one task turns into four output chunks (one per
+    quarter), or None when the fast path does not apply: R divides out / 4 (so every output
+    chunk lies in one quarter) and holds whole heads when permuted."""
+    rows, cols = shape
+    if not recipe.packed or not codes_supported(cols) or rows % 4:
+        return None
+    quarter = rows // 4
+    multiple = recipe.row_multiple
+    if quarter % multiple:
+        return None
+    limit = budget.rows_per_chunk((rows, cols))
+    best = None
+    for r in range(multiple, quarter + 1, multiple):
+        if quarter % r == 0 and r <= max(limit, multiple):
+            best = r
+    return best
+
+
+def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
+    """Output rows per chunk of a ternary tensor: within the budget, whole heads when permuted."""
+    return budget.rows_per_chunk(shape, multiple=recipe.row_multiple)
+
+
+# pack: float tensors whose output type is their source type keep the checkpoint's bytes
+SAME_BYTES = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
+
+
+# The smallest normal numbers: below them a float keeps fewer significant bits than its type
+# promises (an fp16 scale of 1e-6 is 2^-20 in 2^-24 steps, up to 3% off; 1e-7 is 19% off).
+FP16_TINY = float(np.finfo(np.float16).tiny)    # 6.1e-5
+FP32_TINY = float(np.finfo(np.float32).tiny)    # 1.2e-38
+FP16_SCALE_TYPES = ("tq1_0", "tq2_0", "q2_0", "f16")  # a TQ/Q2_0 block's d, an F16 fallback's values
+
+
+def check_scale(name: str, scale: float, codec_name: str) -> None:
+    """The scale must be a normal float32 (I2_S stores it so); a TQ block stores it as fp16, and
+    an F16 fallback its values: there it must be a normal fp16 too. A subnormal or overflowing
+    scale is refused naming the tensor, not written with a few bits of precision."""
+    with np.errstate(over="ignore", under="ignore"):
+        s32 = np.float32(scale)
+        d = np.float16(s32)
+    if not np.isfinite(s32) or abs(float(s32)) < FP32_TINY:
+        raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is not a normal float32 (above 1.2e-38, "
+                              "finite; the checkpoint's weight_scale is out of range); it cannot be converted")
+    if codec_name in FP16_SCALE_TYPES:
+        if not np.isfinite(d) or abs(float(d)) < FP16_TINY:
+            advice = ("its rows are not whole blocks, so it is written as F16 in every --type; it cannot be converted"
+                      if codec_name == "f16" else "convert with --type i2_s (a float32 scale) instead")
+            raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is outside what {codec_name.upper()} "
+                                  f"stores to fp16's precision (a normal fp16, {FP16_TINY:.3g} to 65504); {advice}")
+
+
+# Our own key/values (bitnet.cpp and llama.cpp ignore keys they do not know): the bitnet.cpp build
+# a file's layout is for, and a TL file's kernel tiles, so `verify` and `inspect` of the file alone can tell.
+TARGET_KEY = "bitnet_gguf.target"
+TILES_KEY = TL_TILES_KEY   # UINT32 array: m, k, BM, BK, bm per kernel_config.ini section
+
+
+def file_kvs(metadata: dict, out_type: str, kernel_tiles=()) -> list:
+    """Every key/value of the file: the run's metadata, then file type and quantization version,
+    then (for a layout made for one bitnet.cpp build) our target and kernel tiles."""
+    out = OUTPUT_TYPES[out_type]
+    records = [*metadata["kv"],
+               {"key": gguf.Keys.General.FILE_TYPE, "type": "UINT32", "sub_type": None,
+                "value": out.file_type},
+               {"key": gguf.Keys.General.QUANTIZATION_VERSION, "type": "UINT32", "sub_type": None,
+                "value": gguf.GGML_QUANT_VERSION}]
+    if out.target:
+        records.append({"key": TARGET_KEY, "type": "STRING", "sub_type": None, "value": out.target})
+    if out.needs_tiles:
+        records.append({"key": TILES_KEY, "type": "ARRAY", "sub_type": "UINT32",
+                        "value": [int(v) for entry in kernel_tiles for v in entry]})
+    return model_kvs(metadata["arch"], records)
+
+
+def plan_parts(infos: list[TensorInfo], max_size: int, max_tensors: int) -> list[list[int]]:
+    return plan_split(infos, max_size=max_size, max_tensors=max_tensors)
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +192,19 @@ class Plan:
     @property
     def run_dir_bytes(self) -> int:
         return sum(self.stores.values()) + self.records
+
+    def tensor(self, name: str) -> TensorRecord:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def parts(self) -> list[list[int]]:
+        """Tensor indices of every output part, in file order."""
+        parts: list[list[int]] = [[] for _ in self.outputs]
+        for i, t in enumerate(self.tensors):
+            parts[t.part].append(i)
+        return parts
 
     def infos(self) -> list[TensorInfo]:
         return [TensorInfo(t.name, tuple(t.shape), t.ggml_type, t.nbytes) for t in self.tensors]
@@ -128,18 +256,9 @@ def tensor_tiles(opts: Options, role: str, shape) -> tuple | None:
     return tiles_of(opts.kernel_tiles, shape)
 
 
-def file_kvs(metadata: dict, opts: Options) -> list:
-    from stages.assemble import file_kvs as kvs
-
-    return kvs(metadata, opts.layout.name, opts.kernel_tiles)
-
-
 def tensor_types(opts: Options, ckpt) -> list[tuple]:
     """(output type, fallback warning) of every tensor; raises for a type that cannot hold a tensor
     or a packed scale it cannot store."""
-    from stages.pack import check_scale
-    from stages.quantize import ternary_scale
-
     check_kernel_shapes(opts, ckpt)
     types, ternary, fallbacks = [], 0, 0
     for t in ckpt.plan.tensors:
@@ -157,8 +276,6 @@ def tensor_types(opts: Options, ckpt) -> list[tuple]:
 
 
 def split_parts(opts: Options, infos: list[TensorInfo], check_paths: bool = True) -> list[list[int]]:
-    from stages.assemble import plan_parts
-
     parts = plan_parts(infos, opts.split_max_size, opts.split_max_tensors)
     if len(parts) > MAX_SPLITS:
         raise OptionError(f"--split-max-size / --split-max-tensors: {len(parts)} parts; a split set has at most "
@@ -179,11 +296,6 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
     extract indexes the checkpoint (no tensor bytes: the side arrays, and a padded copy of a
     file's last chunk where the file ends inside it); quantize indexes float tensors; pack
     indexes the floats whose bytes do not change."""
-    from stages.pack import SAME_BYTES
-    from stages.quantize import LAYOUT_2BIT, code_layout, packed_block_rows, ternary_chunk_rows
-
-    from pipeline.families import GROUP_COLUMNS, GROUPED
-
     sizes = {"extract": 0, "quantize": 0, "pack": 0}
     last: dict = {}  # the last tensor of each file
     for t in ckpt.plan.tensors:
@@ -233,7 +345,7 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
     parts = split_parts(opts, infos, check_paths)
     metadata = {"arch": ckpt.plan.arch, "kv": ckpt.kv}
     try:
-        kvs = [as_kv(r) for r in file_kvs(metadata, opts)]
+        kvs = [as_kv(r) for r in file_kvs(metadata, opts.layout.name, opts.kernel_tiles)]
         alignment = alignment_of(kvs)
         part_of, offset_of, outputs = {}, {}, []
         for k, (idx, path) in enumerate(zip(parts, final_paths(opts.output, len(parts)))):

@@ -7,7 +7,6 @@ the lock and the disk. A refusal is therefore one line, and nothing has been wri
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import shutil
 import time
@@ -21,12 +20,12 @@ from pipeline.errors import CheckpointError, RunDirError
 from pipeline.families import TERNARY
 from pipeline.gguf_file import GGUFSplitWriter
 from pipeline.output import OutputChanged, final_paths, identity, publish, remove_stale_temps, temp_path, written_identity
-from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES, tensor_type
-from pipeline.plan import make_plan, save_plan
+from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES
+from pipeline.plan import file_kvs, make_plan, save_plan
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler, probe_scheduler
-from pipeline.stores import source_changed
+from pipeline.stores import largest_values, source_changed
 
 # Memory assemble takes to read the key/values back from metadata.json and build the header,
 # per row of the token table (measured with a 1M-row table; docs/notes/tokenizer-memory.md).
@@ -95,8 +94,6 @@ def _finished(stage: str, state: dict | None, key: str) -> bool:
 def convert_vocab_only(opts: Options, log) -> list[Path]:
     """--vocab-only: the key/values and tokenizer, no tensors, from config.json and the tokenizer
     alone (no run directory); written to a temporary name and renamed into place."""
-    from stages.assemble import file_kvs
-
     plan, kv = open_vocabulary(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
                                model_name=opts.name_override, metadata_file=opts.metadata_file)
     before = [identity(opts.output)]
@@ -154,14 +151,13 @@ def convert(opts: Options, log) -> list[Path]:
         save_plan(run, plan)
         scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress)
         try:
-            plan = ckpt.plan
-            log(f"model: {opts.model_dir} ({plan.family.description}, {len(plan.tensors)} tensors)")
+            log(f"model: {opts.model_dir} ({ckpt.plan.family.description}, {len(ckpt.plan.tensors)} tensors)")
             built = f" for bitnet.cpp's {TARGET_NAMES[opts.target]} builds" if opts.layout.target else ""
             log(f"output: {opts.output} ({opts.out_type.upper()}{built}, embeddings {opts.embedding_type.upper()}, "
-                f"GGUF arch {plan.arch})")
+                f"GGUF arch {ckpt.plan.arch})")
             log(f"run directory: {opts.workdir}")
             log(budget.describe())
-            outputs = _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before)
+            outputs = _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before)
         finally:
             scheduler.close()
     size = sum(p.stat().st_size for p in outputs)
@@ -204,26 +200,24 @@ def _source_unchanged(ckpt):
     return check
 
 
-def check_float_ranges(store: Path, ckpt, opts: Options) -> None:
-    """Refuse a float tensor whose values its output type cannot hold as finite numbers (F16
-    tops out at 65504, BF16 below float32's largest values, Q8_0's block scale is an fp16), from
-    the row maxima extract recorded: before anything is packed, naming the tensor."""
-    from stages.extract import largest_values
-
-    for t in ckpt.plan.tensors:
+def check_float_ranges(store: Path, ckpt, plan) -> None:
+    """Refuse a float tensor whose values its planned output type cannot hold as finite numbers
+    (F16 tops out at 65504, BF16 below float32's largest values, Q8_0's block scale is an fp16),
+    from the row maxima extract recorded: before anything is packed, naming the tensor."""
+    for t in plan.tensors:
         if t.role == TERNARY:
             continue  # ternary values are codes times the scale, which pack checks
-        out, _ = tensor_type(t.role, t.shape, opts.layout.name, opts.embedding_type, t.gguf_name)
-        biggest = largest_values(store, t.gguf_name)
+        out = OUTPUT_TYPES[t.out_type]
+        biggest = largest_values(store, t.name)
         if not out.holds(biggest):
             roomier = [n for n in ("bf16", "f32") if OUTPUT_TYPES[n].holds(biggest)]
             option = "--embedding-type" if t.role != "norm" else "the output type"
-            raise CheckpointError(f"{ckpt.sources[t.hf_name].file}: tensor {t.hf_name} has values up to {biggest:.6g}, "
+            raise CheckpointError(f"{t.source_file}: tensor {t.hf_name} has values up to {biggest:.6g}, "
                                   f"beyond {out.codec.name}'s range ({out.largest:.6g}); choose {option} "
                                   f"{' or '.join(roomier)}")
 
 
-def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=None) -> list[Path]:
+def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before=None) -> list[Path]:
     manifest = run.load()
     if manifest.get("fingerprint") not in (None, ckpt.fingerprint):
         log("the checkpoint changed since this run directory was made: starting over")
@@ -257,15 +251,15 @@ def _run_stages(opts, ckpt, budget, scheduler, run, keys, log, outputs_before=No
                 f"{', '.join(later)}" + (f"; {', '.join(kept)} reused" if kept else ""))
             run.reset_from(stage, manifest)
         if not _finished(stage, manifest["stages"].get(stage), keys[stage]):
-            _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log, check_source,
-                       outputs_before, inputs[stage])
+            _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log,
+                       check_source, outputs_before, inputs[stage])
         if stage == "extract":
-            check_float_ranges(run.store("extract"), ckpt, opts)
+            check_float_ranges(run.store("extract"), ckpt, plan)
         previous = run.store(stage)
     return [Path(p) for p, *_ in manifest["stages"]["assemble"]["outputs"]]
 
 
-def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, key, log, check_source,
+def _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manifest, key, log, check_source,
                outputs_before=None, inputs=None) -> None:
     if stage != "extract":
         run.check_sealed(STAGES[STAGES.index(stage) - 1])  # its input is what was written
@@ -275,7 +269,7 @@ def _run_stage(stage, opts, budget, scheduler, run, previous, ckpt, manifest, ke
     run.save(manifest)
     output = opts.output if stage == "assemble" else run.store(stage)
     ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None, log,
-                       run.metadata_path, before_publish=check_source, outputs_before=outputs_before)
+                       run.metadata_path, before_publish=check_source, outputs_before=outputs_before, plan=plan)
     importlib.import_module(f"stages.{stage}").run(ctx)
     if stage != "assemble":  # assemble checks before it publishes
         check_source()  # a file rewritten while it was read would mix old and new weights

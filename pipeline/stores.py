@@ -484,3 +484,12 @@ def check_store(store: Path, recorded: dict[str, list]) -> None:
     extra = sorted(set(present) - set(recorded))
     if extra:
         raise DamagedStore(f"{store / extra[0]}: not written by the conversion")
+
+
+MAX_SUFFIX = ".abs_max"  # extract.zarr: per-row float32 max |x| beside a float tensor
+
+
+def largest_values(store, name: str) -> float:
+    """max |x| of a float tensor, from the row maxima extract recorded."""
+    maxima = open_store(store, "r")[name + MAX_SUFFIX]
+    return float(read_rows(maxima, 0, maxima.shape[0]).max(initial=0.0))

@@ -36,9 +36,9 @@ from pipeline.outtypes import (BY_GGML_TYPE, EMBEDDING_CHOICES, OUTPUT_TYPES, TA
                                resolve, target_of, targets_of, tensor_type)
 from pipeline.safetensors_io import as_float32, pread_exact
 from pipeline.stores import row_ranges
-from stages.assemble import TARGET_KEY, TILES_KEY, file_kvs
+from pipeline.plan import TARGET_KEY, TILES_KEY, code_layout, file_kvs, ternary_scale
 from stages.pack import encode_block
-from stages.quantize import code_layout, code_rows, group_scales, row_abs_sums, ternary_scale
+from stages.quantize import code_rows, group_scales, row_abs_sums
 
 _PART = re.compile(r"(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf")
 

@@ -15,38 +15,15 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import numpy as np
 
 from pipeline.context import StageContext
-from pipeline.gguf_file import TL_TILES_KEY, GGUFSplitWriter, GGUFWriterError, TensorInfo, model_kvs, plan_split
+from pipeline.gguf_file import GGUFSplitWriter, GGUFWriterError, TensorInfo
 from pipeline.output import OutputChanged, final_paths, identity, publish, temp_path
 from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
+from pipeline.plan import file_kvs
 from pipeline.stores import DamagedStore, check_source_file, chunk_path, is_raw, open_store, row_ranges, source_ref
-
-
-# Our own key/values (bitnet.cpp and llama.cpp ignore keys they do not know): the bitnet.cpp build
-# a file's layout is for, and a TL file's kernel tiles, so `verify` and `inspect` of the file alone can tell.
-TARGET_KEY = "bitnet_gguf.target"
-TILES_KEY = TL_TILES_KEY   # UINT32 array: m, k, BM, BK, bm per kernel_config.ini section
-
-
-def file_kvs(metadata: dict, out_type: str, kernel_tiles=()) -> list:
-    """Every key/value of the file: the run's metadata, then file type and quantization version,
-    then (for a layout made for one bitnet.cpp build) our target and kernel tiles."""
-    out = OUTPUT_TYPES[out_type]
-    records = [*metadata["kv"],
-               {"key": gguf.Keys.General.FILE_TYPE, "type": "UINT32", "sub_type": None,
-                "value": out.file_type},
-               {"key": gguf.Keys.General.QUANTIZATION_VERSION, "type": "UINT32", "sub_type": None,
-                "value": gguf.GGML_QUANT_VERSION}]
-    if out.target:
-        records.append({"key": TARGET_KEY, "type": "STRING", "sub_type": None, "value": out.target})
-    if out.needs_tiles:
-        records.append({"key": TILES_KEY, "type": "ARRAY", "sub_type": "UINT32",
-                        "value": [int(v) for entry in kernel_tiles for v in entry]})
-    return model_kvs(metadata["arch"], records)
 
 
 def array_layout(arr):
@@ -64,10 +41,6 @@ def tensor_infos(group) -> list[TensorInfo]:
         shape = tuple(arr.attrs["shape"])
         infos.append(TensorInfo(name, shape, out.ggml_type, out.nbytes(shape, tiles)))
     return infos
-
-
-def plan_parts(infos: list[TensorInfo], max_size: int, max_tensors: int) -> list[list[int]]:
-    return plan_split(infos, max_size=max_size, max_tensors=max_tensors)
 
 
 def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_type: str, progress) -> None:
@@ -116,7 +89,10 @@ def run(ctx: StageContext) -> None:
     group = open_store(ctx.input, "r")
     opts = ctx.options
     metadata = json.loads(ctx.metadata.read_text(encoding="utf-8"))
-    parts = plan_parts(tensor_infos(group), opts.split_max_size, opts.split_max_tensors)
+    parts = ctx.plan.parts()  # which tensors go to which file, as the plan decided
+    if tensor_infos(group) != ctx.plan.infos():
+        raise DamagedStore(f"{ctx.input}: its tensors are not the ones the plan ({ctx.input.parent / 'plan.json'}) "
+                           "lists")
     finals = final_paths(opts.output, len(parts))
     temps = [temp_path(f, opts.workdir) for f in finals]
     before = ctx.outputs_before

@@ -38,11 +38,10 @@ from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY
 from pipeline.rundir import write_json_atomic
 from pipeline.safetensors_io import TensorSource, as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (array_path, ensure_array, index_array, make_ref, open_store, read_rows, refs_json,
+from pipeline.stores import (MAX_SUFFIX, array_path, ensure_array, index_array, make_ref, open_store, refs_json,
                              refs_path, row_ranges, write_rows, written_chunks)
 from stages.quantize import SUMS_SUFFIX
 
-MAX_SUFFIX = ".abs_max"
 GROUP_SUFFIX = ".group_max"
 
 
@@ -156,9 +155,3 @@ def run(ctx: StageContext) -> None:
                     tasks.append(chunk_task(scan_rows, src, array_path(ctx.output, side), r0, r1, kind))
     write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, arrays))
     ctx.scheduler.run(tasks, "extract")
-
-
-def largest_values(store, name: str) -> float:
-    """max |x| of a float tensor, from the row maxima extract recorded."""
-    maxima = open_store(store, "r")[name + MAX_SUFFIX]
-    return float(read_rows(maxima, 0, maxima.shape[0]).max(initial=0.0))

@@ -29,12 +29,13 @@ from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import TERNARY
 from pipeline.kernel_config import tiles_of
-from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES, tensor_type
+from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, open_array,
                              open_store, read_rows, row_ranges, write_rows, written_chunks)
-from stages.quantize import BLOCK_SCALES_SUFFIX, LAYOUT_2BIT, LAYOUT_INT8, SCALE_BLOCK, link_task
+from pipeline.plan import LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale
+from stages.quantize import BLOCK_SCALES_SUFFIX, SCALE_BLOCK, link_task
 
 
 def scales_per_type_block(block_scales: np.ndarray, block_size: int) -> np.ndarray:
@@ -69,9 +70,6 @@ with np.errstate(over="ignore", invalid="ignore"):
     _F16_FROM_BF16 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32).astype("<f2").view(np.uint16)
 
 # source dtype whose raw bytes already are the output type's
-SAME_BYTES = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
-
-
 def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None,
                  layout: str | None = None, tiles=None, block_scales: np.ndarray | None = None) -> np.ndarray:
     """The GGUF bytes of one row chunk: float values in their source representation
@@ -99,31 +97,6 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
     return codec.encode(block.astype(np.float32) * scale)  # a float type of the ternary values
 
 
-# The smallest normal numbers: below them a float keeps fewer significant bits than its type
-# promises (an fp16 scale of 1e-6 is 2^-20 in 2^-24 steps, up to 3% off; 1e-7 is 19% off).
-FP16_TINY = float(np.finfo(np.float16).tiny)    # 6.1e-5
-FP32_TINY = float(np.finfo(np.float32).tiny)    # 1.2e-38
-FP16_SCALE_TYPES = ("tq1_0", "tq2_0", "q2_0", "f16")  # a TQ/Q2_0 block's d, an F16 fallback's values
-
-
-def check_scale(name: str, scale: float, codec_name: str) -> None:
-    """The scale must be a normal float32 (I2_S stores it so); a TQ block stores it as fp16, and
-    an F16 fallback its values: there it must be a normal fp16 too. A subnormal or overflowing
-    scale is refused naming the tensor, not written with a few bits of precision."""
-    with np.errstate(over="ignore", under="ignore"):
-        s32 = np.float32(scale)
-        d = np.float16(s32)
-    if not np.isfinite(s32) or abs(float(s32)) < FP32_TINY:
-        raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is not a normal float32 (above 1.2e-38, "
-                              "finite; the checkpoint's weight_scale is out of range); it cannot be converted")
-    if codec_name in FP16_SCALE_TYPES:
-        if not np.isfinite(d) or abs(float(d)) < FP16_TINY:
-            advice = ("its rows are not whole blocks, so it is written as F16 in every --type; it cannot be converted"
-                      if codec_name == "f16" else "convert with --type i2_s (a float32 scale) instead")
-            raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is outside what {codec_name.upper()} "
-                                  f"stores to fp16's precision (a normal fp16, {FP16_TINY:.3g} to 65504); {advice}")
-
-
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
                 source_dtype: str, layout: str | None, tiles=None, block_scales: str | None = None) -> None:
     scales = read_rows(open_array(block_scales, "r"), start, stop) if block_scales else None
@@ -149,7 +122,8 @@ def run(ctx: StageContext) -> None:
         src = source[name]
         role = src.attrs["role"]
         shape = tuple(src.attrs["shape"])
-        out, fallback = tensor_type(role, shape, layout.name, opts.embedding_type, name)
+        planned = ctx.plan.tensor(name)  # the output type (and why, if it is not --type) is the plan's
+        out, fallback = OUTPUT_TYPES[planned.out_type], planned.fallback
         scale = src.attrs.get("scale") if role == TERNARY else None
         block_scales = None
         if role == TERNARY and scale is None:  # group-scaled, one scale per 64 values

@@ -35,12 +35,12 @@ from typing import Callable
 import numpy as np
 
 from pipeline.codecs import (CODE_BLOCK, NonFiniteWeights, absmean_scale, absmean_total, codes_from_packed,
-                             codes_supported, effective_scale, pack_fields, absmean_row_sums, sign_fields,
+                             pack_fields, absmean_row_sums, sign_fields,
                              ternary_codes)
-from pipeline.errors import CheckpointError
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY, Recipe
+from pipeline.plan import LAYOUT_2BIT, LAYOUT_INT8, code_layout, packed_block_rows, ternary_chunk_rows, ternary_scale
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, link_chunk,
@@ -51,7 +51,7 @@ SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside
 GROUP_SUFFIX = ".group_max"   # extract.zarr: magnitude of every GROUP_COLUMNS values of a group-scaled projection
 BLOCK_SCALES_SUFFIX = ".block_scales"  # quantize.zarr: one scale per 64 values, when not one per tensor
 SCALE_BLOCK = 64              # values per block scale (Q2_0's block)
-LAYOUT_2BIT, LAYOUT_INT8 = "2bit-128", "int8"
+
 
 
 class CorruptCodes(ValueError):
@@ -116,25 +116,6 @@ def quarters_from_packed(packed: np.ndarray) -> np.ndarray:
     return words.view(np.uint8).reshape(rows, nb, 32, 4).transpose(3, 0, 1, 2).reshape(4, rows, nb * 32)
 
 
-def packed_block_rows(budget, shape: tuple[int, int], recipe: Recipe) -> int | None:
-    """Rows R of a packed projection that one task turns into four output chunks (one per
-    quarter), or None when the fast path does not apply: R divides out / 4 (so every output
-    chunk lies in one quarter) and holds whole heads when permuted."""
-    rows, cols = shape
-    if not recipe.packed or not codes_supported(cols) or rows % 4:
-        return None
-    quarter = rows // 4
-    multiple = recipe.row_multiple
-    if quarter % multiple:
-        return None
-    limit = budget.rows_per_chunk((rows, cols))
-    best = None
-    for r in range(multiple, quarter + 1, multiple):
-        if quarter % r == 0 and r <= max(limit, multiple):
-            best = r
-    return best
-
-
 def permute_heads(block: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's q/k row order for NORM rope from Hugging Face's rotate-half order, within
     each of the block's `n_heads` whole heads: row 2i + j of a head is HF row j * (d/2) + i."""
@@ -163,10 +144,6 @@ def ternary_fields(read: ReadRows, start: int, stop: int, recipe: Recipe, out_ro
     return fields
 
 
-def code_layout(cols: int) -> str:
-    return LAYOUT_2BIT if codes_supported(cols) else LAYOUT_INT8
-
-
 def code_rows(read: ReadRows, start: int, stop: int, recipe: Recipe, shape: tuple[int, int], source_dtype: str,
               absmean: float | None) -> np.ndarray:
     """What quantize.zarr stores for GGUF rows [start, stop): 2-bit codes, or int8 codes for rows
@@ -186,23 +163,6 @@ def codes_of(arr, start: int, stop: int) -> np.ndarray:
     """int8 codes in {-1, 0, +1} of rows [start, stop) of a quantize.zarr ternary array, whatever
     its on-disk layout (for inspect and notebooks)."""
     return stored_codes(arr[start:stop], arr.attrs.get("code_layout", LAYOUT_INT8))
-
-
-def ternary_scale(recipe: Recipe, absmean: float | None) -> np.float32:
-    """The magnitude a code of +-1 stands for, as the reference converters compute it in float32."""
-    if recipe.scale_rule == "absmean":
-        # codes use iscale = 1/absmean; the values they stand for are codes / iscale, which
-        # llama.cpp's converter writes and which can differ from codes * absmean in the last bit
-        return effective_scale(np.float32(absmean))
-    ws = np.float32(recipe.weight_scale)
-    if recipe.scale_rule == "divide":  # BitLinear: W = codes / weight_scale (float32 division, as torch)
-        with np.errstate(over="ignore"):  # a tiny weight_scale gives inf, which pack.check_scale refuses
-            return np.float32(1) / ws
-    if recipe.scale_rule == "multiply":  # AutoBitLinear: W = codes * weight_scale
-        return ws
-    if recipe.scale_rule == "group":  # read from the data (group_scales); not known from the recipe
-        raise ValueError("a group-scaled tensor's scale comes from its data: use group_scales")
-    raise ValueError(f"unknown scale rule {recipe.scale_rule!r}")
 
 
 class GroupScaleError(CheckpointError):
@@ -228,11 +188,6 @@ def group_scales(mags: np.ndarray, name: str) -> tuple[float | None, np.ndarray 
                               f"{', '.join(f'{v:.6g}' for v in found)}); no output type holds that without "
                               f"requantizing (Q2_0 keeps one scale per {SCALE_BLOCK} values)")
     return None, top.astype(np.float32)
-
-
-def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
-    """Output rows per chunk of a ternary tensor: within the budget, whole heads when permuted."""
-    return budget.rows_per_chunk(shape, multiple=recipe.row_multiple)
 
 
 # -- tasks ---------------------------------------------------------------------------------------

@@ -81,3 +81,48 @@ def test_plan_refuses_what_convert_refuses(checkpoint, tmp_path):
     model = checkpoint(hidden_size=320, intermediate_size=448)  # no row is a multiple of 128
     proc = run_cli("plan", model, "-o", tmp_path / "m.gguf", "--type", "i2_s", check_exit=2)
     assert proc.stderr.count("\n") == 1 and "--type i2_s" in proc.stderr and proc.stdout == ""
+
+
+def test_the_runner_and_the_plan_import_no_stage_helpers():
+    """The plan module holds the decisions (output types, scale checks, key/values, parts); the
+    runner builds the plan and runs the stages, which import the decisions from the plan."""
+    import ast
+
+    for module in ("pipeline/runner.py", "pipeline/plan.py", "pipeline/context.py"):
+        tree = ast.parse((ROOT / module).read_text())
+        found = [ast.unparse(n) for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("stages")
+                 or isinstance(n, ast.Import) and any(a.name.startswith("stages") for a in n.names)]
+        assert not found, (module, found)
+
+
+def test_the_stages_follow_the_plan(tmp_path, monkeypatch):
+    """Pack and assemble take each tensor's output type, fallback and part from the plan: a plan
+    that writes one projection as F16 (for a reason of its own) gives a file with that tensor in
+    F16, with the plan's warning, and every other tensor as --type says."""
+    import gguf
+
+    import pipeline.plan
+    from tests.synthetic import write_checkpoint
+    from tests.test_hostile import cli
+
+    decided = pipeline.plan.tensor_type
+
+    def with_one_f16(role, shape, out_type, embedding_type, name=""):
+        if name == "blk.1.attn_v.weight":
+            return pipeline.plan.OUTPUT_TYPES["f16"], "kept F16 by this test's plan"
+        return decided(role, shape, out_type, embedding_type, name)
+
+    monkeypatch.setattr(pipeline.plan, "tensor_type", with_one_f16)
+    model = write_checkpoint(tmp_path / "model", "1bitllm", num_layers=2, hidden_size=256, intermediate_size=512)
+    out = tmp_path / "m.gguf"
+    proc = cli("convert", model, "-o", out, "--no-progress", "--split-max-tensors", "9")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: blk.1.attn_v.weight: kept F16 by this test's plan" in proc.stderr
+    plan = json.loads((tmp_path / "m.gguf.work" / "plan.json").read_text())
+    types = {}
+    for k, (path, size) in enumerate(plan["outputs"]):
+        for t in gguf.GGUFReader(path).tensors:
+            types[t.name] = (k, t.tensor_type.name)
+    assert types == {t["name"]: (t["part"], gguf.GGMLQuantizationType(t["ggml_type"]).name) for t in plan["tensors"]}
+    assert types["blk.1.attn_v.weight"][1] == "F16" and types["blk.0.attn_v.weight"][1] == "TQ2_0"
