@@ -345,8 +345,16 @@ class EffectiveWeights:
         name = out.codec.name
         if self.planned.role == TERNARY:
             codes, alternative = self._codes(self._hf_rows(a, b))
-            err = np.minimum(np.abs(values - codes * self.scale), np.abs(values - alternative * self.scale))
-            tol = abs(self.scale) * VALUE_PRECISION[name]
+            scale = self.scale
+            if name in ("F32", "F16", "BF16", "Q8_0") and self.src.dtype == "F16":
+                # the effective weights of fp16 master weights are fp16 values (llama.cpp's converter
+                # casts codes times the scale back to the checkpoint's type before any output type)
+                scale = float(np.float16(scale))
+            err = np.minimum(np.abs(values - codes * scale), np.abs(values - alternative * scale))
+            if name == "Q8_0":  # --type q8_0: d = fp16(scale / 127) per block, as for float values below
+                tol = abs(self.scale) * (0.51 / 127 + 2.0 ** -10) + 127 * 2.0 ** -25
+            else:  # at least float32's half ulp: the file holds the float32 product of code and scale
+                tol = abs(self.scale) * max(VALUE_PRECISION[name], 2.0 ** -23)
             what = f"scale {self.scale:.6g}"
         else:
             want = self._source(a, b)

@@ -119,7 +119,7 @@ def test_verify_a_split_set_from_any_part(tmp_path):
     assert "missing" in proc.stderr and proc.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("out_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("out_type", ["f32", "f16", "bf16", "q8_0"])
 def test_verify_a_float_type_file_with_metadata_overrides(checkpoint, tmp_path, out_type):
     """--type f16 / q8_0 files and --metadata / --model-name: verify recomputes them when told the
     same options, and finds the overrides missing when not."""
