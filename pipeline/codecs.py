@@ -771,3 +771,19 @@ class Q8_0(_GGUFQuant):
 CODECS: dict[str, type[Codec]] = {"tq2_0": TQ2_0, "tq1_0": TQ1_0, "i2_s": I2_S, "i2_s_arm": I2_S_ARM,
                                   "tl1": TL1, "tl2": TL2, "f16": F16, "bf16": BF16, "f32": F32, "q8_0": Q8_0}
 CODECS["q2_0"] = Q2_0  # upstream llama.cpp (type 42): group-scaled checkpoints
+
+
+# -- float tensors in a float output type ---------------------------------------------------------
+
+# float16 bits of every bfloat16 bit pattern, converted by numpy (round to nearest even)
+with np.errstate(over="ignore", invalid="ignore"):
+    _F16_FROM_BF16 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32).astype("<f2").view(np.uint16)
+
+
+def encode_floats(block: np.ndarray, source_dtype: str, codec_name: str) -> np.ndarray:
+    """GGUF bytes of float rows given in their source representation (bf16 as uint16 bits)."""
+    if source_dtype == "BF16" and codec_name == "f16":  # the common embedding case: one table lookup
+        return _F16_FROM_BF16[np.asarray(block, dtype=np.uint16)].view(np.uint8).reshape(*block.shape[:-1], -1)
+    from pipeline.safetensors_io import as_float32
+
+    return CODECS[codec_name].encode(as_float32(block, source_dtype))

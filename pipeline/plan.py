@@ -92,6 +92,13 @@ def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
 
 # pack: float tensors whose output type is their source type keep the checkpoint's bytes
 SAME_BYTES = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
+FLOAT_TYPES = ("f32", "f16", "bf16")
+
+
+def encoded_in_assemble(role: str, shape, out_name: str) -> bool:
+    """A float matrix written as another float type (a BF16 embedding as F16) is converted by
+    assemble from the checkpoint's rows: pack.zarr indexes them instead of holding a copy."""
+    return role != TERNARY and len(shape) > 1 and out_name in FLOAT_TYPES
 
 
 # The smallest normal numbers: below them a float keeps fewer significant bits than its type
@@ -324,8 +331,8 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
             code_bytes = cols // 4 if code_layout(cols) == LAYOUT_2BIT else cols
             q_rows = packed_block_rows(budget, shape, t.recipe) or ternary_chunk_rows(budget, shape, t.recipe)
             sizes["quantize"] += _chunked_bytes(shape[0], q_rows, code_bytes)
-        elif (src.dtype, out.name) in SAME_BYTES:
-            continue  # quantize and pack index the checkpoint's bytes
+        elif (src.dtype, out.name) in SAME_BYTES or encoded_in_assemble(t.role, shape, out.name):
+            continue  # quantize and pack index the checkpoint's bytes (assemble converts them)
         codec = out.codec
         tiles = tensor_tiles(opts, t.role, shape) if out.needs_tiles else None
         if len(shape) > 1:  # as pack chunks it: whole tiles of a TL type

@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 
 from pipeline import portable
+from pipeline.codecs import encode_floats
 from pipeline.errors import CheckpointError, RunDirError
 from pipeline.safe_files import create_exclusive
 from zarr.codecs import BloscCodec
@@ -200,6 +201,11 @@ def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     A chunk file that is missing or short means a damaged store, not zeros. An indexed
     array's rows are one pread from the checkpoint file."""
     ref = source_ref(arr)
+    if ref is not None and ENCODED_FROM in arr.attrs:  # a float matrix in another float type: convert
+        encoded = arr.attrs[ENCODED_FROM]
+        block = np.empty((stop - start, encoded["columns"]), dtype=np.dtype(encoded["dtype"]))
+        read_source(ref, start * block.itemsize * encoded["columns"], block.reshape(-1).view(np.uint8))
+        return encode_floats(block, encoded["source_dtype"], arr.attrs["out_type"])
     if ref is not None:
         out = np.empty((stop - start, *arr.shape[1:]), dtype=arr.dtype)
         row_bytes = out.itemsize * math.prod(arr.shape[1:])
@@ -245,6 +251,11 @@ def source_changed(model_dir) -> CheckpointError:
 def file_identity(st: os.stat_result) -> list[int]:
     """What says a file is unchanged (as in safetensors_io.files_fingerprint)."""
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+# pack.zarr: an indexed array whose rows assemble converts from the checkpoint's (source dtype,
+# numpy dtype and columns of the rows there); its bytes are `encode_floats` of those rows
+ENCODED_FROM = "encoded_from"
 
 
 def make_ref(path: Path, offset: int, model_dir: Path, identity: list[int]) -> dict:

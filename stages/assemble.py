@@ -23,7 +23,8 @@ from pipeline.output import OutputChanged, final_paths, identity, publish, temp_
 from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
 from pipeline.plan import file_kvs
-from pipeline.stores import DamagedStore, check_source_file, chunk_path, is_raw, open_store, row_ranges, source_ref
+from pipeline.stores import (ENCODED_FROM, DamagedStore, check_source_file, chunk_path, is_raw, open_store, read_rows,
+                             row_ranges, source_ref)
 
 
 def array_layout(arr):
@@ -62,7 +63,9 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
                 for c0, c1 in regions:  # TL2: magnitudes, signs, tail of every chunk in turn
                     for k, (r0, r1) in enumerate(chunks):
                         nbytes = (r1 - r0) * (c1 - c0)
-                        if ref is not None and len(regions) == 1:  # the checkpoint's bytes: copy them in the kernel
+                        if ref is not None and ENCODED_FROM in arr.attrs:  # the checkpoint's rows, converted
+                            writer.write_tensor_data(i, read_rows(arr, r0, r1))
+                        elif ref is not None and len(regions) == 1:  # the checkpoint's bytes: copy them in the kernel
                             try:
                                 writer.copy_tensor_data(i, ref["file"], ref["offset"] + r0 * row_bytes, nbytes)
                             except (OSError, GGUFWriterError):

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.codecs import CODECS, codes_from_packed
+from pipeline.codecs import CODECS, codes_from_packed, encode_floats
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import TERNARY
 from pipeline.kernel_config import tiles_of
 from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES
-from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, open_array,
+from pipeline.stores import (ENCODED_FROM, array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, open_array,
                              open_store, read_rows, row_ranges, write_rows, written_chunks)
-from pipeline.plan import LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale
+from pipeline.plan import LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale, encoded_in_assemble
 from stages.quantize import BLOCK_SCALES_SUFFIX, SCALE_BLOCK, link_task
 
 
@@ -65,11 +64,6 @@ def block_scale_problem(block_scales: np.ndarray, out) -> str | None:
             f"{b * out.block_size}..{(b + 1) * out.block_size - 1}), and {out.codec.name} keeps one per block")
 
 
-# float16 bits of every bfloat16 bit pattern, converted by numpy (round to nearest even)
-with np.errstate(over="ignore", invalid="ignore"):
-    _F16_FROM_BF16 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32).astype("<f2").view(np.uint16)
-
-# source dtype whose raw bytes already are the output type's
 def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None,
                  layout: str | None = None, tiles=None, block_scales: np.ndarray | None = None) -> np.ndarray:
     """The GGUF bytes of one row chunk: float values in their source representation
@@ -81,9 +75,7 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
         codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
         return codec.encode(codes, scales_per_type_block(np.asarray(block_scales), codec.block_size))
     if scale is None:
-        if source_dtype == "BF16" and codec_name == "f16":  # the common embedding case: one table lookup
-            return _F16_FROM_BF16[np.asarray(block, dtype=np.uint16)].view(np.uint8).reshape(*block.shape[:-1], -1)
-        return codec.encode(as_float32(block, source_dtype))
+        return encode_floats(block, source_dtype, codec_name)
     scale = np.float32(scale)
     if not codec.ternary and source_dtype == "F16":
         # a float type of the effective weights (--type f32/f16/bf16/q8_0, or a fallback) from fp16
@@ -156,6 +148,13 @@ def run(ctx: StageContext) -> None:
         unchanged = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES
         if unchanged and is_indexed(src):  # the checkpoint's bytes are the GGUF's: assemble copies them
             index_array(group, name, byte_shape, rows, np.uint8, attrs, copy_ref(src))
+            continue
+        if is_indexed(src) and encoded_in_assemble(role, shape, out.name):
+            # a float matrix in another float type (a BF16 embedding as F16): assemble converts the
+            # checkpoint's rows as it writes them, and pack.zarr holds no copy
+            index_array(group, name, byte_shape, rows, np.uint8,
+                        {**attrs, ENCODED_FROM: {"source_dtype": src.attrs["source_dtype"], "dtype": str(src.dtype),
+                                                 "columns": shape[-1]}}, copy_ref(src))
             continue
         arr = ensure_array(group, name, byte_shape, rows, np.uint8, attrs)
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))

@@ -124,7 +124,6 @@ def test_verify_does_not_trust_the_kernels_that_wrote_the_file(fresh, out, monke
     (both run here with the bug); the values decoded from the file still differ from the
     checkpoint's, and verify says so."""
     import pipeline.codecs
-    import stages.pack
 
     model = fresh("llama3-1.58")
     extra = ()
@@ -132,9 +131,9 @@ def test_verify_does_not_trust_the_kernels_that_wrote_the_file(fresh, out, monke
         monkeypatch.setattr(pipeline.codecs, "_I2S_FROM_CODE_BYTE", np.arange(256, dtype=np.uint8))
         extra, victim = ("--type", "i2_s"), "blk.0.attn_q.weight"
     elif kernel == "bf16 to f16":  # one value in 16 loses its sign
-        table = stages.pack._F16_FROM_BF16.copy()
+        table = pipeline.codecs._F16_FROM_BF16.copy()
         table[::16] ^= np.uint16(0x8000)
-        monkeypatch.setattr(stages.pack, "_F16_FROM_BF16", table)
+        monkeypatch.setattr(pipeline.codecs, "_F16_FROM_BF16", table)
         victim = "token_embd.weight"
     else:  # the fp16 d of a block rounded the wrong way by a few ulps
         real = pipeline.codecs._fp16_bytes

@@ -112,6 +112,33 @@ def test_bytes_no_stage_changes_go_from_the_checkpoint_to_the_gguf(converted):
     run_cli("verify", out, model)
 
 
+@pytest.mark.parametrize("embedding_type", ["f16", "f32"])
+def test_a_float_matrix_in_another_float_type_is_converted_by_assemble_from_the_checkpoint(converted, tmp_path,
+                                                                                         embedding_type):
+    """A BF16 embedding written as F16 (the default) or F32: pack.zarr holds no copy of it (the
+    largest part of a packed checkpoint's run directory); assemble converts the checkpoint's
+    rows chunk by chunk, and the bytes are numpy's conversion of the bf16 values, read by hand;
+    `inspect` reads the converted bytes back through the store."""
+    import gguf
+
+    model = converted[0]
+    out, work = tmp_path / "m.gguf", tmp_path / "work"
+    convert(model, out, "--workdir", work, "--memory-limit", "256MiB", "--embedding-type", embedding_type)
+    assert not chunk_files(work / "pack.zarr" / "token_embd.weight"), "pack copied the embedding"
+    dtype, shape, raw = tensors_by_hand(model / "model.safetensors")["model.embed_tokens.weight"]
+    assert dtype == "BF16"
+    values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    want = values.astype("<f2" if embedding_type == "f16" else "<f4")
+    embd = next(t for t in gguf.GGUFReader(out).tensors if t.name == "token_embd.weight")
+    assert bytes(embd.data.view(np.uint8).reshape(-1)) == want.tobytes()
+    report = json.loads(run_cli("inspect", work, "token_embd.weight", "--json").stdout)
+    assert report["stores"]["pack"]["in_checkpoint"], report["stores"]["pack"]
+    from pipeline.stores import open_store, read_rows
+
+    arr = open_store(work / "pack.zarr", "r")["token_embd.weight"]
+    assert read_rows(arr, 3, 9).tobytes() == want[3:9].tobytes()
+
+
 def test_a_read_of_a_changed_or_missing_file_is_refused(converted, tmp_path):
     import shutil
 
@@ -235,15 +262,11 @@ def test_row_maxima_from_bit_patterns_equal_numpy_on_the_values(dtype):
 
 
 def test_the_disk_estimate_covers_the_run_directory_without_a_copy_of_the_weights(converted):
-    from pipeline.config import make_options
-    from pipeline.runner import plan_conversion
-
     model, out, work = converted
-    opts = make_options(model, output=out, workdir=work, embedding_type="bf16", progress=False, force=True,
-                        memory_limit=256 * 1024**2)
-    plan = plan_conversion(opts)
+    plan = json.loads(run_cli("plan", model, "-o", out, "--workdir", work, "--memory-limit", "256MiB",
+                              "--embedding-type", "bf16", "--json").stdout)
     held = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
     weights = (model / "model.safetensors").stat().st_size
-    assert abs(plan.run_dir_bytes - held) <= 0.1 * held and plan.run_dir_bytes < held + weights, \
-        (held, plan.run_dir_bytes, weights)
-    assert plan.output_bytes == out.stat().st_size
+    assert abs(plan["run_dir_bytes"] - held) <= 0.1 * held and plan["run_dir_bytes"] < held + weights, \
+        (held, plan["run_dir_bytes"], weights)
+    assert plan["output_bytes"] == out.stat().st_size
