@@ -34,7 +34,8 @@ from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, open_array,
                              open_store, read_rows, row_ranges, write_rows, written_chunks)
-from pipeline.plan import LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale
+from pipeline.plan import (LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale, requantize_summary, requantized_codes,
+                           requantized_scale)
 from stages.quantize import BLOCK_SCALES_SUFFIX, SCALE_BLOCK, link_task
 
 
@@ -71,14 +72,22 @@ with np.errstate(over="ignore", invalid="ignore"):
 
 # source dtype whose raw bytes already are the output type's
 def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None,
-                 layout: str | None = None, tiles=None, block_scales: np.ndarray | None = None) -> np.ndarray:
+                 layout: str | None = None, tiles=None, block_scales: np.ndarray | None = None,
+                 requantize: bool = False) -> np.ndarray:
     """The GGUF bytes of one row chunk: float values in their source representation
     (`source_dtype`), or ternary codes as quantize.zarr stores them (`layout`) with their scale
     (and, for TL1/TL2, the tensor's kernel tiles; for group-scaled tensors, `block_scales`: one
-    per 64 values of the chunk's rows). `codec_name` is an output type registry key."""
+    per 64 values of the chunk's rows, and `requantize` when the type cannot hold them: the
+    effective weights quantized by the type's own rule, pipeline/plan.py; a type with one scale
+    per tensor then takes `scale`). `codec_name` is an output type registry key."""
     codec = CODECS[codec_name]
     if block_scales is not None:
         codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
+        if requantize:
+            codes, per_block = requantized_codes(codes, block_scales, codec)
+            if per_block is not None:
+                return codec.encode(codes, per_block)
+            return codec.encode(codes, np.float32(scale), tiles) if tiles else codec.encode(codes, np.float32(scale))
         return codec.encode(codes, scales_per_type_block(np.asarray(block_scales), codec.block_size))
     if scale is None:
         if source_dtype == "BF16" and codec_name == "f16":  # the common embedding case: one table lookup
@@ -98,10 +107,11 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
 
 
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
-                source_dtype: str, layout: str | None, tiles=None, block_scales: str | None = None) -> None:
+                source_dtype: str, layout: str | None, tiles=None, block_scales: str | None = None,
+                requantize: bool = False) -> None:
     scales = read_rows(open_array(block_scales, "r"), start, stop) if block_scales else None
     data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout, tiles,
-                        scales)
+                        scales, requantize)
     if open_array(out, "r").ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
         write_rows(out, 0, data.shape[0], data)
     else:
@@ -125,25 +135,32 @@ def run(ctx: StageContext) -> None:
         planned = ctx.plan.tensor(name)  # the output type (and why, if it is not --type) is the plan's
         out, fallback = OUTPUT_TYPES[planned.out_type], planned.fallback
         scale = src.attrs.get("scale") if role == TERNARY else None
-        block_scales = None
+        block_scales, requantize = None, None
         if role == TERNARY and scale is None:  # group-scaled, one scale per 64 values
             block_scales = array_path(ctx.input, name + BLOCK_SCALES_SUFFIX)
             values = read_rows(open_array(block_scales, "r"), 0, shape[0])
             problem = block_scale_problem(values, out)
-            if problem:
+            if problem and not (opts.allow_requantize and out.codec.ternary):
                 takes = [n for n in TERNARY_CHOICES if block_scale_problem(values, OUTPUT_TYPES[n]) is None]
+                again = "" if not out.codec.ternary else " (or pass --allow-requantize to requantize it, lossy)"
                 raise CheckpointError(f"tensor {src.attrs['hf_name']}: --type {layout.type_option}: {problem}; it "
-                                      f"converts without requantizing to --type {' or '.join(takes)}")
+                                      f"converts without requantizing to --type {' or '.join(takes)}{again}")
+            if problem:  # --allow-requantize: the type's own quantizer on the effective weights
+                requantize = requantize_summary(values, out.codec)
+                if out.codec.tail_size():
+                    scale = requantized_scale(values)
             for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):
                 check_scale(name, float(v), out.name)
         if scale is not None:
             check_scale(name, scale, out.name)
-        plans.append((name, src, role, shape, out, fallback, scale, block_scales))
+        plans.append((name, src, role, shape, out, fallback, scale, block_scales, requantize))
 
     tasks = []
-    for name, src, role, shape, out, fallback, scale, block_scales in plans:
+    for name, src, role, shape, out, fallback, scale, block_scales, requantize in plans:
         if fallback:
             ctx.log(f"warning: {name}: {fallback}")
+        if requantize:
+            ctx.log(f"warning: {name}: requantized to {out.codec.name} (--allow-requantize): {requantize}")
         codec = out.codec
         tiles = tiles_of(opts.kernel_tiles, shape) if out.needs_tiles else None
         # rows of this run's budget (the input may come from a run under a larger memory limit), whole tiles
@@ -152,6 +169,7 @@ def run(ctx: StageContext) -> None:
         byte_shape = (*shape[:-1], codec.row_bytes(shape[-1], tiles))
         attrs = {"ggml_type": out.ggml_type, "type_name": codec.name, "out_type": out.name, "shape": list(shape),
                  "role": role, **({"scale": scale} if scale is not None else {}),
+                 **({"requantized": requantize} if requantize else {}),
                  **({"tiles": list(tiles)} if tiles else {})}
         unchanged = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES
         if unchanged and is_indexed(src):  # the checkpoint's bytes are the GGUF's: assemble copies them
@@ -169,6 +187,7 @@ def run(ctx: StageContext) -> None:
                 tasks.append(chunk_task(link_task, *paths, i))
             else:
                 tasks.append(chunk_task(encode_rows, *paths, r0, r1, out.name, scale,
-                                        src.attrs["source_dtype"], code_layout, tiles, block_scales))
+                                        src.attrs["source_dtype"], code_layout, tiles, block_scales,
+                                        bool(requantize)))
     ctx.scheduler.run(tasks, "pack")
 
