@@ -337,7 +337,8 @@ def tensor_types(opts: Options, ckpt) -> list[tuple]:
     check_kernel_shapes(opts, ckpt)
     types, ternary, fallbacks = [], 0, 0
     for t in ckpt.plan.tensors:
-        out, fallback = tensor_type(t.role, t.shape, opts.layout.name, opts.embedding_type, t.gguf_name)
+        out, fallback = tensor_type(t.role, t.shape, opts.layout.name, opts.embedding_type, t.gguf_name,
+                                    ckpt.plan.family.norm_type)
         if t.role == TERNARY:
             ternary += 1
             fallbacks += fallback is not None

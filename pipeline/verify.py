@@ -110,7 +110,7 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
 
     expected = []
     for t in ckpt.plan.tensors:
-        out, _ = tensor_type(t.role, t.shape, out_type, embedding_type, t.gguf_name)
+        out, _ = tensor_type(t.role, t.shape, out_type, embedding_type, t.gguf_name, ckpt.plan.family.norm_type)
         tiles = tiles_of(kernel_tiles, t.shape) if out.needs_tiles else None
         if out.needs_tiles and tiles is None:
             problems.append(f"{t.gguf_name}: the file's {TILES_KEY} has no tiles for its shape {tuple(t.shape)}")

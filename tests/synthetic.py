@@ -418,6 +418,10 @@ class Family:
     weight_scale_range: tuple[float, float] = WEIGHT_SCALE_RANGE  # packed: where weight_scale values lie
     grouped: bool = False                  # float projections already ternary, one scale per group
     qk_norm: bool = False                  # self_attn.q_norm / k_norm (Qwen3)
+    proj_norms: bool = False               # <proj>.norm.weight before every projection (BitNet embedding models)
+    prefix: str = "model."                 # of every tensor name but lm_head
+    pooling: str | None = None             # sentence-transformers modules.json + 1_Pooling/config.json mode
+    specials: tuple[str, ...] | None = None  # the BPE tokenizer's special tokens (default: Llama 3's)
     defaults: dict = field(default_factory=dict)        # rope_theta, rms_norm_eps, max_position_embeddings, dtype
 
 
@@ -463,6 +467,15 @@ FAMILIES: dict[str, Family] = {
         tokenizer="bpe", head_dim_key=True, special_tokens=("<|begin_of_text|>", "<|end_of_text|>"),
         defaults=dict(rope_theta=1000042, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
                       tokenizer_vocab=400)),
+    # microsoft bitnet-embedding-0.6b (Qwen3 backbone; docs/bitnet-embeddings-i2s-guide.md of
+    # microsoft/BitNet): bf16, names without "model.", per-projection norms, tied, last-token pooling
+    "bitnet-embedding-qwen3": Family(
+        config=lambda h: _qwen3_config(h) | {"tie_word_embeddings": True, "architectures": ["Qwen3Model"]},
+        packed=False, sub_norms=None, lm_head=False, tokenizer="bpe", head_dim_key=True,
+        special_tokens=("<|im_start|>", "<|im_end|>"), qk_norm=True, proj_norms=True, prefix="",
+        pooling="pooling_mode_lasttoken", specials=("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
+        defaults=dict(rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
+                      tokenizer_vocab=400)),
     "bonsai": Family(
         config=_qwen3_config, packed=False, sub_norms=None, lm_head=True, tokenizer="bpe", head_dim_key=True,
         special_tokens=("<|begin_of_text|>", "<|end_of_text|>"), grouped=True, qk_norm=True,
@@ -496,12 +509,13 @@ def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0) -> list
         if family.grouped:
             return [(name, (out_dim, in_dim), f"grouped:{group_size}", h.dtype)]
         if not family.packed:
-            return [(name, (out_dim, in_dim), PROJECTION_ROLES[proj], h.dtype)]
+            norm = [(p + proj + ".norm.weight", (in_dim,), "norm", h.dtype)] if family.proj_norms else []
+            return [(name, (out_dim, in_dim), PROJECTION_ROLES[proj], h.dtype)] + norm
         return [(name, (out_dim // 4, in_dim), "packed", "u8"), (name + "_scale", (1,), "weight_scale", h.dtype)]
 
-    specs = [("model.embed_tokens.weight", (h.vocab_size, h.hidden_size), "embedding", h.dtype)]
+    specs = [(family.prefix + "embed_tokens.weight", (h.vocab_size, h.hidden_size), "embedding", h.dtype)]
     for i in range(h.num_layers):
-        p = f"model.layers.{i}."
+        p = f"{family.prefix}layers.{i}."
         specs.append((p + "input_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
         for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"):
             specs += projection(p, proj)
@@ -515,7 +529,7 @@ def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0) -> list
             specs += projection(p, proj)
         if ffn_sub:
             specs.append((p + ffn_sub + ".weight", (h.intermediate_size,), "norm", h.dtype))
-    specs.append(("model.norm.weight", (h.hidden_size,), "norm", h.dtype))
+    specs.append((family.prefix + "norm.weight", (h.hidden_size,), "norm", h.dtype))
     if family.lm_head:
         specs.append(("lm_head.weight", (h.vocab_size, h.hidden_size), "head", h.dtype))
     return specs
@@ -653,6 +667,17 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json(out / "model.safetensors.index.json", index)
 
+    if fam.pooling:  # sentence-transformers: the transformer, then the pooling module
+        _write_json(out / "modules.json", [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+        (out / "1_Pooling").mkdir(exist_ok=True)
+        modes = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+                 "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+        _write_json(out / "1_Pooling" / "config.json",
+                    {"word_embedding_dimension": hidden_size, **{m: m == fam.pooling for m in modes},
+                     "include_prompt": True})
     config = fam.config(hp)
     if added:
         config["pad_token_id"] = added["pad_token_id"]
@@ -852,7 +877,8 @@ def _bpe_tokenizer(out: Path, family: Family, vocab_size: int, seed: int,
 
     for stale in ("tokenizer.model", "special_tokens_map.json", "added_tokens.json"):
         (out / stale).unlink(missing_ok=True)
-    train_bpe_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    train_bpe_tokenizer(out, vocab_size=vocab_size, seed=seed, **({"specials": family.specials}
+                                                                   if family.specials else {}))
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     bos, eos = family.special_tokens
     ids = tok.token_to_id(bos), tok.token_to_id(eos)

@@ -1,0 +1,317 @@
+"""microsoft BitNet embedding models (bitnet-embedding-0.6b: a Qwen3 backbone with an RMSNorm before
+every projection, bf16 master weights, last-token pooling).
+
+What microsoft/BitNet's `utils/convert-bitnet-embedding-to-gguf.py` writes is written down here
+from reading that file (commit 16da220 of the repository; line numbers below), as an expectation
+table independent of our code: tensor names, shapes, types and key/values. That converter could not
+be run on the synthetic checkpoint: its get_vocab_base_pre (lines 94-161) raises for any tokenizer
+whose hash is not one of the real ones, and it needs BitNet's own gguf-py (GGMLQuantizationType.I2_S)
+from the fork that could not be fetched (docs/notes/families.md, section 4). So `test_against_its_output`
+runs only when such a file was made outside the repository (EMBCONV_OUTPUT) and is skipped otherwise.
+
+Effective weights are decoded with the tests' own readers (FORMATS.md's I2_S, gguf.quants for TQ)
+and compared with absmean ternarization computed here in numpy from the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import convert, run_cli
+from tests.reference_model import load_checkpoint
+from tests.synthetic import write_checkpoint
+from tests.test_group_scaled import files_under, refused
+
+FAMILY = "bitnet-embedding-qwen3"
+# head_dim 128 != hidden / heads = 64, as in the real model (the key/value lengths must say so)
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=128)
+PROJ = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj"}
+F16, I2_S = 1, 36  # ggml type ids
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("emb") / "bitnet-embedding-test", FAMILY, **SHAPE, seed=3)
+
+
+@pytest.fixture(scope="module")
+def i2s_file(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "emb-i2s.gguf"
+    convert(model, out, "--type", "i2_s", "--target", "x86")
+    return out
+
+
+def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], int]]:
+    """GGUF name -> (numpy shape, ggml type) that the converter writes with --outtype i2_s.
+
+    build_tensor_name_map (lines 36-87): embed_tokens -> token_embd, norm -> output_norm, per layer
+    input_layernorm -> attn_norm, q/k/v/o_proj -> attn_q/k/v/output, q_norm/k_norm -> attn_q_norm/
+    attn_k_norm, <proj>.norm -> <gguf proj>_norm_in (seven), gate/up/down_proj -> ffn_gate/up/down,
+    and for qwen3 post_attention_layernorm -> ffn_norm (lines 78-79). Types (lines 584-627): a 2-D
+    tensor that is not a norm or token_embd -> I2_S (lines 590-598); token_embd -> float16 (601-606);
+    every norm, *_norm_in included -> float16 (620-622). No output.weight (lines 632-633)."""
+    h, ff, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd = config["head_dim"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    out = {"token_embd.weight": ((v, h), F16), "output_norm.weight": ((h,), F16)}
+    for i in range(config["num_hidden_layers"]):
+        b = f"blk.{i}."
+        out |= {b + "attn_norm.weight": ((h,), F16), b + "ffn_norm.weight": ((h,), F16),
+                b + "attn_q_norm.weight": ((hd,), F16), b + "attn_k_norm.weight": ((hd,), F16),
+                b + "attn_q.weight": ((q, h), I2_S), b + "attn_k.weight": ((kv, h), I2_S),
+                b + "attn_v.weight": ((kv, h), I2_S), b + "attn_output.weight": ((h, q), I2_S),
+                b + "ffn_gate.weight": ((ff, h), I2_S), b + "ffn_up.weight": ((ff, h), I2_S),
+                b + "ffn_down.weight": ((h, ff), I2_S)}
+        for name, inputs in (("attn_q", h), ("attn_k", h), ("attn_v", h), ("attn_output", q), ("ffn_gate", h),
+                             ("ffn_up", h), ("ffn_down", ff)):
+            out[b + f"{name}_norm_in.weight"] = ((inputs,), F16)
+    return out
+
+
+def expected_kvs(model: Path, config: dict) -> dict[str, object]:
+    """The key/values the converter writes that depend on the checkpoint (set_gguf_parameters,
+    lines 339-392; _set_vocab_bpe, lines 193-245)."""
+    tokens = json.loads((model / "tokenizer.json").read_text())
+    added = {t["content"]: t["id"] for t in tokens["added_tokens"]}
+    modules = json.loads((model / "modules.json").read_text())
+    pool_dir = next(m["path"] for m in modules if m["type"].endswith("Pooling"))
+    pool = json.loads((model / pool_dir / "config.json").read_text())
+    # lines 381-386: mean, then cls, then last token; gguf.PoolingType MEAN 1, CLS 2, LAST 3
+    pooling = 1 if pool.get("pooling_mode_mean_tokens") else 2 if pool.get("pooling_mode_cls_token") else \
+        3 if pool.get("pooling_mode_lasttoken") else None
+    a = "qwen3"
+    return {
+        "general.architecture": "qwen3",                                   # SUPPORTED_ARCHS, line 28
+        f"{a}.block_count": config["num_hidden_layers"],                   # line 348
+        f"{a}.context_length": config.get("max_position_embeddings", 32768),  # line 349
+        f"{a}.embedding_length": config["hidden_size"],                    # line 350
+        f"{a}.feed_forward_length": config["intermediate_size"],           # line 351
+        f"{a}.attention.head_count": config["num_attention_heads"],        # line 352
+        f"{a}.attention.head_count_kv": config["num_key_value_heads"],     # line 353
+        f"{a}.vocab_size": config["vocab_size"],                           # line 354
+        f"{a}.rope.dimension_count": config["head_dim"],                   # lines 356-357
+        f"{a}.attention.key_length": config["head_dim"],                   # line 358
+        f"{a}.attention.value_length": config["head_dim"],                 # line 359
+        f"{a}.rope.freq_base": np.float32(config["rope_theta"]),           # line 362
+        f"{a}.attention.layer_norm_rms_epsilon": np.float32(config["rms_norm_eps"]),  # line 364
+        "general.file_type": 40,                                           # line 538, LLAMA_FTYPE_MOSTLY_I2_S
+        f"{a}.pooling_type": pooling,                                      # line 392
+        "tokenizer.ggml.model": "gpt2",                                    # line 228
+        # line 239: eos is 151643, <|endoftext|> in Qwen3's vocabulary; here that token's id
+        "tokenizer.ggml.eos_token_id": added["<|endoftext|>"],
+        "tokenizer.ggml.add_eos_token": True,                              # line 245
+    }
+
+
+def test_tensor_names_shapes_and_types_are_the_converters(i2s_file, model):
+    from pipeline.gguf_file import read_gguf
+
+    config = json.loads((model / "config.json").read_text())
+    got = {t.name: (tuple(t.shape), t.ggml_type) for t in read_gguf(i2s_file).tensors}
+    assert got == expected_tensors(config)
+
+
+def test_key_values_are_the_converters(i2s_file, model):
+    """Every key/value the converter decides from the checkpoint has its value; the keys we add
+    beyond it are the general.* ones llama.cpp's converter writes and our target key."""
+    from pipeline.gguf_file import read_gguf
+
+    config = json.loads((model / "config.json").read_text())
+    kvs = {kv.key: kv.value for kv in read_gguf(i2s_file).kvs}
+    want = expected_kvs(model, config)
+    assert want["qwen3.pooling_type"] == 3
+    for key, value in want.items():
+        assert key in kvs, key
+        got = np.float32(kvs[key]) if isinstance(value, np.float32) else kvs[key]
+        assert got == value, (key, kvs[key], value)
+    # the tokenizer's own eos (tokenizer_config.json: <|im_end|>) is overridden
+    assert kvs["tokenizer.ggml.tokens"][kvs["tokenizer.ggml.eos_token_id"]] == "<|endoftext|>"
+    # SpecialVocab.add_to_gguf (line 241) writes the tokenizer's other special keys, as ours does
+    tokenizer_keys = {k for k in kvs if k.startswith("tokenizer.")}
+    assert {"tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+            "tokenizer.ggml.merges"} <= tokenizer_keys
+    ours_only = set(kvs) - set(want) - tokenizer_keys - {"general.name"}
+    assert ours_only == {"general.type", "general.size_label", "general.quantization_version",
+                         "bitnet_gguf.target"}, ours_only
+
+
+def absmean_ternary(w: np.ndarray) -> tuple[np.ndarray, float]:
+    """BitNet b1.58's weight quantization in float64: codes clip(round(w / mean|w|)), scale mean|w|."""
+    absmean = max(float(np.abs(w).mean()), 1e-5)
+    return np.clip(np.rint(w / absmean), -1, 1), absmean
+
+
+def test_i2s_effective_weights_are_absmean_ternarization(i2s_file, model):
+    """Decoded with FORMATS.md's I2_S reader: the codes are absmean ternarization of the bf16 master
+    weights, and the scale is mean|w| to float32 precision; the converter's own rule (quantize_to_i2_s,
+    lines 428-492: float32 np.mean, np.round(w / mean)) gives the same codes and a scale within 2
+    float32 ulps (its float32 pairwise sum against our exact one)."""
+    from pipeline.gguf_file import read_gguf
+    from tests.test_families import decode_i2s_reference
+
+    _, tensors = load_checkpoint(model)
+    raw_file = i2s_file.read_bytes()
+    for t in read_gguf(i2s_file).tensors:
+        if t.ggml_type != I2_S:
+            continue
+        layer, proj = t.name.split(".")[1], t.name.split(".")[2]
+        w = tensors[f"layers.{layer}.{PROJ[proj]}.weight"]
+        values, scale, _ = decode_i2s_reference(raw_file[t.offset:t.offset + t.nbytes], tuple(t.shape))
+        codes, absmean = absmean_ternary(w)
+        np.testing.assert_array_equal(np.sign(values), codes, err_msg=t.name)
+        assert abs(float(scale) - absmean) <= absmean * 2.0 ** -23, (t.name, scale, absmean)
+        w32 = w.astype(np.float32)
+        ms_scale = np.float32(np.mean(np.abs(w32)))
+        ms_codes = np.round(w32 * (1.0 / ms_scale)).clip(-1, 1)
+        np.testing.assert_array_equal(np.sign(values), ms_codes, err_msg=t.name)
+        assert abs(float(scale) - float(ms_scale)) <= 2 * float(np.spacing(ms_scale)), (t.name, scale, ms_scale)
+
+
+def test_norms_and_embedding_are_the_checkpoints_in_f16(i2s_file, model):
+    """lines 601-627: token_embd and every norm as float16 of the bf16 values (no offset for qwen3)."""
+    from pipeline.gguf_file import read_gguf
+
+    _, tensors = load_checkpoint(model)
+    raw_file = i2s_file.read_bytes()
+    hf = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
+    for t in read_gguf(i2s_file).tensors:
+        if t.ggml_type != F16:
+            continue
+        if t.name in hf:
+            name = hf[t.name]
+        else:
+            _, layer, short, _ = t.name.split(".")
+            name = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}.get(short) \
+                or PROJ[short.removesuffix("_norm_in")] + ".norm"
+            name = f"layers.{layer}.{name}.weight"
+        got = np.frombuffer(raw_file[t.offset:t.offset + t.nbytes], "<f2").reshape(t.shape)
+        np.testing.assert_array_equal(got, tensors[name].astype(np.float16), err_msg=t.name)
+
+
+@pytest.mark.parametrize("out_type", ["tq2_0", "tq1_0", "i2_s-arm"])
+def test_other_ternary_types_decode_to_the_same_weights(model, tmp_path, out_type):
+    import gguf
+
+    from pipeline.gguf_file import read_gguf
+    from tests.bitnet_layouts import decode_i2s_arm
+
+    out = tmp_path / "o.gguf"
+    args = ("--type", "i2_s", "--target", "arm") if out_type == "i2_s-arm" else ("--type", out_type)
+    convert(model, out, *args)
+    _, tensors = load_checkpoint(model)
+    raw_file = out.read_bytes()
+    for t in read_gguf(out).tensors:
+        if len(t.shape) != 2 or t.name == "token_embd.weight":
+            continue
+        raw = raw_file[t.offset:t.offset + t.nbytes]
+        if out_type == "i2_s-arm":
+            codes, scale = decode_i2s_arm(raw, tuple(t.shape))
+            values = codes.astype(np.float64) * scale
+        else:
+            values = gguf.quants.dequantize(np.frombuffer(raw, np.uint8).reshape(t.shape[0], -1),
+                                            gguf.GGMLQuantizationType[out_type.upper()])
+        layer, proj = t.name.split(".")[1], t.name.split(".")[2]
+        codes, absmean = absmean_ternary(tensors[f"layers.{layer}.{PROJ[proj]}.weight"])
+        np.testing.assert_array_equal(np.sign(values), codes, err_msg=t.name)
+        np.testing.assert_allclose(np.abs(values[codes != 0]), absmean, rtol=2.0 ** -10, err_msg=t.name)
+    run_cli("verify", out, model)
+
+
+def test_verify_accepts_the_file(i2s_file, model):
+    assert "OK" in run_cli("verify", i2s_file, model).stdout
+
+
+def test_against_its_output(i2s_file, model):
+    """The converter's own file for the same checkpoint, when one was made outside the repository."""
+    theirs = os.environ.get("EMBCONV_OUTPUT")
+    if not theirs or not Path(theirs).is_file():
+        pytest.skip("no output of microsoft/BitNet's convert-bitnet-embedding-to-gguf.py for this checkpoint "
+                    "(EMBCONV_OUTPUT unset): it refuses the synthetic tokenizer's pre-tokenizer hash and needs "
+                    "BitNet's gguf-py fork, which could not be fetched (docs/notes/families.md, section 4)")
+    from pipeline.gguf_file import read_gguf
+
+    ours, other = read_gguf(i2s_file), read_gguf(Path(theirs))
+    assert {t.name: (tuple(t.shape), t.ggml_type) for t in ours.tensors} == \
+        {t.name: (tuple(t.shape), t.ggml_type) for t in other.tensors}
+    mine = {kv.key: kv.value for kv in ours.kvs}
+    for kv in other.kvs:
+        if not kv.key.startswith("general.name"):
+            assert mine.get(kv.key) == kv.value, kv.key
+
+
+# -- bad input: one line, exit 2, nothing written -------------------------------------------------
+
+@pytest.fixture
+def fresh(tmp_path):
+    model = write_checkpoint(tmp_path / "m", FAMILY, **(SHAPE | dict(num_layers=1)), seed=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    return model, out / "m.gguf"
+
+
+def rewrite_tensor(model: Path, name: str, new: np.ndarray | None) -> None:
+    """Drop tensor `name` from model.safetensors (new None) or replace it with `new` (raw bf16 bits)."""
+    path = model / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    blobs = {}
+    for key, info in header.items():
+        begin, end = (8 + n + o for o in info["data_offsets"])
+        blobs[key] = (info, raw[begin:end])
+    if new is None:
+        del blobs[name]
+    else:
+        blobs[name] = ({"dtype": "BF16", "shape": list(new.shape)}, new.astype("<u2").tobytes())
+    out_header, data, offset = ({"__metadata__": meta} if meta else {}), b"", 0
+    for key in sorted(blobs):
+        info, blob = blobs[key]
+        out_header[key] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + len(blob)]}
+        data += blob
+        offset += len(blob)
+    text = json.dumps(out_header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def test_a_missing_projection_norm_is_refused(fresh):
+    model, out = fresh
+    rewrite_tensor(model, "layers.0.mlp.up_proj.norm.weight", None)
+    refused(model, out, "tensor layers.0.mlp.up_proj.norm.weight is missing", "blk.0.ffn_up_norm_in.weight")
+
+
+def test_a_projection_norm_of_the_wrong_shape_is_refused(fresh):
+    model, out = fresh
+    rewrite_tensor(model, "layers.0.self_attn.o_proj.norm.weight", np.full(256, 0x3F80, np.uint16))
+    refused(model, out, "layers.0.self_attn.o_proj.norm.weight has shape [256]", "implies [512]")
+
+
+@pytest.mark.parametrize("remove,needle", [("modules.json", "modules.json: missing"),
+                                           ("1_Pooling/config.json", "1_Pooling/config.json: missing")])
+def test_a_missing_pooling_config_is_refused(fresh, remove, needle):
+    model, out = fresh
+    (model / remove).unlink()
+    refused(model, out, needle, "Pooling")
+
+
+def test_a_pooling_config_without_a_mode_is_refused(fresh):
+    model, out = fresh
+    path = model / "1_Pooling" / "config.json"
+    path.write_text(json.dumps({k: False for k in json.loads(path.read_text()) if k.startswith("pooling_mode")}))
+    refused(model, out, "none of pooling_mode_mean_tokens, pooling_mode_cls_token, pooling_mode_lasttoken")
+
+
+def test_a_vocabulary_without_endoftext_is_refused(fresh):
+    model, out = fresh
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = model / name
+        path.write_text(path.read_text().replace("<|endoftext|>", "<|notthere|>"))
+    refused(model, out, "has no token <|endoftext|>")
