@@ -49,6 +49,7 @@ class TensorRule:
     role: str
     shape: tuple[str, ...]  # dimension names, resolved from the config
     permute: str | None = None  # llama q/k row permutation by heads: "heads" or "kv_heads"
+    offset: float = 0.0         # added to a norm's values (Gemma3: the runtime's RMSNorm multiplies by w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +326,7 @@ class Recipe:
     permute_heads: int = 0         # llama q/k permutation over this many heads (0: none)
     row_multiple: int = 1          # a chunk of output rows must hold whole multiples of this
     weight_scale: float | None = None  # packed: the checkpoint's weight_scale (float32 value)
+    offset: float = 0.0            # norms: added to the values (Gemma3's RMSNorm scales by 1 + w)
 
     def as_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -548,7 +550,7 @@ def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan
     def add(rule: TensorRule, bid: int | None = None) -> None:
         fmt = {"bid": bid} if bid is not None else {}
         shape = tuple(dims[d] for d in rule.shape)
-        recipe = Recipe(rule.role)
+        recipe = Recipe(rule.role, offset=rule.offset)
         if rule.role == TERNARY:
             heads = dims[rule.permute] if rule.permute and fam.permute_qk else 0
             row_multiple = shape[0] // heads if heads else 1

@@ -259,7 +259,7 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
             want = encode_block(block, out.name, scale, src.dtype, code_layout(planned.shape[1]), tiles,
                                 None if blocks is None else blocks[r0:r1], requantized is not None)
         else:
-            want = encode_block(src.read_rows(r0, r1), out.name, None, src.dtype)
+            want = encode_block(src.read_rows(r0, r1), out.name, None, src.dtype, offset=recipe.offset)
         want = want.reshape(-1, row_bytes) if two_d else want.reshape(1, -1)
         for c0, c1 in regions:
             start = t.offset + n_rows * c0 + (r0 * (c1 - c0) if two_d else 0)
@@ -372,7 +372,7 @@ class EffectiveWeights:
                 tol = abs(self.scale) * max(VALUE_PRECISION[name], 2.0 ** -23)
             what = f"scale {self.scale:.6g}"
         else:
-            want = self._source(a, b)
+            want = self._source(a, b) + self.recipe.offset  # Gemma3's norms: 1 + w
             err = np.abs(values - want)
             if name == "Q8_0":  # a block of 32 stores round(x / d), d = fp16(max|x| / 127) (for a block of
                 # tiny values a subnormal fp16, as gguf's quantizer and llama.cpp write it: 127 half-steps of 2^-24)

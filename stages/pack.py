@@ -73,7 +73,7 @@ with np.errstate(over="ignore", invalid="ignore"):
 # source dtype whose raw bytes already are the output type's
 def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None,
                  layout: str | None = None, tiles=None, block_scales: np.ndarray | None = None,
-                 requantize: bool = False) -> np.ndarray:
+                 requantize: bool = False, offset: float = 0.0) -> np.ndarray:
     """The GGUF bytes of one row chunk: float values in their source representation
     (`source_dtype`), or ternary codes as quantize.zarr stores them (`layout`) with their scale
     (and, for TL1/TL2, the tensor's kernel tiles; for group-scaled tensors, `block_scales`: one
@@ -89,6 +89,8 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
                 return codec.encode(codes, per_block)
             return codec.encode(codes, np.float32(scale), tiles) if tiles else codec.encode(codes, np.float32(scale))
         return codec.encode(codes, scales_per_type_block(np.asarray(block_scales), codec.block_size))
+    if scale is None and offset:  # a norm stored as w where the runtime multiplies by 1 + w (Gemma3)
+        return codec.encode(as_float32(block, source_dtype) + np.float32(offset))
     if scale is None:
         if source_dtype == "BF16" and codec_name == "f16":  # the common embedding case: one table lookup
             return _F16_FROM_BF16[np.asarray(block, dtype=np.uint16)].view(np.uint8).reshape(*block.shape[:-1], -1)
@@ -108,10 +110,10 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
 
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
                 source_dtype: str, layout: str | None, tiles=None, block_scales: str | None = None,
-                requantize: bool = False) -> None:
+                requantize: bool = False, offset: float = 0.0) -> None:
     scales = read_rows(open_array(block_scales, "r"), start, stop) if block_scales else None
     data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout, tiles,
-                        scales, requantize)
+                        scales, requantize, offset)
     if open_array(out, "r").ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
         write_rows(out, 0, data.shape[0], data)
     else:
@@ -171,7 +173,8 @@ def run(ctx: StageContext) -> None:
                  "role": role, **({"scale": scale} if scale is not None else {}),
                  **({"requantized": requantize} if requantize else {}),
                  **({"tiles": list(tiles)} if tiles else {})}
-        unchanged = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES
+        offset = src.attrs.get("recipe", {}).get("offset", 0.0) if role != TERNARY else 0.0
+        unchanged = role != TERNARY and not offset and (src.attrs["source_dtype"], out.name) in SAME_BYTES
         if unchanged and is_indexed(src):  # the checkpoint's bytes are the GGUF's: assemble copies them
             index_array(group, name, byte_shape, rows, np.uint8, attrs, copy_ref(src))
             continue
@@ -188,6 +191,6 @@ def run(ctx: StageContext) -> None:
             else:
                 tasks.append(chunk_task(encode_rows, *paths, r0, r1, out.name, scale,
                                         src.attrs["source_dtype"], code_layout, tiles, block_scales,
-                                        bool(requantize)))
+                                        bool(requantize), offset))
     ctx.scheduler.run(tasks, "pack")
 
