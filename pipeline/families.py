@@ -87,6 +87,7 @@ class Family:
     pooling: bool = False
     eos_token: str | None = None         # tokenizer.ggml.eos_token_id is this token's id (an override)
     add_eos: bool | None = None          # tokenizer.ggml.add_eos_token set to this
+    tokenizer_style: str | None = None   # how the tokenizer is written, when not by its files (pipeline/vocab.py)
 
     def matches(self, config: dict, archs: list[str], quant: str | None, present: set[str] | None = None) -> bool:
         if self.tensor_markers and present is not None and not any(n.endswith(self.tensor_markers) for n in present):
@@ -140,12 +141,44 @@ _PROJ_NORMS = (("self_attn.q_proj", "attn_q", "hidden"), ("self_attn.k_proj", "a
                ("mlp.down_proj", "ffn_down", "intermediate"))
 
 
-def _embedding_block() -> tuple[TensorRule, ...]:
-    """A Qwen3 block of a BitNet embedding model: the Qwen3 tensors, then the seven input norms."""
-    rules = [dataclasses.replace(r, hf=r.hf.removeprefix("model.")) for r in _block(None, None, False, qk_norm=True)]
+def _embedding_block(gemma: bool = False) -> tuple[TensorRule, ...]:
+    """A block of a BitNet embedding model: the Qwen3 tensors, then the seven input norms. Gemma3's
+    own norms (its RMSNorm scales by 1 + w; the converter writes w + 1, lines 610-618; not the input
+    norms) are input_layernorm -> attn_norm, q/k norms, post_attention_layernorm ->
+    post_attention_norm, pre_feedforward_layernorm -> ffn_norm, post_feedforward_layernorm ->
+    post_ffw_norm (lines 80-85)."""
+    rules = [dataclasses.replace(r, hf=r.hf.removeprefix("model."), offset=1.0 if gemma and r.role == NORM else 0.0)
+             for r in _block(None, None, False, qk_norm=True)]
+    if gemma:
+        p, b = "layers.{bid}.", "blk.{bid}."
+        rules = [r for r in rules if not r.hf.endswith("post_attention_layernorm.weight")]
+        at = next(i for i, r in enumerate(rules) if r.gguf.endswith("ffn_gate.weight"))
+        rules[at:at] = [TensorRule(p + "post_attention_layernorm.weight", b + "post_attention_norm.weight", NORM,
+                                   ("hidden",), offset=1.0),
+                        TensorRule(p + "pre_feedforward_layernorm.weight", b + "ffn_norm.weight", NORM, ("hidden",),
+                                   offset=1.0)]
+        rules.append(TensorRule(p + "post_feedforward_layernorm.weight", b + "post_ffw_norm.weight", NORM,
+                                ("hidden",), offset=1.0))
     rules += [TensorRule(f"layers.{{bid}}.{hf}.norm.weight", f"blk.{{bid}}.{gguf}_norm_in.weight", NORM, (dim,))
               for hf, gguf, dim in _PROJ_NORMS]
     return tuple(rules)
+
+
+# set_gguf_parameters, lines 339-392: the same keys for both backbones (context_length 32768 when absent)
+_EMBEDDING_HPARAMS = (
+    ("block_count", "num_hidden_layers", "uint32"),
+    ("context_length", "max_position_embeddings", "uint32"),
+    ("embedding_length", "hidden_size", "uint32"),
+    ("feed_forward_length", "intermediate_size", "uint32"),
+    ("attention.head_count", "num_attention_heads", "uint32"),
+    ("attention.head_count_kv", "@kv_heads", "uint32"),
+    ("vocab_size", "vocab_size", "uint32"),
+    ("rope.dimension_count", "@head_dim", "uint32"),
+    ("attention.key_length", "@head_dim", "uint32"),
+    ("attention.value_length", "@head_dim", "uint32"),
+    ("rope.freq_base", "rope_theta", "float32"),
+    ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
+)
 
 
 _EMBED = TensorRule("model.embed_tokens.weight", "token_embd.weight", EMBEDDING, ("vocab", "hidden"))
@@ -199,24 +232,36 @@ FAMILIES = (
         global_tensors=(dataclasses.replace(_EMBED, hf="embed_tokens.weight"),),
         block_tensors=_embedding_block(),
         trailing_tensors=(TensorRule("norm.weight", "output_norm.weight", NORM, ("hidden",)),),
-        # set_gguf_parameters, lines 339-392: context_length (32768 when absent) ... key/value lengths
-        hparams=(("block_count", "num_hidden_layers", "uint32"),
-                 ("context_length", "max_position_embeddings", "uint32"),
-                 ("embedding_length", "hidden_size", "uint32"),
-                 ("feed_forward_length", "intermediate_size", "uint32"),
-                 ("attention.head_count", "num_attention_heads", "uint32"),
-                 ("attention.head_count_kv", "@kv_heads", "uint32"),
-                 ("vocab_size", "vocab_size", "uint32"),
-                 ("rope.dimension_count", "@head_dim", "uint32"),
-                 ("attention.key_length", "@head_dim", "uint32"),
-                 ("attention.value_length", "@head_dim", "uint32"),
-                 ("rope.freq_base", "rope_theta", "float32"),
-                 ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32")),
+        hparams=_EMBEDDING_HPARAMS,
         tensor_markers=tuple(f".{hf}.norm.weight" for hf, _, _ in _PROJ_NORMS),
         norm_type="f16",    # lines 608-627: norms (and *_norm_in) as float16 with --outtype f16 / i2_s
         pooling=True,       # lines 368-392
         eos_token="<|endoftext|>",  # lines 235-245: eos 151643 (<|endoftext|> in Qwen3's vocabulary), add_eos true
         add_eos=True,
+    ),
+    Family(
+        # microsoft bitnet-embedding-270m (Gemma3 backbone): as above, with Gemma3's norms (w + 1,
+        # post-attention and post-FFW norms) and its tokenizer.json written as a SentencePiece
+        # vocabulary (lines 248-332); EOS as the tokenizer says
+        name="bitnet-embedding-gemma3",
+        description="microsoft BitNet embedding model on Gemma3 (bf16 master weights with an RMSNorm before "
+                    "every projection: bitnet-embedding-270m)",
+        architectures=("Gemma3ForCausalLM", "Gemma3TextModel"),
+        quantization=None,
+        gguf_arch="gemma3",
+        scale_rule="absmean",
+        permute_qk=False,
+        output="tied",
+        runtime="microsoft/BitNet's llama.cpp fork (isHuangXin/llama.cpp, release-bitnet-embedding-0.6b-270m; "
+                "not run here)",
+        global_tensors=(dataclasses.replace(_EMBED, hf="embed_tokens.weight"),),
+        block_tensors=_embedding_block(gemma=True),
+        trailing_tensors=(TensorRule("norm.weight", "output_norm.weight", NORM, ("hidden",), offset=1.0),),
+        hparams=_EMBEDDING_HPARAMS,
+        tensor_markers=tuple(f".{hf}.norm.weight" for hf, _, _ in _PROJ_NORMS),
+        norm_type="f16",
+        pooling=True,
+        tokenizer_style="bpe-json-as-spm",
     ),
     Family(
         name="1bitllm",

@@ -82,7 +82,7 @@ def build_kv(plan: TensorPlan, model_dir: Path, name: str | None = None, tokeniz
         raise OptionError(f"{where}: a general.* value has the wrong type ({e})") from None
     for key, vtype, value in arch_metadata(plan, model_dir / "config.json"):
         w.add_key_value(key, value, _ADD[vtype])
-    add_tokenizer(w, model_dir, plan.config["vocab_size"], tokenizer_pre)
+    add_tokenizer(w, model_dir, plan.config["vocab_size"], tokenizer_pre, plan.family.tokenizer_style)
     family_tokenizer_keys(w, plan, model_dir)
     return [kv_record(key, v) for key, v in w.kv_data[0].items()]
 

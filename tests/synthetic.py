@@ -374,6 +374,38 @@ def _qwen3_config(h: Hparams) -> dict:
     }
 
 
+def _gemma3_config(h: Hparams) -> dict:
+    # google gemma-3-270m's text config keys (Gemma3TextModel, as a sentence-transformers backbone)
+    return {
+        "architectures": ["Gemma3TextModel"],
+        "model_type": "gemma3_text",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": h.bos_token_id,
+        "eos_token_id": h.eos_token_id,
+        "final_logit_softcapping": None,
+        "head_dim": h.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": h.hidden_size,
+        "intermediate_size": h.intermediate_size,
+        "max_position_embeddings": h.max_position_embeddings,
+        "num_attention_heads": h.num_heads,
+        "num_hidden_layers": h.num_layers,
+        "num_key_value_heads": h.num_kv_heads,
+        "query_pre_attn_scalar": h.head_dim,
+        "rms_norm_eps": h.rms_norm_eps,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": None,
+        "rope_theta": h.rope_theta,
+        "sliding_window": 512,
+        "tie_word_embeddings": True,
+        "torch_dtype": TORCH_DTYPE[h.dtype],
+        "transformers_version": "4.55.0",
+        "use_cache": True,
+        "vocab_size": h.vocab_size,
+    }
+
+
 def _bitnet_2b4t_config(h: Hparams, packed: bool) -> dict:
     # microsoft/bitnet-b1.58-2B-4T(-bf16); its auto_map (remote code) is left out
     config = {
@@ -422,6 +454,7 @@ class Family:
     prefix: str = "model."                 # of every tensor name but lm_head
     pooling: str | None = None             # sentence-transformers modules.json + 1_Pooling/config.json mode
     specials: tuple[str, ...] | None = None  # the BPE tokenizer's special tokens (default: Llama 3's)
+    gemma_norms: bool = False              # pre_feedforward_layernorm and post_feedforward_layernorm (Gemma3)
     defaults: dict = field(default_factory=dict)        # rope_theta, rms_norm_eps, max_position_embeddings, dtype
 
 
@@ -476,6 +509,13 @@ FAMILIES: dict[str, Family] = {
         pooling="pooling_mode_lasttoken", specials=("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
         defaults=dict(rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
                       tokenizer_vocab=400)),
+    # microsoft bitnet-embedding-270m (Gemma3 backbone): as above with Gemma3's norms and tokenizer
+    "bitnet-embedding-gemma3": Family(
+        config=lambda h: _gemma3_config(h), packed=False, sub_norms=None, lm_head=False, tokenizer="gemma-bpe",
+        head_dim_key=True, special_tokens=("<bos>", "<eos>"), qk_norm=True, proj_norms=True, prefix="",
+        pooling="pooling_mode_lasttoken", gemma_norms=True,
+        defaults=dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
+                      tokenizer_vocab=400)),
     "bonsai": Family(
         config=_qwen3_config, packed=False, sub_norms=None, lm_head=True, tokenizer="bpe", head_dim_key=True,
         special_tokens=("<|begin_of_text|>", "<|end_of_text|>"), grouped=True, qk_norm=True,
@@ -525,8 +565,12 @@ def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0) -> list
         if attn_sub:
             specs.append((p + attn_sub + ".weight", (q_dim,), "norm", h.dtype))
         specs.append((p + "post_attention_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
+        if family.gemma_norms:
+            specs.append((p + "pre_feedforward_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
         for proj in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
             specs += projection(p, proj)
+        if family.gemma_norms:
+            specs.append((p + "post_feedforward_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
         if ffn_sub:
             specs.append((p + ffn_sub + ".weight", (h.intermediate_size,), "norm", h.dtype))
     specs.append((family.prefix + "norm.weight", (h.hidden_size,), "norm", h.dtype))
@@ -891,7 +935,20 @@ def _bpe_tokenizer(out: Path, family: Family, vocab_size: int, seed: int,
     return tok.get_vocab_size(with_added_tokens=True), ids
 
 
-TOKENIZERS = {"sentencepiece": _sentencepiece_tokenizer, "bpe": _bpe_tokenizer}
+def _gemma_tokenizer(out: Path, family: Family, vocab_size: int, seed: int,
+                     max_length: int) -> tuple[int, tuple[int, int]]:
+    """Gemma-style tokenizer.json (tests/bpe_tokenizer.py); returns (token count, (bos id, eos id))."""
+    from tests.bpe_tokenizer import train_gemma_style_tokenizer
+
+    for stale in ("tokenizer.model", "special_tokens_map.json", "added_tokens.json"):
+        (out / stale).unlink(missing_ok=True)
+    path = train_gemma_style_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    ids = {t["content"]: t["id"] for t in data["added_tokens"]}
+    return max(ids.values()) + 1, (ids["<bos>"], ids["<eos>"])
+
+
+TOKENIZERS = {"sentencepiece": _sentencepiece_tokenizer, "bpe": _bpe_tokenizer, "gemma-bpe": _gemma_tokenizer}
 
 
 # -- command line ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""microsoft BitNet embedding models (bitnet-embedding-0.6b: a Qwen3 backbone with an RMSNorm before
-every projection, bf16 master weights, last-token pooling).
+"""microsoft BitNet embedding models (bitnet-embedding-0.6b on Qwen3, bitnet-embedding-270m on Gemma3:
+an RMSNorm before every projection, bf16 master weights, last-token pooling).
 
 What microsoft/BitNet's `utils/convert-bitnet-embedding-to-gguf.py` writes is written down here
 from reading that file (commit 16da220 of the repository; line numbers below), as an expectation
@@ -26,18 +26,26 @@ from tests.reference_model import load_checkpoint
 from tests.synthetic import write_checkpoint
 from tests.test_group_scaled import files_under, refused
 
-FAMILY = "bitnet-embedding-qwen3"
-# head_dim 128 != hidden / heads = 64, as in the real model (the key/value lengths must say so)
-SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=128)
+FAMILIES = {"bitnet-embedding-qwen3": "qwen3", "bitnet-embedding-gemma3": "gemma3"}
+# head_dim 128 != hidden / heads = 64, as in the real models (the key/value lengths must say so)
+SHAPES = {"bitnet-embedding-qwen3": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                                         num_kv_heads=2, head_dim=128),
+          "bitnet-embedding-gemma3": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                                          num_kv_heads=1, head_dim=128)}
 PROJ = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
         "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj"}
 F16, I2_S = 1, 36  # ggml type ids
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("emb") / "bitnet-embedding-test", FAMILY, **SHAPE, seed=3)
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def model(request, tmp_path_factory):
+    family = request.param
+    return write_checkpoint(tmp_path_factory.mktemp("emb") / family, family, **SHAPES[family], seed=3)
+
+
+def arch_of(model: Path) -> str:
+    return FAMILIES[model.name]
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +55,15 @@ def i2s_file(model, tmp_path_factory):
     return out
 
 
-def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], int]]:
+def expected_tensors(config: dict, arch: str) -> dict[str, tuple[tuple[int, ...], int]]:
     """GGUF name -> (numpy shape, ggml type) that the converter writes with --outtype i2_s.
 
     build_tensor_name_map (lines 36-87): embed_tokens -> token_embd, norm -> output_norm, per layer
     input_layernorm -> attn_norm, q/k/v/o_proj -> attn_q/k/v/output, q_norm/k_norm -> attn_q_norm/
     attn_k_norm, <proj>.norm -> <gguf proj>_norm_in (seven), gate/up/down_proj -> ffn_gate/up/down,
-    and for qwen3 post_attention_layernorm -> ffn_norm (lines 78-79). Types (lines 584-627): a 2-D
+    and for qwen3 post_attention_layernorm -> ffn_norm (lines 78-79), for gemma3 post_attention_layernorm
+    -> post_attention_norm, pre_feedforward_layernorm -> ffn_norm, post_feedforward_layernorm ->
+    post_ffw_norm (lines 80-85). Types (lines 584-627): a 2-D
     tensor that is not a norm or token_embd -> I2_S (lines 590-598); token_embd -> float16 (601-606);
     every norm, *_norm_in included -> float16 (620-622). No output.weight (lines 632-633)."""
     h, ff, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
@@ -68,26 +78,69 @@ def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], int]]:
                 b + "attn_v.weight": ((kv, h), I2_S), b + "attn_output.weight": ((h, q), I2_S),
                 b + "ffn_gate.weight": ((ff, h), I2_S), b + "ffn_up.weight": ((ff, h), I2_S),
                 b + "ffn_down.weight": ((h, ff), I2_S)}
+        if arch == "gemma3":
+            out |= {b + "post_attention_norm.weight": ((h,), F16), b + "post_ffw_norm.weight": ((h,), F16)}
         for name, inputs in (("attn_q", h), ("attn_k", h), ("attn_v", h), ("attn_output", q), ("ffn_gate", h),
                              ("ffn_up", h), ("ffn_down", ff)):
             out[b + f"{name}_norm_in.weight"] = ((inputs,), F16)
     return out
 
 
+def gemma_vocab(model: Path, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """_set_vocab_gemma3 (lines 262-327) on tokenizer.json: (tokens, scores, token types)."""
+    data = json.loads((model / "tokenizer.json").read_text())
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    rank_of = {}
+    for rank, merge in enumerate(merges):   # lines 274-282: the merged token's first rank, negated
+        rank_of.setdefault("".join(merge) if isinstance(merge, list) else "".join(merge.split(" ", 1)), -float(rank))
+    by_id = {i: t for t, i in vocab.items()}
+    added = {t["id"]: t for t in data["added_tokens"]}
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        t = by_id.get(i)
+        if t is None:                                            # lines 293-297
+            tokens.append(f"[PAD{i}]"), scores.append(-10000.0), types.append(5)   # UNUSED
+        elif i in added:                                         # lines 304-310; 164-171 for "looks special"
+            special = added[i]["special"] or (t.startswith(("<|", "<", "[")) and t.endswith(("|>", ">", "]")))
+            tokens.append(t), scores.append(-1000.0), types.append(3 if special else 4)  # CONTROL / USER_DEFINED
+        elif t.startswith("<0x") and t.endswith(">") and len(t) == 6:  # lines 311-314
+            tokens.append(t), scores.append(0.0), types.append(6)   # BYTE
+        elif t == "<unk>":                                        # lines 315-317
+            tokens.append(t), scores.append(0.0), types.append(2)   # UNKNOWN
+        else:                                                     # lines 318-321
+            tokens.append(t), scores.append(rank_of.get(t, 0.0)), types.append(1)  # NORMAL
+    return tokens, scores, types
+
+
 def expected_kvs(model: Path, config: dict) -> dict[str, object]:
     """The key/values the converter writes that depend on the checkpoint (set_gguf_parameters,
-    lines 339-392; _set_vocab_bpe, lines 193-245)."""
+    lines 339-392; _set_vocab_bpe, lines 193-245; _set_vocab_gemma3, lines 248-332)."""
     tokens = json.loads((model / "tokenizer.json").read_text())
     added = {t["content"]: t["id"] for t in tokens["added_tokens"]}
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
     modules = json.loads((model / "modules.json").read_text())
     pool_dir = next(m["path"] for m in modules if m["type"].endswith("Pooling"))
     pool = json.loads((model / pool_dir / "config.json").read_text())
     # lines 381-386: mean, then cls, then last token; gguf.PoolingType MEAN 1, CLS 2, LAST 3
     pooling = 1 if pool.get("pooling_mode_mean_tokens") else 2 if pool.get("pooling_mode_cls_token") else \
         3 if pool.get("pooling_mode_lasttoken") else None
-    a = "qwen3"
-    return {
-        "general.architecture": "qwen3",                                   # SUPPORTED_ARCHS, line 28
+    a = arch_of(model)
+    if a == "gemma3":
+        vocab, scores, types = gemma_vocab(model, config["vocab_size"])
+        tokenizer = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",   # lines 324-325
+                     "tokenizer.ggml.tokens": vocab, "tokenizer.ggml.scores": scores,
+                     "tokenizer.ggml.token_type": types,
+                     "tokenizer.ggml.add_space_prefix": False,                        # line 329
+                     # SpecialVocab from tokenizer_config.json (lines 331-332)
+                     "tokenizer.ggml.eos_token_id": added[tokenizer_config["eos_token"]],
+                     "tokenizer.ggml.bos_token_id": added[tokenizer_config["bos_token"]]}
+    else:
+        tokenizer = {"tokenizer.ggml.model": "gpt2",                                     # line 228
+                     # line 239: eos is 151643, <|endoftext|> in Qwen3's vocabulary; here that token's id
+                     "tokenizer.ggml.eos_token_id": added["<|endoftext|>"],
+                     "tokenizer.ggml.add_eos_token": True}                              # line 245
+    return tokenizer | {
+        "general.architecture": a,                                         # SUPPORTED_ARCHS, lines 27-30
         f"{a}.block_count": config["num_hidden_layers"],                   # line 348
         f"{a}.context_length": config.get("max_position_embeddings", 32768),  # line 349
         f"{a}.embedding_length": config["hidden_size"],                    # line 350
@@ -102,10 +155,6 @@ def expected_kvs(model: Path, config: dict) -> dict[str, object]:
         f"{a}.attention.layer_norm_rms_epsilon": np.float32(config["rms_norm_eps"]),  # line 364
         "general.file_type": 40,                                           # line 538, LLAMA_FTYPE_MOSTLY_I2_S
         f"{a}.pooling_type": pooling,                                      # line 392
-        "tokenizer.ggml.model": "gpt2",                                    # line 228
-        # line 239: eos is 151643, <|endoftext|> in Qwen3's vocabulary; here that token's id
-        "tokenizer.ggml.eos_token_id": added["<|endoftext|>"],
-        "tokenizer.ggml.add_eos_token": True,                              # line 245
     }
 
 
@@ -114,7 +163,7 @@ def test_tensor_names_shapes_and_types_are_the_converters(i2s_file, model):
 
     config = json.loads((model / "config.json").read_text())
     got = {t.name: (tuple(t.shape), t.ggml_type) for t in read_gguf(i2s_file).tensors}
-    assert got == expected_tensors(config)
+    assert got == expected_tensors(config, arch_of(model))
 
 
 def test_key_values_are_the_converters(i2s_file, model):
@@ -125,17 +174,21 @@ def test_key_values_are_the_converters(i2s_file, model):
     config = json.loads((model / "config.json").read_text())
     kvs = {kv.key: kv.value for kv in read_gguf(i2s_file).kvs}
     want = expected_kvs(model, config)
-    assert want["qwen3.pooling_type"] == 3
+    assert want[f"{arch_of(model)}.pooling_type"] == 3
     for key, value in want.items():
         assert key in kvs, key
         got = np.float32(kvs[key]) if isinstance(value, np.float32) else kvs[key]
-        assert got == value, (key, kvs[key], value)
-    # the tokenizer's own eos (tokenizer_config.json: <|im_end|>) is overridden
-    assert kvs["tokenizer.ggml.tokens"][kvs["tokenizer.ggml.eos_token_id"]] == "<|endoftext|>"
+        if key == "tokenizer.ggml.scores":
+            got, value = np.float32(got).tolist(), np.float32(value).tolist()
+        assert got == value, (key, str(kvs[key])[:200], str(value)[:200])
+    if arch_of(model) == "qwen3":  # the tokenizer's own eos (tokenizer_config.json: <|im_end|>) is overridden
+        assert kvs["tokenizer.ggml.tokens"][kvs["tokenizer.ggml.eos_token_id"]] == "<|endoftext|>"
+    else:  # the synthetic vocabulary has every kind of token the converter tells apart
+        assert set(kvs["tokenizer.ggml.token_type"]) == {1, 3, 4, 5, 6}, set(kvs["tokenizer.ggml.token_type"])
     # SpecialVocab.add_to_gguf (line 241) writes the tokenizer's other special keys, as ours does
     tokenizer_keys = {k for k in kvs if k.startswith("tokenizer.")}
-    assert {"tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-            "tokenizer.ggml.merges"} <= tokenizer_keys
+    assert {"tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type"} <= tokenizer_keys
+    assert ("tokenizer.ggml.merges" in tokenizer_keys) == (arch_of(model) == "qwen3")  # load_merges, lines 233/331
     ours_only = set(kvs) - set(want) - tokenizer_keys - {"general.name"}
     assert ours_only == {"general.type", "general.size_label", "general.quantization_version",
                          "bitnet_gguf.target"}, ours_only
@@ -174,12 +227,19 @@ def test_i2s_effective_weights_are_absmean_ternarization(i2s_file, model):
 
 
 def test_norms_and_embedding_are_the_checkpoints_in_f16(i2s_file, model):
-    """lines 601-627: token_embd and every norm as float16 of the bf16 values (no offset for qwen3)."""
+    """lines 601-627: token_embd and every norm as float16 of the bf16 values; Gemma3's own norms
+    as float16 of float32(w) + 1, its input norms without (lines 610-618)."""
     from pipeline.gguf_file import read_gguf
 
     _, tensors = load_checkpoint(model)
     raw_file = i2s_file.read_bytes()
     hf = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
+    gemma = arch_of(model) == "gemma3"
+    own = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+           "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+    if gemma:
+        own |= {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}
     for t in read_gguf(i2s_file).tensors:
         if t.ggml_type != F16:
             continue
@@ -187,12 +247,13 @@ def test_norms_and_embedding_are_the_checkpoints_in_f16(i2s_file, model):
             name = hf[t.name]
         else:
             _, layer, short, _ = t.name.split(".")
-            name = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-                    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}.get(short) \
-                or PROJ[short.removesuffix("_norm_in")] + ".norm"
+            name = own.get(short) or PROJ[short.removesuffix("_norm_in")] + ".norm"
             name = f"layers.{layer}.{name}.weight"
         got = np.frombuffer(raw_file[t.offset:t.offset + t.nbytes], "<f2").reshape(t.shape)
-        np.testing.assert_array_equal(got, tensors[name].astype(np.float16), err_msg=t.name)
+        want = tensors[name].astype(np.float32)
+        if gemma and t.name != "token_embd.weight" and not t.name.endswith("_norm_in.weight"):
+            want = want + np.float32(1.0)
+        np.testing.assert_array_equal(got, want.astype(np.float16), err_msg=t.name)
 
 
 @pytest.mark.parametrize("out_type", ["tq2_0", "tq1_0", "i2_s-arm"])
@@ -248,9 +309,10 @@ def test_against_its_output(i2s_file, model):
 
 # -- bad input: one line, exit 2, nothing written -------------------------------------------------
 
-@pytest.fixture
-def fresh(tmp_path):
-    model = write_checkpoint(tmp_path / "m", FAMILY, **(SHAPE | dict(num_layers=1)), seed=4)
+@pytest.fixture(params=list(FAMILIES))
+def fresh(tmp_path, request):
+    family = request.param
+    model = write_checkpoint(tmp_path / family, family, **(SHAPES[family] | dict(num_layers=1)), seed=4)
     out = tmp_path / "out"
     out.mkdir()
     return model, out / "m.gguf"
@@ -311,6 +373,8 @@ def test_a_pooling_config_without_a_mode_is_refused(fresh):
 
 def test_a_vocabulary_without_endoftext_is_refused(fresh):
     model, out = fresh
+    if arch_of(model) != "qwen3":
+        pytest.skip("only the Qwen3 row overrides EOS")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         path = model / name
         path.write_text(path.read_text().replace("<|endoftext|>", "<|notthere|>"))
