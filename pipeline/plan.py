@@ -139,8 +139,29 @@ def requantized_scale(block_scales: np.ndarray) -> float:
     return float(np.float32(np.max(block_scales, initial=0.0)))
 
 
-def requantize_summary(block_scales: np.ndarray, codec) -> str:
-    """What requantizing a group-scaled tensor to `codec` loses, from its block scales alone."""
+def requantize_rms_change(block_scales: np.ndarray, nonzero: np.ndarray, codec) -> float:
+    """Relative RMS change of the effective weights, sqrt(sum (w' - w)^2 / sum w^2), from the block
+    scales and the number of non-zero codes of every 64-value block (every value of a block is
+    +-its scale before, +-its new magnitude after)."""
+    s = np.asarray(block_scales, dtype=np.float64)
+    if codec.tail_size():
+        new = np.where(s >= I2S_ZERO_BELOW, requantized_scale(block_scales), 0.0)
+    else:
+        keep, d = requantize_per_block(block_scales, codec.block_size)
+        new = keep * np.repeat(d.astype(np.float64), codec.block_size // REQUANTIZE_BLOCK, axis=1)
+    n = np.asarray(nonzero, dtype=np.float64)
+    total = float((n * s * s).sum())
+    return math.sqrt(float((n * (new - s) ** 2).sum()) / total) if total else 0.0
+
+
+def requantize_summary(block_scales: np.ndarray, codec, nonzero: np.ndarray) -> str:
+    """What requantizing a group-scaled tensor to `codec` loses, from its block scales and the count
+    of non-zero codes of every 64-value block."""
+    rms = f"; relative RMS change of its effective weights {requantize_rms_change(block_scales, nonzero, codec):.4%}"
+    return _requantize_changes(block_scales, codec) + rms
+
+
+def _requantize_changes(block_scales: np.ndarray, codec) -> str:
     scales = np.asarray(block_scales, dtype=np.float32)
     if codec.tail_size():
         nonzero = np.unique(scales[scales > 0])

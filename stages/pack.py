@@ -46,6 +46,19 @@ def scales_per_type_block(block_scales: np.ndarray, block_size: int) -> np.ndarr
     return block_scales.reshape(rows, -1, block_size // SCALE_BLOCK).max(axis=2)
 
 
+def nonzero_per_block(ctx: StageContext, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """Non-zero codes of every 64-value block of a quantize.zarr ternary array (uint8, rows x cols / 64),
+    read chunk by chunk: what the requantization warning weighs each block's change with."""
+    arr = open_array(array_path(ctx.input, name), "r")
+    layout = arr.attrs.get("code_layout", LAYOUT_INT8)
+    counts = []
+    for r0, r1 in row_ranges(shape[0], ctx.budget.rows_per_chunk(shape)):
+        block = read_rows(arr, r0, r1)
+        codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
+        counts.append((codes != 0).reshape(r1 - r0, -1, SCALE_BLOCK).sum(axis=2).astype(np.uint8))
+    return np.concatenate(counts) if counts else np.zeros((0, shape[1] // SCALE_BLOCK), np.uint8)
+
+
 def block_scale_problem(block_scales: np.ndarray, out) -> str | None:
     """Why a group-scaled tensor (one scale per 64 values) cannot be `out` without requantizing,
     or None: the type keeps one fp16 scale per block of block_size values (TQ, Q2_0; I2_S and
@@ -148,7 +161,7 @@ def run(ctx: StageContext) -> None:
                 raise CheckpointError(f"tensor {src.attrs['hf_name']}: --type {layout.type_option}: {problem}; it "
                                       f"converts without requantizing to --type {' or '.join(takes)}{again}")
             if problem:  # --allow-requantize: the type's own quantizer on the effective weights
-                requantize = requantize_summary(values, out.codec)
+                requantize = requantize_summary(values, out.codec, nonzero_per_block(ctx, name, shape))
                 if out.codec.tail_size():
                     scale = requantized_scale(values)
             for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):

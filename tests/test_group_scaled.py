@@ -184,6 +184,18 @@ HF_PROJECTIONS = dict(attn_q="self_attn.q_proj", attn_k="self_attn.k_proj", attn
                       ffn_down="mlp.down_proj")
 
 
+def printed_rms_change(warning: str) -> float:
+    """The relative RMS change the warning prints, as a fraction."""
+    import re
+
+    return float(re.search(r"relative RMS change of its effective weights ([0-9.]+)%", warning).group(1)) / 100
+
+
+def rms_change(new: np.ndarray, old: np.ndarray) -> float:
+    old = old.astype(np.float64)
+    return float(np.sqrt(((new.astype(np.float64) - old) ** 2).sum() / (old ** 2).sum()))
+
+
 def tensor_bytes(path, name) -> tuple[np.ndarray, tuple]:
     from pipeline.gguf_file import read_gguf
 
@@ -228,6 +240,9 @@ def test_allow_requantize_writes_gguf_quants_of_the_effective_weights(tie_model,
         assert f"to {out_type.upper()} (--allow-requantize)" in warnings[0]
         assert "blocks of 256 values had several scales; each now has one" in warnings[0]
         assert "became 0" in warnings[0] and "grew by up to" in warnings[0]
+        # the RMS change it prints is the one between gguf's dequantization of the file and the checkpoint
+        values = gguf.quants.dequantize(raw.reshape(shape[0], -1), qtype)
+        assert abs(printed_rms_change(warnings[0]) - rms_change(values, w)) <= 1e-6, (warnings[0], rms_change(values, w))
     # the tie survived as +-d: roundf(0.5) = 1
     raw, shape = tensor_bytes(out, "blk.0.ffn_up.weight")
     values = gguf.quants.dequantize(raw.reshape(shape[0], -1), qtype)
@@ -256,6 +271,7 @@ def test_allow_requantize_to_i2_s_is_bitnet_cpps_quantizer(tie_model, tmp_path):
         np.testing.assert_array_equal(values, np.sign(w) * scale, err_msg=name)
         warnings = [line for line in proc.stderr.splitlines() if f"warning: {name}: requantized to I2_S" in line]
         assert len(warnings) == 1 and "different scales" in warnings[0] and "become one" in warnings[0], proc.stderr
+        assert abs(printed_rms_change(warnings[0]) - rms_change(values, w)) <= 1e-6, (warnings[0], rms_change(values, w))
     ok = run_cli("verify", out, tie_model)
     assert "quantize_i2_s" in ok.stderr + ok.stdout
 
