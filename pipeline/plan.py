@@ -421,7 +421,7 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
             code_bytes = cols // 4 if code_layout(cols) == LAYOUT_2BIT else cols
             q_rows = packed_block_rows(budget, shape, t.recipe) or ternary_chunk_rows(budget, shape, t.recipe)
             sizes["quantize"] += _chunked_bytes(shape[0], q_rows, code_bytes)
-        elif (src.dtype, out.name) in SAME_BYTES:
+        elif (src.dtype, out.name) in SAME_BYTES and not t.recipe.offset:
             continue  # quantize and pack index the checkpoint's bytes
         codec = out.codec
         tiles = tensor_tiles(opts, t.role, shape) if out.needs_tiles else None
