@@ -407,3 +407,25 @@ def test_a_vocabulary_without_endoftext_is_refused(fresh):
         path = model / name
         path.write_text(path.read_text().replace("<|endoftext|>", "<|notthere|>"))
     refused(model, out, "has no token <|endoftext|>")
+
+
+def test_gemma_norms_of_an_f16_checkpoint_get_their_offset(tmp_path):
+    """An F16 norm written F16 is otherwise the checkpoint's bytes, copied as they are: with Gemma3's
+    + 1 it must be rewritten (and verify must expect that)."""
+    from pipeline.gguf_file import read_gguf
+
+    family = "bitnet-embedding-gemma3"
+    model = write_checkpoint(tmp_path / family, family, **(SHAPES[family] | dict(num_layers=1)), dtype="f16")
+    out = tmp_path / "o.gguf"
+    convert(model, out, "--type", "tq2_0")
+    _, tensors = load_checkpoint(model)
+    raw = out.read_bytes()
+    for t in read_gguf(out).tensors:
+        if t.name in ("blk.0.attn_norm.weight", "blk.0.post_ffw_norm.weight", "blk.0.ffn_up_norm_in.weight"):
+            hf = {"blk.0.attn_norm.weight": "layers.0.input_layernorm.weight",
+                  "blk.0.post_ffw_norm.weight": "layers.0.post_feedforward_layernorm.weight",
+                  "blk.0.ffn_up_norm_in.weight": "layers.0.mlp.up_proj.norm.weight"}[t.name]
+            offset = np.float32(0.0 if t.name.endswith("_norm_in.weight") else 1.0)
+            got = np.frombuffer(raw[t.offset:t.offset + t.nbytes], "<f2")
+            np.testing.assert_array_equal(got, (tensors[hf].astype(np.float32) + offset).astype(np.float16), t.name)
+    run_cli("verify", out, model)
