@@ -17,6 +17,11 @@ Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, a B
 embedding with --embedding-type bf16) are not copied: their arrays index the checkpoint's
 bytes, which assemble copies into the GGUF (or hard-link the previous store's chunk files).
 
+A group-scaled tensor (quantize.zarr's block scales, one per 64 values) is written with one scale
+per block of the type where the scale is constant over each; otherwise it is refused, or with
+--allow-requantize its effective weights are requantized by the type's own quantizer
+(pipeline/plan.py), with a warning saying what changed.
+
 A scale the output type cannot hold as a normal number (a TQ block's fp16 d, an F16
 fallback's values, I2_S's float32) is refused before any work, naming the tensor.
 """
