@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CheckpointError
-from pipeline.families import GROUPED, TensorPlan, plan_tensors
+from pipeline.families import FAMILIES, GROUPED, TensorPlan, plan_tensors
 from pipeline.metadata import build_kv
 from pipeline.vocab import tokenizer_memory
 from pipeline.safetensors_io import (MAX_HEADER, TensorSource, as_float32, files_fingerprint, index_checkpoint,
@@ -66,6 +66,11 @@ def open_vocabulary(model_dir: Path, name: str | None = None, tokenizer_pre: str
     model_dir = Path(model_dir)
     refuse_special_files(model_dir)
     plan = plan_tensors(model_dir)
+    if any(f.tensor_markers for f in FAMILIES):  # a row told apart by its tensor names needs the headers
+        try:
+            plan = plan_tensors(model_dir, present=set(index_checkpoint(model_dir)))
+        except CheckpointError:
+            pass  # no readable weights: the row config.json alone names
     name = name or model_dir.resolve().name
     return plan, build_kv(plan, model_dir, name=name, tokenizer_pre=tokenizer_pre, model_name=model_name,
                           metadata_file=metadata_file, vocab_only=True)

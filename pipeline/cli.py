@@ -76,6 +76,12 @@ def add_convert_options(c) -> None:
     c.add_argument("--kernel-config", type=Path, default=None, metavar="PATH",
                    help="for --type tl1/tl2: the include/kernel_config.ini your bitnet.cpp build was generated with "
                         "(its tiles per matrix shape decide the bytes)")
+    c.add_argument("--allow-requantize", action="store_true", default=None,
+                   help="a group-scaled checkpoint (one ternary scale per group of columns) whose scale changes "
+                        "inside a block of --type (256 values for tq2_0/tq1_0, the whole tensor for i2_s/tl1/tl2) "
+                        "is refused unless this is given; with it, such a tensor is requantized to --type by the "
+                        "type's own quantizer (lossy: a warning per tensor says what changed); q2_0 holds groups "
+                        "of 64 or more without it")
     c.add_argument("--embedding-type", default=None, metavar="TYPE",
                    help=f"type of token_embd and output: {choices_help(EMBEDDING_CHOICES)} "
                         f"[default: {DEFAULT_EMBEDDING_TYPE}]")
@@ -213,7 +219,7 @@ def _convert_options(args):
                         memory_limit=args.memory_limit, workers=args.workers,
                         scheduler=scheduler, progress=False if args.no_progress else sys.stderr.isatty(),
                         force=args.force, name_override=args.model_name, metadata_file=args.metadata,
-                        vocab_only=args.vocab_only)
+                        vocab_only=args.vocab_only, allow_requantize=args.allow_requantize)
     return opts
 
 

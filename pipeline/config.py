@@ -75,6 +75,7 @@ class Options:
     name_override: str | None = None  # --model-name: general.name, over README and --metadata
     metadata_file: Path | None = None  # --metadata: general.* overrides (llama.cpp's JSON layout)
     vocab_only: bool = False    # --vocab-only: tokenizer and key/values, no tensors
+    allow_requantize: bool = False  # group-scaled tensors a type cannot hold are requantized (lossy), not refused
 
     @property
     def layout(self) -> OutputType:
@@ -114,7 +115,7 @@ def default_output(model_name: str, out_type: str, vocab_only: bool = False) -> 
 
 
 _SCHEDULER_ADDRESS = re.compile(r"tcp://(?P<host>[^\s:/]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})/?")
-_BOOL_OPTIONS = {"progress": "--no-progress", "force": "--force"}
+_BOOL_OPTIONS = {"progress": "--no-progress", "force": "--force", "allow_requantize": "--allow-requantize"}
 
 
 def _whole_number(values: dict, key: str, option: str) -> int:

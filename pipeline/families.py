@@ -49,6 +49,7 @@ class TensorRule:
     role: str
     shape: tuple[str, ...]  # dimension names, resolved from the config
     permute: str | None = None  # llama q/k row permutation by heads: "heads" or "kv_heads"
+    offset: float = 0.0         # added to a norm's values (Gemma3: the runtime's RMSNorm multiplies by w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +78,20 @@ class Family:
     # config.json keys that must hold these values for the row to match (a checkpoint whose
     # architecture and quantization_config are those of plain float models says so this way)
     config_markers: tuple[tuple[str, object], ...] = ()
+    # checkpoint tensor name endings of which at least one must be present for the row to match
+    # (the embedding models' per-projection norms: nothing in config.json says so); such a row is
+    # tried before the others when the tensor names are known, and after them when they are not
+    tensor_markers: tuple[str, ...] = ()
+    norm_type: str = "f32"               # output type of the norms (an OUTPUT_TYPES key)
+    # sentence-transformers pooling: {arch}.pooling_type from modules.json / <Pooling>/config.json
+    pooling: bool = False
+    eos_token: str | None = None         # tokenizer.ggml.eos_token_id is this token's id (an override)
+    add_eos: bool | None = None          # tokenizer.ggml.add_eos_token set to this
+    tokenizer_style: str | None = None   # how the tokenizer is written, when not by its files (pipeline/vocab.py)
 
-    def matches(self, config: dict, archs: list[str], quant: str | None) -> bool:
+    def matches(self, config: dict, archs: list[str], quant: str | None, present: set[str] | None = None) -> bool:
+        if self.tensor_markers and present is not None and not any(n.endswith(self.tensor_markers) for n in present):
+            return False
         return (any(a in self.architectures for a in archs) and self.quantization == quant
                 and all(config.get(k) == v for k, v in self.config_markers))
 
@@ -119,6 +132,55 @@ def _block(attn_sub_norm: str | None, ffn_sub_norm: str | None, permute: bool,
     return tuple(rules)
 
 
+# microsoft BitNet embedding models (utils/convert-bitnet-embedding-to-gguf.py, build_tensor_name_map,
+# lines 36-87): Hugging Face names without the "model." prefix, an RMSNorm before every projection
+# (<proj>.norm.weight, shaped as the projection's input) written as blk.N.<proj>_norm_in.weight
+_PROJ_NORMS = (("self_attn.q_proj", "attn_q", "hidden"), ("self_attn.k_proj", "attn_k", "hidden"),
+               ("self_attn.v_proj", "attn_v", "hidden"), ("self_attn.o_proj", "attn_output", "q_dim"),
+               ("mlp.gate_proj", "ffn_gate", "hidden"), ("mlp.up_proj", "ffn_up", "hidden"),
+               ("mlp.down_proj", "ffn_down", "intermediate"))
+
+
+def _embedding_block(gemma: bool = False) -> tuple[TensorRule, ...]:
+    """A block of a BitNet embedding model: the Qwen3 tensors, then the seven input norms. Gemma3's
+    own norms (its RMSNorm scales by 1 + w; the converter writes w + 1, lines 610-618; not the input
+    norms) are input_layernorm -> attn_norm, q/k norms, post_attention_layernorm ->
+    post_attention_norm, pre_feedforward_layernorm -> ffn_norm, post_feedforward_layernorm ->
+    post_ffw_norm (lines 80-85)."""
+    rules = [dataclasses.replace(r, hf=r.hf.removeprefix("model."), offset=1.0 if gemma and r.role == NORM else 0.0)
+             for r in _block(None, None, False, qk_norm=True)]
+    if gemma:
+        p, b = "layers.{bid}.", "blk.{bid}."
+        rules = [r for r in rules if not r.hf.endswith("post_attention_layernorm.weight")]
+        at = next(i for i, r in enumerate(rules) if r.gguf.endswith("ffn_gate.weight"))
+        rules[at:at] = [TensorRule(p + "post_attention_layernorm.weight", b + "post_attention_norm.weight", NORM,
+                                   ("hidden",), offset=1.0),
+                        TensorRule(p + "pre_feedforward_layernorm.weight", b + "ffn_norm.weight", NORM, ("hidden",),
+                                   offset=1.0)]
+        rules.append(TensorRule(p + "post_feedforward_layernorm.weight", b + "post_ffw_norm.weight", NORM,
+                                ("hidden",), offset=1.0))
+    rules += [TensorRule(f"layers.{{bid}}.{hf}.norm.weight", f"blk.{{bid}}.{gguf}_norm_in.weight", NORM, (dim,))
+              for hf, gguf, dim in _PROJ_NORMS]
+    return tuple(rules)
+
+
+# set_gguf_parameters, lines 339-392: the same keys for both backbones (context_length 32768 when absent)
+_EMBEDDING_HPARAMS = (
+    ("block_count", "num_hidden_layers", "uint32"),
+    ("context_length", "max_position_embeddings", "uint32"),
+    ("embedding_length", "hidden_size", "uint32"),
+    ("feed_forward_length", "intermediate_size", "uint32"),
+    ("attention.head_count", "num_attention_heads", "uint32"),
+    ("attention.head_count_kv", "@kv_heads", "uint32"),
+    ("vocab_size", "vocab_size", "uint32"),
+    ("rope.dimension_count", "@head_dim", "uint32"),
+    ("attention.key_length", "@head_dim", "uint32"),
+    ("attention.value_length", "@head_dim", "uint32"),
+    ("rope.freq_base", "rope_theta", "float32"),
+    ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
+)
+
+
 _EMBED = TensorRule("model.embed_tokens.weight", "token_embd.weight", EMBEDDING, ("vocab", "hidden"))
 _OUTPUT_NORM = TensorRule("model.norm.weight", "output_norm.weight", NORM, ("hidden",))
 _LM_HEAD = TensorRule("lm_head.weight", "output.weight", OUTPUT, ("vocab", "hidden"))
@@ -152,6 +214,55 @@ _BITNET_2B_TENSORS = dict(global_tensors=(_EMBED,), block_tensors=_block("attn_s
                           trailing_tensors=(_OUTPUT_NORM,))
 
 FAMILIES = (
+    Family(
+        # microsoft bitnet-embedding-0.6b (Qwen3-0.6B backbone): bf16 master weights (absmean), an
+        # RMSNorm before every projection, no lm_head; the key/values and types of microsoft/BitNet's
+        # utils/convert-bitnet-embedding-to-gguf.py (docs/notes/families.md, section 4)
+        name="bitnet-embedding-qwen3",
+        description="microsoft BitNet embedding model on Qwen3 (bf16 master weights with an RMSNorm before "
+                    "every projection: bitnet-embedding-0.6b)",
+        architectures=("Qwen3ForCausalLM", "Qwen3Model"),
+        quantization=None,
+        gguf_arch="qwen3",
+        scale_rule="absmean",
+        permute_qk=False,
+        output="tied",
+        runtime="microsoft/BitNet's llama.cpp fork (isHuangXin/llama.cpp, release-bitnet-embedding-0.6b-270m; "
+                "not run here)",
+        global_tensors=(dataclasses.replace(_EMBED, hf="embed_tokens.weight"),),
+        block_tensors=_embedding_block(),
+        trailing_tensors=(TensorRule("norm.weight", "output_norm.weight", NORM, ("hidden",)),),
+        hparams=_EMBEDDING_HPARAMS,
+        tensor_markers=tuple(f".{hf}.norm.weight" for hf, _, _ in _PROJ_NORMS),
+        norm_type="f16",    # lines 608-627: norms (and *_norm_in) as float16 with --outtype f16 / i2_s
+        pooling=True,       # lines 368-392
+        eos_token="<|endoftext|>",  # lines 235-245: eos 151643 (<|endoftext|> in Qwen3's vocabulary), add_eos true
+        add_eos=True,
+    ),
+    Family(
+        # microsoft bitnet-embedding-270m (Gemma3 backbone): as above, with Gemma3's norms (w + 1,
+        # post-attention and post-FFW norms) and its tokenizer.json written as a SentencePiece
+        # vocabulary (lines 248-332); EOS as the tokenizer says
+        name="bitnet-embedding-gemma3",
+        description="microsoft BitNet embedding model on Gemma3 (bf16 master weights with an RMSNorm before "
+                    "every projection: bitnet-embedding-270m)",
+        architectures=("Gemma3ForCausalLM", "Gemma3TextModel"),
+        quantization=None,
+        gguf_arch="gemma3",
+        scale_rule="absmean",
+        permute_qk=False,
+        output="tied",
+        runtime="microsoft/BitNet's llama.cpp fork (isHuangXin/llama.cpp, release-bitnet-embedding-0.6b-270m; "
+                "not run here)",
+        global_tensors=(dataclasses.replace(_EMBED, hf="embed_tokens.weight"),),
+        block_tensors=_embedding_block(gemma=True),
+        trailing_tensors=(TensorRule("norm.weight", "output_norm.weight", NORM, ("hidden",), offset=1.0),),
+        hparams=_EMBEDDING_HPARAMS,
+        tensor_markers=tuple(f".{hf}.norm.weight" for hf, _, _ in _PROJ_NORMS),
+        norm_type="f16",
+        pooling=True,
+        tokenizer_style="bpe-json-as-spm",
+    ),
     Family(
         name="1bitllm",
         description="1bitLLM bitnet_b1_58 (BitnetForCausalLM, full-precision master weights)",
@@ -260,6 +371,7 @@ class Recipe:
     permute_heads: int = 0         # llama q/k permutation over this many heads (0: none)
     row_multiple: int = 1          # a chunk of output rows must hold whole multiples of this
     weight_scale: float | None = None  # packed: the checkpoint's weight_scale (float32 value)
+    offset: float = 0.0            # norms: added to the values (Gemma3's RMSNorm scales by 1 + w)
 
     def as_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -370,7 +482,7 @@ def quantization_kind(config: dict, config_path: Path) -> str | None:
                           "(known: bitlinear, autobitlinear)")
 
 
-def detect_family(config: dict, config_path: Path) -> Family:
+def detect_family(config: dict, config_path: Path, present: set[str] | None = None) -> Family:
     archs = config.get("architectures")
     if archs is None:
         archs = []
@@ -378,10 +490,12 @@ def detect_family(config: dict, config_path: Path) -> Family:
         raise CheckpointError(f"{config_path}: 'architectures' must be a list of names, not {archs!r:.60}")
     quant = quantization_kind(config, config_path)
     known_arch = False
-    for fam in FAMILIES:
+    marked = [f for f in FAMILIES if f.tensor_markers]
+    unmarked = [f for f in FAMILIES if not f.tensor_markers]
+    for fam in (marked + unmarked if present is not None else unmarked + marked):
         if any(a in fam.architectures for a in archs):
             known_arch = True
-            if fam.matches(config, archs, quant):
+            if fam.matches(config, archs, quant, present):
                 return fam
     shown = ", ".join(archs) if archs else "no 'architectures' entry"
     if known_arch:
@@ -472,7 +586,7 @@ def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan
     """
     config = read_config(model_dir)
     config_path = model_dir / "config.json"
-    fam = detect_family(config, config_path)
+    fam = detect_family(config, config_path, present)
     dims = _dims(config, fam, config_path)
     _check_rope_scaling(config, config_path)
     _check_flags(config, config_path)
@@ -481,7 +595,7 @@ def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan
     def add(rule: TensorRule, bid: int | None = None) -> None:
         fmt = {"bid": bid} if bid is not None else {}
         shape = tuple(dims[d] for d in rule.shape)
-        recipe = Recipe(rule.role)
+        recipe = Recipe(rule.role, offset=rule.offset)
         if rule.role == TERNARY:
             heads = dims[rule.permute] if rule.permute and fam.permute_qk else 0
             row_multiple = shape[0] // heads if heads else 1
@@ -526,4 +640,44 @@ def arch_metadata(plan: TensorPlan, config_path: Path) -> list[tuple[str, str, o
         out.append((f"{arch}.{suffix}", vtype, value))
     for suffix, vtype, value in plan.family.constants:
         out.append((f"{arch}.{suffix}", vtype, value))
+    if plan.family.pooling:
+        out.append((f"{arch}.pooling_type", "uint32", pooling_type(config_path.parent)))
     return out
+
+
+# sentence-transformers' Pooling config key -> llama.cpp's LLAMA_POOLING_TYPE (gguf.PoolingType), checked
+# in this order as microsoft/BitNet's embedding converter does (set_gguf_parameters, lines 381-386)
+POOLING_MODES = (("pooling_mode_mean_tokens", 1), ("pooling_mode_cls_token", 2), ("pooling_mode_lasttoken", 3))
+
+
+def pooling_type(model_dir: Path) -> int:
+    """The pooling of a sentence-transformers model directory: modules.json's first *Pooling module's
+    config.json. Refused when absent or unknown (the converter it follows would guess MEAN, which
+    is wrong for last-token models: the embeddings would silently differ)."""
+    path = model_dir / "modules.json"
+    advice = "an embedding model needs sentence-transformers' modules.json and its Pooling module's config.json"
+    try:
+        modules = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; {advice} to tell its pooling") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read it as JSON ({str(e).splitlines()[0][:120]})") from None
+    pooling = [m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling")] \
+        if isinstance(modules, list) else []
+    if not pooling or not isinstance(pooling[0].get("path"), str):
+        raise CheckpointError(f"{path}: no Pooling module (with a path); {advice}")
+    sub = model_dir / pooling[0]["path"]
+    if model_dir.resolve() not in (sub / "config.json").resolve().parents:
+        raise CheckpointError(f"{path}: the Pooling module's path {pooling[0]['path']!r} leaves the model directory")
+    try:
+        config = json.loads((sub / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{sub / 'config.json'}: missing; {advice}") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{sub / 'config.json'}: cannot read it as JSON ({str(e).splitlines()[0][:120]})") \
+            from None
+    for key, value in POOLING_MODES:
+        if isinstance(config, dict) and config.get(key):
+            return value
+    raise CheckpointError(f"{sub / 'config.json'}: none of {', '.join(k for k, _ in POOLING_MODES)} is true; "
+                          "the pooling cannot be written")

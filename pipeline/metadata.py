@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gguf
 
-from pipeline.errors import OptionError
+from pipeline.errors import CheckpointError, OptionError
 from pipeline.families import TensorPlan, arch_metadata
 from pipeline.vocab import add_tokenizer
 
@@ -82,8 +82,31 @@ def build_kv(plan: TensorPlan, model_dir: Path, name: str | None = None, tokeniz
         raise OptionError(f"{where}: a general.* value has the wrong type ({e})") from None
     for key, vtype, value in arch_metadata(plan, model_dir / "config.json"):
         w.add_key_value(key, value, _ADD[vtype])
-    add_tokenizer(w, model_dir, plan.config["vocab_size"], tokenizer_pre)
+    add_tokenizer(w, model_dir, plan.config["vocab_size"], tokenizer_pre, plan.family.tokenizer_style)
+    family_tokenizer_keys(w, plan, model_dir)
     return [kv_record(key, v) for key, v in w.kv_data[0].items()]
+
+
+def family_tokenizer_keys(w: gguf.GGUFWriter, plan: TensorPlan, model_dir: Path) -> None:
+    """A family's tokenizer overrides (the BitNet embedding models: EOS is <|endoftext|>, appended
+    to every input for last-token pooling), replacing the tokenizer's own value in place."""
+    fam, kvs = plan.family, w.kv_data[0]
+    if fam.eos_token is not None:
+        tokens = kvs[gguf.Keys.Tokenizer.LIST].value
+        if fam.eos_token not in tokens:
+            raise CheckpointError(f"{model_dir / 'tokenizer.json'}: has no token {fam.eos_token}, which "
+                                  f"{fam.description} uses as its end-of-sequence token")
+        _set(w, gguf.Keys.Tokenizer.EOS_ID, tokens.index(fam.eos_token), gguf.GGUFValueType.UINT32)
+    if fam.add_eos is not None:
+        _set(w, gguf.Keys.Tokenizer.ADD_EOS, fam.add_eos, gguf.GGUFValueType.BOOL)
+
+
+def _set(w: gguf.GGUFWriter, key: str, value, vtype) -> None:
+    kvs = w.kv_data[0]
+    if key in kvs:
+        kvs[key] = gguf.GGUFValue(value, vtype)
+    else:
+        w.add_key_value(key, value, vtype)
 
 
 def kv_record(key: str, v: gguf.GGUFValue) -> dict:

@@ -158,12 +158,12 @@ def check_choice(value, choices: tuple[str, ...], option: str) -> str:
 
 
 def tensor_type(role: str, shape: tuple[int, ...], out_type: str, embedding_type: str,
-                name: str = "") -> tuple[OutputType, str | None]:
-    """(output type of one tensor, warning or None). Norms are F32; embeddings take the
-    --embedding-type; projections the --type, or its fallback for rows that are not whole
-    blocks (as llama.cpp's converter does for TQ types)."""
+                name: str = "", norm_type: str = NORM_TYPE) -> tuple[OutputType, str | None]:
+    """(output type of one tensor, warning or None). Norms are F32 (or the family's norm type);
+    embeddings take the --embedding-type; projections the --type, or its fallback for rows that
+    are not whole blocks (as llama.cpp's converter does for TQ types)."""
     if role == NORM or len(shape) < 2:
-        return OUTPUT_TYPES[NORM_TYPE], None
+        return OUTPUT_TYPES[norm_type], None
     if role in (EMBEDDING, OUTPUT):
         t = OUTPUT_TYPES[embedding_type]
         if not t.supports(shape[-1]):

@@ -90,6 +90,101 @@ def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
     return budget.rows_per_chunk(shape, multiple=recipe.row_multiple)
 
 
+# -- requantizing group-scaled tensors (--allow-requantize) ------------------------------------
+# A group-scaled projection keeps one scale per 64 values (quantize.zarr's block_scales). A type
+# with bigger blocks holds it losslessly only where the scale is constant over each of its blocks;
+# otherwise the conversion is refused, or with --allow-requantize the effective weights (codes
+# times their block's scale) are quantized to the type by its own reference quantizer:
+# - TQ2_0 / TQ1_0 (one fp16 d per 256 values): gguf.quants' quantize_blocks, d = max|x| of the
+#   block, q = roundf(x * (1 / d)) in float32 (llama.cpp's quantize_row_tq2_0_ref does the same);
+#   so a value keeps its code where its scale is at least half the block's largest, else becomes 0,
+#   and every value of the block is then +-d or 0;
+# - I2_S (and TL1/TL2: one float32 scale per tensor): bitnet.cpp's quantize_i2_s
+#   (src/ggml-bitnet-mad.cpp), scale = max|x| of the tensor, code = sign(x) where |x| >= 1e-6.
+REQUANTIZE_BLOCK = 64      # values per block scale of a group-scaled tensor (Q2_0's block)
+I2S_ZERO_BELOW = 1e-6      # quantize_i2_s: |x| below this is code 0
+
+
+def _roundf(a: np.ndarray) -> np.ndarray:
+    """gguf.quants.np_roundf (round half away from zero) of non-negative values."""
+    floored = np.floor(a)
+    return floored + np.floor(2 * (a - floored))
+
+
+def requantize_per_block(block_scales: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, d): for every 64-value block, 1 where its codes survive requantization to a type of
+    `block_size`-value blocks and 0 where they become 0; every type block's new scale d (float32)."""
+    rows = block_scales.shape[0]
+    s = np.asarray(block_scales, dtype=np.float32).reshape(rows, -1, block_size // REQUANTIZE_BLOCK)
+    d = s.max(axis=2, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    keep = _roundf(s * inv).astype(np.int8)
+    return keep.reshape(rows, -1), d.reshape(rows, -1)
+
+
+def requantized_codes(codes: np.ndarray, block_scales: np.ndarray, codec) -> tuple[np.ndarray, np.ndarray | None]:
+    """(int8 codes, one scale per block of the type or None) of rows of a group-scaled tensor
+    requantized to `codec` (the tensor scale of a type with one per tensor is `requantized_scale`)."""
+    block_scales = np.asarray(block_scales, dtype=np.float32)
+    if codec.tail_size():  # one scale per tensor: codes are the signs of values >= 1e-6
+        keep = (block_scales.astype(np.float64) >= I2S_ZERO_BELOW).astype(np.int8)
+        return codes * np.repeat(keep, REQUANTIZE_BLOCK, axis=1), None
+    keep, d = requantize_per_block(block_scales, codec.block_size)
+    return codes * np.repeat(keep, REQUANTIZE_BLOCK, axis=1), d
+
+
+def requantized_scale(block_scales: np.ndarray) -> float:
+    """The one scale of a type with one per tensor: max|x| over the tensor (quantize_i2_s)."""
+    return float(np.float32(np.max(block_scales, initial=0.0)))
+
+
+def requantize_rms_change(block_scales: np.ndarray, nonzero: np.ndarray, codec) -> float:
+    """Relative RMS change of the effective weights, sqrt(sum (w' - w)^2 / sum w^2), from the block
+    scales and the number of non-zero codes of every 64-value block (every value of a block is
+    +-its scale before, +-its new magnitude after)."""
+    s = np.asarray(block_scales, dtype=np.float64)
+    if codec.tail_size():
+        new = np.where(s >= I2S_ZERO_BELOW, requantized_scale(block_scales), 0.0)
+    else:
+        keep, d = requantize_per_block(block_scales, codec.block_size)
+        new = keep * np.repeat(d.astype(np.float64), codec.block_size // REQUANTIZE_BLOCK, axis=1)
+    n = np.asarray(nonzero, dtype=np.float64)
+    total = float((n * s * s).sum())
+    return math.sqrt(float((n * (new - s) ** 2).sum()) / total) if total else 0.0
+
+
+def requantize_summary(block_scales: np.ndarray, codec, nonzero: np.ndarray) -> str:
+    """What requantizing a group-scaled tensor to `codec` loses, from its block scales and the count
+    of non-zero codes of every 64-value block."""
+    rms = f"; relative RMS change of its effective weights {requantize_rms_change(block_scales, nonzero, codec):.4%}"
+    return _requantize_changes(block_scales, codec) + rms
+
+
+def _requantize_changes(block_scales: np.ndarray, codec) -> str:
+    scales = np.asarray(block_scales, dtype=np.float32)
+    if codec.tail_size():
+        nonzero = np.unique(scales[scales > 0])
+        top = requantized_scale(scales)
+        small = int((nonzero < I2S_ZERO_BELOW).sum())
+        low = float(nonzero[nonzero >= I2S_ZERO_BELOW].min(initial=top))
+        return (f"its {nonzero.size} different scales ({low:.4g} to {top:.4g}) become one, {top:.4g} (bitnet.cpp's "
+                f"{codec.name} quantizer: max |w|), so its values grow by up to {(top / low - 1) * 100:.3g}%"
+                + (f"; {small} scale(s) under 1e-6 become 0" if small else ""))
+    rows = scales.shape[0]
+    keep, d = requantize_per_block(scales, codec.block_size)
+    per = codec.block_size // REQUANTIZE_BLOCK
+    s = scales.reshape(rows, -1, per)
+    several = ((s != d[..., None]) & (s > 0)).any(axis=2)
+    dropped = int(((keep == 0) & (scales > 0)).sum())
+    kept = (keep.reshape(s.shape) > 0) & (s > 0)
+    growth = (float(np.where(kept, d[..., None] / np.where(kept, s, 1), 1).max(initial=1.0)) - 1) * 100
+    return (f"{int(several.sum())} of {several.size} blocks of {codec.block_size} values had several scales; each "
+            f"now has one, its largest (gguf's {codec.name} quantizer: d = max |w|): the values of {dropped} of "
+            f"{int((scales > 0).sum())} blocks of 64 were under half of it and became 0, the others grew by up to "
+            f"{growth:.3g}%")
+
+
 # pack: float tensors whose output type is their source type keep the checkpoint's bytes
 SAME_BYTES = {("F32", "f32"), ("F16", "f16"), ("BF16", "bf16")}
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -172,6 +267,7 @@ class TensorRecord:
     offset: int           # of the tensor's data in its part's file
     rows_per_chunk: int
     fallback: str | None  # why the tensor is not the --type, if it is not
+    requantize: str | None = None  # group-scaled: what happens if the data's scales do not fit the type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +322,7 @@ class Plan:
         for t in self.tensors:
             source = f"{t.source_dtype} {'x'.join(map(str, t.source_shape))}"
             lines.append(f"{t.name:<32} {source:<16} {OUTPUT_TYPES[t.out_type].codec.name:<8} "
-                         f"{format_size(t.nbytes):>10}  {t.part + 1:>4}  {t.fallback or ''}")
+                         f"{format_size(t.nbytes):>10}  {t.part + 1:>4}  {t.fallback or t.requantize or ''}")
         files = ", ".join(f"{p} ({format_size(s)})" for p, s in self.outputs)
         lines += [f"output: {files}; {len(self.tensors)} tensors, {self.kv_count} key/values",
                   "run directory: " + ", ".join(f"{k} {format_size(v)}" for k, v in self.stores.items())
@@ -269,7 +365,8 @@ def tensor_types(opts: Options, ckpt) -> list[tuple]:
     check_kernel_shapes(opts, ckpt)
     types, ternary, fallbacks = [], 0, 0
     for t in ckpt.plan.tensors:
-        out, fallback = tensor_type(t.role, t.shape, opts.layout.name, opts.embedding_type, t.gguf_name)
+        out, fallback = tensor_type(t.role, t.shape, opts.layout.name, opts.embedding_type, t.gguf_name,
+                                    ckpt.plan.family.norm_type)
         if t.role == TERNARY:
             ternary += 1
             fallbacks += fallback is not None
@@ -331,7 +428,8 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
             code_bytes = cols // 4 if code_layout(cols) == LAYOUT_2BIT else cols
             q_rows = packed_block_rows(budget, shape, t.recipe) or ternary_chunk_rows(budget, shape, t.recipe)
             sizes["quantize"] += _chunked_bytes(shape[0], q_rows, code_bytes)
-        elif (src.dtype, out.name) in SAME_BYTES or encoded_in_assemble(t.role, shape, out.name):
+        elif not t.recipe.offset and ((src.dtype, out.name) in SAME_BYTES
+                                      or encoded_in_assemble(t.role, shape, out.name)):
             continue  # quantize and pack index the checkpoint's bytes (assemble converts them)
         codec = out.codec
         tiles = tensor_tiles(opts, t.role, shape) if out.needs_tiles else None
@@ -341,6 +439,18 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
         else:
             sizes["pack"] += codec.row_bytes(shape[0])
     return sizes
+
+
+def requantize_note(opts: Options, t, out) -> str | None:
+    """A group-scaled projection of a type whose blocks are bigger than 64 values: what the
+    conversion does if the data's scale changes inside one (the data decides, in pack)."""
+    codec = out.codec
+    if t.role != TERNARY or t.recipe.weights != GROUPED or not codec.ternary or codec.block_size == REQUANTIZE_BLOCK:
+        return None
+    where = "the tensor" if codec.tail_size() else f"a block of {codec.block_size} values"
+    if opts.allow_requantize:
+        return f"requantized (lossy) if its scale changes inside {where}"
+    return f"refused if its scale changes inside {where} (unless --allow-requantize)"
 
 
 def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> Plan:
@@ -370,7 +480,8 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
         rows = budget.rows_per_chunk(t.shape) if len(t.shape) > 1 else t.shape[0]
         records.append(TensorRecord(t.gguf_name, t.hf_name, t.role, str(src.file), src.offset, src.dtype,
                                     list(src.shape), list(t.shape), t.recipe.as_json(), out.name, out.ggml_type,
-                                    infos[i].nbytes, part_of[i], offset_of[i], rows, fallback))
+                                    infos[i].nbytes, part_of[i], offset_of[i], rows, fallback,
+                                    requantize_note(opts, t, out)))
     task = min(budget.chunk_elements, max((r.rows_per_chunk * math.prod(r.shape[1:]) for r in records
                                            if len(r.shape) > 1), default=1))
     peak = budget.baseline + HEADROOM + budget.workers * IN_FLIGHT_PER_WORKER * BYTES_PER_ELEMENT * task

@@ -17,7 +17,7 @@ from pipeline.checkpoint import open_checkpoint, open_vocabulary
 from pipeline.config import Options, format_size
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError, RunDirError
-from pipeline.families import TERNARY
+from pipeline.families import GROUPED, TERNARY
 from pipeline.gguf_file import GGUFSplitWriter
 from pipeline.output import OutputChanged, final_paths, identity, publish, remove_stale_temps, temp_path, written_identity
 from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES
@@ -47,6 +47,8 @@ def stage_inputs(opts: Options, ckpt) -> dict[str, dict]:
         pack["--target"] = opts.target
     if opts.layout.needs_tiles:
         pack["--kernel-config"] = stage_key(opts.kernel_tiles)
+    if any(t.recipe.weights == GROUPED for t in ckpt.plan.tensors):  # the option changes nothing else's bytes
+        pack["--allow-requantize"] = opts.allow_requantize
     return {
         "extract": {"the weight files": stage_key(ckpt.fingerprint), "the tensor plan": stage_key(plan)},
         "quantize": {},

@@ -36,8 +36,8 @@ from pipeline.outtypes import (BY_GGML_TYPE, EMBEDDING_CHOICES, OUTPUT_TYPES, TA
                                resolve, target_of, targets_of, tensor_type)
 from pipeline.safetensors_io import as_float32, pread_exact
 from pipeline.stores import row_ranges
-from pipeline.plan import TARGET_KEY, TILES_KEY, code_layout, file_kvs, ternary_scale
-from stages.pack import encode_block
+from pipeline.plan import I2S_ZERO_BELOW, TARGET_KEY, TILES_KEY, code_layout, file_kvs, requantized_scale, ternary_scale
+from stages.pack import block_scale_problem, encode_block
 from stages.quantize import code_rows, group_scales, row_abs_sums
 
 _PART = re.compile(r"(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf")
@@ -110,7 +110,7 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
 
     expected = []
     for t in ckpt.plan.tensors:
-        out, _ = tensor_type(t.role, t.shape, out_type, embedding_type, t.gguf_name)
+        out, _ = tensor_type(t.role, t.shape, out_type, embedding_type, t.gguf_name, ckpt.plan.family.norm_type)
         tiles = tiles_of(kernel_tiles, t.shape) if out.needs_tiles else None
         if out.needs_tiles and tiles is None:
             problems.append(f"{t.gguf_name}: the file's {TILES_KEY} has no tiles for its shape {tuple(t.shape)}")
@@ -152,8 +152,10 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
             problem = (f"shape {list(t.shape)} type {t.ggml_type}, expected shape {list(info.shape)} "
                        f"type {info.ggml_type} ({out.codec.name})")
         else:
-            problem = _check_tensor(part_of[info.name], t, planned, out, ckpt.sources[planned.hf_name], budget, tiles)
-        log(f"{info.name}: {problem or 'ok'}")
+            notes: list[str] = []
+            problem = _check_tensor(part_of[info.name], t, planned, out, ckpt.sources[planned.hf_name], budget, tiles,
+                                    notes)
+        log(f"{info.name}: {problem or 'ok'}{''.join(f' ({n})' for n in notes) if not problem else ''}")
         if problem:
             problems.append(f"{info.name}: {problem}")
     return problems
@@ -194,7 +196,7 @@ def _short(value) -> str:
     return text if len(text) < 60 else text[:57] + "..."
 
 
-def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None) -> str | None:
+def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=None) -> str | None:
     recipe = planned.recipe
     codec = out.codec
     if planned.role == TERNARY:
@@ -204,7 +206,7 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None) -> str |
         rows = budget.rows_per_chunk(planned.shape)
     two_d = len(planned.shape) > 1
     ranges = row_ranges(planned.shape[0], rows) if two_d else [(0, planned.shape[0])]
-    absmean = scale = blocks = total_abs = None
+    absmean = scale = blocks = total_abs = requantized = None
     if planned.role == TERNARY and recipe.weights == GROUPED:
         mags = []
         for r0, r1 in ranges:
@@ -212,7 +214,18 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None) -> str |
             if bad is not None:
                 return f"the checkpoint's values are not ternary in row {r0 + bad[0]}"
             mags.append(m)
-        scale, blocks = group_scales(np.concatenate(mags), planned.hf_name)
+        mags = np.concatenate(mags)
+        scale, blocks = group_scales(mags, planned.hf_name)
+        if blocks is not None and out.codec.ternary and block_scale_problem(blocks, out):
+            # only --allow-requantize writes this: the type's own quantizer of the effective weights
+            requantized = RequantizedReference(planned, src, out, float(mags.max(initial=0.0)))
+            if out.codec.tail_size():
+                scale = requantized_scale(blocks)
+            if notes is not None:
+                notes.append(f"requantized to {out.codec.name}: checked against "
+                             + ("gguf.quants' quantizer of the checkpoint's values" if requantized.qtype is not None
+                                else "bitnet.cpp's quantize_i2_s of the checkpoint's values" if decodable(out)
+                                else "the converter's requantization (bytes only)"))
     elif planned.role == TERNARY:
         if recipe.scale_rule == "absmean":  # one pass: the converter's row sums, and the reference's own sum
             sums, total_abs = [], 0.0
@@ -244,9 +257,9 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None) -> str |
         if planned.role == TERNARY:
             block = code_rows(src.read_rows, r0, r1, recipe, planned.shape, src.dtype, absmean)
             want = encode_block(block, out.name, scale, src.dtype, code_layout(planned.shape[1]), tiles,
-                                None if blocks is None else blocks[r0:r1])
+                                None if blocks is None else blocks[r0:r1], requantized is not None)
         else:
-            want = encode_block(src.read_rows(r0, r1), out.name, None, src.dtype)
+            want = encode_block(src.read_rows(r0, r1), out.name, None, src.dtype, offset=recipe.offset)
         want = want.reshape(-1, row_bytes) if two_d else want.reshape(1, -1)
         for c0, c1 in regions:
             start = t.offset + n_rows * c0 + (r0 * (c1 - c0) if two_d else 0)
@@ -255,6 +268,8 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None) -> str |
             if not np.array_equal(got, part):
                 return f"bytes differ in rows {r0}..{r1}"
         # the file's bytes equal `want` here: decode them to values
+        if requantized is not None and (problem := requantized.check(want, r0, r1, tail_scale)):
+            return problem
         if reference is not None and \
                 (problem := reference.check(out, want if two_d else want.reshape(-1), r0, r1, tail_scale)):
             return problem
@@ -357,7 +372,7 @@ class EffectiveWeights:
                 tol = abs(self.scale) * max(VALUE_PRECISION[name], 2.0 ** -23)
             what = f"scale {self.scale:.6g}"
         else:
-            want = self._source(a, b)
+            want = self._source(a, b) + self.recipe.offset  # Gemma3's norms: 1 + w
             err = np.abs(values - want)
             if name == "Q8_0":  # a block of 32 stores round(x / d), d = fp16(max|x| / 127) (for a block of
                 # tiny values a subnormal fp16, as gguf's quantizer and llama.cpp write it: 127 half-steps of 2^-24)
@@ -372,6 +387,39 @@ class EffectiveWeights:
             row = a + (i[0] if bad.ndim > 1 else 0)
             return (f"values differ from the checkpoint's ({what}) by up to {float(np.nanmax(np.where(bad, err, 0))):.3g} "
                     f"in rows {a}..{b}, first at row {row}: {name} cannot hold them to its precision")
+        return None
+
+
+class RequantizedReference:
+    """A group-scaled tensor requantized to a type that cannot hold its scales (--allow-requantize),
+    checked independently of pipeline/plan.py's rule: TQ2_0 / TQ1_0 bytes must be what gguf.quants'
+    quantizer makes of the checkpoint's values; x86 I2_S values must be bitnet.cpp's quantize_i2_s
+    of them (scale max |w| over the tensor, code sign(w) where |w| >= 1e-6)."""
+
+    def __init__(self, planned, src, out, largest: float):
+        from gguf import GGMLQuantizationType
+
+        self.planned, self.src, self.out, self.largest = planned, src, out, largest
+        self.qtype = GGMLQuantizationType[out.codec.name] if out.name in ("tq1_0", "tq2_0") else None
+        if planned.recipe.permute_heads:
+            raise ValueError("a group-scaled tensor with the q/k permutation has no requantization reference here")
+
+    def check(self, got: np.ndarray, r0: int, r1: int, tail_scale: float | None) -> str | None:
+        from gguf.quants import quantize
+
+        values = source_values(self.src.read_rows(r0, r1), self.src.dtype).astype(np.float32)
+        if self.qtype is not None:
+            want = quantize(values, self.qtype).reshape(got.shape)
+            if not np.array_equal(want, got):
+                return f"rows {r0}..{r1} are not gguf's {self.out.codec.name} quantization of the checkpoint's values"
+            return None
+        if not decodable(self.out):
+            return None
+        if np.float32(tail_scale) != np.float32(self.largest):
+            return f"the {self.out.codec.name} scale is {tail_scale!r}, not max |w| = {self.largest!r}"
+        codes = np.where(np.abs(values.astype(np.float64)) < I2S_ZERO_BELOW, 0, np.sign(values))
+        if not np.array_equal(decode_values(self.out, got, tail_scale), codes * np.float64(np.float32(self.largest))):
+            return f"rows {r0}..{r1} are not bitnet.cpp's {self.out.codec.name} quantization of the checkpoint's values"
         return None
 
 

@@ -55,13 +55,15 @@ _SPECIAL_BRACKETS = (("<|", "|>"), ("<\uff5c", "\uff5c>"), ("<unused", ">"))
 _SPECIAL_KINDS = ("bos", "eos", "unk", "sep", "pad", "cls", "mask", "eot", "eom")
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str | None = None) -> str:
-    """Add every tokenizer.* key/value to `writer`; return the tokenizer kind ("spm" or "bpe")."""
+def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str | None = None,
+                  style: str | None = None) -> str:
+    """Add every tokenizer.* key/value to `writer`; return the tokenizer kind ("spm" or "bpe", or
+    the family's `style`, a key of _WRITERS)."""
     model_dir = Path(model_dir)
-    kind = tokenizer_kind(model_dir)
-    check_tokenizer_files(model_dir, read_elsewhere=("tokenizer.json",) if kind == "bpe" else ())
+    kind = style or tokenizer_kind(model_dir)
+    check_tokenizer_files(model_dir, read_elsewhere=("tokenizer.json",) if kind != "spm" else ())
     if pre is not None:
-        if kind == "spm":
+        if kind != "bpe":
             raise OptionError(f"--tokenizer-pre {pre}: {model_dir} has a SentencePiece tokenizer.model, "
                               "which has no pre-tokenizer; leave the option out")
         check_pre_name(pre)
@@ -533,4 +535,61 @@ def read_json(path: Path):
 
 
 _KIND_BY_FILE = (("tokenizer.model", "spm"), ("tokenizer.json", "bpe"))   # llama.cpp tries SentencePiece first
-_WRITERS = {"spm": _add_spm, "bpe": _add_bpe}
+def _add_bpe_json_as_spm(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str | None) -> None:
+    """tokenizer.json's BPE vocabulary written as a SentencePiece ("llama") one, as microsoft/BitNet's
+    embedding converter writes Gemma3's (_set_vocab_gemma3, lines 248-332 of
+    utils/convert-bitnet-embedding-to-gguf.py): ids missing from model.vocab are [PAD<id>] (UNUSED,
+    -10000); tokenizer.json's added tokens are CONTROL when special or bracketed (<...>, [...]),
+    else USER_DEFINED, score -1000; <0xHH> are BYTE (0); <unk> UNKNOWN (0); every other token NORMAL
+    with score -rank of the first merge that makes it (0 when none does); no space prefix."""
+    path = model_dir / "tokenizer.json"
+    data = read_json_object(path)
+    model = data.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    merges = model.get("merges", []) if isinstance(model, dict) else None
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()) \
+            or not isinstance(merges, list):
+        raise CheckpointError(f"{path}: model.vocab (token -> id) and model.merges of a BPE tokenizer are needed")
+    scores_by_token: dict[str, float] = {}
+    for rank, merge in enumerate(merges):
+        if isinstance(merge, list) and all(isinstance(m, str) for m in merge):
+            made = "".join(merge)
+        elif isinstance(merge, str):
+            made = merge.replace(" ", "", 1)
+        else:
+            raise CheckpointError(f"{path}: merge {rank} is {merge!r:.40}; merges are pairs of strings")
+        scores_by_token.setdefault(made, -float(rank))
+    added = {}
+    for t in data.get("added_tokens") or []:
+        if isinstance(t, dict) and isinstance(t.get("id"), int) and isinstance(t.get("content"), str):
+            added[t["id"]] = t
+    token_at = {i: t for t, i in vocab.items()}
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        text = token_at.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]"), scores.append(-10000.0), types.append(gguf.TokenType.UNUSED)
+            continue
+        if i in added:
+            bracketed = text[:1] in ("<", "[") and text[-1:] in (">", "]")
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") or bracketed
+                         else gguf.TokenType.USER_DEFINED)
+            scores.append(-1000.0)
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types.append(gguf.TokenType.BYTE), scores.append(0.0)
+        elif text == "<unk>":
+            types.append(gguf.TokenType.UNKNOWN), scores.append(0.0)
+        else:
+            types.append(gguf.TokenType.NORMAL), scores.append(scores_by_token.get(text, 0.0))
+        tokens.append(text)
+    check_special_ids(model_dir, vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(False)
+    gguf.SpecialVocab(model_dir, load_merges=False).add_to_gguf(writer, quiet=True)
+
+
+_WRITERS = {"spm": _add_spm, "bpe": _add_bpe, "bpe-json-as-spm": _add_bpe_json_as_spm}

@@ -17,6 +17,11 @@ Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, a B
 embedding with --embedding-type bf16) are not copied: their arrays index the checkpoint's
 bytes, which assemble copies into the GGUF (or hard-link the previous store's chunk files).
 
+A group-scaled tensor (quantize.zarr's block scales, one per 64 values) is written with one scale
+per block of the type where the scale is constant over each; otherwise it is refused, or with
+--allow-requantize its effective weights are requantized by the type's own quantizer
+(pipeline/plan.py), with a warning saying what changed.
+
 A scale the output type cannot hold as a normal number (a TQ block's fp16 d, an F16
 fallback's values, I2_S's float32) is refused before any work, naming the tensor.
 """
@@ -30,10 +35,12 @@ from pipeline.errors import CheckpointError
 from pipeline.families import TERNARY
 from pipeline.kernel_config import tiles_of
 from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES
+from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (ENCODED_FROM, array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, open_array,
                              open_store, read_rows, row_ranges, write_rows, written_chunks)
-from pipeline.plan import LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale, encoded_in_assemble
+from pipeline.plan import (LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale, encoded_in_assemble, requantize_summary,
+                           requantized_codes, requantized_scale)
 from stages.quantize import BLOCK_SCALES_SUFFIX, SCALE_BLOCK, link_task
 
 
@@ -42,6 +49,19 @@ def scales_per_type_block(block_scales: np.ndarray, block_size: int) -> np.ndarr
     scale is known to be constant over each of the type's blocks, zeros aside)."""
     rows = block_scales.shape[0]
     return block_scales.reshape(rows, -1, block_size // SCALE_BLOCK).max(axis=2)
+
+
+def nonzero_per_block(ctx: StageContext, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """Non-zero codes of every 64-value block of a quantize.zarr ternary array (uint8, rows x cols / 64),
+    read chunk by chunk: what the requantization warning weighs each block's change with."""
+    arr = open_array(array_path(ctx.input, name), "r")
+    layout = arr.attrs.get("code_layout", LAYOUT_INT8)
+    counts = []
+    for r0, r1 in row_ranges(shape[0], ctx.budget.rows_per_chunk(shape)):
+        block = read_rows(arr, r0, r1)
+        codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
+        counts.append((codes != 0).reshape(r1 - r0, -1, SCALE_BLOCK).sum(axis=2).astype(np.uint8))
+    return np.concatenate(counts) if counts else np.zeros((0, shape[1] // SCALE_BLOCK), np.uint8)
 
 
 def block_scale_problem(block_scales: np.ndarray, out) -> str | None:
@@ -65,15 +85,25 @@ def block_scale_problem(block_scales: np.ndarray, out) -> str | None:
 
 
 def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None,
-                 layout: str | None = None, tiles=None, block_scales: np.ndarray | None = None) -> np.ndarray:
+                 layout: str | None = None, tiles=None, block_scales: np.ndarray | None = None,
+                 requantize: bool = False, offset: float = 0.0) -> np.ndarray:
     """The GGUF bytes of one row chunk: float values in their source representation
     (`source_dtype`), or ternary codes as quantize.zarr stores them (`layout`) with their scale
     (and, for TL1/TL2, the tensor's kernel tiles; for group-scaled tensors, `block_scales`: one
-    per 64 values of the chunk's rows). `codec_name` is an output type registry key."""
+    per 64 values of the chunk's rows, and `requantize` when the type cannot hold them: the
+    effective weights quantized by the type's own rule, pipeline/plan.py; a type with one scale
+    per tensor then takes `scale`). `codec_name` is an output type registry key."""
     codec = CODECS[codec_name]
     if block_scales is not None:
         codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
+        if requantize:
+            codes, per_block = requantized_codes(codes, block_scales, codec)
+            if per_block is not None:
+                return codec.encode(codes, per_block)
+            return codec.encode(codes, np.float32(scale), tiles) if tiles else codec.encode(codes, np.float32(scale))
         return codec.encode(codes, scales_per_type_block(np.asarray(block_scales), codec.block_size))
+    if scale is None and offset:  # a norm stored as w where the runtime multiplies by 1 + w (Gemma3)
+        return codec.encode(as_float32(block, source_dtype) + np.float32(offset))
     if scale is None:
         return encode_floats(block, source_dtype, codec_name)
     scale = np.float32(scale)
@@ -90,10 +120,11 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
 
 
 def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scale: float | None,
-                source_dtype: str, layout: str | None, tiles=None, block_scales: str | None = None) -> None:
+                source_dtype: str, layout: str | None, tiles=None, block_scales: str | None = None,
+                requantize: bool = False, offset: float = 0.0) -> None:
     scales = read_rows(open_array(block_scales, "r"), start, stop) if block_scales else None
     data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout, tiles,
-                        scales)
+                        scales, requantize, offset)
     if open_array(out, "r").ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
         write_rows(out, 0, data.shape[0], data)
     else:
@@ -117,25 +148,32 @@ def run(ctx: StageContext) -> None:
         planned = ctx.plan.tensor(name)  # the output type (and why, if it is not --type) is the plan's
         out, fallback = OUTPUT_TYPES[planned.out_type], planned.fallback
         scale = src.attrs.get("scale") if role == TERNARY else None
-        block_scales = None
+        block_scales, requantize = None, None
         if role == TERNARY and scale is None:  # group-scaled, one scale per 64 values
             block_scales = array_path(ctx.input, name + BLOCK_SCALES_SUFFIX)
             values = read_rows(open_array(block_scales, "r"), 0, shape[0])
             problem = block_scale_problem(values, out)
-            if problem:
+            if problem and not (opts.allow_requantize and out.codec.ternary):
                 takes = [n for n in TERNARY_CHOICES if block_scale_problem(values, OUTPUT_TYPES[n]) is None]
+                again = "" if not out.codec.ternary else " (or pass --allow-requantize to requantize it, lossy)"
                 raise CheckpointError(f"tensor {src.attrs['hf_name']}: --type {layout.type_option}: {problem}; it "
-                                      f"converts without requantizing to --type {' or '.join(takes)}")
+                                      f"converts without requantizing to --type {' or '.join(takes)}{again}")
+            if problem:  # --allow-requantize: the type's own quantizer on the effective weights
+                requantize = requantize_summary(values, out.codec, nonzero_per_block(ctx, name, shape))
+                if out.codec.tail_size():
+                    scale = requantized_scale(values)
             for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):
                 check_scale(name, float(v), out.name)
         if scale is not None:
             check_scale(name, scale, out.name)
-        plans.append((name, src, role, shape, out, fallback, scale, block_scales))
+        plans.append((name, src, role, shape, out, fallback, scale, block_scales, requantize))
 
     tasks = []
-    for name, src, role, shape, out, fallback, scale, block_scales in plans:
+    for name, src, role, shape, out, fallback, scale, block_scales, requantize in plans:
         if fallback:
             ctx.log(f"warning: {name}: {fallback}")
+        if requantize:
+            ctx.log(f"warning: {name}: requantized to {out.codec.name} (--allow-requantize): {requantize}")
         codec = out.codec
         tiles = tiles_of(opts.kernel_tiles, shape) if out.needs_tiles else None
         # rows of this run's budget (the input may come from a run under a larger memory limit), whole tiles
@@ -144,12 +182,14 @@ def run(ctx: StageContext) -> None:
         byte_shape = (*shape[:-1], codec.row_bytes(shape[-1], tiles))
         attrs = {"ggml_type": out.ggml_type, "type_name": codec.name, "out_type": out.name, "shape": list(shape),
                  "role": role, **({"scale": scale} if scale is not None else {}),
+                 **({"requantized": requantize} if requantize else {}),
                  **({"tiles": list(tiles)} if tiles else {})}
-        unchanged = role != TERNARY and (src.attrs["source_dtype"], out.name) in SAME_BYTES
+        offset = src.attrs.get("recipe", {}).get("offset", 0.0) if role != TERNARY else 0.0
+        unchanged = role != TERNARY and not offset and (src.attrs["source_dtype"], out.name) in SAME_BYTES
         if unchanged and is_indexed(src):  # the checkpoint's bytes are the GGUF's: assemble copies them
             index_array(group, name, byte_shape, rows, np.uint8, attrs, copy_ref(src))
             continue
-        if is_indexed(src) and encoded_in_assemble(role, shape, out.name):
+        if is_indexed(src) and not offset and encoded_in_assemble(role, shape, out.name):
             # a float matrix in another float type (a BF16 embedding as F16): assemble converts the
             # checkpoint's rows as it writes them, and pack.zarr holds no copy
             index_array(group, name, byte_shape, rows, np.uint8,
@@ -168,6 +208,7 @@ def run(ctx: StageContext) -> None:
                 tasks.append(chunk_task(link_task, *paths, i))
             else:
                 tasks.append(chunk_task(encode_rows, *paths, r0, r1, out.name, scale,
-                                        src.attrs["source_dtype"], code_layout, tiles, block_scales))
+                                        src.attrs["source_dtype"], code_layout, tiles, block_scales,
+                                        bool(requantize), offset))
     ctx.scheduler.run(tasks, "pack")
 

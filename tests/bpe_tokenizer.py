@@ -92,3 +92,41 @@ def train_bpe_tokenizer(out_dir: Path, vocab_size: int = 600, seed: int = 0, spe
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
     return path
+
+
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
+
+
+def train_gemma_style_tokenizer(out_dir: Path, vocab_size: int = 400, seed: int = 0) -> Path:
+    """A SentencePiece-style BPE tokenizer.json as Gemma's (spaces as U+2581, byte fallback
+    <0xHH> tokens in the vocabulary, <pad> <eos> <bos> <unk> first), plus an added token that is
+    not special and one that is not in model.vocab; tokenizer_config.json names bos/eos."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(GEMMA_SPECIALS), show_progress=False)
+    tok.train_from_iterator(_corpus(seed, lines=max(2000, 4 * vocab_size)), trainer=trainer)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    plain = next(t for t, i in sorted(vocab.items(), key=lambda kv: -kv[1]) if len(t) > 3 and not t.startswith("<"))
+    data["added_tokens"] += [
+        {"id": vocab[plain], "content": plain, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": True, "special": False},
+        {"id": len(vocab), "content": "<image_soft_token>", "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True},
+    ]
+    path = out / "tokenizer.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    config = {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": 32768,
+        "tokenizer_class": "GemmaTokenizerFast",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return path

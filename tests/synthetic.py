@@ -374,6 +374,38 @@ def _qwen3_config(h: Hparams) -> dict:
     }
 
 
+def _gemma3_config(h: Hparams) -> dict:
+    # google gemma-3-270m's text config keys (Gemma3TextModel, as a sentence-transformers backbone)
+    return {
+        "architectures": ["Gemma3TextModel"],
+        "model_type": "gemma3_text",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": h.bos_token_id,
+        "eos_token_id": h.eos_token_id,
+        "final_logit_softcapping": None,
+        "head_dim": h.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": h.hidden_size,
+        "intermediate_size": h.intermediate_size,
+        "max_position_embeddings": h.max_position_embeddings,
+        "num_attention_heads": h.num_heads,
+        "num_hidden_layers": h.num_layers,
+        "num_key_value_heads": h.num_kv_heads,
+        "query_pre_attn_scalar": h.head_dim,
+        "rms_norm_eps": h.rms_norm_eps,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": None,
+        "rope_theta": h.rope_theta,
+        "sliding_window": 512,
+        "tie_word_embeddings": True,
+        "torch_dtype": TORCH_DTYPE[h.dtype],
+        "transformers_version": "4.55.0",
+        "use_cache": True,
+        "vocab_size": h.vocab_size,
+    }
+
+
 def _bitnet_2b4t_config(h: Hparams, packed: bool) -> dict:
     # microsoft/bitnet-b1.58-2B-4T(-bf16); its auto_map (remote code) is left out
     config = {
@@ -418,6 +450,11 @@ class Family:
     weight_scale_range: tuple[float, float] = WEIGHT_SCALE_RANGE  # packed: where weight_scale values lie
     grouped: bool = False                  # float projections already ternary, one scale per group
     qk_norm: bool = False                  # self_attn.q_norm / k_norm (Qwen3)
+    proj_norms: bool = False               # <proj>.norm.weight before every projection (BitNet embedding models)
+    prefix: str = "model."                 # of every tensor name but lm_head
+    pooling: str | None = None             # sentence-transformers modules.json + 1_Pooling/config.json mode
+    specials: tuple[str, ...] | None = None  # the BPE tokenizer's special tokens (default: Llama 3's)
+    gemma_norms: bool = False              # pre_feedforward_layernorm and post_feedforward_layernorm (Gemma3)
     defaults: dict = field(default_factory=dict)        # rope_theta, rms_norm_eps, max_position_embeddings, dtype
 
 
@@ -463,6 +500,22 @@ FAMILIES: dict[str, Family] = {
         tokenizer="bpe", head_dim_key=True, special_tokens=("<|begin_of_text|>", "<|end_of_text|>"),
         defaults=dict(rope_theta=1000042, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
                       tokenizer_vocab=400)),
+    # microsoft bitnet-embedding-0.6b (Qwen3 backbone; docs/bitnet-embeddings-i2s-guide.md of
+    # microsoft/BitNet): bf16, names without "model.", per-projection norms, tied, last-token pooling
+    "bitnet-embedding-qwen3": Family(
+        config=lambda h: _qwen3_config(h) | {"tie_word_embeddings": True, "architectures": ["Qwen3Model"]},
+        packed=False, sub_norms=None, lm_head=False, tokenizer="bpe", head_dim_key=True,
+        special_tokens=("<|im_start|>", "<|im_end|>"), qk_norm=True, proj_norms=True, prefix="",
+        pooling="pooling_mode_lasttoken", specials=("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
+        defaults=dict(rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
+                      tokenizer_vocab=400)),
+    # microsoft bitnet-embedding-270m (Gemma3 backbone): as above with Gemma3's norms and tokenizer
+    "bitnet-embedding-gemma3": Family(
+        config=lambda h: _gemma3_config(h), packed=False, sub_norms=None, lm_head=False, tokenizer="gemma-bpe",
+        head_dim_key=True, special_tokens=("<bos>", "<eos>"), qk_norm=True, proj_norms=True, prefix="",
+        pooling="pooling_mode_lasttoken", gemma_norms=True,
+        defaults=dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=32768, dtype="bf16",
+                      tokenizer_vocab=400)),
     "bonsai": Family(
         config=_qwen3_config, packed=False, sub_norms=None, lm_head=True, tokenizer="bpe", head_dim_key=True,
         special_tokens=("<|begin_of_text|>", "<|end_of_text|>"), grouped=True, qk_norm=True,
@@ -496,12 +549,13 @@ def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0) -> list
         if family.grouped:
             return [(name, (out_dim, in_dim), f"grouped:{group_size}", h.dtype)]
         if not family.packed:
-            return [(name, (out_dim, in_dim), PROJECTION_ROLES[proj], h.dtype)]
+            norm = [(p + proj + ".norm.weight", (in_dim,), "norm", h.dtype)] if family.proj_norms else []
+            return [(name, (out_dim, in_dim), PROJECTION_ROLES[proj], h.dtype)] + norm
         return [(name, (out_dim // 4, in_dim), "packed", "u8"), (name + "_scale", (1,), "weight_scale", h.dtype)]
 
-    specs = [("model.embed_tokens.weight", (h.vocab_size, h.hidden_size), "embedding", h.dtype)]
+    specs = [(family.prefix + "embed_tokens.weight", (h.vocab_size, h.hidden_size), "embedding", h.dtype)]
     for i in range(h.num_layers):
-        p = f"model.layers.{i}."
+        p = f"{family.prefix}layers.{i}."
         specs.append((p + "input_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
         for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"):
             specs += projection(p, proj)
@@ -511,11 +565,15 @@ def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0) -> list
         if attn_sub:
             specs.append((p + attn_sub + ".weight", (q_dim,), "norm", h.dtype))
         specs.append((p + "post_attention_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
+        if family.gemma_norms:
+            specs.append((p + "pre_feedforward_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
         for proj in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
             specs += projection(p, proj)
+        if family.gemma_norms:
+            specs.append((p + "post_feedforward_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
         if ffn_sub:
             specs.append((p + ffn_sub + ".weight", (h.intermediate_size,), "norm", h.dtype))
-    specs.append(("model.norm.weight", (h.hidden_size,), "norm", h.dtype))
+    specs.append((family.prefix + "norm.weight", (h.hidden_size,), "norm", h.dtype))
     if family.lm_head:
         specs.append(("lm_head.weight", (h.vocab_size, h.hidden_size), "head", h.dtype))
     return specs
@@ -653,6 +711,17 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json(out / "model.safetensors.index.json", index)
 
+    if fam.pooling:  # sentence-transformers: the transformer, then the pooling module
+        _write_json(out / "modules.json", [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+        (out / "1_Pooling").mkdir(exist_ok=True)
+        modes = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+                 "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+        _write_json(out / "1_Pooling" / "config.json",
+                    {"word_embedding_dimension": hidden_size, **{m: m == fam.pooling for m in modes},
+                     "include_prompt": True})
     config = fam.config(hp)
     if added:
         config["pad_token_id"] = added["pad_token_id"]
@@ -852,7 +921,8 @@ def _bpe_tokenizer(out: Path, family: Family, vocab_size: int, seed: int,
 
     for stale in ("tokenizer.model", "special_tokens_map.json", "added_tokens.json"):
         (out / stale).unlink(missing_ok=True)
-    train_bpe_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    train_bpe_tokenizer(out, vocab_size=vocab_size, seed=seed, **({"specials": family.specials}
+                                                                   if family.specials else {}))
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     bos, eos = family.special_tokens
     ids = tok.token_to_id(bos), tok.token_to_id(eos)
@@ -865,7 +935,20 @@ def _bpe_tokenizer(out: Path, family: Family, vocab_size: int, seed: int,
     return tok.get_vocab_size(with_added_tokens=True), ids
 
 
-TOKENIZERS = {"sentencepiece": _sentencepiece_tokenizer, "bpe": _bpe_tokenizer}
+def _gemma_tokenizer(out: Path, family: Family, vocab_size: int, seed: int,
+                     max_length: int) -> tuple[int, tuple[int, int]]:
+    """Gemma-style tokenizer.json (tests/bpe_tokenizer.py); returns (token count, (bos id, eos id))."""
+    from tests.bpe_tokenizer import train_gemma_style_tokenizer
+
+    for stale in ("tokenizer.model", "special_tokens_map.json", "added_tokens.json"):
+        (out / stale).unlink(missing_ok=True)
+    path = train_gemma_style_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    ids = {t["content"]: t["id"] for t in data["added_tokens"]}
+    return max(ids.values()) + 1, (ids["<bos>"], ids["<eos>"])
+
+
+TOKENIZERS = {"sentencepiece": _sentencepiece_tokenizer, "bpe": _bpe_tokenizer, "gemma-bpe": _gemma_tokenizer}
 
 
 # -- command line ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import convert
+from tests.conftest import convert, run_cli
 from tests.synthetic import write_checkpoint
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=2)
@@ -174,3 +174,146 @@ def test_one_scale_per_tensor_takes_every_type(tmp_path):
     for out_type, values in decoded.items():
         np.testing.assert_array_equal(values, decoded["q2_0"], err_msg=out_type)
     assert len(np.unique(np.abs(decoded["q2_0"][decoded["q2_0"] != 0]))) == 1
+
+
+# -- --allow-requantize: a type whose blocks are bigger than the groups ---------------------------
+
+PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+HF_PROJECTIONS = dict(attn_q="self_attn.q_proj", attn_k="self_attn.k_proj", attn_v="self_attn.v_proj",
+                      attn_output="self_attn.o_proj", ffn_gate="mlp.gate_proj", ffn_up="mlp.up_proj",
+                      ffn_down="mlp.down_proj")
+
+
+def printed_rms_change(warning: str) -> float:
+    """The relative RMS change the warning prints, as a fraction."""
+    import re
+
+    return float(re.search(r"relative RMS change of its effective weights ([0-9.]+)%", warning).group(1)) / 100
+
+
+def rms_change(new: np.ndarray, old: np.ndarray) -> float:
+    old = old.astype(np.float64)
+    return float(np.sqrt(((new.astype(np.float64) - old) ** 2).sum() / (old ** 2).sum()))
+
+
+def tensor_bytes(path, name) -> tuple[np.ndarray, tuple]:
+    from pipeline.gguf_file import read_gguf
+
+    t = next(t for t in read_gguf(path).tensors if t.name == name)
+    return np.frombuffer(path.read_bytes()[t.offset:t.offset + t.nbytes], np.uint8), tuple(t.shape)
+
+
+@pytest.fixture
+def tie_model(tmp_path):
+    """Groups of 128 (the Bonsai layout), and in ffn_up row 0 a block of 256 whose second group's
+    scale is exactly half the first's (the rounding tie: gguf's roundf keeps it as +-d)."""
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE)
+
+    def tie(w):
+        w[0, :128] = np.where(w[0, :128] != 0, np.sign(w[0, :128]) * np.float16(0.04), 0)
+        w[0, 128:256] = np.where(w[0, 128:256] != 0, np.sign(w[0, 128:256]) * np.float16(0.02), 0)
+        return w
+    edit_tensor(model, "model.layers.0.mlp.up_proj.weight", tie)
+    return model
+
+
+@pytest.mark.parametrize("out_type", ["tq2_0", "tq1_0"])
+def test_allow_requantize_writes_gguf_quants_of_the_effective_weights(tie_model, tmp_path, out_type):
+    """Every projection's bytes are gguf.quants.quantize of the checkpoint's values (the effective
+    weights: codes times their group's scale); one warning per tensor names it and what was lost;
+    verify knows the file is requantized and checks it against gguf's quantizer."""
+    import gguf
+
+    from tests.reference_model import load_checkpoint
+
+    out = tmp_path / f"{out_type}.gguf"
+    proc = convert(tie_model, out, "--type", out_type, "--allow-requantize")
+    _, tensors = load_checkpoint(tie_model)
+    qtype = gguf.GGMLQuantizationType[out_type.upper()]
+    for short in PROJECTIONS:
+        name = f"blk.0.{short}.weight"
+        raw, shape = tensor_bytes(out, name)
+        w = tensors[f"model.layers.0.{HF_PROJECTIONS[short]}.weight"].astype(np.float32)
+        np.testing.assert_array_equal(raw.reshape(shape[0], -1), gguf.quants.quantize(w, qtype), err_msg=name)
+        warnings = [line for line in proc.stderr.splitlines() if f"warning: {name}: requantized" in line]
+        assert len(warnings) == 1, proc.stderr
+        assert f"to {out_type.upper()} (--allow-requantize)" in warnings[0]
+        assert "blocks of 256 values had several scales; each now has one" in warnings[0]
+        assert "became 0" in warnings[0] and "grew by up to" in warnings[0]
+        # the RMS change it prints is the one between gguf's dequantization of the file and the checkpoint
+        values = gguf.quants.dequantize(raw.reshape(shape[0], -1), qtype)
+        assert abs(printed_rms_change(warnings[0]) - rms_change(values, w)) <= 1e-6, (warnings[0], rms_change(values, w))
+    # the tie survived as +-d: roundf(0.5) = 1
+    raw, shape = tensor_bytes(out, "blk.0.ffn_up.weight")
+    values = gguf.quants.dequantize(raw.reshape(shape[0], -1), qtype)
+    w = tensors["model.layers.0.mlp.up_proj.weight"]
+    assert (np.abs(values[0, :256][w[0, :256] != 0]) == np.float32(np.float16(0.04))).all()
+    ok = run_cli("verify", out, tie_model)
+    assert "blk.0.ffn_up.weight: ok (requantized to " + out_type.upper() in ok.stderr + ok.stdout
+    assert "gguf.quants' quantizer" in ok.stderr + ok.stdout
+
+
+def test_allow_requantize_to_i2_s_is_bitnet_cpps_quantizer(tie_model, tmp_path):
+    """I2_S keeps one float32 scale per tensor: bitnet.cpp's quantize_i2_s makes it max |w| and
+    every non-zero value its sign (decoded with the FORMATS.md reader of the tests)."""
+    from tests.reference_model import load_checkpoint
+    from tests.test_families import decode_i2s_reference
+
+    out = tmp_path / "i2s.gguf"
+    proc = convert(tie_model, out, "--type", "i2_s", "--target", "x86", "--allow-requantize")
+    _, tensors = load_checkpoint(tie_model)
+    for short in PROJECTIONS:
+        name = f"blk.0.{short}.weight"
+        raw, shape = tensor_bytes(out, name)
+        values, scale, _ = decode_i2s_reference(raw.tobytes(), shape)
+        w = tensors[f"model.layers.0.{HF_PROJECTIONS[short]}.weight"].astype(np.float32)
+        assert scale == np.abs(w).max(), name
+        np.testing.assert_array_equal(values, np.sign(w) * scale, err_msg=name)
+        warnings = [line for line in proc.stderr.splitlines() if f"warning: {name}: requantized to I2_S" in line]
+        assert len(warnings) == 1 and "different scales" in warnings[0] and "become one" in warnings[0], proc.stderr
+        assert abs(printed_rms_change(warnings[0]) - rms_change(values, w)) <= 1e-6, (warnings[0], rms_change(values, w))
+    ok = run_cli("verify", out, tie_model)
+    assert "quantize_i2_s" in ok.stderr + ok.stdout
+
+
+def test_without_the_option_a_requantizing_type_is_refused_and_a_rerun_redoes_only_pack(tmp_path, out):
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE)
+    refused(model, out, "--type tq2_0", "changes inside a block of 256 values", "--allow-requantize",
+            extra=("--type", "tq2_0"), in_data=True)
+    done = convert(model, out, "--type", "tq2_0", "--allow-requantize")
+    assert "extract: already done, skipped" in done.stderr and "quantize: already done, skipped" in done.stderr
+    again = convert(model, out, "--type", "tq2_0", "--allow-requantize")
+    assert "pack: already done, skipped" in again.stderr and "requantized" not in again.stderr
+    before = out.read_bytes()
+    proc = convert(model, out, "--type", "tq2_0", check_exit=2)
+    assert "pack: --allow-requantize (True -> False) changed since it was done" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("bitnet-gguf: error: tensor ")
+    assert out.read_bytes() == before  # the refusal wrote nothing over the earlier file
+
+
+def test_the_option_is_a_pack_input_only_for_group_scaled_checkpoints(tmp_path):
+    from pipeline.checkpoint import open_checkpoint
+    from pipeline.config import make_options
+    from pipeline.runner import stage_keys
+
+    for family, differs in (("bonsai", True), ("1bitllm", False)):
+        model = write_checkpoint(tmp_path / family, family, **SHAPE)
+        ckpt = open_checkpoint(model)
+        keys = [stage_keys(make_options(model, output=tmp_path / "o.gguf", allow_requantize=flag), ckpt)
+                for flag in (False, True)]
+        assert keys[0]["quantize"] == keys[1]["quantize"]
+        assert (keys[0]["pack"] != keys[1]["pack"]) == differs, family
+
+
+def test_plan_and_help_show_the_option(tmp_path):
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE)
+    without = run_cli("plan", model, "--type", "tq2_0").stdout
+    with_it = run_cli("plan", model, "--type", "tq2_0", "--allow-requantize").stdout
+    line = next(l for l in without.splitlines() if l.startswith("blk.0.ffn_up.weight"))
+    assert "refused if its scale changes inside a block of 256 values (unless --allow-requantize)" in line
+    line = next(l for l in with_it.splitlines() if l.startswith("blk.0.ffn_up.weight"))
+    assert "requantized (lossy) if its scale changes inside a block of 256 values" in line
+    q2 = run_cli("plan", model, "--type", "q2_0").stdout
+    assert "requantiz" not in q2 and "refused if" not in q2
+    text = " ".join(run_cli("convert", "--help").stdout.split())
+    assert "--allow-requantize" in text and "requantized to --type by the type's own quantizer" in text

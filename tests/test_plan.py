@@ -108,10 +108,10 @@ def test_the_stages_follow_the_plan(tmp_path, monkeypatch):
 
     decided = pipeline.plan.tensor_type
 
-    def with_one_f16(role, shape, out_type, embedding_type, name=""):
+    def with_one_f16(role, shape, out_type, embedding_type, name="", *rest):
         if name == "blk.1.attn_v.weight":
             return pipeline.plan.OUTPUT_TYPES["f16"], "kept F16 by this test's plan"
-        return decided(role, shape, out_type, embedding_type, name)
+        return decided(role, shape, out_type, embedding_type, name, *rest)
 
     monkeypatch.setattr(pipeline.plan, "tensor_type", with_one_f16)
     model = write_checkpoint(tmp_path / "model", "1bitllm", num_layers=2, hidden_size=256, intermediate_size=512)
