@@ -78,8 +78,8 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
                             writer.copy_tensor_data(i, path, 0, nbytes)
                         elif len(regions) == 1:
                             writer.write_tensor_data(i, np.ascontiguousarray(arr[r0:r1]))
-                        else:
-                            writer.write_tensor_data(i, np.ascontiguousarray(arr[r0:r1, c0:c1]))
+                        else:  # TL2's regions: the chunk read directly (read_rows), not through zarr's slicing
+                            writer.write_tensor_data(i, np.ascontiguousarray(read_rows(arr, r0, r1)[:, c0:c1]))
                         bar.update(nbytes)
                 tail = out.tail_bytes(info.shape, arr.attrs.get("scale"), tiles)
                 if tail:
