@@ -199,13 +199,19 @@ def looks_special(text: str) -> bool:
 
 def _add_spm(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str | None) -> None:
     tokens, scores, types = sentencepiece_vocab(model_dir, vocab_size)
+    _add_spm_tables(writer, model_dir, vocab_size, tokens, scores, types)
+    gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def _add_spm_tables(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, tokens: list, scores: list,
+                    types: list) -> None:
+    """A SentencePiece ("llama") token table, from a tokenizer.model or a tokenizer.json alike."""
     check_special_ids(model_dir, vocab_size)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
 def sentencepiece_vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
@@ -582,12 +588,7 @@ def _add_bpe_json_as_spm(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: i
         else:
             types.append(gguf.TokenType.NORMAL), scores.append(scores_by_token.get(text, 0.0))
         tokens.append(text)
-    check_special_ids(model_dir, vocab_size)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
+    _add_spm_tables(writer, model_dir, vocab_size, tokens, scores, types)
     writer.add_add_space_prefix(False)
     gguf.SpecialVocab(model_dir, load_merges=False).add_to_gguf(writer, quiet=True)
 
