@@ -91,17 +91,17 @@ def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
 
 
 # -- requantizing group-scaled tensors (--allow-requantize) ------------------------------------
-# A group-scaled projection keeps one scale per 64 values (quantize.zarr's block_scales). A type
+# A group-scaled projection keeps one scale per 64 values (quantize.zarr's block_scales; per 32
+# where the data's scale changes that often: per_scale below is the values per block scale). A type
 # with bigger blocks holds it losslessly only where the scale is constant over each of its blocks;
 # otherwise the conversion is refused, or with --allow-requantize the effective weights (codes
 # times their block's scale) are quantized to the type by its own reference quantizer:
-# - TQ2_0 / TQ1_0 (one fp16 d per 256 values): gguf.quants' quantize_blocks, d = max|x| of the
-#   block, q = roundf(x * (1 / d)) in float32 (llama.cpp's quantize_row_tq2_0_ref does the same);
+# - TQ2_0 / TQ1_0 (one fp16 d per 256 values) and Q2_0 (per 64): gguf.quants' quantize_blocks /
+#   llama.cpp's quantize_row_q2_0_ref, d = max|x| of the block, q = roundf(x * (1 / d)) in float32;
 #   so a value keeps its code where its scale is at least half the block's largest, else becomes 0,
 #   and every value of the block is then +-d or 0;
 # - I2_S (and TL1/TL2: one float32 scale per tensor): bitnet.cpp's quantize_i2_s
 #   (src/ggml-bitnet-mad.cpp), scale = max|x| of the tensor, code = sign(x) where |x| >= 1e-6.
-REQUANTIZE_BLOCK = 64      # values per block scale of a group-scaled tensor (Q2_0's block)
 I2S_ZERO_BELOW = 1e-6      # quantize_i2_s: |x| below this is code 0
 
 
@@ -111,11 +111,12 @@ def _roundf(a: np.ndarray) -> np.ndarray:
     return floored + np.floor(2 * (a - floored))
 
 
-def requantize_per_block(block_scales: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(keep, d): for every 64-value block, 1 where its codes survive requantization to a type of
-    `block_size`-value blocks and 0 where they become 0; every type block's new scale d (float32)."""
+def requantize_per_block(block_scales: np.ndarray, block_size: int, per_scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, d): for every block of `per_scale` values (one block scale), 1 where its codes survive
+    requantization to a type of `block_size`-value blocks and 0 where they become 0; every type
+    block's new scale d (float32)."""
     rows = block_scales.shape[0]
-    s = np.asarray(block_scales, dtype=np.float32).reshape(rows, -1, block_size // REQUANTIZE_BLOCK)
+    s = np.asarray(block_scales, dtype=np.float32).reshape(rows, -1, block_size // per_scale)
     d = s.max(axis=2, keepdims=True)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
@@ -127,11 +128,12 @@ def requantized_codes(codes: np.ndarray, block_scales: np.ndarray, codec) -> tup
     """(int8 codes, one scale per block of the type or None) of rows of a group-scaled tensor
     requantized to `codec` (the tensor scale of a type with one per tensor is `requantized_scale`)."""
     block_scales = np.asarray(block_scales, dtype=np.float32)
+    per_scale = codes.shape[1] // block_scales.shape[1]
     if codec.tail_size():  # one scale per tensor: codes are the signs of values >= 1e-6
         keep = (block_scales.astype(np.float64) >= I2S_ZERO_BELOW).astype(np.int8)
-        return codes * np.repeat(keep, REQUANTIZE_BLOCK, axis=1), None
-    keep, d = requantize_per_block(block_scales, codec.block_size)
-    return codes * np.repeat(keep, REQUANTIZE_BLOCK, axis=1), d
+        return codes * np.repeat(keep, per_scale, axis=1), None
+    keep, d = requantize_per_block(block_scales, codec.block_size, per_scale)
+    return codes * np.repeat(keep, per_scale, axis=1), d
 
 
 def requantized_scale(block_scales: np.ndarray) -> float:
@@ -139,29 +141,29 @@ def requantized_scale(block_scales: np.ndarray) -> float:
     return float(np.float32(np.max(block_scales, initial=0.0)))
 
 
-def requantize_rms_change(block_scales: np.ndarray, nonzero: np.ndarray, codec) -> float:
+def requantize_rms_change(block_scales: np.ndarray, nonzero: np.ndarray, codec, per_scale: int) -> float:
     """Relative RMS change of the effective weights, sqrt(sum (w' - w)^2 / sum w^2), from the block
-    scales and the number of non-zero codes of every 64-value block (every value of a block is
-    +-its scale before, +-its new magnitude after)."""
+    scales and the number of non-zero codes of every block of `per_scale` values (every value of a
+    block is +-its scale before, +-its new magnitude after)."""
     s = np.asarray(block_scales, dtype=np.float64)
     if codec.tail_size():
         new = np.where(s >= I2S_ZERO_BELOW, requantized_scale(block_scales), 0.0)
     else:
-        keep, d = requantize_per_block(block_scales, codec.block_size)
-        new = keep * np.repeat(d.astype(np.float64), codec.block_size // REQUANTIZE_BLOCK, axis=1)
+        keep, d = requantize_per_block(block_scales, codec.block_size, per_scale)
+        new = keep * np.repeat(d.astype(np.float64), codec.block_size // per_scale, axis=1)
     n = np.asarray(nonzero, dtype=np.float64)
     total = float((n * s * s).sum())
     return math.sqrt(float((n * (new - s) ** 2).sum()) / total) if total else 0.0
 
 
-def requantize_summary(block_scales: np.ndarray, codec, nonzero: np.ndarray) -> str:
-    """What requantizing a group-scaled tensor to `codec` loses, from its block scales and the count
-    of non-zero codes of every 64-value block."""
-    rms = f"; relative RMS change of its effective weights {requantize_rms_change(block_scales, nonzero, codec):.4%}"
-    return _requantize_changes(block_scales, codec) + rms
+def requantize_summary(block_scales: np.ndarray, codec, nonzero: np.ndarray, per_scale: int) -> str:
+    """What requantizing a group-scaled tensor to `codec` loses, from its block scales (one per
+    `per_scale` values) and the count of non-zero codes of every such block."""
+    change = requantize_rms_change(block_scales, nonzero, codec, per_scale)
+    return _requantize_changes(block_scales, codec, per_scale) + f"; relative RMS change of its effective weights {change:.4%}"
 
 
-def _requantize_changes(block_scales: np.ndarray, codec) -> str:
+def _requantize_changes(block_scales: np.ndarray, codec, per_scale: int) -> str:
     scales = np.asarray(block_scales, dtype=np.float32)
     if codec.tail_size():
         nonzero = np.unique(scales[scales > 0])
@@ -172,16 +174,16 @@ def _requantize_changes(block_scales: np.ndarray, codec) -> str:
                 f"{codec.name} quantizer: max |w|), so its values grow by up to {(top / low - 1) * 100:.3g}%"
                 + (f"; {small} scale(s) under 1e-6 become 0" if small else ""))
     rows = scales.shape[0]
-    keep, d = requantize_per_block(scales, codec.block_size)
-    per = codec.block_size // REQUANTIZE_BLOCK
+    keep, d = requantize_per_block(scales, codec.block_size, per_scale)
+    per = codec.block_size // per_scale
     s = scales.reshape(rows, -1, per)
     several = ((s != d[..., None]) & (s > 0)).any(axis=2)
     dropped = int(((keep == 0) & (scales > 0)).sum())
     kept = (keep.reshape(s.shape) > 0) & (s > 0)
     growth = (float(np.where(kept, d[..., None] / np.where(kept, s, 1), 1).max(initial=1.0)) - 1) * 100
     return (f"{int(several.sum())} of {several.size} blocks of {codec.block_size} values had several scales; each "
-            f"now has one, its largest (gguf's {codec.name} quantizer: d = max |w|): the values of {dropped} of "
-            f"{int((scales > 0).sum())} blocks of 64 were under half of it and became 0, the others grew by up to "
+            f"now has one, its largest ({codec.name}'s reference quantizer: d = max |w|): the values of {dropped} of "
+            f"{int((scales > 0).sum())} blocks of {per_scale} were under half of it and became 0, the others grew by up to "
             f"{growth:.3g}%")
 
 
@@ -442,10 +444,10 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
 
 
 def requantize_note(opts: Options, t, out) -> str | None:
-    """A group-scaled projection of a type whose blocks are bigger than 64 values: what the
-    conversion does if the data's scale changes inside one (the data decides, in pack)."""
+    """A group-scaled projection: what the conversion does if the data's scale changes inside one
+    of the type's blocks (Q2_0: if it changes every 32 values; the data decides, in pack)."""
     codec = out.codec
-    if t.role != TERNARY or t.recipe.weights != GROUPED or not codec.ternary or codec.block_size == REQUANTIZE_BLOCK:
+    if t.role != TERNARY or t.recipe.weights != GROUPED or not codec.ternary:
         return None
     where = "the tensor" if codec.tail_size() else f"a block of {codec.block_size} values"
     if opts.allow_requantize:

@@ -38,7 +38,7 @@ from pipeline.safetensors_io import as_float32, pread_exact
 from pipeline.stores import row_ranges
 from pipeline.plan import I2S_ZERO_BELOW, TARGET_KEY, TILES_KEY, code_layout, file_kvs, requantized_scale, ternary_scale
 from stages.pack import block_scale_problem, encode_block
-from stages.quantize import code_rows, group_scales, row_abs_sums
+from stages.quantize import code_rows, group_scales, row_abs_sums, values_per_scale
 
 _PART = re.compile(r"(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf")
 
@@ -215,8 +215,9 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
                 return f"the checkpoint's values are not ternary in row {r0 + bad[0]}"
             mags.append(m)
         mags = np.concatenate(mags)
-        scale, blocks = group_scales(mags, planned.hf_name)
-        if blocks is not None and out.codec.ternary and block_scale_problem(blocks, out):
+        scale, blocks = group_scales(mags)
+        if blocks is not None and out.codec.ternary and \
+                block_scale_problem(blocks, out, values_per_scale(blocks, planned.shape[-1])):
             # only --allow-requantize writes this: the type's own quantizer of the effective weights
             requantized = RequantizedReference(planned, src, out, float(mags.max(initial=0.0)))
             if out.codec.tail_size():
@@ -224,6 +225,8 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
             if notes is not None:
                 notes.append(f"requantized to {out.codec.name}: checked against "
                              + ("gguf.quants' quantizer of the checkpoint's values" if requantized.qtype is not None
+                                else "llama.cpp's quantize_row_q2_0_ref of the checkpoint's values"
+                                if out.name == "q2_0"
                                 else "bitnet.cpp's quantize_i2_s of the checkpoint's values" if decodable(out)
                                 else "the converter's requantization (bytes only)"))
     elif planned.role == TERNARY:
@@ -252,7 +255,7 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
     # the values, independently, for the types whose rows are whole and that can be decoded here
     # (group-scaled tensors: their bytes only, against the per-block scales recomputed above)
     reference = EffectiveWeights(planned, src, total_abs) \
-        if len(regions) == 1 and decodable(out) and blocks is None else None
+        if len(regions) == 1 and decodable(out) and requantized is None else None
     for r0, r1 in ranges:
         if planned.role == TERNARY:
             block = code_rows(src.read_rows, r0, r1, recipe, planned.shape, src.dtype, absmean)
@@ -288,6 +291,7 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
 # relative error a type may add to a value (of the scale, for ternary values): half an ulp of
 # its float, and a little more for the float32 steps of the reference converters
 VALUE_PRECISION = {"F32": 0.0, "F16": 2.0 ** -10, "BF16": 2.0 ** -7, "TQ1_0": 2.0 ** -10, "TQ2_0": 2.0 ** -10,
+                   "Q2_0": 2.0 ** -10,
                    "I2_S": 2.0 ** -20}
 SUBNORMAL_HALF_STEP = {"F16": 2.0 ** -25, "BF16": 2.0 ** -134}
 TIE_WIDTH = 1e-5  # |W| / absmean this close to 0.5 may round either way (float32 vs float64)
@@ -301,7 +305,7 @@ class EffectiveWeights:
         """`total_abs`: the sum of |W| over a master-weight tensor (float64)."""
         self.planned, self.src, self.recipe = planned, src, planned.recipe
         self.absmean = self.scale = None
-        if planned.role == TERNARY:
+        if planned.role == TERNARY and self.recipe.weights != GROUPED:  # group-scaled: the checkpoint's values
             if self.recipe.scale_rule == "absmean":
                 self.absmean = max(total_abs / math.prod(planned.shape), 1e-5)  # BitNet b1.58: mean |W|, floor 1e-5
                 self.scale = self.absmean
@@ -358,7 +362,7 @@ class EffectiveWeights:
 
     def _compare(self, out, values: np.ndarray, a: int, b: int) -> str | None:
         name = out.codec.name
-        if self.planned.role == TERNARY:
+        if self.planned.role == TERNARY and self.recipe.weights != GROUPED:
             codes, alternative = self._codes(self._hf_rows(a, b))
             scale = self.scale
             if name in ("F32", "F16", "BF16", "Q8_0") and self.src.dtype == "F16":
@@ -372,7 +376,9 @@ class EffectiveWeights:
                 tol = abs(self.scale) * max(VALUE_PRECISION[name], 2.0 ** -23)
             what = f"scale {self.scale:.6g}"
         else:
-            want = self._source(a, b) + self.recipe.offset  # Gemma3's norms: 1 + w
+            hf_rows = self._hf_rows(a, b)  # a group-scaled projection's values are the checkpoint's
+            want = self._source(int(hf_rows.min()), int(hf_rows.max()) + 1)[hf_rows - hf_rows.min()] \
+                + self.recipe.offset  # Gemma3's norms: 1 + w
             err = np.abs(values - want)
             if name == "Q8_0":  # a block of 32 stores round(x / d), d = fp16(max|x| / 127) (for a block of
                 # tiny values a subnormal fp16, as gguf's quantizer and llama.cpp write it: 127 half-steps of 2^-24)
@@ -393,8 +399,9 @@ class EffectiveWeights:
 class RequantizedReference:
     """A group-scaled tensor requantized to a type that cannot hold its scales (--allow-requantize),
     checked independently of pipeline/plan.py's rule: TQ2_0 / TQ1_0 bytes must be what gguf.quants'
-    quantizer makes of the checkpoint's values; x86 I2_S values must be bitnet.cpp's quantize_i2_s
-    of them (scale max |w| over the tensor, code sign(w) where |w| >= 1e-6)."""
+    quantizer makes of the checkpoint's values, Q2_0 bytes what llama.cpp's quantize_row_q2_0_ref
+    makes of them (`q2_0_reference`); x86 I2_S values must be bitnet.cpp's quantize_i2_s of them
+    (scale max |w| over the tensor, code sign(w) where |w| >= 1e-6)."""
 
     def __init__(self, planned, src, out, largest: float):
         from gguf import GGMLQuantizationType
@@ -408,8 +415,8 @@ class RequantizedReference:
         from gguf.quants import quantize
 
         values = source_values(self.src.read_rows(r0, r1), self.src.dtype).astype(np.float32)
-        if self.qtype is not None:
-            want = quantize(values, self.qtype).reshape(got.shape)
+        if self.qtype is not None or self.out.name == "q2_0":
+            want = (quantize(values, self.qtype) if self.qtype is not None else q2_0_reference(values)).reshape(got.shape)
             if not np.array_equal(want, got):
                 return f"rows {r0}..{r1} are not gguf's {self.out.codec.name} quantization of the checkpoint's values"
             return None
@@ -423,6 +430,22 @@ class RequantizedReference:
         return None
 
 
+def q2_0_reference(values: np.ndarray) -> np.ndarray:
+    """Q2_0 bytes of float32 rows, as llama.cpp's quantize_row_q2_0_ref (ggml-quants.c of the
+    llama-cpp-python sdist) writes them: per 64 values d = max |x| (fp16 first), q = roundf(x / d)
+    + 1 clamped to 0..3 (x times 1 / d in float32), value j in bits 2 (j % 4) of byte j / 4."""
+    from gguf.quants import np_roundf
+
+    x = np.asarray(values, dtype=np.float32).reshape(-1, 64)
+    d = np.abs(x).max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.clip(np_roundf(x * inv).astype(np.int32) + 1, 0, 3).astype(np.uint8).reshape(-1, 16, 4)
+    qs = (q << np.array([0, 2, 4, 6], np.uint8)).sum(axis=2, dtype=np.uint8)
+    blocks = np.concatenate([d.astype("<f2").view(np.uint8), qs], axis=1)
+    return blocks.reshape(*np.shape(values)[:-1], -1)
+
+
 def source_values(block: np.ndarray, dtype: str) -> np.ndarray:
     """float64 values of checkpoint rows in their source representation (bf16 is the top half of a float32)."""
     if dtype == "BF16":
@@ -430,11 +453,11 @@ def source_values(block: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(block).astype(np.float64)
 
 
-VALUE_DECODED = ("tq1_0", "tq2_0", "i2_s", "f16", "bf16", "f32", "q8_0")
+VALUE_DECODED = ("tq1_0", "tq2_0", "i2_s", "q2_0", "f16", "bf16", "f32", "q8_0")
 
 
 def decodable(out) -> bool:
-    """Whether `decode_values` reads this type (gguf's types and x86 I2_S; the ARM I2_S and TL
+    """Whether `decode_values` reads this type (gguf's types, x86 I2_S and Q2_0; the ARM I2_S and TL
     layouts are checked by their bytes only)."""
     return out.name in VALUE_DECODED
 
@@ -442,8 +465,16 @@ def decodable(out) -> bool:
 def decode_values(out, data: np.ndarray, tail_scale: float | None) -> np.ndarray:
     """float64 values of a tensor's bytes (rows of them): gguf's reference dequantizer; I2_S (which
     gguf does not know) from its format: 2-bit fields q[b], q[32+b], q[64+b], q[96+b] of each
-    128-value block in bits 7:6, 5:4, 3:2, 1:0 of byte b, code q - 1, times the float32 tail scale."""
+    128-value block in bits 7:6, 5:4, 3:2, 1:0 of byte b, code q - 1, times the float32 tail scale;
+    Q2_0 (which gguf does not decode) from FORMATS.md: per 18 bytes an fp16 d, then value j in bits
+    2 (j % 4) of byte j / 4, (q - 1) d."""
     data = np.ascontiguousarray(data, dtype=np.uint8)
+    if out.name == "q2_0":
+        blocks = data.reshape(-1, 18)
+        d = blocks[:, :2].copy().view("<f2").astype(np.float64)
+        q = (blocks[:, 2:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3
+        values = (q.reshape(-1, 64).astype(np.float64) - 1) * d
+        return values.reshape(*data.shape[:-1], -1) if data.ndim > 1 else values.reshape(-1)
     if out.name == "i2_s":
         rows = data.reshape(-1, data.shape[-1])
         fields = (rows.reshape(rows.shape[0], -1, 1, 32) >> np.array([6, 4, 2, 0], np.uint8).reshape(4, 1)) & 3

@@ -17,8 +17,9 @@ Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, a B
 embedding with --embedding-type bf16) are not copied: their arrays index the checkpoint's
 bytes, which assemble copies into the GGUF (or hard-link the previous store's chunk files).
 
-A group-scaled tensor (quantize.zarr's block scales, one per 64 values) is written with one scale
-per block of the type where the scale is constant over each; otherwise it is refused, or with
+A group-scaled tensor (quantize.zarr's block scales, one per 64 values, or per 32 where the data
+changes that often) is written with one scale per block of the type where the scale is constant
+over each; otherwise it is refused, or with
 --allow-requantize its effective weights are requantized by the type's own quantizer
 (pipeline/plan.py), with a warning saying what changed.
 
@@ -41,39 +42,40 @@ from pipeline.stores import (ENCODED_FROM, array_path, copy_ref, ensure_array, i
                              open_store, read_rows, row_ranges, write_rows, written_chunks)
 from pipeline.plan import (LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale, encoded_in_assemble, requantize_summary,
                            requantized_codes, requantized_scale)
-from stages.quantize import BLOCK_SCALES_SUFFIX, SCALE_BLOCK, link_task
+from stages.quantize import BLOCK_SCALES_SUFFIX, link_task, values_per_scale
 
 
-def scales_per_type_block(block_scales: np.ndarray, block_size: int) -> np.ndarray:
-    """One scale per block of an output type from one per 64 values (group-scaled tensors; the
-    scale is known to be constant over each of the type's blocks, zeros aside)."""
+def scales_per_type_block(block_scales: np.ndarray, block_size: int, per_scale: int) -> np.ndarray:
+    """One scale per block of an output type from one per `per_scale` values (group-scaled tensors;
+    the scale is known to be constant over each of the type's blocks, zeros aside)."""
     rows = block_scales.shape[0]
-    return block_scales.reshape(rows, -1, block_size // SCALE_BLOCK).max(axis=2)
+    return block_scales.reshape(rows, -1, block_size // per_scale).max(axis=2)
 
 
-def nonzero_per_block(ctx: StageContext, name: str, shape: tuple[int, int]) -> np.ndarray:
-    """Non-zero codes of every 64-value block of a quantize.zarr ternary array (uint8, rows x cols / 64),
-    read chunk by chunk: what the requantization warning weighs each block's change with."""
+def nonzero_per_block(ctx: StageContext, name: str, shape: tuple[int, int], per_scale: int) -> np.ndarray:
+    """Non-zero codes of every block of `per_scale` values (one block scale each) of a quantize.zarr
+    ternary array (uint8, rows x cols / per_scale), read chunk by chunk: what the requantization
+    warning weighs each block's change with."""
     arr = open_array(array_path(ctx.input, name), "r")
     layout = arr.attrs.get("code_layout", LAYOUT_INT8)
     counts = []
     for r0, r1 in row_ranges(shape[0], ctx.budget.rows_per_chunk(shape)):
         block = read_rows(arr, r0, r1)
         codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
-        counts.append((codes != 0).reshape(r1 - r0, -1, SCALE_BLOCK).sum(axis=2).astype(np.uint8))
-    return np.concatenate(counts) if counts else np.zeros((0, shape[1] // SCALE_BLOCK), np.uint8)
+        counts.append((codes != 0).reshape(r1 - r0, -1, per_scale).sum(axis=2).astype(np.uint8))
+    return np.concatenate(counts) if counts else np.zeros((0, shape[1] // per_scale), np.uint8)
 
 
-def block_scale_problem(block_scales: np.ndarray, out) -> str | None:
-    """Why a group-scaled tensor (one scale per 64 values) cannot be `out` without requantizing,
-    or None: the type keeps one fp16 scale per block of block_size values (TQ, Q2_0; I2_S and
-    TL one per tensor, after their codes), so the scale must be constant over each block."""
+def block_scale_problem(block_scales: np.ndarray, out, per_scale: int) -> str | None:
+    """Why a group-scaled tensor (one scale per `per_scale` values) cannot be `out` without
+    requantizing, or None: the type keeps one fp16 scale per block of block_size values (TQ, Q2_0;
+    I2_S and TL one per tensor, after their codes), so the scale must be constant over each block."""
     codec = out.codec
-    if not codec.ternary:
-        return f"{codec.name} (the fallback for rows that are not whole blocks) is not taken for it"
-    if codec.block_size % SCALE_BLOCK or codec.tail_size():
+    if not codec.ternary:  # a float type of the effective weights (--type f16, or the fallback): their values
+        return None
+    if codec.block_size % per_scale or codec.tail_size():
         return f"{codec.name} keeps one scale per tensor"
-    per = out.block_size // SCALE_BLOCK
+    per = out.block_size // per_scale
     blocks = block_scales.reshape(block_scales.shape[0], -1, per)
     top = blocks.max(axis=2, keepdims=True)
     clash = ((blocks != top) & (blocks > 0)).any(axis=2)
@@ -81,7 +83,8 @@ def block_scale_problem(block_scales: np.ndarray, out) -> str | None:
         return None
     r, b = np.argwhere(clash)[0]
     return (f"its scale changes inside a block of {out.block_size} values (row {r}, columns "
-            f"{b * out.block_size}..{(b + 1) * out.block_size - 1}), and {out.codec.name} keeps one per block")
+            f"{b * out.block_size}..{(b + 1) * out.block_size - 1}), and {out.codec.name} keeps one scale per "
+            f"{out.block_size} values")
 
 
 def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None,
@@ -90,18 +93,21 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
     """The GGUF bytes of one row chunk: float values in their source representation
     (`source_dtype`), or ternary codes as quantize.zarr stores them (`layout`) with their scale
     (and, for TL1/TL2, the tensor's kernel tiles; for group-scaled tensors, `block_scales`: one
-    per 64 values of the chunk's rows, and `requantize` when the type cannot hold them: the
+    per 64 or 32 values of the chunk's rows, and `requantize` when the type cannot hold them: the
     effective weights quantized by the type's own rule, pipeline/plan.py; a type with one scale
     per tensor then takes `scale`). `codec_name` is an output type registry key."""
     codec = CODECS[codec_name]
     if block_scales is not None:
         codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
+        per_scale = values_per_scale(block_scales, codes.shape[1])
+        if not codec.ternary:  # the effective weights: each code times its block's scale
+            return codec.encode(codes * np.repeat(np.asarray(block_scales, dtype=np.float32), per_scale, axis=1))
         if requantize:
             codes, per_block = requantized_codes(codes, block_scales, codec)
             if per_block is not None:
                 return codec.encode(codes, per_block)
             return codec.encode(codes, np.float32(scale), tiles) if tiles else codec.encode(codes, np.float32(scale))
-        return codec.encode(codes, scales_per_type_block(np.asarray(block_scales), codec.block_size))
+        return codec.encode(codes, scales_per_type_block(np.asarray(block_scales), codec.block_size, per_scale))
     if scale is None and offset:  # a norm stored as w where the runtime multiplies by 1 + w (Gemma3)
         return codec.encode(as_float32(block, source_dtype) + np.float32(offset))
     if scale is None:
@@ -149,17 +155,25 @@ def run(ctx: StageContext) -> None:
         out, fallback = OUTPUT_TYPES[planned.out_type], planned.fallback
         scale = src.attrs.get("scale") if role == TERNARY else None
         block_scales, requantize = None, None
-        if role == TERNARY and scale is None:  # group-scaled, one scale per 64 values
+        if role == TERNARY and scale is None:  # group-scaled, one scale per 64 (or 32) values
             block_scales = array_path(ctx.input, name + BLOCK_SCALES_SUFFIX)
             values = read_rows(open_array(block_scales, "r"), 0, shape[0])
-            problem = block_scale_problem(values, out)
+            per_scale = values_per_scale(values, shape[1])
+            problem = block_scale_problem(values, out, per_scale)
             if problem and not (opts.allow_requantize and out.codec.ternary):
-                takes = [n for n in TERNARY_CHOICES if block_scale_problem(values, OUTPUT_TYPES[n]) is None]
-                again = "" if not out.codec.ternary else " (or pass --allow-requantize to requantize it, lossy)"
-                raise CheckpointError(f"tensor {src.attrs['hf_name']}: --type {layout.type_option}: {problem}; it "
-                                      f"converts without requantizing to --type {' or '.join(takes)}{again}")
+                takes = [n for n in TERNARY_CHOICES if OUTPUT_TYPES[n].codec.ternary
+                         and block_scale_problem(values, OUTPUT_TYPES[n], per_scale) is None]
+                option = "pass --allow-requantize to requantize it (lossy)"
+                if not takes:
+                    rest = (f"its scale changes every {per_scale} values, which no ternary type holds: {option}, "
+                            f"or write its values with a float --type (f16 holds them)")
+                else:
+                    rest = f"it converts without requantizing to --type {' or '.join(takes)}" \
+                        + (f" (or {option})" if out.codec.ternary else "")
+                raise CheckpointError(f"tensor {src.attrs['hf_name']}: --type {layout.type_option}: {problem}; {rest}")
             if problem:  # --allow-requantize: the type's own quantizer on the effective weights
-                requantize = requantize_summary(values, out.codec, nonzero_per_block(ctx, name, shape))
+                requantize = requantize_summary(values, out.codec, nonzero_per_block(ctx, name, shape, per_scale),
+                                                per_scale)
                 if out.codec.tail_size():
                     scale = requantized_scale(values)
             for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):

@@ -15,8 +15,10 @@ following the tensor's recipe:
 - group-scaled weights (float values already {-s, 0, +s} per group of columns): the codes
   are the values' signs; the magnitudes extract recorded per 32 values decide the scale:
   one for the whole tensor (`scale`, any output type), or one per block of 64 values
-  (`<name>.block_scales`, rows x cols / 64; only Q2_0 holds that); a magnitude that
-  changes inside a block of 64 is refused, naming the tensor.
+  (`<name>.block_scales`, rows x cols / 64; only Q2_0 holds that), or, when the
+  magnitude changes inside a block of 64, one per 32 values (rows x cols / 32: no type
+  holds that; pack refuses it, naming the tensor, or requantizes it with
+  --allow-requantize). The values per block scale are cols / the array's columns.
 
 Either way, the llama q/k permutation moves rows within whole heads, so a chunk is
 a whole number of heads. A packed byte with a 2-bit field of 3 (not a code) is refused
@@ -49,7 +51,7 @@ from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is
 ReadRows = Callable[[int, int], np.ndarray]
 SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside a master-weight projection
 GROUP_SUFFIX = ".group_max"   # extract.zarr: magnitude of every GROUP_COLUMNS values of a group-scaled projection
-BLOCK_SCALES_SUFFIX = ".block_scales"  # quantize.zarr: one scale per 64 values, when not one per tensor
+BLOCK_SCALES_SUFFIX = ".block_scales"  # quantize.zarr: one scale per 64 (or 32) values, when not one per tensor
 SCALE_BLOCK = 64              # values per block scale (Q2_0's block)
 
 
@@ -165,29 +167,23 @@ def codes_of(arr, start: int, stop: int) -> np.ndarray:
     return stored_codes(arr[start:stop], arr.attrs.get("code_layout", LAYOUT_INT8))
 
 
-class GroupScaleError(CheckpointError):
-    """A group-scaled tensor whose scale changes more often than any output type can hold."""
-
-
-def group_scales(mags: np.ndarray, name: str) -> tuple[float | None, np.ndarray | None]:
-    """(one scale for the whole tensor, or None; else float32 scales per block of 64 values) from
-    the per-32-value magnitudes of a group-scaled tensor (0: a group of zeros, which takes any
-    scale). A block of 64 whose two halves have different non-zero magnitudes is refused."""
+def group_scales(mags: np.ndarray) -> tuple[float | None, np.ndarray | None]:
+    """(one scale for the whole tensor, or None; else float32 block scales) from the per-32-value
+    magnitudes of a group-scaled tensor (0: a group of zeros, which takes any scale). The blocks
+    are of 64 values where each block's non-zero magnitudes agree (Q2_0 holds that), else of 32."""
     nonzero = mags[mags > 0]
     if nonzero.size == 0 or (nonzero == nonzero[0]).all():
         return (float(nonzero[0]) if nonzero.size else 1.0), None
-    per = SCALE_BLOCK // GROUP_COLUMNS
-    halves = mags.reshape(mags.shape[0], -1, per)
+    halves = mags.reshape(mags.shape[0], -1, SCALE_BLOCK // GROUP_COLUMNS)
     top = halves.max(axis=2)
-    clash = ((halves != top[..., None]) & (halves > 0)).any(axis=2)
-    if clash.any():
-        r, b = np.argwhere(clash)[0]
-        found = sorted({float(v) for v in halves[r, b] if v > 0})
-        raise GroupScaleError(f"tensor {name}: its ternary scale changes every {GROUP_COLUMNS} values (row {r}, "
-                              f"columns {b * SCALE_BLOCK}..{(b + 1) * SCALE_BLOCK - 1} hold magnitudes "
-                              f"{', '.join(f'{v:.6g}' for v in found)}); no output type holds that without "
-                              f"requantizing (Q2_0 keeps one scale per {SCALE_BLOCK} values)")
+    if ((halves != top[..., None]) & (halves > 0)).any():
+        return None, np.asarray(mags, dtype=np.float32)
     return None, top.astype(np.float32)
+
+
+def values_per_scale(block_scales, cols: int) -> int:
+    """How many values of a row one block scale covers (64, or 32: see group_scales)."""
+    return cols // block_scales.shape[1]
 
 
 # -- tasks ---------------------------------------------------------------------------------------
@@ -265,10 +261,7 @@ def run(ctx: StageContext) -> None:
                            {**base, "code_layout": layout})
         if recipe.weights == GROUPED and "scale" not in arr.attrs:
             mags = source[name + GROUP_SUFFIX]
-            try:
-                scale, blocks = group_scales(read_rows(mags, 0, mags.shape[0]), src.attrs["hf_name"])
-            except GroupScaleError as e:
-                raise GroupScaleError(f"{src.attrs['source_file']}: {e}") from None
+            scale, blocks = group_scales(read_rows(mags, 0, mags.shape[0]))
             if blocks is not None:
                 ensure_array(group, name + BLOCK_SCALES_SUFFIX, blocks.shape, blocks.shape[0], np.float32,
                              {"of": name})

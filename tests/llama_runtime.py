@@ -59,6 +59,13 @@ class LlamaRuntime:
         Returns the model parameters it was loaded with that the tests rely on."""
         return self._run({"op": "load", "path": str(path), "n_ctx": N_CTX})
 
+    def quantize(self, path: Path, out: Path, ftype: int) -> None:
+        """llama.cpp's own quantizer (llama-quantize's llama_model_quantize) of a GGUF file to
+        file type `ftype` (LLAMA_FTYPE_MOSTLY_*, e.g. 41 = Q2_0), one thread."""
+        result = self._run({"op": "quantize", "path": str(path), "out": str(out), "ftype": int(ftype)})
+        if result["status"] != 0:
+            raise LlamaRefused(f"llama_model_quantize of {path} to file type {ftype} returned {result['status']}")
+
     def _run(self, request: dict) -> dict:
         with tempfile.TemporaryDirectory(prefix="llama-runtime-") as tmp:
             req = Path(tmp) / "request.json"
@@ -123,6 +130,11 @@ def _serve(request: dict, out_dir: Path) -> dict:
         os.kill(os.getpid(), signal.SIGSEGV)
     llama_cpp = _llama_cpp()
     op = request["op"]
+    if op == "quantize":
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = request["ftype"], 1
+        status = llama_cpp.llama_model_quantize(request["path"].encode(), request["out"].encode(), params)
+        return {"status": int(status)}
     try:
         if op == "tokenize":
             llm = _open(llama_cpp, request, vocab_only=True)

@@ -101,11 +101,12 @@ def test_a_missing_q_norm_is_refused(tmp_path, out):
     refused(model, out, "model.layers.0.self_attn.q_norm.weight", "missing")
 
 
-def test_groups_of_32_are_refused_even_for_q2_0(tmp_path, out):
-    """Q2_0 keeps one scale per 64 values: a scale that changes every 32 cannot be held."""
+def test_groups_of_32_are_refused_without_the_option_even_for_q2_0(tmp_path, out):
+    """Q2_0 keeps one scale per 64 values: a scale that changes every 32 is held by no type."""
     model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE, group_size=32)
-    refused(model, out, "changes every 32 values", "Q2_0 keeps one scale per 64", extra=("--type", "q2_0"),
-            in_data=True)
+    refused(model, out, "--type q2_0", "changes inside a block of 64 values", "Q2_0 keeps one scale per 64 values",
+            "changes every 32 values, which no ternary type holds", "pass --allow-requantize", "f16 holds them",
+            extra=("--type", "q2_0"), in_data=True)
 
 
 @pytest.mark.parametrize("out_type,needle", [("tq2_0", "changes inside a block of 256 values"),
@@ -314,6 +315,85 @@ def test_plan_and_help_show_the_option(tmp_path):
     line = next(l for l in with_it.splitlines() if l.startswith("blk.0.ffn_up.weight"))
     assert "requantized (lossy) if its scale changes inside a block of 256 values" in line
     q2 = run_cli("plan", model, "--type", "q2_0").stdout
-    assert "requantiz" not in q2 and "refused if" not in q2
+    line = next(l for l in q2.splitlines() if l.startswith("blk.0.ffn_up.weight"))
+    assert "refused if its scale changes inside a block of 64 values (unless --allow-requantize)" in line
     text = " ".join(run_cli("convert", "--help").stdout.split())
     assert "--allow-requantize" in text and "requantized to --type by the type's own quantizer" in text
+
+
+def test_groups_of_32_requantized_to_q2_0_are_llama_cpps_own_quantization(tmp_path, llama):
+    """A scale that changes every 32 values, --type q2_0 --allow-requantize: every projection's bytes
+    are what llama.cpp's llama_model_quantize (llama-quantize, file type 41) makes of the same
+    checkpoint's effective weights written as F32; one warning per tensor; verify checks it."""
+    from pipeline.gguf_file import read_gguf
+    from tests.reference_model import load_checkpoint
+
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE, group_size=32)
+    ours, f32, theirs = tmp_path / "q2_0.gguf", tmp_path / "f32.gguf", tmp_path / "llama-q2_0.gguf"
+    proc = convert(model, ours, "--type", "q2_0", "--allow-requantize")
+    convert(model, f32, "--type", "f32")
+    llama.quantize(f32, theirs, 41)
+    _, tensors = load_checkpoint(model)
+    types = {t.name: t.ggml_type for t in read_gguf(theirs).tensors}
+    for short in PROJECTIONS:
+        name = f"blk.0.{short}.weight"
+        assert types[name] == 42, (name, types[name])  # llama.cpp wrote it as Q2_0 too
+        raw, _ = tensor_bytes(ours, name)
+        want, _ = tensor_bytes(theirs, name)
+        np.testing.assert_array_equal(raw, want, err_msg=name)
+        w = tensors[f"model.layers.0.{HF_PROJECTIONS[short]}.weight"]
+        mags = np.abs(w.astype(np.float32)).reshape(w.shape[0], -1, 32).max(axis=2)
+        assert (mags[:, 0::2] != mags[:, 1::2]).any(), name  # the scale changes every 32 values
+        warnings = [line for line in proc.stderr.splitlines() if f"warning: {name}: requantized to Q2_0" in line]
+        assert len(warnings) == 1 and "blocks of 64 values had several scales" in warnings[0], proc.stderr
+        assert "blocks of 32 were under half of it" in warnings[0]
+    ok = run_cli("verify", ours, model)
+    assert "blk.0.ffn_up.weight: ok (requantized to Q2_0" in ok.stderr + ok.stdout
+    assert "quantize_row_q2_0_ref" in ok.stderr + ok.stdout
+
+
+@pytest.mark.parametrize("out_type", ["tq2_0", "i2_s"])
+def test_groups_of_32_requantized_to_the_bigger_types(tmp_path, out_type):
+    """The same checkpoint to TQ2_0 (bytes: gguf.quants.quantize of the checkpoint's values) and to
+    x86 I2_S (decoded: sign times max |w| of the tensor, bitnet.cpp's quantize_i2_s)."""
+    import gguf
+
+    from tests.reference_model import load_checkpoint
+    from tests.test_families import decode_i2s_reference
+
+    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE, group_size=32)
+    out = tmp_path / f"{out_type}.gguf"
+    convert(model, out, "--type", out_type, "--target", "x86", "--allow-requantize")
+    _, tensors = load_checkpoint(model)
+    for short in PROJECTIONS:
+        name = f"blk.0.{short}.weight"
+        raw, shape = tensor_bytes(out, name)
+        w = tensors[f"model.layers.0.{HF_PROJECTIONS[short]}.weight"].astype(np.float32)
+        if out_type == "tq2_0":
+            np.testing.assert_array_equal(raw.reshape(shape[0], -1), gguf.quants.quantize(w, gguf.GGMLQuantizationType.TQ2_0),
+                                          err_msg=name)
+        else:
+            values, scale, _ = decode_i2s_reference(raw.tobytes(), shape)
+            assert scale == np.abs(w).max(), name
+            np.testing.assert_array_equal(values, np.sign(w) * scale, err_msg=name)
+    ok = run_cli("verify", out, model)
+    assert "blk.0.ffn_up.weight: ok (requantized to " in ok.stderr + ok.stdout
+
+
+def test_a_group_scaled_projection_falls_back_to_f16_with_its_exact_values(tmp_path):
+    """Rows of 320 values (5 groups of 64) are no whole TQ2_0 block: that projection is F16, and F16
+    holds the checkpoint's fp16 values exactly (the others are requantized, as asked)."""
+    from tests.reference_model import load_checkpoint
+
+    model = write_checkpoint(tmp_path / "m", "bonsai", **(SHAPE | dict(intermediate_size=320)), group_size=64)
+    out = tmp_path / "o.gguf"
+    proc = convert(model, out, "--type", "tq2_0", "--allow-requantize")
+    assert "blk.0.ffn_down.weight: row length 320 is not a multiple of 256, so it cannot be TQ2_0; writing F16" \
+        in proc.stderr
+    raw, shape = tensor_bytes(out, "blk.0.ffn_down.weight")
+    _, tensors = load_checkpoint(model)
+    w = tensors["model.layers.0.mlp.down_proj.weight"]
+    assert len(np.unique(np.abs(w[w != 0]))) > 10
+    np.testing.assert_array_equal(raw.view("<f2").reshape(shape), w)
+    ok = run_cli("verify", out, model)
+    assert "blk.0.ffn_down.weight: ok" in ok.stderr + ok.stdout

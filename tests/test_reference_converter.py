@@ -376,3 +376,11 @@ def test_qwen3_group_scaled_float_tensors_equal_llama_cpp_converters(llama_conve
         assert (m.ggml_type, tuple(m.shape)) == (int(t.tensor_type), tuple(int(x) for x in reversed(t.shape))), t.name
         assert data == np.asarray(t.data).tobytes(), f"{t.name}: bytes differ from llama.cpp's"
     assert projections == 2 * 7
+
+    # --type f16 / q8_0 (the effective weights of the group-scaled projections): every tensor is
+    # llama.cpp's, byte for byte, and the file type too
+    floats = tmp_path / "ours-float.gguf"
+    convert(model, floats, "--type", embedding_type)
+    got = {t.name: bytes(t.data) for t in gguf.GGUFReader(floats).tensors}
+    assert got == {t.name: bytes(t.data) for t in theirs_reader.tensors}
+    assert metadata(gguf.GGUFReader(floats))["general.file_type"] == kv_theirs["general.file_type"]
