@@ -20,6 +20,8 @@ CASES = {
                      ["--type", "tq1_0", "--split-max-tensors", "7"]),
     "2b4t-i2_s": ("2b4t", dict(hidden_size=256, intermediate_size=512), ["--type", "i2_s"]),
     "master-f16": ("1bitllm", dict(hidden_size=256, intermediate_size=512, dtype="bf16"), ["--type", "f16"]),
+    "group-scaled-q2_0": ("bonsai", dict(hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2),
+                          ["--type", "q2_0"]),
 }
 
 
