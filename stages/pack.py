@@ -165,7 +165,7 @@ def run(ctx: StageContext) -> None:
                          and block_scale_problem(values, OUTPUT_TYPES[n], per_scale) is None]
                 option = "pass --allow-requantize to requantize it (lossy)"
                 if not takes:
-                    rest = (f"its scale changes every {per_scale} values, which no ternary type holds: {option}, "
+                    rest = (f"no ternary type holds a scale that changes every {per_scale} values: {option}, "
                             f"or write its values with a float --type (f16 holds them)")
                 else:
                     rest = f"it converts without requantizing to --type {' or '.join(takes)}" \

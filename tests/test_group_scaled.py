@@ -105,7 +105,7 @@ def test_groups_of_32_are_refused_without_the_option_even_for_q2_0(tmp_path, out
     """Q2_0 keeps one scale per 64 values: a scale that changes every 32 is held by no type."""
     model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE, group_size=32)
     refused(model, out, "--type q2_0", "changes inside a block of 64 values", "Q2_0 keeps one scale per 64 values",
-            "changes every 32 values, which no ternary type holds", "pass --allow-requantize", "f16 holds them",
+            "no ternary type holds a scale that changes every 32 values", "pass --allow-requantize", "f16 holds them",
             extra=("--type", "q2_0"), in_data=True)
 
 
