@@ -43,6 +43,8 @@ class OutputType:
     target: str | None = None       # the bitnet.cpp build these bytes are laid out for (None: any)
     needs_tiles: bool = False       # TL1/TL2: tile sizes per shape from --kernel-config
     largest: float | None = None    # float types: the largest magnitude they store (for messages; see holds)
+    from_codes: bool = False        # its bytes are a cheap rewrite of quantize.zarr's 2-bit codes (a copy plus
+                                    # block scales, a byte lookup): pack links the codes, assemble encodes them
 
     @property
     def type_option(self) -> str:
@@ -82,13 +84,13 @@ class OutputType:
 
 OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
     OutputType("tq2_0", TQ2_0, 37, "2.06 bits/weight, llama.cpp and bitnet.cpp", ternary_choice=True,
-               fallback="f16"),
+               fallback="f16", from_codes=True),
     OutputType("tq1_0", TQ1_0, 36, "1.69 bits/weight, smallest, llama.cpp and bitnet.cpp", ternary_choice=True,
                fallback="f16"),
     OutputType("i2_s", I2_S, 40, "2 bits/weight, bitnet.cpp's fast CPU kernels (not upstream llama.cpp), "
-               "laid out for the --target build", ternary_choice=True, fallback="f16", target="x86"),
+               "laid out for the --target build", ternary_choice=True, fallback="f16", target="x86", from_codes=True),
     OutputType("i2_s_arm", I2_S_ARM, 40, "I2_S for bitnet.cpp's ARM builds", ternary_choice=True, fallback="f16",
-               option="i2_s", target="arm"),
+               option="i2_s", target="arm", from_codes=True),
     OutputType("tl1", TL1, 38, "2 bits/weight, bitnet.cpp's lookup-table kernels for ARM; needs --kernel-config",
                ternary_choice=True, target="arm", needs_tiles=True),
     OutputType("tl2", TL2, 39, "1.67 bits/weight, bitnet.cpp's lookup-table kernels for x86; needs --kernel-config",

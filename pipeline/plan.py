@@ -433,6 +433,9 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
             if grouped:  # block scales (one chunk): the data decides; estimated as one float32 per 64 values,
                 # Bonsai's case (0 for one scale per tensor, twice this for a scale changing every 32 values)
                 sizes["quantize"] += shape[0] * (cols // 64) * 4
+            if out.from_codes and code_layout(cols) == LAYOUT_2BIT and not grouped:
+                sizes["pack"] += _chunked_bytes(shape[0], q_rows, code_bytes)  # links to quantize's chunk files
+                continue
         elif not t.recipe.offset and ((src.dtype, out.name) in SAME_BYTES
                                       or encoded_in_assemble(t.role, shape, out.name)):
             continue  # quantize and pack index the checkpoint's bytes (assemble converts them)

@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from pipeline import portable
-from pipeline.codecs import encode_floats
+from pipeline.codecs import CODECS, encode_floats
 from pipeline.errors import CheckpointError, RunDirError
 from pipeline.safe_files import create_exclusive
 from zarr.codecs import BloscCodec
@@ -200,6 +200,10 @@ def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     pread per chunk, about five times faster than zarr's read path); others through zarr.
     A chunk file that is missing or short means a damaged store, not zeros. An indexed
     array's rows are one pread from the checkpoint file."""
+    if CODES_FROM in arr.attrs:  # pack.zarr: quantize's 2-bit codes (linked chunk files), encoded here
+        scale = arr.attrs.get("scale")
+        return CODECS[arr.attrs["out_type"]].encode_codes(_read_raw_rows(arr, start, stop),
+                                                          None if scale is None else np.float32(scale))
     ref = source_ref(arr)
     if ref is not None and ENCODED_FROM in arr.attrs:  # a float matrix in another float type: convert
         encoded = arr.attrs[ENCODED_FROM]
@@ -213,6 +217,10 @@ def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
         return out
     if not is_raw(arr):
         return arr[start:stop]
+    return _read_raw_rows(arr, start, stop)
+
+
+def _read_raw_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     rows_per_chunk = arr.chunks[0]
     row_bytes = chunk_nbytes(arr) // rows_per_chunk
     out = np.empty((stop - start, *arr.shape[1:]), dtype=arr.dtype)
@@ -256,6 +264,10 @@ def file_identity(st: os.stat_result) -> list[int]:
 # pack.zarr: an indexed array whose rows assemble converts from the checkpoint's (source dtype,
 # numpy dtype and columns of the rows there); its bytes are `encode_floats` of those rows
 ENCODED_FROM = "encoded_from"
+# pack.zarr: an array whose chunk files are quantize.zarr's 2-bit codes (hard links; output types
+# marked `from_codes`); its bytes are the output type's `encode_codes` of them, which `read_rows`
+# returns and assemble writes (value: the code layout)
+CODES_FROM = "codes_from"
 
 
 def make_ref(path: Path, offset: int, model_dir: Path, identity: list[int]) -> dict:

@@ -5,7 +5,8 @@ decided once per run (metadata.json, plus general.file_type from the output type
 registry) and the tensor infos; the tensor data is then streamed chunk by chunk from
 pack.zarr, each tensor followed by its type's tail (I2_S: the scale), so no tensor is
 held whole; a tensor whose pack array indexes the checkpoint (bytes that no stage
-changes) is copied from the checkpoint file, after checking it is the one indexed.
+changes) is copied from the checkpoint file, after checking it is the one indexed; a TQ2_0 or
+I2_S tensor's pack array is quantize's 2-bit codes (linked), encoded here as it is written.
 With --split-max-size / --split-max-tensors the tensors are spread over
 `NAME-0000k-of-0000n.gguf` parts as llama.cpp's gguf-split does. Every file is
 written to a temporary name, fsynced, and renamed into place only when all are
@@ -23,8 +24,8 @@ from pipeline.output import OutputChanged, final_paths, identity, publish, temp_
 from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
 from pipeline.plan import file_kvs
-from pipeline.stores import (ENCODED_FROM, DamagedStore, check_source_file, chunk_path, is_raw, open_store, read_rows,
-                             row_ranges, source_ref)
+from pipeline.stores import (CODES_FROM, ENCODED_FROM, DamagedStore, check_source_file, chunk_path, is_raw,
+                             open_store, read_rows, row_ranges, source_ref)
 
 
 def array_layout(arr):
@@ -63,7 +64,8 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
                 for c0, c1 in regions:  # TL2: magnitudes, signs, tail of every chunk in turn
                     for k, (r0, r1) in enumerate(chunks):
                         nbytes = (r1 - r0) * (c1 - c0)
-                        if ref is not None and ENCODED_FROM in arr.attrs:  # the checkpoint's rows, converted
+                        if CODES_FROM in arr.attrs or (ref is not None and ENCODED_FROM in arr.attrs):
+                            # quantize's codes, or the checkpoint's rows: encoded here (read_rows)
                             writer.write_tensor_data(i, read_rows(arr, r0, r1))
                         elif ref is not None and len(regions) == 1:  # the checkpoint's bytes: copy them in the kernel
                             try:

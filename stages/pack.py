@@ -1,11 +1,12 @@
 """pack: quantize.zarr -> pack.zarr, the exact bytes each GGUF tensor will hold.
 
-Every array is uint8 of shape (rows, bytes per row), chunked by the same row
-ranges as quantize.zarr (a row is a whole number of blocks, so chunks are block
-aligned). Attribute `ggml_type` names the GGML type (pipeline/outtypes.py). Ternary
-codes arrive at 2 bits per value in TQ2_0's block order, so TQ2_0 is a copy plus the
+Every array is uint8 of shape (rows, bytes per row) (but the `codes_from` arrays below),
+chunked by the same row ranges as quantize.zarr (a row is a whole number of blocks, so
+chunks are block aligned). Attribute `ggml_type` names the GGML type (pipeline/outtypes.py).
+Ternary codes arrive at 2 bits per value in TQ2_0's block order, so TQ2_0 is a copy plus the
 block scales and I2_S a byte lookup (pipeline/codecs.py `encode_codes`; the layout of
-`--target`'s bitnet.cpp build, one registry entry each). TL1/TL2 bytes come in tiles of BM
+`--target`'s bitnet.cpp build, one registry entry each): `read_rows` of such an array gives
+those bytes. TL1/TL2 bytes come in tiles of BM
 rows (from --kernel-config): their chunks hold whole tiles, so any memory limit and any
 number of workers give the same bytes; TL2's three regions are column ranges of each
 row chunk, which assemble writes region by region. With a float --type (f32, f16, bf16,
@@ -16,6 +17,9 @@ written as F16 (the ternary values times the scale), as llama.cpp's converter do
 Float tensors whose bytes do not change (an F32 norm from an F32 checkpoint, a BF16
 embedding with --embedding-type bf16) are not copied: their arrays index the checkpoint's
 bytes, which assemble copies into the GGUF (or hard-link the previous store's chunk files).
+TQ2_0 and I2_S, whose bytes are a copy or a byte lookup of quantize's 2-bit codes, are not
+written here either: their arrays hard-link quantize's code chunks (attribute `codes_from`) and
+assemble encodes them as it writes the file (the types marked `from_codes` in outtypes.py).
 
 A group-scaled tensor (quantize.zarr's block scales, one per 64 values, or per 32 where the data
 changes that often) is written with one scale per block of the type where the scale is constant
@@ -38,8 +42,8 @@ from pipeline.kernel_config import tiles_of
 from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (ENCODED_FROM, array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, open_array,
-                             open_store, read_rows, row_ranges, write_rows, written_chunks)
+from pipeline.stores import (CODES_FROM, ENCODED_FROM, array_path, copy_ref, ensure_array, index_array, is_indexed,
+                             is_raw, open_array, open_store, read_rows, row_ranges, write_rows, written_chunks)
 from pipeline.plan import (LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale, encoded_in_assemble, requantize_summary,
                            requantized_codes, requantized_scale)
 from stages.quantize import BLOCK_SCALES_SUFFIX, link_task, values_per_scale
@@ -85,6 +89,14 @@ def block_scale_problem(block_scales: np.ndarray, out, per_scale: int) -> str | 
     return (f"its scale changes inside a block of {out.block_size} values (row {r}, columns "
             f"{b * out.block_size}..{(b + 1) * out.block_size - 1}), and {out.codec.name} keeps one scale per "
             f"{out.block_size} values")
+
+
+def codes_in_assemble(out, src, block_scales, requantize) -> bool:
+    """Whether a ternary tensor's pack.zarr array is quantize's 2-bit code chunks themselves (see
+    CODES_FROM): the type says its bytes are a cheap rewrite of them (`from_codes`), the codes are
+    raw 2-bit chunk files, and there are no block scales to fold in."""
+    return (out.from_codes and src.attrs.get("role") == TERNARY and src.attrs.get("code_layout") == LAYOUT_2BIT
+            and is_raw(src) and block_scales is None and not requantize)
 
 
 def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source_dtype: str | None = None,
@@ -210,8 +222,17 @@ def run(ctx: StageContext) -> None:
                         {**attrs, ENCODED_FROM: {"source_dtype": src.attrs["source_dtype"], "dtype": str(src.dtype),
                                                  "columns": shape[-1]}}, copy_ref(src))
             continue
-        arr = ensure_array(group, name, byte_shape, rows, np.uint8, attrs)
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))
+        if codes_in_assemble(out, src, block_scales, requantize):
+            # TQ2_0 / I2_S are a cheap rewrite of quantize's 2-bit codes: link its chunk files, and
+            # assemble encodes them as it writes (pack.zarr holds no second copy of the codes)
+            arr = ensure_array(group, name, src.shape, src.chunks[0], np.uint8,
+                               {**attrs, CODES_FROM: src.attrs["code_layout"]})
+            done = written_chunks(arr)
+            tasks += [chunk_task(link_task, *paths, i) for i in range(len(row_ranges(src.shape[0], src.chunks[0])))
+                      if i not in done]
+            continue
+        arr = ensure_array(group, name, byte_shape, rows, np.uint8, attrs)
         same = unchanged and is_raw(src) and is_raw(arr) and src.chunks[0] == arr.chunks[0] and src.ndim > 1
         done = written_chunks(arr)
         code_layout = src.attrs.get("code_layout", LAYOUT_INT8) if role == TERNARY else None

@@ -139,6 +139,49 @@ def test_a_float_matrix_in_another_float_type_is_converted_by_assemble_from_the_
     assert read_rows(arr, 3, 9).tobytes() == want[3:9].tobytes()
 
 
+@pytest.mark.parametrize("out_type", ["tq2_0", "i2_s"])
+def test_tq2_0_and_i2_s_projections_are_quantizes_codes_encoded_by_assemble(converted, tmp_path, out_type):
+    """TQ2_0 and I2_S bytes are a copy or a byte lookup of quantize's 2-bit codes: pack.zarr's
+    chunk files are quantize's (the same files, no second copy), assemble encodes them as it
+    writes, and the file's bytes decode (gguf's dequantizer; the tests' I2_S reader) to quantize's
+    codes times the tensor's scale; read_rows of the pack array gives the file's bytes."""
+    import gguf
+
+    from pipeline.gguf_file import read_gguf
+    from pipeline.stores import open_store, read_rows
+    from stages.quantize import codes_of
+    from tests.test_families import decode_i2s_reference
+
+    model = converted[0]
+    out, work = tmp_path / "m.gguf", tmp_path / "work"
+    convert(model, out, "--workdir", work, "--memory-limit", "256MiB", "--type", out_type, "--target", "x86")
+    quantized, packed = open_store(work / "quantize.zarr", "r"), open_store(work / "pack.zarr", "r")
+    tensors = {t.name: t for t in read_gguf(out).tensors}
+    data = out.read_bytes()
+    projections = [n for n in packed.attrs["tensor_order"] if packed[n].attrs["role"] == "ternary"]
+    assert len(projections) == 14
+    for name in projections:
+        q, p = quantized[name], packed[name]
+        ours = sorted(chunk_files(work / "pack.zarr" / name))
+        assert ours and len(ours) == len(chunk_files(work / "quantize.zarr" / name)), name
+        for mine, theirs in zip(ours, sorted(chunk_files(work / "quantize.zarr" / name))):
+            assert os.path.samefile(mine, theirs), (name, mine)
+        t = tensors[name]
+        raw = data[t.offset:t.offset + t.nbytes]
+        shape = tuple(p.attrs["shape"])
+        codes = codes_of(q, 0, shape[0]).astype(np.float32)
+        if out_type == "tq2_0":
+            values = gguf.quants.dequantize(np.frombuffer(raw, np.uint8).reshape(shape[0], -1),
+                                            gguf.GGMLQuantizationType.TQ2_0)
+            np.testing.assert_array_equal(values, codes * np.float32(np.float16(q.attrs["scale"])), err_msg=name)
+        else:
+            values, scale, _ = decode_i2s_reference(raw, shape)
+            assert scale == np.float32(q.attrs["scale"])
+            np.testing.assert_array_equal(values, codes * scale, err_msg=name)
+        body = read_rows(p, 0, shape[0]).tobytes()
+        assert raw[:len(body)] == body, name
+
+
 def test_a_read_of_a_changed_or_missing_file_is_refused(converted, tmp_path):
     import shutil
 
