@@ -105,9 +105,16 @@ def machine() -> str:
 
 
 def tree_size(path: Path) -> int:
+    """Bytes of the files under `path`, a file with several hard links (pack.zarr's links to
+    quantize's code chunks) counted once: what the run directory takes on disk."""
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    seen = {}
+    for p in path.rglob("*"):
+        if p.is_file():
+            st = p.stat()
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
 
 
 def run_ours(case: Case, model: Path, workdir: Path) -> dict:
