@@ -499,11 +499,80 @@ class Tiles(NamedTuple):
     bm: int
 
 
-def _pair_code_bytes(f: np.ndarray) -> np.ndarray:
-    """(rows, cols) fields f = code + 1 -> (rows, cols / 4): 16 * c2(t0, t1) + c2(t2, t3), where
-    c2(x, y) = 3x + y + 4 = 3 f_x + f_y."""
-    pairs = f[:, 0::2] * np.uint8(3) + f[:, 1::2]
-    return (pairs[:, 0::2] << np.uint8(4)) | pairs[:, 1::2]
+# The TL types group neighbouring columns of a row (pairs, triples), which the code layout keeps
+# 32 apart. They first move the same 2-bit fields into column order: byte j of a row holds the
+# fields of columns 4j, 4j + 1, 4j + 2, 4j + 3 in bits 1:0, 3:2, 5:4, 7:6, so that any n
+# consecutive columns are 2n consecutive bits of the row (little-endian).
+#
+# In a 32-byte block of the code layout, read as four little-endian 64-bit words, the field of
+# column 32p + 8a + i is in word a at field index 4i + p (bits 8i + 2p, 8i + 2p + 1); in column
+# order it is in word p at field index 8a + i. `column_order` gets there with delta swaps, each of
+# which exchanges two bits of the position: inside every word, field index 4i + p -> 8p + i
+# (a rotation of its five bits, four swaps), then across the block's words, word a's 16-bit lane p
+# -> word p's lane a (two swaps).
+
+def _index_bit_swap(j: int, k: int) -> tuple[np.uint64, np.uint64]:
+    """The delta swap exchanging bits j < k of the field index (0..31) of a 64-bit word: the
+    shift between the exchanged fields (in bits) and the mask of the lower ones."""
+    mask = sum(3 << 2 * f for f in range(32) if f >> j & 1 and not f >> k & 1)
+    return np.uint64(2 * ((1 << k) - (1 << j))), np.uint64(mask)
+
+
+# index bits (i2 i1 i0 p1 p0) -> (i2 i1 i0 p1 p0) swapped 1<->4, 0<->3, 1<->2, 0<->1 = (p1 p0 i2 i1 i0)
+_IN_WORD_SWAPS = [_index_bit_swap(j, k) for j, k in [(1, 4), (0, 3), (1, 2), (0, 1)]]
+# (lower word, upper word, shift, mask): the 32-bit halves, then the 16-bit lanes, of a 4 x 4 lane transpose
+_CROSS_WORD_SWAPS = [(0, 2, np.uint64(32), np.uint64(0x00000000FFFFFFFF)),
+                     (1, 3, np.uint64(32), np.uint64(0x00000000FFFFFFFF)),
+                     (0, 1, np.uint64(16), np.uint64(0x0000FFFF0000FFFF)),
+                     (2, 3, np.uint64(16), np.uint64(0x0000FFFF0000FFFF))]
+
+
+def _delta_swap(low: np.ndarray, high: np.ndarray, shift: np.uint64, mask: np.uint64, t: np.ndarray) -> None:
+    """Exchange the bits of `low` under `mask` with the bits of `high` `shift` places up (in place;
+    `low` and `high` may be the same array; `t` is scratch space of their shape)."""
+    np.right_shift(high, shift, out=t)
+    t ^= low
+    t &= mask
+    low ^= t
+    t <<= shift
+    high ^= t
+
+
+def column_order(packed: np.ndarray) -> np.ndarray:
+    """(rows, cols / 4) bytes of the 2-bit code layout -> the same fields in column order."""
+    rows, nb = _rows_of_blocks(np.asarray(packed), 32, "packed codes")
+    blocks = np.ascontiguousarray(packed, dtype=np.uint8).view("<u8").reshape(rows, nb, 4)
+    w = np.ascontiguousarray(blocks.transpose(2, 0, 1))  # w[a]: word a of every block
+    t = np.empty_like(w)
+    for shift, mask in _IN_WORD_SWAPS:
+        _delta_swap(w, w, shift, mask, t)
+    for lower, upper, shift, mask in _CROSS_WORD_SWAPS:
+        _delta_swap(w[upper], w[lower], shift, mask, t[0])
+    return np.ascontiguousarray(w.transpose(1, 2, 0)).view(np.uint8).reshape(rows, nb * 32)
+
+
+def _columns_from_fields(fields: np.ndarray) -> np.ndarray:
+    """(rows, cols) fields (code + 1, cols a multiple of 4) -> (rows, cols / 4) bytes in column order."""
+    f = np.asarray(fields, dtype=np.uint8)
+    out = f[:, 3::4] << np.uint8(6)
+    out |= f[:, 2::4] << np.uint8(4)
+    out |= f[:, 1::4] << np.uint8(2)
+    out |= f[:, 0::4]
+    return out
+
+
+def _pair_code_bytes(columns: np.ndarray) -> np.ndarray:
+    """Column-order bytes (fields f0..f3 of four consecutive columns) -> TL1's byte of the same columns,
+    16 * c2(t0, t1) + c2(t2, t3), where c2(x, y) = 3x + y + 4 = 3 f_x + f_y."""
+    pairs = columns & np.uint8(0x33)  # f0 | f2 << 4
+    pairs *= np.uint8(3)
+    second = columns >> np.uint8(2)
+    second &= np.uint8(0x33)  # f1 | f3 << 4
+    pairs += second  # c2(t0, t1) | c2(t2, t3) << 4 (each at most 8: no carry between the nibbles)
+    out = pairs << np.uint8(4)
+    pairs >>= np.uint8(4)
+    out |= pairs
+    return out
 
 
 # TL2's sign word of a 32-row run: the 8 sign bits of row c (first triple in the top bit of a
@@ -513,15 +582,15 @@ _SPREAD_EVEN = np.array([sum(((b >> (7 - q)) & 1) << (15 - 2 * q) for q in range
 
 
 class _TernaryTiles(Codec):
-    """A lookup-table type: encodes fields (code + 1, uint8) of whole tiles of rows."""
+    """A lookup-table type: encodes whole tiles of rows from their fields in column order."""
 
     @classmethod
     def encode(cls, codes: np.ndarray, scale: np.float32 | None = None, tiles=None) -> np.ndarray:
-        return cls.encode_fields(_trits(codes), tiles)
+        return cls.encode_columns(_columns_from_fields(_trits(codes)), tiles)
 
     @classmethod
     def encode_codes(cls, packed: np.ndarray, scale: np.float32 | None = None, tiles=None) -> np.ndarray:
-        return cls.encode_fields(unpack_fields(packed), tiles)
+        return cls.encode_columns(column_order(packed), tiles)
 
 
 # The quarter swap of TL2's 32-row runs: byte s of a run holds row _QUARTER_SWAP[s].
@@ -559,13 +628,13 @@ class TL1(_TernaryTiles):
         return None
 
     @classmethod
-    def encode_fields(cls, fields: np.ndarray, tiles) -> np.ndarray:
+    def encode_columns(cls, columns: np.ndarray, tiles) -> np.ndarray:
         BM, BK, bm = _tl_tiles(tiles)
         by = 256 // bm
-        rows, cols = fields.shape
+        rows, cols = columns.shape[0], columns.shape[1] * 4
         if rows % BM or cols % BK or BK % by or bm % 16 or by % 4:
             raise CodecError(f"TL1 tiles {tuple(tiles)} do not divide a chunk of shape {(rows, cols)}")
-        b = _pair_code_bytes(fields)
+        b = _pair_code_bytes(columns)
         b = b.reshape(rows // BM, BM // bm, bm // 16, 16, cols // BK, BK // by, by // 4)
         # axes (tile, bm group, 16-row group, row, K block, by group, 4-col group) -> file order
         return np.ascontiguousarray(b.transpose(0, 4, 1, 5, 2, 6, 3)).reshape(rows, cols // 4)
@@ -588,6 +657,37 @@ def tl2_payload_size(m: int, k: int) -> int:
     """P: what bitnet.cpp reserves for a TL2 tensor's payload, as if its two-weight tail were
     256 columns wide (Python floor division, left to right)."""
     return (((k - 256) * m // 3) * 5) // 8 + 64 * m
+
+
+def _triple_values(columns: np.ndarray) -> np.ndarray:
+    """(rows, n) column-order bytes, n a multiple of 3 -> (rows, 4n / 3) int8 v3 = 9 t0 + 3 t1 + t2 of
+    the row's consecutive triples of columns."""
+    rows, n = columns.shape
+    # every 3 bytes (12 columns, four triples) read as the low 24 bits of a little-endian uint32;
+    # the last one reads a spare byte
+    spare = np.empty(rows * n + 1, dtype=np.uint8)
+    spare[:-1].reshape(rows, n)[...] = columns
+    x = np.ndarray((rows, n // 3), dtype="<u4", buffer=spare, strides=(n, 3)).copy()
+    # the four 6-bit triples into the four bytes: 12-bit halves to 16-bit lanes, then 6-bit quarters to bytes
+    upper = x & np.uint32(0x00FFF000)
+    x &= np.uint32(0x00000FFF)
+    upper <<= np.uint32(4)
+    x |= upper
+    np.bitwise_and(x, np.uint32(0x0FC00FC0), out=upper)
+    x &= np.uint32(0x003F003F)
+    upper <<= np.uint32(2)
+    x |= upper
+    t = x.view(np.uint8)  # f0 | f1 << 2 | f2 << 4 of each triple, f = code + 1
+    f = t & np.uint8(3)
+    v = f * np.uint8(9)
+    np.right_shift(t, np.uint8(2), out=f)
+    f &= np.uint8(3)
+    f *= np.uint8(3)
+    v += f
+    np.right_shift(t, np.uint8(4), out=f)
+    v += f
+    v -= np.uint8(13)  # 9 f0 + 3 f1 + f2 - 13 in [0, 26] - 13, wrapping below 0 as int8 two's complement
+    return v.view(np.int8)
 
 
 class TL2(_TernaryTiles):
@@ -637,31 +737,30 @@ class TL2(_TernaryTiles):
         return None
 
     @classmethod
-    def encode_fields(cls, fields: np.ndarray, tiles) -> np.ndarray:
+    def encode_columns(cls, columns: np.ndarray, tiles) -> np.ndarray:
         BM, BK, bm = _tl_tiles(tiles)
-        rows, cols = fields.shape
+        rows, cols = columns.shape[0], columns.shape[1] * 4
         k3, k2 = cls.split(cols, tiles)
         if rows % BM or BM % 32 or bm != 32 or BK % 24 or k2 % 32:
             raise CodecError(f"TL2 tiles {tuple(tiles)} do not divide a chunk of shape {(rows, cols)}")
         n_tiles, runs = rows // BM, BM // 32
         parts = []
         if k3:
-            tri = fields[:, :k3]
-            # v3 = 9 t0 + 3 t1 + t2 = 9 f0 + 3 f1 + f2 - 13, per triple: (rows, k3 / 3)
-            v3 = (tri[:, 0::3] * np.uint8(9) + tri[:, 1::3] * np.uint8(3) + tri[:, 2::3]).view(np.int8) - np.int8(13)
-            mag = np.abs(v3).view(np.uint8)
-            a = (mag[:, 0::2] << np.uint8(4)) | mag[:, 1::2]
+            v3 = _triple_values(columns[:, :k3 // 4])
+            # the magnitudes of triples 2g and 2g + 1 are the low and high byte of little-endian word g
+            pairs = np.abs(v3).view("<u2")
+            a = ((pairs << np.uint16(4)) | (pairs >> np.uint16(8))).astype(np.uint8)
             a = a.reshape(n_tiles, runs, 32, k3 // BK, BK // 6)[:, :, _QUARTER_SWAP]
             parts.append(np.ascontiguousarray(a.transpose(0, 3, 1, 4, 2)).reshape(rows, k3 // 6))
             # the sign of triple q of a 24-column group, row 16 p + c of a run, is bit 15 - (2q + p) of
             # little-endian word c of the run's 16
-            signs = _SPREAD_EVEN[np.packbits((v3 < 0).reshape(-1))]  # 8 triples of a row per byte
+            signs = np.take(_SPREAD_EVEN, np.packbits(v3 < 0, axis=1))  # 8 triples of a row per byte
             signs = signs.reshape(n_tiles, runs, 2, 16, k3 // BK, BK // 24)
             words = signs[:, :, 0] | (signs[:, :, 1] >> np.uint16(1))
             words = np.ascontiguousarray(words.transpose(0, 3, 1, 4, 2)).astype("<u2", copy=False)
             parts.append(words.view(np.uint8).reshape(rows, k3 // 24))
         if k2:
-            c = _pair_code_bytes(fields[:, k3:]).reshape(n_tiles, runs, 32, k2 // 32, 8)[:, :, _QUARTER_SWAP]
+            c = _pair_code_bytes(columns[:, k3 // 4:]).reshape(n_tiles, runs, 32, k2 // 32, 8)[:, :, _QUARTER_SWAP]
             parts.append(np.ascontiguousarray(c.transpose(0, 3, 1, 4, 2)).reshape(rows, k2 // 4))
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 

@@ -119,6 +119,7 @@ def decode_tl2(raw: bytes, shape: tuple[int, int], BM: int, BK: int) -> tuple[np
         row = I * BM + R * 32 + 16 * (h % 2) + c
         triple = (J * BK + 24 * Z + 3 * (h // 2)) // 3
         negative[row, triple] = (b_bytes >> beta) & 1 == 1
+    assert not (negative & (magnitude == 0)).any(), "sign bit set on a triple of value 0 (sigma = 1 only if v3 < 0)"
     v3 = np.where(negative, -magnitude, magnitude)
     first, second, third = _balanced_ternary(v3)
     codes[:, 0:k3:3], codes[:, 1:k3:3], codes[:, 2:k3:3] = first, second, third

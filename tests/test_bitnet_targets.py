@@ -16,6 +16,8 @@ import signal
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from pipeline.gguf_file import read_gguf
 from tests import kill_points as kp
@@ -327,6 +329,63 @@ def test_tl_codecs_agree_with_the_independent_decoder(kind, shape):
         got, scale = decode_tl2(raw, (m, k), BM, BK)
     np.testing.assert_array_equal(got, codes)
     assert scale == np.float32(0.75)
+
+
+FILLS = ["random", "sparse", "zeros", "plus", "minus"]
+
+
+def fill_codes(fill: str, shape: tuple[int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if fill == "random":
+        return rng.integers(-1, 2, shape).astype(np.int8)
+    if fill == "sparse":  # mostly zeros: triples of value 0 next to signed ones
+        return (rng.integers(-1, 2, shape) * (rng.random(shape) < 0.1)).astype(np.int8)
+    return np.full(shape, {"zeros": 0, "plus": 1, "minus": -1}[fill], dtype=np.int8)
+
+
+@st.composite
+def tl_cases(draw, kind: str):
+    """A matrix shape and tiles bitnet.cpp's code generator accepts for it (TL-FORMAT.md section 7),
+    with K a multiple of 128 (rows that quantize.zarr stores in the 2-bit code layout) when it can."""
+    if kind == "tl1":
+        bm = draw(st.sampled_from([32, 64]))
+        BK = 256 // bm * draw(st.integers(1, 16))
+        tail, least = 0, 1
+    else:
+        bm = 32
+        BK = 24 * draw(st.integers(1, 12))
+        tail = 32 * draw(st.integers(0, min(8, (BK - 1) // 32)))  # K2 = K mod BK: 0 or whole 32-column blocks
+        least = -(-max(256 - tail, 1) // BK)  # K >= 256
+    blocks = least + draw(st.integers(0, 3))
+    if draw(st.booleans()):
+        blocks = next((n for n in range(blocks, blocks + 128) if (BK * n + tail) % 128 == 0), blocks)
+    BM = bm * draw(st.integers(1, 3))
+    return BM * draw(st.integers(1, 2)), BK * blocks + tail, BM, BK, bm
+
+
+@pytest.mark.parametrize("kind", ["tl1", "tl2"])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), fill=st.sampled_from(FILLS), seed=st.integers(0, 2**32 - 1))
+@example(data=None, fill="random", seed=0)
+def test_tl_codecs_round_trip_any_tiles(kind, data, fill, seed):
+    """Both encoders (from int8 codes, and from the 2-bit code layout in column order) against the
+    independent decoder for random tiles, including two-weight tails of every width (TL2) and codes
+    that are all zero, all +1 or all -1; the decoder also checks region sizes, padding and value ranges."""
+    from pipeline.codecs import CODECS, Tiles, pack_fields
+
+    m, k, BM, BK, bm = data.draw(tl_cases(kind)) if data is not None else \
+        {"tl1": (64, 256, 64, 64, 32), "tl2": (64, 480, 32, 96, 32)}[kind]  # K2 = 0: the last triple window ends the chunk
+    codec, tiles = CODECS[kind], Tiles(BM, BK, bm)
+    assert codec.tile_problem(m, k, tiles) is None
+    codes = fill_codes(fill, (m, k), seed)
+    rows = codec.encode(codes, np.float32(0.5), tiles)
+    if k % 128 == 0:
+        np.testing.assert_array_equal(codec.encode_codes(pack_fields((codes + 1).astype(np.uint8)), 0.5, tiles), rows)
+    payload = b"".join(np.ascontiguousarray(rows[:, a:b]).tobytes() for a, b in codec.regions(k, tiles))
+    raw = payload + codec.tail_bytes((m, k), np.float32(0.5), tiles)
+    got, scale = decode_tl1(raw, (m, k), BM, BK, bm) if kind == "tl1" else decode_tl2(raw, (m, k), BM, BK)
+    np.testing.assert_array_equal(got, codes)
+    assert scale == np.float32(0.5)
 
 
 def test_arm_i2s_from_the_code_layout_equals_the_independent_decoders_reading():
