@@ -198,7 +198,8 @@ def _rows_of_blocks(a: np.ndarray, block_size: int, what: str) -> tuple[int, int
 # f = code + 1 of values 128i + b, 128i + 32 + b, 128i + 64 + b and 128i + 96 + b in bits
 # 1:0, 3:2, 5:4 and 7:6. That is TQ2_0's order inside each half of a 256-value block (so
 # TQ2_0 is these bytes plus a block scale) and I2_S's with the bit pairs reversed (so I2_S
-# is one byte lookup): the two fast output types need no per-value work in pack.
+# is one byte lookup): the two fast output types need no per-value work in pack. TL1 and TL2
+# work from the same fields moved into column order (`column_order`), never one byte per value.
 
 CODE_BLOCK = 128
 _ZERO_CODES_BYTE = 0x55  # four fields of 1 (code 0)
@@ -518,7 +519,7 @@ def _index_bit_swap(j: int, k: int) -> tuple[np.uint64, np.uint64]:
     return np.uint64(2 * ((1 << k) - (1 << j))), np.uint64(mask)
 
 
-# index bits (i2 i1 i0 p1 p0) -> (i2 i1 i0 p1 p0) swapped 1<->4, 0<->3, 1<->2, 0<->1 = (p1 p0 i2 i1 i0)
+# field index bits (i2 i1 i0 p1 p0), swapping bit 1 with 4, 0 with 3, 1 with 2, then 0 with 1: (p1 p0 i2 i1 i0)
 _IN_WORD_SWAPS = [_index_bit_swap(j, k) for j, k in [(1, 4), (0, 3), (1, 2), (0, 1)]]
 # (lower word, upper word, shift, mask): the 32-bit halves, then the 16-bit lanes, of a 4 x 4 lane transpose
 _CROSS_WORD_SWAPS = [(0, 2, np.uint64(32), np.uint64(0x00000000FFFFFFFF)),
@@ -663,8 +664,8 @@ def _triple_values(columns: np.ndarray) -> np.ndarray:
     """(rows, n) column-order bytes, n a multiple of 3 -> (rows, 4n / 3) int8 v3 = 9 t0 + 3 t1 + t2 of
     the row's consecutive triples of columns."""
     rows, n = columns.shape
-    # every 3 bytes (12 columns, four triples) read as the low 24 bits of a little-endian uint32;
-    # the last one reads a spare byte
+    # every 3 bytes (12 columns, four triples) read as the low 24 bits of a little-endian uint32
+    # (from a copy with a spare byte at the end, which the last one reads)
     spare = np.empty(rows * n + 1, dtype=np.uint8)
     spare[:-1].reshape(rows, n)[...] = columns
     x = np.ndarray((rows, n // 3), dtype="<u4", buffer=spare, strides=(n, 3)).copy()
@@ -686,7 +687,7 @@ def _triple_values(columns: np.ndarray) -> np.ndarray:
     v += f
     np.right_shift(t, np.uint8(4), out=f)
     v += f
-    v -= np.uint8(13)  # 9 f0 + 3 f1 + f2 - 13 in [0, 26] - 13, wrapping below 0 as int8 two's complement
+    v -= np.uint8(13)  # 9 f0 + 3 f1 + f2 - 13 = 9 t0 + 3 t1 + t2, in -13..13 once viewed as int8
     return v.view(np.int8)
 
 
