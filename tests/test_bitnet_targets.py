@@ -373,8 +373,9 @@ def test_tl_codecs_round_trip_any_tiles(kind, data, fill, seed):
     that are all zero, all +1 or all -1; the decoder also checks region sizes, padding and value ranges."""
     from pipeline.codecs import CODECS, Tiles, pack_fields
 
+    # the explicit example: K2 = 0, so the last 4-byte window of TL2's triples ends the chunk
     m, k, BM, BK, bm = data.draw(tl_cases(kind)) if data is not None else \
-        {"tl1": (64, 256, 64, 64, 32), "tl2": (64, 480, 32, 96, 32)}[kind]  # K2 = 0: the last triple window ends the chunk
+        {"tl1": (64, 256, 64, 64, 32), "tl2": (64, 384, 32, 96, 32)}[kind]
     codec, tiles = CODECS[kind], Tiles(BM, BK, bm)
     assert codec.tile_problem(m, k, tiles) is None
     codes = fill_codes(fill, (m, k), seed)
