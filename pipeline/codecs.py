@@ -418,7 +418,7 @@ class I2_S(Codec):
     def encode_codes(cls, packed: np.ndarray, scale: np.float32 | None = None, tiles=None) -> np.ndarray:
         """The code layout with each byte's bit pairs reversed (one table lookup)."""
         _rows_of_blocks(np.asarray(packed), 32, "packed codes")
-        return _I2S_FROM_CODE_BYTE[np.asarray(packed, dtype=np.uint8)]
+        return np.take(_I2S_FROM_CODE_BYTE, np.asarray(packed, dtype=np.uint8))  # np.take: twice as fast as indexing
 
     @classmethod
     def tail_size(cls, shape=None, tiles=None) -> int:
@@ -478,7 +478,7 @@ class I2_S_ARM(I2_S):
         pairs = np.empty((rows, nb, 16, 2), dtype=np.uint8)  # (A, B) side by side: little-endian A | B << 8
         pairs[..., 0] = blocks[:, :, 0, :]
         pairs[..., 1] = blocks[:, :, 1, :]
-        out = _ARM_FROM_PAIR[pairs.view("<u2")[..., 0]].astype("<u2", copy=False)
+        out = np.take(_ARM_FROM_PAIR, pairs.view("<u2")[..., 0]).astype("<u2", copy=False)
         # entry bytes (first block's byte, second block's byte) -> the two 16-byte blocks
         return np.ascontiguousarray(out.view(np.uint8).reshape(rows, nb, 16, 2).transpose(0, 1, 3, 2)) \
             .reshape(rows, nb * 32)
