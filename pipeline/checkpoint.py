@@ -61,7 +61,8 @@ def refuse_special_files(model_dir: Path) -> None:
 
 
 def open_vocabulary(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None,
-                    model_name: str | None = None, metadata_file: Path | None = None) -> tuple[TensorPlan, list[dict]]:
+                    model_name: str | None = None, metadata_file: Path | None = None,
+                    memory_limit: int | None = None) -> tuple[TensorPlan, list[dict]]:
     """(plan, key/values) of a file without tensors, from config.json and the tokenizer alone."""
     model_dir = Path(model_dir)
     refuse_special_files(model_dir)
@@ -73,7 +74,7 @@ def open_vocabulary(model_dir: Path, name: str | None = None, tokenizer_pre: str
             pass  # no readable weights: the row config.json alone names
     name = name or model_dir.resolve().name
     return plan, build_kv(plan, model_dir, name=name, tokenizer_pre=tokenizer_pre, model_name=model_name,
-                          metadata_file=metadata_file, vocab_only=True)
+                          metadata_file=metadata_file, vocab_only=True, memory_limit=memory_limit)
 
 
 def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
@@ -171,7 +172,7 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
     if memory_limit is not None:
         check_tokenizer_fits(model_dir, plan.config["vocab_size"], memory_limit)
     kv = build_kv(plan, model_dir, name=name, tokenizer_pre=tokenizer_pre, model_name=model_name,
-                  metadata_file=metadata_file)
+                  metadata_file=metadata_file, memory_limit=memory_limit)
     files = {src.file for src in found.values()}
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():

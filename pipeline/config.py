@@ -87,20 +87,33 @@ class Options:
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
-def load_preset(path: Path | None) -> dict:
-    """Read a TOML preset; keys are Options field names (sizes may be strings)."""
+# a preset is a dozen lines; tomllib holds up to about 100 bytes per byte of a file of tables (measured)
+MAX_PRESET_BYTES = 64 * 1024
+PRESET_BYTES_PER_BYTE = 128
+
+
+def load_preset(path: Path | None, memory_limit: int | None = None) -> dict:
+    """Read a TOML preset; keys are Options field names (sizes may be strings). `memory_limit`:
+    the --memory-limit given on the command line, which the file's reading must fit in (without
+    it, the preset's own memory_limit, checked once the small file is read)."""
+    from pipeline.safe_files import read_option_file, refuse_too_big
+
     if path is None and not DEFAULT_PRESET.is_file():
         return {}  # installed without the presets: the dataclass defaults are the default preset
     path = path or DEFAULT_PRESET
+    kind = "a TOML preset file (like configs/default.toml)"
+    raw = read_option_file(path, "--config", kind, MAX_PRESET_BYTES, PRESET_BYTES_PER_BYTE, memory_limit)
     try:
-        if not Path(path).is_file():
-            raise OptionError(f"--config: {path} does not exist or is not a file; give a TOML preset file")
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise OptionError(f"--config: cannot read {path} ({e.strerror})") from None
+        data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise OptionError(f"--config: {path} is not valid TOML ({str(e).splitlines()[0] if str(e) else e})") from None
+    if memory_limit is None and isinstance(data, dict):
+        try:
+            own_limit = parse_size(data.get("memory_limit", Options.memory_limit))
+        except OptionError:
+            own_limit = None  # refused with the other preset values, naming the value
+        if own_limit:  # the file is small (the cap): what reading it took can be judged after
+            refuse_too_big(path, "--config", kind, len(raw), MAX_PRESET_BYTES, PRESET_BYTES_PER_BYTE, own_limit)
     known = {f.name for f in dataclasses.fields(Options)} - {"model_dir", "output", "workdir", "model_name",
                                                                "tokenizer_pre", "kernel_config", "kernel_tiles",
                                                                "name_override", "metadata_file", "vocab_only"}
@@ -227,7 +240,8 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
                  metadata_file: Path | None = None, vocab_only: bool = False, **overrides) -> Options:
     """Merge preset and explicit overrides (None means 'not given') and validate every value,
     so that nothing the options decide can fail after the work has started."""
-    preset_values = load_preset(preset)
+    given_limit = overrides.get("memory_limit")
+    preset_values = load_preset(preset, parse_size(given_limit) if given_limit is not None else None)
     _checked_values(preset_values)  # a bad preset value is refused even where a flag overrides it
     values = _checked_values({**preset_values, **{k: v for k, v in overrides.items() if v is not None}})
     layout = resolve(values["out_type"], values["target"])
@@ -238,7 +252,7 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
             raise OptionError(f"--kernel-config: only --type tl1 and tl2 use a kernel config, not --type "
                               f"{values['out_type']}; leave it out")
         values["kernel_config"] = Path(os.path.abspath(values["kernel_config"]))
-        values["kernel_tiles"] = read_kernel_config(values["kernel_config"], layout.codec)
+        values["kernel_tiles"] = read_kernel_config(values["kernel_config"], layout.codec, values["memory_limit"])
 
     try:
         model_dir = Path(model_dir).resolve()
@@ -284,6 +298,10 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
                               "general.* keys")
     if name_override is not None and not name_override.strip():
         raise OptionError("--model-name: empty; give the model's name")
+    if name_override is not None:
+        from pipeline.metadata import check_model_name
+
+        check_model_name(name_override)
     return Options(model_dir=model_dir, output=output, workdir=workdir, model_name=model_name,
                    name_override=name_override, metadata_file=metadata_file, vocab_only=vocab_only, **values)
 

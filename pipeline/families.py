@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 from pipeline.errors import CheckpointError
+from pipeline.gguf_file import float32_problem
 
 # Roles decide what quantize does with a tensor and which float type it keeps.
 TERNARY = "ternary"      # projection -> ternary codes + one scale
@@ -635,8 +635,14 @@ def arch_metadata(plan: TensorPlan, config_path: Path) -> list[tuple[str, str, o
                 raise CheckpointError(f"{config_path}: {cfg_key} is {value!r}; expected a whole number "
                                       "from 0 to 4294967295")
         elif vtype == "float32":
-            if not numeric or not math.isfinite(value) or not value > 0 or value > 3.4e38:
-                raise CheckpointError(f"{config_path}: {cfg_key} is {value!r}; expected a positive finite number")
+            # the file holds a float32: a value it rounds to 0, a subnormal or infinity would be
+            # written as another number than config.json's (rms_norm_eps 1e-60 as 0.0)
+            problem = float32_problem(value) if numeric else "is not a number"
+            if problem is None and not value > 0:
+                problem = "is not positive"
+            if problem:
+                raise CheckpointError(f"{config_path}: {cfg_key} is {value!r:.40}: it {problem}; GGUF stores it as a "
+                                      "float32: give a positive number from 1.2e-38 to 3.4e38")
         out.append((f"{arch}.{suffix}", vtype, value))
     for suffix, vtype, value in plan.family.constants:
         out.append((f"{arch}.{suffix}", vtype, value))

@@ -167,6 +167,76 @@ def alignment_of(kvs: Iterable[KV]) -> int:
     return DEFAULT_ALIGNMENT
 
 
+FLOAT32_MIN_NORMAL = 2.0 ** -126  # 1.18e-38: below it a float32 keeps only a few bits, then none
+_INT_RANGES = {VT.UINT8: (0, 2**8), VT.INT8: (-2**7, 2**7), VT.UINT16: (0, 2**16), VT.INT16: (-2**15, 2**15),
+               VT.UINT32: (0, 2**32), VT.INT32: (-2**31, 2**31), VT.UINT64: (0, 2**64), VT.INT64: (-2**63, 2**63)}
+
+
+def float32_problem(value) -> str | None:
+    """Why a GGUF FLOAT32 cannot hold `value` as the number it is (None: it can): not a number,
+    or rounded to infinity, to zero, or to a subnormal that keeps only a few of its bits."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "is not a number"
+    try:
+        held = struct.unpack("<f", struct.pack("<f", float(value)))[0]
+    except OverflowError:
+        return "is beyond float32's largest value (3.4e38)"
+    if math.isnan(held):
+        return "is not a number (NaN)"
+    if math.isinf(held):
+        return "is infinite"
+    if value and abs(held) < FLOAT32_MIN_NORMAL:
+        return ("is below float32's smallest normal value (1.2e-38): the file would hold " +
+                ("0" if held == 0 else "a subnormal number, a few bits of it"))
+    return None
+
+
+def _scalar_problem(vtype: GGUFValueType, value) -> str | None:
+    if vtype in _INT_RANGES:
+        lo, hi = _INT_RANGES[vtype]
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "is not a whole number"
+        return None if lo <= value < hi else f"is outside {vtype.name}'s range ({lo} to {hi - 1})"
+    if vtype == VT.FLOAT32:
+        return float32_problem(value)
+    if vtype == VT.FLOAT64:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+        return None if ok else "is not a finite number"
+    if vtype == VT.BOOL:
+        return None if isinstance(value, bool) else "is not true or false"
+    if vtype == VT.STRING:
+        if not isinstance(value, (str, bytes)):
+            return "is not a string"
+        try:
+            value.decode("utf-8") if isinstance(value, bytes) else value.encode("utf-8")
+        except UnicodeError:
+            return "is not valid UTF-8 text (GGUF strings are UTF-8; readers fail on it)"
+        return None
+    return f"has value type {vtype.name}, which cannot be an item"
+
+
+def value_problem(vtype: GGUFValueType, value, sub_type: GGUFValueType | None = None) -> str | None:
+    """Why `value` is not a value of GGUF type `vtype` that reads back as itself (None: it is).
+    Every key/value the converter decides passes this before anything is written: a value of
+    another type would be packed into garbage bytes (a number as NUL bytes, a string's letters
+    as an array), or fail after the conversion's work."""
+    if vtype != VT.ARRAY:
+        return _scalar_problem(vtype, value)
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        return "is not a list"
+    if sub_type is None:
+        if not value:
+            return "is an empty list without an item type"
+        sub_type = VT.get_type(value[0])
+    if sub_type == VT.ARRAY:
+        return "is a list of lists (llama.cpp reads no nested arrays)"
+    for i, item in enumerate(value):
+        problem = _scalar_problem(sub_type, item)
+        if problem:
+            return f"item {i} ({str(item)[:40]!r}) {problem}"
+    return None
+
+
 def encode_string(s: str | bytes) -> bytes:
     raw = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else bytes(s)
     return struct.pack("<Q", len(raw)) + raw

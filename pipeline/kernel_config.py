@@ -23,32 +23,35 @@ from pathlib import Path
 
 from pipeline.codecs import Tiles
 from pipeline.errors import OptionError
+from pipeline.safe_files import read_option_file
 
 KEYS = ("m", "k", "bm", "bk", "bmm")
+# a build's file has a section per projection shape (a few hundred bytes); ConfigParser holds
+# about 52 bytes per byte of a file of sections (measured), so the cap keeps it near 64 MiB
+MAX_BYTES = 1024**2
+BYTES_PER_BYTE = 64
 # tiles bitnet.cpp's setup_env uses, tried in this order when suggesting tiles for a shape
 SUGGESTED_BM = (256, 160, 128, 320, 64, 32)
 SUGGESTED = {"tl1": ((128, 32), (64, 32), (64, 64), (128, 64)), "tl2": ((96, 32), (192, 32))}  # (BK, bm)
 
 
-def read_kernel_config(path: Path, codec) -> tuple[tuple[int, int, int, int, int], ...]:
-    """The (m, k, BM, BK, bm) of every section, checked for `codec` (TL1 or TL2)."""
+def read_kernel_config(path: Path, codec, memory_limit: int | None = None) \
+        -> tuple[tuple[int, int, int, int, int], ...]:
+    """The (m, k, BM, BK, bm) of every section, checked for `codec` (TL1 or TL2); the file is refused
+    unread when parsing it would not fit in `memory_limit`."""
     option = f"--kernel-config {path}"
-    parser = configparser.ConfigParser()  # strict: a section or key given twice is refused
+    kind = "the include/kernel_config.ini your bitnet.cpp build was generated with"
+    data = read_option_file(path, "--kernel-config", kind, MAX_BYTES, BYTES_PER_BYTE, memory_limit)
+    # strict: a section or key given twice is refused; no interpolation: '%' is only a character
+    # here (the value is then refused as not a whole number), not a reference to another key
+    parser = configparser.ConfigParser(interpolation=None)
     try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
-    except FileNotFoundError:
-        raise OptionError(f"{option}: no such file; give the include/kernel_config.ini your bitnet.cpp build "
-                          "was generated with") from None
-    except IsADirectoryError:
-        raise OptionError(f"{option}: is a directory; give its include/kernel_config.ini") from None
-    except OSError as e:
-        raise OptionError(f"{option}: cannot read ({e.strerror})") from None
+        parser.read_string(data.decode("utf-8"), source=str(path))
     except UnicodeDecodeError:
         raise OptionError(f"{option}: not a text file; give bitnet.cpp's include/kernel_config.ini") from None
     except configparser.Error as e:
         first = " ".join(str(e).split())
-        raise OptionError(f"{option}: not a kernel config ({first})") from None
+        raise OptionError(f"{option}: not a kernel config ({first[:200]})") from None
     if not parser.sections():
         raise OptionError(f"{option}: no [Kernels_N] sections; give the include/kernel_config.ini bitnet.cpp's "
                           "code generator wrote")

@@ -1,4 +1,4 @@
-"""Opening files where someone else may have put a link first.
+"""Opening files where someone else may have put a link first, and reading the small files options name.
 
 The run directory and the output's directory are places other processes can write to.
 A temporary file is therefore always created anew and exclusively (O_CREAT | O_EXCL |
@@ -6,6 +6,10 @@ O_NOFOLLOW): whatever was at its name is removed first (a link is removed, never
 followed), and if something appears there again before the creation, the creation
 fails instead of writing through it. A file that is kept (the lock) is opened without
 following a link at its name.
+
+A file an option names (--metadata, --kernel-config, --config) is read by `read_option_file`:
+opened without waiting (a FIFO), refused unless it is a regular file, and sized before it is
+read against a cap and the memory limit, so no option file can block or outgrow the limit.
 """
 from __future__ import annotations
 
@@ -54,3 +58,55 @@ def open_no_link(path: Path, flags: int) -> int:
         raise RunDirError(f"{path}: is not a regular file; this is not a file of ours: remove it or "
                           "choose another --workdir")
     return fd
+
+
+def read_option_file(path: Path, option: str, kind: str, max_bytes: int, bytes_per_byte: int,
+                     memory_limit: int | None = None) -> bytes:
+    """The bytes of a small file named by an option (--metadata, --kernel-config, --config),
+    sized before it is read: only a regular file (a FIFO or a device would block or never end),
+    at most `max_bytes`, and only when parsing it (about `bytes_per_byte` times its size) fits in
+    `memory_limit` beside what this process already holds. `kind` names what the file should be."""
+    from pipeline.errors import OptionError
+
+    where = f"{option} {path}"
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _CLOEXEC)
+    except FileNotFoundError:
+        raise OptionError(f"{where}: no such file; give {kind}") from None
+    except OSError as e:
+        raise OptionError(f"{where}: cannot read ({e.strerror}); give {kind}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OptionError(f"{where}: is a directory; give {kind}" if stat.S_ISDIR(st.st_mode) else
+                          f"{where}: is not a regular file (a FIFO, device or socket); give {kind}")
+    with os.fdopen(fd, "rb") as f:
+        refuse_too_big(path, option, kind, st.st_size, max_bytes, bytes_per_byte, memory_limit)
+        try:
+            data = f.read(st.st_size + 1)
+        except OSError as e:
+            raise OptionError(f"{where}: cannot read ({e.strerror})") from None
+    if len(data) > st.st_size:
+        raise OptionError(f"{where}: grew while it was read; give a file nothing else is writing")
+    return data
+
+
+def refuse_too_big(path: Path, option: str, kind: str, size: int, max_bytes: int, bytes_per_byte: int,
+                   memory_limit: int | None) -> None:
+    """Refuse an option file of `size` bytes past `max_bytes`, or whose parsing `memory_limit` cannot hold."""
+    from pipeline.budget import HEADROOM, current_rss
+    from pipeline.config import format_size
+    from pipeline.errors import OptionError
+
+    if size > max_bytes:
+        raise OptionError(f"{option} {path}: {format_size(size)}, more than the {format_size(max_bytes)} read from "
+                          f"such a file; give {kind}")
+    if memory_limit is None:
+        return
+    rest = current_rss() + HEADROOM
+    need = size * bytes_per_byte
+    if rest <= memory_limit < rest + need:  # a limit below `rest` is the budget's to refuse, with its minimum
+        raise OptionError(f"{option} {path}: reading its {format_size(size)} takes about {format_size(need)}, more "
+                          f"than --memory-limit {format_size(memory_limit)} holds beside this process; give a "
+                          f"smaller file or allow at least {-(-(rest + need) // 2**20)}MiB")

@@ -412,7 +412,7 @@ def test_a_split_size_below_one_byte(tmp_path, out):
 
 
 @pytest.mark.parametrize("content,needle", [("[1]", "JSON object"), ("{not json", "not JSON"),
-                                            ('{"general.tags": 5}', "wrong type"), (None, "does not exist")])
+                                            ('{"general.tags": 5}', "general.tags must be a list of strings"), (None, "does not exist")])
 def test_a_bad_metadata_file_is_refused(checkpoint, tmp_path, content, needle):
     model = checkpoint()
     meta = tmp_path / "meta.json"
