@@ -10,7 +10,10 @@ The general.* keys (name, basename, size label, finetune, version, organization,
 tags, languages, base models, datasets, sampling defaults) are decided by gguf-py's
 `Metadata`, as llama.cpp's converter does: README.md front matter, config.json's
 `_name_or_path`, generation_config.json, the directory's name, then the `--metadata` file
-(the same JSON keys, e.g. {"general.name": ..., "general.tags": [...]}) and `--model-name`.
+(the same JSON keys, e.g. {"general.name": ..., "general.tags": [...]}, plus general.license)
+and `--model-name`. A --metadata key llama.cpp's converter would drop, or a value of another
+type than the key is written as, is refused naming the key; so is any key/value, wherever it
+came from, that its GGUF type cannot hold as it is (gguf_file.value_problem).
 """
 from __future__ import annotations
 
@@ -212,11 +215,11 @@ def build_kv(plan: TensorPlan, model_dir: Path, name: str | None = None, tokeniz
     for key, v in w.kv_data[0].items():
         problem = value_problem(v.type, v.value, v.sub_type)
         if problem:
-            raise _source_error(key, problem, plan, model_dir, model_name, metadata_file, overrides)
+            raise _source_error(key, v.value, problem, model_dir, model_name, metadata_file, overrides)
     return [kv_record(key, v) for key, v in w.kv_data[0].items()]
 
 
-def _source_error(key: str, problem: str, plan: TensorPlan, model_dir: Path, model_name: str | None,
+def _source_error(key: str, value, problem: str, model_dir: Path, model_name: str | None,
                   metadata_file: Path | None, overrides: dict):
     """A key/value that is not of its GGUF type, refused naming where it came from."""
     if model_name is not None and key == _G.NAME:
@@ -227,12 +230,13 @@ def _source_error(key: str, problem: str, plan: TensorPlan, model_dir: Path, mod
     if key.startswith("general.sampling."):
         where = model_dir / "generation_config.json"
     elif key.startswith("general."):
-        where = model_dir / "README.md"
+        where = model_dir / "README.md (its front matter)"
     elif key.startswith("tokenizer."):
-        where = model_dir
+        where = model_dir / "the tokenizer's files"
     else:
         where = model_dir / "config.json"
-    return CheckpointError(f"{where}: the GGUF key {key} {problem}")
+    shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+    return CheckpointError(f"{where}: gives the GGUF key {key} the value {shown}, which {problem}; correct the file")
 
 
 def family_tokenizer_keys(w: gguf.GGUFWriter, plan: TensorPlan, model_dir: Path) -> None:
