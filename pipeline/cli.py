@@ -101,7 +101,8 @@ def add_convert_options(c) -> None:
                         "directory's name, as llama.cpp's converter decides it)")
     c.add_argument("--metadata", type=Path, default=None, metavar="FILE.json",
                    help="general.* key/values overriding the guessed ones, in llama.cpp's converter's layout "
-                        "(e.g. {\"general.name\": \"...\", \"general.license\": \"mit\", \"general.tags\": [...]})")
+                        "(e.g. {\"general.name\": \"...\", \"general.license\": \"mit\", \"general.tags\": [...]}); "
+                        "README.md lists the keys and their JSON types, anything else is refused")
     c.add_argument("--vocab-only", action="store_true",
                    help="write only the tokenizer and key/values, no tensors (reads config.json and the "
                         "tokenizer, not the weights; default output ./<model name>-vocab.gguf)")

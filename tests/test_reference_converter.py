@@ -206,6 +206,12 @@ def test_general_keys_and_vocab_only_equal_llama_cpp_converters(llama_convert, t
             p.rename(model / p.name)
     llama_cpp_convert(llama_convert, model, theirs, "tq2_0", *args)
     kv_ours, kv_theirs = metadata(gguf.GGUFReader(ours)), metadata(gguf.GGUFReader(theirs))
+    if "--metadata" in args:
+        # llama.cpp's converter drops --metadata's general.license unread (gguf-py's Metadata takes
+        # it from the model card only) and keeps the card's; we write the one the user gave
+        assert kv_ours["general.license"][1] == OVERRIDES["general.license"], kv_ours["general.license"]
+        assert kv_theirs["general.license"][1] == "mit", kv_theirs["general.license"]
+        kv_ours["general.license"] = kv_theirs["general.license"]
     differing = sorted(k for k in kv_ours.keys() | kv_theirs.keys() if kv_ours.get(k) != kv_theirs.get(k))
     assert differing == [], "\n".join(f"  {k}: ours {short(kv_ours.get(k))}, llama.cpp {short(kv_theirs.get(k))}"
                                       for k in differing)
