@@ -172,10 +172,18 @@ _INT_RANGES = {VT.UINT8: (0, 2**8), VT.INT8: (-2**7, 2**7), VT.UINT16: (0, 2**16
                VT.UINT32: (0, 2**32), VT.INT32: (-2**31, 2**31), VT.UINT64: (0, 2**64), VT.INT64: (-2**63, 2**63)}
 
 
+def _is_whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return _is_whole(value) or isinstance(value, (float, np.floating))
+
+
 def float32_problem(value) -> str | None:
     """Why a GGUF FLOAT32 cannot hold `value` as the number it is (None: it can): not a number,
     or rounded to infinity, to zero, or to a subnormal that keeps only a few of its bits."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_number(value):
         return "is not a number"
     try:
         held = struct.unpack("<f", struct.pack("<f", float(value)))[0]
@@ -194,16 +202,16 @@ def float32_problem(value) -> str | None:
 def _scalar_problem(vtype: GGUFValueType, value) -> str | None:
     if vtype in _INT_RANGES:
         lo, hi = _INT_RANGES[vtype]
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not _is_whole(value):
             return "is not a whole number"
-        return None if lo <= value < hi else f"is outside {vtype.name}'s range ({lo} to {hi - 1})"
+        return None if lo <= int(value) < hi else f"is outside {vtype.name}'s range ({lo} to {hi - 1})"
     if vtype == VT.FLOAT32:
         return float32_problem(value)
     if vtype == VT.FLOAT64:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+        ok = _is_number(value) and math.isfinite(float(value))
         return None if ok else "is not a finite number"
     if vtype == VT.BOOL:
-        return None if isinstance(value, bool) else "is not true or false"
+        return None if isinstance(value, (bool, np.bool_)) else "is not true or false"
     if vtype == VT.STRING:
         if not isinstance(value, (str, bytes)):
             return "is not a string"
@@ -215,6 +223,34 @@ def _scalar_problem(vtype: GGUFValueType, value) -> str | None:
     return f"has value type {vtype.name}, which cannot be an item"
 
 
+def _first_bad_number(sub_type: GGUFValueType, value) -> int | None:
+    """For a long list of numbers (a vocabulary's scores, token types), the index of the first item
+    its type cannot hold, found at numpy speed; None when all fit, or when the items are not all
+    plain numbers (then each is checked on its own)."""
+    if sub_type not in _INT_RANGES and sub_type != VT.FLOAT32 or len(value) < 64:
+        return None
+    if not isinstance(value, np.ndarray) and any(isinstance(x, bool) for x in value):
+        return None  # numpy would take True for 1
+    try:
+        arr = np.asarray(value)
+    except (ValueError, OverflowError):
+        return None
+    if sub_type in _INT_RANGES and arr.dtype.kind in "iu":
+        lo, hi = _INT_RANGES[sub_type]
+        if int(arr.min()) >= lo and int(arr.max()) < hi:
+            return len(value)
+        bad = [not lo <= int(x) < hi for x in arr]
+        return bad.index(True)
+    elif sub_type == VT.FLOAT32 and arr.dtype.kind in "iuf":
+        wide = arr.astype(np.float64)
+        with np.errstate(over="ignore"):
+            held = wide.astype(np.float32)
+        bad = ~np.isfinite(held) | ((wide != 0) & (np.abs(held) < FLOAT32_MIN_NORMAL))
+    else:
+        return None
+    return int(np.argmax(bad)) if bad.any() else len(value)  # len: all fit, nothing to check item by item
+
+
 def value_problem(vtype: GGUFValueType, value, sub_type: GGUFValueType | None = None) -> str | None:
     """Why `value` is not a value of GGUF type `vtype` that reads back as itself (None: it is).
     Every key/value the converter decides passes this before anything is written: a value of
@@ -222,15 +258,25 @@ def value_problem(vtype: GGUFValueType, value, sub_type: GGUFValueType | None = 
     as an array), or fail after the conversion's work."""
     if vtype != VT.ARRAY:
         return _scalar_problem(vtype, value)
-    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+    if not isinstance(value, (list, tuple, np.ndarray)):
         return "is not a list"
     if sub_type is None:
-        if not value:
+        if not len(value):
             return "is an empty list without an item type"
         sub_type = VT.get_type(value[0])
     if sub_type == VT.ARRAY:
         return "is a list of lists (llama.cpp reads no nested arrays)"
-    for i, item in enumerate(value):
+    if sub_type == VT.STRING and all(type(x) is str for x in value):
+        try:  # a vocabulary's tokens and merges: one encoding of them all, item by item only on failure
+            "".join(value).encode("utf-8")
+            return None
+        except UnicodeEncodeError:
+            pass
+    first_bad = _first_bad_number(sub_type, value)
+    if first_bad == len(value):
+        return None
+    items = enumerate(value) if first_bad is None else [(first_bad, value[first_bad])]
+    for i, item in items:
         problem = _scalar_problem(sub_type, item)
         if problem:
             return f"item {i} ({str(item)[:40]!r}) {problem}"
