@@ -69,11 +69,12 @@ METADATA_BYTES_PER_BYTE = 32
 
 
 def _no_repeated_keys(pairs):
-    keys = [k for k, _ in pairs]
-    repeated = next((k for k in keys if keys.count(k) > 1), None)
-    if repeated is not None:  # json.loads would keep the last silently
-        raise OptionError(f"key {repeated!r} is given twice; keep one")
-    return dict(pairs)
+    data = dict(pairs)
+    if len(data) < len(pairs):  # json.loads would keep the last silently
+        seen = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise OptionError(f"key {repeated!r:.80} is given twice; keep one")
+    return data
 
 
 def read_metadata_file(path: Path | None, memory_limit: int | None = None) -> dict:
@@ -224,7 +225,8 @@ def _source_error(key: str, value, problem: str, model_dir: Path, model_name: st
     """A key/value that is not of its GGUF type, refused naming where it came from."""
     if model_name is not None and key == _G.NAME:
         return OptionError(f"--model-name: {problem}")
-    entry_list = {"base_model": "general.base_models", "dataset": "general.datasets"}.get(key.split(".")[1], "")
+    entry_list = {"base_model": "general.base_models", "dataset": "general.datasets"}.get(
+        (key.split(".") + [""])[1], "")
     if key in overrides or entry_list in overrides:
         return OptionError(f"--metadata {metadata_file}: {key} {problem}")
     if key.startswith("general.sampling."):

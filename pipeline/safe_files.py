@@ -100,7 +100,7 @@ def refuse_too_big(path: Path, option: str, kind: str, size: int, max_bytes: int
     from pipeline.errors import OptionError
 
     if size > max_bytes:
-        raise OptionError(f"{option} {path}: {format_size(size)}, more than the {format_size(max_bytes)} read from "
+        raise OptionError(f"{option} {path}: {size:,} bytes, more than the {format_size(max_bytes)} read from "
                           f"such a file; give {kind}")
     if memory_limit is None:
         return

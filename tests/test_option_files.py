@@ -91,7 +91,8 @@ def test_a_kernel_config_of_100000_sections_is_refused_before_it_is_read(model, 
                          ids=["metadata", "config", "kernel-config"])
 def test_option_files_far_larger_than_any_such_file_are_refused_unread(model, tmp_path, option, size, limit):
     big = sparse(tmp_path / "big", size)
-    refused(model, tmp_path, (*option, big), option[-1], str(big), "MiB", extra=("--memory-limit", limit))
+    refused(model, tmp_path, (*option, big), option[-1], str(big), "bytes, more than the",
+            extra=("--memory-limit", limit))
 
 
 def test_reading_an_option_file_is_sized_against_the_memory_limit(tmp_path):
