@@ -17,7 +17,7 @@ import os
 import stat
 from pathlib import Path
 
-from pipeline.errors import RunDirError
+from pipeline.errors import OptionError, RunDirError
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -66,8 +66,6 @@ def read_option_file(path: Path, option: str, kind: str, max_bytes: int, bytes_p
     sized before it is read: only a regular file (a FIFO or a device would block or never end),
     at most `max_bytes`, and only when parsing it (about `bytes_per_byte` times its size) fits in
     `memory_limit` beside what this process already holds. `kind` names what the file should be."""
-    from pipeline.errors import OptionError
-
     where = f"{option} {path}"
     try:
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
@@ -97,7 +95,6 @@ def refuse_too_big(path: Path, option: str, kind: str, size: int, max_bytes: int
     """Refuse an option file of `size` bytes past `max_bytes`, or whose parsing `memory_limit` cannot hold."""
     from pipeline.budget import HEADROOM, current_rss
     from pipeline.config import format_size
-    from pipeline.errors import OptionError
 
     if size > max_bytes:
         raise OptionError(f"{option} {path}: {size:,} bytes, more than the {format_size(max_bytes)} read from "
