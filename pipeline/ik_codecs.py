@@ -56,6 +56,16 @@ def _row_fields(codes: np.ndarray, scale) -> tuple[np.ndarray, np.ndarray, int]:
     return q, row_max, cols // QK_IQ1BN
 
 
+def _data_blocks(data: np.ndarray, codec) -> tuple[np.ndarray, int]:
+    """(uint8 (rows, row_bytes) data, blocks per row), checking the row size."""
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] <= codec.row_meta_size \
+            or (data.shape[1] - codec.row_meta_size) % codec.type_size:
+        raise CodecError(f"{codec.name} data must be (rows, {codec.row_meta_size} + k * {codec.type_size}) "
+                         f"bytes, got shape {data.shape}")
+    return data, (data.shape[1] - codec.row_meta_size) // codec.type_size
+
+
 class IQ2_BN(Codec):
     """A row is float32 max|x| (4 bytes) then blocks of 64 values in 16 bytes: byte j of a block
     holds the fields of values j, 16 + j, 32 + j, 48 + j in bits 1:0, 3:2, 5:4, 7:6 (field =
@@ -87,8 +97,8 @@ class IQ2_BN(Codec):
 
     @classmethod
     def decode(cls, data: np.ndarray) -> np.ndarray:
-        data = np.ascontiguousarray(data, dtype=np.uint8)
-        rows, nb = data.shape[0], (data.shape[1] - 4) // 16
+        data, nb = _data_blocks(data, cls)
+        rows = data.shape[0]
         d = data[:, :4].copy().view("<f4").astype(np.float32)  # (rows, 1)
         b = data[:, 4:].reshape(rows, nb, 1, 16)
         shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
@@ -126,8 +136,8 @@ class IQ1_BN(Codec):
 
     @classmethod
     def decode(cls, data: np.ndarray) -> np.ndarray:
-        data = np.ascontiguousarray(data, dtype=np.uint8)
-        rows, nb = data.shape[0], (data.shape[1] - 2) // 13
+        data, nb = _data_blocks(data, cls)
+        rows = data.shape[0]
         d = data[:, :2].copy().view("<f2").astype(np.float32)  # (rows, 1)
         blocks = data[:, 2:].reshape(rows, nb, 13)
         v = ((blocks.astype(np.uint16) * 243) >> 8)            # the stored base-3 numbers
@@ -170,11 +180,11 @@ class IQ2_BN_R4(IQ2_BN):
 
     @classmethod
     def decode(cls, data: np.ndarray) -> np.ndarray:
-        data = np.ascontiguousarray(data, dtype=np.uint8)
+        data, nb = _data_blocks(data, cls)
         rows = data.shape[0]
         if rows % 4:
             raise CodecError(f"{cls.name} data must hold a multiple of 4 rows, got {rows}")
-        g, nb = rows // 4, (data.shape[1] - 4) // 16
+        g = rows // 4
         groups = data.reshape(g, 16 + nb * 64)
         d = groups[:, :16].copy().view("<f4").astype(np.float32)  # (g, 4)
         b = groups[:, 16:].reshape(g, nb, 4, 4, 4, 1)              # (g, nb, l, k, i, 1)

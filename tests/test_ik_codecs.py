@@ -215,3 +215,10 @@ def test_bad_input_refused(codes, scale):
     for codec in (IQ2_BN, IQ1_BN):
         with pytest.raises(CodecError):
             codec.encode(codes, scale)
+
+
+@pytest.mark.parametrize("codec, width", [(IQ2_BN, 21), (IQ2_BN, 4), (IQ1_BN, 16), (IQ2_BN_R4, 20)])
+def test_bad_data_refused(codec, width):
+    rows = 2 if codec is IQ2_BN_R4 else 1  # 20 bytes is a good R4 row, 2 rows are not a group
+    with pytest.raises(CodecError):
+        codec.decode(np.zeros((rows, width), dtype=np.uint8))
