@@ -32,7 +32,7 @@ from pipeline.stores import largest_values, source_changed
 KV_READBACK_BYTES_PER_ROW = 160
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 3, "quantize": 3, "pack": 3, "assemble": 3}
+STAGE_VERSIONS = {"extract": 4, "quantize": 3, "pack": 3, "assemble": 3}
 
 
 def stage_inputs(opts: Options, ckpt) -> dict[str, dict]:

@@ -18,7 +18,8 @@ beside each float tensor:
   output type cannot hold (above F16's 65504) is refused before anything is packed;
 - group-scaled ternary projections (float values already {-s, 0, +s} per group of columns):
   the magnitude s of every run of GROUP_COLUMNS values (`<name>.group_max`, rows x cols / 32),
-  after checking that each run holds one magnitude at most;
+  after checking that each run holds one magnitude at most, and the zeros of every row
+  (`<name>.zeros`): a tensor without any is binary ({-s, +s}: 1-bit Bonsai), which Q1_0 holds;
 
 and NaN or infinite weights are refused, naming the tensor. Packed projections need no
 pass here: quantize reads every packed byte once anyway and refuses a 2-bit field holding
@@ -40,7 +41,7 @@ from pipeline.safetensors_io import TensorSource, as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (MAX_SUFFIX, array_path, ensure_array, index_array, make_ref, open_store, refs_json,
                              refs_path, row_ranges, write_rows, written_chunks)
-from stages.quantize import SUMS_SUFFIX
+from stages.quantize import SUMS_SUFFIX, ZEROS_SUFFIX
 
 GROUP_SUFFIX = ".group_max"
 
@@ -73,13 +74,16 @@ def row_abs_max_bits(block: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
     return (top.view(np.float16).astype(np.float32) if dtype == "F16" else top.view(np.float32)), finite
 
 
-def scan_rows(source: TensorSource, side_path: str, start: int, stop: int, kind: str) -> None:
+def scan_rows(source: TensorSource, side_path: str, start: int, stop: int, kind: str,
+              zeros_path: str | None = None) -> None:
     """Rows [start, stop) of a tensor the later stages read from the checkpoint: refuse what they
     cannot take, and write into the side array the per-row |W| sums (kind "master"), maxima
-    ("float") or the per-group magnitudes of a group-scaled tensor ("grouped")."""
+    ("float") or the per-group magnitudes of a group-scaled tensor ("grouped", and its zeros per
+    row into `zeros_path`)."""
     block = source.read_rows(start, stop)
     if kind == "grouped":
-        side, bad = group_magnitudes(as_float32(block, source.dtype), GROUP_COLUMNS)
+        values = as_float32(block, source.dtype)
+        side, bad = group_magnitudes(values, GROUP_COLUMNS)
         if bad is not None:
             row, g = bad
             raise CheckpointError(f"{source.file}: tensor {source.name}, row {start + row}, columns "
@@ -87,6 +91,7 @@ def scan_rows(source: TensorSource, side_path: str, start: int, stop: int, kind:
                                   "(-s, 0 and +s for one s per group); only group-scaled ternary weights "
                                   "convert here, this checkpoint's are not")
         write_rows(side_path, start, stop, side)
+        write_rows(zeros_path, start, stop, (values == 0).sum(axis=1, dtype=np.uint32))
         return
     if kind == "float" and source.dtype in MAGNITUDE_BITS:
         side, finite = row_abs_max_bits(block, source.dtype)
@@ -141,17 +146,23 @@ def run(ctx: StageContext) -> None:
             "source_file": src.file.name, "shape": list(t.shape), "recipe": t.recipe.as_json(),
         }, ref)
         side = side_array_name(t.gguf_name, kind)
+        zeros = None
         if side and kind == "grouped":
             arrays[side] = ensure_array(group, side, (src.shape[0], src.shape[1] // GROUP_COLUMNS), rows,
                                         np.float32, {"of": t.gguf_name})
+            zeros = t.gguf_name + ZEROS_SUFFIX
+            arrays[zeros] = ensure_array(group, zeros, (src.shape[0],), rows, np.uint32, {"of": t.gguf_name})
         elif side:
             n_rows = src.shape[0] if len(src.shape) > 1 else 1
             arrays[side] = ensure_array(group, side, (n_rows,), rows if len(src.shape) > 1 else 1,
                                         np.float64 if kind == "master" else np.float32, {"of": t.gguf_name})
         if side:
             done = written_chunks(arrays[side])
+            if zeros:  # a chunk is done when both side arrays hold it (a kill may fall between the two)
+                done &= written_chunks(arrays[zeros])
             for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
                 if i not in done:
-                    tasks.append(chunk_task(scan_rows, src, array_path(ctx.output, side), r0, r1, kind))
+                    tasks.append(chunk_task(scan_rows, src, array_path(ctx.output, side), r0, r1, kind,
+                                            array_path(ctx.output, zeros) if zeros else None))
     write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, arrays))
     ctx.scheduler.run(tasks, "extract")

@@ -18,7 +18,9 @@ following the tensor's recipe:
   (`<name>.block_scales`, rows x cols / 64; only Q2_0 holds that), or, when the
   magnitude changes inside a block of 64, one per 32 values (rows x cols / 32: no type
   holds that; pack refuses it, naming the tensor, or requantizes it with
-  --allow-requantize). The values per block scale are cols / the array's columns.
+  --allow-requantize). The values per block scale are cols / the array's columns. The count
+  of zero values (attribute `zeros`, from extract's per-row counts) says whether the tensor is
+  binary ({-s, +s}, 0 zeros: Q1_0 holds it) or ternary.
 
 Either way, the llama q/k permutation moves rows within whole heads, so a chunk is
 a whole number of heads. A packed byte with a 2-bit field of 3 (not a code) is refused
@@ -51,6 +53,7 @@ from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is
 ReadRows = Callable[[int, int], np.ndarray]
 SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside a master-weight projection
 GROUP_SUFFIX = ".group_max"   # extract.zarr: magnitude of every GROUP_COLUMNS values of a group-scaled projection
+ZEROS_SUFFIX = ".zeros"          # extract.zarr: zero values per row of a group-scaled projection
 BLOCK_SCALES_SUFFIX = ".block_scales"  # quantize.zarr: one scale per 64 (or 32) values, when not one per tensor
 SCALE_BLOCK = 64              # values per block scale (Q2_0's block)
 
@@ -266,7 +269,11 @@ def run(ctx: StageContext) -> None:
                 ensure_array(group, name + BLOCK_SCALES_SUFFIX, blocks.shape, blocks.shape[0], np.float32,
                              {"of": name})
                 write_rows(array_path(ctx.output, name + BLOCK_SCALES_SUFFIX), 0, blocks.shape[0], blocks)
-            arr.attrs.update({"absmean": None, "scale": scale})
+            zeros = read_rows(source[name + ZEROS_SUFFIX], 0, shape[0])
+            rows_with = np.flatnonzero(zeros)
+            # binary ({-s, +s}) when no value is 0: Q1_0 holds it; the first row with a zero names it otherwise
+            arr.attrs.update({"absmean": None, "scale": scale, "zeros": int(zeros.sum(dtype=np.int64)),
+                              "first_zero_row": int(rows_with[0]) if rows_with.size else None})
         elif "scale" not in arr.attrs:
             absmean = None
             if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor
