@@ -231,3 +231,37 @@ def test_one_scale_per_tensor_ternary_requantized_to_q1_0(tmp_path):
     blocks = np.abs(w).reshape(shape[0], -1, 128).mean(axis=2)
     want = np.where(w >= 0, 1.0, -1.0) * np.repeat(blocks.astype(np.float16).astype(np.float64), 128, axis=1)
     np.testing.assert_array_equal(decode_q1_0(raw.tobytes(), *shape), want)
+
+
+# -- the codec alone -------------------------------------------------------------------------------
+
+def q1_0_quantize_transcribed(values: np.ndarray) -> bytes:
+    """quantize_row_q1_0_ref (ggml-quants.c of the llama-cpp-python 0.3.36 sdist), one value at a time:
+    float32 sum_abs += fabsf(x), d = sum_abs / 128 to fp16; bit j set where x >= 0."""
+    out = bytearray()
+    for block in np.asarray(values, np.float32).reshape(-1, 128):
+        total = np.float32(0)
+        for x in block:
+            total = np.float32(total + np.float32(abs(x)))
+        out += struct.pack("<e", float(np.float16(np.float32(total / np.float32(128)))))
+        qs = [0] * 16
+        for j, x in enumerate(block):
+            if x >= 0:
+                qs[j // 8] |= 1 << (j % 8)
+        out += bytes(qs)
+    return bytes(out)
+
+
+def test_the_codec_is_llama_cpps_rule_and_the_format():
+    from pipeline.codecs import Q1_0
+
+    rng = np.random.default_rng(3)
+    values = (rng.standard_normal((3, 256)) * rng.uniform(1e-3, 10, (3, 1))).astype(np.float32)
+    values[0, :50] = 0.0
+    values[1, 7] = -0.0  # -0.0 >= 0 in C: +d
+    assert Q1_0.quantize(values).tobytes() == q1_0_quantize_transcribed(values)
+    codes = np.where(rng.random((2, 384)) < 0.5, -1, 1).astype(np.int8)
+    scales = rng.uniform(0.01, 0.05, (2, 3)).astype(np.float16).astype(np.float32)
+    raw = Q1_0.encode(codes, scales)
+    np.testing.assert_array_equal(decode_q1_0(raw.tobytes(), 2, 384), codes * np.repeat(scales, 128, axis=1))
+    np.testing.assert_array_equal(Q1_0.decode(raw), codes * np.repeat(scales, 128, axis=1))
