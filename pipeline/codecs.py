@@ -115,6 +115,17 @@ def group_magnitudes(block: np.ndarray, group: int) -> tuple[np.ndarray, tuple[i
     return m, (int(r), int(g))
 
 
+def group_rows(block: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 (rows, cols / group) magnitudes, bool per row: every run of `group` values of the row
+    is {-s, 0, +s}) of float weights that may or may not be ternary (an embedding)."""
+    values = np.asarray(block, dtype=np.float32)
+    rows, cols = values.shape
+    a = np.abs(values).reshape(rows, cols // group, group)
+    m = a.max(axis=2)
+    ok = ((a == 0) | (a == m[..., None])).all(axis=2) & np.isfinite(m)
+    return m, ok.all(axis=1)
+
+
 def sign_fields(block: np.ndarray) -> np.ndarray:
     """Fields (code + 1, uint8) of ternary float values: the sign of each value."""
     codes = np.sign(np.asarray(block, dtype=np.float32)).astype(np.int8)

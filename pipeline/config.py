@@ -9,7 +9,8 @@ import tomllib
 from pathlib import Path
 
 from pipeline.errors import OptionError
-from pipeline.outtypes import (DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, TERNARY_CHOICES, OutputType,
+from pipeline.outtypes import (DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES,
+                               OutputType,
                                check_choice, resolve, target_of)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -207,7 +208,8 @@ def _checked_values(values: dict) -> dict:
     values["target"] = target_of(values["out_type"], values.get("target"))
     # a float --type makes the whole file that type unless --embedding-type says otherwise, as
     # llama.cpp's --outtype does; ternary types keep F16 embeddings (as llama.cpp's converter too)
-    default_embedding = values["out_type"] if values["out_type"] in EMBEDDING_CHOICES else DEFAULT_EMBEDDING_TYPE
+    default_embedding = values["out_type"] if values["out_type"] in EMBEDDING_CHOICES \
+        and not OUTPUT_TYPES[values["out_type"]].codec.ternary else DEFAULT_EMBEDDING_TYPE
     values["embedding_type"] = check_choice(values.get("embedding_type", default_embedding),
                                             EMBEDDING_CHOICES, "--embedding-type")
     values["memory_limit"] = parse_size(values.get("memory_limit", Options.memory_limit))

@@ -84,7 +84,7 @@ class OutputType:
 
 OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
     OutputType("tq2_0", TQ2_0, 37, "2.06 bits/weight, llama.cpp and bitnet.cpp", ternary_choice=True,
-               fallback="f16", from_codes=True),
+               embedding_choice=True, fallback="f16", from_codes=True),
     OutputType("tq1_0", TQ1_0, 36, "1.69 bits/weight, smallest, llama.cpp and bitnet.cpp", ternary_choice=True,
                fallback="f16"),
     OutputType("i2_s", I2_S, 40, "2 bits/weight, bitnet.cpp's fast CPU kernels (not upstream llama.cpp), "
@@ -104,11 +104,12 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
 )}
 # upstream llama.cpp's Q2_0 (file type MOSTLY_Q2_0 = 41): one fp16 scale per 64 values
 OUTPUT_TYPES["q2_0"] = OutputType("q2_0", Q2_0, 41, "2.25 bits/weight, upstream llama.cpp only (one scale per "
-                                  "64 values: group-scaled checkpoints)", ternary_choice=True, fallback="f16")
+                                  "64 values: group-scaled checkpoints)", ternary_choice=True, embedding_choice=True,
+                                  fallback="f16")
 # upstream llama.cpp's Q1_0 (file type MOSTLY_Q1_0 = 40): one fp16 scale and 128 sign bits per 128 values
 OUTPUT_TYPES["q1_0"] = OutputType("q1_0", Q1_0, 40, "1.125 bits/weight, upstream llama.cpp only (binary "
                                   "checkpoints: -s and +s, one s per 128 values; 1-bit Bonsai)", ternary_choice=True,
-                                  fallback="f16")
+                                  embedding_choice=True, fallback="f16")
 assert set(OUTPUT_TYPES) == set(CODECS), "every codec has a registry entry"
 # a ggml type id names one registry entry for what is target-independent about it (sizes)
 BY_GGML_TYPE = {t.ggml_type: t for t in reversed(OUTPUT_TYPES.values())}
@@ -144,7 +145,9 @@ def resolve(option: str, target: str | None) -> OutputType:
 
 
 TERNARY_CHOICES = tuple(dict.fromkeys(t.type_option for t in OUTPUT_TYPES.values() if t.ternary_choice))
-EMBEDDING_CHOICES = tuple(n for n, t in OUTPUT_TYPES.items() if t.embedding_choice)
+# float types first; the ternary ones hold the ternary (or binary) embeddings of group-scaled checkpoints
+EMBEDDING_CHOICES = tuple(sorted((n for n, t in OUTPUT_TYPES.items() if t.embedding_choice),
+                                 key=lambda n: OUTPUT_TYPES[n].codec.ternary))
 DEFAULT_TYPE, DEFAULT_EMBEDDING_TYPE, NORM_TYPE = "tq2_0", "f16", "f32"
 
 

@@ -25,7 +25,7 @@ from pipeline.budget import BYTES_PER_ELEMENT, HEADROOM, IN_FLIGHT_PER_WORKER, B
 from pipeline.codecs import Q1_0, codes_supported, effective_scale
 from pipeline.config import Options, check_output_path, format_size
 from pipeline.errors import CheckpointError, OptionError
-from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY, Recipe
+from pipeline.families import EMBEDDING, GROUP_COLUMNS, GROUPED, OUTPUT, TERNARY, Recipe
 from pipeline.gguf_file import (MAX_SPLITS, TL_TILES_KEY, GGUFWriterError, TensorInfo, align, alignment_of, as_kv,
                                 data_offsets, file_size, header_bytes, model_kvs, part_kvs, plan_split)
 from pipeline.output import final_paths
@@ -397,6 +397,11 @@ def tensor_types(opts: Options, ckpt) -> list[tuple]:
             if t.recipe.packed:  # the scale is the checkpoint's weight_scale, known now
                 check_scale(t.gguf_name, float(ternary_scale(t.recipe, None)), out.name)
         types.append((out, fallback))
+    embedding = OUTPUT_TYPES[opts.embedding_type]
+    if embedding.codec.ternary and ckpt.plan.family.scale_rule != "group":
+        raise OptionError(f"--embedding-type {opts.embedding_type} holds ternary or binary embeddings (-s, 0, +s per "
+                          f"group, read from the data), which only group-scaled checkpoints have; a "
+                          f"{ckpt.plan.family.name} checkpoint's are floats: choose f16, bf16, f32 or q8_0")
     if opts.layout.codec is Q1_0 and (cast := [t for t in ckpt.plan.tensors
                                                 if t.role == TERNARY and t.recipe.weights != GROUPED]):
         raise OptionError(f"--type q1_0 holds binary projections (-s and +s, one s per 128 values), which only "
@@ -451,6 +456,11 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
             sizes["extract"] += _chunked_bytes(src_rows, src_chunk, source_shape[1] // GROUP_COLUMNS * 4 + 4)
         elif not (t.role == TERNARY and t.recipe.packed):
             side = 8 if t.role == TERNARY else 4  # abs_sums float64, abs_max float32
+            if ternary_embedding_scan(ckpt.plan.family, t.role, source_shape):
+                # a group-scaled checkpoint's embedding: magnitudes per 32 values, zeros and a flag per row;
+                # quantize's block scales (one float32 per 64 values, as for projections)
+                side += source_shape[1] // GROUP_COLUMNS * 4 + 5
+                sizes["quantize"] += source_shape[0] * (source_shape[1] // 64) * 4
             sizes["extract"] += _chunked_bytes(src_rows, src_chunk, side) if len(source_shape) > 1 else side
         rows = budget.rows_per_chunk(shape) if len(shape) > 1 else shape[0]
         if t.role == TERNARY:
@@ -475,6 +485,13 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
         else:
             sizes["pack"] += codec.row_bytes(shape[0])
     return sizes
+
+
+def ternary_embedding_scan(family, role: str, shape) -> bool:
+    """Whether extract scans the embedding or head of a group-scaled checkpoint for ternary groups
+    (Ternary-Bonsai's are ternary: a ternary --embedding-type holds them when the data allows)."""
+    return family.scale_rule == "group" and role in (EMBEDDING, OUTPUT) and len(shape) == 2 \
+        and shape[1] % GROUP_COLUMNS == 0
 
 
 def requantize_note(opts: Options, t, out) -> str | None:

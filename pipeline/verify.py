@@ -36,7 +36,7 @@ from pipeline.outtypes import (BY_GGML_TYPE, type_of_file, EMBEDDING_CHOICES, OU
                                resolve, target_of, targets_of, tensor_type)
 from pipeline.safetensors_io import as_float32, pread_exact
 from pipeline.stores import row_ranges
-from pipeline.plan import I2S_ZERO_BELOW, TARGET_KEY, TILES_KEY, code_layout, file_kvs, requantized_scale, ternary_scale
+from pipeline.plan import I2S_ZERO_BELOW, LAYOUT_INT8, TARGET_KEY, TILES_KEY, code_layout, file_kvs, requantized_scale, ternary_scale
 from stages.pack import block_scale_problem, encode_block
 from stages.quantize import code_rows, group_scales, row_abs_sums, values_per_scale
 
@@ -232,6 +232,14 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
                                 if out.name in ("q2_0", "q1_0")
                                 else "bitnet.cpp's quantize_i2_s of the checkpoint's values" if decodable(out)
                                 else "the converter's requantization (bytes only)"))
+    elif codec.ternary:  # a ternary --embedding-type: the scales its groups hold, recomputed from the data
+        mags = []
+        for r0, r1 in ranges:
+            m, bad = group_magnitudes(as_float32(src.read_rows(r0, r1), src.dtype), GROUP_COLUMNS)
+            if bad is not None:
+                return f"the checkpoint's values are not ternary in row {r0 + bad[0]}, yet the file holds {codec.name}"
+            mags.append(m)
+        scale, blocks = group_scales(np.concatenate(mags))
     elif planned.role == TERNARY:
         if recipe.scale_rule == "absmean":  # one pass: the converter's row sums, and the reference's own sum
             sums, total_abs = [], 0.0
@@ -264,6 +272,10 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
             block = code_rows(src.read_rows, r0, r1, recipe, planned.shape, src.dtype, absmean)
             want = encode_block(block, out.name, scale, src.dtype, code_layout(planned.shape[1]), tiles,
                                 None if blocks is None else blocks[r0:r1], requantized is not None)
+        elif codec.ternary:  # the signs of the embedding's values are its codes
+            signs = np.sign(as_float32(src.read_rows(r0, r1), src.dtype)).astype(np.int8)
+            want = encode_block(signs, out.name, scale, src.dtype, LAYOUT_INT8, None,
+                                None if blocks is None else blocks[r0:r1])
         else:
             want = encode_block(src.read_rows(r0, r1), out.name, None, src.dtype, offset=recipe.offset)
         want = want.reshape(-1, row_bytes) if two_d else want.reshape(1, -1)

@@ -37,9 +37,9 @@ import numpy as np
 from pipeline.codecs import CODECS, Q1_0, codes_from_packed, encode_floats
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
-from pipeline.families import GROUPED, TERNARY, Recipe
+from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY, Recipe
 from pipeline.kernel_config import tiles_of
-from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES
+from pipeline.outtypes import EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (CODES_FROM, ENCODED_FROM, array_path, copy_ref, ensure_array, index_array, is_indexed,
@@ -109,6 +109,35 @@ def group_problem(attrs, block_scales, out, per_scale) -> str | None:
     return problem
 
 
+def ternary_embedding_plan(ctx: StageContext, src, name: str, shape, out, option: str):
+    """(scale, block scales path or None) of an embedding or head written in a ternary
+    --embedding-type, refusing (naming the rows) what the type cannot hold exactly: rows that are
+    not {-s, 0, +s} per group, a scale changing inside a block of the type, a 0 for Q1_0."""
+    attrs = src.attrs
+    hf = attrs["hf_name"]
+    floats = "choose --embedding-type f16, bf16, f32 or q8_0"
+    if "ternary_rows" not in attrs:  # plan refuses this for other families; a store of an older run
+        raise CheckpointError(f"tensor {hf}: --embedding-type {option}: its groups were not read; {floats}")
+    if not attrs["ternary_rows"]:
+        first, n = attrs["first_nonternary_row"], attrs["nonternary_rows"]
+        raise CheckpointError(f"tensor {hf}: --embedding-type {option}: {n} of its {shape[0]} rows (the first: row "
+                              f"{first}) are not ternary (-s, 0 and +s for one s per group of {GROUP_COLUMNS} values), "
+                              f"so {out.codec.name} cannot hold them exactly; {floats}")
+    scale, block_scales, values, per_scale = attrs.get("scale"), None, None, out.block_size
+    if scale is None:
+        block_scales = array_path(ctx.input, name + BLOCK_SCALES_SUFFIX)
+        values = read_rows(open_array(block_scales, "r"), 0, shape[0])
+        per_scale = values_per_scale(values, shape[1])
+    if problem := group_problem(attrs, values, out, per_scale):
+        takes = [n for n in EMBEDDING_CHOICES if OUTPUT_TYPES[n].codec.ternary and OUTPUT_TYPES[n].supports(shape[1])
+                 and group_problem(attrs, values, OUTPUT_TYPES[n], per_scale) is None]
+        rest = f"it converts exactly to --embedding-type {' or '.join(takes)}, or " if takes else ""
+        raise CheckpointError(f"tensor {hf}: --embedding-type {option}: {problem}; {rest}{floats}")
+    for v in ((values[values > 0].min(initial=1.0), values.max(initial=1.0)) if values is not None else (scale,)):
+        check_scale(name, float(v), out.name)
+    return scale, block_scales
+
+
 def codes_in_assemble(out, src, block_scales, requantize) -> bool:
     """Whether a ternary tensor's pack.zarr array is quantize's 2-bit code chunks themselves (see
     CODES_FROM): the type says its bytes are a cheap rewrite of them (`from_codes`), the codes are
@@ -165,8 +194,10 @@ def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scal
                 source_dtype: str, layout: str | None, tiles=None, block_scales: str | None = None,
                 requantize: bool = False, offset: float = 0.0) -> None:
     scales = read_rows(open_array(block_scales, "r"), start, stop) if block_scales else None
-    data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout, tiles,
-                        scales, requantize, offset)
+    block = read_rows(open_array(src, "r"), start, stop)
+    if layout is None and CODECS[codec_name].ternary:  # a ternary embedding: its float values' signs are the codes
+        block, layout = np.sign(as_float32(block, source_dtype)).astype(np.int8), LAYOUT_INT8
+    data = encode_block(block, codec_name, scale, source_dtype, layout, tiles, scales, requantize, offset)
     if open_array(out, "r").ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
         write_rows(out, 0, data.shape[0], data)
     else:
@@ -220,6 +251,8 @@ def run(ctx: StageContext) -> None:
             if values is not None:
                 for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):
                     check_scale(name, float(v), out.name)
+        elif role != TERNARY and out.codec.ternary:  # --embedding-type q2_0 / q1_0 / tq2_0: the data must allow it
+            scale, block_scales = ternary_embedding_plan(ctx, src, name, shape, out, opts.embedding_type)
         if scale is not None:
             check_scale(name, scale, out.name)
         plans.append((name, src, role, shape, out, fallback, scale, block_scales, requantize))
