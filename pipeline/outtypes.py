@@ -148,7 +148,9 @@ TERNARY_CHOICES = tuple(dict.fromkeys(t.type_option for t in OUTPUT_TYPES.values
 # float types first; the ternary ones hold the ternary (or binary) embeddings of group-scaled checkpoints
 EMBEDDING_CHOICES = tuple(sorted((n for n, t in OUTPUT_TYPES.items() if t.embedding_choice),
                                  key=lambda n: OUTPUT_TYPES[n].codec.ternary))
-DEFAULT_TYPE, DEFAULT_EMBEDDING_TYPE, NORM_TYPE = "tq2_0", "f16", "f32"
+DEFAULT_TYPE, DEFAULT_EMBEDDING_TYPE, NORM_TYPE = "auto", "f16", "f32"
+AUTO_TYPE = "auto"  # --type auto (pipeline/auto_type.py): decided from the family, or a sample of the data
+TYPE_OPTIONS = (AUTO_TYPE, *TERNARY_CHOICES)
 
 
 def choices_help(choices: tuple[str, ...]) -> str:

@@ -311,6 +311,7 @@ class Plan:
     chunk_elements: int
     peak_memory: int          # what the budget lets the conversion use at most
     version: int = PLAN_VERSION
+    type_choice: str = "given"  # "given" (--type), or why --type auto chose out_type
 
     @property
     def output_bytes(self) -> int:
@@ -341,7 +342,10 @@ class Plan:
 
     def table(self) -> str:
         """What a person reads: one line per tensor, then the totals."""
+        chosen = f"--type auto: {self.type_choice}" if self.type_choice != "given" else "given with --type"
         lines = [f"model: {self.model_dir} ({self.family}, GGUF arch {self.arch})",
+                 f"type: {OUTPUT_TYPES[self.out_type].codec.name if self.out_type in OUTPUT_TYPES else self.out_type}"
+                 f" ({chosen})",
                  f"{'tensor':<32} {'source':<16} {'output':<8} {'size':>10}  part  note"]
         for t in self.tensors:
             source = f"{t.source_dtype} {'x'.join(map(str, t.source_shape))}"
@@ -542,7 +546,8 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
     return Plan(str(opts.model_dir), ckpt.plan.family.description, ckpt.plan.arch, opts.out_type,
                 opts.embedding_type, records, len(kvs), outputs, store_sizes(opts, ckpt, budget, types),
                 len(json.dumps(metadata, indent=2, sort_keys=True)) + RECORD_BYTES_PER_TENSOR * len(records),
-                budget.memory_limit, budget.workers, budget.chunk_elements, int(min(peak, budget.memory_limit)))
+                budget.memory_limit, budget.workers, budget.chunk_elements, int(min(peak, budget.memory_limit)),
+                type_choice=opts.type_reason or "given")
 
 
 def save_plan(run, plan: Plan) -> None:

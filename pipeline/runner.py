@@ -157,6 +157,8 @@ def convert(opts: Options, log) -> list[Path]:
             built = f" for bitnet.cpp's {TARGET_NAMES[opts.target]} builds" if opts.layout.target else ""
             log(f"output: {opts.output} ({opts.out_type.upper()}{built}, embeddings {opts.embedding_type.upper()}, "
                 f"GGUF arch {ckpt.plan.arch})")
+            if opts.type_reason:
+                log(f"type: {opts.out_type.upper()}, chosen by --type auto: {opts.type_reason}")
             log(f"run directory: {opts.workdir}")
             log(budget.describe())
             outputs = _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before)
