@@ -52,9 +52,13 @@ def sampled_layout(src) -> tuple[bool, int] | None:
 def choose(model_dir: Path, memory_limit: int, vocab_only: bool = False) -> tuple[str, str]:
     """(registry name of the type, why) for --type auto. A checkpoint that cannot be read is given
     the per-tensor type here: opening it for the conversion refuses it with its own message."""
+    from pipeline.checkpoint import refuse_special_files
+
+    unreadable = (CheckpointError, OptionError, OSError, ValueError)
     try:
+        refuse_special_files(model_dir)  # nothing is read through a FIFO or device
         plan = plan_tensors(model_dir)
-    except CheckpointError:
+    except unreadable:
         return PER_TENSOR_TYPE, "the checkpoint could not be read"
     fam = plan.family
     if fam.weights != GROUPED:
@@ -64,7 +68,7 @@ def choose(model_dir: Path, memory_limit: int, vocab_only: bool = False) -> tupl
         return "q2_0", "a group-scaled checkpoint, whose weights --vocab-only does not read: Q2_0"
     try:
         found = index_checkpoint(model_dir, header_budget(memory_limit))
-    except CheckpointError:
+    except unreadable:
         return PER_TENSOR_TYPE, "the checkpoint could not be read"
     binary, per, cols, finest = True, SCALE_BLOCKS[0], [], None
     for t in plan.tensors:
@@ -72,7 +76,10 @@ def choose(model_dir: Path, memory_limit: int, vocab_only: bool = False) -> tupl
         if t.role != TERNARY or src is None or tuple(src.shape) != tuple(t.shape) or len(t.shape) != 2 \
                 or t.shape[1] % GROUP_COLUMNS:
             continue  # opening the checkpoint for the conversion refuses these, naming them
-        layout = sampled_layout(src)
+        try:
+            layout = sampled_layout(src)
+        except unreadable:  # a truncated file: extract refuses it, naming it
+            layout = None
         if layout is None:
             continue
         binary &= layout[0]
