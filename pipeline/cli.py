@@ -82,8 +82,9 @@ def add_convert_options(c) -> None:
                         "(its tiles per matrix shape decide the bytes)")
     c.add_argument("--allow-requantize", action="store_true", default=None,
                    help="a group-scaled checkpoint (one ternary scale per group of columns) whose scale changes "
-                        "inside a block of --type (64 values for q2_0, 256 for tq2_0/tq1_0, the whole tensor "
-                        "for i2_s/tl1/tl2) is refused unless this is given; with it, such a tensor is requantized "
+                        "inside a block of --type (64 values for q2_0, 128 for q1_0, 256 for tq2_0/tq1_0, the "
+                        "whole tensor for i2_s/tl1/tl2), or that holds a 0 for q1_0 (binary signs only), is "
+                        "refused unless this is given; with it, such a tensor is requantized "
                         "to --type by the "
                         "type's own quantizer (lossy: a warning per tensor says what changed); q2_0 holds groups "
                         "of 64 or more without it")
