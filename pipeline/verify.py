@@ -232,7 +232,7 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
                                 if out.name in ("q2_0", "q1_0")
                                 else "bitnet.cpp's quantize_i2_s of the checkpoint's values" if decodable(out)
                                 else "the converter's requantization (bytes only)"))
-    elif codec.ternary:  # a ternary --embedding-type: the scales its groups hold, recomputed from the data
+    elif planned.role != TERNARY and codec.ternary:  # a ternary --embedding-type: its groups' scales, from the data
         mags = []
         for r0, r1 in ranges:
             m, bad = group_magnitudes(as_float32(src.read_rows(r0, r1), src.dtype), GROUP_COLUMNS)
