@@ -361,7 +361,8 @@ def test_registry():
     # --type: the ternary types, and the float types of the effective weights (as llama.cpp's --outtype)
     assert set(TERNARY_CHOICES) == {"tq2_0", "tq1_0", "i2_s", "tl1", "tl2", "q2_0", "q1_0", "f16", "bf16", "f32",
                                     "q8_0"}
-    assert set(EMBEDDING_CHOICES) == {"f16", "bf16", "f32", "q8_0"}
+    # --embedding-type: the float types, and the ternary ones for group-scaled checkpoints' ternary embeddings
+    assert EMBEDDING_CHOICES == ("f16", "bf16", "f32", "q8_0", "tq2_0", "q2_0", "q1_0")
     file_types = {"tq2_0": LlamaFileType.MOSTLY_TQ2_0, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
                   "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "f32": LlamaFileType.ALL_F32,
                   "q8_0": LlamaFileType.MOSTLY_Q8_0,
