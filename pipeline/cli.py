@@ -68,7 +68,11 @@ def add_convert_options(c) -> None:
     c.add_argument("-o", "--output", type=Path, default=None,
                    help="GGUF file to write (default: ./<model name>-<TYPE>.gguf)")
     c.add_argument("--type", dest="out_type", default=None, metavar="TYPE",
-                   help=f"type of the ternary projections: {choices_help(TERNARY_CHOICES)} [preset: {DEFAULT_TYPE}]")
+                   help="type of the ternary projections: auto (the smallest type that holds them exactly and that "
+                        "the family's runtime runs: tq2_0 for one scale per tensor; for group-scaled checkpoints, "
+                        "decided from the first and last rows of every projection: q1_0 for binary ones with one "
+                        "scale per 128 values, tq2_0 per 256, q2_0 per 64 or 128; never i2_s/tl1/tl2); "
+                        f"{choices_help(TERNARY_CHOICES)} [preset: {DEFAULT_TYPE}]")
     c.add_argument("--target", default=None, choices=TARGETS, type=str.lower,
                    help="the bitnet.cpp build the file is for: x86 (AVX2) or arm (NEON); it decides --type i2_s's "
                         "byte layout (blocks of 128 or 64 values; a file for one build computes garbage on the "
@@ -78,8 +82,9 @@ def add_convert_options(c) -> None:
                         "(its tiles per matrix shape decide the bytes)")
     c.add_argument("--allow-requantize", action="store_true", default=None,
                    help="a group-scaled checkpoint (one ternary scale per group of columns) whose scale changes "
-                        "inside a block of --type (64 values for q2_0, 256 for tq2_0/tq1_0, the whole tensor "
-                        "for i2_s/tl1/tl2) is refused unless this is given; with it, such a tensor is requantized "
+                        "inside a block of --type (64 values for q2_0, 128 for q1_0, 256 for tq2_0/tq1_0, the "
+                        "whole tensor for i2_s/tl1/tl2), or that holds a 0 for q1_0 (binary signs only), is "
+                        "refused unless this is given; with it, such a tensor is requantized "
                         "to --type by the "
                         "type's own quantizer (lossy: a warning per tensor says what changed); q2_0 holds groups "
                         "of 64 or more without it")

@@ -30,6 +30,7 @@ QK_K = 256        # values per TQ1_0 / TQ2_0 block
 QK_I2_S = 128     # values per I2_S block (32 bytes) in bitnet.cpp's x86 builds
 QK_I2_S_ARM = 64  # ... and in its ARM (NEON) builds (16 bytes)
 QK2_0 = 64        # values per Q2_0 block (upstream llama.cpp, ggml type 42)
+QK1_0 = 128       # values per Q1_0 block (upstream llama.cpp, ggml type 41: binary, 1-bit Bonsai)
 I2_S_TAIL = 32    # bytes after an I2_S tensor's packed codes: float32 scale + 28 unused
 ABSMEAN_FLOOR = 1e-5
 
@@ -112,6 +113,17 @@ def group_magnitudes(block: np.ndarray, group: int) -> tuple[np.ndarray, tuple[i
         return m, None
     r, g = np.argwhere(~ok)[0]
     return m, (int(r), int(g))
+
+
+def group_rows(block: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 (rows, cols / group) magnitudes, bool per row: every run of `group` values of the row
+    is {-s, 0, +s}) of float weights that may or may not be ternary (an embedding)."""
+    values = np.asarray(block, dtype=np.float32)
+    rows, cols = values.shape
+    a = np.abs(values).reshape(rows, cols // group, group)
+    m = a.max(axis=2)
+    ok = ((a == 0) | (a == m[..., None])).all(axis=2) & np.isfinite(m)
+    return m, ok.all(axis=1)
 
 
 def sign_fields(block: np.ndarray) -> np.ndarray:
@@ -817,6 +829,50 @@ class Q2_0(Codec):
         return ((q.reshape(rows, nb, QK2_0).astype(np.float32) - 1) * d).reshape(rows, -1)
 
 
+class Q1_0(Codec):
+    """Upstream llama.cpp's Q1_0 (ggml type 41): 18 bytes per 128 values, fp16 d first, then 16
+    bytes of signs; bit i of byte j is value 8j + i of the block, set for +d and clear for -d. It
+    holds binary values ({-s, +s}: 1-bit Bonsai) exactly, `scale` one per tensor or one per block
+    (rows, cols / 128); a code of 0 has no encoding (pack refuses such a tensor, or requantizes it
+    with `quantize`, llama.cpp's own rule)."""
+    name, ggml_type, block_size, type_size, ternary = "Q1_0", 41, QK1_0, 18, True
+
+    @classmethod
+    def encode(cls, codes: np.ndarray, scale) -> np.ndarray:
+        rows, nb = _rows_of_blocks(codes, QK1_0, "codes")
+        codes = np.asarray(codes)
+        if codes.size and (codes == 0).any():
+            raise CodecError("Q1_0 holds binary codes (-1, +1) only, not 0")
+        out = np.empty((rows, nb, cls.type_size), dtype=np.uint8)
+        out[..., 2:] = np.packbits((codes > 0).reshape(rows, nb, QK1_0), axis=-1, bitorder="little")
+        out[..., :2] = _d_bytes(scale, rows, nb)
+        return out.reshape(rows, nb * cls.type_size)
+
+    @classmethod
+    def quantize(cls, values: np.ndarray) -> np.ndarray:
+        """Q1_0 bytes of float32 rows by llama.cpp's quantize_row_q1_0_ref: d = the block's sum of |x|,
+        accumulated in float32 in value order, divided by 128, stored as fp16; the bit is set where
+        x >= 0 (so a 0 becomes +d). Summed one column at a time, so the float32 rounding is the C loop's."""
+        rows, nb = _rows_of_blocks(np.asarray(values), QK1_0, "values")
+        x = np.asarray(values, dtype=np.float32).reshape(rows, nb, QK1_0)
+        total = np.zeros((rows, nb), dtype=np.float32)
+        for j in range(QK1_0):
+            total += np.abs(x[..., j])
+        out = np.empty((rows, nb, cls.type_size), dtype=np.uint8)
+        out[..., 2:] = np.packbits(x >= 0, axis=-1, bitorder="little")
+        with np.errstate(over="ignore"):
+            out[..., :2] = (total / np.float32(QK1_0)).astype("<f2")[..., None].view(np.uint8)
+        return out.reshape(rows, nb * cls.type_size)
+
+    @classmethod
+    def decode(cls, data: np.ndarray) -> np.ndarray:
+        rows, nb = _rows_of_blocks(np.asarray(data), cls.type_size, "data")
+        blocks = np.asarray(data, dtype=np.uint8).reshape(rows, nb, cls.type_size)
+        d = np.ascontiguousarray(blocks[..., :2]).view("<f2").astype(np.float32)
+        bits = np.unpackbits(blocks[..., 2:], axis=-1, bitorder="little").astype(np.float32)
+        return ((bits * 2 - 1) * d).reshape(rows, -1)
+
+
 class _Float(Codec):
     block_size, ternary = 1, False
     dtype: np.dtype
@@ -871,6 +927,7 @@ class Q8_0(_GGUFQuant):
 CODECS: dict[str, type[Codec]] = {"tq2_0": TQ2_0, "tq1_0": TQ1_0, "i2_s": I2_S, "i2_s_arm": I2_S_ARM,
                                   "tl1": TL1, "tl2": TL2, "f16": F16, "bf16": BF16, "f32": F32, "q8_0": Q8_0}
 CODECS["q2_0"] = Q2_0  # upstream llama.cpp (type 42): group-scaled checkpoints
+CODECS["q1_0"] = Q1_0  # upstream llama.cpp (type 41): binary group-scaled checkpoints
 
 
 # -- float tensors in a float output type ---------------------------------------------------------

@@ -9,8 +9,8 @@ import tomllib
 from pathlib import Path
 
 from pipeline.errors import OptionError
-from pipeline.outtypes import (DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, TERNARY_CHOICES, OutputType,
-                               check_choice, resolve, target_of)
+from pipeline.outtypes import (AUTO_TYPE, DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, OUTPUT_TYPES,
+                               TYPE_OPTIONS, OutputType, check_choice, resolve, target_of)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = CONFIG_DIR / "default.toml"
@@ -76,6 +76,7 @@ class Options:
     metadata_file: Path | None = None  # --metadata: general.* overrides (llama.cpp's JSON layout)
     vocab_only: bool = False    # --vocab-only: tokenizer and key/values, no tensors
     allow_requantize: bool = False  # group-scaled tensors a type cannot hold are requantized (lossy), not refused
+    type_reason: str | None = None  # --type auto: why out_type was chosen (None: --type was given)
 
     @property
     def layout(self) -> OutputType:
@@ -116,7 +117,8 @@ def load_preset(path: Path | None, memory_limit: int | None = None) -> dict:
             refuse_too_big(path, "--config", kind, len(raw), MAX_PRESET_BYTES, PRESET_BYTES_PER_BYTE, own_limit)
     known = {f.name for f in dataclasses.fields(Options)} - {"model_dir", "output", "workdir", "model_name",
                                                                "tokenizer_pre", "kernel_config", "kernel_tiles",
-                                                               "name_override", "metadata_file", "vocab_only"}
+                                                               "name_override", "metadata_file", "vocab_only",
+                                                               "type_reason"}
     unknown = set(data) - known
     if unknown:
         raise OptionError(f"--config: {path} has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
@@ -216,11 +218,15 @@ def _inside(path: Path, root: Path) -> bool:
 def _checked_values(values: dict) -> dict:
     """Option values (preset keys; sizes as text or numbers) checked and normalized."""
     values = dict(values)
-    values["out_type"] = check_choice(values.get("out_type", DEFAULT_TYPE), TERNARY_CHOICES, "--type")
-    values["target"] = target_of(values["out_type"], values.get("target"))
+    values["out_type"] = check_choice(values.get("out_type", DEFAULT_TYPE), TYPE_OPTIONS, "--type")
+    if values["out_type"] == AUTO_TYPE:  # never a type with a target: the given one is kept, checked
+        values["target"] = target_of("f16", values.get("target"))  # as for any type without a layout per build
+    else:
+        values["target"] = target_of(values["out_type"], values.get("target"))
     # a float --type makes the whole file that type unless --embedding-type says otherwise, as
     # llama.cpp's --outtype does; ternary types keep F16 embeddings (as llama.cpp's converter too)
-    default_embedding = values["out_type"] if values["out_type"] in EMBEDDING_CHOICES else DEFAULT_EMBEDDING_TYPE
+    default_embedding = values["out_type"] if values["out_type"] in EMBEDDING_CHOICES \
+        and not OUTPUT_TYPES[values["out_type"]].codec.ternary else DEFAULT_EMBEDDING_TYPE
     values["embedding_type"] = check_choice(values.get("embedding_type", default_embedding),
                                             EMBEDDING_CHOICES, "--embedding-type")
     values["memory_limit"] = parse_size(values.get("memory_limit", Options.memory_limit))
@@ -244,6 +250,11 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
     preset_values = load_preset(preset, parse_size(given_limit) if given_limit is not None else None)
     _checked_values(preset_values)  # a bad preset value is refused even where a flag overrides it
     values = _checked_values({**preset_values, **{k: v for k, v in overrides.items() if v is not None}})
+    if values["out_type"] == AUTO_TYPE:  # decided now: the default output name and everything after hold the type
+        from pipeline.auto_type import choose
+
+        values["out_type"], values["type_reason"] = choose(Path(model_dir).resolve(), values["memory_limit"],
+                                                           vocab_only)
     layout = resolve(values["out_type"], values["target"])
     if values.get("kernel_config") is not None:
         from pipeline.kernel_config import read_kernel_config

@@ -34,7 +34,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFValueType
 
 from pipeline import portable
-from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, Q2_0, TL1, TL2
+from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, Q1_0, Q2_0, TL1, TL2
 from pipeline.errors import GGUFFormatError
 from pipeline.safe_files import create_exclusive
 
@@ -104,6 +104,7 @@ def default_type_sizes() -> dict[int, TypeSize]:
     sizes[TL1.ggml_type] = ShapeSize(TL1.file_nbytes)
     # upstream llama.cpp's Q2_0, which older gguf packages do not list
     sizes.setdefault(Q2_0.ggml_type, TypeSize(Q2_0.block_size, Q2_0.type_size))
+    sizes.setdefault(Q1_0.ggml_type, TypeSize(Q1_0.block_size, Q1_0.type_size))  # gguf 0.19 knows it; older do not
     return sizes
 
 

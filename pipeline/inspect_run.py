@@ -540,7 +540,7 @@ def describe_gguf(path: Path, tensor: str | None = None) -> dict:
     from gguf import GGMLQuantizationType
 
     from pipeline.gguf_file import read_gguf
-    from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
+    from pipeline.outtypes import BY_GGML_TYPE, type_of_file
     from pipeline.plan import TARGET_KEY, TILES_KEY
 
     contents = read_gguf(path)
@@ -552,7 +552,7 @@ def describe_gguf(path: Path, tensor: str | None = None) -> dict:
         return GGMLQuantizationType(t).name if t in GGMLQuantizationType._value2member_map_ else str(t)
 
     file_type = contents.kv("general.file_type")
-    out = next((o for o in OUTPUT_TYPES.values() if o.ternary_choice and o.file_type == file_type), None)
+    out = type_of_file(file_type, [t.ggml_type for t in contents.tensors])
     tiles = contents.kv(TILES_KEY) or []
     report = {"file": str(path), "architecture": contents.kv("general.architecture"),
               "file_type": file_type, "type": out.codec.name if out else None,

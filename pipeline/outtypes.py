@@ -20,7 +20,7 @@ import platform
 
 import numpy as np
 
-from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_ARM, Q2_0, Q8_0, TL1, TL2, TQ1_0, TQ2_0, Codec
+from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_ARM, Q1_0, Q2_0, Q8_0, TL1, TL2, TQ1_0, TQ2_0, Codec
 from pipeline.errors import OptionError
 from pipeline.families import EMBEDDING, NORM, OUTPUT, TERNARY
 
@@ -84,7 +84,7 @@ class OutputType:
 
 OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
     OutputType("tq2_0", TQ2_0, 37, "2.06 bits/weight, llama.cpp and bitnet.cpp", ternary_choice=True,
-               fallback="f16", from_codes=True),
+               embedding_choice=True, fallback="f16", from_codes=True),
     OutputType("tq1_0", TQ1_0, 36, "1.69 bits/weight, smallest, llama.cpp and bitnet.cpp", ternary_choice=True,
                fallback="f16"),
     OutputType("i2_s", I2_S, 40, "2 bits/weight, bitnet.cpp's fast CPU kernels (not upstream llama.cpp), "
@@ -104,10 +104,24 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
 )}
 # upstream llama.cpp's Q2_0 (file type MOSTLY_Q2_0 = 41): one fp16 scale per 64 values
 OUTPUT_TYPES["q2_0"] = OutputType("q2_0", Q2_0, 41, "2.25 bits/weight, upstream llama.cpp only (one scale per "
-                                  "64 values: group-scaled checkpoints)", ternary_choice=True, fallback="f16")
+                                  "64 values: group-scaled checkpoints)", ternary_choice=True, embedding_choice=True,
+                                  fallback="f16")
+# upstream llama.cpp's Q1_0 (file type MOSTLY_Q1_0 = 40): one fp16 scale and 128 sign bits per 128 values
+OUTPUT_TYPES["q1_0"] = OutputType("q1_0", Q1_0, 40, "1.125 bits/weight, upstream llama.cpp only (binary "
+                                  "checkpoints: -s and +s, one s per 128 values; 1-bit Bonsai)", ternary_choice=True,
+                                  embedding_choice=True, fallback="f16")
 assert set(OUTPUT_TYPES) == set(CODECS), "every codec has a registry entry"
 # a ggml type id names one registry entry for what is target-independent about it (sizes)
 BY_GGML_TYPE = {t.ggml_type: t for t in reversed(OUTPUT_TYPES.values())}
+
+
+def type_of_file(file_type, tensor_types) -> OutputType | None:
+    """The --type a file of ours was written with, from its general.file_type and the ggml types of
+    its tensors: file type 40 is both bitnet.cpp's I2_S and upstream llama.cpp's Q1_0, told apart by
+    the tensors (a Q1_0 file holds type 41 tensors)."""
+    found = [t for t in OUTPUT_TYPES.values() if t.ternary_choice and t.file_type == file_type]
+    types = set(tensor_types)
+    return next((t for t in found if t.ggml_type in types), found[0] if found else None)
 
 
 def host_target() -> str:
@@ -131,8 +145,12 @@ def resolve(option: str, target: str | None) -> OutputType:
 
 
 TERNARY_CHOICES = tuple(dict.fromkeys(t.type_option for t in OUTPUT_TYPES.values() if t.ternary_choice))
-EMBEDDING_CHOICES = tuple(n for n, t in OUTPUT_TYPES.items() if t.embedding_choice)
-DEFAULT_TYPE, DEFAULT_EMBEDDING_TYPE, NORM_TYPE = "tq2_0", "f16", "f32"
+# float types first; the ternary ones hold the ternary (or binary) embeddings of group-scaled checkpoints
+EMBEDDING_CHOICES = tuple(sorted((n for n, t in OUTPUT_TYPES.items() if t.embedding_choice),
+                                 key=lambda n: OUTPUT_TYPES[n].codec.ternary))
+DEFAULT_TYPE, DEFAULT_EMBEDDING_TYPE, NORM_TYPE = "auto", "f16", "f32"
+AUTO_TYPE = "auto"  # --type auto (pipeline/auto_type.py): decided from the family, or a sample of the data
+TYPE_OPTIONS = (AUTO_TYPE, *TERNARY_CHOICES)
 
 
 def choices_help(choices: tuple[str, ...]) -> str:

@@ -22,10 +22,10 @@ import gguf
 import numpy as np
 
 from pipeline.budget import BYTES_PER_ELEMENT, HEADROOM, IN_FLIGHT_PER_WORKER, Budget
-from pipeline.codecs import codes_supported, effective_scale
+from pipeline.codecs import Q1_0, codes_supported, effective_scale
 from pipeline.config import Options, check_output_path, format_size
 from pipeline.errors import CheckpointError, OptionError
-from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY, Recipe
+from pipeline.families import EMBEDDING, GROUP_COLUMNS, GROUPED, OUTPUT, TERNARY, Recipe
 from pipeline.gguf_file import (MAX_SPLITS, TL_TILES_KEY, GGUFWriterError, TensorInfo, align, alignment_of, as_kv,
                                 data_offsets, file_size, header_bytes, model_kvs, part_kvs, plan_split)
 from pipeline.output import final_paths
@@ -141,11 +141,27 @@ def requantized_scale(block_scales: np.ndarray) -> float:
     return float(np.float32(np.max(block_scales, initial=0.0)))
 
 
+def q1_0_block_means(block_scales: np.ndarray, nonzero: np.ndarray, per_scale: int) -> np.ndarray:
+    """Q1_0's d of every 128-value block of a ternary tensor requantized by llama.cpp's rule, mean |w|
+    of the block (float64: for the warning; the bytes are `Q1_0.quantize`'s), from the scale and the
+    non-zero count of every block of `per_scale` values."""
+    s = np.asarray(block_scales, dtype=np.float64)
+    n = np.asarray(nonzero, dtype=np.float64)
+    per = Q1_0.block_size // per_scale
+    return (n * s).reshape(s.shape[0], -1, per).sum(axis=2) / Q1_0.block_size
+
+
 def requantize_rms_change(block_scales: np.ndarray, nonzero: np.ndarray, codec, per_scale: int) -> float:
     """Relative RMS change of the effective weights, sqrt(sum (w' - w)^2 / sum w^2), from the block
     scales and the number of non-zero codes of every block of `per_scale` values (every value of a
     block is +-its scale before, +-its new magnitude after)."""
     s = np.asarray(block_scales, dtype=np.float64)
+    if codec.name == Q1_0.name:  # every value becomes +-d, a zero +d: (d - s)^2 per non-zero, d^2 per zero
+        n = np.asarray(nonzero, dtype=np.float64)
+        d = np.repeat(q1_0_block_means(s, n, per_scale), Q1_0.block_size // per_scale, axis=1)
+        total = float((n * s * s).sum())
+        change = float((n * (d - s) ** 2 + (per_scale - n) * d * d).sum())
+        return math.sqrt(change / total) if total else 0.0
     if codec.tail_size():
         new = np.where(s >= I2S_ZERO_BELOW, requantized_scale(block_scales), 0.0)
     else:
@@ -160,7 +176,13 @@ def requantize_summary(block_scales: np.ndarray, codec, nonzero: np.ndarray, per
     """What requantizing a group-scaled tensor to `codec` loses, from its block scales (one per
     `per_scale` values) and the count of non-zero codes of every such block."""
     change = requantize_rms_change(block_scales, nonzero, codec, per_scale)
-    return _requantize_changes(block_scales, codec, per_scale) + f"; relative RMS change of its effective weights {change:.4%}"
+    if codec.name == Q1_0.name:
+        zeros = int((per_scale - np.asarray(nonzero, dtype=np.int64)).sum())
+        changes = (f"Q1_0 holds -d and +d only: its {zeros} zero value(s) became +d, and every block of 128 values "
+                   "has one magnitude, the mean |w| of the block (llama.cpp's quantize_row_q1_0_ref)")
+    else:
+        changes = _requantize_changes(block_scales, codec, per_scale)
+    return changes + f"; relative RMS change of its effective weights {change:.4%}"
 
 
 def _requantize_changes(block_scales: np.ndarray, codec, per_scale: int) -> str:
@@ -202,7 +224,7 @@ def encoded_in_assemble(role: str, shape, out_name: str) -> bool:
 # promises (an fp16 scale of 1e-6 is 2^-20 in 2^-24 steps, up to 3% off; 1e-7 is 19% off).
 FP16_TINY = float(np.finfo(np.float16).tiny)    # 6.1e-5
 FP32_TINY = float(np.finfo(np.float32).tiny)    # 1.2e-38
-FP16_SCALE_TYPES = ("tq1_0", "tq2_0", "q2_0", "f16")  # a TQ/Q2_0 block's d, an F16 fallback's values
+FP16_SCALE_TYPES = ("tq1_0", "tq2_0", "q2_0", "q1_0", "f16")  # a TQ/Q2_0 block's d, an F16 fallback's values
 
 
 def check_scale(name: str, scale: float, codec_name: str) -> None:
@@ -289,6 +311,7 @@ class Plan:
     chunk_elements: int
     peak_memory: int          # what the budget lets the conversion use at most
     version: int = PLAN_VERSION
+    type_choice: str = "given"  # "given" (--type), or why --type auto chose out_type
 
     @property
     def output_bytes(self) -> int:
@@ -319,7 +342,10 @@ class Plan:
 
     def table(self) -> str:
         """What a person reads: one line per tensor, then the totals."""
+        chosen = f"--type auto: {self.type_choice}" if self.type_choice != "given" else "given with --type"
         lines = [f"model: {self.model_dir} ({self.family}, GGUF arch {self.arch})",
+                 f"type: {OUTPUT_TYPES[self.out_type].codec.name if self.out_type in OUTPUT_TYPES else self.out_type}"
+                 f" ({chosen})",
                  f"{'tensor':<32} {'source':<16} {'output':<8} {'size':>10}  part  note"]
         for t in self.tensors:
             source = f"{t.source_dtype} {'x'.join(map(str, t.source_shape))}"
@@ -375,6 +401,17 @@ def tensor_types(opts: Options, ckpt) -> list[tuple]:
             if t.recipe.packed:  # the scale is the checkpoint's weight_scale, known now
                 check_scale(t.gguf_name, float(ternary_scale(t.recipe, None)), out.name)
         types.append((out, fallback))
+    embedding = OUTPUT_TYPES[opts.embedding_type]
+    if embedding.codec.ternary and ckpt.plan.family.scale_rule != "group":
+        raise OptionError(f"--embedding-type {opts.embedding_type} holds ternary or binary embeddings (-s, 0, +s per "
+                          f"group, read from the data), which only group-scaled checkpoints have; a "
+                          f"{ckpt.plan.family.name} checkpoint's are floats: choose f16, bf16, f32 or q8_0")
+    if opts.layout.codec is Q1_0 and (cast := [t for t in ckpt.plan.tensors
+                                                if t.role == TERNARY and t.recipe.weights != GROUPED]):
+        raise OptionError(f"--type q1_0 holds binary projections (-s and +s, one s per 128 values), which only "
+                          f"group-scaled checkpoints can be (read from the data); {cast[0].hf_name} and the other "
+                          f"projections of a {ckpt.plan.family.name} checkpoint are ternary: choose tq2_0, tq1_0 or "
+                          "another --type")
     if opts.out_type == "i2_s" and ternary and fallbacks == ternary:
         raise OptionError(f"--type i2_s: no projection of this checkpoint has rows that are a multiple of "
                           f"{opts.layout.block_size} values, so nothing could be I2_S; choose tq2_0 or tq1_0")
@@ -419,10 +456,15 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
         src_rows = source_shape[0] if len(source_shape) > 1 else 1
         src_chunk = budget.rows_per_chunk(source_shape) if len(source_shape) > 1 else 1
         grouped = t.role == TERNARY and t.recipe.weights == GROUPED
-        if grouped:  # one float32 magnitude per group of columns
-            sizes["extract"] += _chunked_bytes(src_rows, src_chunk, source_shape[1] // GROUP_COLUMNS * 4)
+        if grouped:  # one float32 magnitude per group of columns, and a uint32 count of zeros per row
+            sizes["extract"] += _chunked_bytes(src_rows, src_chunk, source_shape[1] // GROUP_COLUMNS * 4 + 4)
         elif not (t.role == TERNARY and t.recipe.packed):
             side = 8 if t.role == TERNARY else 4  # abs_sums float64, abs_max float32
+            if ternary_embedding_scan(ckpt.plan.family, t.role, source_shape):
+                # a group-scaled checkpoint's embedding: magnitudes per 32 values, zeros and a flag per row;
+                # quantize's block scales (one float32 per 64 values, as for projections)
+                side += source_shape[1] // GROUP_COLUMNS * 4 + 5
+                sizes["quantize"] += source_shape[0] * (source_shape[1] // 64) * 4
             sizes["extract"] += _chunked_bytes(src_rows, src_chunk, side) if len(source_shape) > 1 else side
         rows = budget.rows_per_chunk(shape) if len(shape) > 1 else shape[0]
         if t.role == TERNARY:
@@ -449,6 +491,13 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
     return sizes
 
 
+def ternary_embedding_scan(family, role: str, shape) -> bool:
+    """Whether extract scans the embedding or head of a group-scaled checkpoint for ternary groups
+    (Ternary-Bonsai's are ternary: a ternary --embedding-type holds them when the data allows)."""
+    return family.scale_rule == "group" and role in (EMBEDDING, OUTPUT) and len(shape) == 2 \
+        and shape[1] % GROUP_COLUMNS == 0
+
+
 def requantize_note(opts: Options, t, out) -> str | None:
     """A group-scaled projection: what the conversion does if the data's scale changes inside one
     of the type's blocks (Q2_0: if it changes every 32 values; the data decides, in pack)."""
@@ -456,9 +505,10 @@ def requantize_note(opts: Options, t, out) -> str | None:
     if t.role != TERNARY or t.recipe.weights != GROUPED or not codec.ternary:
         return None
     where = "the tensor" if codec.tail_size() else f"a block of {codec.block_size} values"
+    what = f"it holds a 0 or its scale changes inside {where}" if codec is Q1_0 else f"its scale changes inside {where}"
     if opts.allow_requantize:
-        return f"requantized (lossy) if its scale changes inside {where}"
-    return f"refused if its scale changes inside {where} (unless --allow-requantize)"
+        return f"requantized (lossy) if {what}"
+    return f"refused if {what} (unless --allow-requantize)"
 
 
 def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> Plan:
@@ -496,7 +546,8 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
     return Plan(str(opts.model_dir), ckpt.plan.family.description, ckpt.plan.arch, opts.out_type,
                 opts.embedding_type, records, len(kvs), outputs, store_sizes(opts, ckpt, budget, types),
                 len(json.dumps(metadata, indent=2, sort_keys=True)) + RECORD_BYTES_PER_TENSOR * len(records),
-                budget.memory_limit, budget.workers, budget.chunk_elements, int(min(peak, budget.memory_limit)))
+                budget.memory_limit, budget.workers, budget.chunk_elements, int(min(peak, budget.memory_limit)),
+                type_choice=opts.type_reason or "given")
 
 
 def save_plan(run, plan: Plan) -> None:

@@ -32,7 +32,7 @@ from pipeline.stores import largest_values, source_changed
 KV_READBACK_BYTES_PER_ROW = 160
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 3, "quantize": 3, "pack": 3, "assemble": 3}
+STAGE_VERSIONS = {"extract": 4, "quantize": 3, "pack": 3, "assemble": 3}
 
 
 def stage_inputs(opts: Options, ckpt) -> dict[str, dict]:
@@ -158,6 +158,8 @@ def convert(opts: Options, log) -> list[Path]:
             built = f" for bitnet.cpp's {TARGET_NAMES[opts.target]} builds" if opts.layout.target else ""
             log(f"output: {opts.output} ({opts.out_type.upper()}{built}, embeddings {opts.embedding_type.upper()}, "
                 f"GGUF arch {ckpt.plan.arch})")
+            if opts.type_reason:
+                log(f"type: {opts.out_type.upper()}, chosen by --type auto: {opts.type_reason}")
             log(f"run directory: {opts.workdir}")
             log(budget.describe())
             outputs = _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before)
@@ -211,6 +213,8 @@ def check_float_ranges(store: Path, ckpt, plan) -> None:
         if t.role == TERNARY:
             continue  # ternary values are codes times the scale, which pack checks
         out = OUTPUT_TYPES[t.out_type]
+        if out.codec.ternary:  # a ternary --embedding-type: pack checks its scales
+            continue
         biggest = largest_values(store, t.name)
         if not out.holds(biggest):
             roomier = [n for n in ("bf16", "f32") if OUTPUT_TYPES[n].holds(biggest)]

@@ -32,11 +32,11 @@ from pipeline.gguf_file import (SPLIT_COUNT, GGUFContents, TensorInfo, align, ar
                                 read_gguf, split_paths, type_sizes_for)
 from pipeline.errors import OptionError
 from pipeline.kernel_config import tiles_of
-from pipeline.outtypes import (BY_GGML_TYPE, EMBEDDING_CHOICES, OUTPUT_TYPES, TARGET_NAMES, TARGETS, TERNARY_CHOICES,
+from pipeline.outtypes import (BY_GGML_TYPE, type_of_file, EMBEDDING_CHOICES, OUTPUT_TYPES, TARGET_NAMES, TARGETS, TERNARY_CHOICES,
                                resolve, target_of, targets_of, tensor_type)
 from pipeline.safetensors_io import as_float32, pread_exact
 from pipeline.stores import row_ranges
-from pipeline.plan import I2S_ZERO_BELOW, TARGET_KEY, TILES_KEY, code_layout, file_kvs, requantized_scale, ternary_scale
+from pipeline.plan import I2S_ZERO_BELOW, LAYOUT_INT8, TARGET_KEY, TILES_KEY, code_layout, file_kvs, requantized_scale, ternary_scale
 from stages.pack import block_scale_problem, encode_block
 from stages.quantize import code_rows, group_scales, row_abs_sums, values_per_scale
 
@@ -88,7 +88,8 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
     problems: list[str] = []
 
     file_type = first.kv("general.file_type")
-    option = next((n for n in TERNARY_CHOICES if OUTPUT_TYPES[n].file_type == file_type), None)
+    own = type_of_file(file_type, [t.ggml_type for c in parts for t in c.tensors])
+    option = own.type_option if own is not None else None
     if option is None:
         return [f"general.file_type {file_type!r} is not one of ours ({', '.join(TERNARY_CHOICES)})"]
     named = first.kv(TARGET_KEY)
@@ -208,15 +209,17 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
     ranges = row_ranges(planned.shape[0], rows) if two_d else [(0, planned.shape[0])]
     absmean = scale = blocks = total_abs = requantized = None
     if planned.role == TERNARY and recipe.weights == GROUPED:
-        mags = []
+        mags, zeros = [], 0
         for r0, r1 in ranges:
-            m, bad = group_magnitudes(as_float32(src.read_rows(r0, r1), src.dtype), GROUP_COLUMNS)
+            values = as_float32(src.read_rows(r0, r1), src.dtype)
+            m, bad = group_magnitudes(values, GROUP_COLUMNS)
             if bad is not None:
                 return f"the checkpoint's values are not ternary in row {r0 + bad[0]}"
             mags.append(m)
+            zeros += int((values == 0).sum())
         mags = np.concatenate(mags)
         scale, blocks = group_scales(mags)
-        if blocks is not None and out.codec.ternary and \
+        if (out.name == "q1_0" and zeros) or blocks is not None and out.codec.ternary and \
                 block_scale_problem(blocks, out, values_per_scale(blocks, planned.shape[-1])):
             # only --allow-requantize writes this: the type's own quantizer of the effective weights
             requantized = RequantizedReference(planned, src, out, float(mags.max(initial=0.0)))
@@ -225,10 +228,18 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
             if notes is not None:
                 notes.append(f"requantized to {out.codec.name}: checked against "
                              + ("gguf.quants' quantizer of the checkpoint's values" if requantized.qtype is not None
-                                else "llama.cpp's quantize_row_q2_0_ref of the checkpoint's values"
-                                if out.name == "q2_0"
+                                else f"llama.cpp's quantize_row_{out.name}_ref of the checkpoint's values"
+                                if out.name in ("q2_0", "q1_0")
                                 else "bitnet.cpp's quantize_i2_s of the checkpoint's values" if decodable(out)
                                 else "the converter's requantization (bytes only)"))
+    elif planned.role != TERNARY and codec.ternary:  # a ternary --embedding-type: its groups' scales, from the data
+        mags = []
+        for r0, r1 in ranges:
+            m, bad = group_magnitudes(as_float32(src.read_rows(r0, r1), src.dtype), GROUP_COLUMNS)
+            if bad is not None:
+                return f"the checkpoint's values are not ternary in row {r0 + bad[0]}, yet the file holds {codec.name}"
+            mags.append(m)
+        scale, blocks = group_scales(np.concatenate(mags))
     elif planned.role == TERNARY:
         if recipe.scale_rule == "absmean":  # one pass: the converter's row sums, and the reference's own sum
             sums, total_abs = [], 0.0
@@ -261,6 +272,10 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
             block = code_rows(src.read_rows, r0, r1, recipe, planned.shape, src.dtype, absmean)
             want = encode_block(block, out.name, scale, src.dtype, code_layout(planned.shape[1]), tiles,
                                 None if blocks is None else blocks[r0:r1], requantized is not None)
+        elif codec.ternary:  # the signs of the embedding's values are its codes
+            signs = np.sign(as_float32(src.read_rows(r0, r1), src.dtype)).astype(np.int8)
+            want = encode_block(signs, out.name, scale, src.dtype, LAYOUT_INT8, None,
+                                None if blocks is None else blocks[r0:r1])
         else:
             want = encode_block(src.read_rows(r0, r1), out.name, None, src.dtype, offset=recipe.offset)
         want = want.reshape(-1, row_bytes) if two_d else want.reshape(1, -1)
@@ -291,7 +306,7 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
 # relative error a type may add to a value (of the scale, for ternary values): half an ulp of
 # its float, and a little more for the float32 steps of the reference converters
 VALUE_PRECISION = {"F32": 0.0, "F16": 2.0 ** -10, "BF16": 2.0 ** -7, "TQ1_0": 2.0 ** -10, "TQ2_0": 2.0 ** -10,
-                   "Q2_0": 2.0 ** -10,
+                   "Q2_0": 2.0 ** -10, "Q1_0": 2.0 ** -10,
                    "I2_S": 2.0 ** -20}
 SUBNORMAL_HALF_STEP = {"F16": 2.0 ** -25, "BF16": 2.0 ** -134}
 TIE_WIDTH = 1e-5  # |W| / absmean this close to 0.5 may round either way (float32 vs float64)
@@ -415,8 +430,9 @@ class RequantizedReference:
         from gguf.quants import quantize
 
         values = source_values(self.src.read_rows(r0, r1), self.src.dtype).astype(np.float32)
-        if self.qtype is not None or self.out.name == "q2_0":
-            want = (quantize(values, self.qtype) if self.qtype is not None else q2_0_reference(values)).reshape(got.shape)
+        if self.qtype is not None or self.out.name in ("q2_0", "q1_0"):
+            want = (quantize(values, self.qtype) if self.qtype is not None else q2_0_reference(values)
+                    if self.out.name == "q2_0" else q1_0_reference(values)).reshape(got.shape)
             if not np.array_equal(want, got):
                 return f"rows {r0}..{r1} are not gguf's {self.out.codec.name} quantization of the checkpoint's values"
             return None
@@ -446,6 +462,17 @@ def q2_0_reference(values: np.ndarray) -> np.ndarray:
     return blocks.reshape(*np.shape(values)[:-1], -1)
 
 
+def q1_0_reference(values: np.ndarray) -> np.ndarray:
+    """Q1_0 bytes of float32 rows, as llama.cpp's quantize_row_q1_0_ref writes them: per 128 values
+    an fp16 d, the float32 running sum of |x| in value order (a cumulative sum: each step rounds as
+    the C loop's +=) divided by 128; then 16 bytes, bit i of byte j set where value 8j + i >= 0."""
+    x = np.asarray(values, dtype=np.float32).reshape(-1, 128)
+    d = np.cumsum(np.abs(x), axis=1, dtype=np.float32)[:, -1:] / np.float32(128)
+    bits = (x >= 0).reshape(-1, 16, 8).astype(np.uint16) << np.arange(8, dtype=np.uint16)
+    blocks = np.concatenate([d.astype("<f2").view(np.uint8), bits.sum(axis=2).astype(np.uint8)], axis=1)
+    return blocks.reshape(*np.shape(values)[:-1], -1)
+
+
 def source_values(block: np.ndarray, dtype: str) -> np.ndarray:
     """float64 values of checkpoint rows in their source representation (bf16 is the top half of a float32)."""
     if dtype == "BF16":
@@ -453,7 +480,7 @@ def source_values(block: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(block).astype(np.float64)
 
 
-VALUE_DECODED = ("tq1_0", "tq2_0", "i2_s", "q2_0", "f16", "bf16", "f32", "q8_0")
+VALUE_DECODED = ("tq1_0", "tq2_0", "i2_s", "q2_0", "q1_0", "f16", "bf16", "f32", "q8_0")
 
 
 def decodable(out) -> bool:
@@ -469,6 +496,12 @@ def decode_values(out, data: np.ndarray, tail_scale: float | None) -> np.ndarray
     Q2_0 (which gguf does not decode) from FORMATS.md: per 18 bytes an fp16 d, then value j in bits
     2 (j % 4) of byte j / 4, (q - 1) d."""
     data = np.ascontiguousarray(data, dtype=np.uint8)
+    if out.name == "q1_0":  # per 18 bytes an fp16 d, then bit i of byte j: value 8j + i is +d if set, else -d
+        blocks = data.reshape(-1, 18)
+        d = blocks[:, :2].copy().view("<f2").astype(np.float64)
+        bit = (blocks[:, 2:, None] >> np.arange(8, dtype=np.uint8)) & 1
+        values = np.where(bit.reshape(-1, 128) == 1, 1.0, -1.0) * d
+        return values.reshape(*data.shape[:-1], -1) if data.ndim > 1 else values.reshape(-1)
     if out.name == "q2_0":
         blocks = data.reshape(-1, 18)
         d = blocks[:, :2].copy().view("<f2").astype(np.float64)

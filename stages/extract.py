@@ -18,7 +18,8 @@ beside each float tensor:
   output type cannot hold (above F16's 65504) is refused before anything is packed;
 - group-scaled ternary projections (float values already {-s, 0, +s} per group of columns):
   the magnitude s of every run of GROUP_COLUMNS values (`<name>.group_max`, rows x cols / 32),
-  after checking that each run holds one magnitude at most;
+  after checking that each run holds one magnitude at most, and the zeros of every row
+  (`<name>.zeros`): a tensor without any is binary ({-s, +s}: 1-bit Bonsai), which Q1_0 holds;
 
 and NaN or infinite weights are refused, naming the tensor. Packed projections need no
 pass here: quantize reads every packed byte once anyway and refuses a 2-bit field holding
@@ -31,16 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.codecs import absmean_row_sums, group_magnitudes
+from pipeline.codecs import absmean_row_sums, group_magnitudes, group_rows
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY
+from pipeline.plan import ternary_embedding_scan
 from pipeline.rundir import write_json_atomic
 from pipeline.safetensors_io import TensorSource, as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (MAX_SUFFIX, array_path, ensure_array, index_array, make_ref, open_store, refs_json,
                              refs_path, row_ranges, write_rows, written_chunks)
-from stages.quantize import SUMS_SUFFIX
+from stages.quantize import SUMS_SUFFIX, TERNARY_ROWS_SUFFIX, ZEROS_SUFFIX
 
 GROUP_SUFFIX = ".group_max"
 
@@ -73,13 +75,19 @@ def row_abs_max_bits(block: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
     return (top.view(np.float16).astype(np.float32) if dtype == "F16" else top.view(np.float32)), finite
 
 
-def scan_rows(source: TensorSource, side_path: str, start: int, stop: int, kind: str) -> None:
+def scan_rows(source: TensorSource, side_path: str, start: int, stop: int, kind: str,
+              extras: dict[str, str] | None = None) -> None:
     """Rows [start, stop) of a tensor the later stages read from the checkpoint: refuse what they
     cannot take, and write into the side array the per-row |W| sums (kind "master"), maxima
-    ("float") or the per-group magnitudes of a group-scaled tensor ("grouped")."""
+    ("float") or the per-group magnitudes of a group-scaled tensor ("grouped"). `extras` (suffix ->
+    array path) are the further side arrays: the zeros per row of a group-scaled tensor; for the
+    embedding and head of a group-scaled checkpoint (which may be ternary too: --embedding-type
+    q2_0) their group magnitudes, zeros and whether each row is {-s, 0, +s} per group, never refused."""
     block = source.read_rows(start, stop)
+    extras = extras or {}
     if kind == "grouped":
-        side, bad = group_magnitudes(as_float32(block, source.dtype), GROUP_COLUMNS)
+        values = as_float32(block, source.dtype)
+        side, bad = group_magnitudes(values, GROUP_COLUMNS)
         if bad is not None:
             row, g = bad
             raise CheckpointError(f"{source.file}: tensor {source.name}, row {start + row}, columns "
@@ -87,6 +95,7 @@ def scan_rows(source: TensorSource, side_path: str, start: int, stop: int, kind:
                                   "(-s, 0 and +s for one s per group); only group-scaled ternary weights "
                                   "convert here, this checkpoint's are not")
         write_rows(side_path, start, stop, side)
+        write_rows(extras[ZEROS_SUFFIX], start, stop, (values == 0).sum(axis=1, dtype=np.uint32))
         return
     if kind == "float" and source.dtype in MAGNITUDE_BITS:
         side, finite = row_abs_max_bits(block, source.dtype)
@@ -101,6 +110,12 @@ def scan_rows(source: TensorSource, side_path: str, start: int, stop: int, kind:
         write_rows(side_path, 0, 1, side)
     else:
         write_rows(side_path, start, stop, side)
+    if GROUP_SUFFIX in extras:
+        values = as_float32(block, source.dtype)
+        mags, ternary = group_rows(values, GROUP_COLUMNS)
+        write_rows(extras[GROUP_SUFFIX], start, stop, mags)
+        write_rows(extras[ZEROS_SUFFIX], start, stop, (values == 0).sum(axis=1, dtype=np.uint32))
+        write_rows(extras[TERNARY_ROWS_SUFFIX], start, stop, ternary.astype(np.uint8))
 
 
 def side_array_name(name: str, kind: str) -> str | None:
@@ -141,17 +156,31 @@ def run(ctx: StageContext) -> None:
             "source_file": src.file.name, "shape": list(t.shape), "recipe": t.recipe.as_json(),
         }, ref)
         side = side_array_name(t.gguf_name, kind)
+        extras = {}
         if side and kind == "grouped":
             arrays[side] = ensure_array(group, side, (src.shape[0], src.shape[1] // GROUP_COLUMNS), rows,
                                         np.float32, {"of": t.gguf_name})
+            extras[ZEROS_SUFFIX] = ensure_array(group, t.gguf_name + ZEROS_SUFFIX, (src.shape[0],), rows,
+                                                np.uint32, {"of": t.gguf_name})
         elif side:
             n_rows = src.shape[0] if len(src.shape) > 1 else 1
             arrays[side] = ensure_array(group, side, (n_rows,), rows if len(src.shape) > 1 else 1,
                                         np.float64 if kind == "master" else np.float32, {"of": t.gguf_name})
+            if ternary_embedding_scan(plan.family, t.role, src.shape):
+                extras[GROUP_SUFFIX] = ensure_array(group, t.gguf_name + GROUP_SUFFIX,
+                                                    (src.shape[0], src.shape[1] // GROUP_COLUMNS), rows, np.float32,
+                                                    {"of": t.gguf_name})
+                for suffix, dtype in ((ZEROS_SUFFIX, np.uint32), (TERNARY_ROWS_SUFFIX, np.uint8)):
+                    extras[suffix] = ensure_array(group, t.gguf_name + suffix, (src.shape[0],), rows, dtype,
+                                                  {"of": t.gguf_name})
         if side:
             done = written_chunks(arrays[side])
+            for arr in extras.values():  # a chunk is done when every side array holds it (a kill may fall between)
+                done &= written_chunks(arr)
+            paths = {suffix: array_path(ctx.output, t.gguf_name + suffix) for suffix in extras}
             for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
                 if i not in done:
-                    tasks.append(chunk_task(scan_rows, src, array_path(ctx.output, side), r0, r1, kind))
+                    tasks.append(chunk_task(scan_rows, src, array_path(ctx.output, side), r0, r1, kind, paths))
+        arrays.update({t.gguf_name + suffix: arr for suffix, arr in extras.items()})
     write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, arrays))
     ctx.scheduler.run(tasks, "extract")

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.codecs import CODECS, codes_from_packed, encode_floats
+from pipeline.codecs import CODECS, Q1_0, codes_from_packed, encode_floats
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
-from pipeline.families import TERNARY
+from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY, Recipe
 from pipeline.kernel_config import tiles_of
-from pipeline.outtypes import OUTPUT_TYPES, TERNARY_CHOICES
+from pipeline.outtypes import EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
 from pipeline.stores import (CODES_FROM, ENCODED_FROM, array_path, copy_ref, ensure_array, index_array, is_indexed,
@@ -91,6 +91,53 @@ def block_scale_problem(block_scales: np.ndarray, out, per_scale: int) -> str | 
             f"{out.block_size} values")
 
 
+def binary_problem(attrs, out) -> str | None:
+    """Why a group-scaled tensor (quantize.zarr attributes `attrs`) cannot be `out` because it holds
+    zeros, or None: Q1_0 stores a sign per value, -d or +d, so a 0 has no encoding."""
+    if out.codec is not Q1_0 or not attrs.get("zeros"):
+        return None
+    return (f"it holds {attrs['zeros']} value(s) of 0 (the first in row {attrs['first_zero_row']}), so it is "
+            f"ternary, and Q1_0 holds -d and +d only")
+
+
+def group_problem(attrs, block_scales, out, per_scale) -> str | None:
+    """Why a group-scaled tensor cannot be `out` without requantizing: its zeros (Q1_0) or its
+    block scales (None: one scale per tensor)."""
+    problem = binary_problem(attrs, out)
+    if problem is None and block_scales is not None:
+        problem = block_scale_problem(block_scales, out, per_scale)
+    return problem
+
+
+def ternary_embedding_plan(ctx: StageContext, src, name: str, shape, out, option: str):
+    """(scale, block scales path or None) of an embedding or head written in a ternary
+    --embedding-type, refusing (naming the rows) what the type cannot hold exactly: rows that are
+    not {-s, 0, +s} per group, a scale changing inside a block of the type, a 0 for Q1_0."""
+    attrs = src.attrs
+    hf = attrs["hf_name"]
+    floats = "choose --embedding-type f16, bf16, f32 or q8_0"
+    if "ternary_rows" not in attrs:  # plan refuses this for other families; a store of an older run
+        raise CheckpointError(f"tensor {hf}: --embedding-type {option}: its groups were not read; {floats}")
+    if not attrs["ternary_rows"]:
+        first, n = attrs["first_nonternary_row"], attrs["nonternary_rows"]
+        raise CheckpointError(f"tensor {hf}: --embedding-type {option}: {n} of its {shape[0]} rows (the first: row "
+                              f"{first}) are not ternary (-s, 0 and +s for one s per group of {GROUP_COLUMNS} values), "
+                              f"so {out.codec.name} cannot hold them exactly; {floats}")
+    scale, block_scales, values, per_scale = attrs.get("scale"), None, None, out.block_size
+    if scale is None:
+        block_scales = array_path(ctx.input, name + BLOCK_SCALES_SUFFIX)
+        values = read_rows(open_array(block_scales, "r"), 0, shape[0])
+        per_scale = values_per_scale(values, shape[1])
+    if problem := group_problem(attrs, values, out, per_scale):
+        takes = [n for n in EMBEDDING_CHOICES if OUTPUT_TYPES[n].codec.ternary and OUTPUT_TYPES[n].supports(shape[1])
+                 and group_problem(attrs, values, OUTPUT_TYPES[n], per_scale) is None]
+        rest = f"it converts exactly to --embedding-type {' or '.join(takes)}, or " if takes else ""
+        raise CheckpointError(f"tensor {hf}: --embedding-type {option}: {problem}; {rest}{floats}")
+    for v in ((values[values > 0].min(initial=1.0), values.max(initial=1.0)) if values is not None else (scale,)):
+        check_scale(name, float(v), out.name)
+    return scale, block_scales
+
+
 def codes_in_assemble(out, src, block_scales, requantize) -> bool:
     """Whether a ternary tensor's pack.zarr array is quantize's 2-bit code chunks themselves (see
     CODES_FROM): the type says its bytes are a cheap rewrite of them (`from_codes`), the codes are
@@ -109,6 +156,12 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
     effective weights quantized by the type's own rule, pipeline/plan.py; a type with one scale
     per tensor then takes `scale`). `codec_name` is an output type registry key."""
     codec = CODECS[codec_name]
+    if requantize and codec is Q1_0:  # llama.cpp's own rule on the effective weights (a 0 becomes +d)
+        codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
+        if block_scales is None:
+            return codec.quantize(codes * np.float32(scale))
+        per_scale = values_per_scale(block_scales, codes.shape[1])
+        return codec.quantize(codes * np.repeat(np.asarray(block_scales, dtype=np.float32), per_scale, axis=1))
     if block_scales is not None:
         codes = codes_from_packed(block) if layout == LAYOUT_2BIT else np.asarray(block, dtype=np.int8)
         per_scale = values_per_scale(block_scales, codes.shape[1])
@@ -141,8 +194,10 @@ def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scal
                 source_dtype: str, layout: str | None, tiles=None, block_scales: str | None = None,
                 requantize: bool = False, offset: float = 0.0) -> None:
     scales = read_rows(open_array(block_scales, "r"), start, stop) if block_scales else None
-    data = encode_block(read_rows(open_array(src, "r"), start, stop), codec_name, scale, source_dtype, layout, tiles,
-                        scales, requantize, offset)
+    block = read_rows(open_array(src, "r"), start, stop)
+    if layout is None and CODECS[codec_name].ternary:  # a ternary embedding: its float values' signs are the codes
+        block, layout = np.sign(as_float32(block, source_dtype)).astype(np.int8), LAYOUT_INT8
+    data = encode_block(block, codec_name, scale, source_dtype, layout, tiles, scales, requantize, offset)
     if open_array(out, "r").ndim == 1:  # 1-D tensors are a single chunk; byte and element offsets differ
         write_rows(out, 0, data.shape[0], data)
     else:
@@ -167,14 +222,17 @@ def run(ctx: StageContext) -> None:
         out, fallback = OUTPUT_TYPES[planned.out_type], planned.fallback
         scale = src.attrs.get("scale") if role == TERNARY else None
         block_scales, requantize = None, None
-        if role == TERNARY and scale is None:  # group-scaled, one scale per 64 (or 32) values
-            block_scales = array_path(ctx.input, name + BLOCK_SCALES_SUFFIX)
-            values = read_rows(open_array(block_scales, "r"), 0, shape[0])
-            per_scale = values_per_scale(values, shape[1])
-            problem = block_scale_problem(values, out, per_scale)
+        grouped = role == TERNARY and Recipe.from_json(src.attrs["recipe"]).weights == GROUPED
+        if grouped:  # one scale per tensor, or per 64 (or 32) values; binary or ternary
+            values, per_scale = None, out.block_size
+            if scale is None:
+                block_scales = array_path(ctx.input, name + BLOCK_SCALES_SUFFIX)
+                values = read_rows(open_array(block_scales, "r"), 0, shape[0])
+                per_scale = values_per_scale(values, shape[1])
+            problem = group_problem(src.attrs, values, out, per_scale)
             if problem and not (opts.allow_requantize and out.codec.ternary):
                 takes = [n for n in TERNARY_CHOICES if OUTPUT_TYPES[n].codec.ternary
-                         and block_scale_problem(values, OUTPUT_TYPES[n], per_scale) is None]
+                         and group_problem(src.attrs, values, OUTPUT_TYPES[n], per_scale) is None]
                 option = "pass --allow-requantize to requantize it (lossy)"
                 if not takes:
                     rest = (f"no ternary type holds a scale that changes every {per_scale} values: {option}, "
@@ -184,12 +242,17 @@ def run(ctx: StageContext) -> None:
                         + (f" (or {option})" if out.codec.ternary else "")
                 raise CheckpointError(f"tensor {src.attrs['hf_name']}: --type {layout.type_option}: {problem}; {rest}")
             if problem:  # --allow-requantize: the type's own quantizer on the effective weights
-                requantize = requantize_summary(values, out.codec, nonzero_per_block(ctx, name, shape, per_scale),
+                scales = values if values is not None else \
+                    np.full((shape[0], shape[1] // per_scale), scale, dtype=np.float32)
+                requantize = requantize_summary(scales, out.codec, nonzero_per_block(ctx, name, shape, per_scale),
                                                 per_scale)
                 if out.codec.tail_size():
-                    scale = requantized_scale(values)
-            for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):
-                check_scale(name, float(v), out.name)
+                    scale = requantized_scale(scales)
+            if values is not None:
+                for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):
+                    check_scale(name, float(v), out.name)
+        elif role != TERNARY and out.codec.ternary:  # --embedding-type q2_0 / q1_0 / tq2_0: the data must allow it
+            scale, block_scales = ternary_embedding_plan(ctx, src, name, shape, out, opts.embedding_type)
         if scale is not None:
             check_scale(name, scale, out.name)
         plans.append((name, src, role, shape, out, fallback, scale, block_scales, requantize))

@@ -18,7 +18,9 @@ following the tensor's recipe:
   (`<name>.block_scales`, rows x cols / 64; only Q2_0 holds that), or, when the
   magnitude changes inside a block of 64, one per 32 values (rows x cols / 32: no type
   holds that; pack refuses it, naming the tensor, or requantizes it with
-  --allow-requantize). The values per block scale are cols / the array's columns.
+  --allow-requantize). The values per block scale are cols / the array's columns. The count
+  of zero values (attribute `zeros`, from extract's per-row counts) says whether the tensor is
+  binary ({-s, +s}, 0 zeros: Q1_0 holds it) or ternary.
 
 Either way, the llama q/k permutation moves rows within whole heads, so a chunk is
 a whole number of heads. A packed byte with a 2-bit field of 3 (not a code) is refused
@@ -51,6 +53,8 @@ from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is
 ReadRows = Callable[[int, int], np.ndarray]
 SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside a master-weight projection
 GROUP_SUFFIX = ".group_max"   # extract.zarr: magnitude of every GROUP_COLUMNS values of a group-scaled projection
+ZEROS_SUFFIX = ".zeros"          # extract.zarr: zero values per row of a group-scaled projection (or embedding)
+TERNARY_ROWS_SUFFIX = ".ternary_rows"  # extract.zarr: 1 where an embedding row is {-s, 0, +s} per group
 BLOCK_SCALES_SUFFIX = ".block_scales"  # quantize.zarr: one scale per 64 (or 32) values, when not one per tensor
 SCALE_BLOCK = 64              # values per block scale (Q2_0's block)
 
@@ -186,6 +190,49 @@ def values_per_scale(block_scales, cols: int) -> int:
     return cols // block_scales.shape[1]
 
 
+def zero_attrs(zeros: np.ndarray) -> dict:
+    """`zeros` (total zero values) and `first_zero_row` from the per-row counts extract wrote."""
+    rows_with = np.flatnonzero(zeros)
+    return {"zeros": int(zeros.sum(dtype=np.int64)), "first_zero_row": int(rows_with[0]) if rows_with.size else None}
+
+
+def ternary_embedding_attrs(ctx: StageContext, source, group, name: str) -> dict:
+    """What --embedding-type q2_0 / q1_0 / tq2_0 needs of an embedding or head of a group-scaled
+    checkpoint: whether every row is {-s, 0, +s} per group (else the first row that is not and how
+    many are not), its zeros, and its scale (one per tensor, else `<name>.block_scales` as for a
+    projection). Done for every such conversion (pack alone knows the embedding type), so the
+    magnitudes (a float32 per 32 values: 78 MB for a 151936 x 4096 embedding) are read in row
+    chunks of the budget, twice: to decide the layout, then to write the block scales."""
+    ternary = read_rows(source[name + TERNARY_ROWS_SUFFIX], 0, source[name + TERNARY_ROWS_SUFFIX].shape[0])
+    attrs = {"ternary_rows": bool(ternary.all()), **zero_attrs(read_rows(source[name + ZEROS_SUFFIX], 0,
+                                                                       ternary.shape[0]))}
+    if not attrs["ternary_rows"]:
+        bad = np.flatnonzero(ternary == 0)
+        return {**attrs, "first_nonternary_row": int(bad[0]), "nonternary_rows": int(bad.size), "scale": None}
+    mags = source[name + GROUP_SUFFIX]
+    rows = ctx.budget.rows_per_chunk((mags.shape[0], mags.shape[1] * GROUP_COLUMNS))
+    ranges = row_ranges(mags.shape[0], rows)
+    first, uniform, per64 = None, True, True
+    for r0, r1 in ranges:
+        m = read_rows(mags, r0, r1)
+        nonzero = m[m > 0]
+        if nonzero.size:
+            first = nonzero[0] if first is None else first
+            uniform = uniform and bool((nonzero == first).all())
+        halves = m.reshape(m.shape[0], -1, SCALE_BLOCK // GROUP_COLUMNS)
+        per64 = per64 and not ((halves != halves.max(axis=2, keepdims=True)) & (halves > 0)).any()
+    if uniform:
+        return {**attrs, "scale": float(first) if first is not None else 1.0}
+    per = SCALE_BLOCK if per64 else GROUP_COLUMNS
+    shape = (mags.shape[0], mags.shape[1] * GROUP_COLUMNS // per)
+    ensure_array(group, name + BLOCK_SCALES_SUFFIX, shape, rows, np.float32, {"of": name})
+    for r0, r1 in ranges:  # one scale per 64 values where each 64 holds one, else per 32 (group_scales' rule)
+        m = read_rows(mags, r0, r1)
+        blocks = m.reshape(m.shape[0], -1, SCALE_BLOCK // GROUP_COLUMNS).max(axis=2) if per64 else m
+        write_rows(array_path(ctx.output, name + BLOCK_SCALES_SUFFIX), r0, r1, blocks.astype(np.float32))
+    return {**attrs, "scale": None}
+
+
 # -- tasks ---------------------------------------------------------------------------------------
 
 def codes_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: list, source_dtype: str,
@@ -243,6 +290,8 @@ def run(ctx: StageContext) -> None:
             # not rewritten: the same checkpoint bytes, or the same chunk files (pack encodes them in
             # their output type); chunks of this run's size (extract may have run under a larger limit)
             rows = ctx.budget.rows_per_chunk(src.shape)
+            if name + GROUP_SUFFIX in source:  # an embedding or head that may be ternary: what its groups hold
+                base.update(ternary_embedding_attrs(ctx, source, group, name))
             if is_indexed(src):
                 index_array(group, name, src.shape, rows, src.dtype, base, copy_ref(src))
                 continue
@@ -266,7 +315,9 @@ def run(ctx: StageContext) -> None:
                 ensure_array(group, name + BLOCK_SCALES_SUFFIX, blocks.shape, blocks.shape[0], np.float32,
                              {"of": name})
                 write_rows(array_path(ctx.output, name + BLOCK_SCALES_SUFFIX), 0, blocks.shape[0], blocks)
-            arr.attrs.update({"absmean": None, "scale": scale})
+            # binary ({-s, +s}) when no value is 0: Q1_0 holds it; the first row with a zero names it otherwise
+            arr.attrs.update({"absmean": None, "scale": scale,
+                              **zero_attrs(read_rows(source[name + ZEROS_SUFFIX], 0, shape[0]))})
         elif "scale" not in arr.attrs:
             absmean = None
             if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor

@@ -21,7 +21,7 @@ sections 0 and 4):
                  no quantization_config, is_bitnet_config true
     bonsai       prism-ml/Ternary-Bonsai-*-unpacked: Qwen3ForCausalLM (q/k norms), fp16 projections
                  already ternary, {-s, 0, +s} with one s per group of 128 values of a row
-                 (`group_size`; 0: one s per tensor)
+                 (`group_size`; 0: one s per tensor); `binary` (--binary): {-s, +s}, prism-ml/Bonsai-*-unpacked
 
 Every tensor is generated and written a row chunk at a time (packed ones too), so a
 1 GiB embedding costs a few MiB of memory. The same arguments give the same bytes.
@@ -144,12 +144,14 @@ def weight_scale_chunks(name: str, seed: int, value_range=WEIGHT_SCALE_RANGE) ->
 GROUP_SCALE_RANGE = (0.01, 0.05)
 
 
-def grouped_chunks(name: str, shape: tuple[int, int], seed: int, group: int) -> Iterator[np.ndarray]:
-    """float32 rows of a group-scaled ternary weight: codes in {-1, 0, +1} times one fp16-exact
-    scale per `group` values of a row (0: one scale for the whole tensor)."""
+def grouped_chunks(name: str, shape: tuple[int, int], seed: int, group: int,
+                   binary: bool = False) -> Iterator[np.ndarray]:
+    """float32 rows of a group-scaled ternary weight: codes in {-1, 0, +1} (`binary`: {-1, +1}, as
+    1-bit Bonsai) times one fp16-exact scale per `group` values of a row (0: one scale for the whole
+    tensor)."""
     rng = _tensor_rng(seed, name)
     low, high = ZERO_FRACTION_RANGE
-    zeros = low + (high - low) * rng.random()
+    zeros = 0.0 if binary else low + (high - low) * rng.random()
     n_rows, n_cols = shape
     slow, shigh = GROUP_SCALE_RANGE
     whole = np.float32(np.float16(slow + (shigh - slow) * rng.random()))
@@ -530,11 +532,12 @@ PROJECTION_ROLES = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "sel
 
 # -- checkpoint layout --------------------------------------------------------------------
 
-def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0) -> list[tuple[str, tuple[int, ...], str, str]]:
+def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0, binary: bool = False,
+                        ternary_embeddings: bool = False) -> list[tuple[str, tuple[int, ...], str, str]]:
     """(name, shape, role, stored dtype) of every tensor, in the order transformers saves them.
 
     role is a VALUE_PROFILE key, "packed" (uint8 codes, shape (out/4, in)), "weight_scale" or
-    "grouped:G" (ternary floats, one scale per G values of a row).
+    "grouped:G" (ternary floats, one scale per G values of a row; "grouped:G:binary": no zeros).
     """
     q_dim, kv_dim = h.num_heads * h.head_dim, h.num_kv_heads * h.head_dim
     proj_shapes = {"self_attn.q_proj": (q_dim, h.hidden_size), "self_attn.k_proj": (kv_dim, h.hidden_size),
@@ -547,13 +550,15 @@ def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0) -> list
     def projection(p: str, proj: str) -> list:
         (out_dim, in_dim), name = proj_shapes[proj], p + proj + ".weight"
         if family.grouped:
-            return [(name, (out_dim, in_dim), f"grouped:{group_size}", h.dtype)]
+            return [(name, (out_dim, in_dim), f"grouped:{group_size}" + (":binary" if binary else ""), h.dtype)]
         if not family.packed:
             norm = [(p + proj + ".norm.weight", (in_dim,), "norm", h.dtype)] if family.proj_norms else []
             return [(name, (out_dim, in_dim), PROJECTION_ROLES[proj], h.dtype)] + norm
         return [(name, (out_dim // 4, in_dim), "packed", "u8"), (name + "_scale", (1,), "weight_scale", h.dtype)]
 
-    specs = [(family.prefix + "embed_tokens.weight", (h.vocab_size, h.hidden_size), "embedding", h.dtype)]
+    grouped = f"grouped:{group_size}" + (":binary" if binary else "")
+    specs = [(family.prefix + "embed_tokens.weight", (h.vocab_size, h.hidden_size),
+              grouped if ternary_embeddings else "embedding", h.dtype)]
     for i in range(h.num_layers):
         p = f"{family.prefix}layers.{i}."
         specs.append((p + "input_layernorm.weight", (h.hidden_size,), "norm", h.dtype))
@@ -575,7 +580,8 @@ def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0) -> list
             specs.append((p + ffn_sub + ".weight", (h.intermediate_size,), "norm", h.dtype))
     specs.append((family.prefix + "norm.weight", (h.hidden_size,), "norm", h.dtype))
     if family.lm_head:
-        specs.append(("lm_head.weight", (h.vocab_size, h.hidden_size), "head", h.dtype))
+        specs.append(("lm_head.weight", (h.vocab_size, h.hidden_size), grouped if ternary_embeddings else "head",
+                      h.dtype))
     return specs
 
 
@@ -625,7 +631,8 @@ def _check_shape(family_name: str, family: Family, *, hidden_size, intermediate_
 def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, intermediate_size=512,
                      num_layers=2, num_heads=4, num_kv_heads=None, head_dim=None, vocab_size=None,
                      tokenizer_vocab=None, dtype=None, shards=1, seed=0, rope_theta=None, rms_norm_eps=None,
-                     max_position_embeddings=None, added_tokens=False, group_size=None) -> Path:
+                     max_position_embeddings=None, added_tokens=False, group_size=None, binary=False,
+                     ternary_embeddings=False) -> Path:
     """Write a random checkpoint of `family` (a FAMILIES key) into `out_dir` and return its path.
 
     `dtype` is the stored type of every float tensor (master projections, embedding,
@@ -640,7 +647,8 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
     added_tokens_decoder (special and plain tokens, one beyond vocab_size) and a
     pad_token_id, the way fine-tuned checkpoints extend a SentencePiece vocabulary.
     `group_size` (group-scaled families, default the family's): values per scale along a row,
-    0 for one scale per tensor.
+    0 for one scale per tensor; `binary`: their values are {-s, +s}, no zeros (1-bit Bonsai);
+    `ternary_embeddings`: the embedding and lm_head are group-scaled like the projections (Ternary-Bonsai).
     """
     if family not in FAMILIES:
         raise OptionError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
@@ -667,6 +675,8 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
     group_size = d.get("group_size", 0) if group_size is None else group_size
     if group_size and not fam.grouped:
         raise OptionError(f"group_size: only group-scaled families take it, not {family}")
+    if (binary or ternary_embeddings) and not fam.grouped:
+        raise OptionError(f"binary, ternary_embeddings: only group-scaled families take them, not {family}")
     if fam.grouped and group_size and (hidden_size % group_size or intermediate_size % group_size
                                        or (num_heads * head_dim) % group_size):
         raise OptionError(f"group_size {group_size} must divide every projection's row length")
@@ -687,7 +697,7 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
 
     hp = Hparams(hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size,
                  max_position_embeddings, rms_norm_eps, rope_theta, dtype, bos_id, eos_id)
-    specs = family_tensor_specs(fam, hp, group_size)
+    specs = family_tensor_specs(fam, hp, group_size, binary, ternary_embeddings)
     if shards > len(specs):
         raise OptionError(f"shards {shards}: the checkpoint has only {len(specs)} tensors")
 
@@ -767,7 +777,7 @@ def _chunk_source(name, shape, role, seed, family: Family) -> Callable[[], Itera
     if role == "weight_scale":
         return lambda: weight_scale_chunks(name, seed, family.weight_scale_range)
     if role.startswith("grouped:"):
-        return lambda: grouped_chunks(name, shape, seed, int(role.split(":")[1]))
+        return lambda: grouped_chunks(name, shape, seed, int(role.split(":")[1]), role.endswith(":binary"))
     return lambda: tensor_chunks(name, shape, role, seed)
 
 
@@ -981,6 +991,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-position-embeddings", type=int, default=None, help="default: the family's")
     p.add_argument("--group-size", type=int, default=None,
                    help="bonsai: values per scale along a row (default 128; 0: one scale per tensor)")
+    p.add_argument("--binary", action="store_true",
+                   help="bonsai: projections {-s, +s} with no zeros (1-bit Bonsai) instead of ternary")
+    p.add_argument("--ternary-embeddings", action="store_true",
+                   help="bonsai: the embedding and lm_head group-scaled like the projections (Ternary-Bonsai)")
     return p
 
 

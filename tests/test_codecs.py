@@ -357,13 +357,16 @@ def test_registry():
     from pipeline.outtypes import EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES
 
     assert set(CODECS) == set(OUTPUT_TYPES) == {"tq2_0", "tq1_0", "i2_s", "i2_s_arm", "tl1", "tl2", "f16", "bf16",
-                                                "f32", "q8_0", "q2_0"}
+                                                "f32", "q8_0", "q2_0", "q1_0"}
     # --type: the ternary types, and the float types of the effective weights (as llama.cpp's --outtype)
-    assert set(TERNARY_CHOICES) == {"tq2_0", "tq1_0", "i2_s", "tl1", "tl2", "q2_0", "f16", "bf16", "f32", "q8_0"}
-    assert set(EMBEDDING_CHOICES) == {"f16", "bf16", "f32", "q8_0"}
+    assert set(TERNARY_CHOICES) == {"tq2_0", "tq1_0", "i2_s", "tl1", "tl2", "q2_0", "q1_0", "f16", "bf16", "f32",
+                                    "q8_0"}
+    # --embedding-type: the float types, and the ternary ones for group-scaled checkpoints' ternary embeddings
+    assert EMBEDDING_CHOICES == ("f16", "bf16", "f32", "q8_0", "tq2_0", "q2_0", "q1_0")
     file_types = {"tq2_0": LlamaFileType.MOSTLY_TQ2_0, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
                   "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "f32": LlamaFileType.ALL_F32,
-                  "q8_0": LlamaFileType.MOSTLY_Q8_0}
+                  "q8_0": LlamaFileType.MOSTLY_Q8_0,
+                  "q1_0": LlamaFileType.MOSTLY_Q1_0}  # gguf 0.19: Q1_0 = 41, (128, 2 + 16), MOSTLY_Q1_0 = 40
     for name, t in OUTPUT_TYPES.items():
         if name == "i2_s":  # bitnet.cpp's fork only: type 36, file type 40, 128 values in 32 bytes + 32-byte tail
             assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.codec.tail_size(), t.target) \
@@ -385,7 +388,8 @@ def test_registry():
         assert t.ggml_type == gtype
         assert (t.block_size, t.codec.type_size) == GGML_QUANT_SIZES[gtype]
         assert t.file_type == file_types[name] and t.codec.tail_size() == 0 and t.target is None
-    assert [k for k, v in CODECS.items() if v.ternary] == ["tq2_0", "tq1_0", "i2_s", "i2_s_arm", "tl1", "tl2", "q2_0"]
+    assert [k for k, v in CODECS.items() if v.ternary] == ["tq2_0", "tq1_0", "i2_s", "i2_s_arm", "tl1", "tl2", "q2_0",
+                                                           "q1_0"]
 
 
 # -- Q2_0 (upstream llama.cpp, type 42) ---------------------------------------------------------
