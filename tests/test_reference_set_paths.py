@@ -42,7 +42,7 @@ def test_every_array_reads_the_same_through_the_reference_set(converted):
     for name in names:
         arr = stages_view[name]
         indexed += "source_ref" in arr.attrs
-        expected = np.asarray(read_rows(arr, 0, arr.shape[0])) if arr.ndim > 1 else np.asarray(read_rows(arr, 0, 1))
+        expected = np.asarray(read_rows(arr, 0, arr.shape[0]))
         seen = np.asarray(refs_view[name][:])
         assert seen.tobytes() == expected.tobytes(), f"{name}: the reference set reads other bytes"
     assert indexed, "no array indexes the checkpoint: the test would not read through a checkpoint path"
