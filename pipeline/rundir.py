@@ -122,14 +122,22 @@ class RunDir:
     # -- lock ---------------------------------------------------------------
     def acquire(self) -> None:
         self.check_is_ours()
+        created = []  # directories made here, removed again if the run directory cannot be used
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            for d in [p for p in (*reversed(self.path.parents), self.path) if not p.exists()]:
+                try:
+                    d.mkdir()
+                except FileExistsError:  # an identical command made it meanwhile
+                    continue
+                created.append(d)
         except OSError as e:
+            self._remove_created(created)
             raise RunDirError(f"cannot create the run directory {self.path} ({e.strerror}); "
                               "choose another place with --workdir") from None
         try:
             self._lock_file = os.fdopen(open_no_link(self.path / "lock", os.O_RDWR | os.O_CREAT), "r+b")
         except OSError as e:
+            self._remove_created(created)
             raise RunDirError(f"{self.path / 'lock'}: cannot open the lock file ({e.strerror}); "
                               "choose another --workdir") from None
         if not portable.try_lock(self._lock_file):
@@ -137,6 +145,15 @@ class RunDir:
             self._lock_file = None
             raise RunDirError(f"{self.path}: another conversion is running in this run directory; "
                               "wait for it or pass a different --workdir") from None
+
+    @staticmethod
+    def _remove_created(created: list[Path]) -> None:
+        """A refusal leaves nothing it made: the directories, deepest first, if still empty."""
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                return
 
     def is_locked(self) -> bool:
         """True while a conversion holds this run directory (see portable.lock_is_held: on Linux
