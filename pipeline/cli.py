@@ -15,7 +15,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import ResumableFailure, UserError
 from pipeline.outtypes import (DEFAULT_EMBEDDING_TYPE, DEFAULT_TYPE, EMBEDDING_CHOICES, TARGETS, TERNARY_CHOICES,
                                choices_help)
 
@@ -121,6 +121,9 @@ def add_convert_options(c) -> None:
                        help="run chunk tasks on a local dask.distributed cluster instead of threads")
     sched.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
                        help="use an existing dask cluster (the run directory must be on storage every worker sees)")
+    c.add_argument("--worker-timeout", default=None, metavar="SECONDS",
+                   help="with --scheduler or --cluster: while chunk tasks wait and no dask worker is connected, "
+                        "give up after this many seconds (exit 1; rerun to continue) [preset: 300]")
     c.add_argument("--config", type=Path, default=None, metavar="TOML",
                    help="preset file (default: configs/default.toml); command-line flags override it")
     c.add_argument("--no-progress", action="store_true",
@@ -224,7 +227,7 @@ def _convert_options(args):
                         split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors,
                         out_type=args.out_type, target=args.target, kernel_config=args.kernel_config,
                         memory_limit=args.memory_limit, workers=args.workers,
-                        scheduler=scheduler, progress=False if args.no_progress else sys.stderr.isatty(),
+                        scheduler=scheduler, worker_timeout=args.worker_timeout, progress=False if args.no_progress else sys.stderr.isatty(),
                         force=args.force, name_override=args.model_name, metadata_file=args.metadata,
                         vocab_only=args.vocab_only, allow_requantize=args.allow_requantize)
     return opts
@@ -313,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")
         print("bitnet-gguf: interrupted; rerun the same command to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ResumableFailure as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"bitnet-gguf: failed: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except Exception as e:  # noqa: BLE001 - the CLI boundary
         if args.debug:
             traceback.print_exc()

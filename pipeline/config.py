@@ -62,6 +62,7 @@ class Options:
     memory_limit: int = 4 * 1024**3
     workers: int = 0            # 0: decided by the memory budget and the CPU count
     scheduler: str = "threads"  # "threads", "local" (distributed.LocalCluster) or tcp://host:port
+    worker_timeout: float = 300.0  # a dask cluster with no worker for this many seconds: give up
     progress: bool = True
     force: bool = False         # replace an existing output that is not a GGUF file
     embedding_type: str = DEFAULT_EMBEDDING_TYPE  # token_embd and output
@@ -143,6 +144,19 @@ def _whole_number(values: dict, key: str, option: str) -> int:
         raise OptionError(f"{option}: {value!r} is not a whole number") from None
     if number < 0:
         raise OptionError(f"{option}: must be 0 or a positive number, not {number}")
+    return number
+
+
+def _seconds(value, option: str) -> float:
+    """A positive, finite number of seconds (text from the command line, a number in a preset)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise OptionError(f"{option}: {value!r} is not a number of seconds")
+    try:
+        number = float(value)
+    except ValueError:
+        raise OptionError(f"{option}: {value!r} is not a number of seconds") from None
+    if not 0 < number < float("inf"):
+        raise OptionError(f"{option}: must be a positive number of seconds, not {value!r}")
     return number
 
 
@@ -238,6 +252,7 @@ def _checked_values(values: dict) -> dict:
         if key in values and not isinstance(values[key], bool):
             raise OptionError(f"{option}: {key} must be true or false, not {values[key]!r}")
     values["scheduler"] = check_scheduler(values.get("scheduler", "threads"))
+    values["worker_timeout"] = _seconds(values.get("worker_timeout", Options.worker_timeout), "--worker-timeout")
     return values
 
 

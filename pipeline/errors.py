@@ -23,3 +23,8 @@ class RunDirError(UserError):
 
 class GGUFFormatError(UserError):
     """A GGUF file is truncated, corrupt, or uses something this reader cannot size."""
+
+
+class ResumableFailure(Exception):
+    """Something outside the input stopped the run (exit status 1, the message as one line); the run
+    directory is kept, and rerunning the same command continues."""

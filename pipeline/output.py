@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 
 from pipeline import portable
-from pipeline.errors import RunDirError
+from pipeline.errors import OptionError, RunDirError
 from pipeline.gguf_file import split_paths
 
 
@@ -54,6 +54,60 @@ def written_identity(path: Path) -> list | None:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
+CAP_FOWNER = 3  # the capability that lets a process replace others' files in a sticky directory
+
+
+def _may_override_owners() -> bool:
+    """Whether this process may replace another user's file in a sticky directory (CAP_FOWNER:
+    root, usually; read from /proc on Linux, else taken to come with uid 0)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_FOWNER & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def _foreign_in_sticky_dir(path: Path, st: os.stat_result) -> int | None:
+    """The owner's uid when `path` (described by `st`) is another user's file in a sticky
+    directory (mode 1777, like /tmp) that is not ours either: only its owner may rename over it
+    or delete it there, so the final rename would fail after all the work."""
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is None:  # Windows: no sticky directories
+        return None
+    try:
+        parent = os.stat(path.parent)
+    except OSError:
+        return None
+    euid = geteuid()
+    if not parent.st_mode & stat.S_ISVTX or euid in (st.st_uid, parent.st_uid) or _may_override_owners():
+        return None
+    return st.st_uid
+
+
+def check_output_side(finals: list[Path], workdir: Path) -> None:
+    """Refuse, before any work, what would stop the finished GGUF from appearing: a temporary name
+    (`.NAME.<tag>.partial`) taken by a directory, or a final or temporary name held by another
+    user's file in a sticky directory. (What may be at a final name is check_output_path's.)"""
+    for final in finals:
+        temp = temp_path(final, workdir)
+        for path, what in ((final, ""), (temp, f" (the temporary name the GGUF is written to before it is "
+                                               f"renamed to {final.name})")):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise OptionError(f"-o: cannot look at {path} ({e.strerror}); choose another output path") from None
+            if stat.S_ISDIR(st.st_mode):
+                raise OptionError(f"-o: {path} is a directory{what}; remove it or choose another output path")
+            owner = _foreign_in_sticky_dir(path, st)
+            if owner is not None:
+                raise OptionError(f"-o: {path}{what} belongs to another user (uid {owner}) in {path.parent}, a "
+                                  "sticky directory where only its owner may replace it; choose another output path")
+
+
 class OutputChanged(RunDirError):
     """Something else was written at an output path while the conversion ran."""
 
@@ -87,7 +141,8 @@ def remove_stale_temps(output: Path, workdir: Path) -> int:
     n = 0
     for p in output.parent.glob(f".{output.stem}*.{tag}.partial"):
         name = p.name[1:-len(f".{tag}.partial")]
-        if name == output.name or (name.startswith(output.stem + "-") and name.endswith(".gguf")):
+        if (name == output.name or (name.startswith(output.stem + "-") and name.endswith(".gguf"))) \
+                and not (p.is_dir() and not p.is_symlink()):  # a directory there is not a file of ours
             p.unlink(missing_ok=True)
             n += 1
     return n

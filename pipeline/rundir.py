@@ -54,6 +54,39 @@ def checkpoint_state(manifest: dict) -> dict | None:
                        "checkpoint to start over"}
 MANIFEST_VERSION = 2
 TOOL = "bitnet-gguf"
+STAGE_STATES = ("running", "done")
+
+
+def manifest_problem(data: dict) -> str | None:
+    """What is wrong with the content of a manifest of ours (a hand edit, a damaged disk): every
+    value the runner, status and inspect read has the type they read it as; None when all do."""
+    def shown(value) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    for key, kind, name in (("stages", dict, "an object"), ("options", dict, "an object"),
+                            ("fingerprint", list, "a list")):
+        if key in data and not isinstance(data[key], kind):
+            return f"{key} is {shown(data[key])}, not {name}"
+    for stage, state in data.get("stages", {}).items():
+        if stage not in STAGES:
+            return f"stages names {shown(stage)}, which is not a stage ({', '.join(STAGES)})"
+        if not isinstance(state, dict):
+            return f"stages.{stage} is {shown(state)}, not an object"
+        if not isinstance(state.get("key"), str):
+            return f"stages.{stage}.key is {shown(state.get('key'))}, not a string"
+        if state.get("state") not in STAGE_STATES:
+            return f"stages.{stage}.state is {shown(state.get('state'))}, not one of {', '.join(STAGE_STATES)}"
+        seconds = state.get("seconds", 0)
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            return f"stages.{stage}.seconds is {shown(seconds)}, not a number"
+        if not isinstance(state.get("inputs", {}), dict):
+            return f"stages.{stage}.inputs is {shown(state['inputs'])}, not an object"
+        outputs = state.get("outputs", [])
+        if not isinstance(outputs, list) or not all(isinstance(o, list) and o and isinstance(o[0], str)
+                                                    for o in outputs):
+            return f"stages.{stage}.outputs is {shown(outputs)}, not a list of [path, ...] records"
+    return None
 
 
 def _is_checksum_record(data) -> bool:
@@ -89,14 +122,22 @@ class RunDir:
     # -- lock ---------------------------------------------------------------
     def acquire(self) -> None:
         self.check_is_ours()
+        created = []  # directories made here, removed again if the run directory cannot be used
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            for d in [p for p in (*reversed(self.path.parents), self.path) if not p.exists()]:
+                try:
+                    d.mkdir()
+                except FileExistsError:  # an identical command made it meanwhile
+                    continue
+                created.append(d)
         except OSError as e:
+            self._remove_created(created)
             raise RunDirError(f"cannot create the run directory {self.path} ({e.strerror}); "
                               "choose another place with --workdir") from None
         try:
             self._lock_file = os.fdopen(open_no_link(self.path / "lock", os.O_RDWR | os.O_CREAT), "r+b")
         except OSError as e:
+            self._remove_created(created)
             raise RunDirError(f"{self.path / 'lock'}: cannot open the lock file ({e.strerror}); "
                               "choose another --workdir") from None
         if not portable.try_lock(self._lock_file):
@@ -104,6 +145,15 @@ class RunDir:
             self._lock_file = None
             raise RunDirError(f"{self.path}: another conversion is running in this run directory; "
                               "wait for it or pass a different --workdir") from None
+
+    @staticmethod
+    def _remove_created(created: list[Path]) -> None:
+        """A refusal leaves nothing it made: the directories, deepest first, if still empty."""
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                return
 
     def is_locked(self) -> bool:
         """True while a conversion holds this run directory (see portable.lock_is_held: on Linux
@@ -140,12 +190,18 @@ class RunDir:
 
     @staticmethod
     def is_our_manifest(data) -> bool:
-        return isinstance(data, dict) and data.get("tool") == TOOL and isinstance(data.get("stages", {}), dict)
+        return isinstance(data, dict) and data.get("tool") == TOOL
 
     def load(self) -> dict:
+        """The manifest of this version (a hand-edited or damaged one is refused, as a damaged
+        checksum record is); {} when there is none, or it is of another version (the run is new)."""
         data = self._read_manifest()
         if not self.is_our_manifest(data) or data.get("version") != MANIFEST_VERSION:
             return {}  # a run of another version, or unreadable: treat the run as new
+        problem = manifest_problem(data)
+        if problem:
+            raise RunDirError(f"{self.manifest_path}: the run directory is damaged ({problem}); delete the run "
+                              "directory and convert again")
         return data
 
     def save(self, manifest: dict) -> None:
@@ -209,6 +265,9 @@ class RunDir:
             raise RunDirError(f"{self.path}: exists and is not a directory; choose another --workdir")
         if not self.path.is_dir():
             return
+        if self.is_locked():  # whatever it holds now, it is another conversion's to finish
+            raise RunDirError(f"{self.path}: another conversion is running in this run directory; "
+                              "wait for it or pass a different --workdir")
         try:
             entries = sorted(p.name for p in self.path.iterdir())
         except OSError as e:
@@ -237,6 +296,7 @@ class RunDir:
             if not self.is_our_manifest(data):
                 raise RunDirError(f"{self.manifest_path}: not a bitnet-gguf manifest; this is not a run directory "
                                   "of ours, choose an empty or new --workdir")
+            self.load()  # ours: refused here if its content is damaged
 
     def _links(self, entries: list[str]) -> list[Path]:
         """Symbolic links among the run directory's entries and inside its stores (not followed)."""

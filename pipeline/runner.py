@@ -19,7 +19,8 @@ from pipeline.context import StageContext
 from pipeline.errors import CheckpointError, RunDirError
 from pipeline.families import GROUPED, TERNARY
 from pipeline.gguf_file import GGUFSplitWriter
-from pipeline.output import OutputChanged, final_paths, identity, publish, remove_stale_temps, temp_path, written_identity
+from pipeline.output import (OutputChanged, check_output_side, final_paths, identity, publish, remove_stale_temps,
+                             temp_path, written_identity)
 from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES
 from pipeline.plan import file_kvs, make_plan, save_plan
 from pipeline.rundir import STAGES, RunDir, stage_key
@@ -99,6 +100,7 @@ def convert_vocab_only(opts: Options, log) -> list[Path]:
     plan, kv = open_vocabulary(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
                                model_name=opts.name_override, metadata_file=opts.metadata_file,
                                memory_limit=opts.memory_limit)
+    check_output_side([opts.output], opts.workdir)
     before = [identity(opts.output)]
     temp = temp_path(opts.output, opts.workdir)
     try:
@@ -117,12 +119,24 @@ def convert_vocab_only(opts: Options, log) -> list[Path]:
 
 def plan_conversion(opts: Options):
     """The plan of `convert(opts)` (pipeline/plan.py), refusing what it would refuse; writes nothing."""
+    if opts.scheduler.startswith("tcp://"):
+        probe_scheduler(opts.scheduler)
     ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
                            max_header_bytes=header_budget(opts.memory_limit), model_name=opts.name_override,
                            metadata_file=opts.metadata_file, memory_limit=opts.memory_limit)
     for stage in STAGES:  # as convert does, so the budget's baseline is the same
         importlib.import_module(f"stages.{stage}")
-    return make_plan(opts, ckpt, conversion_budget(opts, ckpt))
+    plan = make_plan(opts, ckpt, conversion_budget(opts, ckpt))
+    preflight(opts, RunDir(opts.workdir), plan)
+    return plan
+
+
+def preflight(opts: Options, run: RunDir, plan) -> None:
+    """What convert refuses about the run directory, the output side and the disk, checked
+    before anything is created (plan refuses the same)."""
+    run.check_is_ours()
+    check_output_side(final_paths(opts.output, len(plan.outputs)), opts.workdir)
+    check_disk(opts, run, plan)
 
 
 def conversion_budget(opts: Options, ckpt):
@@ -142,18 +156,18 @@ def convert(opts: Options, log) -> list[Path]:
         importlib.import_module(f"stages.{stage}")
     budget = conversion_budget(opts, ckpt)
     plan = make_plan(opts, ckpt, budget)
+    run = RunDir(opts.workdir)
+    preflight(opts, run, plan)  # a refusal leaves nothing behind: nothing is created before it
     # what is at the output path(s) now: anything written there from here on is another
     # process's, and assemble does not replace it
     outputs_before = [identity(p) for p in final_paths(opts.output, len(plan.outputs))]
     keys = stage_keys(opts, ckpt)
-    run = RunDir(opts.workdir)
-    run.check_is_ours()
     worker_memory = max(1, (opts.memory_limit - current_rss()) // budget.workers)
-    with run:
-        check_disk(opts, run, plan)
-        save_plan(run, plan)
-        scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress)
-        try:
+    # the scheduler before the run directory: one that cannot be reached is refused with nothing made
+    scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress,
+                          worker_timeout=opts.worker_timeout, log=log)
+    try:
+        with run:
             log(f"model: {opts.model_dir} ({ckpt.plan.family.description}, {len(ckpt.plan.tensors)} tensors)")
             built = f" for bitnet.cpp's {TARGET_NAMES[opts.target]} builds" if opts.layout.target else ""
             log(f"output: {opts.output} ({opts.out_type.upper()}{built}, embeddings {opts.embedding_type.upper()}, "
@@ -163,8 +177,8 @@ def convert(opts: Options, log) -> list[Path]:
             log(f"run directory: {opts.workdir}")
             log(budget.describe())
             outputs = _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before)
-        finally:
-            scheduler.close()
+    finally:
+        scheduler.close()
     size = sum(p.stat().st_size for p in outputs)
     kept = run.stores_size()
     shown = outputs[0] if len(outputs) == 1 else f"{outputs[0]} (+ {len(outputs) - 1} more parts)"
@@ -174,18 +188,28 @@ def convert(opts: Options, log) -> list[Path]:
     return outputs
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or the closest of its parents that exists: the run directory is not made before the
+    disk is checked, and its disk is the one it will be made on."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def check_disk(opts: Options, run: RunDir, plan) -> None:
-    """Refuse up front when the run directory's or the output's disk cannot hold the result."""
+    """Refuse up front when the run directory's or the output's disk cannot hold the result
+    (before the run directory is made: a refusal leaves nothing)."""
     work_bytes, out_bytes = plan.run_dir_bytes, plan.output_bytes
     have = run.stores_size()
+    work_at = _nearest_existing(opts.workdir)
     needs = {opts.workdir: max(0, work_bytes - have)}
-    out_dev, work_dev = os.stat(opts.output.parent).st_dev, os.stat(opts.workdir).st_dev
+    out_dev, work_dev = os.stat(opts.output.parent).st_dev, os.stat(work_at).st_dev
     if out_dev == work_dev:
         needs[opts.workdir] += out_bytes
     else:
         needs[opts.output.parent] = out_bytes
     for where, need in needs.items():
-        free = shutil.disk_usage(where).free
+        free = shutil.disk_usage(_nearest_existing(where)).free
         if free < need:
             raise RunDirError(f"{where}: {format_size(free)} free, but this conversion needs about "
                               f"{format_size(need)} more; free some space or choose another --workdir / -o")
@@ -231,10 +255,17 @@ def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_bef
         run.reset_from("extract", manifest)
     elif not manifest and run.has_stores():
         log("the run directory has stores but no readable manifest: starting over")
+        # a manifest first, naming those stores as stale: a kill while they are deleted then leaves
+        # a directory that is still provably ours (rundir.check_is_ours), whose rerun deletes them
+        manifest = {"stages": {s: {"key": "", "state": "running"} for s in STAGES if os.path.lexists(run.store(s))}}
+        run.save(manifest)
         run.reset_from("extract", manifest)
     manifest.update({"fingerprint": ckpt.fingerprint, "options": opts.as_json()})
     manifest.setdefault("stages", {})
+    # the manifest is the first file of a new run directory: only it (or a store of ours) makes a
+    # directory ours, so a kill before the next write leaves one a rerun takes up (rundir.check_is_ours)
     run.save(manifest)
+    save_plan(run, plan)
     run.save_metadata({"arch": ckpt.plan.arch, "kv": ckpt.kv})
     if n := run.clean_partials():
         log(f"removed {n} unfinished chunk file(s) of an interrupted run")

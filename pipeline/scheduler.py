@@ -1,6 +1,11 @@
 """Where chunk tasks run: dask's threaded scheduler (default), a local
 distributed cluster, or an existing one. Stages hand over lists of
-`dask.delayed` tasks; this module runs them with a progress bar."""
+`dask.delayed` tasks; this module runs them with a progress bar.
+
+A dask cluster without workers holds its tasks forever without a word: while tasks are
+pending and no worker is connected, one line says so, and after --worker-timeout seconds
+the conversion gives up (NoWorkers, exit 1); the chunks already written stay, so a rerun
+continues."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +20,17 @@ import dask.threaded
 from dask.callbacks import Callback
 from tqdm import tqdm
 
-from pipeline.errors import OptionError
+from pipeline.errors import OptionError, ResumableFailure
+
+# How often a distributed run looks at its futures, and at whether any worker is connected.
+POLL_SECONDS = 0.1
+WORKER_CHECK_SECONDS = 1.0
+DEFAULT_WORKER_TIMEOUT = 300.0
+
+
+class NoWorkers(ResumableFailure):
+    """No dask worker was connected for --worker-timeout seconds while tasks were pending (an
+    environment failure, exit 1: the run directory is kept and a rerun continues)."""
 
 
 def chunk_task(func, *args):
@@ -97,8 +112,10 @@ class _TaskProgress(Callback):
 
 
 class Scheduler:
-    def __init__(self, kind: str, workers: int, worker_memory: int, progress: bool = True):
+    def __init__(self, kind: str, workers: int, worker_memory: int, progress: bool = True,
+                 worker_timeout: float = DEFAULT_WORKER_TIMEOUT, log=None):
         self.kind, self.workers, self.progress = kind, workers, progress
+        self.worker_timeout, self.log = worker_timeout, log or (lambda message: None)
         self.client = None
         self.cluster = None
         if kind == "local" or kind.startswith("tcp://"):
@@ -131,11 +148,41 @@ class Scheduler:
                 # distributed to look for a client (over a second at every start)
                 with _TaskProgress({t.key for t in tasks}, bar):
                     return list(dask.compute(*tasks, scheduler=dask.threaded.get, num_workers=self.workers))
-            from distributed import as_completed
-            futures = self.client.compute(list(tasks))
-            for _ in as_completed(futures):
+            return self._run_distributed(tasks, bar)
+
+    def _run_distributed(self, tasks: Sequence, bar: tqdm) -> list:
+        futures = self.client.compute(list(tasks))
+        pending = set(futures)
+        idle_since, next_check = None, 0.0
+        where = "--cluster local" if self.kind == "local" else f"--scheduler {self.kind}"
+        while pending:
+            finished = {f for f in pending if f.done()}
+            for f in finished:
+                if f.status != "finished":
+                    f.result()  # the task's error, now rather than after the others
                 bar.update(1)
-            return self.client.gather(futures)
+            pending -= finished
+            now = time.monotonic()
+            if pending and now >= next_check:
+                next_check = now + WORKER_CHECK_SECONDS
+                if self._connected_workers():
+                    if idle_since is not None:
+                        self.log(f"{where}: a dask worker is connected again; continuing")
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = now
+                    self.log(f"{where}: no dask worker is connected; waiting for one (giving up after "
+                             f"{self.worker_timeout:g} s, --worker-timeout)")
+                elif now - idle_since >= self.worker_timeout:
+                    raise NoWorkers(f"{where}: no dask worker connected for {self.worker_timeout:g} s "
+                                    "(--worker-timeout); start a worker for that scheduler (dask worker ADDRESS) "
+                                    "and rerun the same command to continue")
+            if pending:
+                time.sleep(POLL_SECONDS)
+        return self.client.gather(futures)
+
+    def _connected_workers(self) -> int:
+        return len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
 
     def close(self) -> None:
         if self.client is not None:

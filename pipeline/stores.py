@@ -40,8 +40,14 @@ def row_ranges(n_rows: int, rows_per_chunk: int) -> list[tuple[int, int]]:
     return [(r, min(r + rows_per_chunk, n_rows)) for r in range(0, n_rows, rows_per_chunk)]
 
 
+def local_store(path, mode: str) -> zarr.storage.LocalStore:
+    """The directory at `path` as a zarr store. Given as text, zarr would take "::" or "://" in
+    it for an fsspec URL, and a run directory may be named anything."""
+    return zarr.storage.LocalStore(str(path), read_only=mode == "r")
+
+
 def open_store(path: Path, mode: str = "a") -> zarr.Group:
-    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+    return zarr.open_group(local_store(path, mode), mode=mode, zarr_format=3)
 
 
 def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], rows_per_chunk: int,
@@ -105,7 +111,7 @@ def array_path(store: Path, name: str) -> str:
 
 
 def open_array(path: str, mode: str = "r+") -> zarr.Array:
-    return zarr.open_array(path, mode=mode, zarr_format=3)
+    return zarr.open_array(local_store(path, mode), mode=mode, zarr_format=3)
 
 
 def remove_tree(path: Path) -> None:
@@ -334,10 +340,12 @@ def refs_json(store: Path, arrays: dict[str, zarr.Array]) -> dict:
     chunks as [file, offset, length] (a full chunk: an edge chunk runs on into the bytes that
     follow it; one that would run past the end of its file is a padded copy in the store),
     other chunks as their files in the store (written by the time the stage is done). Open it with
-    zarr.open_group("reference://", storage_options={"fo": "<workdir>/extract.refs.json"}) (open_with_refs)."""
-    store = Path(store)
-    templates, refs = {"store": str(store.resolve())}, {"zarr.json": (store / "zarr.json").read_text()}
-    files: dict[str, str] = {}
+    zarr.open_group("reference://", storage_options={"fo": "<workdir>/extract.refs.json"}) (open_with_refs).
+
+    Every target is a plain absolute path, never a template: fsspec renders a "{{" in a template
+    value or a target as template syntax, and a checkpoint or run directory may be named anything."""
+    store = Path(store).resolve()
+    refs = {"zarr.json": (store / "zarr.json").read_text()}
     for name, arr in sorted(arrays.items()):
         refs[f"{name}/zarr.json"] = (store / name / "zarr.json").read_text()
         ref = source_ref(arr)
@@ -346,20 +354,18 @@ def refs_json(store: Path, arrays: dict[str, zarr.Array]) -> dict:
         if ref is None:  # chunk files of the store (written by the time the stage is done)
             for i in range(n_chunks):
                 key = arr.metadata.encode_chunk_key((i, *tail))
-                refs[f"{name}/{key}"] = ["{{store}}/" + f"{name}/{key}"]
+                refs[f"{name}/{key}"] = [str(store / name / key)]
             continue
-        file = files.setdefault(ref["file"], f"f{len(files)}")
-        templates[file] = ref["file"]
         size = ref["identity"][0]
         nbytes = chunk_nbytes(arr)
         for i in range(n_chunks):
             key = arr.metadata.encode_chunk_key((i, *tail))
             offset = ref["offset"] + i * nbytes
             if offset + nbytes <= size:
-                refs[f"{name}/{key}"] = ["{{" + file + "}}", offset, nbytes]
+                refs[f"{name}/{key}"] = [str(ref["file"]), offset, nbytes]
             else:
-                refs[f"{name}/{key}"] = ["{{store}}/" + f"{name}/{write_padded_tail(store / name, ref, arr, i)}"]
-    return {"version": 1, "templates": templates, "refs": refs}
+                refs[f"{name}/{key}"] = [str(store / name / write_padded_tail(store / name, ref, arr, i))]
+    return {"version": 1, "refs": refs}
 
 
 def write_padded_tail(array_dir: Path, ref: dict, arr: zarr.Array, index: int) -> str:
@@ -382,9 +388,12 @@ def write_padded_tail(array_dir: Path, ref: dict, arr: zarr.Array, index: int) -
 
 
 def open_with_refs(store: Path) -> zarr.Group:
-    """A store opened through its reference file: indexed arrays read from the checkpoint."""
+    """A store opened through its reference file: indexed arrays read from the checkpoint. The file
+    is read here and handed over as data: fsspec would parse its path as a URL ("::" chains
+    filesystems, "%" escapes), and a run directory may be named anything."""
+    references = json.loads(refs_path(store).read_text(encoding="utf-8"))
     return zarr.open_group("reference://", mode="r", zarr_format=3,
-                           storage_options={"fo": str(refs_path(store)), "remote_protocol": "file"})
+                           storage_options={"fo": references, "remote_protocol": "file"})
 
 
 class DamagedStore(RunDirError):

@@ -5,8 +5,12 @@ run's log says it is in that stage and the given fraction of the stage's remaini
 disk: chunk files under `<stage>.zarr/**/c/` for extract, quantize and pack, bytes of the
 temporary `.NAME.<8 hex>.partial` next to the output for assemble), "index" (extract is
 running and that fraction of its index is on disk: the arrays' zarr.json files, then
-extract.refs.json; 0 aims before the index, 1 after it) or "time" (that fraction of a clean
-conversion's wall time after the start, wherever that falls). Where the process
+extract.refs.json; 0 aims before the index, 1 after it), "write" (just before a run-directory
+write: the lock, manifest.json, plan.json, a store made or removed, the output's temporary
+name..., tests/write_points.py; the fraction picks which of a clean run's writes, or `at_write`
+names it) or "time" (that fraction of a clean conversion's wall time after the start,
+wherever that falls). Watching the directory cannot aim between two writes a millisecond
+apart; the "write" kill is made by the process itself, from an audit hook, so it lands exactly. Where the process
 was when it died is read back from its log and manifest.json, so the report counts where
 kills landed, not where they were aimed.
 
@@ -26,7 +30,7 @@ from pathlib import Path
 
 STAGES = ("extract", "quantize", "pack", "assemble")
 CHUNK_STAGES = STAGES[:3]
-TARGETS = ("index", *STAGES, "time")  # in this order in a chain: a timed kill can land anywhere, so it comes last
+TARGETS = ("write", "index", *STAGES, "time")  # in this order in a chain: a timed kill can land anywhere, so it comes last
 INDEX_MOMENTS = ("before", "during", "after")  # where an "index" kill aims, in turn
 SEED_ENV = "BITNET_GGUF_KILL_SEED"
 DEFAULT_SEED = 1580
@@ -46,10 +50,16 @@ class KillPoint:
     fraction: float
     signal: int
     memory_limit: str  # of the run this kill interrupts
+    at_write: int = 0  # "write": before this write (1-based); 0: the one `fraction` picks
 
     def describe(self) -> str:
-        return (f"{signal.Signals(self.signal).name} at {self.fraction:.2f} of {self.target} "
-                f"(--memory-limit {self.memory_limit})")
+        where = f"before run-directory write {self.at_write}" if self.at_write else \
+            f"at {self.fraction:.2f} of {self.target}"
+        return f"{signal.Signals(self.signal).name} {where} (--memory-limit {self.memory_limit})"
+
+    def write_number(self, writes: int) -> int:
+        """The write a "write" kill lands before, of a run that makes `writes` of them."""
+        return self.at_write or min(writes, 1 + int(self.fraction * writes))
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ def plan(rng: random.Random, n_kills: int, limits: tuple[str, ...], mixed_share:
         group, targets = sorted(targets[:size], key=TARGETS.index), targets[size:]
         mems = _memory_limits(rng, size + 1, limits, rng.random() < mixed_share)
         kills = tuple(KillPoint(t, _index_fraction(rng, next(moments)) if t == "index"
+                                else round(rng.random(), 3) if t == "write"  # any of the writes, the last too
                                 else round(rng.uniform(0.0, 0.9), 3),
                                 signal.SIGKILL if t == "time" else _weighted(rng, SIGNAL_WEIGHTS), m)
                       for t, m in zip(group, mems))
@@ -201,6 +212,7 @@ class Reference:
     chunks: dict[str, int]  # stage -> finished chunk files
     size: int  # of the GGUF
     index_files: int = 0  # files of extract's index (index_files)
+    writes: int = 0  # run-directory writes (tests/write_points.py)
 
 
 # -- running and interrupting ----------------------------------------------------------------
@@ -209,13 +221,31 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start(root: Path, model: Path, out: Path, work: Path, memory_limit: str, log: Path, *extra: str) \
-        -> subprocess.Popen:
+def start(root: Path, model: Path, out: Path, work: Path, memory_limit: str, log: Path, *extra: str,
+          watch: dict | None = None) -> subprocess.Popen:
+    """A conversion; with `watch` (environment of tests/write_points.py), run through its audit hook."""
+    from tests import write_points
+
+    module = "pipeline" if watch is None else "tests.write_points"
+    watched = {} if watch is None else {write_points.WATCH_ENV: str(work), write_points.OUTPUT_ENV: str(out), **watch}
     with open(log, "ab") as err:
-        return subprocess.Popen([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
+        return subprocess.Popen([sys.executable, "-m", module, "convert", str(model), "-o", str(out),
                                  "--workdir", str(work), "--memory-limit", memory_limit, "--no-progress", *extra],
                                 stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_default_sigint,
-                                env={**os.environ, "PYTHONPATH": str(root)})
+                                env={**os.environ, "PYTHONPATH": str(root), **watched})
+
+
+def recorded_writes(root: Path, model: Path, out: Path, work: Path, memory_limit: str, log: Path,
+                    *extra: str) -> list[str]:
+    """Run a conversion to its end through tests/write_points.py; its run-directory writes, in order."""
+    from tests import write_points
+
+    record = log.with_name(log.name + ".writes")
+    record.unlink(missing_ok=True)
+    proc = start(root, model, out, work, memory_limit, log, *extra, watch={write_points.LOG_ENV: str(record)})
+    if proc.wait(timeout=TIMEOUT) != 0:
+        raise AssertionError(f"the conversion failed:\n{log.read_text(errors='replace')}")
+    return record.read_text().splitlines() if record.exists() else []
 
 
 def _wait_until(proc: subprocess.Popen, ready, deadline: float) -> bool:
@@ -285,12 +315,17 @@ class Kill:
 def interrupt(root: Path, model: Path, out: Path, work: Path, kp: KillPoint, ref: Reference, log: Path,
               *extra: str) -> Kill:
     """Run a conversion (extra: more options) and interrupt it at kp."""
+    from tests import write_points
+
     log.write_bytes(b"")
     started = time.monotonic()
-    proc = start(root, model, out, work, kp.memory_limit, log, *extra)
+    watch = None
+    if kp.target == "write":  # the process kills itself, before the write
+        watch = {write_points.KILL_AT_ENV: str(kp.write_number(ref.writes)), write_points.SIGNAL_ENV: str(kp.signal)}
+    proc = start(root, model, out, work, kp.memory_limit, log, *extra, watch=watch)
     try:
-        reached = wait_for(proc, kp, work, out, ref, started, log)
-        if reached:
+        reached = watch is not None or wait_for(proc, kp, work, out, ref, started, log)
+        if reached and watch is None:
             proc.send_signal(kp.signal)
         rc = proc.wait(timeout=TIMEOUT)
     finally:

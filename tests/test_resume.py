@@ -3,7 +3,9 @@
 The kill points are drawn from a seeded RNG (tests/kill_points.py; the seed is printed, and
 BITNET_GGUF_KILL_SEED picks another) and aimed at every stage by watching the run directory:
 the manifest's running stage, the chunk files in its store, the bytes of the temporary output,
-and extract's index of the checkpoint (kills before, during and after it is written).
+and extract's index of the checkpoint (kills before, during and after it is written); and
+between two run-directory writes, by the process itself (tests/write_points.py; every such
+window in turn: tests/test_run_directory_windows.py).
 Mostly SIGKILL, some SIGTERM and SIGINT (exit 130, no *.partial left behind); some runs are
 interrupted two or three times before the rerun, and some change --memory-limit between runs
 (the converter must resume or redo, never mix).
@@ -23,7 +25,7 @@ from tests import kill_points as kp
 from tests.conftest import ROOT, convert, run_cli
 
 MEMORY_LIMITS = ("512MiB", "1GiB")  # the first is the one most runs use
-KILLS = {"1bitllm": 21, "llama3-1.58": 17}  # per checkpoint kind: about 3 minutes for both on 2 busy cores
+KILLS = {"1bitllm": 24, "llama3-1.58": 20}  # per checkpoint kind: about 3.5 minutes for both on 2 busy cores
 MIN_PER_STAGE = 2
 
 
@@ -51,10 +53,10 @@ def clean_conversions(model, tmp_path):
     for mem in MEMORY_LIMITS:
         out, work = tmp_path / f"clean-{mem}.gguf", tmp_path / f"clean-{mem}.work"
         t0 = time.monotonic()
-        convert(model, out, "--workdir", work, "--memory-limit", mem)
+        writes = kp.recorded_writes(ROOT, model, out, work, mem, tmp_path / f"clean-{mem}.txt")
         refs[mem] = kp.Reference(time.monotonic() - t0,
                                  {s: kp.count_chunks(work / f"{s}.zarr") for s in kp.CHUNK_STAGES},
-                                 out.stat().st_size, kp.index_files(work))
+                                 out.stat().st_size, kp.index_files(work), len(writes))
         files[mem] = out
         shutil.rmtree(work)
     expected = files[MEMORY_LIMITS[0]]
