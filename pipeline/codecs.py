@@ -255,6 +255,9 @@ class Codec:
     block_size: int   # values per block
     type_size: int    # bytes per block
     ternary: bool     # encode(codes, scale) if True, encode(values) if False
+    # one scale for the whole tensor, stored after its codes (I2_S, TL1, TL2), rather than one per
+    # block: a group-scaled tensor takes such a type only if its scale is one number
+    per_tensor_scale: bool = False
 
     def __init__(self):
         raise TypeError("codecs are used through their class methods")
@@ -406,6 +409,7 @@ class I2_S(Codec):
     results for other row lengths anyway).
     """
     name, ggml_type, block_size, type_size, ternary = "I2_S", 36, QK_I2_S, 32, True
+    per_tensor_scale = True
     group = QK_I2_S // 4
 
     @classmethod
@@ -589,6 +593,7 @@ _SPREAD_EVEN = np.array([sum(((b >> (7 - q)) & 1) << (15 - 2 * q) for q in range
 
 class _TernaryTiles(Codec):
     """A lookup-table type: encodes whole tiles of rows from their fields in column order."""
+    per_tensor_scale = True
 
     @classmethod
     def encode(cls, codes: np.ndarray, scale: np.float32 | None = None, tiles=None) -> np.ndarray:

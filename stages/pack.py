@@ -77,7 +77,7 @@ def block_scale_problem(block_scales: np.ndarray, out, per_scale: int) -> str | 
     codec = out.codec
     if not codec.ternary:  # a float type of the effective weights (--type f16, or the fallback): their values
         return None
-    if codec.block_size % per_scale or codec.tail_size():
+    if codec.block_size % per_scale or codec.per_tensor_scale:
         return f"{codec.name} keeps one scale per tensor"
     per = out.block_size // per_scale
     blocks = block_scales.reshape(block_scales.shape[0], -1, per)
@@ -186,7 +186,7 @@ def run(ctx: StageContext) -> None:
             if problem:  # --allow-requantize: the type's own quantizer on the effective weights
                 requantize = requantize_summary(values, out.codec, nonzero_per_block(ctx, name, shape, per_scale),
                                                 per_scale)
-                if out.codec.tail_size():
+                if out.codec.per_tensor_scale:
                     scale = requantized_scale(values)
             for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):
                 check_scale(name, float(v), out.name)
