@@ -97,7 +97,8 @@ def convert_vocab_only(opts: Options, log) -> list[Path]:
     """--vocab-only: the key/values and tokenizer, no tensors, from config.json and the tokenizer
     alone (no run directory); written to a temporary name and renamed into place."""
     plan, kv = open_vocabulary(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
-                               model_name=opts.name_override, metadata_file=opts.metadata_file)
+                               model_name=opts.name_override, metadata_file=opts.metadata_file,
+                               memory_limit=opts.memory_limit)
     before = [identity(opts.output)]
     temp = temp_path(opts.output, opts.workdir)
     try:

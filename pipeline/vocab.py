@@ -75,6 +75,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre
     return kind
 
 
+def tokenizer_file(model_dir: Path) -> Path | None:
+    """The file the token table is read from (tokenizer.model before tokenizer.json, as llama.cpp's
+    converter tries them), or None; for messages, so a dangling link is not an error here."""
+    return next((model_dir / name for name, _ in _KIND_BY_FILE if os.path.lexists(model_dir / name)), None)
+
+
 def tokenizer_kind(model_dir: Path) -> str:
     for name, kind in _KIND_BY_FILE:
         if is_present(model_dir / name):
