@@ -165,17 +165,19 @@ def build_parser_rest(p, sub) -> argparse.ArgumentParser:
 
 
 def cmd_verify(args) -> int:
+    from pipeline.budget import check_memory_limit
     from pipeline.config import parse_size
     from pipeline.errors import OptionError
     from pipeline.hub import resolve_model
     from pipeline.verify import verify
 
+    memory_limit = check_memory_limit(parse_size(args.memory_limit))
     if not args.gguf.is_file():
         raise OptionError(f"{args.gguf}: no such file")
     model = resolve_model(args.model)
     if args.metadata is not None and not args.metadata.is_file():
         raise OptionError(f"--metadata: {args.metadata} does not exist or is not a file")
-    problems = verify(args.gguf, model.path, parse_size(args.memory_limit), _log, name=model.name,
+    problems = verify(args.gguf, model.path, memory_limit, _log, name=model.name,
                       tokenizer_pre=args.tokenizer_pre, target=args.target, model_name=args.name,
                       metadata_file=args.metadata)
     for p in problems:
@@ -187,7 +189,7 @@ def cmd_verify(args) -> int:
 
 def cmd_inspect(args) -> int:
     from pipeline.errors import RunDirError
-    from pipeline.inspect_run import inspect_command
+    from pipeline.inspect_run import damage_error, inspect_command
     from pipeline.rundir import RunDir
 
     if args.workdir.is_file():  # a GGUF file: what its header says
@@ -199,9 +201,11 @@ def cmd_inspect(args) -> int:
     run = RunDir(args.workdir)
     if not run.is_our_manifest(run._read_manifest()):
         raise RunDirError(f"{args.workdir}: no bitnet-gguf manifest.json; not a bitnet-gguf run directory")
-    text = inspect_command(run, args.tensor, codes=args.codes, as_json=args.json, plot=args.plot, log=_log)
+    text, damaged = inspect_command(run, args.tensor, codes=args.codes, as_json=args.json, plot=args.plot, log=_log)
     if text:
-        print(text)
+        print(text, flush=True)
+    if damaged:  # the rest is shown above, the damaged arrays marked; the status says the directory is damaged
+        raise damage_error(run, damaged)
     return EXIT_OK
 
 
