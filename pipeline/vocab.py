@@ -198,7 +198,7 @@ def check_tokenizer_json(path: Path, data) -> None:
     it is read as, so that a malformed file is one line naming the file and the field, not an
     AttributeError deep in a reader: the object itself; model (object) and its merges (a list of
     strings or pairs of strings); added_tokens (list of objects with a string content and an
-    integer id >= 0); post_processor (object or null) and its processors (list of objects), their
+    integer id >= 0, special true or false); post_processor (object or null) and its processors (list of objects), their
     single and pair templates (lists of objects whose SpecialToken and Sequence are objects) and
     their cls and sep (non-empty lists). pre_tokenizer and normalizer are read defensively (an
     unexpected shape is "not recognised"); model.vocab is checked by its readers (the tokenizers
@@ -219,6 +219,7 @@ def check_tokenizer_json(path: Path, data) -> None:
         _expect(path, f"added_tokens[{i}]", entry, dict, "an object")
         _expect(path, f"added_tokens[{i}].content", entry.get("content"), str, "a string")
         _token_id(path, entry.get("id"), entry["content"])
+        _optional(path, entry, "special", f"added_tokens[{i}].special", bool, "true or false")
     post = data.get("post_processor")
     if post is None:
         return
@@ -534,6 +535,9 @@ def added_tokens_decoder(model_dir: Path) -> list[tuple[int, dict]]:
         if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
             raise CheckpointError(f"{path}: added_tokens_decoder entry {key} must be an object with a "
                                   "string 'content'")
+        if not isinstance(entry.get("special", False), bool):
+            raise CheckpointError(f"{path}: added_tokens_decoder entry {key}: special must be true or false, not "
+                                  f"{_json_type(entry['special'])}; fix or remove the file")
         out.append((tid, entry))
     return out
 

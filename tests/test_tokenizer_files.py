@@ -66,6 +66,7 @@ STRAY = [
     ({"added_tokens": None}, "tokenizer.json: added_tokens must be a list"),
     ({"added_tokens": [{"id": 1}]}, "tokenizer.json: added_tokens[0].content must be a string"),
     ({"added_tokens": [{"id": "1", "content": "<s>"}]}, "added token '<s>' has id '1'"),
+    ({"added_tokens": [{"id": 1, "content": "<s>", "special": "yes"}]}, "added_tokens[0].special must be true or false"),
     ({"post_processor": [1]}, "tokenizer.json: post_processor must be an object or null, not a list"),
     ({"post_processor": {"processors": {"a": 1}}}, "tokenizer.json: post_processor.processors must be a list"),
     ({"post_processor": {"type": "Sequence", "processors": ["x"]}}, "post_processor.processors[0] must be an object"),
@@ -112,6 +113,8 @@ BPE = [
     ("tokenizer_config.json", lambda d: d.update(add_bos_token="yes"), "add_bos_token must be true, false or null"),
     ("tokenizer_config.json", lambda d: d.update(added_tokens_decoder=[1]), "added_tokens_decoder must be an object"),
     ("tokenizer_config.json", lambda d: d.update(chat_template=5), "chat_template must be a string"),
+    ("tokenizer_config.json", lambda d: next(iter(d["added_tokens_decoder"].values())).update(special="no"),
+     "special must be true or false"),
 ]
 
 
