@@ -23,6 +23,12 @@ MAX_CHUNK_BYTES = 64 * 1024**2
 MIN_TASK_ELEMENTS = 256 * 256   # below this the conversion would crawl
 CHUNK_QUANTUM = 1 << 20         # elements (4 MiB of float32)
 HEADROOM = 96 * 1024**2         # zarr/dask bookkeeping, I/O buffers, allocator slack
+# The least a conversion's process uses before any work: Python with numpy, zarr and dask imported
+# (about 64 MiB measured, docs/notes/tokenizer-memory.md; kept below that so the bound is safe on
+# any host). Every conversion, --vocab-only too, holds that and HEADROOM: a smaller limit is refused
+# as an option, before anything is read.
+INTERPRETER_FLOOR = 48 * 1024**2
+MIN_MEMORY_LIMIT = INTERPRETER_FLOOR + HEADROOM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +53,14 @@ class Budget:
         return (f"memory limit {format_size(self.memory_limit)}: {self.workers} worker(s), "
                 f"chunks of up to {format_size(self.chunk_elements * 4)} (float32), "
                 f"baseline {format_size(self.baseline)}")
+
+
+def check_memory_limit(memory_limit: int, option: str = "--memory-limit") -> int:
+    """Refuse a limit below what any conversion needs (MIN_MEMORY_LIMIT), naming the minimum."""
+    if memory_limit < MIN_MEMORY_LIMIT:
+        raise OptionError(f"{option} {format_size(memory_limit)} is too small for any conversion (the interpreter "
+                          f"and its libraries, plus working headroom); allow at least {format_size(MIN_MEMORY_LIMIT)}")
+    return memory_limit
 
 
 def minimum_task_bytes(workers: int = 1) -> int:

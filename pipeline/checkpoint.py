@@ -15,8 +15,8 @@ from pipeline.errors import CheckpointError
 from pipeline.families import FAMILIES, GROUPED, TensorPlan, plan_tensors
 from pipeline.metadata import build_kv
 from pipeline.vocab import tokenizer_memory
-from pipeline.safetensors_io import (MAX_HEADER, TensorSource, as_float32, files_fingerprint, index_checkpoint,
-                                     require_regular_file)
+from pipeline.safetensors_io import (MAX_HEADER, TensorSource, as_float32, files_fingerprint, header_budget,
+                                     index_checkpoint, require_regular_file)
 
 MASTER_DTYPES = ("F32", "F16", "BF16")
 GROUP_BLOCK = 64  # the smallest block that holds one scale (Q2_0): group-scaled rows are whole blocks
@@ -63,15 +63,19 @@ def refuse_special_files(model_dir: Path) -> None:
 def open_vocabulary(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None,
                     model_name: str | None = None, metadata_file: Path | None = None,
                     memory_limit: int | None = None) -> tuple[TensorPlan, list[dict]]:
-    """(plan, key/values) of a file without tensors, from config.json and the tokenizer alone."""
+    """(plan, key/values) of a file without tensors, from config.json and the tokenizer alone;
+    `memory_limit`: refuse a tokenizer that cannot be read under it (check_tokenizer_fits)."""
     model_dir = Path(model_dir)
     refuse_special_files(model_dir)
     plan = plan_tensors(model_dir)
     if any(f.tensor_markers for f in FAMILIES):  # a row told apart by its tensor names needs the headers
         try:
-            plan = plan_tensors(model_dir, present=set(index_checkpoint(model_dir)))
+            headers = MAX_HEADER if memory_limit is None else header_budget(memory_limit)
+            plan = plan_tensors(model_dir, present=set(index_checkpoint(model_dir, headers)))
         except CheckpointError:
             pass  # no readable weights: the row config.json alone names
+    if memory_limit is not None:
+        check_tokenizer_fits(model_dir, plan.config["vocab_size"], memory_limit, chunk_work=False)
     name = name or model_dir.resolve().name
     return plan, build_kv(plan, model_dir, name=name, tokenizer_pre=tokenizer_pre, model_name=model_name,
                           metadata_file=metadata_file, vocab_only=True, memory_limit=memory_limit)
@@ -98,23 +102,36 @@ def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
                               f"ternary projections convert only with rows that are a multiple of {GROUP_BLOCK}")
 
 
-def check_tokenizer_fits(model_dir: Path, vocab_size: int, memory_limit: int) -> None:
+def check_tokenizer_fits(model_dir: Path, vocab_size: int, memory_limit: int, chunk_work: bool = True) -> None:
     """Refuse, before reading it, a tokenizer whose reading the memory limit cannot hold beside
-    what this process already uses and the smallest chunk work; name the file and the limit that would do."""
+    what this process already uses, the budget's headroom and (`chunk_work`: not for --vocab-only)
+    the smallest chunk work; name the file and the limit that would do."""
     from pipeline.budget import HEADROOM, current_rss, minimum_task_bytes
     from pipeline.config import format_size
+    from pipeline.errors import OptionError
+    from pipeline.vocab import tokenizer_file
 
     need, worst = tokenizer_memory(model_dir, vocab_size)
-    rest = current_rss() + HEADROOM + minimum_task_bytes()
-    if rest > memory_limit:
-        return  # too small for any conversion: the budget says so, with the minimum
+    used = current_rss()
+    rest = used + HEADROOM + (minimum_task_bytes() if chunk_work else 0)
     total = rest + need
-    if total > memory_limit:
-        what = f"vocab_size {vocab_size} (rows of the token table)" if worst.name == "config.json" else \
-            f"{format_size(worst.stat().st_size)}"
-        raise CheckpointError(f"{worst}: {what}: reading the tokenizer takes about {format_size(need)}, more than "
-                              f"--memory-limit {format_size(memory_limit)} holds beside the rest of the conversion; "
-                              f"allow at least {-(-total // 2**20)}MiB")
+    if total <= memory_limit:
+        return
+    # whole 8 MiB: what this process uses differs a little from run to run, and the limit named
+    # must still hold on the next run
+    at_least = f"allow at least {-(-total // (8 * 2**20)) * 8}MiB"
+    if rest > memory_limit:  # too small for any work, whatever the tokenizer
+        raise OptionError(f"--memory-limit {format_size(memory_limit)} is too small: this process already uses "
+                          f"{format_size(used)}, and reading the tokenizer takes about {format_size(need)}; "
+                          f"{at_least}")
+    if worst.name == "config.json":
+        source = tokenizer_file(model_dir)
+        what = f"vocab_size {vocab_size} (rows of the token table{f' of {source.name}' if source else ''})"
+    else:
+        what = format_size(worst.stat().st_size)
+    raise CheckpointError(f"{worst}: {what}: reading the tokenizer takes about {format_size(need)}, more than "
+                          f"--memory-limit {format_size(memory_limit)} holds beside the rest of the conversion; "
+                          f"{at_least}")
 
 
 def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str | None = None,

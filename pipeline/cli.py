@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import traceback
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -29,15 +30,45 @@ out of core: no tensor is ever held whole, and peak memory stays under
 continues where it stopped."""
 
 
+def one_line(text: str) -> str:
+    """`text` as one printable line: a line break or other control character (in a path, a model
+    id, a name from a file) is written as its escape (\\n, \\x1b), and so is a lone surrogate (a
+    name that is not UTF-8), so a message never spills onto a second line or fails to print. Every
+    line this command writes to stderr passes through here: it is where paths meet messages."""
+    return "".join(c.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") else c for c in text)
+
+
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(one_line(message), file=sys.stderr, flush=True)
+
+
+def _error(message: str) -> None:
+    print(one_line(f"bitnet-gguf: error: {message}"), file=sys.stderr, flush=True)
+
+
+class HeldLog:
+    """The command's log, holding some lines back until the first line the command logs itself
+    (which comes after every check: a refusal is then its one line alone), or `flush`."""
+
+    def __init__(self, *held: str):
+        self.held = list(held)
+
+    def flush(self) -> None:
+        for line in self.held:
+            _log(line)
+        self.held.clear()
+
+    def __call__(self, message: str) -> None:
+        self.flush()
+        _log(message)
 
 
 class OneLineParser(argparse.ArgumentParser):
     """Usage mistakes are one line too (the usage block is what --help is for)."""
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"bitnet-gguf: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, one_line(f"bitnet-gguf: error: {message} (see {self.prog} --help)") + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,17 +205,19 @@ def build_parser_rest(p, sub) -> argparse.ArgumentParser:
 
 
 def cmd_verify(args) -> int:
+    from pipeline.budget import check_memory_limit
     from pipeline.config import parse_size
     from pipeline.errors import OptionError
     from pipeline.hub import resolve_model
     from pipeline.verify import verify
 
+    memory_limit = check_memory_limit(parse_size(args.memory_limit))
     if not args.gguf.is_file():
         raise OptionError(f"{args.gguf}: no such file")
     model = resolve_model(args.model)
     if args.metadata is not None and not args.metadata.is_file():
         raise OptionError(f"--metadata: {args.metadata} does not exist or is not a file")
-    problems = verify(args.gguf, model.path, parse_size(args.memory_limit), _log, name=model.name,
+    problems = verify(args.gguf, model.path, memory_limit, _log, name=model.name,
                       tokenizer_pre=args.tokenizer_pre, target=args.target, model_name=args.name,
                       metadata_file=args.metadata)
     for p in problems:
@@ -196,7 +229,7 @@ def cmd_verify(args) -> int:
 
 def cmd_inspect(args) -> int:
     from pipeline.errors import RunDirError
-    from pipeline.inspect_run import inspect_command
+    from pipeline.inspect_run import damage_error, inspect_command
     from pipeline.rundir import RunDir
 
     if args.workdir.is_file():  # a GGUF file: what its header says
@@ -208,19 +241,22 @@ def cmd_inspect(args) -> int:
     run = RunDir(args.workdir)
     if not run.is_our_manifest(run._read_manifest()):
         raise RunDirError(f"{args.workdir}: no bitnet-gguf manifest.json; not a bitnet-gguf run directory")
-    text = inspect_command(run, args.tensor, codes=args.codes, as_json=args.json, plot=args.plot, log=_log)
+    text, damaged = inspect_command(run, args.tensor, codes=args.codes, as_json=args.json, plot=args.plot, log=_log)
     if text:
-        print(text)
+        print(text, flush=True)
+    if damaged:  # the rest is shown above, the damaged arrays marked; the status says the directory is damaged
+        raise damage_error(run, damaged)
     return EXIT_OK
 
 
 def _convert_options(args):
+    """(the options, a log function): a model id from the cache is said with the first line the
+    command logs, which comes after every check, so a refusal stays one line."""
     from pipeline.config import make_options
     from pipeline.hub import resolve_model
 
     model = resolve_model(args.model)
-    if model.source != "directory":
-        _log(f"model {args.model}: {model.path} ({model.source})")
+    log = HeldLog(*([f"model {args.model}: {model.path} ({model.source})"] if model.source != "directory" else []))
     scheduler = "local" if args.cluster else args.scheduler
     opts = make_options(model.path, model_name=model.name, output=args.output, workdir=args.workdir,
                         preset=args.config, tokenizer_pre=args.tokenizer_pre, embedding_type=args.embedding_type,
@@ -230,17 +266,18 @@ def _convert_options(args):
                         scheduler=scheduler, worker_timeout=args.worker_timeout, progress=False if args.no_progress else sys.stderr.isatty(),
                         force=args.force, name_override=args.model_name, metadata_file=args.metadata,
                         vocab_only=args.vocab_only, allow_requantize=args.allow_requantize)
-    return opts
+    return opts, log
 
 
 def cmd_plan(args) -> int:
     from pipeline.errors import OptionError
     from pipeline.runner import plan_conversion
 
-    opts = _convert_options(args)
+    opts, log = _convert_options(args)
     if opts.vocab_only:
         raise OptionError("--vocab-only: nothing to plan (no tensors, no run directory); drop --vocab-only")
     plan = plan_conversion(opts)
+    log.flush()
     print(json.dumps(plan.as_json(), indent=2) if getattr(args, "json", False) else plan.table())
     return EXIT_OK
 
@@ -250,8 +287,8 @@ def cmd_convert(args) -> int:
 
     if args.dry_run:
         return cmd_plan(args)
-    opts = _convert_options(args)
-    (convert_vocab_only if opts.vocab_only else convert)(opts, _log)
+    opts, log = _convert_options(args)
+    (convert_vocab_only if opts.vocab_only else convert)(opts, log)
     return EXIT_OK
 
 
@@ -304,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"bitnet-gguf: error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
         # a write zarr's event loop thread was doing is abandoned (zarr writes a file whole or not
@@ -325,10 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            print(f"bitnet-gguf: failed: no space left on the device{f' writing {e.filename}' if e.filename else ''}; "
-                  "free some space (or choose another --workdir / -o) and rerun the same command to continue",
-                  file=sys.stderr)
+            _log(f"bitnet-gguf: failed: no space left on the device{f' writing {e.filename}' if e.filename else ''}; "
+                 "free some space (or choose another --workdir / -o) and rerun the same command to continue")
             return EXIT_FAILURE
-        print(f"bitnet-gguf: failed: {type(e).__name__}: {e} (rerun with --debug for the traceback; "
-              "rerunning the same command resumes)", file=sys.stderr)
+        _log(f"bitnet-gguf: failed: {type(e).__name__}: {e} (rerun with --debug for the traceback; "
+             "rerunning the same command resumes)")
         return EXIT_FAILURE

@@ -150,17 +150,24 @@ def _fp16_bytes(scale: np.float32) -> np.ndarray:
     return np.array([np.float32(scale)], dtype=np.float32).astype("<f2").view(np.uint8)
 
 
-def _d_bytes(scale, rows: int, nb: int) -> np.ndarray:
-    """fp16 bytes of the block scale: (2,) for one scale, (rows, nb, 2) for one scale per block
-    (group-scaled tensors whose scale is constant over each block of the type)."""
+def _d_bytes(scale, rows: int, nb: int, nonzero: np.ndarray) -> np.ndarray:
+    """(rows, nb, 2) fp16 bytes of each block's d: fp16(scale) for a block with a non-zero code, 0
+    for a block without one (gguf's and llama.cpp's quantizers write d = max|x| = 0 there, and the
+    block decodes to exact zeros whatever d is). `scale` is one scale, or one per block (rows, nb)
+    for group-scaled tensors whose scale is constant over each block of the type; a block of zeros
+    takes any scale (a group of zeros has none: 0), every other block needs a finite positive one.
+    `nonzero`: (rows, nb, 1) bool, whether each block has a non-zero code."""
     scales = np.asarray(scale, dtype=np.float32)
     if scales.ndim == 0:
-        return _fp16_bytes(_check_scale(scales))
-    if scales.shape != (rows, nb):
-        raise CodecError(f"block scales must have shape {(rows, nb)}, got {scales.shape}")
-    if not (np.isfinite(scales) & (scales > 0)).all():
-        raise CodecError("block scales must be finite and positive")
-    return scales.astype("<f2")[..., None].view(np.uint8)
+        d = _fp16_bytes(_check_scale(scales))
+    else:
+        if scales.shape != (rows, nb):
+            raise CodecError(f"block scales must have shape {(rows, nb)}, got {scales.shape}")
+        used = nonzero[..., 0]
+        if not (~used | (np.isfinite(scales) & (scales > 0))).all():
+            raise CodecError("block scales must be finite and positive for every block with a non-zero code")
+        d = np.where(used, scales, np.float32(0)).astype("<f2")[..., None].view(np.uint8)
+    return np.where(nonzero, d, np.uint8(0))
 
 
 def _check_scale(scale) -> np.float32:
@@ -260,6 +267,9 @@ class Codec:
     block_size: int   # values per block
     type_size: int    # bytes per block
     ternary: bool     # encode(codes, scale) if True, encode(values) if False
+    # one scale for the whole tensor, stored after its codes (I2_S, TL1, TL2), rather than one per
+    # block: a group-scaled tensor takes such a type only if its scale is one number
+    per_tensor_scale: bool = False
 
     def __init__(self):
         raise TypeError("codecs are used through their class methods")
@@ -335,7 +345,7 @@ class TQ2_0(Codec):
         out = np.empty((rows, nb, cls.type_size), dtype=np.uint8)
         out[..., :64] = qs
         nonzero = (qs != _ZERO_CODES_BYTE).any(axis=-1, keepdims=True)
-        out[..., 64:] = np.where(nonzero, _d_bytes(scale, rows, nb), np.uint8(0))
+        out[..., 64:] = _d_bytes(scale, rows, nb, nonzero)
         return out.reshape(rows, nb * cls.type_size)
 
     @classmethod
@@ -390,9 +400,7 @@ def _block_d(q: np.ndarray, scale) -> np.ndarray:
     quantizer takes max|x| in float32 and casts it: code * scale is exactly +-scale). `scale`
     may be one per block, (rows, nb).
     """
-    d = _d_bytes(scale, q.shape[0], q.shape[1])
-    nonzero = (q != 1).any(axis=-1, keepdims=True)
-    return np.where(nonzero, d, np.uint8(0))
+    return _d_bytes(scale, q.shape[0], q.shape[1], (q != 1).any(axis=-1, keepdims=True))
 
 
 def _values(q: np.ndarray, d_bytes: np.ndarray, rows: int) -> np.ndarray:
@@ -413,6 +421,7 @@ class I2_S(Codec):
     results for other row lengths anyway).
     """
     name, ggml_type, block_size, type_size, ternary = "I2_S", 36, QK_I2_S, 32, True
+    per_tensor_scale = True
     group = QK_I2_S // 4
 
     @classmethod
@@ -596,6 +605,7 @@ _SPREAD_EVEN = np.array([sum(((b >> (7 - q)) & 1) << (15 - 2 * q) for q in range
 
 class _TernaryTiles(Codec):
     """A lookup-table type: encodes whole tiles of rows from their fields in column order."""
+    per_tensor_scale = True
 
     @classmethod
     def encode(cls, codes: np.ndarray, scale: np.float32 | None = None, tiles=None) -> np.ndarray:
@@ -816,7 +826,7 @@ class Q2_0(Codec):
         qs |= q[..., 1] << 2
         qs |= q[..., 0]
         nonzero = (q != 1).any(axis=(-2, -1))[..., None]
-        out[..., :2] = np.where(nonzero, _d_bytes(scale, rows, nb), np.uint8(0))
+        out[..., :2] = _d_bytes(scale, rows, nb, nonzero)
         return out.reshape(rows, nb * cls.type_size)
 
     @classmethod

@@ -243,7 +243,9 @@ def _checked_values(values: dict) -> dict:
         and not OUTPUT_TYPES[values["out_type"]].codec.ternary else DEFAULT_EMBEDDING_TYPE
     values["embedding_type"] = check_choice(values.get("embedding_type", default_embedding),
                                             EMBEDDING_CHOICES, "--embedding-type")
-    values["memory_limit"] = parse_size(values.get("memory_limit", Options.memory_limit))
+    from pipeline.budget import check_memory_limit  # budget formats sizes with this module's format_size
+
+    values["memory_limit"] = check_memory_limit(parse_size(values.get("memory_limit", Options.memory_limit)))
     values["split_max_size"] = parse_size(values.get("split_max_size", 0), "--split-max-size",
                                           bare_letters_decimal=True)
     values["workers"] = _whole_number(values, "workers", "--workers")

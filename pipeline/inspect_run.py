@@ -9,7 +9,10 @@
   histogram of |W| / absmean over sampled rows with the rounding thresholds.
 
 Only what is written is read: a missing store, an array not yet created or a chunk
-not yet on disk is skipped (and reported as such). Codes are read chunk by chunk and
+not yet on disk is skipped (and reported as such). A store or array whose zarr.json cannot be
+read (or holds attributes of the wrong type) is shown as damaged and the rest is shown; the
+command then says the run directory is damaged in one line on stderr and exits 2, as a
+conversion does for a damaged store. Codes are read chunk by chunk and
 the histogram reads a few rows of a few chunks, so memory stays at one chunk.
 """
 from __future__ import annotations
@@ -55,9 +58,67 @@ def parse_projection(name: str) -> tuple[int, str] | None:
     return (int(m.group(1)), _KIND_OF[m.group(2)]) if m else None
 
 
-def open_stores(run: RunDir) -> dict:
-    """The stores of a run directory that exist, by stage."""
-    return {stage: open_store(run.store(stage), "r") for stage in STORE_STAGES if run.store(stage).is_dir()}
+def open_stores(run: RunDir, damaged: list[str] | None = None) -> dict:
+    """The stores of a run directory that exist, by stage; a store whose group metadata cannot be
+    read is left out and its problem appended to `damaged`."""
+    stores = {}
+    for stage in STORE_STAGES:
+        path = run.store(stage)
+        if not path.is_dir():
+            continue
+        try:
+            group = open_store(path, "r")
+            order = group.attrs.get("tensor_order", [])
+            if not (isinstance(order, list) and all(isinstance(n, str) for n in order)):
+                raise TypeError(f"attribute tensor_order is {type(order).__name__}, not a list of names")
+        except Exception as e:  # noqa: BLE001 - zarr raises many kinds for a metadata file it cannot parse
+            if damaged is None:
+                raise
+            damaged.append(f"{path / 'zarr.json'}: unreadable: {_one_line(e)}")
+            continue
+        stores[stage] = group
+    return stores
+
+
+# What inspect reads from an array's attributes, and the JSON types they must have
+_ATTR_TYPES = {"role": str, "source_dtype": str, "type_name": str, "hf_name": str, "source_file": str,
+               "code_layout": str, "out_type": str, "scale": (int, float, type(None)),
+               "absmean": (int, float, type(None)), "recipe": dict, "shape": list, "ggml_type": int}
+DAMAGED = "damaged"
+
+
+def open_member(run: RunDir, stage: str, group, name: str, damaged: list[str]):
+    """`group[name]` when its zarr.json reads as an array whose attributes inspect can show; None
+    when the array is not created; DAMAGED (the reason appended to `damaged`) otherwise."""
+    import zarr
+
+    meta = run.store(stage) / name / "zarr.json"
+    if not os.path.lexists(meta):
+        return None
+    try:
+        arr = group[name]
+        if not isinstance(arr, zarr.Array):
+            raise TypeError(f"a {type(arr).__name__}, not an array")
+        attrs = arr.attrs.asdict()
+        if not (len(arr.chunks) == len(arr.shape) and all(c > 0 for c in arr.chunks)):
+            raise ValueError(f"chunks {arr.chunks} do not fit shape {arr.shape}")
+        for key, kind in _ATTR_TYPES.items():
+            if key in attrs and (not isinstance(attrs[key], kind) or isinstance(attrs[key], bool)):
+                raise TypeError(f"attribute {key} is {type(attrs[key]).__name__}")
+    except Exception as e:  # noqa: BLE001 - zarr raises many kinds for a metadata file it cannot parse
+        damaged.append(f"{meta}: unreadable: {_one_line(e)}")
+        return DAMAGED
+    return arr
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:160]
+
+
+def damage_error(run: RunDir, damaged: list[str]) -> RunDirError:
+    """The one line for what inspect found damaged (it has shown the rest)."""
+    more = f", and {len(damaged) - 1} more damaged file(s)" if len(damaged) > 1 else ""
+    return RunDirError(f"{run.path}: the run directory is damaged ({damaged[0]}{more}); delete it and convert again")
 
 
 def chunk_count(arr) -> int:
@@ -115,15 +176,19 @@ def _codes_info(arr) -> dict:
 
 def describe(run: RunDir, codes: bool = False) -> dict:
     manifest = run.load()
+    damaged: list[str] = []
     report = {"run_directory": str(run.path), "manifest": manifest, "checkpoint": checkpoint_state(manifest),
               "stores": {}}
-    for stage, group in open_stores(run).items():
+    for stage, group in open_stores(run, damaged).items():
         tensors = {}
         for name in group.attrs.get("tensor_order", []):
-            if name not in group:
+            arr = open_member(run, stage, group, name, damaged)
+            if arr is None:
                 tensors[name] = {"state": "not created"}
                 continue
-            arr = group[name]
+            if arr is DAMAGED:
+                tensors[name] = {"state": DAMAGED, "problem": damaged[-1]}
+                continue
             written = written_chunks(arr)
             info = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": f"{len(written)}/{chunk_count(arr)}",
                     **({"in_checkpoint": True} if is_indexed(arr) else {}),
@@ -135,6 +200,8 @@ def describe(run: RunDir, codes: bool = False) -> dict:
         report["stores"][stage] = {"path": str(run.store(stage)), "tensors": tensors,
                                    **{k: v for k, v in group.attrs.asdict().items()
                                       if k in ("out_type", "target", "kernel_tiles") and stage == "pack"}}
+    if damaged:
+        report["damaged"] = damaged
     return report
 
 
@@ -156,6 +223,9 @@ def layout_line(store: dict) -> str | None:
 
 def format_report(report: dict) -> str:
     lines = [f"run directory: {report['run_directory']}"]
+    for problem in report.get("damaged", []):
+        if "/zarr.json: " in problem and problem.split("/zarr.json: ")[0].endswith(".zarr"):
+            lines.append(f"damaged store: {problem}")
     if report.get("checkpoint"):
         source = report["checkpoint"]
         lines.append(f"checkpoint: {source['path']} ({source['state']}: {source['message']})")
@@ -165,7 +235,7 @@ def format_report(report: dict) -> str:
             lines.append(layout)
         for name, t in store["tensors"].items():
             if "shape" not in t:
-                lines.append(f"  {name:<28} {t['state']}")
+                lines.append(f"  {name:<28} {t['state']}" + (f": {t['problem']}" if "problem" in t else ""))
                 continue
             extra = []
             if stage == "extract" and "source_dtype" in t:
@@ -224,19 +294,25 @@ TENSOR_FIELDS = ("shape", "role", "hf_name", "source_file", "source_dtype", "rec
 
 def describe_tensor(run: RunDir, name: str, codes: bool = False) -> dict:
     """One tensor across the stores; RunDirError if no store lists it."""
-    stores = open_stores(run)
+    damaged: list[str] = []
+    stores = open_stores(run, damaged)
     found = {stage: group for stage, group in stores.items() if name in group.attrs.get("tensor_order", [])}
     if not found:
+        if damaged:
+            raise damage_error(run, damaged)
         raise RunDirError(f"{run.path}: no tensor {name!r} in this run directory; "
                           f"run `bitnet-gguf inspect {run.path}` to list the names")
     fields: dict = {}
     per_store: dict = {}
     codes_info: dict = {}
     for stage, group in found.items():
-        if name not in group:
+        arr = open_member(run, stage, group, name, damaged)
+        if arr is None:
             per_store[stage] = {"state": "not created"}
             continue
-        arr = group[name]
+        if arr is DAMAGED:
+            per_store[stage] = {"state": DAMAGED, "problem": damaged[-1]}
+            continue
         for key, value in arr.attrs.asdict().items():  # extract's attributes first: the GGUF shape, the source
             if key in TENSOR_FIELDS:
                 fields.setdefault(key, value)
@@ -249,7 +325,7 @@ def describe_tensor(run: RunDir, name: str, codes: bool = False) -> dict:
     return {"run_directory": str(run.path), "tensor": name, "checkpoint": checkpoint_state(run.load()),
             **{k: fields[k] for k in TENSOR_FIELDS if fields.get(k) is not None},
             **({"weight_scale": recipe["weight_scale"]} if recipe.get("weight_scale") is not None else {}),
-            "stores": per_store, **codes_info}
+            "stores": per_store, **codes_info, **({"damaged": damaged} if damaged else {})}
 
 
 def format_tensor(report: dict) -> str:
@@ -276,7 +352,7 @@ def format_tensor(report: dict) -> str:
         row("weight_scale", f"{report['weight_scale']:.8g}")
     for stage, s in report["stores"].items():
         if "stored_shape" not in s:
-            row(f"{stage}.zarr", s["state"])
+            row(f"{stage}.zarr", s["state"] + (f": {s['problem']}" if "problem" in s else ""))
             continue
         parts = [f"{'x'.join(map(str, s['stored_shape']))} {s['dtype']}",
                  f"{s['rows_per_chunk']} rows/chunk", f"{s['chunks_written']} of {s['chunks']} chunks written"
@@ -314,6 +390,7 @@ class LayerStats:
     chunks: dict                 # stage -> [chunks written, chunks, arrays not created] over the projections
     master: bool                 # master-weight checkpoint (histograms drawn)
     hist: dict                   # kind -> (counts[HIST_BINS], rows sampled, layers sampled, values)
+    damaged: list = dataclasses.field(default_factory=list)  # zarr.json files that could not be read
 
 
 def _projections(group) -> dict[tuple[int, str], str]:
@@ -342,7 +419,8 @@ def _sample_hist(arr, absmean: float) -> tuple[np.ndarray, int]:
 
 
 def collect_layer_stats(run: RunDir) -> LayerStats:
-    stores = open_stores(run)
+    damaged: list[str] = []
+    stores = open_stores(run, damaged)
     kinds = list(PROJECTIONS)
     names: dict[tuple[int, str], str] = {}
     for group in stores.values():
@@ -350,14 +428,16 @@ def collect_layer_stats(run: RunDir) -> LayerStats:
     n_layers = max((layer for layer, _ in names), default=-1) + 1
     shape = (len(kinds), n_layers)
     stats = LayerStats(n_layers, np.full(shape, np.nan), np.full(shape, np.nan), np.full((3, *shape), np.nan),
-                       np.zeros(shape, dtype=bool), {}, False, {})
+                       np.zeros(shape, dtype=bool), {}, False, {}, damaged)
+    arrays = {}
     for stage, group in stores.items():
         written = total = missing = 0
         for (layer, kind), name in _projections(group).items():
-            if name not in group:
+            arr = open_member(run, stage, group, name, damaged)
+            if arr is None or arr is DAMAGED:  # a damaged array is drawn as one not written
                 missing += 1
                 continue
-            arr = group[name]
+            arrays[stage, name] = arr
             n_written, n_total = len(written_chunks(arr)), chunk_count(arr)
             written, total = written + n_written, total + n_total
             k = kinds.index(kind)
@@ -373,11 +453,12 @@ def collect_layer_stats(run: RunDir) -> LayerStats:
         stats.chunks[stage] = [written, total, missing]
     source = checkpoint_state(run.load()) or {}
     if stats.master and "extract" in stores and source.get("state") == "unchanged":  # extract indexes its bytes
-        stats.hist = _collect_hists(stores["extract"], names, stats)
+        stats.hist = _collect_hists({n: a for (stage, n), a in arrays.items() if stage == "extract"}, names, stats)
     return stats
 
 
-def _collect_hists(extract, names: dict, stats: LayerStats) -> dict:
+def _collect_hists(extract: dict, names: dict, stats: LayerStats) -> dict:
+    """`extract`: extract.zarr's readable projection arrays by name."""
     hists = {}
     kinds = list(PROJECTIONS)
     for k, kind in enumerate(kinds):
@@ -520,8 +601,12 @@ def draw(stats: LayerStats, title: str):
 
 def plot_run(run: RunDir, path: Path) -> str:
     """Draw the run directory's figure into `path`; returns a one-line summary."""
+    return plot_stats(run, collect_layer_stats(run), path)
+
+
+def plot_stats(run: RunDir, stats: LayerStats, path: Path) -> str:
+    """Draw the figure of `stats` (collect_layer_stats) into `path`; returns a one-line summary."""
     path = check_plot_path(path)
-    stats = collect_layer_stats(run)
     fig = draw(stats, f"{run.path}: {stats.n_layers} layers x {len(PROJECTIONS)} projections")
     try:
         fig.savefig(path)
@@ -591,17 +676,22 @@ def format_gguf(report: dict) -> str:
 
 
 def inspect_command(run: RunDir, tensor: str | None = None, codes: bool = False, as_json: bool = False,
-                    plot: Path | None = None, log=print) -> str:
-    """What `bitnet-gguf inspect` prints; with `plot` it also draws the figure and tells `log`."""
+                    plot: Path | None = None, log=print) -> tuple[str, list[str]]:
+    """(what `bitnet-gguf inspect` prints, the zarr.json files it found damaged); with `plot` it
+    also draws the figure and tells `log`."""
     if plot is not None:
         check_plot_path(plot)
-    out = []
+    out, damaged = [], []
     if tensor is not None:
         report = describe_tensor(run, tensor, codes=codes)
+        damaged += report.get("damaged", [])
         out.append(json.dumps(report, indent=2, default=float) if as_json else format_tensor(report))
     if plot is not None:
-        log(plot_run(run, plot))
+        stats = collect_layer_stats(run)
+        damaged += stats.damaged
+        log(plot_stats(run, stats, plot))
     if tensor is None and plot is None:
         report = describe(run, codes=codes)
+        damaged += report.get("damaged", [])
         out.append(json.dumps(report, indent=2, default=float) if as_json else format_report(report))
-    return "\n".join(out)
+    return "\n".join(out), list(dict.fromkeys(damaged))

@@ -129,7 +129,7 @@ def requantized_codes(codes: np.ndarray, block_scales: np.ndarray, codec) -> tup
     requantized to `codec` (the tensor scale of a type with one per tensor is `requantized_scale`)."""
     block_scales = np.asarray(block_scales, dtype=np.float32)
     per_scale = codes.shape[1] // block_scales.shape[1]
-    if codec.tail_size():  # one scale per tensor: codes are the signs of values >= 1e-6
+    if codec.per_tensor_scale:  # one scale per tensor: codes are the signs of values >= 1e-6
         keep = (block_scales.astype(np.float64) >= I2S_ZERO_BELOW).astype(np.int8)
         return codes * np.repeat(keep, per_scale, axis=1), None
     keep, d = requantize_per_block(block_scales, codec.block_size, per_scale)
@@ -162,7 +162,7 @@ def requantize_rms_change(block_scales: np.ndarray, nonzero: np.ndarray, codec, 
         total = float((n * s * s).sum())
         change = float((n * (d - s) ** 2 + (per_scale - n) * d * d).sum())
         return math.sqrt(change / total) if total else 0.0
-    if codec.tail_size():
+    if codec.per_tensor_scale:
         new = np.where(s >= I2S_ZERO_BELOW, requantized_scale(block_scales), 0.0)
     else:
         keep, d = requantize_per_block(block_scales, codec.block_size, per_scale)
@@ -187,7 +187,7 @@ def requantize_summary(block_scales: np.ndarray, codec, nonzero: np.ndarray, per
 
 def _requantize_changes(block_scales: np.ndarray, codec, per_scale: int) -> str:
     scales = np.asarray(block_scales, dtype=np.float32)
-    if codec.tail_size():
+    if codec.per_tensor_scale:
         nonzero = np.unique(scales[scales > 0])
         top = requantized_scale(scales)
         small = int((nonzero < I2S_ZERO_BELOW).sum())
@@ -504,7 +504,7 @@ def requantize_note(opts: Options, t, out) -> str | None:
     codec = out.codec
     if t.role != TERNARY or t.recipe.weights != GROUPED or not codec.ternary:
         return None
-    where = "the tensor" if codec.tail_size() else f"a block of {codec.block_size} values"
+    where = "the tensor" if codec.per_tensor_scale else f"a block of {codec.block_size} values"
     what = f"it holds a 0 or its scale changes inside {where}" if codec is Q1_0 else f"its scale changes inside {where}"
     if opts.allow_requantize:
         return f"requantized (lossy) if {what}"

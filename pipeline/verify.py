@@ -223,7 +223,7 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
                 block_scale_problem(blocks, out, values_per_scale(blocks, planned.shape[-1])):
             # only --allow-requantize writes this: the type's own quantizer of the effective weights
             requantized = RequantizedReference(planned, src, out, float(mags.max(initial=0.0)))
-            if out.codec.tail_size():
+            if out.codec.per_tensor_scale:
                 scale = requantized_scale(blocks)
             if notes is not None:
                 notes.append(f"requantized to {out.codec.name}: checked against "

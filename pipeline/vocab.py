@@ -24,6 +24,10 @@ Ids, checked before anything is written (CheckpointError naming the file):
 - special token ids in config.json (`{kind}_token_id`, also lists of ids and those
   under text_config) must be rows of the table.
 
+Every field of the tokenizer files that we or gguf.SpecialVocab read has its JSON type checked
+before any reader runs (check_tokenizer_json, check_tokenizer_config, check_tokenizer_files): a
+malformed file is one line naming the file and the field.
+
 The BPE pre-tokenizer name: `pre` if given (checked against the names llama.cpp's
 runtime accepts); else the name llama.cpp's converter finds by hashing the ids of a
 fixed text; else the name whose runtime regex equals the pre_tokenizer's own Split
@@ -71,6 +75,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre
     return kind
 
 
+def tokenizer_file(model_dir: Path) -> Path | None:
+    """The file the token table is read from (tokenizer.model before tokenizer.json, as llama.cpp's
+    converter tries them), or None; for messages, so a dangling link is not an error here."""
+    return next((model_dir / name for name, _ in _KIND_BY_FILE if os.path.lexists(model_dir / name)), None)
+
+
 def tokenizer_kind(model_dir: Path) -> str:
     for name, kind in _KIND_BY_FILE:
         if is_present(model_dir / name):
@@ -93,7 +103,9 @@ def check_tokenizer_files(model_dir: Path, read_elsewhere: tuple[str, ...] = ())
     data = {name: read_json(model_dir / name) for name in _JSON_FILES if name not in read_elsewhere}
     for name in ("tokenizer_config.json", "chat_template.json", "added_tokens.json", "special_tokens_map.json"):
         if data.get(name) is not None and not isinstance(data[name], dict):
-            raise CheckpointError(f"{model_dir / name}: must hold a JSON object")
+            raise CheckpointError(f"{model_dir / name}: must hold a JSON object, not {_json_type(data[name])}")
+    if data.get("tokenizer.json") is not None:  # gguf.SpecialVocab reads it beside a tokenizer.model too
+        check_tokenizer_json(model_dir / "tokenizer.json", data["tokenizer.json"])
     config = data.get("config.json") or {}
     if "text_config" in config and not isinstance(config["text_config"], dict):
         raise CheckpointError(f"{model_dir / 'config.json'}: text_config must be a JSON object, "
@@ -101,6 +113,7 @@ def check_tokenizer_files(model_dir: Path, read_elsewhere: tuple[str, ...] = ())
     tokenizer_config = data.get("tokenizer_config.json")
     if not tokenizer_config:
         return  # gguf.SpecialVocab reads no chat template without a tokenizer_config.json
+    check_tokenizer_config(model_dir / "tokenizer_config.json", tokenizer_config)
     jinja = model_dir / "chat_template.jinja"
     files = [jinja, *sorted((model_dir / "additional_chat_templates").glob("*.jinja"))] if is_present(jinja) else []
     templates = {path: read_text(path) for path in files}
@@ -159,6 +172,88 @@ def _generation_tag():
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
             return nodes.Scope(body, lineno=lineno)
     return GenerationTag
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _expect(path: Path, field: str, value, kind: type, what: str) -> None:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CheckpointError(f"{path}: {field} must be {what}, not {_json_type(value)}; fix or remove the file")
+
+
+def _optional(path: Path, parent: dict, key: str, field: str, kind: type, what: str):
+    """parent[key] when present (checked to be `kind`), else None."""
+    if key not in parent:
+        return None
+    _expect(path, field, parent[key], kind, what)
+    return parent[key]
+
+
+def check_tokenizer_json(path: Path, data) -> None:
+    """Every field of tokenizer.json that this converter or gguf.SpecialVocab reads has the JSON type
+    it is read as, so that a malformed file is one line naming the file and the field, not an
+    AttributeError deep in a reader: the object itself; model (object) and its merges (a list of
+    strings or pairs of strings); added_tokens (list of objects with a string content and an
+    integer id >= 0, special true or false); post_processor (object or null) and its processors (list of objects), their
+    single and pair templates (lists of objects whose SpecialToken and Sequence are objects) and
+    their cls and sep (non-empty lists). pre_tokenizer and normalizer are read defensively (an
+    unexpected shape is "not recognised"); model.vocab is checked by its readers (the tokenizers
+    package for BPE, _add_bpe_json_as_spm)."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a tokenizer.json (the file must hold a JSON object, not "
+                              f"{_json_type(data)}); fix or remove the file")
+    model = _optional(path, data, "model", "model", dict, "an object")
+    if model is not None:
+        merges = _optional(path, model, "merges", "model.merges", list, "a list")
+        for i, merge in enumerate(merges or []):
+            if not (isinstance(merge, str) or isinstance(merge, list) and len(merge) == 2
+                    and all(isinstance(m, str) for m in merge)):
+                raise CheckpointError(f"{path}: model.merges[{i}] must be a string or a pair of strings, not "
+                                      f"{_json_type(merge)}; fix or remove the file")
+    added = _optional(path, data, "added_tokens", "added_tokens", list, "a list of token objects")
+    for i, entry in enumerate(added or []):
+        _expect(path, f"added_tokens[{i}]", entry, dict, "an object")
+        _expect(path, f"added_tokens[{i}].content", entry.get("content"), str, "a string")
+        _token_id(path, entry.get("id"), entry["content"])
+        _optional(path, entry, "special", f"added_tokens[{i}].special", bool, "true or false")
+    post = data.get("post_processor")
+    if post is None:
+        return
+    _expect(path, "post_processor", post, dict, "an object or null")
+    processors = _optional(path, post, "processors", "post_processor.processors", list, "a list of objects")
+    for i, processor in enumerate(post["processors"] if processors is not None else [post]):
+        where = f"post_processor.processors[{i}]" if processors is not None else "post_processor"
+        _expect(path, where, processor, dict, "an object")
+        for key in ("single", "pair"):
+            for j, item in enumerate(_optional(path, processor, key, f"{where}.{key}", list, "a list") or []):
+                _expect(path, f"{where}.{key}[{j}]", item, dict, "an object")
+                for part in ("SpecialToken", "Sequence"):
+                    _optional(path, item, part, f"{where}.{key}[{j}].{part}", dict, "an object")
+        for key in ("cls", "sep"):
+            if key in processor and not (isinstance(processor[key], list) and processor[key]):
+                got = "an empty list" if processor[key] == [] else _json_type(processor[key])
+                raise CheckpointError(f"{path}: {where}.{key} must be a non-empty list ([token, id]), not {got}; "
+                                      "fix or remove the file")
+
+
+def check_tokenizer_config(path: Path, data: dict) -> None:
+    """The special-token fields of tokenizer_config.json that gguf.SpecialVocab reads: `{kind}_token`
+    is a string, an object with a string content (transformers' AddedToken) or null, and
+    `add_{kind}_token` true, false or null (SpecialVocab would ignore any other value silently)."""
+    for kind in _SPECIAL_KINDS:
+        token = data.get(f"{kind}_token")
+        if token is not None and not isinstance(token, str) and \
+                not (isinstance(token, dict) and isinstance(token.get("content"), str)):
+            raise CheckpointError(f"{path}: {kind}_token must be a string, an object with a string 'content' or "
+                                  f"null, not {_json_type(token)}; fix or remove the file")
+        flag = data.get(f"add_{kind}_token")
+        if flag is not None and not isinstance(flag, bool):
+            raise CheckpointError(f"{path}: add_{kind}_token must be true, false or null, not {_json_type(flag)}; "
+                                  "fix or remove the file")
 
 
 # Memory of reading a tokenizer and keeping its key/values until assemble has written them
@@ -310,14 +405,14 @@ def load_tokenizer_json(path: Path):
     from tokenizers import Tokenizer
 
     data = read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+    check_tokenizer_json(path, data)
+    if not isinstance(data.get("model"), dict):
         raise CheckpointError(f"{path}: not a tokenizer.json (no 'model' object)")
     model_type = data["model"].get("type")
     if model_type != "BPE":
-        raise CheckpointError(f"{path}: the tokenizer model is {model_type!r}; only BPE tokenizers "
+        raise CheckpointError(f"{path}: the tokenizer model is {model_type!r:.60}; only BPE tokenizers "
                               "(or a SentencePiece tokenizer.model) can be converted")
-    added = data.get("added_tokens") or []
-    _check_json_added_tokens(path, added)
+    added = data.get("added_tokens", [])
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers package raises plain Exception
@@ -440,17 +535,11 @@ def added_tokens_decoder(model_dir: Path) -> list[tuple[int, dict]]:
         if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
             raise CheckpointError(f"{path}: added_tokens_decoder entry {key} must be an object with a "
                                   "string 'content'")
+        if not isinstance(entry.get("special", False), bool):
+            raise CheckpointError(f"{path}: added_tokens_decoder entry {key}: special must be true or false, not "
+                                  f"{_json_type(entry['special'])}; fix or remove the file")
         out.append((tid, entry))
     return out
-
-
-def _check_json_added_tokens(path: Path, added: list) -> None:
-    if not isinstance(added, list):
-        raise CheckpointError(f"{path}: added_tokens must be a list")
-    for entry in added:
-        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
-            raise CheckpointError(f"{path}: added_tokens entry {entry!r} must be an object with a string 'content'")
-        _token_id(path, entry.get("id"), entry["content"])
 
 
 def _check_added_agree(model_dir: Path, text_at: dict[int, str], vocab_size: int) -> None:
@@ -550,6 +639,7 @@ def _add_bpe_json_as_spm(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: i
     with score -rank of the first merge that makes it (0 when none does); no space prefix."""
     path = model_dir / "tokenizer.json"
     data = read_json_object(path)
+    check_tokenizer_json(path, data)
     model = data.get("model")
     vocab = model.get("vocab") if isinstance(model, dict) else None
     merges = model.get("merges", []) if isinstance(model, dict) else None
@@ -565,10 +655,7 @@ def _add_bpe_json_as_spm(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: i
         else:
             raise CheckpointError(f"{path}: merge {rank} is {merge!r:.40}; merges are pairs of strings")
         scores_by_token.setdefault(made, -float(rank))
-    added = {}
-    for t in data.get("added_tokens") or []:
-        if isinstance(t, dict) and isinstance(t.get("id"), int) and isinstance(t.get("content"), str):
-            added[t["id"]] = t
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
     token_at = {i: t for t, i in vocab.items()}
     tokens, scores, types = [], [], []
     for i in range(vocab_size):

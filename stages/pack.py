@@ -77,7 +77,7 @@ def block_scale_problem(block_scales: np.ndarray, out, per_scale: int) -> str | 
     codec = out.codec
     if not codec.ternary:  # a float type of the effective weights (--type f16, or the fallback): their values
         return None
-    if codec.block_size % per_scale or codec.tail_size():
+    if codec.block_size % per_scale or codec.per_tensor_scale:
         return f"{codec.name} keeps one scale per tensor"
     per = out.block_size // per_scale
     blocks = block_scales.reshape(block_scales.shape[0], -1, per)
@@ -246,7 +246,7 @@ def run(ctx: StageContext) -> None:
                     np.full((shape[0], shape[1] // per_scale), scale, dtype=np.float32)
                 requantize = requantize_summary(scales, out.codec, nonzero_per_block(ctx, name, shape, per_scale),
                                                 per_scale)
-                if out.codec.tail_size():
+                if out.codec.per_tensor_scale:
                     scale = requantized_scale(scales)
             if values is not None:
                 for v in (values[values > 0].min(initial=1.0), values.max(initial=1.0)):
