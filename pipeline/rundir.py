@@ -45,6 +45,9 @@ def checkpoint_state(manifest: dict) -> dict | None:
         change = fingerprint_changes(Path(model_dir), fingerprint)
     except (TypeError, ValueError):
         change = ("changed", model_dir)
+    content = manifest.get("source_content_changed")  # runner.CONTENT_CHANGED: bytes found changed mid-run
+    if change is None and content:
+        change = ("changed", str(content))
     if change is None:
         return {"path": model_dir, "state": "unchanged", "message": "its files are the ones this run read"}
     state, path = change
