@@ -70,8 +70,9 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
                             writer.write_tensor_data(i, read_rows(arr, r0, r1))
                         elif ref is not None and len(regions) == 1:
                             # the checkpoint's bytes: read (not copied in the kernel) so that read_rows
-                            # checks them against the digests extract recorded
-                            writer.write_tensor_data(i, read_rows(arr, r0, r1))
+                            # checks them against the digests extract recorded (a 1-D tensor: all its bytes)
+                            writer.write_tensor_data(i, read_rows(arr, r0, r1) if arr.ndim > 1
+                                                     else read_rows(arr, 0, arr.shape[0]))
                         elif is_raw(arr) and len(regions) == 1:  # the chunk file is the bytes: copy it in the kernel
                             path = chunk_path(arr, k)
                             if not path.is_file() or path.stat().st_size < nbytes:
