@@ -1,7 +1,9 @@
 """The run directory: four stores, a manifest of what is done, and a lock.
 
     <workdir>/
-      manifest.json     source fingerprint, options, state and key of each stage
+      manifest.json     source fingerprint, options, state and key of each stage (and the file
+                        whose bytes a stage found changed under the same fingerprint: a rerun
+                        starts over)
       plan.json         the plan of the conversion (pipeline/plan.py): every tensor's source, type,
                         size and place in the file, the sizes of the outputs and stores, the memory
       metadata.json     the GGUF architecture and key/values, decided once per run from the
