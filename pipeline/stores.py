@@ -435,7 +435,7 @@ def open_with_refs(store: Path) -> zarr.Group:
 # it whole: small blocks keep that extra read small) and refuses other bytes.
 
 CONTENT = "content"
-CONTENT_BLOCK = 256 * 1024
+CONTENT_BLOCK = 64 * 1024  # a read off the block boundaries reads at most 2 x 64 KiB more
 
 
 def content_spec(array_dir: Path, chunk_bytes: int, nbytes: int, tensor: str) -> dict | None:
