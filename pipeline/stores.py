@@ -317,20 +317,24 @@ def check_source_file(ref: dict, st: os.stat_result | None = None) -> None:
 
 def read_source(ref: dict, offset: int, view: memoryview | np.ndarray, check: bool = True) -> None:
     """Fill `view` (bytes) from `offset` bytes into the referenced tensor, checking the file first
-    and then (unless `check` is false) the bytes against the digests extract recorded: the blocks
-    the range touches are read whole and digested."""
+    and then (unless `check` is false) the bytes against the digests extract recorded: the parts of
+    the first and last block outside the range are read too, so that whole blocks are digested."""
     content = ref.get(CONTENT) if check else None
     if content is None or not len(view):
         _read_exact(ref, offset, view)
         return
     out = view if isinstance(view, np.ndarray) else np.frombuffer(view, dtype=np.uint8)
-    blocks = content_blocks(content, offset, offset + len(out))
-    lo, hi = blocks[0][2], blocks[-1][3]
-    buf = out if (lo, hi) == (offset, offset + len(out)) else np.empty(hi - lo, dtype=np.uint8)
-    _read_exact(ref, lo, buf)
-    check_content(ref, blocks, buf, lo)
-    if buf is not out:
-        out[:] = buf[offset - lo:offset - lo + len(out)]
+    end = offset + len(out)
+    blocks = content_blocks(content, offset, end)
+    _read_exact(ref, offset, out)
+    # the edges apart: reading the whole span into a buffer would cost a copy of every byte
+    head = np.empty(offset - blocks[0][2], dtype=np.uint8)
+    tail = np.empty(blocks[-1][3] - end, dtype=np.uint8)
+    if len(head):
+        _read_exact(ref, blocks[0][2], head)
+    if len(tail):
+        _read_exact(ref, end, tail)
+    check_content(ref, blocks, out, offset, head, tail)
 
 
 def _read_exact(ref: dict, offset: int, view: memoryview | np.ndarray) -> None:
@@ -516,18 +520,33 @@ def _chunk_digests(content: dict, index: int) -> tuple[str, ...]:
     return digests
 
 
-def check_content(ref: dict, blocks: list, buf: np.ndarray, lo: int) -> None:
-    """Refuse bytes (`buf`, from tensor byte `lo`) whose blocks differ from extract's digests."""
+def check_content(ref: dict, blocks: list, data: np.ndarray, start: int, head: np.ndarray, tail: np.ndarray) -> None:
+    """Refuse bytes whose blocks differ from extract's digests: `data` from tensor byte `start`,
+    `head` the bytes of the first block before it and `tail` those of the last block after it."""
     import xxhash
 
     content = ref[CONTENT]
-    for index, j, a, b in blocks:
-        if xxhash.xxh3_64_hexdigest(buf[a - lo:b - lo]) != _chunk_digests(content, index)[j]:
+    end = start + len(data)
+    index, digests = None, ()
+    for i, j, a, b in blocks:
+        if i != index:
+            index, digests = i, _chunk_digests(content, i)
+        if a >= start and b <= end:
+            got = xxhash.xxh3_64_hexdigest(data[a - start:b - start])
+        else:  # an edge block: the same digest, fed in pieces
+            h = xxhash.xxh3_64()
+            if a < start:
+                h.update(head)
+            h.update(data[max(a, start) - start:min(b, end) - start])
+            if b > end:
+                h.update(tail)
+            got = h.hexdigest()
+        if got != digests[j]:
             offset = ref["offset"] + a
             raise SourceContentChanged(
                 f"{ref['file']}: bytes {offset}..{offset + b - a} (tensor {content['tensor']}) are not the ones this run "
-                "read earlier, though the file's size and times are unchanged; nothing was written; rerun the same command to "
-                "start over from the new files", ref["file"])
+                "read earlier, though the file's size and times are unchanged; nothing was written; rerun the same "
+                "command to start over from the new files", ref["file"])
 
 
 class DamagedStore(RunDirError):

@@ -176,7 +176,7 @@ def test_reads_anywhere_in_a_tensor_check_whole_blocks(tmp_path):
         record_content(content, i, data[i * 96:(i + 1) * 96])
     st = os.stat(path)
     ref = make_ref(path, 24, tmp_path, [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino], content)
-    for start, stop in [(0, 1000), (0, 1), (39, 41), (95, 97), (100, 336), (990, 1000), (17, 903)]:
+    for start, stop in [(0, 1000), (0, 1), (39, 41), (45, 60), (95, 97), (100, 336), (990, 1000), (17, 903)]:
         got = np.empty(stop - start, dtype=np.uint8)
         read_source(ref, start, got)
         assert (got == data[start:stop]).all(), (start, stop)
@@ -186,7 +186,7 @@ def test_reads_anywhere_in_a_tensor_check_whole_blocks(tmp_path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     st = os.stat(path)
     ref["identity"] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]  # past the fingerprint
-    for start, stop in [(96, 97), (135, 137), (100, 200)]:  # ranges in the changed byte's block
+    for start, stop in [(96, 97), (100, 101), (135, 137), (100, 200)]:  # ranges touching the changed byte's block
         with pytest.raises(SourceContentChanged):
             read_source(ref, start, np.empty(stop - start, dtype=np.uint8))
     got = np.empty(40, dtype=np.uint8)
