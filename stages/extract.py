@@ -23,8 +23,9 @@ What needs a pass over the values is also done here, beside each float tensor:
   after checking that each run holds one magnitude at most;
 
 and NaN or infinite weights are refused, naming the tensor. Packed projections are only
-digested here: quantize refuses a 2-bit field holding 3 as it reads them. The index (every array's metadata and the reference set) is written first; a rerun after
-a kill rewrites it (the same bytes) and scans only the side chunks not yet on disk.
+digested here: quantize refuses a 2-bit field holding 3 as it reads them. The index (every
+array's metadata and the reference set) is written first; a rerun after a kill rewrites it
+(the same bytes) and scans only the chunks whose digests or side chunk are not yet on disk.
 """
 from __future__ import annotations
 
