@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, convert
+from tests.conftest import ROOT, convert, run_cli
 
 PROJECTION = "model.layers.0.self_attn.q_proj.weight"  # packed uint8: quantize reads it
 EMBEDDING = "model.embed_tokens.weight"                # BF16, written as F16: assemble reads it
@@ -112,6 +112,8 @@ def test_a_write_through_an_already_dirty_mapped_page(model, tmp_path, tensor):
         proc = convert(model, out, "--workdir", work, check_exit=2)
         check_refused(proc, out, weights)
         assert ("quantize: running" if tensor == PROJECTION else "assemble: running") in proc.stderr
+        status = run_cli("status", work).stdout  # says so until the rerun starts over
+        assert f"checkpoint changed: {weights} is not the file this run read" in status, status
         rerun_starts_over(model, out, work, tmp_path, old_gguf)
 
 
