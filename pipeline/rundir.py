@@ -1,7 +1,9 @@
 """The run directory: four stores, a manifest of what is done, and a lock.
 
     <workdir>/
-      manifest.json     source fingerprint, options, state and key of each stage
+      manifest.json     source fingerprint, options, state and key of each stage (and the file
+                        whose bytes a stage found changed under the same fingerprint: a rerun
+                        starts over)
       plan.json         the plan of the conversion (pipeline/plan.py): every tensor's source, type,
                         size and place in the file, the sizes of the outputs and stores, the memory
       metadata.json     the GGUF architecture and key/values, decided once per run from the
@@ -45,6 +47,9 @@ def checkpoint_state(manifest: dict) -> dict | None:
         change = fingerprint_changes(Path(model_dir), fingerprint)
     except (TypeError, ValueError):
         change = ("changed", model_dir)
+    content = manifest.get("source_content_changed")  # runner.CONTENT_CHANGED: bytes found changed mid-run
+    if change is None and content:
+        change = ("changed", str(content))
     if change is None:
         return {"path": model_dir, "state": "unchanged", "message": "its files are the ones this run read"}
     state, path = change

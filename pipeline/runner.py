@@ -26,14 +26,18 @@ from pipeline.plan import file_kvs, make_plan, save_plan
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler, probe_scheduler
-from pipeline.stores import largest_values, source_changed
+from pipeline.stores import SourceContentChanged, largest_values, source_changed
 
 # Memory assemble takes to read the key/values back from metadata.json and build the header,
 # per row of the token table (measured with a 1M-row table; docs/notes/tokenizer-memory.md).
 KV_READBACK_BYTES_PER_ROW = 160
 
+# manifest.json: the checkpoint file whose bytes a stage found changed though its size and times
+# were not (stores.SourceContentChanged); the next run starts over
+CONTENT_CHANGED = "source_content_changed"
+
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 4, "quantize": 3, "pack": 3, "assemble": 3}
+STAGE_VERSIONS = {"extract": 5, "quantize": 3, "pack": 3, "assemble": 3}
 
 
 def stage_inputs(opts: Options, ckpt) -> dict[str, dict]:
@@ -250,7 +254,7 @@ def check_float_ranges(store: Path, ckpt, plan) -> None:
 
 def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before=None) -> list[Path]:
     manifest = run.load()
-    if manifest.get("fingerprint") not in (None, ckpt.fingerprint):
+    if manifest.get("fingerprint") not in (None, ckpt.fingerprint) or manifest.get(CONTENT_CHANGED):
         log("the checkpoint changed since this run directory was made: starting over")
         run.reset_from("extract", manifest)
     elif not manifest and run.has_stores():
@@ -260,6 +264,7 @@ def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_bef
         manifest = {"stages": {s: {"key": "", "state": "running"} for s in STAGES if os.path.lexists(run.store(s))}}
         run.save(manifest)
         run.reset_from("extract", manifest)
+    manifest.pop(CONTENT_CHANGED, None)
     manifest.update({"fingerprint": ckpt.fingerprint, "options": opts.as_json()})
     manifest.setdefault("stages", {})
     # the manifest is the first file of a new run directory: only it (or a store of ours) makes a
@@ -289,8 +294,16 @@ def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_bef
                 f"{', '.join(later)}" + (f"; {', '.join(kept)} reused" if kept else ""))
             run.reset_from(stage, manifest)
         if not _finished(stage, manifest["stages"].get(stage), keys[stage]):
-            _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log,
-                       check_source, outputs_before, inputs[stage])
+            try:
+                _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log,
+                           check_source, outputs_before, inputs[stage])
+            except SourceContentChanged as e:
+                # the file's identity is as recorded, so only this mark makes the rerun start over
+                manifest[CONTENT_CHANGED] = e.file or str(ckpt.model_dir)
+                run.save(manifest)
+                raise
+        elif stage == "extract":  # its row maxima are read next: the store must be the one sealed
+            run.check_sealed("extract")
         if stage == "extract":
             check_float_ranges(run.store("extract"), ckpt, plan)
         previous = run.store(stage)

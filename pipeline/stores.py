@@ -256,6 +256,18 @@ def _read_raw_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
 SOURCE_REF = "source_ref"
 
 
+class SourceContentChanged(CheckpointError):
+    """Bytes of a checkpoint file differ from the ones extract read, its size, times and inode
+    unchanged: the runner marks the run directory so that a rerun starts over."""
+
+    def __init__(self, message: str, file: str = ""):
+        super().__init__(message)
+        self.file = file
+
+    def __reduce__(self):  # raised in a dask worker process too: travels back whole
+        return type(self), (str(self), self.file)
+
+
 def source_changed(model_dir) -> CheckpointError:
     """The refusal when a checkpoint file is not the one the run started from."""
     return CheckpointError(f"{model_dir}: the checkpoint's files changed during the conversion; nothing was "
@@ -276,9 +288,13 @@ ENCODED_FROM = "encoded_from"
 CODES_FROM = "codes_from"
 
 
-def make_ref(path: Path, offset: int, model_dir: Path, identity: list[int]) -> dict:
-    """`source_ref` of an array whose bytes start at `offset` in checkpoint file `path`."""
-    return {"file": str(path), "offset": int(offset), "identity": list(identity), "model_dir": str(model_dir)}
+def make_ref(path: Path, offset: int, model_dir: Path, identity: list[int], content: dict | None = None) -> dict:
+    """`source_ref` of an array whose bytes start at `offset` in checkpoint file `path` (`content`:
+    where the digests of those bytes are recorded, see content_spec)."""
+    ref = {"file": str(path), "offset": int(offset), "identity": list(identity), "model_dir": str(model_dir)}
+    if content is not None:
+        ref[CONTENT] = content
+    return ref
 
 
 def source_ref(arr: zarr.Array) -> dict | None:
@@ -305,8 +321,29 @@ def check_source_file(ref: dict, st: os.stat_result | None = None) -> None:
         raise source_changed(ref["model_dir"])
 
 
-def read_source(ref: dict, offset: int, view: memoryview | np.ndarray) -> None:
-    """Fill `view` (bytes) from `offset` bytes into the referenced tensor, checking the file first."""
+def read_source(ref: dict, offset: int, view: memoryview | np.ndarray, check: bool = True) -> None:
+    """Fill `view` (bytes) from `offset` bytes into the referenced tensor, checking the file first
+    and then (unless `check` is false) the bytes against the digests extract recorded: the parts of
+    the first and last block outside the range are read too, so that whole blocks are digested."""
+    content = ref.get(CONTENT) if check else None
+    if content is None or not len(view):
+        _read_exact(ref, offset, view)
+        return
+    out = view if isinstance(view, np.ndarray) else np.frombuffer(view, dtype=np.uint8)
+    end = offset + len(out)
+    blocks = content_blocks(content, offset, end)
+    _read_exact(ref, offset, out)
+    # the edges apart: reading the whole span into a buffer would cost a copy of every byte
+    head = np.empty(offset - blocks[0][2], dtype=np.uint8)
+    tail = np.empty(blocks[-1][3] - end, dtype=np.uint8)
+    if len(head):
+        _read_exact(ref, blocks[0][2], head)
+    if len(tail):
+        _read_exact(ref, end, tail)
+    check_content(ref, blocks, out, offset, head, tail)
+
+
+def _read_exact(ref: dict, offset: int, view: memoryview | np.ndarray) -> None:
     try:
         fd = portable.open_read(ref["file"])
     except OSError:
@@ -379,7 +416,9 @@ def write_padded_tail(array_dir: Path, ref: dict, arr: zarr.Array, index: int) -
     row_bytes = nbytes // arr.chunks[0]
     buf = np.zeros(nbytes, dtype=np.uint8)
     have = (arr.shape[0] - index * arr.chunks[0]) * row_bytes
-    read_source(ref, index * nbytes, buf[:have])
+    # unchecked: extract writes the reference set before its pass records the digests; the
+    # stages never read this copy
+    read_source(ref, index * nbytes, buf[:have], check=False)
     tmp = path.with_name(name + ".partial")
     with create_exclusive(tmp) as f:  # never through a link planted at the name
         f.write(buf.tobytes())
@@ -394,6 +433,129 @@ def open_with_refs(store: Path) -> zarr.Group:
     references = json.loads(refs_path(store).read_text(encoding="utf-8"))
     return zarr.open_group("reference://", mode="r", zarr_format=3,
                            storage_options={"fo": references, "remote_protocol": "file"})
+
+
+# -- content of the referenced bytes -------------------------------------------------------------
+# A file's size, times and inode miss a change that keeps them all: a write through a page of a
+# writable mapping that is already dirty updates no time, and a filesystem snapshot rolled back
+# brings other bytes with the same inode and times. So extract, whose pass reads every byte an
+# indexed array refers to, records an xxh3 digest of each block of them: a tensor's bytes are cut
+# at its chunks (the indexed array's row chunks), and each chunk into CONTENT_BLOCK-byte blocks, the
+# last one shorter. Chunk i's digests are `<array>/digests/<i>` of extract's array, as
+# {"nbytes": chunk bytes, "xxh3": [hex digest per block]}; the reference carries where they are
+# (`content`), so quantize's and pack's arrays that pass it on are checked against the same record.
+# Every later read digests the blocks it covers (a read that starts or ends inside a block reads
+# it whole: small blocks keep that extra read small) and refuses other bytes.
+
+CONTENT = "content"
+CONTENT_BLOCK = 64 * 1024  # a read off the block boundaries reads at most 2 x 64 KiB more
+
+
+def content_spec(array_dir: Path, chunk_bytes: int, nbytes: int, tensor: str) -> dict | None:
+    """The `content` of a reference to a tensor of `nbytes` bytes indexed by the array at
+    `array_dir`, in chunks of `chunk_bytes` bytes (None for an empty tensor: nothing to read)."""
+    if nbytes <= 0:
+        return None
+    return {"records": str(Path(array_dir).absolute() / DIGESTS), "chunk_bytes": int(chunk_bytes),
+            "block": CONTENT_BLOCK, "nbytes": int(nbytes), "tensor": tensor}
+
+
+def content_blocks(content: dict, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+    """(chunk, block within it, first byte, end byte) of the blocks that bytes [start, stop) of
+    the tensor touch (positions in the tensor's bytes)."""
+    cb, block, n = content["chunk_bytes"], content["block"], content["nbytes"]
+    blocks = []
+    i = start // cb
+    pos = i * cb + (start - i * cb) // block * block
+    while pos < min(stop, n):
+        i = pos // cb
+        end = min(pos + block, (i + 1) * cb, n)
+        blocks.append((i, (pos - i * cb) // block, pos, end))
+        pos = end
+    return blocks
+
+
+def chunk_content_digests(content: dict, data: np.ndarray) -> list[str]:
+    """Digests of the blocks of one chunk of the tensor (`data`: its bytes)."""
+    import xxhash
+
+    data = data.reshape(-1).view(np.uint8)
+    return [xxhash.xxh3_64_hexdigest(data[a:a + content["block"]]) for a in range(0, len(data), content["block"])]
+
+
+def record_content(content: dict, index: int, data: np.ndarray) -> None:
+    """Record the digests of chunk `index` of the referenced tensor, whose bytes extract read."""
+    record = Path(content["records"]) / str(index)
+    record.parent.mkdir(exist_ok=True)
+    tmp = record.with_name(record.name + ".partial")
+    with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
+        f.write(json.dumps({"nbytes": int(data.nbytes), "xxh3": chunk_content_digests(content, data)}))
+    os.replace(tmp, record)
+
+
+def content_recorded(content: dict | None) -> set[int]:
+    """Chunks of the referenced tensor whose digests are recorded."""
+    records = Path(content["records"]) if content else None
+    if records is None or not records.is_dir():
+        return set()
+    return {int(p.name) for p in records.iterdir() if p.name.isdigit() and p.is_file()}
+
+
+_CONTENT_CACHE: dict[str, tuple[tuple, tuple[str, ...]]] = {}
+
+
+def _chunk_digests(content: dict, index: int) -> tuple[str, ...]:
+    """The recorded digests of chunk `index` (kept while the record file is the same file: a task
+    reads a chunk in several pieces)."""
+    record = Path(content["records"]) / str(index)
+    try:
+        st = os.stat(record)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = _CONTENT_CACHE.get(str(record))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        data = json.loads(record.read_text(encoding="utf-8"))
+        digests = tuple(data["xxh3"])
+        size = min(content["chunk_bytes"], content["nbytes"] - index * content["chunk_bytes"])
+        if data["nbytes"] != size or len(digests) != -(-size // content["block"]) \
+                or not all(isinstance(d, str) for d in digests):
+            raise ValueError
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError, RecursionError):
+        raise DamagedStore(f"{record}: the digests of checkpoint bytes extract read are missing or unreadable") \
+            from None
+    if len(_CONTENT_CACHE) > 256:
+        _CONTENT_CACHE.clear()
+    _CONTENT_CACHE[str(record)] = (stamp, digests)
+    return digests
+
+
+def check_content(ref: dict, blocks: list, data: np.ndarray, start: int, head: np.ndarray, tail: np.ndarray) -> None:
+    """Refuse bytes whose blocks differ from extract's digests: `data` from tensor byte `start`,
+    `head` the bytes of the first block before it and `tail` those of the last block after it."""
+    import xxhash
+
+    content = ref[CONTENT]
+    end = start + len(data)
+    index, digests = None, ()
+    for i, j, a, b in blocks:
+        if i != index:
+            index, digests = i, _chunk_digests(content, i)
+        if a >= start and b <= end:
+            got = xxhash.xxh3_64_hexdigest(data[a - start:b - start])
+        else:  # an edge block: the same digest, fed in pieces
+            h = xxhash.xxh3_64()
+            if a < start:
+                h.update(head)
+            h.update(data[max(a, start) - start:min(b, end) - start])
+            if b > end:
+                h.update(tail)
+            got = h.hexdigest()
+        if got != digests[j]:
+            offset = ref["offset"] + a
+            raise SourceContentChanged(
+                f"{ref['file']}: bytes {offset}..{offset + b - a} (tensor {content['tensor']}) are not the ones this run "
+                "read earlier, though the file's size and times are unchanged; nothing was written; rerun the same "
+                "command to start over from the new files", ref["file"])
 
 
 class DamagedStore(RunDirError):
@@ -456,6 +618,13 @@ def chunk_records(store: Path, digests: dict[str, list]) -> None:
         if is_indexed(arr):  # no chunk files: its bytes are in the checkpoint (see read_source), but
             # for the reference view's padded copy of a last chunk the file ends inside
             expected |= {k for k in digests if k.startswith(f"{base}/padded-chunk.")}
+            content = source_ref(arr).get(CONTENT)
+            if content and Path(content["records"]).resolve() == (store / base / DIGESTS).resolve():
+                for index in range(-(-content["nbytes"] // content["chunk_bytes"])):  # extract's digests
+                    record = str(base / DIGESTS / str(index))
+                    if record not in digests:
+                        raise DamagedStore(f"{store / record}: missing")
+                    expected.add(record)
             continue
         for index in range(-(-arr.shape[0] // arr.chunks[0]) if arr.ndim else 1):
             chunk = str(chunk_path(arr, index).relative_to(store))

@@ -5,7 +5,8 @@ decided once per run (metadata.json, plus general.file_type from the output type
 registry) and the tensor infos; the tensor data is then streamed chunk by chunk from
 pack.zarr, each tensor followed by its type's tail (I2_S: the scale), so no tensor is
 held whole; a tensor whose pack array indexes the checkpoint (bytes that no stage
-changes) is copied from the checkpoint file, after checking it is the one indexed; a TQ2_0 or
+changes) is read from the checkpoint file, after checking it is the one indexed, and its bytes
+against the digests extract recorded; a TQ2_0 or
 I2_S tensor's pack array is quantize's 2-bit codes (linked), encoded here as it is written.
 With --split-max-size / --split-max-tensors the tensors are spread over
 `NAME-0000k-of-0000n.gguf` parts as llama.cpp's gguf-split does. Every file is
@@ -19,7 +20,7 @@ import json
 import numpy as np
 
 from pipeline.context import StageContext
-from pipeline.gguf_file import GGUFSplitWriter, GGUFWriterError, TensorInfo
+from pipeline.gguf_file import GGUFSplitWriter, TensorInfo
 from pipeline.output import OutputChanged, final_paths, identity, publish, temp_path
 from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
@@ -67,12 +68,11 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
                         if CODES_FROM in arr.attrs or (ref is not None and ENCODED_FROM in arr.attrs):
                             # quantize's codes, or the checkpoint's rows: encoded here (read_rows)
                             writer.write_tensor_data(i, read_rows(arr, r0, r1))
-                        elif ref is not None and len(regions) == 1:  # the checkpoint's bytes: copy them in the kernel
-                            try:
-                                writer.copy_tensor_data(i, ref["file"], ref["offset"] + r0 * row_bytes, nbytes)
-                            except (OSError, GGUFWriterError):
-                                check_source_file(ref)  # a file shortened or removed meanwhile: that message
-                                raise
+                        elif ref is not None and len(regions) == 1:
+                            # the checkpoint's bytes: read (not copied in the kernel) so that read_rows
+                            # checks them against the digests extract recorded (a 1-D tensor: all its bytes)
+                            writer.write_tensor_data(i, read_rows(arr, r0, r1) if arr.ndim > 1
+                                                     else read_rows(arr, 0, arr.shape[0]))
                         elif is_raw(arr) and len(regions) == 1:  # the chunk file is the bytes: copy it in the kernel
                             path = chunk_path(arr, k)
                             if not path.is_file() or path.stat().st_size < nbytes:

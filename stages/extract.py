@@ -9,8 +9,10 @@ attribute of note is `source_ref`, the file, byte offset and identity of its byt
 kerchunk reference set) lets zarr open it with data. The later stages read rows from the
 checkpoint through the reference, which refuses a file that is no longer the one indexed.
 
-What needs a pass over the values is still done here, the one pass that reads them,
-beside each float tensor:
+This pass reads every referenced byte once and records an xxh3 digest of each block of
+them (pipeline/stores.py, "content of the referenced bytes"): every later read checks its bytes
+against them, so bytes that change while the file's size and times do not are refused too.
+What needs a pass over the values is also done here, beside each float tensor:
 
 - master-weight projections: per-row float64 sums of |W| (`<name>.abs_sums`), from
   which quantize computes the absmean scale without reading the weights twice;
@@ -21,10 +23,10 @@ beside each float tensor:
   after checking that each run holds one magnitude at most, and the zeros of every row
   (`<name>.zeros`): a tensor without any is binary ({-s, +s}: 1-bit Bonsai), which Q1_0 holds;
 
-and NaN or infinite weights are refused, naming the tensor. Packed projections need no
-pass here: quantize reads every packed byte once anyway and refuses a 2-bit field holding
-3 there. The index (every array's metadata and the reference set) is written first; a rerun after
-a kill rewrites it (the same bytes) and scans only the side chunks not yet on disk.
+and NaN or infinite weights are refused, naming the tensor. Packed projections are only
+digested here: quantize refuses a 2-bit field holding 3 as it reads them. The index (every
+array's metadata and the reference set) is written first; a rerun after a kill rewrites it
+(the same bytes) and scans only the chunks whose digests or side chunk are not yet on disk.
 """
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ from pipeline.plan import ternary_embedding_scan
 from pipeline.rundir import write_json_atomic
 from pipeline.safetensors_io import TensorSource, as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (MAX_SUFFIX, array_path, ensure_array, index_array, make_ref, open_store, refs_json,
-                             refs_path, row_ranges, write_rows, written_chunks)
+from pipeline.stores import (MAX_SUFFIX, array_path, content_recorded, content_spec, ensure_array, index_array,
+                             make_ref, open_store, record_content, refs_json, refs_path, row_ranges, write_rows,
+                             written_chunks)
 from stages.quantize import SUMS_SUFFIX, TERNARY_ROWS_SUFFIX, ZEROS_SUFFIX
 
 GROUP_SUFFIX = ".group_max"
@@ -75,15 +78,20 @@ def row_abs_max_bits(block: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
     return (top.view(np.float16).astype(np.float32) if dtype == "F16" else top.view(np.float32)), finite
 
 
-def scan_rows(source: TensorSource, side_path: str, start: int, stop: int, kind: str,
-              extras: dict[str, str] | None = None) -> None:
-    """Rows [start, stop) of a tensor the later stages read from the checkpoint: refuse what they
-    cannot take, and write into the side array the per-row |W| sums (kind "master"), maxima
-    ("float") or the per-group magnitudes of a group-scaled tensor ("grouped"). `extras` (suffix ->
-    array path) are the further side arrays: the zeros per row of a group-scaled tensor; for the
+def scan_rows(source: TensorSource, side_path: str | None, start: int, stop: int, kind: str, content: dict | None,
+              index: int, extras: dict[str, str] | None = None) -> None:
+    """Rows [start, stop) (chunk `index`) of a tensor the later stages read from the checkpoint:
+    record the digests of their bytes, refuse what the stages cannot take, and write into the side
+    array the per-row |W| sums (kind "master"), maxima ("float") or the per-group magnitudes of a
+    group-scaled tensor ("grouped"); a packed tensor has no side array. `extras` (suffix -> array
+    path) are the further side arrays: the zeros per row of a group-scaled tensor; for the
     embedding and head of a group-scaled checkpoint (which may be ternary too: --embedding-type
     q2_0) their group magnitudes, zeros and whether each row is {-s, 0, +s} per group, never refused."""
     block = source.read_rows(start, stop)
+    if content is not None:  # before the side chunk, which marks the task done
+        record_content(content, index, block)
+    if kind == "packed":
+        return
     extras = extras or {}
     if kind == "grouped":
         values = as_float32(block, source.dtype)
@@ -150,7 +158,10 @@ def run(ctx: StageContext) -> None:
         kind = ("packed" if t.recipe.packed else "grouped" if t.recipe.weights == GROUPED
                 else "master" if t.role == TERNARY else "float")
         rows = ctx.budget.rows_per_chunk(src.shape)
-        ref = make_ref(src.file, src.offset, ckpt.model_dir, identities[src.file])
+        row_bytes = src.row_elems * src.np_dtype.itemsize
+        content = content_spec(ctx.output / t.gguf_name, rows * row_bytes, src.shape[0] * row_bytes if src.shape else 0,
+                               t.hf_name)
+        ref = make_ref(src.file, src.offset, ckpt.model_dir, identities[src.file], content)
         arrays[t.gguf_name] = index_array(group, t.gguf_name, src.shape, rows, src.np_dtype, {
             "hf_name": t.hf_name, "role": t.role, "source_dtype": src.dtype,
             "source_file": src.file.name, "shape": list(t.shape), "recipe": t.recipe.as_json(),
@@ -173,14 +184,18 @@ def run(ctx: StageContext) -> None:
                 for suffix, dtype in ((ZEROS_SUFFIX, np.uint32), (TERNARY_ROWS_SUFFIX, np.uint8)):
                     extras[suffix] = ensure_array(group, t.gguf_name + suffix, (src.shape[0],), rows, dtype,
                                                   {"of": t.gguf_name})
-        if side:
-            done = written_chunks(arrays[side])
-            for arr in extras.values():  # a chunk is done when every side array holds it (a kill may fall between)
-                done &= written_chunks(arr)
-            paths = {suffix: array_path(ctx.output, t.gguf_name + suffix) for suffix in extras}
-            for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
-                if i not in done:
-                    tasks.append(chunk_task(scan_rows, src, array_path(ctx.output, side), r0, r1, kind, paths))
         arrays.update({t.gguf_name + suffix: arr for suffix, arr in extras.items()})
+        if content is None:
+            continue
+        done = content_recorded(content)
+        if side:
+            done &= written_chunks(arrays[side])
+        for arr in extras.values():  # a chunk is done when every side array holds it (a kill may fall between)
+            done &= written_chunks(arr)
+        paths = {suffix: array_path(ctx.output, t.gguf_name + suffix) for suffix in extras}
+        for i, (r0, r1) in enumerate(row_ranges(src.shape[0], rows)):
+            if i not in done:
+                tasks.append(chunk_task(scan_rows, src, side and array_path(ctx.output, side), r0, r1, kind, content, i,
+                                        paths))
     write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, arrays))
     ctx.scheduler.run(tasks, "extract")
