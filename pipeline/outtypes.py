@@ -48,6 +48,7 @@ class OutputType:
                                     # block scales, a byte lookup): pack links the codes, assemble encodes them
     runtime: str | None = None      # the only runtime that reads this type (None: llama.cpp / bitnet.cpp as summary says)
     rows_fallback: str | None = None  # type of projections whose row count is not a multiple of codec.row_multiple()
+    run_min_cols: int = 0           # shorter rows load but abort the runtime's matmul (ik: Q8_K64 needs >= 512)
 
     @property
     def type_option(self) -> str:
@@ -114,9 +115,9 @@ OUTPUT_TYPES["q2_0"] = OutputType("q2_0", Q2_0, 41, "2.25 bits/weight, upstream 
 CODECS.update(IK_CODECS)
 OUTPUT_TYPES.update({t.name: t for t in (
     OutputType("iq2_bn", IQ2_BN, 137, "2 bits/weight + a float32 scale per row, ik_llama.cpp only",
-               ternary_choice=True, fallback="f16", runtime="ik_llama.cpp"),
+               ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", run_min_cols=512),
     OutputType("iq1_bn", IQ1_BN, 136, "1.625 bits/weight + an fp16 scale per row, ik_llama.cpp only",
-               ternary_choice=True, fallback="f16", runtime="ik_llama.cpp"),
+               ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", run_min_cols=512),
     OutputType("iq2_bn_r4", IQ2_BN_R4, 337, "IQ2_BN with 4 rows interleaved, ik_llama.cpp only",
                ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", rows_fallback="iq2_bn"),
 )})

@@ -205,6 +205,12 @@ def run(ctx: StageContext) -> None:
             check_scale(name, scale, out.name)
         plans.append((name, src, role, shape, out, fallback, scale, block_scales, requantize))
 
+    short = [(name, out) for name, _, _, shape, out, *_ in plans
+             if out.run_min_cols and len(shape) > 1 and shape[-1] < out.run_min_cols]
+    if short:  # a valid file, but the runtime aborts at the first matmul (docs/notes/ik-llama.md section 6)
+        name, out = short[0]
+        ctx.log(f"warning: {len(short)} projection(s), e.g. {name}, have rows of fewer than {out.run_min_cols} "
+                f"values: {out.runtime} aborts on {out.codec.name} rows that short at run time")
     tasks = []
     for name, src, role, shape, out, fallback, scale, block_scales, requantize in plans:
         if fallback:

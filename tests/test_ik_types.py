@@ -51,7 +51,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(root):
-    made = {}
+    made, logs = {}, {}
 
     def get(case: str, out_type: str):
         if case not in made:
@@ -59,8 +59,10 @@ def converted(root):
             made[case] = write_checkpoint(root / case, family, **kw)
         out = root / f"{case}-{out_type}.gguf"
         if not out.exists():
-            convert(made[case], out, "--type", out_type, "--workdir", root / f"{case}-{out_type}.work")
+            work = root / f"{case}-{out_type}.work"
+            logs[out] = convert(made[case], out, "--type", out_type, "--workdir", work).stderr
         return made[case], out
+    get.logs = logs
     return get
 
 
@@ -164,6 +166,17 @@ def test_verify_decodes_like_iks_decoders():
             groups[:, :16] = rng.uniform(0.01, 2, (rows // 4, 4)).astype("<f4").view(np.uint8)
         want = ik_layouts.DECODERS[kind](data.tobytes(), rows, cols)
         np.testing.assert_array_equal(decode_values(out, data, None), want.astype(np.float64), err_msg=kind)
+
+
+def test_rows_shorter_than_512_values_are_warned_about_once_for_iq2_bn_and_iq1_bn(converted):
+    """ik's IQ1_BN / IQ2_BN matmul quantizes activations to Q8_K64, which needs rows of >= 512 values."""
+    for out_type in IK_TYPES:
+        _, out = converted("2b4t", out_type)  # hidden 256: every projection but ffn_down (512 columns)
+        warnings = [x for x in converted.logs[out].splitlines() if "fewer than 512" in x]
+        if out_type == "iq2_bn_r4":
+            assert not warnings
+        else:
+            assert len(warnings) == 1 and "12 projection(s)" in warnings[0] and "ik_llama.cpp" in warnings[0], warnings
 
 
 def test_inspect_and_plan_show_and_size_them(converted):
