@@ -46,7 +46,7 @@ class OutputType:
     largest: float | None = None    # float types: the largest magnitude they store (for messages; see holds)
     from_codes: bool = False        # its bytes are a cheap rewrite of quantize.zarr's 2-bit codes (a copy plus
                                     # block scales, a byte lookup): pack links the codes, assemble encodes them
-    runtime: str | None = None      # the only runtime that reads this type (None: llama.cpp / bitnet.cpp as summary says)
+    runtime: str | None = None      # the one runtime that reads this type (None: as `summary` says)
     rows_fallback: str | None = None  # type of projections whose row count is not a multiple of codec.row_multiple()
     run_min_cols: int = 0           # shorter rows load but abort the runtime's matmul (ik: Q8_K64 needs >= 512)
 

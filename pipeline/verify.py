@@ -428,7 +428,8 @@ class RequantizedReference:
             want = np.where(np.abs(values) < np.float32(0.5) * d, 0.0, np.sign(values)).astype(np.float64)
             d = d.astype(np.float16) if self.out.name == "iq1_bn" else d
             if not np.array_equal(decode_values(self.out, got, None), want * d.astype(np.float64)):
-                return f"rows {r0}..{r1} are not ik_llama.cpp's {self.out.codec.name} quantization of the checkpoint's values"
+                return (f"rows {r0}..{r1} are not ik_llama.cpp's {self.out.codec.name} quantization of the "
+                        "checkpoint's values")
             return None
         if not decodable(self.out):
             return None

@@ -84,8 +84,8 @@ def block_scale_problem(block_scales: np.ndarray, out, per_scale: int) -> str | 
             return None
         r, b = np.argwhere(clash)[0]
         return (f"its scale changes along a row (row {r}: {float(block_scales[r, b]):.6g} at columns "
-                f"{b * per_scale}..{(b + 1) * per_scale - 1}, {float(top[r, 0]):.6g} elsewhere), and {codec.name} keeps "
-                f"one scale per row")
+                f"{b * per_scale}..{(b + 1) * per_scale - 1}, {float(top[r, 0]):.6g} elsewhere), and {codec.name} "
+                f"keeps one scale per row")
     if codec.block_size % per_scale or codec.tail_size():
         return f"{codec.name} keeps one scale per tensor"
     per = out.block_size // per_scale

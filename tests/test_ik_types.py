@@ -33,7 +33,7 @@ F16_ID = 1
 CASES = {
     # name: (family, checkpoint arguments); widths are multiples of 64 unless said
     "1bitllm-f16": ("1bitllm", dict(num_heads=4, num_kv_heads=2, dtype="f16")),              # master, absmean
-    "llama3": ("llama3-1.58", dict(num_heads=8, num_kv_heads=2, num_layers=2)),              # packed, 1 / ws, q/k permuted
+    "llama3": ("llama3-1.58", dict(num_heads=8, num_kv_heads=2, num_layers=2)),  # packed, 1 / ws, q/k permuted
     "2b4t": ("2b4t", dict(num_heads=4, num_kv_heads=1, seed=3)),                             # packed, ws
     "2b4t-bf16": ("2b4t-bf16", dict(num_heads=4, num_kv_heads=2, seed=4)),                  # master bf16
     "falcon-e": ("falcon-e", dict(num_heads=4, num_kv_heads=2, head_dim=128, seed=9)),
