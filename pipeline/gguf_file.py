@@ -36,6 +36,7 @@ from gguf import GGML_QUANT_SIZES, GGUFValueType
 from pipeline import portable
 from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, Q1_0, Q2_0, TL1, TL2
 from pipeline.errors import GGUFFormatError
+from pipeline.ik_codecs import IK_CODECS
 from pipeline.safe_files import create_exclusive
 
 VT = GGUFValueType
@@ -73,6 +74,7 @@ class TypeSize:
     block_size: int   # values per block
     type_size: int    # bytes per block
     tail: int = 0     # bytes after the last block, once per tensor (I2_S: scale + 28 unused)
+    row_meta: int = 0  # bytes before each row's blocks (ik_llama.cpp's IQ*_BN: the row's scale)
 
     def nbytes(self, shape: Sequence[int]) -> int:
         """Bytes of a tensor of this type; shape in numpy order (the last axis is ne[0])."""
@@ -80,7 +82,8 @@ class TypeSize:
         row = shape[-1] if shape else 1
         if row % self.block_size:
             raise ValueError(f"rows of {row} values are not whole blocks of {self.block_size}")
-        return n // self.block_size * self.type_size + self.tail
+        rows = n // row if row else 0
+        return rows * self.row_meta + n // self.block_size * self.type_size + self.tail
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,10 @@ def default_type_sizes() -> dict[int, TypeSize]:
     # upstream llama.cpp's Q2_0, which older gguf packages do not list
     sizes.setdefault(Q2_0.ggml_type, TypeSize(Q2_0.block_size, Q2_0.type_size))
     sizes.setdefault(Q1_0.ggml_type, TypeSize(Q1_0.block_size, Q1_0.type_size))  # gguf 0.19 knows it; older do not
+    # ik_llama.cpp's IQ1_BN / IQ2_BN / IQ2_BN_R4 (ids 134, 135, 335), which gguf-py does not list: a
+    # row is its meta (the row's scale) then whole blocks; R4's groups of 4 rows are 4 rows' bytes
+    for codec in IK_CODECS.values():
+        sizes[int(codec.ggml_type)] = TypeSize(codec.block_size, codec.type_size, row_meta=codec.row_meta_size)
     return sizes
 
 

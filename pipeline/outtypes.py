@@ -23,6 +23,7 @@ import numpy as np
 from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_ARM, Q1_0, Q2_0, Q8_0, TL1, TL2, TQ1_0, TQ2_0, Codec
 from pipeline.errors import OptionError
 from pipeline.families import EMBEDDING, NORM, OUTPUT, TERNARY
+from pipeline.ik_codecs import IK_CODECS, IQ1_BN, IQ2_BN, IQ2_BN_R4
 
 
 TARGETS = ("x86", "arm")  # bitnet.cpp builds: x86 (AVX2/AVX512) and ARM (NEON)
@@ -45,6 +46,9 @@ class OutputType:
     largest: float | None = None    # float types: the largest magnitude they store (for messages; see holds)
     from_codes: bool = False        # its bytes are a cheap rewrite of quantize.zarr's 2-bit codes (a copy plus
                                     # block scales, a byte lookup): pack links the codes, assemble encodes them
+    runtime: str | None = None      # the one runtime that reads this type (None: as `summary` says)
+    rows_fallback: str | None = None  # type of projections whose row count is not a multiple of codec.row_multiple()
+    run_min_cols: int = 0           # shorter rows load but abort the runtime's matmul (ik: Q8_K64 needs >= 512)
 
     @property
     def type_option(self) -> str:
@@ -110,6 +114,18 @@ OUTPUT_TYPES["q2_0"] = OutputType("q2_0", Q2_0, 41, "2.25 bits/weight, upstream 
 OUTPUT_TYPES["q1_0"] = OutputType("q1_0", Q1_0, 40, "1.125 bits/weight, upstream llama.cpp only (binary "
                                   "checkpoints: -s and +s, one s per 128 values; 1-bit Bonsai)", ternary_choice=True,
                                   embedding_choice=True, fallback="f16")
+# ik_llama.cpp's own ternary types (docs/notes/ik-llama.md): one scale per row (row meta), blocks of 64
+# values; llama ftypes MOSTLY_IQ1_BN = 136, MOSTLY_IQ2_BN = 137, MOSTLY_IQ2_BN_R4 = 337. R4 interleaves
+# groups of 4 rows: a projection whose row count is not a multiple of 4 is IQ2_BN (as ik's llama-quantize)
+CODECS.update(IK_CODECS)
+OUTPUT_TYPES.update({t.name: t for t in (
+    OutputType("iq2_bn", IQ2_BN, 137, "2 bits/weight + a float32 scale per row, ik_llama.cpp only",
+               ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", run_min_cols=512),
+    OutputType("iq1_bn", IQ1_BN, 136, "1.625 bits/weight + an fp16 scale per row, ik_llama.cpp only",
+               ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", run_min_cols=512),
+    OutputType("iq2_bn_r4", IQ2_BN_R4, 337, "IQ2_BN with 4 rows interleaved, ik_llama.cpp only",
+               ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", rows_fallback="iq2_bn"),
+)})
 assert set(OUTPUT_TYPES) == set(CODECS), "every codec has a registry entry"
 # a ggml type id names one registry entry for what is target-independent about it (sizes)
 BY_GGML_TYPE = {t.ggml_type: t for t in reversed(OUTPUT_TYPES.values())}
@@ -192,6 +208,10 @@ def tensor_type(role: str, shape: tuple[int, ...], out_type: str, embedding_type
         return t, None
     assert role == TERNARY, role
     t = OUTPUT_TYPES[out_type]
+    if t.supports(shape[-1]) and t.rows_fallback and shape[0] % t.codec.row_multiple():
+        fb = OUTPUT_TYPES[t.rows_fallback]
+        return fb, (f"{shape[0]} rows are not a multiple of {t.codec.row_multiple()}, so it cannot be {t.codec.name}; "
+                    f"writing {fb.codec.name}")
     if t.supports(shape[-1]):
         return t, None
     fb = OUTPUT_TYPES[t.fallback]

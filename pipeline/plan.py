@@ -102,7 +102,24 @@ def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
 #   and every value of the block is then +-d or 0;
 # - I2_S (and TL1/TL2: one float32 scale per tensor): bitnet.cpp's quantize_i2_s
 #   (src/ggml-bitnet-mad.cpp), scale = max|x| of the tensor, code = sign(x) where |x| >= 1e-6.
+# - ik_llama.cpp's IQ2_BN / IQ1_BN / IQ2_BN_R4 (one scale per row): quantize_one_row_2bn / _1bn
+#   (docs/notes/ik-llama.md section 2), d = max|x| of the row, a value keeps its code where
+#   |x| >= 0.5f * d (float32), else becomes 0.
 I2S_ZERO_BELOW = 1e-6      # quantize_i2_s: |x| below this is code 0
+
+
+def row_scaled(codec) -> bool:
+    """Whether a ternary type keeps one scale per row (ik_llama.cpp's IQ*_BN row meta)."""
+    return bool(getattr(codec, "row_meta_size", 0))
+
+
+def requantize_per_row(block_scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, d) of ik's row rule: d = the row's largest scale (float32, shape (rows,)); a block of
+    scale s keeps its codes (1) where s is not below 0.5f * d, else they become 0."""
+    s = np.asarray(block_scales, dtype=np.float32)
+    d = s.max(axis=1, initial=np.float32(0)).astype(np.float32)
+    keep = (s >= (np.float32(0.5) * d)[:, None]) & (s > 0)
+    return keep.astype(np.int8), d
 
 
 def _roundf(a: np.ndarray) -> np.ndarray:
@@ -129,6 +146,9 @@ def requantized_codes(codes: np.ndarray, block_scales: np.ndarray, codec) -> tup
     requantized to `codec` (the tensor scale of a type with one per tensor is `requantized_scale`)."""
     block_scales = np.asarray(block_scales, dtype=np.float32)
     per_scale = codes.shape[1] // block_scales.shape[1]
+    if row_scaled(codec):  # one scale per row: ik's row rule
+        keep, d = requantize_per_row(block_scales)
+        return codes * np.repeat(keep, per_scale, axis=1), d
     if codec.per_tensor_scale:  # one scale per tensor: codes are the signs of values >= 1e-6
         keep = (block_scales.astype(np.float64) >= I2S_ZERO_BELOW).astype(np.int8)
         return codes * np.repeat(keep, per_scale, axis=1), None
@@ -164,6 +184,9 @@ def requantize_rms_change(block_scales: np.ndarray, nonzero: np.ndarray, codec, 
         return math.sqrt(change / total) if total else 0.0
     if codec.per_tensor_scale:
         new = np.where(s >= I2S_ZERO_BELOW, requantized_scale(block_scales), 0.0)
+    elif row_scaled(codec):
+        keep, d = requantize_per_row(block_scales)
+        new = keep * d.astype(np.float64)[:, None]
     else:
         keep, d = requantize_per_block(block_scales, codec.block_size, per_scale)
         new = keep * np.repeat(d.astype(np.float64), codec.block_size // per_scale, axis=1)
@@ -196,6 +219,16 @@ def _requantize_changes(block_scales: np.ndarray, codec, per_scale: int) -> str:
                 f"{codec.name} quantizer: max |w|), so its values grow by up to {(top / low - 1) * 100:.3g}%"
                 + (f"; {small} scale(s) under 1e-6 become 0" if small else ""))
     rows = scales.shape[0]
+    if row_scaled(codec):
+        keep, d = requantize_per_row(scales)
+        several = ((scales != d[:, None]) & (scales > 0)).any(axis=1)
+        dropped = int(((keep == 0) & (scales > 0)).sum())
+        kept = (keep > 0) & (scales > 0)
+        growth = (float(np.where(kept, d[:, None] / np.where(kept, scales, 1), 1).max(initial=1.0)) - 1) * 100
+        return (f"{int(several.sum())} of {rows} rows had several scales; each now has one, its largest "
+                f"(ik_llama.cpp's {codec.name} quantizer: d = max |w| of the row): the values of {dropped} of "
+                f"{int((scales > 0).sum())} blocks of {per_scale} were under half of it and became 0, the others grew "
+                f"by up to {growth:.3g}%")
     keep, d = requantize_per_block(scales, codec.block_size, per_scale)
     per = codec.block_size // per_scale
     s = scales.reshape(rows, -1, per)
@@ -224,7 +257,7 @@ def encoded_in_assemble(role: str, shape, out_name: str) -> bool:
 # promises (an fp16 scale of 1e-6 is 2^-20 in 2^-24 steps, up to 3% off; 1e-7 is 19% off).
 FP16_TINY = float(np.finfo(np.float16).tiny)    # 6.1e-5
 FP32_TINY = float(np.finfo(np.float32).tiny)    # 1.2e-38
-FP16_SCALE_TYPES = ("tq1_0", "tq2_0", "q2_0", "q1_0", "f16")  # a TQ/Q2_0 block's d, an F16 fallback's values
+FP16_SCALE_TYPES = ("tq1_0", "tq2_0", "q2_0", "q1_0", "f16", "iq1_bn")  # a TQ/Q2_0/Q1_0 block's d, an F16 fallback's values, IQ1_BN's row scale
 
 
 def check_scale(name: str, scale: float, codec_name: str) -> None:
@@ -240,7 +273,8 @@ def check_scale(name: str, scale: float, codec_name: str) -> None:
     if codec_name in FP16_SCALE_TYPES:
         if not np.isfinite(d) or abs(float(d)) < FP16_TINY:
             advice = ("its rows are not whole blocks, so it is written as F16 in every --type; it cannot be converted"
-                      if codec_name == "f16" else "convert with --type i2_s (a float32 scale) instead")
+                      if codec_name == "f16" else "convert with --type iq2_bn (a float32 row scale) instead"
+                      if codec_name == "iq1_bn" else "convert with --type i2_s (a float32 scale) instead")
             raise CheckpointError(f"tensor {name}: its ternary scale {scale:.6g} is outside what {codec_name.upper()} "
                                   f"stores to fp16's precision (a normal fp16, {FP16_TINY:.3g} to 65504); {advice}")
 
@@ -504,7 +538,8 @@ def requantize_note(opts: Options, t, out) -> str | None:
     codec = out.codec
     if t.role != TERNARY or t.recipe.weights != GROUPED or not codec.ternary:
         return None
-    where = "the tensor" if codec.per_tensor_scale else f"a block of {codec.block_size} values"
+    where = "the tensor" if codec.per_tensor_scale else "a row" if row_scaled(codec) \
+        else f"a block of {codec.block_size} values"
     what = f"it holds a 0 or its scale changes inside {where}" if codec is Q1_0 else f"its scale changes inside {where}"
     if opts.allow_requantize:
         return f"requantized (lossy) if {what}"

@@ -230,6 +230,8 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
                              + ("gguf.quants' quantizer of the checkpoint's values" if requantized.qtype is not None
                                 else f"llama.cpp's quantize_row_{out.name}_ref of the checkpoint's values"
                                 if out.name in ("q2_0", "q1_0")
+                                else "ik_llama.cpp's row rule (d = max |w| of the row) on the checkpoint's values"
+                                if out.name in IK_DECODED
                                 else "bitnet.cpp's quantize_i2_s of the checkpoint's values" if decodable(out)
                                 else "the converter's requantization (bytes only)"))
     elif planned.role != TERNARY and codec.ternary:  # a ternary --embedding-type: its groups' scales, from the data
@@ -306,7 +308,7 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
 # relative error a type may add to a value (of the scale, for ternary values): half an ulp of
 # its float, and a little more for the float32 steps of the reference converters
 VALUE_PRECISION = {"F32": 0.0, "F16": 2.0 ** -10, "BF16": 2.0 ** -7, "TQ1_0": 2.0 ** -10, "TQ2_0": 2.0 ** -10,
-                   "Q2_0": 2.0 ** -10, "Q1_0": 2.0 ** -10,
+                   "Q2_0": 2.0 ** -10, "Q1_0": 2.0 ** -10, "IQ1_BN": 2.0 ** -10, "IQ2_BN": 0.0, "IQ2_BN_R4": 0.0,
                    "I2_S": 2.0 ** -20}
 SUBNORMAL_HALF_STEP = {"F16": 2.0 ** -25, "BF16": 2.0 ** -134}
 TIE_WIDTH = 1e-5  # |W| / absmean this close to 0.5 may round either way (float32 vs float64)
@@ -365,9 +367,10 @@ class EffectiveWeights:
             return self._compare(out, decode_values(out, got, tail_scale), r0, r1)
         cols = self.planned.shape[-1]
         step = max(1, CHECK_ELEMENTS // cols)
+        whole = out.codec.row_multiple()  # IQ2_BN_R4: groups of 4 rows decode together
         if self.recipe.permute_heads:
-            per_head = self.planned.shape[0] // self.recipe.permute_heads
-            step = max(per_head, step // per_head * per_head)
+            whole = math.lcm(whole, self.planned.shape[0] // self.recipe.permute_heads)
+        step = max(whole, step // whole * whole)
         for a in range(r0, r1, step):
             b = min(r1, a + step)
             values = decode_values(out, got[a - r0:b - r0], tail_scale)
@@ -436,6 +439,14 @@ class RequantizedReference:
             if not np.array_equal(want, got):
                 return f"rows {r0}..{r1} are not gguf's {self.out.codec.name} quantization of the checkpoint's values"
             return None
+        if self.out.name in IK_DECODED:  # quantize_one_row_2bn / _1bn: d = max|x| of the row, 0 below d / 2
+            d = np.abs(values).max(axis=1, keepdims=True).astype(np.float32)
+            want = np.where(np.abs(values) < np.float32(0.5) * d, 0.0, np.sign(values)).astype(np.float64)
+            d = d.astype(np.float16) if self.out.name == "iq1_bn" else d
+            if not np.array_equal(decode_values(self.out, got, None), want * d.astype(np.float64)):
+                return (f"rows {r0}..{r1} are not ik_llama.cpp's {self.out.codec.name} quantization of the "
+                        "checkpoint's values")
+            return None
         if not decodable(self.out):
             return None
         if np.float32(tail_scale) != np.float32(self.largest):
@@ -480,7 +491,40 @@ def source_values(block: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(block).astype(np.float64)
 
 
-VALUE_DECODED = ("tq1_0", "tq2_0", "i2_s", "q2_0", "q1_0", "f16", "bf16", "f32", "q8_0")
+IK_DECODED = ("iq2_bn", "iq1_bn", "iq2_bn_r4")
+VALUE_DECODED = ("tq1_0", "tq2_0", "i2_s", "q2_0", "q1_0", "f16", "bf16", "f32", "q8_0", *IK_DECODED)
+IK_TRIT_MULT = np.array([81, 27, 9, 3, 1], dtype=np.uint8)  # byte * 3**(4 - j) mod 256 brings trit j to the top
+
+
+def decode_ik(name: str, rows: np.ndarray) -> np.ndarray:
+    """float64 values of (rows, row_bytes) of ik_llama.cpp's types, from docs/notes/ik-llama.md
+    (not pipeline/ik_codecs.py): IQ2_BN is a float32 d, then per 64 values 16 bytes, value
+    j + 16t in bits 2t of byte j; IQ1_BN an fp16 d, then per 64 values 12 bytes of 5 trits
+    (value 16g + 5k + j is trit j of byte 3g + k, read as ik does: v = byte * 3**(4 - j) mod 256,
+    trit = 3v >> 8) and one byte of the 4 trits of values 16g + 15; IQ2_BN_R4 groups of 4 rows,
+    their 4 float32 d, then per 64 columns byte 16l + 4k + i holding row k's values 16l + i + 4m
+    in bits 2m. A value is d (field - 1)."""
+    n_rows = rows.shape[0]
+    shifts = np.array([0, 2, 4, 6], np.uint8)
+    if name == "iq2_bn":
+        d = rows[:, :4].copy().view("<f4").astype(np.float64)
+        f = (rows[:, 4:].reshape(n_rows, -1, 1, 16) >> shifts.reshape(4, 1)) & 3  # (rows, blocks, t, j)
+        return (f.reshape(n_rows, -1).astype(np.float64) - 1) * d
+    if name == "iq1_bn":
+        d = rows[:, :2].copy().view("<f2").astype(np.float64)
+        blocks = rows[:, 2:].reshape(n_rows, -1, 13)
+        v = (blocks[..., :12, None] * IK_TRIT_MULT).astype(np.uint16)     # uint8 product: mod 256
+        trits = ((v * 3) >> 8).reshape(n_rows, blocks.shape[1], 4, 15)    # (rows, blocks, g, 5k + j)
+        last = ((blocks[..., 12:13] * IK_TRIT_MULT[:4]).astype(np.uint16) * 3) >> 8  # (rows, blocks, g)
+        f = np.concatenate([trits, last[..., None]], axis=-1)
+        return (f.reshape(n_rows, -1).astype(np.float64) - 1) * d
+    assert name == "iq2_bn_r4" and n_rows % 4 == 0, name
+    groups = rows.reshape(n_rows // 4, -1)
+    d = groups[:, :16].copy().view("<f4").astype(np.float64)                     # (groups, 4)
+    b = groups[:, 16:].reshape(n_rows // 4, -1, 4, 4, 4)                           # (groups, block, l, k, i)
+    f = (b[..., None] >> shifts) & 3                                               # (..., m)
+    f = f.transpose(0, 3, 1, 2, 5, 4).reshape(n_rows // 4, 4, -1)                  # (groups, k, block l m i)
+    return ((f.astype(np.float64) - 1) * d[..., None]).reshape(n_rows, -1)
 
 
 def decodable(out) -> bool:
@@ -502,6 +546,8 @@ def decode_values(out, data: np.ndarray, tail_scale: float | None) -> np.ndarray
         bit = (blocks[:, 2:, None] >> np.arange(8, dtype=np.uint8)) & 1
         values = np.where(bit.reshape(-1, 128) == 1, 1.0, -1.0) * d
         return values.reshape(*data.shape[:-1], -1) if data.ndim > 1 else values.reshape(-1)
+    if out.name in IK_DECODED:
+        return decode_ik(out.name, data.reshape(-1, data.shape[-1]))
     if out.name == "q2_0":
         blocks = data.reshape(-1, 18)
         d = blocks[:, :2].copy().view("<f2").astype(np.float64)

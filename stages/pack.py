@@ -45,7 +45,7 @@ from pipeline.scheduler import chunk_task
 from pipeline.stores import (CODES_FROM, ENCODED_FROM, array_path, copy_ref, ensure_array, index_array, is_indexed,
                              is_raw, open_array, open_store, read_rows, row_ranges, write_rows, written_chunks)
 from pipeline.plan import (LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale, encoded_in_assemble, requantize_summary,
-                           requantized_codes, requantized_scale)
+                           requantized_codes, requantized_scale, row_scaled)
 from stages.quantize import BLOCK_SCALES_SUFFIX, link_task, values_per_scale
 
 
@@ -77,6 +77,15 @@ def block_scale_problem(block_scales: np.ndarray, out, per_scale: int) -> str | 
     codec = out.codec
     if not codec.ternary:  # a float type of the effective weights (--type f16, or the fallback): their values
         return None
+    if row_scaled(codec):  # ik_llama.cpp's IQ*_BN: one scale per row (its row meta)
+        top = block_scales.max(axis=1, keepdims=True)
+        clash = (block_scales != top) & (block_scales > 0)
+        if not clash.any():
+            return None
+        r, b = np.argwhere(clash)[0]
+        return (f"its scale changes along a row (row {r}: {float(block_scales[r, b]):.6g} at columns "
+                f"{b * per_scale}..{(b + 1) * per_scale - 1}, {float(top[r, 0]):.6g} elsewhere), and {codec.name} "
+                f"keeps one scale per row")
     if codec.block_size % per_scale or codec.per_tensor_scale:
         return f"{codec.name} keeps one scale per tensor"
     per = out.block_size // per_scale
@@ -172,6 +181,8 @@ def encode_block(block: np.ndarray, codec_name: str, scale: float | None, source
             if per_block is not None:
                 return codec.encode(codes, per_block)
             return codec.encode(codes, np.float32(scale), tiles) if tiles else codec.encode(codes, np.float32(scale))
+        if row_scaled(codec):  # one scale per row, constant along it (zero blocks aside)
+            return codec.encode(codes, np.asarray(block_scales, dtype=np.float32).max(axis=1))
         return codec.encode(codes, scales_per_type_block(np.asarray(block_scales), codec.block_size, per_scale))
     if scale is None and offset:  # a norm stored as w where the runtime multiplies by 1 + w (Gemma3)
         return codec.encode(as_float32(block, source_dtype) + np.float32(offset))
@@ -257,6 +268,12 @@ def run(ctx: StageContext) -> None:
             check_scale(name, scale, out.name)
         plans.append((name, src, role, shape, out, fallback, scale, block_scales, requantize))
 
+    short = [(name, out) for name, _, _, shape, out, *_ in plans
+             if out.run_min_cols and len(shape) > 1 and shape[-1] < out.run_min_cols]
+    if short:  # a valid file, but the runtime aborts at the first matmul (docs/notes/ik-llama.md section 6)
+        name, out = short[0]
+        ctx.log(f"warning: {len(short)} projection(s), e.g. {name}, have rows of fewer than {out.run_min_cols} "
+                f"values: {out.runtime} aborts on {out.codec.name} rows that short at run time")
     tasks = []
     for name, src, role, shape, out, fallback, scale, block_scales, requantize in plans:
         if fallback:

@@ -357,10 +357,10 @@ def test_registry():
     from pipeline.outtypes import EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES
 
     assert set(CODECS) == set(OUTPUT_TYPES) == {"tq2_0", "tq1_0", "i2_s", "i2_s_arm", "tl1", "tl2", "f16", "bf16",
-                                                "f32", "q8_0", "q2_0", "q1_0"}
+                                                "f32", "q8_0", "q2_0", "q1_0", "iq2_bn", "iq1_bn", "iq2_bn_r4"}
     # --type: the ternary types, and the float types of the effective weights (as llama.cpp's --outtype)
     assert set(TERNARY_CHOICES) == {"tq2_0", "tq1_0", "i2_s", "tl1", "tl2", "q2_0", "q1_0", "f16", "bf16", "f32",
-                                    "q8_0"}
+                                    "q8_0", "iq2_bn", "iq1_bn", "iq2_bn_r4"}
     # --embedding-type: the float types, and the ternary ones for group-scaled checkpoints' ternary embeddings
     assert EMBEDDING_CHOICES == ("f16", "bf16", "f32", "q8_0", "tq2_0", "q2_0", "q1_0")
     file_types = {"tq2_0": LlamaFileType.MOSTLY_TQ2_0, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
@@ -384,12 +384,17 @@ def test_registry():
             assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.codec.tail_size(), t.target) \
                 == (42, 41, 64, 18, 0, None)
             continue
+        if name.startswith("iq"):  # ik_llama.cpp's ggml.h / llama.h (docs/notes/ik-llama.md section 1)
+            assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.codec.row_meta_size, t.runtime) \
+                == {"iq1_bn": (134, 136, 64, 13, 2, "ik_llama.cpp"), "iq2_bn": (135, 137, 64, 16, 4, "ik_llama.cpp"),
+                    "iq2_bn_r4": (335, 337, 64, 16, 4, "ik_llama.cpp")}[name]
+            continue
         gtype = GGMLQuantizationType[name.upper()]
         assert t.ggml_type == gtype
         assert (t.block_size, t.codec.type_size) == GGML_QUANT_SIZES[gtype]
         assert t.file_type == file_types[name] and t.codec.tail_size() == 0 and t.target is None
     assert [k for k, v in CODECS.items() if v.ternary] == ["tq2_0", "tq1_0", "i2_s", "i2_s_arm", "tl1", "tl2", "q2_0",
-                                                           "q1_0"]
+                                                           "q1_0", "iq2_bn", "iq1_bn", "iq2_bn_r4"]
 
 
 # -- Q2_0 (upstream llama.cpp, type 42) ---------------------------------------------------------
