@@ -482,12 +482,55 @@ def quantization_kind(config: dict, config_path: Path) -> str | None:
                           "(known: bitlinear, autobitlinear)")
 
 
+# Architectures we know and do not convert, with why (one line each); checked before the rows.
+# Qwen3.5 (llama.cpp arch qwen35): a hybrid of gated delta-net and full-attention layers whose
+# tensors need transforms our stages do not apply yet (docs/notes/families.md, section 5).
+KNOWN_UNSUPPORTED = {
+    "Qwen3_5ForCausalLM": "Qwen3.5 hybrid linear attention (GGUF arch qwen35) does not convert yet: its "
+                          "gated delta-net tensors need a V-head reorder and other transforms the stages do "
+                          "not apply (docs/notes/families.md, section 5)",
+    "Qwen3_5MoeForCausalLM": "Qwen3.5 MoE (GGUF arch qwen35moe) is not supported",
+}
+KNOWN_UNSUPPORTED["Qwen3_5ForConditionalGeneration"] = KNOWN_UNSUPPORTED["Qwen3_5ForCausalLM"]
+KNOWN_UNSUPPORTED["Qwen3_5MoeForConditionalGeneration"] = KNOWN_UNSUPPORTED["Qwen3_5MoeForCausalLM"]
+
+# A checkpoint whose weights live in a rotated basis (Ternary Bonsai 2: Walsh-Hadamard): no GGUF
+# runtime applies the rotation, so its projections would be used as if unrotated.
+_ROTATION_WORDS = ("hadamard",)
+
+
+def _rotation_marker(config, present: set[str] | None) -> str | None:
+    """The first config key or string value, or tensor name, that marks a rotated basis."""
+    stack = [("", config)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if any(w in str(k).lower() for w in _ROTATION_WORDS):
+                    return f"config key {where + str(k)!r}"
+                stack.append((f"{where}{k}.", v))
+        elif isinstance(value, list):
+            stack.extend((where, v) for v in value)
+        elif isinstance(value, str) and any(w in value.lower() for w in _ROTATION_WORDS):
+            return f"config value {value[:60]!r} (under {where.rstrip('.') or 'the top level'})"
+    for name in sorted(present or ()):
+        if any(w in name.lower() for w in _ROTATION_WORDS):
+            return f"tensor {name!r}"
+    return None
+
+
 def detect_family(config: dict, config_path: Path, present: set[str] | None = None) -> Family:
     archs = config.get("architectures")
     if archs is None:
         archs = []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise CheckpointError(f"{config_path}: 'architectures' must be a list of names, not {archs!r:.60}")
+    if (marker := _rotation_marker(config, present)) is not None:
+        raise CheckpointError(f"{config_path}: {marker} marks weights in a Hadamard-rotated basis (Ternary "
+                              "Bonsai 2); no GGUF runtime undoes the rotation, so this checkpoint is not supported")
+    for a in archs:
+        if a in KNOWN_UNSUPPORTED:
+            raise CheckpointError(f"{config_path}: {KNOWN_UNSUPPORTED[a]}; supported: {supported_summary()}")
     quant = quantization_kind(config, config_path)
     known_arch = False
     marked = [f for f in FAMILIES if f.tensor_markers]
