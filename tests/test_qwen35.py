@@ -17,7 +17,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, convert, read_source_tensors
+from tests.conftest import ROOT, convert, read_source_tensors, run_cli
 from tests.synthetic import write_qwen35_checkpoint
 
 CASES = {
@@ -113,6 +113,15 @@ def test_ternary_tensors_decode_to_the_checkpoints_values(case, out_type, tmp_pa
         raw, shape = tensor_bytes(out, name)
         assert len(np.unique(np.abs(values))) > 10, name  # many group scales
         np.testing.assert_array_equal(q2_0_reference_decode(raw.tobytes(), *shape), values, err_msg=name)
+    # verify knows the reorders and transforms: the file is ok, one changed byte of a reordered tensor is not
+    ok = run_cli("verify", out, model)
+    assert "blk.0.ssm_out.weight: ok" in ok.stdout + ok.stderr
+    t = next(t for t in read_gguf(out).tensors if t.name == "blk.0.ssm_out.weight")
+    raw = bytearray(out.read_bytes())
+    raw[t.offset + 18 * 3 + 5] ^= 0x04
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(raw))
+    assert "blk.0.ssm_out.weight" in run_cli("verify", bad, model, check_exit=1).stdout
 
 
 @pytest.mark.llama
