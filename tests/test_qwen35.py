@@ -173,3 +173,26 @@ def test_refusals_are_one_line(tmp_path, change, needles):
     out.mkdir()
     line = expect_refusal(model, out / "m.gguf", *needles)
     assert "config.json" in line
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return write_qwen35_checkpoint(tmp_path_factory.mktemp("plan") / "m", num_layers=4)
+
+
+@pytest.mark.parametrize("requantize", [False, True], ids=["", "allow-requantize"])
+@pytest.mark.parametrize("out_type", ["f32", "f16", "bf16", "q8_0", "auto", "q2_0", "q1_0", "tq2_0", "tq1_0", "i2_s",
+                                      "tl1", "tl2"])
+def test_plan_of_every_type_is_a_plan_or_one_line(small, out_type, requantize, capsys):
+    """As tests/test_type_family_matrix.py for the other families (qwen35 has a writer of its own)."""
+    from pipeline.cli import main
+
+    argv = ["plan", str(small), "--type", out_type, "-o", str(small.parent / "x.gguf")]
+    code = main(argv + (["--allow-requantize"] if requantize else []))
+    out, err = capsys.readouterr()
+    assert code in (0, 2), err
+    if code == 0:
+        assert out.strip() and not err.strip(), err
+    else:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bitnet-gguf: error: "), err
