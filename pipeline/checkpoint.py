@@ -94,9 +94,9 @@ def _check_source(t, src: TensorSource, plan: TensorPlan) -> None:
     if src.dtype not in MASTER_DTYPES:  # before the shape: packed codes are a quarter of the rows
         raise CheckpointError(f"{src.file}: tensor {t.hf_name} is {src.dtype}; {fam.description} "
                               f"needs float weights ({', '.join(MASTER_DTYPES)}) there")
-    if src.shape != t.shape:
+    if src.shape != t.source_shape:
         raise CheckpointError(f"{src.file}: tensor {t.hf_name} has shape {list(src.shape)}, but config.json "
-                              f"implies {list(t.shape)}; config and weights disagree")
+                              f"implies {list(t.source_shape)}; config and weights disagree")
     if t.recipe.weights == GROUPED and t.shape[-1] % GROUP_BLOCK:
         raise CheckpointError(f"{src.file}: tensor {t.hf_name} has rows of {t.shape[-1]} values; group-scaled "
                               f"ternary projections convert only with rows that are a multiple of {GROUP_BLOCK}")
@@ -180,7 +180,8 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
                                   f"an lm_head.weight, but GGUF arch {fam.gguf_arch} always uses token_embd as the "
                                   "output head; this checkpoint cannot convert faithfully")
         used.add(lm_head)  # tied: the runtime uses token_embd, which the config says is the same
-    unexpected = sorted(n for n in found if n not in used and not n.endswith(fam.ignored_suffixes))
+    unexpected = sorted(n for n in found if n not in used and not n.endswith(fam.ignored_suffixes)
+                        and n not in plan.skipped)
     if unexpected:
         raise CheckpointError(f"{found[unexpected[0]].file}: tensor {unexpected[0]}"
                               f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''} is not part of "

@@ -18,6 +18,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.errors import CheckpointError
 from pipeline.gguf_file import float32_problem
 
@@ -26,6 +28,7 @@ TERNARY = "ternary"      # projection -> ternary codes + one scale
 EMBEDDING = "embedding"  # token embedding, kept as F16 (as llama.cpp does for TQ outputs)
 OUTPUT = "output"        # untied output head (lm_head), kept as F16 like the embedding
 NORM = "norm"            # 1-D, kept as F32
+FLOAT = "float"          # another 2-D float tensor (qwen35 ssm_alpha/beta): a float --type, else F16
 
 # How a ternary projection is stored in the checkpoint and what its scale is.
 MASTER = "master"   # float master weights: absmean scale, codes = clip(round(W / s), -1, 1)
@@ -50,6 +53,10 @@ class TensorRule:
     shape: tuple[str, ...]  # dimension names, resolved from the config
     permute: str | None = None  # llama q/k row permutation by heads: "heads" or "kv_heads"
     offset: float = 0.0         # added to a norm's values (Gemma3: the runtime's RMSNorm multiplies by w)
+    layer: str | None = None    # only in layers of this kind (config layer_types: qwen35's two kinds)
+    transform: str | None = None  # a value transform of a small float tensor (see TRANSFORMS)
+    reorder: str | None = None    # qwen35 V-head reorder (see _reorder)
+    source_shape: tuple[str, ...] | None = None  # the checkpoint's shape, when it differs (conv1d [C, 1, K])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,10 @@ class Family:
     eos_token: str | None = None         # tokenizer.ggml.eos_token_id is this token's id (an override)
     add_eos: bool | None = None          # tokenizer.ggml.add_eos_token set to this
     tokenizer_style: str | None = None   # how the tokenizer is written, when not by its files (pipeline/vocab.py)
+    # qwen35: hyperparameters of the hybrid layers (derived dimensions, arrays); see _hybrid_dims
+    hybrid: bool = False
+    # checkpoint tensor name prefixes that are not part of the text model (skipped with a warning)
+    skipped_prefixes: tuple[str, ...] = ()
 
     def matches(self, config: dict, archs: list[str], quant: str | None, present: set[str] | None = None) -> bool:
         if self.tensor_markers and present is not None and not any(n.endswith(self.tensor_markers) for n in present):
@@ -213,6 +224,71 @@ _LLAMA_HPARAMS = _COMMON_HPARAMS + _HEAD_LENGTHS + _VOCAB_AND_ROPE_DIM
 _BITNET_2B_TENSORS = dict(global_tensors=(_EMBED,), block_tensors=_block("attn_sub_norm", "ffn_sub_norm", False),
                           trailing_tensors=(_OUTPUT_NORM,))
 
+# Qwen3.5 (llama.cpp arch qwen35; its converter: conversion/qwen.py Qwen3_5TextModel, from
+# Qwen3NextModel and _LinearAttentionVReorderBase): gated delta-net layers ("linear_attention") and
+# full-attention layers, told apart by config layer_types. Every RMSNorm but linear_attn.norm computes
+# (1 + w) x and is written as w + 1; A_log as -exp(A_log); conv1d [C, 1, K] as [C, K];
+# the value heads reordered from grouped by key head to tiled (see _reorder). docs/notes/families.md s5.
+def _qwen35_block() -> tuple[TensorRule, ...]:
+    p, b, lin, full = "model.layers.{bid}.", "blk.{bid}.", "linear_attention", "full_attention"
+    a = p + "linear_attn."
+    return (
+        TensorRule(p + "input_layernorm.weight", b + "attn_norm.weight", NORM, ("hidden",), transform="plus_one"),
+        TensorRule(a + "A_log", b + "ssm_a", NORM, ("v_heads",), layer=lin, transform="neg_exp", reorder="heads"),
+        TensorRule(a + "conv1d.weight", b + "ssm_conv1d.weight", NORM, ("conv_dim", "conv_kernel"), layer=lin,
+                   reorder="qkv", source_shape=("conv_dim", "one", "conv_kernel")),
+        TensorRule(a + "dt_bias", b + "ssm_dt.bias", NORM, ("v_heads",), layer=lin, reorder="heads"),
+        TensorRule(a + "in_proj_a.weight", b + "ssm_alpha.weight", FLOAT, ("v_heads", "hidden"), layer=lin,
+                   reorder="heads"),
+        TensorRule(a + "in_proj_b.weight", b + "ssm_beta.weight", FLOAT, ("v_heads", "hidden"), layer=lin,
+                   reorder="heads"),
+        TensorRule(a + "in_proj_qkv.weight", b + "attn_qkv.weight", TERNARY, ("conv_dim", "hidden"), layer=lin,
+                   reorder="qkv"),
+        TensorRule(a + "in_proj_z.weight", b + "attn_gate.weight", TERNARY, ("v_dim", "hidden"), layer=lin,
+                   reorder="v_rows"),
+        TensorRule(a + "norm.weight", b + "ssm_norm.weight", NORM, ("v_head_dim",), layer=lin),
+        TensorRule(a + "out_proj.weight", b + "ssm_out.weight", TERNARY, ("hidden", "v_dim"), layer=lin,
+                   reorder="v_cols"),
+        # full attention: q_proj holds each head's query and its output gate (twice q_dim rows)
+        TensorRule(p + "self_attn.q_proj.weight", b + "attn_q.weight", TERNARY, ("q_gate_dim", "hidden"), layer=full),
+        TensorRule(p + "self_attn.k_proj.weight", b + "attn_k.weight", TERNARY, ("kv_dim", "hidden"), layer=full),
+        TensorRule(p + "self_attn.v_proj.weight", b + "attn_v.weight", TERNARY, ("kv_dim", "hidden"), layer=full),
+        TensorRule(p + "self_attn.o_proj.weight", b + "attn_output.weight", TERNARY, ("hidden", "q_dim"), layer=full),
+        TensorRule(p + "self_attn.q_norm.weight", b + "attn_q_norm.weight", NORM, ("head_dim",), layer=full,
+                   transform="plus_one"),
+        TensorRule(p + "self_attn.k_norm.weight", b + "attn_k_norm.weight", NORM, ("head_dim",), layer=full,
+                   transform="plus_one"),
+        TensorRule(p + "post_attention_layernorm.weight", b + "post_attention_norm.weight", NORM, ("hidden",),
+                   transform="plus_one"),
+        TensorRule(p + "mlp.gate_proj.weight", b + "ffn_gate.weight", TERNARY, ("intermediate", "hidden")),
+        TensorRule(p + "mlp.up_proj.weight", b + "ffn_up.weight", TERNARY, ("intermediate", "hidden")),
+        TensorRule(p + "mlp.down_proj.weight", b + "ffn_down.weight", TERNARY, ("hidden", "intermediate")),
+    )
+
+
+# in the order llama.cpp's converter writes them (TextModel, Qwen3NextModel, _Qwen35MRopeMixin)
+_QWEN35_HPARAMS = (
+    ("block_count", "num_hidden_layers", "uint32"),
+    ("context_length", "max_position_embeddings", "uint32"),
+    ("embedding_length", "hidden_size", "uint32"),
+    ("feed_forward_length", "intermediate_size", "uint32"),
+    ("attention.head_count", "num_attention_heads", "uint32"),
+    ("attention.head_count_kv", "num_key_value_heads", "uint32"),
+    ("rope.dimension_sections", "@rope_sections", "array:int32"),
+    ("rope.freq_base", "@rope_theta", "float32"),
+    ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
+    ("attention.key_length", "head_dim", "uint32"),
+    ("attention.value_length", "head_dim", "uint32"),
+    ("ssm.conv_kernel", "linear_conv_kernel_dim", "uint32"),
+    ("ssm.state_size", "linear_key_head_dim", "uint32"),
+    ("ssm.group_count", "linear_num_key_heads", "uint32"),
+    ("ssm.time_step_rank", "linear_num_value_heads", "uint32"),
+    ("ssm.inner_size", "@v_dim", "uint32"),
+    ("attention.recurrent_layers", "@recurrent_layers", "array:bool"),
+    ("full_attention_interval", "@full_attention_interval", "uint32"),
+    ("rope.dimension_count", "@rope_dim", "uint32"),
+)
+
 FAMILIES = (
     Family(
         # microsoft bitnet-embedding-0.6b (Qwen3-0.6B backbone): bf16 master weights (absmean), an
@@ -331,6 +407,32 @@ FAMILIES = (
         hparams=_COMMON_HPARAMS + _HEAD_LENGTHS,
     ),
     Family(
+        # PrismML Ternary-Bonsai-27B (Qwen3.5, unpacked): group-scaled ternary projections as for
+        # qwen3-ternary, in the hybrid gated delta-net / full-attention architecture
+        name="qwen35-ternary",
+        description="group-scaled ternary Qwen3.5 (Qwen3_5ForCausalLM or the text model of "
+                    "Qwen3_5ForConditionalGeneration, ternary float projections with one scale per group: "
+                    "PrismML Ternary-Bonsai-27B unpacked)",
+        architectures=("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
+        quantization=None,
+        gguf_arch="qwen35",
+        scale_rule="group",
+        permute_qk=False,
+        output="untied",
+        runtime="llama.cpp",
+        global_tensors=(_EMBED,),
+        block_tensors=_qwen35_block(),
+        trailing_tensors=(dataclasses.replace(_OUTPUT_NORM, transform="plus_one"), _LM_HEAD),
+        hparams=_QWEN35_HPARAMS,
+        required_config=("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                         "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+                         "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                         "linear_num_key_heads", "linear_num_value_heads"),
+        hybrid=True,
+        # the vision tower (llama.cpp's mmproj route) and the multi-token-prediction layers (its --no-mtp)
+        skipped_prefixes=("model.visual.", "visual.", "mtp.", "model.mtp."),
+    ),
+    Family(
         name="bitnet-2b4t",
         description="microsoft bitnet-b1.58-2B-4T (BitNetForCausalLM, packed, AutoBitLinear)",
         architectures=("BitNetForCausalLM",),
@@ -372,13 +474,25 @@ class Recipe:
     row_multiple: int = 1          # a chunk of output rows must hold whole multiples of this
     weight_scale: float | None = None  # packed: the checkpoint's weight_scale (float32 value)
     offset: float = 0.0            # norms: added to the values (Gemma3's RMSNorm scales by 1 + w)
+    transform: str | None = None   # a key of TRANSFORMS (small float tensors, done whole in quantize)
+    # qwen35 V-head reorder: (axis, first index, key heads, value heads per key head, head size); the
+    # indices from `first` on go from grouped by key head to tiled order (apply_reorder)
+    reorder: tuple[int, ...] | None = None
+    source_shape: tuple[int, ...] | None = None  # the checkpoint's shape when it is not the GGUF's
 
     def as_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "Recipe":
+        data = {k: tuple(v) if k in ("reorder", "source_shape") and v is not None else v for k, v in data.items()}
         return cls(**data)
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether a float tensor's values are not the checkpoint's bytes in their order (quantize
+        writes them whole: every such tensor is small, a norm, conv1d, A_log, dt_bias, ssm_alpha/beta)."""
+        return self.transform is not None or self.reorder is not None or self.source_shape is not None
 
     @property
     def packed(self) -> bool:
@@ -398,7 +512,7 @@ class PlannedTensor:
         """Shape of the tensor as stored in the checkpoint."""
         if self.recipe.packed:
             return (self.shape[0] // 4, *self.shape[1:])
-        return self.shape
+        return self.recipe.source_shape or self.shape
 
     @property
     def scale_hf_name(self) -> str | None:
@@ -412,10 +526,55 @@ class TensorPlan:
     config: dict
     dims: dict[str, int]
     tensors: tuple[PlannedTensor, ...]
+    skipped: tuple[str, ...] = ()   # checkpoint tensors left out on purpose (family skipped_prefixes)
 
     @property
     def arch(self) -> str:
         return self.family.gguf_arch
+
+
+# Value transforms of small float tensors, as llama.cpp's converter makes them: it computes in the
+# checkpoint's dtype when that is F16 (torch keeps float16) and in float32 otherwise (it casts BF16 up
+# first), so an F16 source's result is rounded to float16 once.
+TRANSFORMS = {
+    "plus_one": lambda x: x + np.float32(1),      # RMSNorm computing (1 + w) x
+    "neg_exp": lambda x: -np.exp(x),              # gated delta-net decay: A = -exp(A_log)
+}
+
+
+def apply_transform(name: str | None, values: np.ndarray, source_dtype: str) -> np.ndarray:
+    """float32 values after TRANSFORMS[name] (`values`: float32 from the checkpoint)."""
+    if name is None:
+        return values
+    out = TRANSFORMS[name](values.astype(np.float32))
+    if source_dtype == "F16":
+        out = out.astype(np.float16).astype(np.float32)
+    return out.astype(np.float32)
+
+
+def reorder_index(reorder: tuple[int, ...], n: int) -> np.ndarray:
+    """Source index of each output index along the reordered axis (length n): from `first` on, the
+    value heads go from grouped by key head (k, r) to tiled (r, k), each `head` values long."""
+    _axis, first, n_k, per_k, head = reorder
+    tail = np.arange(n - first).reshape(n_k, per_k, head).transpose(1, 0, 2).reshape(-1)
+    return np.concatenate([np.arange(first), first + tail])
+
+
+def apply_reorder(reorder: tuple[int, ...] | None, values: np.ndarray) -> np.ndarray:
+    if reorder is None:
+        return values
+    axis = reorder[0] if values.ndim > 1 else 0
+    return np.take(values, reorder_index(reorder, values.shape[axis]), axis=axis)
+
+
+def source_row_runs(reorder: tuple[int, ...] | None, start: int, stop: int, n_rows: int) -> list[tuple[int, int]]:
+    """Contiguous source row ranges holding output rows [start, stop) of a row-reordered tensor, in
+    output order (each value head is contiguous in the source, so a run is at least a head long)."""
+    if reorder is None or reorder[0] != 0:
+        return [(start, stop)]
+    idx = reorder_index(reorder, n_rows)[start:stop]
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(idx, breaks)]
 
 
 # -- reading and checking config.json ----------------------------------------------------------
@@ -482,12 +641,47 @@ def quantization_kind(config: dict, config_path: Path) -> str | None:
                           "(known: bitlinear, autobitlinear)")
 
 
+# Architectures we know and do not convert, with why (one line each); checked before the rows.
+_QWEN35MOE = "Qwen3.5 MoE (GGUF arch qwen35moe) is not supported (dense Qwen3.5, arch qwen35, is)"
+KNOWN_UNSUPPORTED = {"Qwen3_5MoeForCausalLM": _QWEN35MOE, "Qwen3_5MoeForConditionalGeneration": _QWEN35MOE}
+
+# A checkpoint whose weights live in a rotated basis (Ternary Bonsai 2: Walsh-Hadamard): no GGUF
+# runtime applies the rotation, so its projections would be used as if unrotated.
+_ROTATION_WORDS = ("hadamard",)
+
+
+def _rotation_marker(config, present: set[str] | None) -> str | None:
+    """The first config key or string value, or tensor name, that marks a rotated basis."""
+    stack = [("", config)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if any(w in str(k).lower() for w in _ROTATION_WORDS):
+                    return f"config key {where + str(k)!r}"
+                stack.append((f"{where}{k}.", v))
+        elif isinstance(value, list):
+            stack.extend((where, v) for v in value)
+        elif isinstance(value, str) and any(w in value.lower() for w in _ROTATION_WORDS):
+            return f"config value {value[:60]!r} (under {where.rstrip('.') or 'the top level'})"
+    for name in sorted(present or ()):
+        if any(w in name.lower() for w in _ROTATION_WORDS):
+            return f"tensor {name!r}"
+    return None
+
+
 def detect_family(config: dict, config_path: Path, present: set[str] | None = None) -> Family:
     archs = config.get("architectures")
     if archs is None:
         archs = []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise CheckpointError(f"{config_path}: 'architectures' must be a list of names, not {archs!r:.60}")
+    if (marker := _rotation_marker(config, present)) is not None:
+        raise CheckpointError(f"{config_path}: {marker} marks weights in a Hadamard-rotated basis (Ternary "
+                              "Bonsai 2); no GGUF runtime undoes the rotation, so this checkpoint is not supported")
+    for a in archs:
+        if a in KNOWN_UNSUPPORTED:
+            raise CheckpointError(f"{config_path}: {KNOWN_UNSUPPORTED[a]}; supported: {supported_summary()}")
     quant = quantization_kind(config, config_path)
     known_arch = False
     marked = [f for f in FAMILIES if f.tensor_markers]
@@ -578,6 +772,52 @@ def _tied(config: dict) -> bool:
     return bool(config.get("tie_word_embeddings", False))
 
 
+LAYER_KINDS = ("linear_attention", "full_attention")
+
+
+def _hybrid_dims(config: dict, dims: dict, config_path: Path) -> dict:
+    """qwen35's further dimensions and key values: the layer kinds (config layer_types, else every
+    full_attention_interval-th layer full, as transformers' Qwen3.5 config does), the gated delta-net
+    sizes, rope (only the default rope type: interleaved MRoPE sections, partial rotary factor)."""
+    n_k, n_v = config["linear_num_key_heads"], config["linear_num_value_heads"]
+    dk, dv = config["linear_key_head_dim"], config["linear_value_head_dim"]
+    if n_v % n_k:
+        raise CheckpointError(f"{config_path}: linear_num_value_heads {n_v} is not a multiple of "
+                              f"linear_num_key_heads {n_k}")
+    interval = config.get("full_attention_interval", 4)
+    if not _positive_int(interval):
+        raise CheckpointError(f"{config_path}: full_attention_interval must be a positive integer, not {interval!r}")
+    kinds = config.get("layer_types")
+    n_layer = dims["layers"]
+    if kinds is not None and (not isinstance(kinds, list) or len(kinds) != n_layer
+                              or any(k not in LAYER_KINDS for k in kinds)):
+        raise CheckpointError(f"{config_path}: layer_types must list {n_layer} entries, each one of "
+                              f"{', '.join(LAYER_KINDS)}")
+    layer_kinds = kinds or [LAYER_KINDS[(i + 1) % interval == 0] for i in range(n_layer)]
+    rope = config.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+        raise CheckpointError(f"{config_path}: rope_parameters {json.dumps(rope)[:80]} is not supported (only the "
+                              "default rope type converts)")
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25))
+    sections = rope.get("mrope_section", [11, 11, 10])
+    if not isinstance(sections, list) or not all(_positive_int(v) or v == 0 for v in sections):
+        raise CheckpointError(f"{config_path}: rope_parameters.mrope_section must be a list of whole numbers")
+    if not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        raise CheckpointError(f"{config_path}: partial_rotary_factor must be in (0, 1], not {partial!r}")
+    if dv % GROUP_COLUMNS:  # out_proj's columns move by whole value heads: whole groups of the scan
+        raise CheckpointError(f"{config_path}: linear_value_head_dim {dv} is not a multiple of {GROUP_COLUMNS}")
+    return {"v_heads": n_v, "v_head_dim": dv, "v_dim": n_v * dv, "conv_dim": 2 * n_k * dk + n_v * dv,
+            "conv_kernel": config["linear_conv_kernel_dim"], "one": 1, "q_gate_dim": 2 * dims["q_dim"],
+            "layer_kinds": layer_kinds, "full_attention_interval": interval,
+            "recurrent_layers": [k == "linear_attention" for k in kinds] if kinds is not None else None,
+            "rope_sections": (list(sections) + [0, 0, 0, 0])[:4],
+            "rope_theta": rope.get("rope_theta", config.get("rope_theta")),
+            "rope_dim": int(dims["head_dim"] * partial),
+            "reorder": {"qkv": (0, 2 * n_k * dk, n_k, n_v // n_k, dv), "v_rows": (0, 0, n_k, n_v // n_k, dv),
+                        "heads": (0, 0, n_k, n_v // n_k, 1), "v_cols": (1, 0, n_k, n_v // n_k, dv)}
+            if n_k != n_v else {}}
+
+
 def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan:
     """Read config.json, detect the family and list every tensor the GGUF will hold.
 
@@ -587,7 +827,14 @@ def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan
     config = read_config(model_dir)
     config_path = model_dir / "config.json"
     fam = detect_family(config, config_path, present)
+    prefix = "model."
+    if fam.hybrid and isinstance(config.get("text_config"), dict):
+        # Qwen3_5ForConditionalGeneration: the text model's config and tensors (llama.cpp's converter
+        # lifts text_config to the top and drops "language_model." from the names)
+        config, prefix = {**config, **config["text_config"]}, "model.language_model."
     dims = _dims(config, fam, config_path)
+    if fam.hybrid:
+        dims = {**dims, **_hybrid_dims(config, dims, config_path)}
     _check_rope_scaling(config, config_path)
     _check_flags(config, config_path)
     tensors: list[PlannedTensor] = []
@@ -595,23 +842,31 @@ def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan
     def add(rule: TensorRule, bid: int | None = None) -> None:
         fmt = {"bid": bid} if bid is not None else {}
         shape = tuple(dims[d] for d in rule.shape)
-        recipe = Recipe(rule.role, offset=rule.offset)
+        extra = dict(transform=rule.transform, reorder=dims.get("reorder", {}).get(rule.reorder),
+                     source_shape=tuple(dims[d] for d in rule.source_shape) if rule.source_shape else None)
+        recipe = Recipe(rule.role, offset=rule.offset, **extra)
         if rule.role == TERNARY:
             heads = dims[rule.permute] if rule.permute and fam.permute_qk else 0
             row_multiple = shape[0] // heads if heads else 1
-            recipe = Recipe(TERNARY, fam.weights, fam.scale_rule, heads, row_multiple)
-        tensors.append(PlannedTensor(rule.hf.format(**fmt), rule.gguf.format(**fmt), rule.role, shape, recipe))
+            recipe = Recipe(TERNARY, fam.weights, fam.scale_rule, heads, row_multiple, reorder=extra["reorder"])
+        hf = rule.hf.format(**fmt)
+        if hf.startswith("model."):
+            hf = prefix + hf.removeprefix("model.")
+        tensors.append(PlannedTensor(hf, rule.gguf.format(**fmt), rule.role, shape, recipe))
 
     for rule in fam.global_tensors:
         add(rule)
     for bid in range(dims["layers"]):
         for rule in fam.block_tensors:
-            add(rule, bid)
+            if rule.layer is None or rule.layer == dims["layer_kinds"][bid]:
+                add(rule, bid)
     for rule in fam.trailing_tensors:
         if rule.role == OUTPUT and _tied(config) and (present is None or rule.hf not in present):
             continue  # tied: the runtime uses token_embd as the head
         add(rule)
-    return TensorPlan(fam, config, dims, tuple(tensors))
+    skipped = tuple(sorted(n for n in present or () if n.startswith(fam.skipped_prefixes))) \
+        if fam.skipped_prefixes else ()
+    return TensorPlan(fam, config, dims, tuple(tensors), skipped)
 
 
 def _config_value(plan: TensorPlan, key: str):
@@ -630,7 +885,9 @@ def arch_metadata(plan: TensorPlan, config_path: Path) -> list[tuple[str, str, o
         if value is None:
             continue
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if vtype == "uint32":
+        if vtype.startswith("array:"):
+            pass  # derived and checked by the family (_hybrid_dims)
+        elif vtype == "uint32":
             if not numeric or not isinstance(value, int) or not 0 <= value < 2**32:
                 raise CheckpointError(f"{config_path}: {cfg_key} is {value!r}; expected a whole number "
                                       "from 0 to 4294967295")

@@ -30,7 +30,7 @@ from pipeline.safe_files import read_option_file
 from pipeline.vocab import add_tokenizer
 
 _ADD = {"uint32": gguf.GGUFValueType.UINT32, "float32": gguf.GGUFValueType.FLOAT32,
-        "string": gguf.GGUFValueType.STRING, "bool": gguf.GGUFValueType.BOOL}
+        "string": gguf.GGUFValueType.STRING, "bool": gguf.GGUFValueType.BOOL, "int32": gguf.GGUFValueType.INT32}
 
 # --metadata: the general.* keys llama.cpp's converter takes from its --metadata file (gguf-py's
 # Metadata.load), each with the gguf.Metadata field it sets and the JSON type it must have, plus
@@ -210,7 +210,10 @@ def build_kv(plan: TensorPlan, model_dir: Path, name: str | None = None, tokeniz
         if overrides.get(key) == []:  # gguf's writer skips an empty list; the user asked for one
             w.add_key_value(key, [], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
     for key, vtype, value in arch_metadata(plan, model_dir / "config.json"):
-        w.add_key_value(key, value, _ADD[vtype])
+        if vtype.startswith("array:"):  # qwen35's rope sections (int32, as gguf-py types ints) and layer kinds
+            w.add_key_value(key, value, gguf.GGUFValueType.ARRAY, _ADD[vtype.removeprefix("array:")])
+        else:
+            w.add_key_value(key, value, _ADD[vtype])
     add_tokenizer(w, model_dir, plan.config["vocab_size"], tokenizer_pre, plan.family.tokenizer_style)
     family_tokenizer_keys(w, plan, model_dir)
     for key, v in w.kv_data[0].items():

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_ARM, Q1_0, Q2_0, Q8_0, TL1, TL2, TQ1_0, TQ2_0, Codec
 from pipeline.errors import OptionError
-from pipeline.families import EMBEDDING, NORM, OUTPUT, TERNARY
+from pipeline.families import EMBEDDING, FLOAT, NORM, OUTPUT, TERNARY
 from pipeline.ik_codecs import IK_CODECS, IQ1_BN, IQ2_BN, IQ2_BN_R4
 
 
@@ -206,6 +206,9 @@ def tensor_type(role: str, shape: tuple[int, ...], out_type: str, embedding_type
             raise OptionError(f"--embedding-type {embedding_type}: {name or role} has rows of {shape[-1]} values, "
                               f"not a multiple of {t.block_size}; choose f16, bf16 or f32")
         return t, None
+    if role == FLOAT:  # a float matrix that is not ternary (qwen35 ssm_alpha/beta): as llama.cpp's --outtype
+        t = OUTPUT_TYPES[out_type]
+        return (t if not t.codec.ternary and t.supports(shape[-1]) else OUTPUT_TYPES["f16"]), None
     assert role == TERNARY, role
     t = OUTPUT_TYPES[out_type]
     if t.supports(shape[-1]) and t.rows_fallback and shape[0] % t.codec.row_multiple():

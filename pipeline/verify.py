@@ -27,7 +27,8 @@ from pipeline.budget import plan_budget
 from pipeline.checkpoint import open_checkpoint
 from pipeline.errors import CheckpointError
 from pipeline.codecs import absmean_scale, absmean_total, group_magnitudes
-from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY
+from pipeline.families import (GROUP_COLUMNS, GROUPED, TERNARY, apply_reorder, apply_transform,
+                               source_row_runs)
 from pipeline.gguf_file import (SPLIT_COUNT, GGUFContents, TensorInfo, align, array_item_type, part_kvs,
                                 read_gguf, split_paths, type_sizes_for)
 from pipeline.errors import OptionError
@@ -154,7 +155,8 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
                        f"type {info.ggml_type} ({out.codec.name})")
         else:
             notes: list[str] = []
-            problem = _check_tensor(part_of[info.name], t, planned, out, ckpt.sources[planned.hf_name], budget, tiles,
+            problem = _check_tensor(part_of[info.name], t, planned, out, in_gguf_order(ckpt.sources[planned.hf_name],
+                                                                                     planned), budget, tiles,
                                     notes)
         log(f"{info.name}: {problem or 'ok'}{''.join(f' ({n})' for n in notes) if not problem else ''}")
         if problem:
@@ -195,6 +197,32 @@ def _same_value(a, b) -> bool:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) < 60 else text[:57] + "..."
+
+
+class _GGUFOrder:
+    """A checkpoint tensor read as the GGUF holds it (qwen35: value heads reordered, the small float
+    tensors transformed, pipeline.families), so the checks below apply unchanged."""
+
+    def __init__(self, src, planned):
+        self.src, self.recipe, self.shape = src, planned.recipe, planned.shape
+        self.whole = self.recipe.role != TERNARY  # Recipe.rewritten float tensors are small: read whole
+        self.dtype = "F32" if self.whole else src.dtype
+
+    def __getattr__(self, name):
+        return getattr(self.src, name)
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        if self.whole:
+            values = as_float32(self.src.read_rows(0, self.src.shape[0]), self.src.dtype).reshape(self.shape)
+            return apply_reorder(self.recipe.reorder,
+                                 apply_transform(self.recipe.transform, values, self.src.dtype))[r0:r1]
+        runs = source_row_runs(self.recipe.reorder, r0, r1, self.shape[0])
+        block = np.concatenate([self.src.read_rows(a, b) for a, b in runs])
+        return apply_reorder(self.recipe.reorder, block) if self.recipe.reorder[0] == 1 else block
+
+
+def in_gguf_order(src, planned):
+    return _GGUFOrder(src, planned) if planned.recipe.rewritten else src
 
 
 def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=None) -> str | None:

@@ -151,6 +151,10 @@ def run(ctx: StageContext) -> None:
                 f"{refs_path(ctx.output).name} beside this store with zarr.open_group('reference://', "
                 "storage_options={'fo': path}) to read them through zarr",
     })
+    if plan.skipped:  # qwen35: the vision tower and the multi-token-prediction layers
+        ctx.log(f"warning: {len(plan.skipped)} checkpoint tensors ({plan.skipped[0]}, ...) are not part of the text "
+                "model and are not written (a vision tower converts with llama.cpp's convert_hf_to_gguf.py --mmproj; "
+                "MTP layers are left out as its --no-mtp does)")
     identities = file_identities(ckpt)
     arrays, tasks = {}, []
     for t in plan.tensors:

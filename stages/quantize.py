@@ -43,7 +43,8 @@ from pipeline.codecs import (CODE_BLOCK, NonFiniteWeights, absmean_scale, absmea
                              ternary_codes)
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
-from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY, Recipe
+from pipeline.families import (GROUP_COLUMNS, GROUPED, TERNARY, Recipe, apply_reorder, apply_transform,
+                               source_row_runs)
 from pipeline.plan import LAYOUT_2BIT, LAYOUT_INT8, code_layout, packed_block_rows, ternary_chunk_rows, ternary_scale
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
@@ -241,7 +242,12 @@ def codes_task(src: str, out: str, start: int, stop: int, recipe: dict, shape: l
     source = open_array(src, "r")
 
     def read(a: int, b: int) -> np.ndarray:
-        block = read_rows(source, a, b)
+        # qwen35's V-head reorder: output rows from their source runs (each a whole head), or columns
+        runs = source_row_runs(recipe.reorder, a, b, shape[0])
+        block = read_rows(source, a, b) if len(runs) == 1 and runs[0] == (a, b) else \
+            np.concatenate([read_rows(source, r0, r1) for r0, r1 in runs])
+        if recipe.reorder is not None and recipe.reorder[0] == 1:
+            block = apply_reorder(recipe.reorder, block)
         if recipe.packed and (bad := invalid_packed_fields(block)):  # name the tensor, count the bad fields
             raise corrupt_packed(source, bad, a, b)
         return block
@@ -262,6 +268,27 @@ def quarters_task(src: str, out: str, start: int, stop: int, recipe: dict, shape
         if recipe.permute_heads:
             block = permute_heads(block, (stop - start) // recipe.row_multiple)
         write_rows(out, k * quarter + start, k * quarter + stop, block)
+
+
+def rewrite_task(src: str, out: str, recipe: dict, shape: list, source_dtype: str) -> None:
+    """A small float tensor whose values or order are not the checkpoint's (Recipe.rewritten), whole:
+    float32 values in the GGUF's shape and order."""
+    recipe = Recipe.from_json(recipe)
+    source = open_array(src, "r")
+    values = as_float32(read_rows(source, 0, source.shape[0]), source_dtype).reshape(shape)
+    values = apply_reorder(recipe.reorder, apply_transform(recipe.transform, values, source_dtype))
+    write_rows(out, 0, shape[0], values)
+
+
+def reordered_group_side(recipe: Recipe, mags: np.ndarray, zeros: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """extract's per-32-value magnitudes and per-row zeros of a V-reordered projection, in GGUF order
+    (a column reorder moves whole value heads: whole runs of 32, _hybrid_dims checks)."""
+    if recipe.reorder is None:
+        return mags, zeros
+    axis, first, n_k, per_k, head = recipe.reorder
+    if axis == 0:
+        return apply_reorder(recipe.reorder, mags), apply_reorder(recipe.reorder, zeros)
+    return apply_reorder((1, first // GROUP_COLUMNS, n_k, per_k, head // GROUP_COLUMNS), mags), zeros
 
 
 def link_task(src: str, out: str, index: int) -> None:
@@ -286,6 +313,12 @@ def run(ctx: StageContext) -> None:
         base = {"hf_name": src.attrs["hf_name"], "role": recipe.role, "source_dtype": src.attrs["source_dtype"],
                 "recipe": recipe.as_json(), "shape": list(shape)}
         paths = (array_path(ctx.input, name), array_path(ctx.output, name))
+        if recipe.role != TERNARY and recipe.rewritten:
+            base["source_dtype"] = "F32"  # what rewrite_task writes
+            arr = ensure_array(group, name, shape, shape[0], np.float32, base)
+            if not written_chunks(arr):
+                tasks.append(chunk_task(rewrite_task, *paths, recipe.as_json(), list(shape), src.attrs["source_dtype"]))
+            continue
         if recipe.role != TERNARY:
             # not rewritten: the same checkpoint bytes, or the same chunk files (pack encodes them in
             # their output type); chunks of this run's size (extract may have run under a larger limit)
@@ -310,14 +343,15 @@ def run(ctx: StageContext) -> None:
                            {**base, "code_layout": layout})
         if recipe.weights == GROUPED and "scale" not in arr.attrs:
             mags = source[name + GROUP_SUFFIX]
-            scale, blocks = group_scales(read_rows(mags, 0, mags.shape[0]))
+            mags, zeros = reordered_group_side(recipe, read_rows(mags, 0, mags.shape[0]),
+                                               read_rows(source[name + ZEROS_SUFFIX], 0, shape[0]))
+            scale, blocks = group_scales(mags)
             if blocks is not None:
                 ensure_array(group, name + BLOCK_SCALES_SUFFIX, blocks.shape, blocks.shape[0], np.float32,
                              {"of": name})
                 write_rows(array_path(ctx.output, name + BLOCK_SCALES_SUFFIX), 0, blocks.shape[0], blocks)
             # binary ({-s, +s}) when no value is 0: Q1_0 holds it; the first row with a zero names it otherwise
-            arr.attrs.update({"absmean": None, "scale": scale,
-                              **zero_attrs(read_rows(source[name + ZEROS_SUFFIX], 0, shape[0]))})
+            arr.attrs.update({"absmean": None, "scale": scale, **zero_attrs(zeros)})
         elif "scale" not in arr.attrs:
             absmean = None
             if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor

@@ -1012,3 +1012,94 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- Qwen3.5 (llama.cpp arch qwen35): gated delta-net and full-attention layers ---------------------
+
+# The projections a group-scaled ternary Qwen3.5 (Ternary-Bonsai-27B) holds as {-s, 0, +s} per group;
+# in_proj_a / in_proj_b (one row per value head) are written as plain floats.
+QWEN35_LINEAR_PROJECTIONS = ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj")
+QWEN35_ATTENTION_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+QWEN35_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def write_qwen35_checkpoint(out_dir, *, hidden_size=256, intermediate_size=512, num_layers=4,
+                            full_attention_interval=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                            linear_key_heads=2, linear_value_heads=4, linear_key_head_dim=64,
+                            linear_value_head_dim=64, conv_kernel=4, tied=False, conditional=False,
+                            group_size=128, seed=0, tokenizer_vocab=400) -> Path:
+    """A random Qwen3.5 text checkpoint (fp16) with the config keys and tensor names of Qwen/Qwen3.5-*:
+    every `full_attention_interval`-th layer is full attention (q_proj twice as tall: query and its
+    output gate, q/k norms), the others gated delta-net (`linear_attn.*`). Norms are stored as w with
+    the model computing (1 + w) x, except linear_attn.norm. `conditional`: Qwen3_5ForConditionalGeneration
+    layout (text config under `text_config`, tensors under `model.language_model.`, one vision tensor)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fam = FAMILIES["bonsai"]
+    n_tokens, (bos_id, eos_id) = _bpe_tokenizer(out, fam, tokenizer_vocab, seed, 4096)
+    vocab = (n_tokens // VOCAB_MULTIPLE + 1) * VOCAB_MULTIPLE
+    h = hidden_size
+    kinds = ["full_attention" if (i + 1) % full_attention_interval == 0 else "linear_attention"
+             for i in range(num_layers)]
+    text = {
+        "model_type": "qwen3_5_text", "hidden_size": h, "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim, "vocab_size": vocab, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "full_attention_interval": full_attention_interval, "layer_types": kinds,
+        "linear_conv_kernel_dim": conv_kernel, "linear_key_head_dim": linear_key_head_dim,
+        "linear_value_head_dim": linear_value_head_dim, "linear_num_key_heads": linear_key_heads,
+        "linear_num_value_heads": linear_value_heads, "attn_output_gate": True, "hidden_act": "silu",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                            "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+        "tie_word_embeddings": tied, "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": "float16",
+    }
+    if conditional:
+        config = {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
+                  "text_config": text, "vision_config": {"hidden_size": 64, "depth": 1},
+                  "tie_word_embeddings": tied}
+    else:
+        config = {"architectures": ["Qwen3_5ForCausalLM"], **text}
+    prefix = "model.language_model." if conditional else "model."
+    qk, v = linear_key_heads * linear_key_head_dim, linear_value_heads * linear_value_head_dim
+    specs = [(prefix + "embed_tokens.weight", (vocab, h), "embedding")]
+    for b, kind in enumerate(kinds):
+        p = f"{prefix}layers.{b}."
+        specs += [(p + "input_layernorm.weight", (h,), "norm0"), (p + "post_attention_layernorm.weight", (h,), "norm0"),
+                  (p + "mlp.gate_proj.weight", (intermediate_size, h), "grouped"),
+                  (p + "mlp.up_proj.weight", (intermediate_size, h), "grouped"),
+                  (p + "mlp.down_proj.weight", (h, intermediate_size), "grouped")]
+        if kind == "linear_attention":
+            a = p + "linear_attn."
+            specs += [(a + "in_proj_qkv.weight", (2 * qk + v, h), "grouped"), (a + "in_proj_z.weight", (v, h), "grouped"),
+                      (a + "in_proj_a.weight", (linear_value_heads, h), "attn"),
+                      (a + "in_proj_b.weight", (linear_value_heads, h), "attn"),
+                      (a + "conv1d.weight", (2 * qk + v, 1, conv_kernel), "attn"),
+                      (a + "A_log", (linear_value_heads,), "attn"), (a + "dt_bias", (linear_value_heads,), "norm"),
+                      (a + "norm.weight", (linear_value_head_dim,), "norm"),
+                      (a + "out_proj.weight", (h, v), "grouped")]
+        else:
+            a = p + "self_attn."
+            specs += [(a + "q_proj.weight", (2 * num_heads * head_dim, h), "grouped"),
+                      (a + "k_proj.weight", (num_kv_heads * head_dim, h), "grouped"),
+                      (a + "v_proj.weight", (num_kv_heads * head_dim, h), "grouped"),
+                      (a + "o_proj.weight", (h, num_heads * head_dim), "grouped"),
+                      (a + "q_norm.weight", (head_dim,), "norm0"), (a + "k_norm.weight", (head_dim,), "norm0")]
+    specs.append((prefix + "norm.weight", (h,), "norm0"))
+    if not tied:
+        specs.append(("lm_head.weight", (vocab, h), "head"))
+    if conditional:  # what llama.cpp's text converter skips (its mmproj route converts it)
+        specs.append(("model.visual.patch_embed.proj.weight", (64, 3 * 2 * 16 * 16), "attn"))
+
+    def source(name, shape, role):
+        if role == "grouped":
+            return lambda: grouped_chunks(name, shape, seed, group_size)
+        # (1 + w) norms hold small w; "norm" (a plain multiplier or a bias) stays near 1
+        base = "attn" if role == "norm0" else role
+        return lambda: tensor_chunks(name, shape, base, seed)
+
+    for stale in out.glob("model*.safetensors"):
+        stale.unlink()
+    write_safetensors(out / "model.safetensors",
+                      [(n, s, source(n, s, r)) for n, s, r in sorted(specs)], "f16")
+    _write_json(out / "config.json", config)
+    return out
