@@ -215,8 +215,6 @@ DERIVED = {
     "minicpm_logit_scale": lambda c: c["hidden_size"] / c["dim_model_base"],
 }
 _MINICPM_HPARAMS = _COMMON_HPARAMS + (
-    ("vocab_size", "vocab_size", "uint32"),
-    ("rope.dimension_count", "@head_dim", "uint32"),
     ("embedding_scale", "scale_emb", "float32"),
     ("residual_scale", "=minicpm_residual_scale", "float32"),
     ("logit_scale", "=minicpm_logit_scale", "float32"),
