@@ -882,7 +882,7 @@ class Q1_0(Codec):
             raise CodecError("Q1_0 holds binary codes (-1, +1) only, not 0")
         out = np.empty((rows, nb, cls.type_size), dtype=np.uint8)
         out[..., 2:] = np.packbits((codes > 0).reshape(rows, nb, QK1_0), axis=-1, bitorder="little")
-        out[..., :2] = _d_bytes(scale, rows, nb)
+        out[..., :2] = _d_bytes(scale, rows, nb, np.ones((rows, nb, 1), bool))  # every value is +-d
         return out.reshape(rows, nb * cls.type_size)
 
     @classmethod
