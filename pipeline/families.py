@@ -348,7 +348,7 @@ FAMILIES = (
         # OpenBMB BitCPM4 / BitCPM-CANN (MiniCPM4 architecture): bf16 projections whose values are
         # ternary, with one scale per tensor, per row or per group of columns, read from the data as
         # for Ternary-Bonsai; names, key/values and q/k permutation as llama.cpp's MiniCPMModel
-        # (docs/notes/families.md, section 6)
+        # (docs/notes/families.md, section 5)
         name="minicpm-ternary",
         description="ternary-valued MiniCPM (MiniCPMForCausalLM whose float projections are {-s, 0, +s} per "
                     "tensor, row or group: OpenBMB BitCPM4, BitCPM-CANN)",
