@@ -77,6 +77,8 @@ def block_scale_problem(block_scales: np.ndarray, out, per_scale: int) -> str | 
     codec = out.codec
     if not codec.ternary:  # a float type of the effective weights (--type f16, or the fallback): their values
         return None
+    # Hook for types with one scale per row (ik_llama.cpp's IQ2_BN family): such a codec takes a
+    # tensor whose scale is constant along every row (quantize.zarr's scale_granularity "row").
     if codec.block_size % per_scale or codec.per_tensor_scale:
         return f"{codec.name} keeps one scale per tensor"
     per = out.block_size // per_scale
