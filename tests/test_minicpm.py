@@ -89,6 +89,8 @@ def test_ternary_types_hold_the_checkpoint_values_exactly(bitcpm, tmp_path, out_
             w = want[name][1]
             assert len(np.unique(np.abs(w).max(axis=1))) > 1, f"{name}: the checkpoint should have a scale per row"
             np.testing.assert_array_equal(got[name][1], w, err_msg=name)
+    checked = run_cli("verify", ours, model)  # verify reads the row scales in the file's (permuted) order too
+    assert "OK: key/values, tensors and length" in checked.stdout + checked.stderr
 
 
 def test_tq2_0_runs_in_llama_cpp_near_the_f32_file(bitcpm, llama, tmp_path):
