@@ -144,3 +144,17 @@ def test_one_scale_per_tensor_or_per_group_is_read_from_the_data_too(tmp_path, g
     convert(model, ours, "--type", "q2_0")
     proc = run_cli("inspect", str(ours) + ".work", "blk.0.attn_q.weight")
     assert ("scale per tensor" if group_size == 0 else "scale per group 128") in proc.stdout, proc.stdout
+
+
+def test_longrope_is_refused_for_now(tmp_path):
+    """MiniCPM4's LongRoPE (rope_scaling with long_factor / short_factor: llama.cpp writes them as
+    two generated F32 tensors) is not written yet: refused in one line, not dropped."""
+    model = write_checkpoint(tmp_path / "minicpm", "minicpm", **SHAPE)
+    config = json.loads((model / "config.json").read_text())
+    half = config["hidden_size"] // config["num_attention_heads"] // 2
+    config["rope_scaling"] = {"rope_type": "longrope", "long_factor": [1.0 + i / half for i in range(half)],
+                              "short_factor": [1.0 + i / half for i in range(half)],
+                              "original_max_position_embeddings": 32768}
+    (model / "config.json").write_text(json.dumps(config))
+    proc = run_cli("plan", model, check_exit=2)
+    assert proc.stderr.strip().count("\n") == 0 and "rope_scaling" in proc.stderr, proc.stderr
