@@ -126,6 +126,33 @@ def group_rows(block: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     return m, ok.all(axis=1)
 
 
+def constant_over(mags: np.ndarray, values: int, group: int) -> bool:
+    """Whether the non-zero magnitudes (one per `group` values, rows x groups) agree inside every run
+    of `values` values of a row (a group of zeros takes any scale)."""
+    rows, groups = mags.shape
+    if values % group or groups * group % values:
+        return False
+    m = mags.reshape(rows, -1, values // group)
+    top = m.max(axis=2, keepdims=True)
+    return not ((m != top) & (m > 0)).any()
+
+
+def scale_granularity(mags: np.ndarray, group: int) -> str:
+    """How finely a ternary tensor's scale changes, from its magnitudes per `group` values:
+    "tensor" (one non-zero magnitude), "row" (one per row: the group is the whole row) or
+    "group N" (N: the largest power-of-two multiple of `group` the scale is constant over)."""
+    nonzero = mags[mags > 0]
+    if nonzero.size == 0 or (nonzero == nonzero[0]).all():
+        return "tensor"
+    cols = mags.shape[1] * group
+    if constant_over(mags, cols, group):
+        return "row"
+    n = group
+    while n * 2 < cols and constant_over(mags, n * 2, group):
+        n *= 2
+    return f"group {n}"
+
+
 def sign_fields(block: np.ndarray) -> np.ndarray:
     """Fields (code + 1, uint8) of ternary float values: the sign of each value."""
     codes = np.sign(np.asarray(block, dtype=np.float32)).astype(np.int8)

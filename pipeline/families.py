@@ -80,6 +80,8 @@ class Family:
     constants: tuple[tuple[str, str, object], ...] = ()
     required_config: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_hidden_layers",
                                         "num_attention_heads", "vocab_size", "max_position_embeddings")
+    # config.json keys that must be positive numbers (the scalings a family's key/values derive from)
+    required_numbers: tuple[str, ...] = ()
     # checkpoint tensors that carry nothing the GGUF needs (recomputed by the runtime)
     ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
     # config.json keys that must hold these values for the row to match (a checkpoint whose
@@ -215,6 +217,18 @@ _HEAD_LENGTHS = (
 _VOCAB_AND_ROPE_DIM = (
     ("vocab_size", "vocab_size", "uint32"),
     ("rope.dimension_count", "@head_dim", "uint32"),
+)
+
+# MiniCPM (llama.cpp conversion/minicpm.py, MiniCPMModel.set_gguf_parameters): three scalings derived
+# from config.json. "=name" in an hparams row is one of these, computed from the config.
+DERIVED = {
+    "minicpm_residual_scale": lambda c: c["scale_depth"] / c["num_hidden_layers"] ** 0.5,
+    "minicpm_logit_scale": lambda c: c["hidden_size"] / c["dim_model_base"],
+}
+_MINICPM_HPARAMS = _COMMON_HPARAMS + (
+    ("embedding_scale", "scale_emb", "float32"),
+    ("residual_scale", "=minicpm_residual_scale", "float32"),
+    ("logit_scale", "=minicpm_logit_scale", "float32"),
 )
 
 _LLAMA_TENSORS = dict(global_tensors=(_EMBED,), block_tensors=_block(None, None, True),
@@ -431,6 +445,27 @@ FAMILIES = (
         hybrid=True,
         # the vision tower (llama.cpp's mmproj route) and the multi-token-prediction layers (its --no-mtp)
         skipped_prefixes=("model.visual.", "visual.", "mtp.", "model.mtp."),
+    ),
+    Family(
+        # OpenBMB BitCPM4 / BitCPM-CANN (MiniCPM4 architecture): bf16 projections whose values are
+        # ternary, with one scale per tensor, per row or per group of columns, read from the data as
+        # for Ternary-Bonsai; names, key/values and q/k permutation as llama.cpp's MiniCPMModel
+        # (docs/notes/families.md, section 6)
+        name="minicpm-ternary",
+        description="ternary-valued MiniCPM (MiniCPMForCausalLM whose float projections are {-s, 0, +s} per "
+                    "tensor, row or group: OpenBMB BitCPM4, BitCPM-CANN)",
+        architectures=("MiniCPMForCausalLM",),
+        quantization=None,
+        gguf_arch="minicpm",
+        scale_rule="group",
+        permute_qk=True,
+        output="untied",
+        runtime="llama.cpp",
+        global_tensors=(_EMBED,),
+        block_tensors=_block(None, None, True),
+        trailing_tensors=(_OUTPUT_NORM, _LM_HEAD),
+        hparams=_MINICPM_HPARAMS,
+        required_numbers=("scale_emb", "scale_depth", "dim_model_base"),
     ),
     Family(
         name="bitnet-2b4t",
@@ -726,6 +761,13 @@ def _dims(config: dict, fam: Family, config_path: Path) -> dict[str, int]:
     if bad:
         raise CheckpointError(f"{config_path}: {', '.join(bad)} must be positive integers "
                               f"(found {', '.join(repr(config.get(k)) for k in bad)})")
+    bad = [k for k in fam.required_numbers
+           if not (isinstance(config.get(k), (int, float)) and not isinstance(config[k], bool)
+                   and 0 < config[k] < float("inf"))]
+    if bad:
+        raise CheckpointError(f"{config_path}: {', '.join(bad)} must be positive numbers "
+                              f"(found {', '.join(repr(config.get(k)) for k in bad)}); {fam.name} derives its "
+                              "scalings from them")
     for key in ("num_key_value_heads", "head_dim"):
         if config.get(key) is not None and not _positive_int(config[key]):
             raise CheckpointError(f"{config_path}: {key} must be a positive integer, not {config[key]!r}")
@@ -872,6 +914,8 @@ def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan
 def _config_value(plan: TensorPlan, key: str):
     if key.startswith("@"):
         return plan.dims[key[1:]]
+    if key.startswith("="):
+        return DERIVED[key[1:]](plan.config)
     return plan.config.get(key)
 
 

@@ -1,12 +1,13 @@
 """`bitnet-gguf inspect`: what is inside a run directory, tensor by tensor.
 
-- `inspect WORKDIR`: every tensor of every store (shape, dtype, chunks written, scale,
-  GGML type; with --codes the share of -1 / 0 / +1).
+- `inspect WORKDIR`: every tensor of every store (shape, dtype, chunks written, scale and its
+  granularity: per tensor, row or group, GGML type; with --codes the share of -1 / 0 / +1).
 - `inspect WORKDIR TENSOR`: one tensor across the stores (recipe, source, chunk layout,
   scales, GGML type and byte size; with --codes its shares and sparsity).
 - `inspect WORKDIR --plot FILE`: a figure of every layer and projection: the scale
-  (and absmean), the shares of -1 / 0 / +1, and for master-weight checkpoints a
-  histogram of |W| / absmean over sampled rows with the rounding thresholds.
+  (and absmean; for scales per row or group, their median and range), the shares of -1 / 0 / +1,
+  for master-weight checkpoints a histogram of |W| / absmean over sampled rows with the rounding
+  thresholds, and for per-row scaled checkpoints the scale of every row of the middle layer.
 
 Only what is written is read: a missing store, an array not yet created or a chunk
 not yet on disk is skipped (and reported as such). A store or array whose zarr.json cannot be
@@ -30,6 +31,7 @@ from pipeline.errors import OptionError, RunDirError
 from pipeline.rundir import STAGES, RunDir, checkpoint_state
 from pipeline.safetensors_io import as_float32
 from pipeline.stores import is_indexed, open_store, read_rows, row_ranges, written_chunks
+from stages.quantize import BLOCK_SCALES_SUFFIX
 
 # projection kinds in drawing order: short label -> the middle of the GGUF name blk.N.<...>.weight
 PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
@@ -83,7 +85,8 @@ def open_stores(run: RunDir, damaged: list[str] | None = None) -> dict:
 # What inspect reads from an array's attributes, and the JSON types they must have
 _ATTR_TYPES = {"role": str, "source_dtype": str, "type_name": str, "hf_name": str, "source_file": str,
                "code_layout": str, "out_type": str, "scale": (int, float, type(None)),
-               "absmean": (int, float, type(None)), "recipe": dict, "shape": list, "ggml_type": int}
+               "absmean": (int, float, type(None)), "recipe": dict, "shape": list, "ggml_type": int,
+               "scale_granularity": str}
 DAMAGED = "damaged"
 
 
@@ -193,7 +196,7 @@ def describe(run: RunDir, codes: bool = False) -> dict:
             info = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": f"{len(written)}/{chunk_count(arr)}",
                     **({"in_checkpoint": True} if is_indexed(arr) else {}),
                     **{k: v for k, v in arr.attrs.asdict().items() if k in
-                       ("role", "source_dtype", "absmean", "scale", "type_name")}}
+                       ("role", "source_dtype", "absmean", "scale", "scale_granularity", "type_name")}}
             if codes and stage == "quantize" and is_ternary(arr) and written:
                 info.update(_codes_info(arr))
             tensors[name] = info
@@ -246,6 +249,8 @@ def format_report(report: dict) -> str:
                 extra.append("bytes in the checkpoint")
             if t.get("scale") is not None:
                 extra.append(f"scale {t['scale']:.6g}")
+            if t.get("scale_granularity") not in (None, "tensor"):
+                extra.append(f"scale per {t['scale_granularity']}")
             if "shares" in t:
                 extra.append(_format_shares(t))
             lines.append(f"  {name:<28} {'x'.join(map(str, t['shape'])):>12} {t['dtype']:<7} "
@@ -268,7 +273,7 @@ def _store_info(stage: str, arr) -> dict:
             "chunks": chunk_count(arr), "chunks_written": len(written)}
     if is_indexed(arr):
         info["in_checkpoint"] = True
-    for key in ("code_layout", "scale", "absmean"):
+    for key in ("code_layout", "scale", "absmean", "scale_granularity"):
         if key in attrs:
             info[key] = attrs[key]
     if stage == "pack" and "ggml_type" in attrs:
@@ -363,6 +368,8 @@ def format_tensor(report: dict) -> str:
             parts.append(f"scale {s['scale']:.8g}")
         if s.get("absmean") is not None:
             parts.append(f"absmean {s['absmean']:.8g}")
+        if "scale_granularity" in s:
+            parts.append(f"scale per {s['scale_granularity']}")
         if "ggml_type" in s:
             parts.append(f"{s.get('type_name')} (ggml type {s['ggml_type']})"
                          + (f" for target {s['target']}" if "target" in s else "")
@@ -391,6 +398,11 @@ class LayerStats:
     master: bool                 # master-weight checkpoint (histograms drawn)
     hist: dict                   # kind -> (counts[HIST_BINS], rows sampled, layers sampled, values)
     damaged: list = dataclasses.field(default_factory=list)  # zarr.json files that could not be read
+    # scales per row or group: their range [kind, layer] (the median is `scale`), and kind ->
+    # (layer, the scale of each row) for per-row scaled projections of the middle layer
+    scale_lo: np.ndarray | None = None
+    scale_hi: np.ndarray | None = None
+    row_scales: dict = dataclasses.field(default_factory=dict)
 
 
 def _projections(group) -> dict[tuple[int, str], str]:
@@ -428,7 +440,8 @@ def collect_layer_stats(run: RunDir) -> LayerStats:
     n_layers = max((layer for layer, _ in names), default=-1) + 1
     shape = (len(kinds), n_layers)
     stats = LayerStats(n_layers, np.full(shape, np.nan), np.full(shape, np.nan), np.full((3, *shape), np.nan),
-                       np.zeros(shape, dtype=bool), {}, False, {}, damaged)
+                       np.zeros(shape, dtype=bool), {}, False, {}, damaged, np.full(shape, np.nan),
+                       np.full(shape, np.nan))
     arrays = {}
     for stage, group in stores.items():
         written = total = missing = 0
@@ -447,6 +460,9 @@ def collect_layer_stats(run: RunDir) -> LayerStats:
                 for key, target in (("scale", stats.scale), ("absmean", stats.absmean)):
                     if arr.attrs.get(key) is not None:
                         target[k, layer] = arr.attrs[key]
+                granularity = arr.attrs.get("scale_granularity")
+                if granularity not in (None, "tensor") and name + BLOCK_SCALES_SUFFIX in group:
+                    _block_scale_stats(stats, group[name + BLOCK_SCALES_SUFFIX], k, kind, layer, granularity)
                 if n_written:
                     stats.shares[:, k, layer] = list(count_codes(arr).shares.values())
                     stats.partial[k, layer] = n_written < n_total
@@ -455,6 +471,21 @@ def collect_layer_stats(run: RunDir) -> LayerStats:
     if stats.master and "extract" in stores and source.get("state") == "unchanged":  # extract indexes its bytes
         stats.hist = _collect_hists({n: a for (stage, n), a in arrays.items() if stage == "extract"}, names, stats)
     return stats
+
+
+def _block_scale_stats(stats: LayerStats, blocks, k: int, kind: str, layer: int, granularity: str) -> None:
+    """Median and range of a tensor's block scales (a small array: one per 64 values), and for a
+    per-row scaled projection of the middle layer, the scale of every row (0: a row of zeros)."""
+    try:
+        values = np.asarray(blocks[...], dtype=np.float32)
+    except (OSError, ValueError, KeyError):  # not written (a run stopped in quantize): drawn as missing
+        return
+    nonzero = values[values > 0]
+    if nonzero.size:
+        stats.scale[k, layer] = float(np.median(nonzero))
+        stats.scale_lo[k, layer], stats.scale_hi[k, layer] = float(nonzero.min()), float(nonzero.max())
+    if granularity == "row" and layer == stats.n_layers // 2:
+        stats.row_scales[kind] = (layer, values.max(axis=1))
 
 
 def _collect_hists(extract: dict, names: dict, stats: LayerStats) -> dict:
@@ -529,7 +560,7 @@ def draw(stats: LayerStats, title: str):
 
     kinds = list(PROJECTIONS)
     layers = np.arange(stats.n_layers)
-    heights = [3.0, 2.0, 2.0, 2.0] + ([2.6] if stats.master else [])
+    heights = [3.0, 2.0, 2.0, 2.0] + ([2.6] if stats.master else []) + ([2.6] if stats.row_scales else [])
     fig = Figure(figsize=(16, sum(heights) + 1.2), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(f"{title}\nternary projections: {_chunks_line(stats)}", fontsize=11)
@@ -540,6 +571,8 @@ def draw(stats: LayerStats, title: str):
     if np.isfinite(stats.scale).any():
         for k, kind in enumerate(kinds):
             ax.plot(layers, stats.scale[k], marker="o", ms=3, color=colors[k], label=f"{kind} scale")
+            if stats.scale_lo is not None and np.isfinite(stats.scale_lo[k]).any():  # per row or group
+                ax.fill_between(layers, stats.scale_lo[k], stats.scale_hi[k], color=colors[k], alpha=0.15)
             if stats.master and np.isfinite(stats.absmean[k]).any():
                 ax.plot(layers, stats.absmean[k], ls="none", marker="x", ms=6, color=colors[k])
         ax.set_xlim(-0.5, max(stats.n_layers - 0.5, 0.5))
@@ -548,7 +581,10 @@ def draw(stats: LayerStats, title: str):
         ax.set_ylabel("scale")
         ax.grid(alpha=0.3)
         ax.legend(ncol=len(kinds), fontsize=8, loc="upper left", bbox_to_anchor=(0, 1.18), frameon=False)
-        ax.set_title("scale per layer (x: absmean)" if stats.master else "scale per layer", fontsize=10, loc="right")
+        spread = stats.scale_lo is not None and np.isfinite(stats.scale_lo).any()
+        ax.set_title("scale per layer (x: absmean)" if stats.master else
+                     "scale per layer (scales per row or group: median, band from least to largest)" if spread
+                     else "scale per layer", fontsize=10, loc="right")
     else:
         _nothing(ax, "no scale written yet (quantize.zarr)")
 
@@ -596,6 +632,17 @@ def draw(stats: LayerStats, title: str):
             below = counts[: int(THRESHOLDS[0] / HIST_MAX * HIST_BINS)].sum() / max(n, 1)
             ax.text(0.98, 0.95, f"< 0.5: {below:.0%}\n(-> code 0)", ha="right", va="top",
                     transform=ax.transAxes, fontsize=7)
+    if stats.row_scales:
+        for k, kind in enumerate(kinds):
+            ax = fig.add_subplot(grid[len(heights) - 1, k])
+            if kind not in stats.row_scales:
+                _nothing(ax, f"{kind}: no scale per row")
+                continue
+            layer, scales = stats.row_scales[kind]
+            ax.plot(np.arange(scales.size), np.where(scales > 0, scales, np.nan), lw=0.6, color=colors[k])
+            ax.set_title(f"{kind}: scale of each row, layer {layer}", fontsize=8)
+            ax.set_xlabel("row (GGUF order)", fontsize=7)
+            ax.tick_params(labelsize=7)
     return fig
 
 

@@ -39,7 +39,7 @@ from pipeline.safetensors_io import as_float32, pread_exact
 from pipeline.stores import row_ranges
 from pipeline.plan import I2S_ZERO_BELOW, LAYOUT_INT8, TARGET_KEY, TILES_KEY, code_layout, file_kvs, requantized_scale, ternary_scale
 from stages.pack import block_scale_problem, encode_block
-from stages.quantize import code_rows, group_scales, row_abs_sums, values_per_scale
+from stages.quantize import code_rows, group_scales, permute_heads, row_abs_sums, values_per_scale
 
 _PART = re.compile(r"(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf")
 
@@ -247,6 +247,8 @@ def _check_tensor(path: Path, t, planned, out, src, budget, tiles=None, notes=No
             zeros += int((values == 0).sum())
         mags = np.concatenate(mags)
         scale, blocks = group_scales(mags)
+        if blocks is not None and recipe.permute_heads:  # in the file's row order, as the codes
+            blocks = permute_heads(blocks, recipe.permute_heads)
         if (out.name == "q1_0" and zeros) or blocks is not None and out.codec.ternary and \
                 block_scale_problem(blocks, out, values_per_scale(blocks, planned.shape[-1])):
             # only --allow-requantize writes this: the type's own quantizer of the effective weights

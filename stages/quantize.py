@@ -20,7 +20,10 @@ following the tensor's recipe:
   holds that; pack refuses it, naming the tensor, or requantizes it with
   --allow-requantize). The values per block scale are cols / the array's columns. The count
   of zero values (attribute `zeros`, from extract's per-row counts) says whether the tensor is
-  binary ({-s, +s}, 0 zeros: Q1_0 holds it) or ternary.
+  binary ({-s, +s}, 0 zeros: Q1_0 holds it) or ternary. A tensor scaled per row (BitCPM) is
+  the case whose group is the whole row: its block scales agree along each row, so every type
+  with a block scale (TQ2_0, TQ1_0, Q2_0) holds it where a row is whole blocks. Attribute
+  `scale_granularity` says which case a tensor is: "tensor", "row" or "group N".
 
 Either way, the llama q/k permutation moves rows within whole heads, so a chunk is
 a whole number of heads. A packed byte with a 2-bit field of 3 (not a code) is refused
@@ -39,7 +42,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.codecs import (CODE_BLOCK, NonFiniteWeights, absmean_scale, absmean_total, codes_from_packed,
-                             pack_fields, absmean_row_sums, sign_fields,
+                             pack_fields, absmean_row_sums, scale_granularity, sign_fields,
                              ternary_codes)
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
@@ -347,11 +350,14 @@ def run(ctx: StageContext) -> None:
                                                read_rows(source[name + ZEROS_SUFFIX], 0, shape[0]))
             scale, blocks = group_scales(mags)
             if blocks is not None:
+                if recipe.permute_heads:  # the codes' rows move (llama q/k order): their scales with them
+                    blocks = permute_heads(blocks, recipe.permute_heads)
                 ensure_array(group, name + BLOCK_SCALES_SUFFIX, blocks.shape, blocks.shape[0], np.float32,
                              {"of": name})
                 write_rows(array_path(ctx.output, name + BLOCK_SCALES_SUFFIX), 0, blocks.shape[0], blocks)
             # binary ({-s, +s}) when no value is 0: Q1_0 holds it; the first row with a zero names it otherwise
-            arr.attrs.update({"absmean": None, "scale": scale, **zero_attrs(zeros)})
+            arr.attrs.update({"absmean": None, "scale": scale, "scale_granularity": scale_granularity(mags, GROUP_COLUMNS),
+                              **zero_attrs(zeros)})
         elif "scale" not in arr.attrs:
             absmean = None
             if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor
@@ -361,7 +367,8 @@ def run(ctx: StageContext) -> None:
                 except NonFiniteWeights as e:
                     raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") \
                         from None
-            arr.attrs.update({"absmean": absmean, "scale": float(ternary_scale(recipe, absmean))})
+            arr.attrs.update({"absmean": absmean, "scale": float(ternary_scale(recipe, absmean)),
+                              "scale_granularity": "tensor"})
         done = written_chunks(arr)
         if block_rows:  # packed: one task reads a block of packed rows once for four output chunks
             per_quarter = shape[0] // 4 // block_rows

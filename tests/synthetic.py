@@ -142,13 +142,15 @@ def weight_scale_chunks(name: str, seed: int, value_range=WEIGHT_SCALE_RANGE) ->
 
 # Group-scaled projections: each group's scale from this range (fp16-exact), the codes as packed ones.
 GROUP_SCALE_RANGE = (0.01, 0.05)
+ROW_SCALES = -1  # a group_size: one scale per row (BitCPM), the group being the whole row
 
 
 def grouped_chunks(name: str, shape: tuple[int, int], seed: int, group: int,
                    binary: bool = False) -> Iterator[np.ndarray]:
     """float32 rows of a group-scaled ternary weight: codes in {-1, 0, +1} (`binary`: {-1, +1}, as
     1-bit Bonsai) times one fp16-exact scale per `group` values of a row (0: one scale for the whole
-    tensor)."""
+    tensor; ROW_SCALES: one per row). A bf16 checkpoint rounds
+    each scale once, so its values stay ternary."""
     rng = _tensor_rng(seed, name)
     low, high = ZERO_FRACTION_RANGE
     zeros = 0.0 if binary else low + (high - low) * rng.random()
@@ -160,6 +162,8 @@ def grouped_chunks(name: str, shape: tuple[int, int], seed: int, group: int,
         rows = min(rows_per_chunk, n_rows - start)
         u = rng.random((rows, n_cols), dtype=np.float32)
         codes = (u >= (1 - zeros) / 2).astype(np.float32) + (u >= (1 + zeros) / 2).astype(np.float32) - 1
+        if group == ROW_SCALES:
+            group = n_cols
         if group:
             scales = rng.uniform(slow, shigh, (rows, n_cols // group)).astype(np.float16).astype(np.float32)
             yield (codes.reshape(rows, -1, group) * scales[..., None]).reshape(rows, n_cols)
@@ -376,6 +380,38 @@ def _qwen3_config(h: Hparams) -> dict:
     }
 
 
+def _minicpm_config(h: Hparams) -> dict:
+    # openbmb MiniCPM4-0.5B / BitCPM4's config.json keys (MiniCPMForCausalLM through auto_map, which
+    # we never run): the muP scalings scale_emb, scale_depth and dim_model_base; no rope scaling
+    return {
+        "architectures": ["MiniCPMForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_minicpm.MiniCPMConfig",
+                     "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM"},
+        "model_type": "minicpm",
+        "bos_token_id": h.bos_token_id,
+        "eos_token_id": h.eos_token_id,
+        "hidden_act": "silu",
+        "hidden_size": h.hidden_size,
+        "initializer_range": 0.1,
+        "intermediate_size": h.intermediate_size,
+        "max_position_embeddings": h.max_position_embeddings,
+        "num_attention_heads": h.num_heads,
+        "num_hidden_layers": h.num_layers,
+        "num_key_value_heads": h.num_kv_heads,
+        "rms_norm_eps": h.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": h.rope_theta,
+        "torch_dtype": TORCH_DTYPE[h.dtype],
+        "transformers_version": "4.46.3",
+        "use_cache": True,
+        "vocab_size": h.vocab_size,
+        "scale_emb": 12,
+        "scale_depth": 1.4,
+        "dim_model_base": h.hidden_size // 4,  # logit scale 4, as MiniCPM4-0.5B's 1024 / 256
+        "tie_word_embeddings": False,
+    }
+
+
 def _gemma3_config(h: Hparams) -> dict:
     # google gemma-3-270m's text config keys (Gemma3TextModel, as a sentence-transformers backbone)
     return {
@@ -523,6 +559,12 @@ FAMILIES: dict[str, Family] = {
         special_tokens=("<|begin_of_text|>", "<|end_of_text|>"), grouped=True, qk_norm=True,
         defaults=dict(rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=65536, dtype="f16",
                       tokenizer_vocab=400, group_size=128)),
+    # OpenBMB BitCPM4 (MiniCPM4 with ternary-valued bf16 projections; one scale per row by default)
+    "minicpm": Family(
+        config=_minicpm_config, packed=False, sub_norms=None, lm_head=True, tokenizer="sentencepiece",
+        head_dim_key=False, grouped=True,
+        defaults=dict(rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=32768, dtype="bf16",
+                      tokenizer_vocab=320, group_size=ROW_SCALES)),
 }
 
 PROJECTION_ROLES = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
@@ -533,7 +575,8 @@ PROJECTION_ROLES = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "sel
 # -- checkpoint layout --------------------------------------------------------------------
 
 def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0, binary: bool = False,
-                        ternary_embeddings: bool = False) -> list[tuple[str, tuple[int, ...], str, str]]:
+                        ternary_embeddings: bool = False,
+                        float_projections: bool = False) -> list[tuple[str, tuple[int, ...], str, str]]:
     """(name, shape, role, stored dtype) of every tensor, in the order transformers saves them.
 
     role is a VALUE_PROFILE key, "packed" (uint8 codes, shape (out/4, in)), "weight_scale" or
@@ -549,7 +592,7 @@ def family_tensor_specs(family: Family, h: Hparams, group_size: int = 0, binary:
 
     def projection(p: str, proj: str) -> list:
         (out_dim, in_dim), name = proj_shapes[proj], p + proj + ".weight"
-        if family.grouped:
+        if family.grouped and not float_projections:
             return [(name, (out_dim, in_dim), f"grouped:{group_size}" + (":binary" if binary else ""), h.dtype)]
         if not family.packed:
             norm = [(p + proj + ".norm.weight", (in_dim,), "norm", h.dtype)] if family.proj_norms else []
@@ -632,7 +675,7 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
                      num_layers=2, num_heads=4, num_kv_heads=None, head_dim=None, vocab_size=None,
                      tokenizer_vocab=None, dtype=None, shards=1, seed=0, rope_theta=None, rms_norm_eps=None,
                      max_position_embeddings=None, added_tokens=False, group_size=None, binary=False,
-                     ternary_embeddings=False) -> Path:
+                     ternary_embeddings=False, float_projections=False) -> Path:
     """Write a random checkpoint of `family` (a FAMILIES key) into `out_dir` and return its path.
 
     `dtype` is the stored type of every float tensor (master projections, embedding,
@@ -649,6 +692,8 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
     `group_size` (group-scaled families, default the family's): values per scale along a row,
     0 for one scale per tensor; `binary`: their values are {-s, +s}, no zeros (1-bit Bonsai);
     `ternary_embeddings`: the embedding and lm_head are group-scaled like the projections (Ternary-Bonsai).
+    `group_size` ROW_SCALES: one scale per row. `float_projections` (group-scaled families): ordinary
+    float projections instead, a model of that architecture that is not ternary.
     """
     if family not in FAMILIES:
         raise OptionError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
@@ -675,9 +720,9 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
     group_size = d.get("group_size", 0) if group_size is None else group_size
     if group_size and not fam.grouped:
         raise OptionError(f"group_size: only group-scaled families take it, not {family}")
-    if (binary or ternary_embeddings) and not fam.grouped:
-        raise OptionError(f"binary, ternary_embeddings: only group-scaled families take them, not {family}")
-    if fam.grouped and group_size and (hidden_size % group_size or intermediate_size % group_size
+    if (binary or ternary_embeddings or float_projections) and not fam.grouped:
+        raise OptionError(f"binary, ternary_embeddings, float_projections: only group-scaled families take them, not {family}")
+    if fam.grouped and group_size > 0 and (hidden_size % group_size or intermediate_size % group_size
                                        or (num_heads * head_dim) % group_size):
         raise OptionError(f"group_size {group_size} must divide every projection's row length")
     if added_tokens and fam.tokenizer != "sentencepiece":
@@ -697,7 +742,7 @@ def write_checkpoint(out_dir, family: str = "1bitllm", *, hidden_size=256, inter
 
     hp = Hparams(hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size,
                  max_position_embeddings, rms_norm_eps, rope_theta, dtype, bos_id, eos_id)
-    specs = family_tensor_specs(fam, hp, group_size, binary, ternary_embeddings)
+    specs = family_tensor_specs(fam, hp, group_size, binary, ternary_embeddings, float_projections)
     if shards > len(specs):
         raise OptionError(f"shards {shards}: the checkpoint has only {len(specs)} tensors")
 
@@ -990,7 +1035,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rms-norm-eps", type=float, default=None, help="default: the family's")
     p.add_argument("--max-position-embeddings", type=int, default=None, help="default: the family's")
     p.add_argument("--group-size", type=int, default=None,
-                   help="bonsai: values per scale along a row (default 128; 0: one scale per tensor)")
+                   help="bonsai, minicpm: values per scale along a row (default 128 / -1; 0: one scale per "
+                        "tensor, -1: one per row)")
     p.add_argument("--binary", action="store_true",
                    help="bonsai: projections {-s, +s} with no zeros (1-bit Bonsai) instead of ternary")
     p.add_argument("--ternary-embeddings", action="store_true",

@@ -299,7 +299,8 @@ FAMILY_SHAPE = {family: PACKED_SHAPE | (dict(head_dim=96) if family in HEAD_DIM_
 
 
 def test_the_registry_has_every_family():
-    assert set(FAMILIES) == {"1bitllm", "bonsai", "bitnet-embedding-qwen3", "bitnet-embedding-gemma3", *FAMILY_FACTS}
+    assert set(FAMILIES) == {"1bitllm", "bonsai", "minicpm", "bitnet-embedding-qwen3", "bitnet-embedding-gemma3",
+                             *FAMILY_FACTS}
 
 
 @pytest.mark.parametrize("group_size", [128, 64, 0])
