@@ -206,3 +206,39 @@ def llama():
                     "(pip install -e '.[llama]'), or set BITNET_GGUF_SKIP_LLAMA=1 to skip these tests",
                     pytrace=False)
     return LlamaRuntime()
+
+
+# -- the CPU time a run took, for docs/testing.md's figures ---------------------------------------
+# Wall time on a shared machine says little; CPU time (user + system) of pytest, its xdist workers
+# and every process they waited for (commands, fork servers and their children) says what the suite
+# costs. Printed at the end of the run.
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(this process's CPU seconds, those of the processes it has waited for)."""
+    import resource
+
+    _FORK_SERVERS.stop()  # so the servers, and through them their children, are waited for and counted
+    own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, reaped.ru_utime + reaped.ru_stime
+
+
+_WORKERS_CPU: list[float] = []
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: its total goes to the controller
+        workeroutput["cpu_seconds"] = sum(_cpu_seconds())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _WORKERS_CPU.append(getattr(node, "workeroutput", {}).get("cpu_seconds", 0.0))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    own, reaped = _cpu_seconds()
+    # the workers have usually been waited for by now (then `reaped` holds all they report, and more)
+    workers = max(reaped, sum(_WORKERS_CPU))
+    count = f" ({len(_WORKERS_CPU)} workers)" if _WORKERS_CPU else ""
+    terminalreporter.write_line(f"CPU time of the run: {own + workers:.0f} s{count}")
