@@ -15,11 +15,17 @@ directory. What a fork cannot give, and how the caller (tests/conftest.py `run_c
   servers (each with its own random seed), so two consecutive runs, which the tests comparing two
   conversions' bytes make, hash strings differently as two ordinary processes do.
 
-    python -m tests.cli_server SOCKET_PATH      (started by tests/conftest.py; exits with its parent)
+The same serves llama.cpp's converter (tests/test_reference_converter.py, tests/test_vocab.py), run
+by its own virtual environment's Python with torch and transformers preloaded: `python SCRIPT ARGS`.
 
-Protocol, one request per connection: the caller sends one JSON line {"argv", "env", "cwd", "umask"}
-with its stdout and stderr pipes' write ends as SCM_RIGHTS; the server answers "pid N\\n" once the
-child runs, then "exit N\\n" (N negative: killed by signal -N) when it has ended.
+    python -m tests.cli_server SOCKET_PATH [MODULE,MODULE...]
+                            (started by tests/conftest.py; exits with its parent; MODULEs: what to
+                            preload instead of the pipeline's modules)
+
+Protocol, one request per connection: the caller sends one JSON line {"argv", "env", "cwd", "umask"},
+and "path" for a script (else `-m pipeline` runs), with its stdout and stderr pipes' write ends as
+SCM_RIGHTS; the server answers "pid N\\n" once the child runs, then "exit N\\n" (N negative: killed
+by signal -N) when it has ended.
 """
 from __future__ import annotations
 
@@ -31,9 +37,16 @@ import socket
 import sys
 
 
-def preload() -> None:
-    """Everything `python -m pipeline convert|verify|...` imports on a test checkpoint, but nothing it
-    does: no thread is started (a fork copies only the thread that calls it)."""
+def preload(modules: list[str]) -> None:
+    """Import `modules`, or by default everything `python -m pipeline convert|verify|...` imports on a
+    test checkpoint, but run nothing: no thread is started (a fork copies only the thread calling it)."""
+    import threading
+
+    if modules:
+        for name in modules:
+            importlib.import_module(name)
+        assert threading.active_count() == 1, f"a preloaded module started a thread: {threading.enumerate()}"
+        return
     import pipeline
     import stages
 
@@ -47,8 +60,6 @@ def preload() -> None:
             importlib.import_module(name)
         except ImportError:
             pass
-    import threading
-
     assert threading.active_count() == 1, f"a preloaded module started a thread: {threading.enumerate()}"
 
 
@@ -133,21 +144,29 @@ def _become(request: dict, fds: list[int]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.path[0] = os.getcwd()  # as `python -m` sets it
-    sys.argv = ["-m", *request["argv"]]
+    if "path" in request:
+        sys.path[0] = os.path.dirname(os.path.abspath(request["path"]))  # as `python SCRIPT` sets it
+        sys.argv = [request["path"], *request["argv"]]
+    else:
+        sys.path[0] = os.getcwd()  # as `python -m` sets it
+        sys.argv = ["-m", *request["argv"]]
 
 
 def main() -> None:
-    path = sys.argv[1]
+    path, modules = sys.argv[1], [m for m in sys.argv[2:3] for m in m.split(",") if m]
     print(f"hash of a string: {hash('bitnet-gguf')}", flush=True)  # tests/test_cli_server.py reads it
-    preload()
+    preload(modules)
     request = serve(path)
     if request is None:
         return
     import runpy
 
-    # the child: `python -m pipeline` from here on (pipeline/__main__.py ends in sys.exit(main()))
-    runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+    # the child, from here on `python SCRIPT ARGS` or `python -m pipeline ARGS` (pipeline/__main__.py
+    # ends in sys.exit(main()))
+    if "path" in request:
+        runpy.run_path(request["path"], run_name="__main__")
+    else:
+        runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
