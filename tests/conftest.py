@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class ForkServers:
         self.env = {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
         self.servers: list[tuple[subprocess.Popen, str]] = []
         self.turn = 0
+        self.lock = threading.Lock()
         self.dir: str | None = None
 
     def serves(self, env: dict) -> bool:
@@ -96,10 +98,11 @@ class ForkServers:
     def run(self, argv: list[str], env: dict, cwd, timeout: float, script: str | None = None) \
             -> subprocess.CompletedProcess:
         """`python -m pipeline ARGV`, or `python SCRIPT ARGV`, forked from one of the servers."""
-        if not self.servers:
-            self._start()
-        proc, path = self.servers[self.turn % 2]
-        self.turn += 1
+        with self.lock:  # a test may run commands from several threads
+            if not self.servers:
+                self._start()
+            proc, path = self.servers[self.turn % 2]
+            self.turn += 1
         cmd = [self.python, *((script,) if script else ("-m", "pipeline")), *argv]
         umask = os.umask(0)
         os.umask(umask)
