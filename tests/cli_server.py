@@ -82,7 +82,11 @@ def serve(path: str) -> dict | None:
                 return None
             continue
         conn.settimeout(None)
-        line, fds = _receive(conn)
+        try:
+            line, fds = _receive(conn)
+        except (OSError, ValueError):  # a caller that went away mid-request: the next one is served
+            conn.close()
+            continue
         waiter = os.fork()
         if waiter:
             conn.close()
