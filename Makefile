@@ -1,7 +1,7 @@
 # bitnet-gguf: convert BitNet b1.58 checkpoints to GGUF out of core.
 #   make convert MODEL=<dir> [OUT=<file>] [TYPE=tq2_0|tq1_0] [MEM=4GiB] [WORK=<dir>]
 #   make convert                 converts a small generated demo checkpoint
-#   make test                    runs the test suite (builds llama.cpp once, ~6 min;
+#   make test                    runs the test suite on every core (builds llama.cpp once, ~6 min;
 #                                installs llama.cpp's converter and torch once, ~1 min, 1.2 GB)
 #   make bench                   8B-scale memory/time benchmark (not run by CI)
 
@@ -76,8 +76,12 @@ convert: $(VENV)/.stamp-base
 		$(if $(TYPE),--type "$(TYPE)") $(if $(MEM),--memory-limit "$(MEM)") $(if $(WORK),--workdir "$(WORK)")
 endif
 
+# one pytest worker per core (pytest-xdist), each test sent to whichever worker is free
+# (docs/testing.md); TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= auto
+
 test: $(VENV)/.stamp-test reference-converter
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(VENV)/.stamp-test reference-converter
 	$(PY) -m tests.bench --free-disk

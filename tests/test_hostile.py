@@ -3,7 +3,7 @@
 Every case asserts the exit status (2 for anything the user's input or options cause),
 that a refusal is exactly one stderr line starting `bitnet-gguf: error:`, and that
 nothing outside the run directory changed: every file of the checkpoint and of the
-output's directory is hashed (sha256; links by target, special files by type and
+output's directory is hashed (xxh3-128; links by target, special files by type and
 device) before and after. A refusal found before any work also leaves the run
 directory as it was (not created); one found in the data extract reads may leave a run
 directory, but no output and no temporary file.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import json
 import os
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
 from tests.conftest import ROOT, convert, run_cli
 from tests.test_bad_input import edit_safetensors, rewrite_config
@@ -62,9 +62,11 @@ def describe(path: Path):
     if stat.S_ISLNK(st.st_mode):
         return ("link", os.readlink(path))
     if stat.S_ISREG(st.st_mode):
-        h = hashlib.sha256()
+        # xxh3-128, not sha256: the same power to see a changed byte, at ~20 times the speed (some
+        # checkpoints here are GiB-sized sparse files, hashed before and after each refusal)
+        h = xxhash.xxh3_128()
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
+            for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
         return ("file", h.hexdigest())
     if stat.S_ISDIR(st.st_mode):

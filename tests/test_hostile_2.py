@@ -351,10 +351,19 @@ def test_an_interrupted_store_without_damage_resumes_and_rewrites_nothing_record
 
 # == 11. verify ==================================================================================
 
+@pytest.fixture(scope="module")
+def converted_once(pristine, tmp_path_factory):
+    """The packed checkpoint's default conversion, made once: the tests below only read the checkpoint."""
+    out = tmp_path_factory.mktemp("converted") / "m.gguf"
+    convert(pristine["llama3-1.58"], out)
+    return pristine["llama3-1.58"], out
+
+
 @pytest.fixture
-def converted(fresh, out):
-    model = fresh("llama3-1.58")
-    convert(model, out)
+def converted(converted_once, out):
+    """(the checkpoint, the test's own copy of its converted file, in a directory of the user's files)."""
+    model, done = converted_once
+    shutil.copyfile(done, out)
     return model, out
 
 

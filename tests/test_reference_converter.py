@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import subprocess
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, convert
+from tests.conftest import ROOT, convert, run_python_script
 
 pytestmark = pytest.mark.llama
 
@@ -73,9 +72,7 @@ def test_the_converter_comes_from_the_llama_cpp_python_release_we_run(llama_conv
 def llama_cpp_convert(llama_convert, model_dir: Path, out: Path, out_type: str, *extra: str) -> None:
     python, script = llama_convert
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the gguf-py it ships
-    proc = subprocess.run([str(python), str(script), str(model_dir), "--outtype", out_type, "--outfile", str(out),
-                           *extra],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = run_python_script(python, script, model_dir, "--outtype", out_type, "--outfile", out, *extra, env=env)
     assert proc.returncode == 0, f"llama.cpp's converter failed:\n{proc.stderr[-4000:]}"
 
 
@@ -236,9 +233,8 @@ def llama_cpp_convert_packed(llama_convert, model_dir: Path, out: Path, out_type
     (it refuses the hash of a tokenizer trained in a test)."""
     python, script = llama_convert
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-    proc = subprocess.run([str(python), str(ROOT / "tests" / "reference_convert.py"), str(script.parent), pre,
-                           str(model_dir), "--outtype", out_type, "--outfile", str(out), "--no-lazy"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = run_python_script(python, ROOT / "tests" / "reference_convert.py", script.parent, pre, model_dir,
+                             "--outtype", out_type, "--outfile", out, "--no-lazy", env=env)
     assert proc.returncode == 0, f"llama.cpp's converter failed:\n{proc.stderr[-4000:]}"
 
 
@@ -346,9 +342,8 @@ def test_qwen3_group_scaled_float_tensors_equal_llama_cpp_converters(llama_conve
     convert(model, ours, "--type", "q2_0", "--embedding-type", embedding_type)
     python, script = llama_convert
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-    proc = subprocess.run([str(python), str(ROOT / "tests" / "reference_convert.py"), str(script.parent), "llama-bpe",
-                           str(model), "--outtype", embedding_type, "--outfile", str(theirs)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = run_python_script(python, ROOT / "tests" / "reference_convert.py", script.parent, "llama-bpe", model,
+                             "--outtype", embedding_type, "--outfile", theirs, env=env)
     assert proc.returncode == 0, f"llama.cpp's converter failed:\n{proc.stderr[-4000:]}"
 
     theirs_reader = gguf.GGUFReader(theirs)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from hypothesis.extra.numpy import arrays
 from safetensors.numpy import save_file
 
 from tests import reference_model
-from tests.conftest import ROOT, absmean_reference
+from tests.conftest import ROOT, absmean_reference, run_python_script
 from tests.reference_model import (absmean_ternary, effective_weights, forward, load_checkpoint, rope_neox,
                                    rope_rotate_half)
 from tests.synthetic import write_bitnet_checkpoint, write_checkpoint as write_family_checkpoint
@@ -326,8 +325,10 @@ def rope_interleaved(x, positions, theta):
 def test_forward_matches_transformers(tmp_path, hf_python, family, monkeypatch):
     model = write_family_checkpoint(tmp_path / "m", family, **HF_FAMILIES[family], seed=7)
     logits_file = tmp_path / "hf.npy"
-    proc = subprocess.run([str(hf_python), "-c", HF_SCRIPT, str(float_copy(model, tmp_path / "float")),
-                           str(logits_file), json.dumps(TOKENS)], capture_output=True, text=True, timeout=300)
+    script = tmp_path / "hf_logits.py"
+    script.write_text(HF_SCRIPT)
+    proc = run_python_script(hf_python, script, float_copy(model, tmp_path / "float"), logits_file, json.dumps(TOKENS),
+                             timeout=300)
     if "No module named" in proc.stderr:
         pytest.skip(f"{hf_python} lacks torch or transformers")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -64,12 +64,19 @@ def test_verify_every_family_and_type(tmp_path, family, out_type):
     assert "OK" in run_cli("verify", out, model).stdout
 
 
+@pytest.fixture(scope="module")
+def packed_converted(tmp_path_factory):
+    """A packed checkpoint and its default conversion, made once for the tests that only read them."""
+    root = tmp_path_factory.mktemp("packed")
+    model = packed(root)
+    convert(model, root / "m.gguf")
+    return model, root / "m.gguf"
+
+
 @pytest.mark.parametrize("key", ["llama.embedding_length", "llama.rope.freq_base", "tokenizer.ggml.tokens",
                                  "general.file_type", "tokenizer.ggml.bos_token_id"])
-def test_verify_finds_a_flipped_byte_in_the_key_values(tmp_path, key):
-    model = packed(tmp_path)
-    out = tmp_path / "m.gguf"
-    convert(model, out)
+def test_verify_finds_a_flipped_byte_in_the_key_values(packed_converted, tmp_path, key):
+    model, out = packed_converted
     offset = kv_value_offset(out, key) + (8 + 4 + 8 + 2 if key == "tokenizer.ggml.tokens" else 0)
     bad = flip(out, offset, tmp_path / "bad.gguf")
     proc = run_cli("verify", bad, model, check_exit=None)

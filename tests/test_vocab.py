@@ -675,13 +675,13 @@ def _with_added_tokens(model: Path) -> int:
 @pytest.mark.llama
 @pytest.mark.parametrize("variant", ["trained", "added-tokens"])
 def test_same_vocab_as_llama_cpp_converter(llama_convert_src, bpe_dir, variant):
-    import subprocess
+    from tests.conftest import run_python_script
 
     n = _with_added_tokens(bpe_dir) if variant == "added-tokens" else n_tokens(bpe_dir)
     vocab_size = n + 9
     python, src = llama_convert_src
-    proc = subprocess.run([str(python), str(Path(__file__).with_name("reference_vocab.py")), str(src),
-                           str(bpe_dir), str(vocab_size)], capture_output=True, text=True, timeout=300)
+    proc = run_python_script(python, Path(__file__).with_name("reference_vocab.py"), src, bpe_dir, vocab_size,
+                             timeout=300)
     assert proc.returncode == 0, proc.stderr
     ref = json.loads(proc.stdout)
 
