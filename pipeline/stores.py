@@ -50,25 +50,59 @@ def open_store(path: Path, mode: str = "a") -> zarr.Group:
     return zarr.open_group(local_store(path, mode), mode=mode, zarr_format=3)
 
 
+def _array_from_json(store: zarr.storage.LocalStore, path: str) -> zarr.Array | None:
+    """The array at `path` in `store`, made from its zarr.json as zarr's own open makes it (the
+    parsed metadata and the store path), but without a trip through zarr's event loop: that trip
+    costs milliseconds per array, which adds up over the tens of thousands of arrays of a model
+    with many experts. None when there is no array's zarr.json there (a group, a damaged or
+    missing file): the caller asks zarr, which says what is wrong as it always has."""
+    meta = Path(str(store.root)) / path / "zarr.json"
+    try:
+        data = json.loads(meta.read_bytes())
+        if not isinstance(data, dict) or data.get("node_type") != "array" or data.get("zarr_format") != 3:
+            return None
+        from zarr.core.array import AsyncArray
+        from zarr.storage import StorePath
+
+        return zarr.Array(AsyncArray(metadata=data, store_path=StorePath(store, path)))
+    except Exception:  # noqa: BLE001 - anything zarr would refuse: let zarr refuse it, in its words
+        return None
+
+
+def member_path(group: zarr.Group, name: str) -> str:
+    return f"{group.path}/{name}" if group.path else name
+
+
+def get_array(group: zarr.Group, name: str) -> zarr.Array:
+    """`group[name]` for an array of a local store, without zarr's per-call event loop trip."""
+    arr = _array_from_json(group.store_path.store, member_path(group, name))
+    return arr if arr is not None else group[name]
+
+
+def has_member(group: zarr.Group, name: str) -> bool:
+    """`name in group` for a zarr v3 local store (a member is a directory with a zarr.json)."""
+    return (Path(str(group.store_path.store.root)) / member_path(group, name) / "zarr.json").is_file()
+
+
 def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], rows_per_chunk: int,
                  dtype, attrs: dict, compress: bool = False) -> zarr.Array:
     """Open `name` if it exists with this layout (resume), else create it."""
     chunks = (rows_per_chunk, *shape[1:])
-    if name in group:
-        arr = group[name]
+    if has_member(group, name):
+        arr = get_array(group, name)
         if isinstance(arr, zarr.Array) and arr.shape == tuple(shape) and arr.chunks == chunks \
                 and arr.dtype == np.dtype(dtype):
             merged = {**arr.attrs.asdict(), **attrs}
             if merged != arr.attrs.asdict() and not compress:
                 write_array_metadata(group, name, shape, chunks, dtype, merged)
-                return group[name]
+                return get_array(group, name)
             if merged != arr.attrs.asdict():
                 arr.attrs.update(attrs)
             return arr
         remove_tree(Path(str(group.store_path.store.root)) / group.path / name)
     if not compress:
         write_array_metadata(group, name, shape, chunks, dtype, attrs)
-        return group[name]
+        return get_array(group, name)
     compressors = (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),)
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, attributes=attrs,
                               compressors=compressors, fill_value=0, config=ARRAY_CONFIG)
@@ -111,7 +145,9 @@ def array_path(store: Path, name: str) -> str:
 
 
 def open_array(path: str, mode: str = "r+") -> zarr.Array:
-    return zarr.open_array(local_store(path, mode), mode=mode, zarr_format=3)
+    store = local_store(path, mode)
+    arr = _array_from_json(store, "")
+    return arr if arr is not None else zarr.open_array(store, mode=mode, zarr_format=3)
 
 
 def remove_tree(path: Path) -> None:
@@ -612,12 +648,17 @@ def chunk_records(store: Path, digests: dict[str, list]) -> None:
     metadata. Raises DamagedStore naming the first chunk file that does not."""
     store = Path(store)
     expected = {"zarr.json"}
+    padded: dict[str, list[str]] = {}  # array -> its padded copies: one pass, not one per array
+    for k in digests:
+        head, _, tail = k.rpartition("/")
+        if tail.startswith("padded-chunk."):
+            padded.setdefault(head, []).append(k)
     for _name, arr in open_store(store, "r").arrays():
         base = Path(arr.path)
         expected.add(str(base / "zarr.json"))
         if is_indexed(arr):  # no chunk files: its bytes are in the checkpoint (see read_source), but
             # for the reference view's padded copy of a last chunk the file ends inside
-            expected |= {k for k in digests if k.startswith(f"{base}/padded-chunk.")}
+            expected.update(padded.get(str(base), ()))
             content = source_ref(arr).get(CONTENT)
             if content and Path(content["records"]).resolve() == (store / base / DIGESTS).resolve():
                 for index in range(-(-content["nbytes"] // content["chunk_bytes"])):  # extract's digests

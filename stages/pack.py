@@ -42,8 +42,9 @@ from pipeline.kernel_config import tiles_of
 from pipeline.outtypes import EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (CODES_FROM, ENCODED_FROM, array_path, copy_ref, ensure_array, index_array, is_indexed,
-                             is_raw, open_array, open_store, read_rows, row_ranges, write_rows, written_chunks)
+from pipeline.stores import (CODES_FROM, ENCODED_FROM, array_path, copy_ref, ensure_array, get_array, index_array,
+                             is_indexed, is_raw, open_array, open_store, read_rows, row_ranges, write_rows,
+                             written_chunks)
 from pipeline.plan import (LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale, encoded_in_assemble, requantize_summary,
                            requantized_codes, requantized_scale)
 from stages.quantize import BLOCK_SCALES_SUFFIX, link_task, values_per_scale
@@ -215,7 +216,7 @@ def run(ctx: StageContext) -> None:
                         **({"kernel_tiles": [list(t) for t in opts.kernel_tiles]} if layout.needs_tiles else {})})
     plans = []
     for name in source.attrs["tensor_order"]:
-        src = source[name]
+        src = get_array(source, name)
         role = src.attrs["role"]
         shape = tuple(src.attrs["shape"])
         planned = ctx.plan.tensor(name)  # the output type (and why, if it is not --type) is the plan's
