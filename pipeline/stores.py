@@ -408,7 +408,7 @@ def refs_path(store: Path) -> Path:
     return store.with_name(store.stem + ".refs.json")
 
 
-def refs_json(store: Path, arrays: dict[str, zarr.Array]) -> dict:
+def refs_json(store: Path, names) -> dict:
     """The store as a kerchunk (version 1) reference set: metadata inline, an indexed array's
     chunks as [file, offset, length] (a full chunk: an edge chunk runs on into the bytes that
     follow it; one that would run past the end of its file is a padded copy in the store),
@@ -416,10 +416,15 @@ def refs_json(store: Path, arrays: dict[str, zarr.Array]) -> dict:
     zarr.open_group("reference://", storage_options={"fo": "<workdir>/extract.refs.json"}) (open_with_refs).
 
     Every target is a plain absolute path, never a template: fsspec renders a "{{" in a template
-    value or a target as template syntax, and a checkpoint or run directory may be named anything."""
+    value or a target as template syntax, and a checkpoint or run directory may be named anything.
+
+    `names`: the arrays, each opened here in turn: holding a zarr.Array for every array of a
+    store until the end would grow the peak with the number of tensors."""
     store = Path(store).resolve()
     refs = {"zarr.json": (store / "zarr.json").read_text()}
-    for name, arr in sorted(arrays.items()):
+    group = open_store(store, "r")
+    for name in sorted(set(names)):
+        arr = get_array(group, name)
         refs[f"{name}/zarr.json"] = (store / name / "zarr.json").read_text()
         ref = source_ref(arr)
         n_chunks = -(-arr.shape[0] // arr.chunks[0]) if arr.shape and arr.shape[0] else 0
@@ -692,7 +697,14 @@ def chunk_records(store: Path, digests: dict[str, list]) -> None:
 # stage finished is found there, and the run stops with one line instead of reading zeros.
 
 def store_files(store: Path) -> list[Path]:
-    return sorted(p for p in Path(store).rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+    # os.walk, not Path.rglob: a store of tens of thousands of arrays has hundreds of thousands of
+    # files, and rglob's Path objects and stat calls made this walk the slowest step of a seal
+    found = []
+    for root, dirs, files in os.walk(store):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]  # as rglob: links not followed
+        found += [os.path.join(root, f) for f in files if not f.endswith(".partial")
+                  and os.path.isfile(os.path.join(root, f))]
+    return [Path(p) for p in sorted(found)]
 
 
 def file_digest(path: Path) -> str:
