@@ -744,6 +744,8 @@ MAX_SUFFIX = ".abs_max"  # extract.zarr: per-row float32 max |x| beside a float 
 
 
 def largest_values(store, name: str) -> float:
-    """max |x| of a float tensor, from the row maxima extract recorded."""
-    maxima = open_store(store, "r")[name + MAX_SUFFIX]
+    """max |x| of a float tensor, from the row maxima extract recorded (`store`: its path, or the
+    store opened once for every tensor)."""
+    group = store if isinstance(store, zarr.Group) else open_store(store, "r")
+    maxima = get_array(group, name + MAX_SUFFIX)
     return float(read_rows(maxima, 0, maxima.shape[0]).max(initial=0.0))

@@ -308,8 +308,8 @@ def run(ctx: StageContext) -> None:
         block_rows = packed_block_rows(ctx.budget, shape, recipe)
         rows = block_rows or ternary_chunk_rows(ctx.budget, shape, recipe)
         stored = (shape[0], shape[1] // 4) if layout == LAYOUT_2BIT else shape
-        arr = ensure_array(group, name, stored, rows, np.uint8 if layout == LAYOUT_2BIT else np.int8,
-                           {**base, "code_layout": layout})
+        codes_dtype = np.uint8 if layout == LAYOUT_2BIT else np.int8
+        arr = ensure_array(group, name, stored, rows, codes_dtype, {**base, "code_layout": layout})
         if recipe.weights == GROUPED and "scale" not in arr.attrs:
             mags = get_array(source, name + GROUP_SUFFIX)
             scale, blocks = group_scales(read_rows(mags, 0, mags.shape[0]))
@@ -318,8 +318,9 @@ def run(ctx: StageContext) -> None:
                              {"of": name})
                 write_rows(array_path(ctx.output, name + BLOCK_SCALES_SUFFIX), 0, blocks.shape[0], blocks)
             # binary ({-s, +s}) when no value is 0: Q1_0 holds it; the first row with a zero names it otherwise
-            arr.attrs.update({"absmean": None, "scale": scale,
-                              **zero_attrs(read_rows(get_array(source, name + ZEROS_SUFFIX), 0, shape[0]))})
+            arr = ensure_array(group, name, stored, rows, codes_dtype, {
+                **base, "code_layout": layout, "absmean": None, "scale": scale,
+                **zero_attrs(read_rows(get_array(source, name + ZEROS_SUFFIX), 0, shape[0]))})
         elif "scale" not in arr.attrs:
             absmean = None
             if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor
@@ -329,7 +330,10 @@ def run(ctx: StageContext) -> None:
                 except NonFiniteWeights as e:
                     raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") \
                         from None
-            arr.attrs.update({"absmean": absmean, "scale": float(ternary_scale(recipe, absmean))})
+            # rewritten as extract writes its arrays' metadata (ensure_array): zarr's attrs.update
+            # costs several times more, for every projection
+            arr = ensure_array(group, name, stored, rows, codes_dtype, {
+                **base, "code_layout": layout, "absmean": absmean, "scale": float(ternary_scale(recipe, absmean))})
         done = written_chunks(arr)
         if block_rows:  # packed: one task reads a block of packed rows once for four output chunks
             per_quarter = shape[0] // 4 // block_rows
