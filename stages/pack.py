@@ -256,10 +256,12 @@ def run(ctx: StageContext) -> None:
             scale, block_scales = ternary_embedding_plan(ctx, src, name, shape, out, opts.embedding_type)
         if scale is not None:
             check_scale(name, scale, out.name)
-        plans.append((name, src, role, shape, out, fallback, scale, block_scales, requantize))
+        # the name, not the zarr.Array: one per tensor held until every tensor is checked grows the peak with N
+        plans.append((name, role, shape, out, fallback, scale, block_scales, requantize))
 
     tasks = []
-    for name, src, role, shape, out, fallback, scale, block_scales, requantize in plans:
+    for name, role, shape, out, fallback, scale, block_scales, requantize in plans:
+        src = get_array(source, name)
         if fallback:
             ctx.log(f"warning: {name}: {fallback}")
         if requantize:
