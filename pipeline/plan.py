@@ -356,10 +356,13 @@ class Plan:
         return sum(self.stores.values()) + self.records
 
     def tensor(self, name: str) -> TensorRecord:
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        index = self.__dict__.get("_by_name")
+        if index is None:  # built once: pack asks for every tensor, and a scan each time is O(N^2)
+            index = {}
+            for t in self.tensors:
+                index.setdefault(t.name, t)
+            object.__setattr__(self, "_by_name", index)
+        return index[name]
 
     def parts(self) -> list[list[int]]:
         """Tensor indices of every output part, in file order."""

@@ -256,8 +256,10 @@ class RunDir:
 
     def stores_size(self) -> int:
         """Bytes held by the stores on disk."""
-        return sum(p.stat().st_size for name in STAGES if self.store(name).is_dir()
-                   for p in self.store(name).rglob("*") if p.is_file())
+        # os.walk, not rglob: a store of many tensors holds hundreds of thousands of files
+        return sum(os.path.getsize(os.path.join(root, f)) for name in STAGES if self.store(name).is_dir()
+                   for root, _, files in os.walk(self.store(name)) for f in files
+                   if os.path.isfile(os.path.join(root, f)))
 
     def has_stores(self) -> bool:
         return any(self.store(name).exists() for name in STAGES)

@@ -26,7 +26,7 @@ from pipeline.plan import file_kvs, make_plan, save_plan
 from pipeline.rundir import STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler, probe_scheduler
-from pipeline.stores import SourceContentChanged, largest_values, source_changed
+from pipeline.stores import SourceContentChanged, largest_values, open_store, source_changed
 
 # Memory assemble takes to read the key/values back from metadata.json and build the header,
 # per row of the token table (measured with a 1M-row table; docs/notes/tokenizer-memory.md).
@@ -237,6 +237,7 @@ def check_float_ranges(store: Path, ckpt, plan) -> None:
     """Refuse a float tensor whose values its planned output type cannot hold as finite numbers
     (F16 tops out at 65504, BF16 below float32's largest values, Q8_0's block scale is an fp16),
     from the row maxima extract recorded: before anything is packed, naming the tensor."""
+    store = open_store(store, "r")  # once: opening it per tensor costs more than the check
     for t in plan.tensors:
         if t.role == TERNARY:
             continue  # ternary values are codes times the scale, which pack checks

@@ -26,6 +26,9 @@ from pipeline.errors import OptionError, ResumableFailure
 POLL_SECONDS = 0.1
 WORKER_CHECK_SECONDS = 1.0
 DEFAULT_WORKER_TIMEOUT = 300.0
+# Tasks the threaded scheduler gets at once: enough to keep every worker busy (the last tasks of a
+# batch leave workers idle for one task's time), few enough that dask's state for them stays small.
+THREADED_BATCH = 512
 
 
 class NoWorkers(ResumableFailure):
@@ -145,9 +148,15 @@ class Scheduler:
         with self.bar(len(tasks), desc) as bar:
             if self.client is None:
                 # the threaded scheduler's function, not its name: given a name, dask imports
-                # distributed to look for a client (over a second at every start)
-                with _TaskProgress({t.key for t in tasks}, bar):
-                    return list(dask.compute(*tasks, scheduler=dask.threaded.get, num_workers=self.workers))
+                # distributed to look for a client (over a second at every start). In batches:
+                # dask's bookkeeping for one graph of every task grows with the number of tensors
+                # (tens of thousands for a model with many experts), a batch's does not
+                results = []
+                for first in range(0, len(tasks), THREADED_BATCH):
+                    batch = tasks[first:first + THREADED_BATCH]
+                    with _TaskProgress({t.key for t in batch}, bar):
+                        results += dask.compute(*batch, scheduler=dask.threaded.get, num_workers=self.workers)
+                return results
             return self._run_distributed(tasks, bar)
 
     def _run_distributed(self, tasks: Sequence, bar: tqdm) -> list:

@@ -50,25 +50,59 @@ def open_store(path: Path, mode: str = "a") -> zarr.Group:
     return zarr.open_group(local_store(path, mode), mode=mode, zarr_format=3)
 
 
+def _array_from_json(store: zarr.storage.LocalStore, path: str) -> zarr.Array | None:
+    """The array at `path` in `store`, made from its zarr.json as zarr's own open makes it (the
+    parsed metadata and the store path), but without a trip through zarr's event loop: that trip
+    costs milliseconds per array, which adds up over the tens of thousands of arrays of a model
+    with many experts. None when there is no array's zarr.json there (a group, a damaged or
+    missing file): the caller asks zarr, which says what is wrong as it always has."""
+    meta = Path(str(store.root)) / path / "zarr.json"
+    try:
+        data = json.loads(meta.read_bytes())
+        if not isinstance(data, dict) or data.get("node_type") != "array" or data.get("zarr_format") != 3:
+            return None
+        from zarr.core.array import AsyncArray
+        from zarr.storage import StorePath
+
+        return zarr.Array(AsyncArray(metadata=data, store_path=StorePath(store, path)))
+    except Exception:  # noqa: BLE001 - anything zarr would refuse: let zarr refuse it, in its words
+        return None
+
+
+def member_path(group: zarr.Group, name: str) -> str:
+    return f"{group.path}/{name}" if group.path else name
+
+
+def get_array(group: zarr.Group, name: str) -> zarr.Array:
+    """`group[name]` for an array of a local store, without zarr's per-call event loop trip."""
+    arr = _array_from_json(group.store_path.store, member_path(group, name))
+    return arr if arr is not None else group[name]
+
+
+def has_member(group: zarr.Group, name: str) -> bool:
+    """`name in group` for a zarr v3 local store (a member is a directory with a zarr.json)."""
+    return (Path(str(group.store_path.store.root)) / member_path(group, name) / "zarr.json").is_file()
+
+
 def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], rows_per_chunk: int,
                  dtype, attrs: dict, compress: bool = False) -> zarr.Array:
     """Open `name` if it exists with this layout (resume), else create it."""
     chunks = (rows_per_chunk, *shape[1:])
-    if name in group:
-        arr = group[name]
+    if has_member(group, name):
+        arr = get_array(group, name)
         if isinstance(arr, zarr.Array) and arr.shape == tuple(shape) and arr.chunks == chunks \
                 and arr.dtype == np.dtype(dtype):
             merged = {**arr.attrs.asdict(), **attrs}
             if merged != arr.attrs.asdict() and not compress:
                 write_array_metadata(group, name, shape, chunks, dtype, merged)
-                return group[name]
+                return get_array(group, name)
             if merged != arr.attrs.asdict():
                 arr.attrs.update(attrs)
             return arr
         remove_tree(Path(str(group.store_path.store.root)) / group.path / name)
     if not compress:
         write_array_metadata(group, name, shape, chunks, dtype, attrs)
-        return group[name]
+        return get_array(group, name)
     compressors = (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),)
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, attributes=attrs,
                               compressors=compressors, fill_value=0, config=ARRAY_CONFIG)
@@ -111,7 +145,9 @@ def array_path(store: Path, name: str) -> str:
 
 
 def open_array(path: str, mode: str = "r+") -> zarr.Array:
-    return zarr.open_array(local_store(path, mode), mode=mode, zarr_format=3)
+    store = local_store(path, mode)
+    arr = _array_from_json(store, "")
+    return arr if arr is not None else zarr.open_array(store, mode=mode, zarr_format=3)
 
 
 def remove_tree(path: Path) -> None:
@@ -372,7 +408,7 @@ def refs_path(store: Path) -> Path:
     return store.with_name(store.stem + ".refs.json")
 
 
-def refs_json(store: Path, arrays: dict[str, zarr.Array]) -> dict:
+def refs_json(store: Path, names) -> dict:
     """The store as a kerchunk (version 1) reference set: metadata inline, an indexed array's
     chunks as [file, offset, length] (a full chunk: an edge chunk runs on into the bytes that
     follow it; one that would run past the end of its file is a padded copy in the store),
@@ -380,10 +416,15 @@ def refs_json(store: Path, arrays: dict[str, zarr.Array]) -> dict:
     zarr.open_group("reference://", storage_options={"fo": "<workdir>/extract.refs.json"}) (open_with_refs).
 
     Every target is a plain absolute path, never a template: fsspec renders a "{{" in a template
-    value or a target as template syntax, and a checkpoint or run directory may be named anything."""
+    value or a target as template syntax, and a checkpoint or run directory may be named anything.
+
+    `names`: the arrays, each opened here in turn: holding a zarr.Array for every array of a
+    store until the end would grow the peak with the number of tensors."""
     store = Path(store).resolve()
     refs = {"zarr.json": (store / "zarr.json").read_text()}
-    for name, arr in sorted(arrays.items()):
+    group = open_store(store, "r")
+    for name in sorted(set(names)):
+        arr = get_array(group, name)
         refs[f"{name}/zarr.json"] = (store / name / "zarr.json").read_text()
         ref = source_ref(arr)
         n_chunks = -(-arr.shape[0] // arr.chunks[0]) if arr.shape and arr.shape[0] else 0
@@ -612,12 +653,17 @@ def chunk_records(store: Path, digests: dict[str, list]) -> None:
     metadata. Raises DamagedStore naming the first chunk file that does not."""
     store = Path(store)
     expected = {"zarr.json"}
+    padded: dict[str, list[str]] = {}  # array -> its padded copies: one pass, not one per array
+    for k in digests:
+        head, _, tail = k.rpartition("/")
+        if tail.startswith("padded-chunk."):
+            padded.setdefault(head, []).append(k)
     for _name, arr in open_store(store, "r").arrays():
         base = Path(arr.path)
         expected.add(str(base / "zarr.json"))
         if is_indexed(arr):  # no chunk files: its bytes are in the checkpoint (see read_source), but
             # for the reference view's padded copy of a last chunk the file ends inside
-            expected |= {k for k in digests if k.startswith(f"{base}/padded-chunk.")}
+            expected.update(padded.get(str(base), ()))
             content = source_ref(arr).get(CONTENT)
             if content and Path(content["records"]).resolve() == (store / base / DIGESTS).resolve():
                 for index in range(-(-content["nbytes"] // content["chunk_bytes"])):  # extract's digests
@@ -651,7 +697,14 @@ def chunk_records(store: Path, digests: dict[str, list]) -> None:
 # stage finished is found there, and the run stops with one line instead of reading zeros.
 
 def store_files(store: Path) -> list[Path]:
-    return sorted(p for p in Path(store).rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+    # os.walk, not Path.rglob: a store of tens of thousands of arrays has hundreds of thousands of
+    # files, and rglob's Path objects and stat calls made this walk the slowest step of a seal
+    found = []
+    for root, dirs, files in os.walk(store):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]  # as rglob: links not followed
+        found += [os.path.join(root, f) for f in files if not f.endswith(".partial")
+                  and os.path.isfile(os.path.join(root, f))]
+    return [Path(p) for p in sorted(found)]
 
 
 def file_digest(path: Path) -> str:
@@ -691,6 +744,8 @@ MAX_SUFFIX = ".abs_max"  # extract.zarr: per-row float32 max |x| beside a float 
 
 
 def largest_values(store, name: str) -> float:
-    """max |x| of a float tensor, from the row maxima extract recorded."""
-    maxima = open_store(store, "r")[name + MAX_SUFFIX]
+    """max |x| of a float tensor, from the row maxima extract recorded (`store`: its path, or the
+    store opened once for every tensor)."""
+    group = store if isinstance(store, zarr.Group) else open_store(store, "r")
+    maxima = get_array(group, name + MAX_SUFFIX)
     return float(read_rows(maxima, 0, maxima.shape[0]).max(initial=0.0))

@@ -25,7 +25,7 @@ from pipeline.output import OutputChanged, final_paths, identity, publish, temp_
 from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
 from pipeline.plan import file_kvs
-from pipeline.stores import (CODES_FROM, ENCODED_FROM, DamagedStore, check_source_file, chunk_path, is_raw,
+from pipeline.stores import (CODES_FROM, ENCODED_FROM, DamagedStore, check_source_file, chunk_path, get_array, is_raw,
                              open_store, read_rows, row_ranges, source_ref)
 
 
@@ -39,7 +39,7 @@ def array_layout(arr):
 def tensor_infos(group) -> list[TensorInfo]:
     infos = []
     for name in group.attrs["tensor_order"]:
-        arr = group[name]
+        arr = get_array(group, name)
         out, tiles = array_layout(arr)
         shape = tuple(arr.attrs["shape"])
         infos.append(TensorInfo(name, shape, out.ggml_type, out.nbytes(shape, tiles)))
@@ -54,7 +54,7 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
         with progress(sum(t.nbytes for t in infos), "assemble", unit="B", unit_scale=True,
                       unit_divisor=1024) as bar:
             for i, info in enumerate(infos):
-                arr = group[info.name]
+                arr = get_array(group, info.name)
                 out, tiles = array_layout(arr)
                 row_bytes = arr.nbytes // arr.shape[0] if arr.ndim > 1 else arr.nbytes
                 ref = source_ref(arr)

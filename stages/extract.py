@@ -156,7 +156,7 @@ def run(ctx: StageContext) -> None:
                 "model and are not written (a vision tower converts with llama.cpp's convert_hf_to_gguf.py --mmproj; "
                 "MTP layers are left out as its --no-mtp does)")
     identities = file_identities(ckpt)
-    arrays, tasks = {}, []
+    names, tasks = [], []  # names, not zarr.Array objects: the peak stays flat in the number of tensors
     for t in plan.tensors:
         src = ckpt.sources[t.hf_name]
         kind = ("packed" if t.recipe.packed else "grouped" if t.recipe.weights == GROUPED
@@ -166,21 +166,22 @@ def run(ctx: StageContext) -> None:
         content = content_spec(ctx.output / t.gguf_name, rows * row_bytes, src.shape[0] * row_bytes if src.shape else 0,
                                t.hf_name)
         ref = make_ref(src.file, src.offset, ckpt.model_dir, identities[src.file], content)
-        arrays[t.gguf_name] = index_array(group, t.gguf_name, src.shape, rows, src.np_dtype, {
+        names.append(t.gguf_name)
+        index_array(group, t.gguf_name, src.shape, rows, src.np_dtype, {
             "hf_name": t.hf_name, "role": t.role, "source_dtype": src.dtype,
             "source_file": src.file.name, "shape": list(t.shape), "recipe": t.recipe.as_json(),
         }, ref)
         side = side_array_name(t.gguf_name, kind)
-        extras = {}
+        extras, side_array = {}, None
         if side and kind == "grouped":
-            arrays[side] = ensure_array(group, side, (src.shape[0], src.shape[1] // GROUP_COLUMNS), rows,
-                                        np.float32, {"of": t.gguf_name})
+            side_array = ensure_array(group, side, (src.shape[0], src.shape[1] // GROUP_COLUMNS), rows,
+                                      np.float32, {"of": t.gguf_name})
             extras[ZEROS_SUFFIX] = ensure_array(group, t.gguf_name + ZEROS_SUFFIX, (src.shape[0],), rows,
                                                 np.uint32, {"of": t.gguf_name})
         elif side:
             n_rows = src.shape[0] if len(src.shape) > 1 else 1
-            arrays[side] = ensure_array(group, side, (n_rows,), rows if len(src.shape) > 1 else 1,
-                                        np.float64 if kind == "master" else np.float32, {"of": t.gguf_name})
+            side_array = ensure_array(group, side, (n_rows,), rows if len(src.shape) > 1 else 1,
+                                      np.float64 if kind == "master" else np.float32, {"of": t.gguf_name})
             if ternary_embedding_scan(plan.family, t.role, src.shape):
                 extras[GROUP_SUFFIX] = ensure_array(group, t.gguf_name + GROUP_SUFFIX,
                                                     (src.shape[0], src.shape[1] // GROUP_COLUMNS), rows, np.float32,
@@ -188,12 +189,13 @@ def run(ctx: StageContext) -> None:
                 for suffix, dtype in ((ZEROS_SUFFIX, np.uint32), (TERNARY_ROWS_SUFFIX, np.uint8)):
                     extras[suffix] = ensure_array(group, t.gguf_name + suffix, (src.shape[0],), rows, dtype,
                                                   {"of": t.gguf_name})
-        arrays.update({t.gguf_name + suffix: arr for suffix, arr in extras.items()})
+        names += [side] if side else []
+        names += [t.gguf_name + suffix for suffix in extras]
         if content is None:
             continue
         done = content_recorded(content)
         if side:
-            done &= written_chunks(arrays[side])
+            done &= written_chunks(side_array)
         for arr in extras.values():  # a chunk is done when every side array holds it (a kill may fall between)
             done &= written_chunks(arr)
         paths = {suffix: array_path(ctx.output, t.gguf_name + suffix) for suffix in extras}
@@ -201,5 +203,5 @@ def run(ctx: StageContext) -> None:
             if i not in done:
                 tasks.append(chunk_task(scan_rows, src, side and array_path(ctx.output, side), r0, r1, kind, content, i,
                                         paths))
-    write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, arrays))
+    write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, names))
     ctx.scheduler.run(tasks, "extract")

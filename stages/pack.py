@@ -42,8 +42,9 @@ from pipeline.kernel_config import tiles_of
 from pipeline.outtypes import EMBEDDING_CHOICES, OUTPUT_TYPES, TERNARY_CHOICES
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (CODES_FROM, ENCODED_FROM, array_path, copy_ref, ensure_array, index_array, is_indexed,
-                             is_raw, open_array, open_store, read_rows, row_ranges, write_rows, written_chunks)
+from pipeline.stores import (CODES_FROM, ENCODED_FROM, array_path, copy_ref, ensure_array, get_array, index_array,
+                             is_indexed, is_raw, open_array, open_store, read_rows, row_ranges, write_rows,
+                             written_chunks)
 from pipeline.plan import (LAYOUT_2BIT, LAYOUT_INT8, SAME_BYTES, check_scale, encoded_in_assemble, requantize_summary,
                            requantized_codes, requantized_scale, row_scaled)
 from stages.quantize import BLOCK_SCALES_SUFFIX, link_task, values_per_scale
@@ -226,7 +227,7 @@ def run(ctx: StageContext) -> None:
                         **({"kernel_tiles": [list(t) for t in opts.kernel_tiles]} if layout.needs_tiles else {})})
     plans = []
     for name in source.attrs["tensor_order"]:
-        src = source[name]
+        src = get_array(source, name)
         role = src.attrs["role"]
         shape = tuple(src.attrs["shape"])
         planned = ctx.plan.tensor(name)  # the output type (and why, if it is not --type) is the plan's
@@ -266,7 +267,8 @@ def run(ctx: StageContext) -> None:
             scale, block_scales = ternary_embedding_plan(ctx, src, name, shape, out, opts.embedding_type)
         if scale is not None:
             check_scale(name, scale, out.name)
-        plans.append((name, src, role, shape, out, fallback, scale, block_scales, requantize))
+        # the name, not the zarr.Array: one per tensor held until every tensor is checked grows the peak with N
+        plans.append((name, role, shape, out, fallback, scale, block_scales, requantize))
 
     short = [(name, out) for name, _, _, shape, out, *_ in plans
              if out.run_min_cols and len(shape) > 1 and shape[-1] < out.run_min_cols]
@@ -275,7 +277,8 @@ def run(ctx: StageContext) -> None:
         ctx.log(f"warning: {len(short)} projection(s), e.g. {name}, have rows of fewer than {out.run_min_cols} "
                 f"values: {out.runtime} aborts on {out.codec.name} rows that short at run time")
     tasks = []
-    for name, src, role, shape, out, fallback, scale, block_scales, requantize in plans:
+    for name, role, shape, out, fallback, scale, block_scales, requantize in plans:
+        src = get_array(source, name)
         if fallback:
             ctx.log(f"warning: {name}: {fallback}")
         if requantize:

@@ -51,8 +51,9 @@ from pipeline.families import (GROUP_COLUMNS, GROUPED, TERNARY, Recipe, apply_re
 from pipeline.plan import LAYOUT_2BIT, LAYOUT_INT8, code_layout, packed_block_rows, ternary_chunk_rows, ternary_scale
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task
-from pipeline.stores import (array_path, copy_ref, ensure_array, index_array, is_indexed, is_raw, link_chunk,
-                             open_array, open_store, read_rows, row_ranges, source_ref, write_rows, written_chunks)
+from pipeline.stores import (array_path, copy_ref, ensure_array, get_array, has_member, index_array, is_indexed,
+                             is_raw, link_chunk, open_array, open_store, read_rows, row_ranges, source_ref, write_rows,
+                             written_chunks)
 
 ReadRows = Callable[[int, int], np.ndarray]
 SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside a master-weight projection
@@ -207,13 +208,14 @@ def ternary_embedding_attrs(ctx: StageContext, source, group, name: str) -> dict
     projection). Done for every such conversion (pack alone knows the embedding type), so the
     magnitudes (a float32 per 32 values: 78 MB for a 151936 x 4096 embedding) are read in row
     chunks of the budget, twice: to decide the layout, then to write the block scales."""
-    ternary = read_rows(source[name + TERNARY_ROWS_SUFFIX], 0, source[name + TERNARY_ROWS_SUFFIX].shape[0])
-    attrs = {"ternary_rows": bool(ternary.all()), **zero_attrs(read_rows(source[name + ZEROS_SUFFIX], 0,
+    rows_flags = get_array(source, name + TERNARY_ROWS_SUFFIX)
+    ternary = read_rows(rows_flags, 0, rows_flags.shape[0])
+    attrs = {"ternary_rows": bool(ternary.all()), **zero_attrs(read_rows(get_array(source, name + ZEROS_SUFFIX), 0,
                                                                        ternary.shape[0]))}
     if not attrs["ternary_rows"]:
         bad = np.flatnonzero(ternary == 0)
         return {**attrs, "first_nonternary_row": int(bad[0]), "nonternary_rows": int(bad.size), "scale": None}
-    mags = source[name + GROUP_SUFFIX]
+    mags = get_array(source, name + GROUP_SUFFIX)
     rows = ctx.budget.rows_per_chunk((mags.shape[0], mags.shape[1] * GROUP_COLUMNS))
     ranges = row_ranges(mags.shape[0], rows)
     first, uniform, per64 = None, True, True
@@ -310,7 +312,7 @@ def run(ctx: StageContext) -> None:
 
     tasks = []
     for name in names:
-        src = source[name]
+        src = get_array(source, name)
         recipe = Recipe.from_json(src.attrs["recipe"])
         shape = tuple(src.attrs["shape"])
         base = {"hf_name": src.attrs["hf_name"], "role": recipe.role, "source_dtype": src.attrs["source_dtype"],
@@ -326,7 +328,7 @@ def run(ctx: StageContext) -> None:
             # not rewritten: the same checkpoint bytes, or the same chunk files (pack encodes them in
             # their output type); chunks of this run's size (extract may have run under a larger limit)
             rows = ctx.budget.rows_per_chunk(src.shape)
-            if name + GROUP_SUFFIX in source:  # an embedding or head that may be ternary: what its groups hold
+            if has_member(source, name + GROUP_SUFFIX):  # an embedding or head that may be ternary: its groups
                 base.update(ternary_embedding_attrs(ctx, source, group, name))
             if is_indexed(src):
                 index_array(group, name, src.shape, rows, src.dtype, base, copy_ref(src))
@@ -342,12 +344,12 @@ def run(ctx: StageContext) -> None:
         block_rows = packed_block_rows(ctx.budget, shape, recipe)
         rows = block_rows or ternary_chunk_rows(ctx.budget, shape, recipe)
         stored = (shape[0], shape[1] // 4) if layout == LAYOUT_2BIT else shape
-        arr = ensure_array(group, name, stored, rows, np.uint8 if layout == LAYOUT_2BIT else np.int8,
-                           {**base, "code_layout": layout})
+        codes_dtype = np.uint8 if layout == LAYOUT_2BIT else np.int8
+        arr = ensure_array(group, name, stored, rows, codes_dtype, {**base, "code_layout": layout})
         if recipe.weights == GROUPED and "scale" not in arr.attrs:
-            mags = source[name + GROUP_SUFFIX]
+            mags = get_array(source, name + GROUP_SUFFIX)
             mags, zeros = reordered_group_side(recipe, read_rows(mags, 0, mags.shape[0]),
-                                               read_rows(source[name + ZEROS_SUFFIX], 0, shape[0]))
+                                               read_rows(get_array(source, name + ZEROS_SUFFIX), 0, shape[0]))
             scale, blocks = group_scales(mags)
             if blocks is not None:
                 if recipe.permute_heads:  # the codes' rows move (llama q/k order): their scales with them
@@ -356,19 +358,23 @@ def run(ctx: StageContext) -> None:
                              {"of": name})
                 write_rows(array_path(ctx.output, name + BLOCK_SCALES_SUFFIX), 0, blocks.shape[0], blocks)
             # binary ({-s, +s}) when no value is 0: Q1_0 holds it; the first row with a zero names it otherwise
-            arr.attrs.update({"absmean": None, "scale": scale, "scale_granularity": scale_granularity(mags, GROUP_COLUMNS),
-                              **zero_attrs(zeros)})
+            arr = ensure_array(group, name, stored, rows, codes_dtype, {
+                **base, "code_layout": layout, "absmean": None, "scale": scale,
+                "scale_granularity": scale_granularity(mags, GROUP_COLUMNS), **zero_attrs(zeros)})
         elif "scale" not in arr.attrs:
             absmean = None
             if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor
-                sums = source[name + SUMS_SUFFIX]
+                sums = get_array(source, name + SUMS_SUFFIX)
                 try:
                     absmean = float(absmean_scale(absmean_total([read_rows(sums, 0, sums.shape[0])]), src.size))
                 except NonFiniteWeights as e:
                     raise NonFiniteWeights(f"{src.attrs['source_file']}: tensor {src.attrs['hf_name']}: {e}") \
                         from None
-            arr.attrs.update({"absmean": absmean, "scale": float(ternary_scale(recipe, absmean)),
-                              "scale_granularity": "tensor"})
+            # rewritten as extract writes its arrays' metadata (ensure_array): zarr's attrs.update
+            # costs several times more, for every projection
+            arr = ensure_array(group, name, stored, rows, codes_dtype, {
+                **base, "code_layout": layout, "absmean": absmean, "scale": float(ternary_scale(recipe, absmean)),
+                "scale_granularity": "tensor"})
         done = written_chunks(arr)
         if block_rows:  # packed: one task reads a block of packed rows once for four output chunks
             per_quarter = shape[0] // 4 // block_rows

@@ -53,6 +53,9 @@ CHECKPOINTS = {
                                vocab_size=32002, dtype="f16")),
     # prism-ml/Ternary-Bonsai-8B (Qwen3-8B: hidden 4096, FFN 12288, 36 layers, 32/8 heads, head_dim 128,
     # vocab 151936, untied), fp16 projections with one scale per 128 values: Q2_0 only
+    # issue 23: per-tensor cost. 1818 layers of tiny projections (11 tensors a layer, rows of 128 values:
+    # the projections fall back to F16) make 20,000 tensors in 1.2 GB
+    "many-tensors-20k": ("1bitllm", dict(hidden_size=128, intermediate_size=256, num_layers=1818, num_heads=2)),
     "bonsai-8b": ("bonsai", dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
                                  num_kv_heads=8, head_dim=128, vocab_size=151936)),
 }
@@ -86,6 +89,7 @@ CASES = {
     "large": Case("large-f32", reference="lazy"),
     "3B": Case("3B-f32", reference="lazy"),
     "xl": Case("xl-f16", reference="lazy"),
+    "many-tensors": Case("many-tensors-20k", limit="256MiB", note="issue 23: 20,000 tiny tensors"),
     "bonsai-8b": Case("bonsai-8b", "q2_0", note="group-scaled ternary, one scale per 128 values"),
 }
 

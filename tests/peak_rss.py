@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import time
 
 import psutil
@@ -14,7 +15,10 @@ def run_measuring_peak(cmd: list[str], env: dict | None = None, interval: float 
     a process has mapped and touched, but not the page cache behind read() calls.
     """
     started = time.monotonic()
-    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # stderr into a file, not a pipe read at the end: a conversion that logs more than a pipe holds
+    # (a warning per tensor of a model with many tensors) would block on its next line
+    err_file = tempfile.TemporaryFile()
+    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file, env=env)
     peak = 0
     while proc.poll() is None:
         total = 0
@@ -29,5 +33,8 @@ def run_measuring_peak(cmd: list[str], env: dict | None = None, interval: float 
                 pass
         peak = max(peak, total)
         time.sleep(interval)
-    err = proc.stderr.read().decode(errors="replace")
+    proc.wait()
+    err_file.seek(0)
+    err = err_file.read().decode(errors="replace")
+    err_file.close()
     return {"exit": proc.returncode, "peak": peak, "seconds": time.monotonic() - started, "stderr": err[-2000:]}
