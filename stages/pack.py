@@ -270,7 +270,7 @@ def run(ctx: StageContext) -> None:
         # the name, not the zarr.Array: one per tensor held until every tensor is checked grows the peak with N
         plans.append((name, role, shape, out, fallback, scale, block_scales, requantize))
 
-    short = [(name, out) for name, _, _, shape, out, *_ in plans
+    short = [(name, out) for name, _, shape, out, *_ in plans
              if out.run_min_cols and len(shape) > 1 and shape[-1] < out.run_min_cols]
     if short:  # a valid file, but the runtime aborts at the first matmul (docs/notes/ik-llama.md section 6)
         name, out = short[0]
