@@ -66,16 +66,21 @@ def _data_blocks(data: np.ndarray, codec) -> tuple[np.ndarray, int]:
     return data, (data.shape[1] - codec.row_meta_size) // codec.type_size
 
 
-class IQ2_BN(Codec):
+class _RowScaled(Codec):
+    """A type whose rows start with their own scale (`row_meta_size` bytes) before the blocks."""
+    row_meta_size = 0
+
+    @classmethod
+    def row_bytes(cls, cols: int, tiles=None) -> int:
+        return cls.row_meta_size + super().row_bytes(cols)
+
+
+class IQ2_BN(_RowScaled):
     """A row is float32 max|x| (4 bytes) then blocks of 64 values in 16 bytes: byte j of a block
     holds the fields of values j, 16 + j, 32 + j, 48 + j in bits 1:0, 3:2, 5:4, 7:6 (field =
     code + 1; decoded x = max * (field - 1))."""
     name, ggml_type, block_size, type_size, ternary = "IQ2_BN", 135, QK_IQ1BN, 16, True
     row_meta_size = 4
-
-    @classmethod
-    def row_bytes(cls, cols: int, tiles=None) -> int:
-        return cls.row_meta_size + super().row_bytes(cols)
 
     @classmethod
     def _blocks(cls, q: np.ndarray, rows: int, nb: int) -> np.ndarray:
@@ -106,17 +111,13 @@ class IQ2_BN(Codec):
         return (q.astype(np.float32) - 1) * d
 
 
-class IQ1_BN(Codec):
+class IQ1_BN(_RowScaled):
     """A row is fp16 max|x| (2 bytes) then blocks of 64 values in 13 bytes. Each 16 values of a
     block give three bytes ql[3g + k] (k = 0..2), the base-3 number of values 16g + 5k + j with
     weight 3**j (the first value least significant), and one trit, value 16g + 15, to byte 12
     (`extra`) with weight 3**g; every byte stores its number v as (256 v + 242) // 243."""
     name, ggml_type, block_size, type_size, ternary = "IQ1_BN", 134, QK_IQ1BN, 13, True
     row_meta_size = 2
-
-    @classmethod
-    def row_bytes(cls, cols: int, tiles=None) -> int:
-        return cls.row_meta_size + super().row_bytes(cols)
 
     @classmethod
     def encode(cls, codes: np.ndarray, scale) -> np.ndarray:
