@@ -55,6 +55,17 @@ class Budget:
                 f"baseline {format_size(self.baseline)}")
 
 
+# The limit a refusal suggests leaves this much above what the process measured, rounded up to a whole
+# multiple of it: the baseline of the rerun differs by a MiB or so (allocator, page cache of imports),
+# and the limit we name must then work.
+SUGGESTION_MARGIN = 8 * 1024**2
+
+
+def suggested_limit(needed: int) -> int:
+    """A limit to name in a refusal: `needed` plus SUGGESTION_MARGIN, up to a whole multiple of it."""
+    return -(-(needed + SUGGESTION_MARGIN) // SUGGESTION_MARGIN) * SUGGESTION_MARGIN
+
+
 def check_memory_limit(memory_limit: int, option: str = "--memory-limit") -> int:
     """Refuse a limit below what any conversion needs (MIN_MEMORY_LIMIT), naming the minimum."""
     if memory_limit < MIN_MEMORY_LIMIT:
@@ -88,7 +99,7 @@ def plan_budget(memory_limit: int, workers: int = 0, baseline: int | None = None
         baseline += workers * WORKER_PROCESS_OVERHEAD
     usable = memory_limit - baseline - HEADROOM
     per_task_min = MIN_TASK_ELEMENTS * BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER
-    minimum = baseline + HEADROOM + per_task_min
+    minimum = suggested_limit(baseline + HEADROOM + per_task_min)
     if usable < per_task_min:
         raise OptionError(f"--memory-limit {format_size(memory_limit)} is too small: this process already uses "
                           f"{format_size(baseline)}; allow at least {format_size(minimum)}")
@@ -106,5 +117,5 @@ def plan_budget(memory_limit: int, workers: int = 0, baseline: int | None = None
         elements = elements // CHUNK_QUANTUM * CHUNK_QUANTUM
     if elements < MIN_TASK_ELEMENTS:
         raise OptionError(f"--memory-limit {format_size(memory_limit)} is too small for {workers} workers; "
-                          f"use fewer --workers or a limit of at least {format_size(baseline + HEADROOM + workers * per_task_min)}")
+                          f"use fewer --workers or a limit of at least {format_size(suggested_limit(baseline + HEADROOM + workers * per_task_min))}")
     return Budget(memory_limit, baseline, workers, elements)

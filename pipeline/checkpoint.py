@@ -106,7 +106,7 @@ def check_tokenizer_fits(model_dir: Path, vocab_size: int, memory_limit: int, ch
     """Refuse, before reading it, a tokenizer whose reading the memory limit cannot hold beside
     what this process already uses, the budget's headroom and (`chunk_work`: not for --vocab-only)
     the smallest chunk work; name the file and the limit that would do."""
-    from pipeline.budget import HEADROOM, current_rss, minimum_task_bytes
+    from pipeline.budget import HEADROOM, current_rss, minimum_task_bytes, suggested_limit
     from pipeline.config import format_size
     from pipeline.errors import OptionError
     from pipeline.vocab import tokenizer_file
@@ -117,9 +117,7 @@ def check_tokenizer_fits(model_dir: Path, vocab_size: int, memory_limit: int, ch
     total = rest + need
     if total <= memory_limit:
         return
-    # whole 8 MiB: what this process uses differs a little from run to run, and the limit named
-    # must still hold on the next run
-    at_least = f"allow at least {-(-total // (8 * 2**20)) * 8}MiB"
+    at_least = f"allow at least {suggested_limit(total) // 2**20}MiB"
     if rest > memory_limit:  # too small for any work, whatever the tokenizer
         raise OptionError(f"--memory-limit {format_size(memory_limit)} is too small: this process already uses "
                           f"{format_size(used)}, and reading the tokenizer takes about {format_size(need)}; "

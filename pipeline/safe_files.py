@@ -93,7 +93,7 @@ def read_option_file(path: Path, option: str, kind: str, max_bytes: int, bytes_p
 def refuse_too_big(path: Path, option: str, kind: str, size: int, max_bytes: int, bytes_per_byte: int,
                    memory_limit: int | None) -> None:
     """Refuse an option file of `size` bytes past `max_bytes`, or whose parsing `memory_limit` cannot hold."""
-    from pipeline.budget import HEADROOM, current_rss
+    from pipeline.budget import HEADROOM, current_rss, suggested_limit
     from pipeline.config import format_size
 
     if size > max_bytes:
@@ -106,4 +106,4 @@ def refuse_too_big(path: Path, option: str, kind: str, size: int, max_bytes: int
     if rest <= memory_limit < rest + need:  # a limit below `rest` is the budget's to refuse, with its minimum
         raise OptionError(f"{option} {path}: reading its {format_size(size)} takes about {format_size(need)}, more "
                           f"than --memory-limit {format_size(memory_limit)} holds beside this process; give a "
-                          f"smaller file or allow at least {-(-(rest + need) // 2**20)}MiB")
+                          f"smaller file or allow at least {suggested_limit(rest + need) // 2**20}MiB")
