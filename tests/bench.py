@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import format_size, parse_size  # noqa: E402
 from tests.peak_rss import run_measuring_peak  # noqa: E402
-from tests.synthetic import write_checkpoint  # noqa: E402
+from tests.synthetic import write_checkpoint, write_qwen35_checkpoint  # noqa: E402
 
 RESULTS = ROOT / "docs" / "benchmarks.md"
 
@@ -58,6 +58,17 @@ CHECKPOINTS = {
     "many-tensors-20k": ("1bitllm", dict(hidden_size=128, intermediate_size=256, num_layers=1818, num_heads=2)),
     "bonsai-8b": ("bonsai", dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
                                  num_kv_heads=8, head_dim=128, vocab_size=151936)),
+    # issue 22: prism-ml/Bonsai-8B-unpacked (1-bit: Qwen3-8B, fp16 {-s, +s}, one s per 128 values)
+    "bonsai-8b-binary": ("bonsai", dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                                        num_kv_heads=8, head_dim=128, vocab_size=151936, binary=True)),
+    # issue 22: a Ternary-Bonsai-27B-shaped qwen35 (Qwen3.5-27B: hidden 5120, FFN 17408, 24 query / 4 KV
+    # heads of 256, full attention every 4th layer, vocab 248320; the delta-net's 16 key / 48 value heads
+    # of 128 are [inference]), ternary embeddings and head; 16 of its 64 layers (the disk: the checkpoint
+    # and llama.cpp's F16 intermediate are each 14 GB at 16 layers)
+    "qwen35-27b-16l": ("qwen35", dict(hidden_size=5120, intermediate_size=17408, num_layers=16, num_heads=24,
+                                      num_kv_heads=4, head_dim=256, linear_key_heads=16, linear_value_heads=48,
+                                      linear_key_head_dim=128, linear_value_head_dim=128, vocab_size=248320,
+                                      ternary_embeddings=True)),
 }
 
 
@@ -68,6 +79,10 @@ class Case:
     limit: str = "1GiB"
     extra: tuple[str, ...] = ()
     reference: str | None = None   # llama.cpp mode: "lazy" or "no-lazy" (None: not run)
+    # llama.cpp's route to a type its converter cannot write: `--outtype f16`, then llama_model_quantize
+    # (llama-quantize) to this file type (LLAMA_FTYPE_MOSTLY_*); the converter is then run with `reference`
+    route_ftype: int | None = None
+    reference_args: tuple[str, ...] = ()
     note: str = ""
     kernel_config: tuple = ()      # TL1/TL2: (m, k, bm, bk, bmm) sections written to a kernel_config.ini
 
@@ -91,6 +106,11 @@ CASES = {
     "xl": Case("xl-f16", reference="lazy"),
     "many-tensors": Case("many-tensors-20k", limit="256MiB", note="issue 23: 20,000 tiny tensors"),
     "bonsai-8b": Case("bonsai-8b", "q2_0", note="group-scaled ternary, one scale per 128 values"),
+    "bonsai-8b-q1_0": Case("bonsai-8b-binary", "q1_0", reference="lazy", route_ftype=40,
+                           note="issue 22: 1-bit Bonsai; llama.cpp: f16 then llama-quantize Q1_0"),
+    "qwen35-27b-q2_0": Case("qwen35-27b-16l", "q2_0", extra=("--embedding-type", "q2_0"), reference="lazy",
+                            route_ftype=41, reference_args=("--no-mtp",),
+                            note="issue 22: Ternary-Bonsai-27B shape; llama.cpp: f16 then llama-quantize Q2_0"),
 }
 
 
@@ -99,7 +119,10 @@ def checkpoint(name: str, workdir: Path) -> Path:
     if not (path / "config.json").is_file():
         family, shape = CHECKPOINTS[name]
         print(f"generating the {name} checkpoint in {path} ...", flush=True)
-        write_checkpoint(path, family, **shape)
+        if family == "qwen35":
+            write_qwen35_checkpoint(path, **shape)
+        else:
+            write_checkpoint(path, family, **shape)
     return path
 
 
@@ -161,17 +184,36 @@ def stage_figures(work: Path) -> str:
 
 
 def run_reference(case: Case, model: Path, workdir: Path, python: str, src: Path) -> dict:
-    out = workdir / f"{case.checkpoint}-{case.out_type}-llamacpp.gguf"
+    """llama.cpp's converter (through tests/reference_convert.py, which names the synthetic BPE
+    tokenizer's pre-tokenizer); with `route_ftype`, its F16 file then goes through llama.cpp's own
+    quantizer, and the figures are the route's: the larger peak, the summed time, the F16 file as
+    the largest intermediate."""
+    out_type = "f16" if case.route_ftype is not None else case.out_type
+    out = workdir / f"{case.checkpoint}-{out_type}-llamacpp.gguf"
+    cmd = [python, str(ROOT / "tests" / "reference_convert.py"), str(src), "llama-bpe", str(model),
+           "--outtype", out_type, "--outfile", str(out), *case.reference_args]
     if case.reference == "no-lazy":
-        cmd = [python, str(ROOT / "tests" / "reference_convert.py"), str(src), "llama-bpe", str(model),
-               "--outtype", case.out_type, "--outfile", str(out), "--no-lazy"]
-    else:
-        cmd = [python, str(src / "convert_hf_to_gguf.py"), str(model), "--outtype", case.out_type, "--outfile", str(out)]
+        cmd.append("--no-lazy")
     r = run_measuring_peak(cmd, interval=0.05)
     r["output"] = tree_size(out) if out.exists() else 0
     r["workdir"] = 0
+    if case.route_ftype is not None and r["exit"] == 0:
+        final = workdir / f"{case.checkpoint}-{case.out_type}-llamacpp.gguf"
+        q = run_measuring_peak([sys.executable, "-c", QUANTIZE, str(out), str(final), str(case.route_ftype)],
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, interval=0.05)
+        r = {"exit": q["exit"], "peak": max(r["peak"], q["peak"]), "seconds": r["seconds"] + q["seconds"],
+             "stderr": q["stderr"], "output": tree_size(final) if final.exists() else 0,
+             "intermediate": r["output"], "steps": f"convert {r['seconds']:.0f} s, quantize {q['seconds']:.0f} s"}
+        final.unlink(missing_ok=True)
     out.unlink(missing_ok=True)
     return r
+
+
+# llama-quantize's own call (llama_model_quantize), every thread, as `llama-quantize F16 OUT TYPE` runs it
+QUANTIZE = """import sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype, p.nthread = int(sys.argv[3]), 0
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))"""
 
 
 def main(argv=None) -> int:
@@ -208,8 +250,10 @@ def main(argv=None) -> int:
             print(r["stderr"], flush=True)
         if case.reference and not args.no_reference and (args.reference_src / "convert_hf_to_gguf.py").is_file():
             r = run_reference(case, model, args.workdir, args.reference_python, args.reference_src)
-            rows.append((name, case, size, f"llama.cpp convert_hf_to_gguf.py{' --no-lazy' if case.reference == 'no-lazy' else ''}",
-                         r, None))
+            who = f"llama.cpp convert_hf_to_gguf.py{' --no-lazy' if case.reference == 'no-lazy' else ''}"
+            if case.route_ftype is not None:
+                who += f" --outtype f16, then llama-quantize (file type {case.route_ftype})"
+            rows.append((name, case, size, who, r, None))
             print(f"{name}: llama.cpp: exit {r['exit']}, peak {format_size(r['peak'])}, {r['seconds']:.0f} s", flush=True)
             if r["exit"]:
                 print(r["stderr"], flush=True)
@@ -234,6 +278,8 @@ def main(argv=None) -> int:
     for name, case, size, who, r, limit in rows:
         if r.get("workdir"):
             lines.append(f"- {name}: run directory {r['workdir'] / size:.2f}x the checkpoint; {r.get('stages', '')}")
+        if r.get("intermediate"):
+            lines.append(f"- {name}: {who}: F16 intermediate {format_size(r['intermediate'])}; {r['steps']}")
     with open(RESULTS, "a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1073,17 +1073,22 @@ def write_qwen35_checkpoint(out_dir, *, hidden_size=256, intermediate_size=512, 
                             full_attention_interval=4, num_heads=4, num_kv_heads=2, head_dim=64,
                             linear_key_heads=2, linear_value_heads=4, linear_key_head_dim=64,
                             linear_value_head_dim=64, conv_kernel=4, tied=False, conditional=False,
-                            group_size=128, seed=0, tokenizer_vocab=400) -> Path:
+                            group_size=128, seed=0, tokenizer_vocab=400, vocab_size=None,
+                            ternary_embeddings=False) -> Path:
     """A random Qwen3.5 text checkpoint (fp16) with the config keys and tensor names of Qwen/Qwen3.5-*:
     every `full_attention_interval`-th layer is full attention (q_proj twice as tall: query and its
     output gate, q/k norms), the others gated delta-net (`linear_attn.*`). Norms are stored as w with
     the model computing (1 + w) x, except linear_attn.norm. `conditional`: Qwen3_5ForConditionalGeneration
-    layout (text config under `text_config`, tensors under `model.language_model.`, one vision tensor)."""
+    layout (text config under `text_config`, tensors under `model.language_model.`, one vision tensor).
+    `vocab_size`: the embedding's rows (default: the tokenizer's size rounded up past a multiple of 64);
+    `ternary_embeddings`: the embedding and lm_head group-scaled like the projections (Ternary-Bonsai)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fam = FAMILIES["bonsai"]
     n_tokens, (bos_id, eos_id) = _bpe_tokenizer(out, fam, tokenizer_vocab, seed, 4096)
-    vocab = (n_tokens // VOCAB_MULTIPLE + 1) * VOCAB_MULTIPLE
+    vocab = vocab_size or (n_tokens // VOCAB_MULTIPLE + 1) * VOCAB_MULTIPLE
+    if vocab < n_tokens:
+        raise OptionError(f"vocab_size {vocab} is below the tokenizer's {n_tokens} tokens")
     h = hidden_size
     kinds = ["full_attention" if (i + 1) % full_attention_interval == 0 else "linear_attention"
              for i in range(num_layers)]
@@ -1107,7 +1112,7 @@ def write_qwen35_checkpoint(out_dir, *, hidden_size=256, intermediate_size=512, 
         config = {"architectures": ["Qwen3_5ForCausalLM"], **text}
     prefix = "model.language_model." if conditional else "model."
     qk, v = linear_key_heads * linear_key_head_dim, linear_value_heads * linear_value_head_dim
-    specs = [(prefix + "embed_tokens.weight", (vocab, h), "embedding")]
+    specs = [(prefix + "embed_tokens.weight", (vocab, h), "grouped" if ternary_embeddings else "embedding")]
     for b, kind in enumerate(kinds):
         p = f"{prefix}layers.{b}."
         specs += [(p + "input_layernorm.weight", (h,), "norm0"), (p + "post_attention_layernorm.weight", (h,), "norm0"),
@@ -1132,7 +1137,7 @@ def write_qwen35_checkpoint(out_dir, *, hidden_size=256, intermediate_size=512, 
                       (a + "q_norm.weight", (head_dim,), "norm0"), (a + "k_norm.weight", (head_dim,), "norm0")]
     specs.append((prefix + "norm.weight", (h,), "norm0"))
     if not tied:
-        specs.append(("lm_head.weight", (vocab, h), "head"))
+        specs.append(("lm_head.weight", (vocab, h), "grouped" if ternary_embeddings else "head"))
     if conditional:  # what llama.cpp's text converter skips (its mmproj route converts it)
         specs.append(("model.visual.patch_embed.proj.weight", (64, 3 * 2 * 16 * 16), "attn"))
 
