@@ -15,10 +15,12 @@ that zarr itself opens it with data.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -144,10 +146,38 @@ def array_path(store: Path, name: str) -> str:
     return str(Path(store) / name)
 
 
+# Arrays opened lately, by (path, mode): every chunk task opens its source and output, and parsing a
+# zarr.json again for each of thousands of small chunks was a third of a task's time. An entry is
+# used only while the zarr.json is the same file (inode, size, mtime): rewritten metadata is reread.
+_OPENED: collections.OrderedDict = collections.OrderedDict()
+_OPENED_MAX = 64
+_OPENED_LOCK = threading.Lock()
+
+
 def open_array(path: str, mode: str = "r+") -> zarr.Array:
+    key = (str(path), mode)
+    try:
+        st = os.stat(os.path.join(str(path), "zarr.json"))
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_dev)
+    except OSError:
+        stamp = None
+    if stamp is not None:
+        with _OPENED_LOCK:
+            hit = _OPENED.get(key)
+            if hit is not None and hit[0] == stamp:
+                _OPENED.move_to_end(key)
+                return hit[1]
     store = local_store(path, mode)
     arr = _array_from_json(store, "")
-    return arr if arr is not None else zarr.open_array(store, mode=mode, zarr_format=3)
+    if arr is None:
+        return zarr.open_array(store, mode=mode, zarr_format=3)
+    if stamp is not None:
+        with _OPENED_LOCK:
+            _OPENED[key] = (stamp, arr)
+            _OPENED.move_to_end(key)
+            while len(_OPENED) > _OPENED_MAX:
+                _OPENED.popitem(last=False)
+    return arr
 
 
 def remove_tree(path: Path) -> None:
@@ -625,24 +655,53 @@ def digest_path(arr: zarr.Array, index: int) -> Path:
     return Path(str(arr.store_path.store.root)) / arr.path / DIGESTS / str(index)
 
 
-def record_chunk(arr: zarr.Array, index: int) -> None:
-    """Record row-chunk `index` of `arr` as just written: [size, xxh3 digest] of its chunk file."""
+def record_chunk(arr: zarr.Array, index: int, content: memoryview | None = None) -> None:
+    """Record row-chunk `index` of `arr` as just written: [size, xxh3 digest] of its chunk file
+    (`content`: the bytes just written to it, hashed instead of reading the file back)."""
     path = chunk_path(arr, index)
     record = digest_path(arr, index)
     record.parent.mkdir(exist_ok=True)
+    if content is None:
+        entry = [path.stat().st_size, file_digest(path)]
+    else:
+        import xxhash
+
+        entry = [content.nbytes, xxhash.xxh3_64(content).hexdigest()]
     tmp = record.with_name(record.name + ".partial")
     with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
-        f.write(json.dumps([path.stat().st_size, file_digest(path)]))
+        f.write(json.dumps(entry))
     os.replace(tmp, record)
 
 
 def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
-    """Rows [start, stop) of the array at `path` (whole chunks) = `data`, each chunk recorded."""
+    """Rows [start, stop) of the array at `path` (whole chunks) = `data`, each chunk recorded.
+    A raw array's chunks are written as files directly (a temporary name, then a rename), the
+    bytes zarr would write: zarr's write path costs a few ms of event-loop round trips a chunk,
+    which at a low --memory-limit (small chunks, thousands of them) was most of a stage's time."""
     arr = open_array(path)
-    arr[start:stop] = data
     rows_per_chunk = arr.chunks[0]
-    for index in range(start // rows_per_chunk, -(-stop // rows_per_chunk)):
-        record_chunk(arr, index)
+    if not (is_raw(arr) and start % rows_per_chunk == 0 and tuple(arr.chunks[1:]) == tuple(arr.shape[1:])
+            and stop <= arr.shape[0] and data.shape == (stop - start, *arr.shape[1:])):
+        arr[start:stop] = data
+        for index in range(start // rows_per_chunk, -(-stop // rows_per_chunk)):
+            record_chunk(arr, index)
+        return
+    rows = np.ascontiguousarray(data, dtype=arr.dtype.newbyteorder("<"))
+    for r0 in range(start, stop, rows_per_chunk):
+        index = r0 // rows_per_chunk
+        block = rows[r0 - start:min(stop, r0 + rows_per_chunk) - start]
+        if block.shape[0] < rows_per_chunk:  # an edge chunk: zarr pads it to the full chunk with the fill value
+            full = np.full((rows_per_chunk, *block.shape[1:]), arr.metadata.fill_value, dtype=rows.dtype)
+            full[:block.shape[0]] = block
+            block = full
+        content = memoryview(block.reshape(-1).view(np.uint8))
+        target = chunk_path(arr, index)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        with create_exclusive(tmp) as f:
+            f.write(content)
+        os.replace(tmp, target)
+        record_chunk(arr, index, content)
 
 
 def chunk_records(store: Path, digests: dict[str, list]) -> None:
