@@ -20,10 +20,10 @@ import platform
 
 import numpy as np
 
-from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_ARM, Q1_0, Q2_0, Q8_0, TL1, TL2, TQ1_0, TQ2_0, Codec
+from pipeline.codecs import (BF16, CODECS, F16, F32, I2_S, I2_S_ARM, IQ1_BN, IQ2_BN, IQ2_BN_R4, Q1_0, Q2_0, Q8_0, TL1,
+                             TL2, TQ1_0, TQ2_0, Codec)
 from pipeline.errors import OptionError
 from pipeline.families import EMBEDDING, FLOAT, NORM, OUTPUT, TERNARY
-from pipeline.ik_codecs import IK_CODECS, IQ1_BN, IQ2_BN, IQ2_BN_R4
 
 
 TARGETS = ("x86", "arm")  # bitnet.cpp builds: x86 (AVX2/AVX512) and ARM (NEON)
@@ -117,7 +117,6 @@ OUTPUT_TYPES["q1_0"] = OutputType("q1_0", Q1_0, 40, "1.125 bits/weight, upstream
 # ik_llama.cpp's own ternary types (docs/notes/ik-llama.md): one scale per row (row meta), blocks of 64
 # values; llama ftypes MOSTLY_IQ1_BN = 136, MOSTLY_IQ2_BN = 137, MOSTLY_IQ2_BN_R4 = 337. R4 interleaves
 # groups of 4 rows: a projection whose row count is not a multiple of 4 is IQ2_BN (as ik's llama-quantize)
-CODECS.update(IK_CODECS)
 OUTPUT_TYPES.update({t.name: t for t in (
     OutputType("iq2_bn", IQ2_BN, 137, "2 bits/weight + a float32 scale per row, ik_llama.cpp only",
                ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", run_min_cols=512),
