@@ -588,10 +588,10 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
                 type_choice=opts.type_reason or "given")
 
 
-def save_plan(run, plan: Plan) -> None:
-    from pipeline.rundir import write_json_atomic
+def save_plan(run, plan: Plan, tag: str | None = None) -> None:
+    from pipeline.rundir import plan_name, write_json_atomic
 
-    write_json_atomic(run.path / "plan.json", plan.as_json())
+    write_json_atomic(run.path / plan_name(tag), plan.as_json())
 
 
 def load_plan(run) -> dict | None:
