@@ -672,7 +672,7 @@ def describe_gguf(path: Path, tensor: str | None = None) -> dict:
     from gguf import GGMLQuantizationType
 
     from pipeline.gguf_file import read_gguf
-    from pipeline.outtypes import BY_GGML_TYPE, type_of_file
+    from pipeline.outtypes import BY_GGML_TYPE, file_runtimes, registry_entry, type_of_file
     from pipeline.plan import TARGET_KEY, TILES_KEY
 
     contents = read_gguf(path)
@@ -686,9 +686,16 @@ def describe_gguf(path: Path, tensor: str | None = None) -> dict:
     file_type = contents.kv("general.file_type")
     out = type_of_file(file_type, [t.ggml_type for t in contents.tensors])
     tiles = contents.kv(TILES_KEY) or []
+    target = contents.kv(TARGET_KEY)
+    types = [registry_entry(t.ggml_type, target) for t in contents.tensors]
+    known = [t for t in types if t is not None]
     report = {"file": str(path), "architecture": contents.kv("general.architecture"),
               "file_type": file_type, "type": out.codec.name if out else None,
-              "target": contents.kv(TARGET_KEY),
+              "target": target,
+              # which runtimes load it, from its tensors' types (I2_S: the layout bitnet_gguf.target names,
+              # x86 when the key is absent, as for other converters' files)
+              "runtimes": file_runtimes(known) if known and len(known) == len(types) else None,
+              "traps": list(dict.fromkeys(trap for t in known for trap in t.traps)),
               "kernel_tiles": [tiles[i:i + 5] for i in range(0, len(tiles), 5)],
               "tensors": {t.name: {"shape": list(t.shape), "type": type_name(t.ggml_type), "ggml_type": t.ggml_type,
                                    "offset": t.offset, "nbytes": t.nbytes} for t in contents.tensors}}
@@ -700,7 +707,7 @@ def describe_gguf(path: Path, tensor: str | None = None) -> dict:
 
 
 def format_gguf(report: dict) -> str:
-    from pipeline.outtypes import TARGET_NAMES
+    from pipeline.outtypes import TARGET_NAMES, runtimes_report_lines
 
     lines = [f"GGUF file: {report['file']}",
              f"  arch {report['architecture']}, general.file_type {report['file_type']}"
@@ -717,6 +724,10 @@ def format_gguf(report: dict) -> str:
     for t in report["tensors"].values():
         counts[t["type"]] = counts.get(t["type"], 0) + 1
     lines.append(f"  {len(report['tensors'])} tensor(s): " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    if report["runtimes"] is None:
+        lines.append("  runs in: unknown (a tensor type bitnet-gguf does not write)")
+    else:
+        lines += [f"  {line}" for line in runtimes_report_lines(report["runtimes"], report["traps"])]
     for name, t in report["tensors"].items():
         lines.append(f"  {name:<28} {'x'.join(map(str, t['shape'])):>12} {t['type']:<6} {t['nbytes']} bytes at {t['offset']}")
     return "\n".join(lines)
