@@ -67,6 +67,8 @@ def test_comma_list_writes_each_type_byte_identical_to_its_own_conversion(root, 
     status = run_cli("status", work).stdout
     for t in TYPES:
         assert f"output: {out / f'm-{t.upper()}.gguf'}\n  pack      done" in status
+    shown = run_cli("inspect", work).stdout
+    assert "\npack-i2_s.zarr\n  layout: I2_S for bitnet.cpp's x86 builds" in shown and "\npack-iq2_bn.zarr\n" in shown
 
 
 def test_plan_lists_every_output(root, model):
