@@ -123,8 +123,6 @@ def convert_vocab_only(opts: Options, log) -> list[Path]:
 
 def plan_conversion(opts: Options):
     """The plan of `convert(opts)` (pipeline/plan.py), refusing what it would refuse; writes nothing."""
-    if opts.scheduler.startswith("tcp://"):
-        probe_scheduler(opts.scheduler)
     ckpt = _open(opts)  # as convert does, so the budget's baseline is the same
     plan = make_plan(opts, ckpt, conversion_budget(opts, ckpt))
     preflight(opts, RunDir(opts.workdir), plan)
@@ -148,33 +146,36 @@ def _output_refused(opts: Options, e: UserError) -> UserError:
 
 def plan_many(many: list[Options]) -> list:
     """The plans of a conversion to several --type (`convert_many`), refusing what it would refuse."""
+    return _checked_plans(many)[2]
+
+
+def _checked_plans(many: list[Options]) -> tuple:
+    """(checkpoint, budget, plans) of the outputs of several --type, after every check that refuses
+    one of them (naming it) or the run directory, the output side and the disk."""
     first = many[0]
-    if first.scheduler.startswith("tcp://"):
-        probe_scheduler(first.scheduler)
     ckpt = _open(first)
     budget = conversion_budget(first, ckpt)
-    plans = _plans(many, ckpt, budget)
-    preflight(first, RunDir(first.workdir), plans[0], *zip(many[1:], plans[1:]))
-    return plans
-
-
-def _open(opts: Options):
-    ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
-                           max_header_bytes=header_budget(opts.memory_limit), model_name=opts.name_override,
-                           metadata_file=opts.metadata_file, memory_limit=opts.memory_limit)
-    for stage in STAGES:  # import everything first, so the budget's baseline includes it
-        importlib.import_module(f"stages.{stage}")
-    return ckpt
-
-
-def _plans(many: list[Options], ckpt, budget) -> list:
     plans = []
     for opts in many:
         try:
             plans.append(make_plan(opts, ckpt, budget))
         except UserError as e:
             raise _output_refused(opts, e) from None
-    return plans
+    preflight(first, RunDir(first.workdir), plans[0], *zip(many[1:], plans[1:]))
+    return ckpt, budget, plans
+
+
+def _open(opts: Options):
+    """The checkpoint, opened after the scheduler is probed (a wrong address is one line, before
+    anything is read), with every stage imported (so the budget's baseline includes them)."""
+    if opts.scheduler.startswith("tcp://"):
+        probe_scheduler(opts.scheduler)
+    ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
+                           max_header_bytes=header_budget(opts.memory_limit), model_name=opts.name_override,
+                           metadata_file=opts.metadata_file, memory_limit=opts.memory_limit)
+    for stage in STAGES:
+        importlib.import_module(f"stages.{stage}")
+    return ckpt
 
 
 def convert_many(many: list[Options], log) -> list[Path]:
@@ -184,28 +185,15 @@ def convert_many(many: list[Options], log) -> list[Path]:
     before anything is written; an output refused while it is packed (its data: a group scale its
     type cannot hold) is named, the others are still written, and the command fails at the end."""
     first = many[0]
-    if first.scheduler.startswith("tcp://"):
-        probe_scheduler(first.scheduler)
-    ckpt = _open(first)
-    budget = conversion_budget(first, ckpt)
-    plans = _plans(many, ckpt, budget)
+    ckpt, budget, plans = _checked_plans(many)
     run = RunDir(first.workdir)
-    preflight(first, run, plans[0], *zip(many[1:], plans[1:]))
     outputs_before = [[identity(p) for p in final_paths(o.output, len(pl.outputs))] for o, pl in zip(many, plans)]
     keys = [stage_keys(o, ckpt) for o in many]
-    worker_memory = max(1, (first.memory_limit - current_rss()) // budget.workers)
-    scheduler = Scheduler(first.scheduler, budget.workers, worker_memory, first.progress,
-                          worker_timeout=first.worker_timeout, log=log)
+    scheduler = _scheduler(first, budget, log)
     written, failed = [], []
     try:
         with run:
-            log(f"model: {first.model_dir} ({ckpt.plan.family.description}, {len(ckpt.plan.tensors)} tensors)")
-            for o in many:
-                built = f" for bitnet.cpp's {TARGET_NAMES[o.target]} builds" if o.layout.target else ""
-                log(f"output: {o.output} ({o.out_type.upper()}{built}, embeddings {o.embedding_type.upper()}, "
-                    f"GGUF arch {ckpt.plan.arch})")
-                if o.type_reason:
-                    log(f"type: {o.out_type.upper()}, chosen by --type auto: {o.type_reason}")
+            _log_outputs(many, ckpt, log)
             log(f"run directory: {first.workdir} (extract and quantize once for the {len(many)} outputs)")
             log(budget.describe())
             options = {**first.as_json(), "out_type": [o.out_type for o in many],
@@ -247,8 +235,6 @@ def conversion_budget(opts: Options, ckpt):
 
 
 def convert(opts: Options, log) -> list[Path]:
-    if opts.scheduler.startswith("tcp://"):
-        probe_scheduler(opts.scheduler)  # before anything is read or written: a wrong address is one line
     ckpt = _open(opts)
     budget = conversion_budget(opts, ckpt)
     plan = make_plan(opts, ckpt, budget)
@@ -258,18 +244,11 @@ def convert(opts: Options, log) -> list[Path]:
     # process's, and assemble does not replace it
     outputs_before = [identity(p) for p in final_paths(opts.output, len(plan.outputs))]
     keys = stage_keys(opts, ckpt)
-    worker_memory = max(1, (opts.memory_limit - current_rss()) // budget.workers)
     # the scheduler before the run directory: one that cannot be reached is refused with nothing made
-    scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress,
-                          worker_timeout=opts.worker_timeout, log=log)
+    scheduler = _scheduler(opts, budget, log)
     try:
         with run:
-            log(f"model: {opts.model_dir} ({ckpt.plan.family.description}, {len(ckpt.plan.tensors)} tensors)")
-            built = f" for bitnet.cpp's {TARGET_NAMES[opts.target]} builds" if opts.layout.target else ""
-            log(f"output: {opts.output} ({opts.out_type.upper()}{built}, embeddings {opts.embedding_type.upper()}, "
-                f"GGUF arch {ckpt.plan.arch})")
-            if opts.type_reason:
-                log(f"type: {opts.out_type.upper()}, chosen by --type auto: {opts.type_reason}")
+            _log_outputs([opts], ckpt, log)
             log(f"run directory: {opts.workdir}")
             log(budget.describe())
             outputs = _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before)
@@ -282,6 +261,23 @@ def convert(opts: Options, log) -> list[Path]:
     log(f"run directory kept for inspection and reruns: {opts.workdir} ({format_size(kept)}); "
         "delete it when you no longer need it")
     return outputs
+
+
+def _scheduler(opts: Options, budget, log) -> Scheduler:
+    worker_memory = max(1, (opts.memory_limit - current_rss()) // budget.workers)
+    return Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress,
+                     worker_timeout=opts.worker_timeout, log=log)
+
+
+def _log_outputs(many: list[Options], ckpt, log) -> None:
+    """The first lines of a conversion's log: the model, each output and its type."""
+    log(f"model: {many[0].model_dir} ({ckpt.plan.family.description}, {len(ckpt.plan.tensors)} tensors)")
+    for o in many:
+        built = f" for bitnet.cpp's {TARGET_NAMES[o.target]} builds" if o.layout.target else ""
+        log(f"output: {o.output} ({o.out_type.upper()}{built}, embeddings {o.embedding_type.upper()}, "
+            f"GGUF arch {ckpt.plan.arch})")
+        if o.type_reason:
+            log(f"type: {o.out_type.upper()}, chosen by --type auto: {o.type_reason}")
 
 
 def _nearest_existing(path: Path) -> Path:
