@@ -210,6 +210,13 @@ def convert_many(many: list[Options], log) -> list[Path]:
                     written += _run_stages(o, ckpt, plan, budget, scheduler, run, key, log, before,
                                            stages=OUTPUT_STAGES, tag=tag, manifest=manifest)
                 except UserError as e:
+                    # a damaged run directory or a checkpoint changed under the run is every output's
+                    # problem: the conversion stops; anything else (the data refused by this output's
+                    # type, its path taken by another process) is this output's alone
+                    if isinstance(e, SourceContentChanged) or (isinstance(e, RunDirError)
+                                                               and not isinstance(e, OutputChanged)):
+                        raise
+                    _source_unchanged(ckpt)()
                     refused = _output_refused(o, e)
                     failed.append(refused)
                     log(f"{refused}; the other outputs go on")
