@@ -150,7 +150,7 @@ class OutputType:
     name: str                  # registry key: "tq2_0", "i2_s_arm"
     codec: type[Codec]
     file_type: int | None      # general.file_type when this is the --type (llama.cpp's LlamaFileType)
-    summary: str               # one phrase for --help
+    summary: str               # one phrase for --help (where it runs: from RUNTIME_SUPPORT)
     ternary_choice: bool = False    # a --type choice for the projections (a float type: their effective
                                     # weights, the ternary values times the scale, as llama.cpp's --outtype)
     embedding_choice: bool = False  # an --embedding-type choice for token_embd / output
@@ -211,11 +211,11 @@ class OutputType:
 
 
 OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
-    OutputType("tq2_0", TQ2_0, 37, "2.06 bits/weight, llama.cpp and bitnet.cpp", ternary_choice=True,
+    OutputType("tq2_0", TQ2_0, 37, "2.06 bits/weight", ternary_choice=True,
                embedding_choice=True, fallback="f16", from_codes=True),
-    OutputType("tq1_0", TQ1_0, 36, "1.69 bits/weight, smallest, llama.cpp and bitnet.cpp", ternary_choice=True,
+    OutputType("tq1_0", TQ1_0, 36, "1.69 bits/weight, smallest", ternary_choice=True,
                fallback="f16"),
-    OutputType("i2_s", I2_S, 40, "2 bits/weight, bitnet.cpp's fast CPU kernels (not upstream llama.cpp), "
+    OutputType("i2_s", I2_S, 40, "2 bits/weight, bitnet.cpp's fast CPU kernels, "
                "laid out for the --target build", ternary_choice=True, fallback="f16", target="x86", from_codes=True),
     OutputType("i2_s_arm", I2_S_ARM, 40, "I2_S for bitnet.cpp's ARM builds", ternary_choice=True, fallback="f16",
                option="i2_s", target="arm", from_codes=True),
@@ -231,22 +231,22 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
                embedding_choice=True, fallback="f16", largest=65504.0 * 127),
 )}
 # upstream llama.cpp's Q2_0 (file type MOSTLY_Q2_0 = 41): one fp16 scale per 64 values
-OUTPUT_TYPES["q2_0"] = OutputType("q2_0", Q2_0, 41, "2.25 bits/weight, upstream llama.cpp only (one scale per "
+OUTPUT_TYPES["q2_0"] = OutputType("q2_0", Q2_0, 41, "2.25 bits/weight (one scale per "
                                   "64 values: group-scaled checkpoints)", ternary_choice=True, embedding_choice=True,
                                   fallback="f16")
 # upstream llama.cpp's Q1_0 (file type MOSTLY_Q1_0 = 40): one fp16 scale and 128 sign bits per 128 values
-OUTPUT_TYPES["q1_0"] = OutputType("q1_0", Q1_0, 40, "1.125 bits/weight, upstream llama.cpp only (binary "
+OUTPUT_TYPES["q1_0"] = OutputType("q1_0", Q1_0, 40, "1.125 bits/weight (binary "
                                   "checkpoints: -s and +s, one s per 128 values; 1-bit Bonsai)", ternary_choice=True,
                                   embedding_choice=True, fallback="f16")
 # ik_llama.cpp's own ternary types (docs/notes/ik-llama.md): one scale per row (row meta), blocks of 64
 # values; llama ftypes MOSTLY_IQ1_BN = 136, MOSTLY_IQ2_BN = 137, MOSTLY_IQ2_BN_R4 = 337. R4 interleaves
 # groups of 4 rows: a projection whose row count is not a multiple of 4 is IQ2_BN (as ik's llama-quantize)
 OUTPUT_TYPES.update({t.name: t for t in (
-    OutputType("iq2_bn", IQ2_BN, 137, "2 bits/weight + a float32 scale per row, ik_llama.cpp only",
+    OutputType("iq2_bn", IQ2_BN, 137, "2 bits/weight + a float32 scale per row",
                ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", run_min_cols=512),
-    OutputType("iq1_bn", IQ1_BN, 136, "1.625 bits/weight + an fp16 scale per row, ik_llama.cpp only",
+    OutputType("iq1_bn", IQ1_BN, 136, "1.625 bits/weight + an fp16 scale per row",
                ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", run_min_cols=512),
-    OutputType("iq2_bn_r4", IQ2_BN_R4, 337, "IQ2_BN with 4 rows interleaved, ik_llama.cpp only",
+    OutputType("iq2_bn_r4", IQ2_BN_R4, 337, "IQ2_BN with 4 rows interleaved",
                ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", rows_fallback="iq2_bn"),
 )})
 assert set(OUTPUT_TYPES) == set(CODECS), "every codec has a registry entry"
@@ -292,8 +292,21 @@ AUTO_TYPE = "auto"  # --type auto (pipeline/auto_type.py): decided from the fami
 TYPE_OPTIONS = (AUTO_TYPE, *TERNARY_CHOICES)
 
 
+def runs_in(option: str) -> str:
+    """Where a --type runs, short (any of its layouts): "llama.cpp CPU/Metal/Vulkan, bitnet.cpp x86/ARM"."""
+    found: dict[str, list[str]] = {}
+    for t in OUTPUT_TYPES.values():
+        if t.type_option == option:
+            for runtime, c in t.runtimes:
+                product, _, backend = runtime.partition(" ")
+                if c.runs and backend not in found.setdefault(product, []):
+                    found[product].append(backend)
+    return ", ".join(p + (f" {'/'.join(b for b in backends if b)}" if any(backends) else "")
+                     for p, backends in found.items() if backends)
+
+
 def choices_help(choices: tuple[str, ...]) -> str:
-    return "; ".join(f"{n} ({OUTPUT_TYPES[n].summary})" for n in choices)
+    return "; ".join(f"{n} ({OUTPUT_TYPES[n].summary}; runs in {runs_in(n) or 'no runtime checked'})" for n in choices)
 
 
 def target_of(option: str, target: str | None) -> str:

@@ -88,3 +88,10 @@ def test_inspect_reads_the_runtimes_from_the_files_tensors(model, tmp_path):
     convert(model, ik, "--type", "iq2_bn")
     report = json.loads(run_cli("inspect", ik, "--json").stdout)
     assert [r for r, v in report["runtimes"].items() if v["runs"]] == ["ik_llama.cpp"]
+
+
+def test_help_says_where_each_type_runs_from_the_same_data():
+    text = " ".join(run_cli("convert", "--help").stdout.split())
+    assert "tq2_0 (2.06 bits/weight; runs in llama.cpp CPU/Metal/Vulkan, bitnet.cpp x86/ARM)" in text
+    assert "iq2_bn (2 bits/weight + a float32 scale per row; runs in ik_llama.cpp)" in text
+    assert "runs in bitnet.cpp x86/ARM); tl1" in text  # i2_s: both layouts, one per --target
