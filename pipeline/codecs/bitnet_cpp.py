@@ -21,7 +21,25 @@ _I2S_FROM_CODE_BYTE = np.array([((b & 3) << 6) | (((b >> 2) & 3) << 4) | (((b >>
                                 for b in range(256)], dtype=np.uint8)
 
 
-class I2_S(Codec):
+class _ScaleAfterCodes(Codec):
+    """bitnet.cpp's types with one float32 scale per tensor, in a 32-byte slot after the codes."""
+    per_tensor_scale = True
+
+    @classmethod
+    def tail_size(cls, shape=None, tiles=None) -> int:
+        return I2_S_TAIL
+
+    @classmethod
+    def tail_bytes(cls, shape, scale, tiles=None) -> bytes:
+        return cls.i2s_tail(np.float32(scale))
+
+    @staticmethod
+    def i2s_tail(scale: np.float32) -> bytes:
+        """What follows the last packed byte: the scale (float32, little-endian), 28 zeros."""
+        return np.array([scale], dtype="<f4").tobytes() + bytes(I2_S_TAIL - 4)
+
+
+class I2_S(_ScaleAfterCodes):
     """bitnet.cpp's I2_S (type 36, not in upstream ggml) as its x86 builds read it: 2-bit codes,
     one float32 scale.
 
@@ -33,7 +51,6 @@ class I2_S(Codec):
     results for other row lengths anyway).
     """
     name, ggml_type, block_size, type_size, ternary = "I2_S", 36, QK_I2_S, 32, True
-    per_tensor_scale = True
     group = QK_I2_S // 4
 
     @classmethod
@@ -52,19 +69,6 @@ class I2_S(Codec):
         """The code layout with each byte's bit pairs reversed (one table lookup)."""
         _rows_of_blocks(np.asarray(packed), 32, "packed codes")
         return np.take(_I2S_FROM_CODE_BYTE, np.asarray(packed, dtype=np.uint8))  # np.take: twice as fast as indexing
-
-    @classmethod
-    def tail_size(cls, shape=None, tiles=None) -> int:
-        return I2_S_TAIL
-
-    @classmethod
-    def tail_bytes(cls, shape, scale, tiles=None) -> bytes:
-        return cls.i2s_tail(np.float32(scale))
-
-    @staticmethod
-    def i2s_tail(scale: np.float32) -> bytes:
-        """What follows the last packed byte: the scale (float32, little-endian), 28 zeros."""
-        return np.array([scale], dtype="<f4").tobytes() + bytes(I2_S_TAIL - 4)
 
     @classmethod
     def decode_codes(cls, packed: np.ndarray) -> np.ndarray:
@@ -215,9 +219,12 @@ _SPREAD_EVEN = np.array([sum(((b >> (7 - q)) & 1) << (15 - 2 * q) for q in range
                         dtype=np.uint16)
 
 
-class _TernaryTiles(Codec):
+class _TernaryTiles(_ScaleAfterCodes):
     """A lookup-table type: encodes whole tiles of rows from their fields in column order."""
-    per_tensor_scale = True
+
+    @classmethod
+    def row_multiple(cls, tiles=None) -> int:
+        return _tl_tiles(tiles).BM
 
     @classmethod
     def encode(cls, codes: np.ndarray, scale: np.float32 | None = None, tiles=None) -> np.ndarray:
@@ -246,10 +253,6 @@ class TL1(_TernaryTiles):
     """
     name, ggml_type, block_size, type_size, ternary = "TL1", 38, 4, 1, True
 
-    @classmethod
-    def row_multiple(cls, tiles=None) -> int:
-        return _tl_tiles(tiles).BM
-
     @staticmethod
     def tile_problem(m: int, k: int, tiles: Tiles) -> str | None:
         """Why bitnet.cpp's TL1 code generator and converter cannot use these tiles for (m, k)."""
@@ -273,14 +276,6 @@ class TL1(_TernaryTiles):
         b = b.reshape(rows // BM, BM // bm, bm // 16, 16, cols // BK, BK // by, by // 4)
         # axes (tile, bm group, 16-row group, row, K block, by group, 4-col group) -> file order
         return np.ascontiguousarray(b.transpose(0, 4, 1, 5, 2, 6, 3)).reshape(rows, cols // 4)
-
-    @classmethod
-    def tail_size(cls, shape=None, tiles=None) -> int:
-        return I2_S_TAIL
-
-    @classmethod
-    def tail_bytes(cls, shape, scale, tiles=None) -> bytes:
-        return I2_S.i2s_tail(np.float32(scale))
 
     @staticmethod
     def file_nbytes(shape) -> int:
@@ -351,10 +346,6 @@ class TL2(_TernaryTiles):
         k3, k2 = cls.split(cols, tiles)
         bounds = [0, k3 // 6, k3 // 6 + k3 // 24, k3 // 6 + k3 // 24 + k2 // 4]
         return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-    @classmethod
-    def row_multiple(cls, tiles=None) -> int:
-        return _tl_tiles(tiles).BM
 
     @staticmethod
     def tile_problem(m: int, k: int, tiles: Tiles) -> str | None:
