@@ -1,5 +1,6 @@
 # bitnet-gguf: convert BitNet b1.58 checkpoints to GGUF out of core.
 #   make convert MODEL=<dir> [OUT=<file>] [TYPE=tq2_0|tq1_0] [MEM=4GiB] [WORK=<dir>]
+#   make convert MODEL=<dir> TYPE=tq2_0,i2_s,iq2_bn [OUT=<dir>]   one file per type from one read
 #   make convert                 converts a small generated demo checkpoint
 #   make test                    runs the test suite on every core (builds llama.cpp once, ~6 min;
 #                                installs llama.cpp's converter and torch once, ~1 min, 1.2 GB)
@@ -67,8 +68,12 @@ $(DEMO_MODEL)/config.json: $(VENV)/.stamp-base
 	$(PY) -m tests.synthetic $(DEMO_MODEL)
 
 ifeq ($(strip $(MODEL)),)
+comma := ,
+# the demo's default output: build/demo-TYPE.gguf, or build/ for a comma list of types (a file per type)
+DEMO_OUT = $(if $(findstring $(comma),$(TYPE)),$(BUILD),$(BUILD)/demo-$(if $(TYPE),$(TYPE),tq2_0).gguf)
+
 convert: demo-model
-	$(PY) -m pipeline convert $(DEMO_MODEL) -o "$(if $(OUT),$(OUT),$(BUILD)/demo-$(if $(TYPE),$(TYPE),tq2_0).gguf)" \
+	$(PY) -m pipeline convert $(DEMO_MODEL) -o "$(if $(OUT),$(OUT),$(DEMO_OUT))" \
 		$(if $(TYPE),--type "$(TYPE)") $(if $(MEM),--memory-limit "$(MEM)") $(if $(WORK),--workdir "$(WORK)")
 else
 convert: $(VENV)/.stamp-base

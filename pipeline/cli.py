@@ -97,13 +97,16 @@ def add_convert_options(c) -> None:
                    help="Hugging Face checkpoint directory, or a model id org/name already downloaded to the "
                         "local Hugging Face cache (HF_HUB_CACHE / HF_HOME; never downloaded)")
     c.add_argument("-o", "--output", type=Path, default=None,
-                   help="GGUF file to write (default: ./<model name>-<TYPE>.gguf)")
+                   help="GGUF file to write (default: ./<model name>-<TYPE>.gguf); with several --type, the "
+                        "directory the <model name>-<TYPE>.gguf files go to (default: .)")
     c.add_argument("--type", dest="out_type", default=None, metavar="TYPE",
                    help="type of the ternary projections: auto (the smallest type that holds them exactly and that "
                         "the family's runtime runs: tq2_0 for one scale per tensor; for group-scaled checkpoints, "
                         "decided from the first and last rows of every projection: q1_0 for binary ones with one "
                         "scale per 128 values, tq2_0 per 256, q2_0 per 64 or 128; never i2_s/tl1/tl2); "
-                        f"{choices_help(TERNARY_CHOICES)} [preset: {DEFAULT_TYPE}]")
+                        f"{choices_help(TERNARY_CHOICES)} [preset: {DEFAULT_TYPE}]. A comma list (tq2_0,i2_s,iq2_bn) "
+                        "writes one file per type from one read of the checkpoint (auto in the list: the type "
+                        "auto chooses; a type listed twice is refused)")
     c.add_argument("--target", default=None, choices=TARGETS, type=str.lower,
                    help="the bitnet.cpp build the file is for: x86 (AVX2) or arm (NEON); it decides --type i2_s's "
                         "byte layout (blocks of 128 or 64 values; a file for one build computes garbage on the "
@@ -251,22 +254,27 @@ def cmd_inspect(args) -> int:
 
 def _convert_options(args):
     """(the options, a log function): a model id from the cache is said with the first line the
-    command logs, which comes after every check, so a refusal stays one line."""
-    from pipeline.config import make_options
+    command logs, which comes after every check, so a refusal stays one line. With several --type
+    (`--type tq2_0,i2_s`), a list of options, one per output."""
+    from pipeline.config import make_many_options, make_options, type_list
     from pipeline.hub import resolve_model
 
     model = resolve_model(args.model)
     log = HeldLog(*([f"model {args.model}: {model.path} ({model.source})"] if model.source != "directory" else []))
     scheduler = "local" if args.cluster else args.scheduler
-    opts = make_options(model.path, model_name=model.name, output=args.output, workdir=args.workdir,
-                        preset=args.config, tokenizer_pre=args.tokenizer_pre, embedding_type=args.embedding_type,
-                        split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors,
-                        out_type=args.out_type, target=args.target, kernel_config=args.kernel_config,
-                        memory_limit=args.memory_limit, workers=args.workers,
-                        scheduler=scheduler, worker_timeout=args.worker_timeout, progress=False if args.no_progress else sys.stderr.isatty(),
-                        force=args.force, name_override=args.model_name, metadata_file=args.metadata,
-                        vocab_only=args.vocab_only, allow_requantize=args.allow_requantize)
-    return opts, log
+    common = dict(model_name=model.name, output=args.output, workdir=args.workdir,
+                  preset=args.config, tokenizer_pre=args.tokenizer_pre, embedding_type=args.embedding_type,
+                  split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors,
+                  target=args.target, kernel_config=args.kernel_config,
+                  memory_limit=args.memory_limit, workers=args.workers,
+                  scheduler=scheduler, worker_timeout=args.worker_timeout,
+                  progress=False if args.no_progress else sys.stderr.isatty(),
+                  force=args.force, name_override=args.model_name, metadata_file=args.metadata,
+                  vocab_only=args.vocab_only, allow_requantize=args.allow_requantize)
+    types = type_list(args.out_type)
+    if types is not None:
+        return make_many_options(model.path, types, **common), log
+    return make_options(model.path, out_type=args.out_type, **common), log
 
 
 def cmd_plan(args) -> int:
@@ -274,6 +282,20 @@ def cmd_plan(args) -> int:
     from pipeline.runner import plan_conversion
 
     opts, log = _convert_options(args)
+    if isinstance(opts, list):  # several --type: every output's plan
+        from pipeline.runner import plan_many
+
+        plans = plan_many(opts)
+        log.flush()
+        if getattr(args, "json", False):
+            print(json.dumps({"outputs": [p.as_json() for p in plans], "run_directory": str(opts[0].workdir),
+                              "run_dir_bytes": plans[0].run_dir_bytes + sum(p.stores["pack"] for p in plans[1:]),
+                              "output_bytes": sum(p.output_bytes for p in plans)}, indent=2))
+        else:
+            print(f"{len(plans)} outputs from one read of the checkpoint (extract and quantize once, then pack and "
+                  f"assemble each; run directory {opts[0].workdir}):")
+            print("\n\n".join(p.table() for p in plans))
+        return EXIT_OK
     if opts.vocab_only:
         raise OptionError("--vocab-only: nothing to plan (no tensors, no run directory); drop --vocab-only")
     plan = plan_conversion(opts)
@@ -288,6 +310,11 @@ def cmd_convert(args) -> int:
     if args.dry_run:
         return cmd_plan(args)
     opts, log = _convert_options(args)
+    if isinstance(opts, list):
+        from pipeline.runner import convert_many
+
+        convert_many(opts, log)
+        return EXIT_OK
     (convert_vocab_only if opts.vocab_only else convert)(opts, log)
     return EXIT_OK
 
@@ -310,18 +337,30 @@ def cmd_status(args) -> int:
     source = checkpoint_state(manifest)
     if source is not None:
         print(f"  checkpoint {source['state']}: {source['message']}")
-    print(f"output: {opts.get('output')}")
+    several = manifest.get("outputs") if isinstance(opts.get("output"), list) else None
+    if several is None:
+        print(f"output: {opts.get('output')}")
     interrupted = False
-    for stage in STAGES:
-        st = manifest.get("stages", {}).get(stage, {})
+
+    def show(stage: str, st: dict, output) -> bool:
         state = st.get("state", "pending")
         if state == "running" and not running:
-            state, interrupted = "interrupted", True
+            state = "interrupted"
         if stage == "assemble" and state == "done" and \
-                not all(Path(p).is_file() for p, *_ in st.get("outputs", [[opts.get("output", "")]])):
+                not all(Path(p).is_file() for p, *_ in st.get("outputs", [[output or ""]])):
             state = "output missing"
         extra = f"  {st['seconds']} s" if "seconds" in st and state == "done" else ""
         print(f"  {stage:<9} {state}{extra}")
+        return state == "interrupted"
+
+    for stage in STAGES if several is None else STAGES[:2]:
+        interrupted |= show(stage, manifest.get("stages", {}).get(stage, {}), opts.get("output"))
+    if several is not None:  # several --type: each output's own pack and assemble
+        records = {r.get("output"): r.get("stages", {}) for r in several.values()}
+        for output in opts["output"]:
+            print(f"output: {output}")
+            for stage in STAGES[2:]:
+                interrupted |= show(stage, records.get(output, {}).get(stage, {}), output)
     if interrupted:
         print("rerun the same convert command to continue from the chunks already written")
     return EXIT_OK

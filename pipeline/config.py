@@ -336,3 +336,59 @@ def make_options(model_dir: Path, *, output: Path | None = None, workdir: Path |
 
 # ".<name>.<8 hex>.partial" and split part suffixes "-00001-of-00002"
 PARTIAL_SUFFIX_BYTES = 1 + 1 + 8 + len(".partial") + len("-00001-of-00002")
+
+
+def type_list(value) -> list[str] | None:
+    """The types of `--type a,b,c` (several outputs from one read), or None for one type."""
+    if value is None or "," not in str(value):
+        return None
+    types = [t.strip().lower() for t in str(value).split(",")]
+    if not all(types):
+        raise OptionError(f"--type: {value!r} has an empty entry; write the types like tq2_0,i2_s,iq2_bn")
+    return types
+
+
+def make_many_options(model_dir: Path, out_types: list[str], *, output: Path | None = None,
+                      workdir: Path | None = None, model_name: str | None = None, kernel_config: Path | None = None,
+                      vocab_only: bool = False, **kw) -> list[Options]:
+    """The options of each output of `--type a,b,c`: `<model>-<TYPE>.gguf` each, in the directory
+    -o names (default: the current one), one run directory for all (default <dir>/<model>.work).
+    `auto` in the list is the type --type auto chooses; a type listed twice (also through auto)
+    is refused. --kernel-config goes to the TL types of the list."""
+    if vocab_only:
+        raise OptionError("--vocab-only: writes no tensors, so one file whatever the --type; give one --type or none")
+    for t in out_types:
+        check_choice(t, TYPE_OPTIONS, "--type")
+    directory = Path(os.path.abspath(output)) if output is not None else Path.cwd()
+    if not directory.is_dir():
+        raise OptionError(f"-o: with several --type values, -o names the directory the outputs go to "
+                          f"(<model>-<TYPE>.gguf each); {directory} is not a directory")
+    name = model_name or Path(model_dir).resolve().name
+    work = workdir if workdir is not None else directory / f"{name}.work"
+    tiled = [t for t in out_types if t != AUTO_TYPE and OUTPUT_TYPES[resolve_any(t)].needs_tiles]
+    if kernel_config is not None and not tiled:
+        raise OptionError(f"--kernel-config: only --type tl1 and tl2 use a kernel config, and the list "
+                          f"{','.join(out_types)} has neither; leave it out")
+    many, seen = [], {}
+    for t in out_types:
+        reason = None
+        if t == AUTO_TYPE:
+            from pipeline.auto_type import choose
+
+            t, reason = choose(Path(model_dir).resolve(), parse_size(kw.get("memory_limit") or Options.memory_limit))
+        opts = make_options(model_dir, output=directory / f"{name}-{t.upper()}.gguf", workdir=work,
+                            model_name=model_name, out_type=t, type_reason=reason,
+                            kernel_config=kernel_config if t in tiled else None, **kw)
+        key = opts.layout.name
+        if key in seen:
+            said = f"auto chose {t} ({reason}), which the list names already" if reason else \
+                f"{t} is what auto chose ({seen[key]})" if seen[key] else f"{t} is listed twice"
+            raise OptionError(f"--type: {said}; list each type once")
+        seen[key] = reason
+        many.append(opts)
+    return many
+
+
+def resolve_any(option: str) -> str:
+    """The registry key of a --type for any target (its first layout): what kind of type it is."""
+    return next(t.name for t in OUTPUT_TYPES.values() if t.type_option == option and t.ternary_choice)

@@ -34,9 +34,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFValueType
 
 from pipeline import portable
-from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, Q1_0, Q2_0, TL1, TL2
+from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, IK_CODECS, Q1_0, Q2_0, TL1, TL2
 from pipeline.errors import GGUFFormatError
-from pipeline.ik_codecs import IK_CODECS
 from pipeline.safe_files import create_exclusive
 
 VT = GGUFValueType

@@ -60,12 +60,19 @@ def parse_projection(name: str) -> tuple[int, str] | None:
     return (int(m.group(1)), _KIND_OF[m.group(2)]) if m else None
 
 
+def store_path(run: RunDir, stage: str) -> Path:
+    """The store of `stage`, a stage name or "pack-<TYPE>" (one output's own pack store, several --type)."""
+    base, _, tag = stage.partition("-")
+    return run.store(base, tag or None)
+
+
 def open_stores(run: RunDir, damaged: list[str] | None = None) -> dict:
-    """The stores of a run directory that exist, by stage; a store whose group metadata cannot be
-    read is left out and its problem appended to `damaged`."""
+    """The stores of a run directory that exist, by stage (one output's own pack store of several
+    --type as "pack-<TYPE>"); a store whose group metadata cannot be read is left out and its
+    problem appended to `damaged`."""
     stores = {}
-    for stage in STORE_STAGES:
-        path = run.store(stage)
+    for stage in (*STORE_STAGES, *(f"pack-{t}" for t in run.tags())):
+        path = store_path(run, stage)
         if not path.is_dir():
             continue
         try:
@@ -95,7 +102,7 @@ def open_member(run: RunDir, stage: str, group, name: str, damaged: list[str]):
     when the array is not created; DAMAGED (the reason appended to `damaged`) otherwise."""
     import zarr
 
-    meta = run.store(stage) / name / "zarr.json"
+    meta = store_path(run, stage) / name / "zarr.json"
     if not os.path.lexists(meta):
         return None
     try:
@@ -200,9 +207,9 @@ def describe(run: RunDir, codes: bool = False) -> dict:
             if codes and stage == "quantize" and is_ternary(arr) and written:
                 info.update(_codes_info(arr))
             tensors[name] = info
-        report["stores"][stage] = {"path": str(run.store(stage)), "tensors": tensors,
+        report["stores"][stage] = {"path": str(store_path(run, stage)), "tensors": tensors,
                                    **{k: v for k, v in group.attrs.asdict().items()
-                                      if k in ("out_type", "target", "kernel_tiles") and stage == "pack"}}
+                                      if k in ("out_type", "target", "kernel_tiles") and stage.startswith("pack")}}
     if damaged:
         report["damaged"] = damaged
     return report
@@ -234,7 +241,7 @@ def format_report(report: dict) -> str:
         lines.append(f"checkpoint: {source['path']} ({source['state']}: {source['message']})")
     for stage, store in report["stores"].items():
         lines.append(f"\n{stage}.zarr")
-        if stage == "pack" and (layout := layout_line(store)):
+        if stage.startswith("pack") and (layout := layout_line(store)):
             lines.append(layout)
         for name, t in store["tensors"].items():
             if "shape" not in t:
@@ -276,7 +283,7 @@ def _store_info(stage: str, arr) -> dict:
     for key in ("code_layout", "scale", "absmean", "scale_granularity"):
         if key in attrs:
             info[key] = attrs[key]
-    if stage == "pack" and "ggml_type" in attrs:
+    if stage.startswith("pack") and "ggml_type" in attrs:
         from stages.assemble import array_layout
 
         info["ggml_type"] = attrs["ggml_type"]
@@ -672,7 +679,7 @@ def describe_gguf(path: Path, tensor: str | None = None) -> dict:
     from gguf import GGMLQuantizationType
 
     from pipeline.gguf_file import read_gguf
-    from pipeline.outtypes import BY_GGML_TYPE, type_of_file
+    from pipeline.outtypes import BY_GGML_TYPE, file_runtimes, registry_entry, type_of_file
     from pipeline.plan import TARGET_KEY, TILES_KEY
 
     contents = read_gguf(path)
@@ -686,9 +693,16 @@ def describe_gguf(path: Path, tensor: str | None = None) -> dict:
     file_type = contents.kv("general.file_type")
     out = type_of_file(file_type, [t.ggml_type for t in contents.tensors])
     tiles = contents.kv(TILES_KEY) or []
+    target = contents.kv(TARGET_KEY)
+    types = [registry_entry(t.ggml_type, target) for t in contents.tensors]
+    known = [t for t in types if t is not None]
     report = {"file": str(path), "architecture": contents.kv("general.architecture"),
               "file_type": file_type, "type": out.codec.name if out else None,
-              "target": contents.kv(TARGET_KEY),
+              "target": target,
+              # which runtimes load it, from its tensors' types (I2_S: the layout bitnet_gguf.target names,
+              # x86 when the key is absent, as for other converters' files)
+              "runtimes": file_runtimes(known) if known and len(known) == len(types) else None,
+              "traps": list(dict.fromkeys(trap for t in known for trap in t.traps)),
               "kernel_tiles": [tiles[i:i + 5] for i in range(0, len(tiles), 5)],
               "tensors": {t.name: {"shape": list(t.shape), "type": type_name(t.ggml_type), "ggml_type": t.ggml_type,
                                    "offset": t.offset, "nbytes": t.nbytes} for t in contents.tensors}}
@@ -700,7 +714,7 @@ def describe_gguf(path: Path, tensor: str | None = None) -> dict:
 
 
 def format_gguf(report: dict) -> str:
-    from pipeline.outtypes import TARGET_NAMES
+    from pipeline.outtypes import TARGET_NAMES, runtimes_report_lines
 
     lines = [f"GGUF file: {report['file']}",
              f"  arch {report['architecture']}, general.file_type {report['file_type']}"
@@ -717,6 +731,10 @@ def format_gguf(report: dict) -> str:
     for t in report["tensors"].values():
         counts[t["type"]] = counts.get(t["type"], 0) + 1
     lines.append(f"  {len(report['tensors'])} tensor(s): " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    if report["runtimes"] is None:
+        lines.append("  runs in: unknown (a tensor type bitnet-gguf does not write)")
+    else:
+        lines += [f"  {line}" for line in runtimes_report_lines(report["runtimes"], report["traps"])]
     for name, t in report["tensors"].items():
         lines.append(f"  {name:<28} {'x'.join(map(str, t['shape'])):>12} {t['type']:<6} {t['nbytes']} bytes at {t['offset']}")
     return "\n".join(lines)

@@ -11,6 +11,11 @@ decision, the disk estimate, assemble and verify all read it.
 One `--type` can have a layout per target: `--type i2_s` is the entry `i2_s` (x86 builds,
 blocks of 128 values) or `i2_s_arm` (ARM builds, blocks of 64); `resolve` picks it.
 TL1 and TL2 exist for one target each.
+
+Which runtimes and backends load each type (`runtimes`, and `traps`: what goes wrong silently)
+is data here too, each fact with its source; `plan`, `inspect OUT.gguf` and the README's table
+(`python -m pipeline.outtypes` prints it; tests/test_runtimes.py holds the README to it) read it.
+A cell nobody here has a source for stays unknown ("?"), never guessed.
 """
 from __future__ import annotations
 
@@ -20,14 +25,124 @@ import platform
 
 import numpy as np
 
-from pipeline.codecs import BF16, CODECS, F16, F32, I2_S, I2_S_ARM, Q1_0, Q2_0, Q8_0, TL1, TL2, TQ1_0, TQ2_0, Codec
+from pipeline.codecs import (BF16, CODECS, F16, F32, I2_S, I2_S_ARM, IQ1_BN, IQ2_BN, IQ2_BN_R4, Q1_0, Q2_0, Q8_0, TL1,
+                             TL2, TQ1_0, TQ2_0, Codec)
 from pipeline.errors import OptionError
 from pipeline.families import EMBEDDING, FLOAT, NORM, OUTPUT, TERNARY
-from pipeline.ik_codecs import IK_CODECS, IQ1_BN, IQ2_BN, IQ2_BN_R4
 
 
 TARGETS = ("x86", "arm")  # bitnet.cpp builds: x86 (AVX2/AVX512) and ARM (NEON)
 TARGET_NAMES = {"x86": "x86", "arm": "ARM"}
+
+# runtimes and backends whose loading of a file depends on its tensor types
+RUNTIMES = ("llama.cpp CPU", "llama.cpp Metal", "llama.cpp Vulkan", "llama.cpp CUDA", "bitnet.cpp x86",
+            "bitnet.cpp ARM", "ik_llama.cpp")
+_CELLS = dict(zip(("cpu", "metal", "vulkan", "cuda", "x86", "arm", "ik"), RUNTIMES))
+
+
+@dataclasses.dataclass(frozen=True)
+class Support:
+    """Whether one runtime (or backend) loads and runs a type: True, False (refuses it, or computes
+    garbage: `note` says which), None (nobody here has a source either way)."""
+    runs: bool | None
+    note: str = ""
+    source: str = ""
+
+
+def support(**cells: Support) -> tuple[tuple[str, Support], ...]:
+    """(runtime, Support) pairs in RUNTIMES order from cells named cpu, metal, vulkan, cuda (llama.cpp's
+    backends), x86, arm (bitnet.cpp's builds) and ik; a runtime not given is unknown."""
+    unknown = set(cells) - set(_CELLS)
+    assert not unknown, unknown
+    return tuple((name, cells.get(key, Support(None))) for key, name in _CELLS.items())
+
+
+def _same(runs: bool, note: str, source: str, *keys: str) -> dict[str, Support]:
+    return {k: Support(runs, note, source) for k in keys}
+
+
+# sources, shared by several types (ECOSYSTEM: the project's survey of runtimes, FORMATS: of formats)
+_LLAMA_RUN = "run here with llama-cpp-python 0.3.36 (tests/test_llamacpp*.py)"
+_BITNET_RUN = "run with bitnet.cpp @16da220 x86 and ARM builds (docs/notes/bitnet-cpp.md)"
+_IK_RUN = "loaded and run in ik_llama.cpp @8337e4c (docs/notes/ik-llama.md section 9)"
+_IK_NO_TQ = "ik_llama.cpp @8337e4c has no TQ1_0/TQ2_0/Q2_0 in ggml.h (ECOSYSTEM 2c)"
+_NOT_UPSTREAM = "not an upstream ggml type (ECOSYSTEM 2a; FORMATS: ids 36-38 retired, 39 is MXFP4)"
+_FLOATS = "llama.cpp's README: every backend runs F16/F32/Q8_0 models"
+_IK_FLOATS = "ik_llama.cpp @8337e4c loads our F16 embeddings and F32 norms, its llama-quantize writes Q8_0 (docs/notes/ik-llama.md section 9)"
+_BITNET_FLOATS = "bitnet.cpp's own files hold F16/Q8_0 embeddings and F32 norms (FORMATS I2_S section)"
+_NOT_BITNET = "not in bitnet.cpp's ggml fork (ECOSYSTEM 2a)"
+_NOT_IK = "not in ik_llama.cpp's ggml.h @8337e4c (ECOSYSTEM 2a)"
+_I2S_FIXES = "BitNet #585, #586, #598, #610 (open): ARM builds moving to the 128/32 layout; on Apple Metal (the default there) the 128/32 layout is read"
+
+_TQ_CPU = {"cpu": Support(True, "", _LLAMA_RUN), "ik": Support(False, "no TQ types", _IK_NO_TQ)}
+_UPSTREAM_NO = _same(False, "not an upstream type", _NOT_UPSTREAM, "cpu", "metal", "vulkan", "cuda")
+_IK_ONLY = {**_same(False, "unknown type id", "ids 134/135/335 are ik_llama.cpp's own (ECOSYSTEM 2a)",
+                    "cpu", "metal", "vulkan", "cuda", "x86", "arm")}
+_FLOAT_CELLS = {**_same(True, "", _FLOATS, "cpu", "metal", "vulkan", "cuda"),
+                **_same(True, "", _BITNET_FLOATS, "x86", "arm"), "ik": Support(True, "", _IK_FLOATS)}
+
+RUNTIME_SUPPORT: dict[str, tuple] = {
+    "tq2_0": support(**_TQ_CPU, **_same(True, "", _BITNET_RUN, "x86", "arm"),
+                     metal=Support(True, "", "PrismML-Eng/llama.cpp#138: Metal and Vulkan support for TQ2_0 landed"),
+                     vulkan=Support(True, "", "PrismML-Eng/llama.cpp#138"),
+                     cuda=Support(False, "no TQ2_0 kernels: a GPU run asserts",
+                                   "llama.cpp PR #11183 (open), PR #28769; PrismML-Eng/llama.cpp#138")),
+    "tq1_0": support(**_TQ_CPU, **_same(True, "", "FORMATS I2_S section: bitnet.cpp runs TQ1_0 and TQ2_0 tensors",
+                                        "x86", "arm"),
+                     **_same(False, "TQ1_0 is CPU-only", "PrismML-Eng/llama.cpp#138: TQ1_0 is not implemented in "
+                             "the CUDA backend, CPU-only", "metal", "vulkan", "cuda")),
+    "i2_s": support(**_UPSTREAM_NO, x86=Support(True, "", _BITNET_RUN),
+                    arm=Support(False, "garbage on today's NEON CPU builds, which read 64-value blocks; right on "
+                                "Metal and on builds with the open 128/32 fixes", f"docs/notes/bitnet-cpp.md; {_I2S_FIXES}"),
+                    ik=Support(False, "read only to requantize: llama-quantize --allow-requantize ... iq2_bn",
+                               "ik #507; dequantize_row_ms_i2s reads the x86 layout (ECOSYSTEM 2b)")),
+    "i2_s_arm": support(**_UPSTREAM_NO, x86=Support(False, "garbage: x86 builds read 128-value blocks", _BITNET_RUN),
+                        arm=Support(True, "today's NEON CPU builds only: wrong on Metal and on ARM builds with the "
+                                    "open 128/32 fixes", f"{_BITNET_RUN}; {_I2S_FIXES}"),
+                        ik=Support(False, "ik reads the x86 I2_S layout only",
+                                   "dequantize_row_ms_i2s, iqk_quantize.cpp l.8584 @8337e4c (ECOSYSTEM 2b)")),
+    "tl1": support(**_UPSTREAM_NO, x86=Support(False, "TL1 kernels are ARM's", "FORMATS TL1/TL2"),
+                   arm=Support(True, "a build generated for the model's shapes: --kernel-config", _BITNET_RUN),
+                   ik=Support(False, "unknown type id", _NOT_IK)),
+    "tl2": support(**_same(False, "id 39 is MXFP4 upstream", _NOT_UPSTREAM, "cpu", "metal", "vulkan", "cuda"),
+                   x86=Support(True, "a build generated for the model's shapes: --kernel-config", _BITNET_RUN),
+                   arm=Support(False, "TL2 kernels are x86's", "FORMATS TL1/TL2"),
+                   ik=Support(False, "id 39 is MXFP4 in ik", _NOT_IK)),
+    "q2_0": support(cpu=Support(True, "", f"{_LLAMA_RUN}; PR #24448"),
+                    **_same(True, "", "Bonsai-demo README @70ae3e4: Metal #25419, Vulkan #25430, CUDA #25707 merged",
+                            "metal", "vulkan", "cuda"),
+                    **_same(False, "unknown type id 42", _NOT_BITNET, "x86", "arm"),
+                    ik=Support(False, "no Q2_0", _IK_NO_TQ)),
+    "q1_0": support(cpu=Support(True, "", f"{_LLAMA_RUN}; PR #21273"),
+                    metal=Support(True, "", "llama.cpp #21528 (cited in PrismML-Eng/llama.cpp#22)"),
+                    **_same(True, "", "ECOSYSTEM Q1 table: 1-bit Bonsai Q1_0 on mainline CPU/Metal/CUDA/Vulkan",
+                            "vulkan", "cuda"),
+                    **_same(False, "unknown type id 41", _NOT_BITNET, "x86", "arm"),
+                    ik=Support(True, "as Q1_0_G128, id 41", "ik PRs #1570, #1571: GGML_TYPE_Q1_0_G128 = 41")),
+    "iq2_bn": support(**_IK_ONLY, ik=Support(True, "rows of >= 512 values", _IK_RUN)),
+    "iq1_bn": support(**_IK_ONLY, ik=Support(True, "rows of >= 512 values", _IK_RUN)),
+    "iq2_bn_r4": support(**_IK_ONLY, ik=Support(True, "", _IK_RUN)),
+    "f16": support(**_FLOAT_CELLS),
+    "f32": support(**_FLOAT_CELLS),
+    "q8_0": support(**_FLOAT_CELLS),
+    "bf16": support(cpu=Support(True, "", "llama.cpp's convert_hf_to_gguf.py writes it: --outtype bf16 (ECOSYSTEM 1b)")),
+}
+
+# what goes wrong without an error message (a file that loads and answers garbage, an id read as another type)
+TRAPS: dict[str, tuple[str, ...]] = {
+    "i2_s": ("I2_S has two layouts with the same size and id 36 (x86: 128-value blocks, ARM NEON: 64): a file "
+             "for one build loads on the other and answers garbage; ours names its build in bitnet_gguf.target "
+             "(docs/notes/bitnet-cpp.md)",),
+    "i2_s_arm": ("ARM-layout I2_S (64-value blocks) is right for today's NEON CPU builds only: bitnet.cpp on Apple "
+                 "Metal reads the x86 layout, and ARM builds that take the open 128/32 fixes (BitNet #585, #586, "
+                 "#598, #610) will too; ik_llama.cpp reads the x86 layout only",),
+    "tl2": ("id 39 is MXFP4 in upstream llama.cpp and ik_llama.cpp",),
+    "q2_0": ("ggml type 42 meant group 128 (34 bytes per 128 values) in PrismML's legacy *-Q2_0.gguf files; ours is "
+             "upstream's group 64 (18 bytes per 64): a reader expecting the legacy layout misreads it "
+             "(PrismML-Eng/llama.cpp README; tinygrad PR #17612)",),
+    "q1_0": ("early PrismML-fork Q1_0 files used ids 40/41 for groups of 32/128 (LM Studio #1729, "
+             "llama-turboquant PR #6); ours is upstream's id 41, group 128",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +150,7 @@ class OutputType:
     name: str                  # registry key: "tq2_0", "i2_s_arm"
     codec: type[Codec]
     file_type: int | None      # general.file_type when this is the --type (llama.cpp's LlamaFileType)
-    summary: str               # one phrase for --help
+    summary: str               # one phrase for --help (where it runs: from RUNTIME_SUPPORT)
     ternary_choice: bool = False    # a --type choice for the projections (a float type: their effective
                                     # weights, the ternary values times the scale, as llama.cpp's --outtype)
     embedding_choice: bool = False  # an --embedding-type choice for token_embd / output
@@ -49,6 +164,15 @@ class OutputType:
     runtime: str | None = None      # the one runtime that reads this type (None: as `summary` says)
     rows_fallback: str | None = None  # type of projections whose row count is not a multiple of codec.row_multiple()
     run_min_cols: int = 0           # shorter rows load but abort the runtime's matmul (ik: Q8_K64 needs >= 512)
+
+    @property
+    def runtimes(self) -> tuple[tuple[str, Support], ...]:
+        """(runtime, Support) for every one of RUNTIMES (RUNTIME_SUPPORT)."""
+        return RUNTIME_SUPPORT[self.name]
+
+    @property
+    def traps(self) -> tuple[str, ...]:
+        return TRAPS.get(self.name, ())
 
     @property
     def type_option(self) -> str:
@@ -87,11 +211,11 @@ class OutputType:
 
 
 OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
-    OutputType("tq2_0", TQ2_0, 37, "2.06 bits/weight, llama.cpp and bitnet.cpp", ternary_choice=True,
+    OutputType("tq2_0", TQ2_0, 37, "2.06 bits/weight", ternary_choice=True,
                embedding_choice=True, fallback="f16", from_codes=True),
-    OutputType("tq1_0", TQ1_0, 36, "1.69 bits/weight, smallest, llama.cpp and bitnet.cpp", ternary_choice=True,
+    OutputType("tq1_0", TQ1_0, 36, "1.69 bits/weight, smallest", ternary_choice=True,
                fallback="f16"),
-    OutputType("i2_s", I2_S, 40, "2 bits/weight, bitnet.cpp's fast CPU kernels (not upstream llama.cpp), "
+    OutputType("i2_s", I2_S, 40, "2 bits/weight, bitnet.cpp's fast CPU kernels, "
                "laid out for the --target build", ternary_choice=True, fallback="f16", target="x86", from_codes=True),
     OutputType("i2_s_arm", I2_S_ARM, 40, "I2_S for bitnet.cpp's ARM builds", ternary_choice=True, fallback="f16",
                option="i2_s", target="arm", from_codes=True),
@@ -107,23 +231,22 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in (
                embedding_choice=True, fallback="f16", largest=65504.0 * 127),
 )}
 # upstream llama.cpp's Q2_0 (file type MOSTLY_Q2_0 = 41): one fp16 scale per 64 values
-OUTPUT_TYPES["q2_0"] = OutputType("q2_0", Q2_0, 41, "2.25 bits/weight, upstream llama.cpp only (one scale per "
+OUTPUT_TYPES["q2_0"] = OutputType("q2_0", Q2_0, 41, "2.25 bits/weight (one scale per "
                                   "64 values: group-scaled checkpoints)", ternary_choice=True, embedding_choice=True,
                                   fallback="f16")
 # upstream llama.cpp's Q1_0 (file type MOSTLY_Q1_0 = 40): one fp16 scale and 128 sign bits per 128 values
-OUTPUT_TYPES["q1_0"] = OutputType("q1_0", Q1_0, 40, "1.125 bits/weight, upstream llama.cpp only (binary "
+OUTPUT_TYPES["q1_0"] = OutputType("q1_0", Q1_0, 40, "1.125 bits/weight (binary "
                                   "checkpoints: -s and +s, one s per 128 values; 1-bit Bonsai)", ternary_choice=True,
                                   embedding_choice=True, fallback="f16")
 # ik_llama.cpp's own ternary types (docs/notes/ik-llama.md): one scale per row (row meta), blocks of 64
 # values; llama ftypes MOSTLY_IQ1_BN = 136, MOSTLY_IQ2_BN = 137, MOSTLY_IQ2_BN_R4 = 337. R4 interleaves
 # groups of 4 rows: a projection whose row count is not a multiple of 4 is IQ2_BN (as ik's llama-quantize)
-CODECS.update(IK_CODECS)
 OUTPUT_TYPES.update({t.name: t for t in (
-    OutputType("iq2_bn", IQ2_BN, 137, "2 bits/weight + a float32 scale per row, ik_llama.cpp only",
+    OutputType("iq2_bn", IQ2_BN, 137, "2 bits/weight + a float32 scale per row",
                ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", run_min_cols=512),
-    OutputType("iq1_bn", IQ1_BN, 136, "1.625 bits/weight + an fp16 scale per row, ik_llama.cpp only",
+    OutputType("iq1_bn", IQ1_BN, 136, "1.625 bits/weight + an fp16 scale per row",
                ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", run_min_cols=512),
-    OutputType("iq2_bn_r4", IQ2_BN_R4, 337, "IQ2_BN with 4 rows interleaved, ik_llama.cpp only",
+    OutputType("iq2_bn_r4", IQ2_BN_R4, 337, "IQ2_BN with 4 rows interleaved",
                ternary_choice=True, fallback="f16", runtime="ik_llama.cpp", rows_fallback="iq2_bn"),
 )})
 assert set(OUTPUT_TYPES) == set(CODECS), "every codec has a registry entry"
@@ -169,8 +292,21 @@ AUTO_TYPE = "auto"  # --type auto (pipeline/auto_type.py): decided from the fami
 TYPE_OPTIONS = (AUTO_TYPE, *TERNARY_CHOICES)
 
 
+def runs_in(option: str) -> str:
+    """Where a --type runs, short (any of its layouts): "llama.cpp CPU/Metal/Vulkan, bitnet.cpp x86/ARM"."""
+    found: dict[str, list[str]] = {}
+    for t in OUTPUT_TYPES.values():
+        if t.type_option == option:
+            for runtime, c in t.runtimes:
+                product, _, backend = runtime.partition(" ")
+                if c.runs and backend not in found.setdefault(product, []):
+                    found[product].append(backend)
+    return ", ".join(p + (f" {'/'.join(b for b in backends if b)}" if any(backends) else "")
+                     for p, backends in found.items() if backends)
+
+
 def choices_help(choices: tuple[str, ...]) -> str:
-    return "; ".join(f"{n} ({OUTPUT_TYPES[n].summary})" for n in choices)
+    return "; ".join(f"{n} ({OUTPUT_TYPES[n].summary}; runs in {runs_in(n) or 'no runtime checked'})" for n in choices)
 
 
 def target_of(option: str, target: str | None) -> str:
@@ -220,3 +356,79 @@ def tensor_type(role: str, shape: tuple[int, ...], out_type: str, embedding_type
     fb = OUTPUT_TYPES[t.fallback]
     return fb, (f"row length {shape[-1]} is not a multiple of {t.block_size}, so it cannot be {t.codec.name}; "
                 f"writing {fb.codec.name}")
+
+
+def file_runtimes(types) -> dict[str, dict]:
+    """Which runtimes load a file whose tensors have these registry entries: per runtime, "runs"
+    True when every type runs there, False when one does not, None when one is unknown; "notes"
+    the notes of the types that decide it (with the type's name)."""
+    types = list(dict.fromkeys(types))
+    found = {}
+    for runtime in RUNTIMES:
+        cells = [(t, dict(t.runtimes)[runtime]) for t in types]
+        runs = False if any(c.runs is False for _, c in cells) else \
+            None if any(c.runs is None for _, c in cells) else True
+        deciding = [(t, c) for t, c in cells if c.runs is runs or (runs is None and c.runs is None)]
+        found[runtime] = {"runs": runs, "notes": [f"{t.codec.name}: {c.note}" for t, c in deciding if c.note],
+                          "sources": sorted({c.source for _, c in deciding if c.source})}
+    return found
+
+
+def registry_entry(ggml_type: int, target: str | None) -> OutputType | None:
+    """The registry entry of a tensor's ggml type in a file laid out for `target` (I2_S's two layouts
+    share type 36; a file without the key is taken as x86, the layout other converters write)."""
+    found = [t for t in OUTPUT_TYPES.values() if t.ggml_type == ggml_type]
+    return next((t for t in found if t.target in (None, target or "x86")), found[0] if found else None)
+
+
+def runtimes_lines(types) -> list[str]:
+    """What `plan` and `inspect` say about the runtimes of a file of these types: where it runs,
+    where not (and why), what nobody checked, and the traps."""
+    return runtimes_report_lines(file_runtimes(types), [trap for t in dict.fromkeys(types) for trap in t.traps])
+
+
+def runtimes_report_lines(found: dict, traps) -> list[str]:
+    """The lines of `runtimes_lines` from `file_runtimes`' record and the traps."""
+    def named(runs) -> list[str]:
+        """The runtimes with this verdict, those with the same notes together: "a, b (why)"."""
+        groups: dict[tuple, list[str]] = {}
+        for r, v in found.items():
+            if v["runs"] is runs:
+                groups.setdefault(tuple(v["notes"]), []).append(r)
+        return [", ".join(rs) + (f" ({'; '.join(notes)})" if notes else "") for notes, rs in groups.items()]
+    lines = [f"runs in: {', '.join(named(True)) or 'none of the runtimes listed'}"]
+    if not_in := named(False):
+        lines.append(f"not in: {', '.join(not_in)}")
+    if unknown := [r for r, v in found.items() if v["runs"] is None]:
+        lines.append(f"not checked: {', '.join(unknown)}")
+    return lines + [f"trap: {trap}" for trap in dict.fromkeys(traps)]
+
+
+def runtimes_markdown() -> str:
+    """The README's table of which runtime and backend loads each output type (from RUNTIME_SUPPORT
+    and TRAPS); `python -m pipeline.outtypes` prints it."""
+    def cell(c: Support) -> str:
+        word = {True: "yes", False: "no", None: "?"}[c.runs]
+        return f"{word} ({c.note})" if c.note else word
+
+    rows = [f"| type | {' | '.join(RUNTIMES)} |", "|---" * (len(RUNTIMES) + 1) + "|"]
+    for t in OUTPUT_TYPES.values():
+        label = f"`{t.type_option}`" + (f" ({TARGET_NAMES[t.target]} layout)" if t.codec.name == "I2_S" else "")
+        rows.append(f"| {label} | " + " | ".join(cell(c) for _, c in t.runtimes) + " |")
+    rows.append("")
+    rows.append("\"?\": not checked here, and no source found. Traps (a file that loads and answers garbage, or an id "
+                "that means another type elsewhere):")
+    rows.append("")
+    rows += [f"- `{t.type_option}`{f' ({TARGET_NAMES[t.target]} layout)' if t.codec.name == 'I2_S' else ''}: {trap}"
+             for t in OUTPUT_TYPES.values() for trap in t.traps]
+    rows.append("")
+    rows.append("Sources, per type:")
+    rows.append("")
+    for t in OUTPUT_TYPES.values():
+        sources = "; ".join(dict.fromkeys(c.source for _, c in t.runtimes if c.source))
+        rows.append(f"- {t.name}: {sources}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(runtimes_markdown())

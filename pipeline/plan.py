@@ -29,7 +29,7 @@ from pipeline.families import EMBEDDING, GROUP_COLUMNS, GROUPED, OUTPUT, TERNARY
 from pipeline.gguf_file import (MAX_SPLITS, TL_TILES_KEY, GGUFWriterError, TensorInfo, align, alignment_of, as_kv,
                                 data_offsets, file_size, header_bytes, model_kvs, part_kvs, plan_split)
 from pipeline.output import final_paths
-from pipeline.outtypes import OUTPUT_TYPES, tensor_type
+from pipeline.outtypes import OUTPUT_TYPES, file_runtimes, runtimes_lines, tensor_type
 
 PLAN_VERSION = 1
 
@@ -374,8 +374,14 @@ class Plan:
     def infos(self) -> list[TensorInfo]:
         return [TensorInfo(t.name, tuple(t.shape), t.ggml_type, t.nbytes) for t in self.tensors]
 
+    def output_types(self) -> list:
+        """The registry entries of the file's tensors, in order of first use."""
+        return list(dict.fromkeys(OUTPUT_TYPES[t.out_type] for t in self.tensors))
+
     def as_json(self) -> dict:
-        return {**dataclasses.asdict(self), "output_bytes": self.output_bytes, "run_dir_bytes": self.run_dir_bytes}
+        types = self.output_types()
+        return {**dataclasses.asdict(self), "output_bytes": self.output_bytes, "run_dir_bytes": self.run_dir_bytes,
+                "runtimes": file_runtimes(types), "traps": [trap for t in types for trap in t.traps]}
 
     def table(self) -> str:
         """What a person reads: one line per tensor, then the totals."""
@@ -383,6 +389,7 @@ class Plan:
         lines = [f"model: {self.model_dir} ({self.family}, GGUF arch {self.arch})",
                  f"type: {OUTPUT_TYPES[self.out_type].codec.name if self.out_type in OUTPUT_TYPES else self.out_type}"
                  f" ({chosen})",
+                 *runtimes_lines(self.output_types()),
                  f"{'tensor':<32} {'source':<16} {'output':<8} {'size':>10}  part  note"]
         for t in self.tensors:
             source = f"{t.source_dtype} {'x'.join(map(str, t.source_shape))}"
@@ -588,10 +595,10 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
                 type_choice=opts.type_reason or "given")
 
 
-def save_plan(run, plan: Plan) -> None:
-    from pipeline.rundir import write_json_atomic
+def save_plan(run, plan: Plan, tag: str | None = None) -> None:
+    from pipeline.rundir import plan_name, write_json_atomic
 
-    write_json_atomic(run.path / "plan.json", plan.as_json())
+    write_json_atomic(run.path / plan_name(tag), plan.as_json())
 
 
 def load_plan(run) -> dict | None:

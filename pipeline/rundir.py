@@ -14,6 +14,10 @@
       extract.zarr  quantize.zarr  pack.zarr
       extract.refs.json   extract.zarr as a kerchunk reference set: zarr reads the checkpoint
                         bytes its arrays index through it (stores.open_with_refs)
+      pack-<TYPE>.zarr  plan-<TYPE>.json   with several --type (`--type tq2_0,i2_s`): one pack
+                        store and plan per output, its pack and assemble states under
+                        manifest.json's "outputs" (TYPE: the output type registry key), so each
+                        output resumes on its own after the shared extract and quantize
 
 A stage's key is a hash of everything its output depends on (the previous
 stage's key plus the options it reads). A finished stage whose key still matches
@@ -24,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from pipeline import portable
@@ -32,6 +37,8 @@ from pipeline.safe_files import create_exclusive, open_no_link
 from pipeline.stores import DamagedStore, check_store, chunk_records, refs_path, remove_tree, store_digests
 
 STAGES = ("extract", "quantize", "pack", "assemble")
+OUTPUT_STAGES = ("pack", "assemble")  # per output when one run writes several (`tag`: its output type)
+TAG = re.compile(r"[a-z0-9_]{1,32}")
 
 
 def checkpoint_state(manifest: dict) -> dict | None:
@@ -69,29 +76,43 @@ def manifest_problem(data: dict) -> str | None:
         text = json.dumps(value)
         return text if len(text) <= 40 else text[:37] + "..."
 
+    def stages_problem(stages: dict, where: str, allowed: tuple[str, ...]) -> str | None:
+        for stage, state in stages.items():
+            if stage not in allowed:
+                return f"{where} names {shown(stage)}, which is not a stage ({', '.join(allowed)})"
+            at = f"{where}.{stage}"
+            if not isinstance(state, dict):
+                return f"{at} is {shown(state)}, not an object"
+            if not isinstance(state.get("key"), str):
+                return f"{at}.key is {shown(state.get('key'))}, not a string"
+            if state.get("state") not in STAGE_STATES:
+                return f"{at}.state is {shown(state.get('state'))}, not one of {', '.join(STAGE_STATES)}"
+            seconds = state.get("seconds", 0)
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+                return f"{at}.seconds is {shown(seconds)}, not a number"
+            if not isinstance(state.get("inputs", {}), dict):
+                return f"{at}.inputs is {shown(state['inputs'])}, not an object"
+            outputs = state.get("outputs", [])
+            if not isinstance(outputs, list) or not all(isinstance(o, list) and o and isinstance(o[0], str)
+                                                        for o in outputs):
+                return f"{at}.outputs is {shown(outputs)}, not a list of [path, ...] records"
+        return None
+
     for key, kind, name in (("stages", dict, "an object"), ("options", dict, "an object"),
-                            ("fingerprint", list, "a list")):
+                            ("fingerprint", list, "a list"), ("outputs", dict, "an object")):
         if key in data and not isinstance(data[key], kind):
             return f"{key} is {shown(data[key])}, not {name}"
-    for stage, state in data.get("stages", {}).items():
-        if stage not in STAGES:
-            return f"stages names {shown(stage)}, which is not a stage ({', '.join(STAGES)})"
-        if not isinstance(state, dict):
-            return f"stages.{stage} is {shown(state)}, not an object"
-        if not isinstance(state.get("key"), str):
-            return f"stages.{stage}.key is {shown(state.get('key'))}, not a string"
-        if state.get("state") not in STAGE_STATES:
-            return f"stages.{stage}.state is {shown(state.get('state'))}, not one of {', '.join(STAGE_STATES)}"
-        seconds = state.get("seconds", 0)
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-            return f"stages.{stage}.seconds is {shown(seconds)}, not a number"
-        if not isinstance(state.get("inputs", {}), dict):
-            return f"stages.{stage}.inputs is {shown(state['inputs'])}, not an object"
-        outputs = state.get("outputs", [])
-        if not isinstance(outputs, list) or not all(isinstance(o, list) and o and isinstance(o[0], str)
-                                                    for o in outputs):
-            return f"stages.{stage}.outputs is {shown(outputs)}, not a list of [path, ...] records"
-    return None
+    problem = stages_problem(data.get("stages", {}), "stages", STAGES)
+    for tag, record in data.get("outputs", {}).items():
+        if problem:
+            break
+        if not TAG.fullmatch(tag):
+            return f"outputs names {shown(tag)}, which is not an output type"
+        if not isinstance(record, dict) or not isinstance(record.get("output"), str) \
+                or not isinstance(record.get("stages", {}), dict):
+            return f"outputs.{tag} is {shown(record)}, not an object with an output path and stages"
+        problem = stages_problem(record.get("stages", {}), f"outputs.{tag}.stages", OUTPUT_STAGES)
+    return problem
 
 
 def _is_checksum_record(data) -> bool:
@@ -114,6 +135,15 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+# a run directory's own names for one output of several: pack-<tag>.zarr and its files, plan-<tag>.json
+OWN_NAME = re.compile(r"\.?(?:pack|plan)-([a-z0-9_]{1,32})\.(?:zarr|json|checksums\.json|refs\.json).*")
+
+
+def plan_name(tag: str | None) -> str:
+    """plan.json, or one output's own plan-<tag>.json."""
+    return f"plan-{tag}.json" if tag else "plan.json"
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -121,8 +151,23 @@ class RunDir:
         self.metadata_path = self.path / "metadata.json"
         self._lock_file = None
 
-    def store(self, stage: str) -> Path:
-        return self.path / f"{stage}.zarr"
+    def store(self, stage: str, tag: str | None = None) -> Path:
+        """A stage's store; `tag`: the output type of one output of several (its own pack store)."""
+        return self.path / (f"{stage}-{tag}.zarr" if tag else f"{stage}.zarr")
+
+    def tags(self) -> list[str]:
+        """The output types whose own pack store is in the run directory (several --type)."""
+        prefix = "pack-"
+        try:
+            names = [p.name for p in self.path.iterdir()]
+        except OSError:
+            return []
+        return sorted(n[len(prefix):-len(".zarr")] for n in names
+                      if n.startswith(prefix) and n.endswith(".zarr") and TAG.fullmatch(n[len(prefix):-len(".zarr")]))
+
+    def _stores(self) -> list[Path]:
+        """Every store of the run directory, shared and per output."""
+        return [self.store(s) for s in STAGES] + [self.store("pack", t) for t in self.tags()]
 
     # -- lock ---------------------------------------------------------------
     def acquire(self) -> None:
@@ -214,55 +259,70 @@ class RunDir:
         manifest["tool"] = TOOL
         write_json_atomic(self.manifest_path, manifest)
 
-    def checksums_path(self, stage: str) -> Path:
-        return self.path / f"{stage}.checksums.json"
+    def checksums_path(self, stage: str, tag: str | None = None) -> Path:
+        return self.path / (f"{stage}-{tag}.checksums.json" if tag else f"{stage}.checksums.json")
 
-    def seal(self, stage: str) -> None:
+    def seal(self, stage: str, tag: str | None = None) -> None:
         """Record what a finished stage's store holds (see stores.check_store), once every chunk
         still matches the record made when it was written (stores.chunk_records)."""
-        digests = store_digests(self.store(stage))
+        digests = store_digests(self.store(stage, tag))
         try:
-            chunk_records(self.store(stage), digests)
+            chunk_records(self.store(stage, tag), digests)
         except DamagedStore as e:
             raise RunDirError(f"{self.path}: the run directory is damaged ({e.what}); delete it and convert again") \
                 from None
-        write_json_atomic(self.checksums_path(stage), digests)
+        write_json_atomic(self.checksums_path(stage, tag), digests)
 
-    def check_sealed(self, stage: str) -> None:
+    def check_sealed(self, stage: str, tag: str | None = None) -> None:
         """The finished store of `stage` still holds what it held; else a one-line refusal."""
         try:
-            recorded = json.loads(self.checksums_path(stage).read_text(encoding="utf-8"))
+            recorded = json.loads(self.checksums_path(stage, tag).read_text(encoding="utf-8"))
             if not _is_checksum_record(recorded):
                 raise ValueError("not an object of [size, digest] entries")
-            check_store(self.store(stage), recorded)
+            check_store(self.store(stage, tag), recorded)
         except DamagedStore as e:
             raise RunDirError(f"{self.path}: the run directory is damaged ({e.what}); delete it and convert again") \
                 from None
         except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-            raise RunDirError(f"{self.path}: the run directory is damaged ({self.checksums_path(stage)} is missing or "
+            raise RunDirError(f"{self.path}: the run directory is damaged ({self.checksums_path(stage, tag)} is missing or "
                               "unreadable); delete it and convert again") from None
 
     def save_metadata(self, metadata: dict) -> None:
         write_json_atomic(self.metadata_path, metadata)
 
-    def reset_from(self, stage: str, manifest: dict) -> None:
-        """Forget `stage` and everything after it, deleting their stores."""
+    def _remove(self, stage: str, tag: str | None = None) -> None:
+        self.checksums_path(stage, tag).unlink(missing_ok=True)
+        refs_path(self.store(stage, tag)).unlink(missing_ok=True)
+        remove_tree(self.store(stage, tag))
+
+    def reset_from(self, stage: str, manifest: dict, tag: str | None = None) -> None:
+        """Forget `stage` and everything after it, deleting their stores: of one output's own
+        stages (`tag`), or of the shared ones, and then of every output that read them."""
+        if tag is not None:
+            states = manifest.get("outputs", {}).get(tag, {}).get("stages", {})
+            for name in OUTPUT_STAGES[OUTPUT_STAGES.index(stage):]:
+                states.pop(name, None)
+                self._remove(name, tag)
+            self.save(manifest)
+            return
         for name in STAGES[STAGES.index(stage):]:
             manifest.get("stages", {}).pop(name, None)
-            self.checksums_path(name).unlink(missing_ok=True)
-            refs_path(self.store(name)).unlink(missing_ok=True)
-            remove_tree(self.store(name))
+            self._remove(name)
+        if stage not in OUTPUT_STAGES:  # every output's pack read the shared stores
+            manifest.pop("outputs", None)
+            for t in self.tags():
+                self._remove("pack", t)
         self.save(manifest)
 
     def stores_size(self) -> int:
         """Bytes held by the stores on disk."""
         # os.walk, not rglob: a store of many tensors holds hundreds of thousands of files
-        return sum(os.path.getsize(os.path.join(root, f)) for name in STAGES if self.store(name).is_dir()
-                   for root, _, files in os.walk(self.store(name)) for f in files
+        return sum(os.path.getsize(os.path.join(root, f)) for store in self._stores() if store.is_dir()
+                   for root, _, files in os.walk(store) for f in files
                    if os.path.isfile(os.path.join(root, f)))
 
     def has_stores(self) -> bool:
-        return any(self.store(name).exists() for name in STAGES)
+        return any(store.exists() for store in self._stores())
 
     def check_is_ours(self) -> None:
         """Refuse a directory that holds anything but a run of ours: we write and delete files in a
@@ -280,12 +340,13 @@ class RunDir:
         except OSError as e:
             raise RunDirError(f"{self.path}: cannot list the run directory ({e.strerror}); choose another --workdir") \
                 from None
-        ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp", "plan.json",
-                "plan.json.tmp",
-                *(self.store(s).name for s in STAGES), *(f".{self.store(s).name}.deleting" for s in STAGES),
-                *(self.checksums_path(s).name for s in STAGES), *(self.checksums_path(s).name + ".tmp" for s in STAGES),
-                *(refs_path(self.store(s)).name for s in STAGES),
-                *(refs_path(self.store(s)).name + ".tmp" for s in STAGES)}
+        tags = [None, *{m[1] for name in entries if (m := OWN_NAME.fullmatch(name))}]
+        ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp",
+                *(n for t in tags for n in (f"{plan_name(t)}", f"{plan_name(t)}.tmp")),
+                *(n for s, t in self._stage_tags(tags) for n in (
+                    self.store(s, t).name, f".{self.store(s, t).name}.deleting", self.checksums_path(s, t).name,
+                    self.checksums_path(s, t).name + ".tmp", refs_path(self.store(s, t)).name,
+                    refs_path(self.store(s, t)).name + ".tmp"))}
         if "manifest.json" not in entries and not any(self._is_our_store(s) for s in STAGES):
             # without a manifest, only a store of ours proves the directory is a run of ours;
             # else its files (a user's own extract.zarr or metadata.json) are not ours to replace
@@ -304,6 +365,10 @@ class RunDir:
                 raise RunDirError(f"{self.manifest_path}: not a bitnet-gguf manifest; this is not a run directory "
                                   "of ours, choose an empty or new --workdir")
             self.load()  # ours: refused here if its content is damaged
+
+    @staticmethod
+    def _stage_tags(tags) -> list[tuple[str, str | None]]:
+        return [(s, t) for t in tags for s in (STAGES if t is None else ("pack",))]
 
     def _links(self, entries: list[str]) -> list[Path]:
         """Symbolic links among the run directory's entries and inside its stores (not followed)."""
@@ -332,9 +397,9 @@ class RunDir:
     def clean_partials(self) -> int:
         """Delete leftover temporary chunk files of an interrupted write (inside our stores only)."""
         n = 0
-        for name in STAGES:
-            if self.store(name).is_dir():
-                for p in self.store(name).rglob("*.partial"):
+        for store in self._stores():
+            if store.is_dir():
+                for p in store.rglob("*.partial"):
                     p.unlink(missing_ok=True)
                     n += 1
         return n

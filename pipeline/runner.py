@@ -16,14 +16,14 @@ from pipeline.budget import current_rss, plan_budget
 from pipeline.checkpoint import open_checkpoint, open_vocabulary
 from pipeline.config import Options, format_size
 from pipeline.context import StageContext
-from pipeline.errors import CheckpointError, RunDirError
+from pipeline.errors import CheckpointError, RunDirError, UserError
 from pipeline.families import GROUPED, TERNARY
 from pipeline.gguf_file import GGUFSplitWriter
 from pipeline.output import (OutputChanged, check_output_side, final_paths, identity, publish, remove_stale_temps,
                              temp_path, written_identity)
 from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES
 from pipeline.plan import file_kvs, make_plan, save_plan
-from pipeline.rundir import STAGES, RunDir, stage_key
+from pipeline.rundir import OUTPUT_STAGES, STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler, probe_scheduler
 from pipeline.stores import SourceContentChanged, largest_values, open_store, source_changed
@@ -123,24 +123,115 @@ def convert_vocab_only(opts: Options, log) -> list[Path]:
 
 def plan_conversion(opts: Options):
     """The plan of `convert(opts)` (pipeline/plan.py), refusing what it would refuse; writes nothing."""
-    if opts.scheduler.startswith("tcp://"):
-        probe_scheduler(opts.scheduler)
-    ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
-                           max_header_bytes=header_budget(opts.memory_limit), model_name=opts.name_override,
-                           metadata_file=opts.metadata_file, memory_limit=opts.memory_limit)
-    for stage in STAGES:  # as convert does, so the budget's baseline is the same
-        importlib.import_module(f"stages.{stage}")
+    ckpt = _open(opts)  # as convert does, so the budget's baseline is the same
     plan = make_plan(opts, ckpt, conversion_budget(opts, ckpt))
     preflight(opts, RunDir(opts.workdir), plan)
     return plan
 
 
-def preflight(opts: Options, run: RunDir, plan) -> None:
+def preflight(opts: Options, run: RunDir, plan, *more) -> None:
     """What convert refuses about the run directory, the output side and the disk, checked
-    before anything is created (plan refuses the same)."""
+    before anything is created (plan refuses the same); `more`: (options, plan) of the other
+    outputs of a run with several --type."""
     run.check_is_ours()
-    check_output_side(final_paths(opts.output, len(plan.outputs)), opts.workdir)
-    check_disk(opts, run, plan)
+    for o, p in ((opts, plan), *more):
+        check_output_side(final_paths(o.output, len(p.outputs)), o.workdir)
+    check_disk(opts, run, plan, *(p for _, p in more))
+
+
+def _output_refused(opts: Options, e: UserError) -> UserError:
+    """A refusal of one output of several, naming it (same class, so the same exit status)."""
+    return type(e)(f"output {opts.output.name} (--type {opts.out_type}): {e}")
+
+
+def plan_many(many: list[Options]) -> list:
+    """The plans of a conversion to several --type (`convert_many`), refusing what it would refuse."""
+    return _checked_plans(many)[2]
+
+
+def _checked_plans(many: list[Options]) -> tuple:
+    """(checkpoint, budget, plans) of the outputs of several --type, after every check that refuses
+    one of them (naming it) or the run directory, the output side and the disk."""
+    first = many[0]
+    ckpt = _open(first)
+    budget = conversion_budget(first, ckpt)
+    plans = []
+    for opts in many:
+        try:
+            plans.append(make_plan(opts, ckpt, budget))
+        except UserError as e:
+            raise _output_refused(opts, e) from None
+    preflight(first, RunDir(first.workdir), plans[0], *zip(many[1:], plans[1:]))
+    return ckpt, budget, plans
+
+
+def _open(opts: Options):
+    """The checkpoint, opened after the scheduler is probed (a wrong address is one line, before
+    anything is read), with every stage imported (so the budget's baseline includes them)."""
+    if opts.scheduler.startswith("tcp://"):
+        probe_scheduler(opts.scheduler)
+    ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
+                           max_header_bytes=header_budget(opts.memory_limit), model_name=opts.name_override,
+                           metadata_file=opts.metadata_file, memory_limit=opts.memory_limit)
+    for stage in STAGES:
+        importlib.import_module(f"stages.{stage}")
+    return ckpt
+
+
+def convert_many(many: list[Options], log) -> list[Path]:
+    """Several outputs from one read (`--type tq2_0,i2_s,iq2_bn`): extract and quantize once into
+    the shared run directory, then pack and assemble each output with its own pack store and
+    manifest record, so each resumes on its own. What plan refuses for any output is refused
+    before anything is written; an output refused while it is packed (its data: a group scale its
+    type cannot hold) is named, the others are still written, and the command fails at the end."""
+    first = many[0]
+    ckpt, budget, plans = _checked_plans(many)
+    run = RunDir(first.workdir)
+    outputs_before = [[identity(p) for p in final_paths(o.output, len(pl.outputs))] for o, pl in zip(many, plans)]
+    keys = [stage_keys(o, ckpt) for o in many]
+    scheduler = _scheduler(first, budget, log)
+    written, failed = [], []
+    try:
+        with run:
+            _log_outputs(many, ckpt, log)
+            log(f"run directory: {first.workdir} (extract and quantize once for the {len(many)} outputs)")
+            log(budget.describe())
+            options = {**first.as_json(), "out_type": [o.out_type for o in many],
+                       "output": [str(o.output) for o in many]}
+            manifest = _prepare(first, ckpt, plans[0], run, log, options)
+            # the shared stages (tag "": not one output's, and no output's float ranges checked yet)
+            _run_stages(first, ckpt, plans[0], budget, scheduler, run, keys[0], log, stages=STAGES[:2],
+                        tag="", manifest=manifest)
+            for o, plan, key, before in zip(many, plans, keys, outputs_before):
+                tag = o.layout.name
+                save_plan(run, plan, tag)
+                try:
+                    check_float_ranges(run.store("extract"), ckpt, plan)
+                    written += _run_stages(o, ckpt, plan, budget, scheduler, run, key, log, before,
+                                           stages=OUTPUT_STAGES, tag=tag, manifest=manifest)
+                except UserError as e:
+                    # a damaged run directory or a checkpoint changed under the run is every output's
+                    # problem: the conversion stops; anything else (the data refused by this output's
+                    # type, its path taken by another process) is this output's alone
+                    if isinstance(e, SourceContentChanged) or (isinstance(e, RunDirError)
+                                                               and not isinstance(e, OutputChanged)):
+                        raise
+                    _source_unchanged(ckpt)()
+                    refused = _output_refused(o, e)
+                    failed.append(refused)
+                    log(f"{refused}; the other outputs go on")
+    finally:
+        scheduler.close()
+    for path in written:
+        log(f"wrote {path} ({format_size(path.stat().st_size)})")
+    log(f"run directory kept for inspection and reruns: {first.workdir} ({format_size(run.stores_size())}); "
+        "delete it when you no longer need it")
+    if failed:
+        names = ", ".join(str(p.name) for p in written) or "none"
+        raise type(failed[0])(f"{len(failed)} of {len(many)} outputs failed ({failed[0]}"
+                              + (f"; and {len(failed) - 1} more, named above" if len(failed) > 1 else "")
+                              + f"); written: {names}")
+    return written
 
 
 def conversion_budget(opts: Options, ckpt):
@@ -151,13 +242,7 @@ def conversion_budget(opts: Options, ckpt):
 
 
 def convert(opts: Options, log) -> list[Path]:
-    if opts.scheduler.startswith("tcp://"):
-        probe_scheduler(opts.scheduler)  # before anything is read or written: a wrong address is one line
-    ckpt = open_checkpoint(opts.model_dir, name=opts.model_name or None, tokenizer_pre=opts.tokenizer_pre,
-                           max_header_bytes=header_budget(opts.memory_limit), model_name=opts.name_override,
-                           metadata_file=opts.metadata_file, memory_limit=opts.memory_limit)
-    for stage in STAGES:  # import everything first, so the budget's baseline includes it
-        importlib.import_module(f"stages.{stage}")
+    ckpt = _open(opts)
     budget = conversion_budget(opts, ckpt)
     plan = make_plan(opts, ckpt, budget)
     run = RunDir(opts.workdir)
@@ -166,18 +251,11 @@ def convert(opts: Options, log) -> list[Path]:
     # process's, and assemble does not replace it
     outputs_before = [identity(p) for p in final_paths(opts.output, len(plan.outputs))]
     keys = stage_keys(opts, ckpt)
-    worker_memory = max(1, (opts.memory_limit - current_rss()) // budget.workers)
     # the scheduler before the run directory: one that cannot be reached is refused with nothing made
-    scheduler = Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress,
-                          worker_timeout=opts.worker_timeout, log=log)
+    scheduler = _scheduler(opts, budget, log)
     try:
         with run:
-            log(f"model: {opts.model_dir} ({ckpt.plan.family.description}, {len(ckpt.plan.tensors)} tensors)")
-            built = f" for bitnet.cpp's {TARGET_NAMES[opts.target]} builds" if opts.layout.target else ""
-            log(f"output: {opts.output} ({opts.out_type.upper()}{built}, embeddings {opts.embedding_type.upper()}, "
-                f"GGUF arch {ckpt.plan.arch})")
-            if opts.type_reason:
-                log(f"type: {opts.out_type.upper()}, chosen by --type auto: {opts.type_reason}")
+            _log_outputs([opts], ckpt, log)
             log(f"run directory: {opts.workdir}")
             log(budget.describe())
             outputs = _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before)
@@ -192,6 +270,23 @@ def convert(opts: Options, log) -> list[Path]:
     return outputs
 
 
+def _scheduler(opts: Options, budget, log) -> Scheduler:
+    worker_memory = max(1, (opts.memory_limit - current_rss()) // budget.workers)
+    return Scheduler(opts.scheduler, budget.workers, worker_memory, opts.progress,
+                     worker_timeout=opts.worker_timeout, log=log)
+
+
+def _log_outputs(many: list[Options], ckpt, log) -> None:
+    """The first lines of a conversion's log: the model, each output and its type."""
+    log(f"model: {many[0].model_dir} ({ckpt.plan.family.description}, {len(ckpt.plan.tensors)} tensors)")
+    for o in many:
+        built = f" for bitnet.cpp's {TARGET_NAMES[o.target]} builds" if o.layout.target else ""
+        log(f"output: {o.output} ({o.out_type.upper()}{built}, embeddings {o.embedding_type.upper()}, "
+            f"GGUF arch {ckpt.plan.arch})")
+        if o.type_reason:
+            log(f"type: {o.out_type.upper()}, chosen by --type auto: {o.type_reason}")
+
+
 def _nearest_existing(path: Path) -> Path:
     """`path`, or the closest of its parents that exists: the run directory is not made before the
     disk is checked, and its disk is the one it will be made on."""
@@ -200,10 +295,12 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_disk(opts: Options, run: RunDir, plan) -> None:
+def check_disk(opts: Options, run: RunDir, plan, *more) -> None:
     """Refuse up front when the run directory's or the output's disk cannot hold the result
-    (before the run directory is made: a refusal leaves nothing)."""
-    work_bytes, out_bytes = plan.run_dir_bytes, plan.output_bytes
+    (before the run directory is made: a refusal leaves nothing); `more`: the plans of the other
+    outputs of a run with several --type (their own pack stores and files, in the same places)."""
+    work_bytes = plan.run_dir_bytes + sum(p.stores["pack"] for p in more)
+    out_bytes = plan.output_bytes + sum(p.output_bytes for p in more)
     have = run.stores_size()
     work_at = _nearest_existing(opts.workdir)
     needs = {opts.workdir: max(0, work_bytes - have)}
@@ -253,7 +350,9 @@ def check_float_ranges(store: Path, ckpt, plan) -> None:
                                   f"{' or '.join(roomier)}")
 
 
-def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before=None) -> list[Path]:
+def _prepare(opts, ckpt, plan, run, log, options: dict | None = None) -> dict:
+    """The manifest of the run directory, made ready for this conversion: started over if the
+    checkpoint changed, the options, plan and key/values saved, leftovers of a killed run removed."""
     manifest = run.load()
     if manifest.get("fingerprint") not in (None, ckpt.fingerprint) or manifest.get(CONTENT_CHANGED):
         log("the checkpoint changed since this run directory was made: starting over")
@@ -266,7 +365,7 @@ def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_bef
         run.save(manifest)
         run.reset_from("extract", manifest)
     manifest.pop(CONTENT_CHANGED, None)
-    manifest.update({"fingerprint": ckpt.fingerprint, "options": opts.as_json()})
+    manifest.update({"fingerprint": ckpt.fingerprint, "options": options or opts.as_json()})
     manifest.setdefault("stages", {})
     # the manifest is the first file of a new run directory: only it (or a store of ours) makes a
     # directory ours, so a kill before the next write leaves one a rerun takes up (rundir.check_is_ours)
@@ -275,29 +374,51 @@ def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_bef
     run.save_metadata({"arch": ckpt.plan.arch, "kv": ckpt.kv})
     if n := run.clean_partials():
         log(f"removed {n} unfinished chunk file(s) of an interrupted run")
-    if n := remove_stale_temps(opts.output, opts.workdir):
+    return manifest
+
+
+def _states(manifest: dict, stage: str, tag: str | None, opts) -> dict:
+    """Where the manifest keeps `stage`'s state: "stages", or one output's own (several --type)."""
+    if tag is None or stage not in OUTPUT_STAGES:
+        return manifest["stages"]
+    record = manifest.setdefault("outputs", {}).setdefault(tag, {"output": str(opts.output), "stages": {}})
+    record["output"] = str(opts.output)
+    return record.setdefault("stages", {})
+
+
+def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before=None, stages=STAGES,
+                tag=None, manifest=None) -> list[Path]:
+    """Run `stages` (all four, or the shared or one output's own ones with several --type), skipping
+    what is done; `tag`: the output type whose pack and assemble these are (its own store)."""
+    if manifest is None:
+        manifest = _prepare(opts, ckpt, plan, run, log)
+    if "pack" in stages and (n := remove_stale_temps(opts.output, opts.workdir)):
         log(f"removed {n} unfinished output file(s) of an interrupted run")
-    previous = None
+    first = STAGES.index(stages[0])
+    previous = run.store(STAGES[first - 1]) if first else None
     check_source = _source_unchanged(ckpt)
     inputs = stage_inputs(opts, ckpt)
-    for stage in STAGES:
-        state = manifest["stages"].get(stage)
-        if stage != "assemble" and _finished(stage, state, keys[stage]) and not run.store(stage).is_dir():
-            log(f"{stage}: its store {run.store(stage)} is gone: redoing {stage} and the stages after it")
-            run.reset_from(stage, manifest)
+    for stage in stages:
+        own = tag if stage in OUTPUT_STAGES else None
+        named = f" ({opts.output.name})" if own else ""
+        states = _states(manifest, stage, tag, opts)
+        state = states.get(stage)
+        if stage != "assemble" and _finished(stage, state, keys[stage]) and not run.store(stage, own).is_dir():
+            log(f"{stage}{named}: its store {run.store(stage, own)} is gone: redoing {stage} and the stages after it")
+            run.reset_from(stage, manifest, own)
             state = None
         if _finished(stage, state, keys[stage]):
-            log(f"{stage}: already done, skipped")
+            log(f"{stage}{named}: already done, skipped")
         elif state is not None and state.get("key") != keys[stage]:
             later = STAGES[STAGES.index(stage):]
             kept = STAGES[:STAGES.index(stage)]
-            log(f"{stage}: {what_changed(state.get('inputs'), inputs[stage])} changed since it was done: redoing "
+            log(f"{stage}{named}: {what_changed(state.get('inputs'), inputs[stage])} changed since it was done: redoing "
                 f"{', '.join(later)}" + (f"; {', '.join(kept)} reused" if kept else ""))
-            run.reset_from(stage, manifest)
-        if not _finished(stage, manifest["stages"].get(stage), keys[stage]):
+            run.reset_from(stage, manifest, own)
+        if not _finished(stage, states.get(stage), keys[stage]):
             try:
                 _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log,
-                           check_source, outputs_before, inputs[stage])
+                           check_source, outputs_before, inputs[stage], tag)
             except SourceContentChanged as e:
                 # the file's identity is as recorded, so only this mark makes the rerun start over
                 manifest[CONTENT_CHANGED] = e.file or str(ckpt.model_dir)
@@ -305,30 +426,35 @@ def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_bef
                 raise
         elif stage == "extract":  # its row maxima are read next: the store must be the one sealed
             run.check_sealed("extract")
-        if stage == "extract":
+        if stage == "extract" and tag is None:  # several --type: each output checks its own types
             check_float_ranges(run.store("extract"), ckpt, plan)
-        previous = run.store(stage)
-    return [Path(p) for p, *_ in manifest["stages"]["assemble"]["outputs"]]
+        previous = run.store(stage, own)
+    if "assemble" not in stages:
+        return []
+    return [Path(p) for p, *_ in _states(manifest, "assemble", tag, opts)["assemble"]["outputs"]]
 
 
 def _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manifest, key, log, check_source,
-               outputs_before=None, inputs=None) -> None:
+               outputs_before=None, inputs=None, tag=None) -> None:
+    own = tag if stage in OUTPUT_STAGES else None
     if stage != "extract":
-        run.check_sealed(STAGES[STAGES.index(stage) - 1])  # its input is what was written
+        before = STAGES[STAGES.index(stage) - 1]
+        run.check_sealed(before, tag if before in OUTPUT_STAGES else None)  # its input is what was written
     started = time.monotonic()
-    log(f"{stage}: running")
-    manifest["stages"][stage] = {"key": key, "state": "running"}
+    log(f"{stage}: running" + (f" ({opts.output.name})" if own else ""))
+    states = _states(manifest, stage, tag, opts)
+    states[stage] = {"key": key, "state": "running"}
     run.save(manifest)
-    output = opts.output if stage == "assemble" else run.store(stage)
+    output = opts.output if stage == "assemble" else run.store(stage, own)
     ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None, log,
                        run.metadata_path, before_publish=check_source, outputs_before=outputs_before, plan=plan)
     importlib.import_module(f"stages.{stage}").run(ctx)
     if stage != "assemble":  # assemble checks before it publishes
         check_source()  # a file rewritten while it was read would mix old and new weights
-        run.seal(stage)
+        run.seal(stage, own)
     state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2), "inputs": inputs or {}}
     if stage == "assemble":
         state["outputs"] = [[str(p), *(written_identity(p) or [])] for p in ctx.outputs]
-    manifest["stages"][stage] = state
+    states[stage] = state
     run.save(manifest)
     log(f"{stage}: done in {state['seconds']} s")

@@ -528,7 +528,7 @@ IK_TRIT_MULT = np.array([81, 27, 9, 3, 1], dtype=np.uint8)  # byte * 3**(4 - j) 
 
 def decode_ik(name: str, rows: np.ndarray) -> np.ndarray:
     """float64 values of (rows, row_bytes) of ik_llama.cpp's types, from docs/notes/ik-llama.md
-    (not pipeline/ik_codecs.py): IQ2_BN is a float32 d, then per 64 values 16 bytes, value
+    (not pipeline/codecs/ik.py): IQ2_BN is a float32 d, then per 64 values 16 bytes, value
     j + 16t in bits 2t of byte j; IQ1_BN an fp16 d, then per 64 values 12 bytes of 5 trits
     (value 16g + 5k + j is trit j of byte 3g + k, read as ik does: v = byte * 3**(4 - j) mod 256,
     trit = 3v >> 8) and one byte of the 4 trits of values 16g + 15; IQ2_BN_R4 groups of 4 rows,

@@ -4,7 +4,7 @@ Every array is uint8 of shape (rows, bytes per row) (but the `codes_from` arrays
 chunked by the same row ranges as quantize.zarr (a row is a whole number of blocks, so
 chunks are block aligned). Attribute `ggml_type` names the GGML type (pipeline/outtypes.py).
 Ternary codes arrive at 2 bits per value in TQ2_0's block order, so TQ2_0 is a copy plus the
-block scales and I2_S a byte lookup (pipeline/codecs.py `encode_codes`; the layout of
+block scales and I2_S a byte lookup (pipeline/codecs/ `encode_codes`; the layout of
 `--target`'s bitnet.cpp build, one registry entry each): `read_rows` of such an array gives
 those bytes. TL1/TL2 bytes come in tiles of BM
 rows (from --kernel-config): their chunks hold whole tiles, so any memory limit and any

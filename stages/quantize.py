@@ -1,6 +1,6 @@
 """quantize: extract.zarr -> quantize.zarr.
 
-Every ternary projection becomes its codes at 2 bits per value (pipeline/codecs.py
+Every ternary projection becomes its codes at 2 bits per value (pipeline/codecs/base.py
 `pack_fields`: blocks of 128 values in 32 bytes; rows that are not whole blocks keep
 int8 codes) plus one float32 `scale` (the magnitude a code of +-1 stands for),
 following the tensor's recipe:

@@ -123,21 +123,23 @@ def test_verify_does_not_trust_the_kernels_that_wrote_the_file(fresh, out, monke
     """A bug in a packing kernel is in the converter and in verify's byte recomputation alike
     (both run here with the bug); the values decoded from the file still differ from the
     checkpoint's, and verify says so."""
-    import pipeline.codecs
+    import pipeline.codecs.base
+    import pipeline.codecs.bitnet_cpp
+    import pipeline.codecs.ggml
 
     model = fresh("llama3-1.58")
     extra = ()
     if kernel == "i2_s codes":  # bit pairs not reversed: every code lands in another column
-        monkeypatch.setattr(pipeline.codecs, "_I2S_FROM_CODE_BYTE", np.arange(256, dtype=np.uint8))
+        monkeypatch.setattr(pipeline.codecs.bitnet_cpp, "_I2S_FROM_CODE_BYTE", np.arange(256, dtype=np.uint8))
         extra, victim = ("--type", "i2_s"), "blk.0.attn_q.weight"
     elif kernel == "bf16 to f16":  # one value in 16 loses its sign
-        table = pipeline.codecs._F16_FROM_BF16.copy()
+        table = pipeline.codecs.ggml._F16_FROM_BF16.copy()
         table[::16] ^= np.uint16(0x8000)
-        monkeypatch.setattr(pipeline.codecs, "_F16_FROM_BF16", table)
+        monkeypatch.setattr(pipeline.codecs.ggml, "_F16_FROM_BF16", table)
         victim = "token_embd.weight"
     else:  # the fp16 d of a block rounded the wrong way by a few ulps
-        real = pipeline.codecs._fp16_bytes
-        monkeypatch.setattr(pipeline.codecs, "_fp16_bytes",
+        real = pipeline.codecs.base._fp16_bytes
+        monkeypatch.setattr(pipeline.codecs.base, "_fp16_bytes",
                             lambda s: (real(s).view("<f2") * np.float16(1.01)).astype("<f2").view(np.uint8))
         victim = "blk.0.attn_q.weight"
     assert cli("convert", model, "-o", out, "--no-progress", *extra).returncode == 0

@@ -2,7 +2,7 @@
 
 tests/ik_layouts.py transliterates ik's quantizers and decoders loop by loop; the hand-worked
 examples below spell out the bytes from ik's code in comments. None of the expected values
-come from pipeline/ik_codecs.py.
+come from pipeline/codecs/ik.py.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.codecs import CodecError
-from pipeline.ik_codecs import IQ1_BN, IQ2_BN, IQ2_BN_R4
+from pipeline.codecs.ik import IQ1_BN, IQ2_BN, IQ2_BN_R4
 from tests import ik_layouts
 
 settings.register_profile("ik_codecs", max_examples=40, deadline=None)

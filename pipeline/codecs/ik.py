@@ -1,7 +1,7 @@
 """ik_llama.cpp's own ternary types: IQ2_BN (ggml type 135), IQ1_BN (134), IQ2_BN_R4 (335).
 
-Shaped like the codecs in `pipeline/codecs.py` (classes used without instances, whole rows in,
-(rows, row_bytes) uint8 out), so they can join its registry. Unlike the other ternary types,
+Shaped like the other codecs (`pipeline/codecs/base.py`: classes used without instances, whole
+rows in, (rows, row_bytes) uint8 out), so they join the same registry. Unlike the other ternary types,
 every row starts with row meta: the row's max |x| (float32 for IQ2_BN, fp16 for IQ1_BN), so
 `scale` may be one float per tensor or one per row. The bytes are those ik's quantizer writes
 for the float values codes * scale; docs/notes/ik-llama.md gives the layouts and where in ik's
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.codecs import Codec, CodecError
+from pipeline.codecs.base import Codec, CodecError
 
 QK_IQ1BN = 64  # values per block, IQ1_BN and IQ2_BN alike
 
