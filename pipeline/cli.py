@@ -40,11 +40,19 @@ def one_line(text: str) -> str:
 
 
 def _log(message: str) -> None:
-    print(one_line(message), file=sys.stderr, flush=True)
+    print(one_line(shown(message)), file=sys.stderr, flush=True)
 
 
 def _error(message: str) -> None:
-    print(one_line(f"bitnet-gguf: error: {message}"), file=sys.stderr, flush=True)
+    print(one_line(shown(f"bitnet-gguf: error: {message}")), file=sys.stderr, flush=True)
+
+
+def shown(message: str) -> str:
+    """A remote checkpoint's small files are named by their URL, not by the directory they are
+    staged in."""
+    from pipeline.remote import shown_paths
+
+    return shown_paths(message)
 
 
 class HeldLog:
@@ -254,9 +262,11 @@ def _convert_options(args):
     command logs, which comes after every check, so a refusal stays one line."""
     from pipeline.config import make_options
     from pipeline.hub import resolve_model
+    from pipeline.remote import is_url, redact
 
     model = resolve_model(args.model)
-    log = HeldLog(*([f"model {args.model}: {model.path} ({model.source})"] if model.source != "directory" else []))
+    said = redact(args.model) if is_url(args.model) else f"{args.model}: {model.path}"
+    log = HeldLog(*([f"model {said} ({model.source})"] if model.source != "directory" else []))
     scheduler = "local" if args.cluster else args.scheduler
     opts = make_options(model.path, model_name=model.name, output=args.output, workdir=args.workdir,
                         preset=args.config, tokenizer_pre=args.tokenizer_pre, embedding_type=args.embedding_type,
@@ -356,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     except ResumableFailure as e:
         if args.debug:
             traceback.print_exc()
-        print(f"bitnet-gguf: failed: {e}", file=sys.stderr)
+        print(one_line(shown(f"bitnet-gguf: failed: {e}")), file=sys.stderr)
         return EXIT_FAILURE
     except Exception as e:  # noqa: BLE001 - the CLI boundary
         if args.debug:

@@ -1,4 +1,7 @@
-"""Turn the model argument (a directory or a Hugging Face id `org/name`) into a checkpoint directory.
+"""Turn the model argument (a directory, a Hugging Face id `org/name`, or a URL) into a checkpoint directory.
+
+A URL (hf://ORG/NAME[@REV], https://.../DIR/, any fsspec URL) is pipeline/remote.py's: its small
+files are staged in a temporary directory that stands for the checkpoint, the weights stay remote.
 
 Offline only: a model id is looked up in the local Hugging Face cache, never
 downloaded. The cache holds `models--{org}--{name}/` with `refs/main` (a text
@@ -14,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import remote
 from pipeline.errors import CheckpointError
 
 REPO_PREFIX = "models--"
@@ -51,6 +55,10 @@ def resolve_model(arg: str | Path, env: Mapping[str, str] | None = None) -> Reso
     """A local directory if one exists at `arg`, else the cached snapshot of model id `arg`."""
     env = os.environ if env is None else env
     text = os.fspath(arg)
+    if remote.is_url(text):  # hf://, https://, any fsspec URL: small files staged, weights read by range
+        src = remote.open_source(text, env)
+        how = f"commit {src.commit}" if src.commit else "weights read by byte range"
+        return ResolvedModel(src.staging, safe_name(src.name), f"{how}; nothing of the weights is stored")
     local = Path(os.path.abspath(text))  # absolute, '..' removed, symlinks kept
     if local.is_dir():
         return _from_directory(local)
