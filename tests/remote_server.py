@@ -10,6 +10,7 @@ Every request is logged (method, path, range, bytes sent) for the tests to count
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -20,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-HF_REPO = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/(?P<what>revision|tree)/(?P<rev>[^/?]+)(?P<rest>/[^?]*)?")
+HF_REPO = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<what>revision|tree)/(?P<rev>[^/?]+)(?P<rest>/[^?]*)?)?")
 HF_RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>[^?]+)")
 
 
@@ -34,9 +35,11 @@ class CheckpointServer:
         self.faults: list[str] = []      # consumed one per weight read: "500", "reset", "truncate", "slow"
         self.slow_seconds = 0.0
         self.throttle = 0                # bytes per second (0: as fast as it goes)
-        self.token: str | None = None    # when set, a request without "Bearer <token>" gets 401
+        self.token: str | None = None    # when set, a request without "Bearer <token>" (or Basic user:<token>) gets 401
+        self.change_after = 0            # > 0: after this many weight reads, every file gets a new ETag
         self.gated = False               # hf: every request answers 403 GatedRepo
         self.log: list[dict] = []
+        self.weight_reads = 0
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
@@ -110,7 +113,8 @@ def _handler(server: CheckpointServer):
 
         def _serve(self, head: bool):
             path = urlsplit(self.path).path
-            if server.token is not None and self.headers.get("Authorization") != f"Bearer {server.token}":
+            basic = "Basic " + base64.b64encode(f"user:{server.token}".encode()).decode()
+            if server.token is not None and self.headers.get("Authorization") not in (f"Bearer {server.token}", basic):
                 return self._error(401, "RepoNotFound" if not path.startswith("/ckpt/") else None)
             if server.gated and not path.startswith("/ckpt/"):
                 return self._error(403, "GatedRepo")
@@ -131,10 +135,10 @@ def _handler(server: CheckpointServer):
         def _hub_api(self, m):
             if m["repo"] != server.repo:
                 return self._error(404, "RepoNotFound")
-            if unquote(m["rev"]) not in ("main", server.commit):
+            if unquote(m["rev"] or "main") not in ("main", server.commit):
                 return self._error(404, "RevisionNotFound")
             files = sorted(p for p in server.root.iterdir() if p.is_file())
-            if m["what"] == "revision":
+            if m["what"] in ("revision", None):
                 return self._json({"id": server.repo, "sha": server.commit, "private": False,
                                    "siblings": [{"rfilename": p.name} for p in files]})
             rest = (m["rest"] or "").strip("/")
@@ -169,6 +173,9 @@ def _handler(server: CheckpointServer):
             if weight_read:
                 with server.lock:
                     fault = server.faults.pop(0) if server.faults else None
+                    server.weight_reads += 1
+                    if server.change_after and server.weight_reads > server.change_after:
+                        server.etags = {p.name: '"changed"' for p in server.root.iterdir()}
             if fault == "500":
                 return self._error(500)
             if fault == "slow":
