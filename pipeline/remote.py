@@ -385,13 +385,25 @@ def _drain(pending: dict, view, first: bool) -> None:
 
 def _fetch(fs, path: str, url: str, start: int, end: int, version: str) -> bytes:
     """Bytes [start, end) of one file, retried with backoff on transient failures."""
-    wait = RETRY_BASE
+    def once() -> bytes:
+        data = _fetch_once(fs, path, start, end, version)
+        if len(data) != end - start:
+            raise ShortRead(f"{len(data)} of {end - start} bytes")
+        return data
+    return _retried(once, url, f"reading bytes {start}..{end}")
+
+
+class ShortRead(ConnectionError):
+    """A response with fewer bytes than the range asked for (a truncated body)."""
+
+
+def _retried(fn, url: str, what: str, hf_repo: str | None = None):
+    """`fn()`, retried RETRIES times with backoff on transient failures; a changed file, a refusal
+    and the last failure are one line each."""
+    wait, problem = RETRY_BASE, ""
     for attempt in range(1, RETRIES + 1):
         try:
-            data = _fetch_once(fs, path, start, end, version)
-            if len(data) == end - start:
-                return data
-            problem = f"a short read ({len(data)} of {end - start} bytes)"
+            return fn()
         except Exception as e:  # noqa: BLE001 - sorted into the user's, the server's and the network's
             kind = classify(e)
             if kind == "changed":
@@ -399,13 +411,13 @@ def _fetch(fs, path: str, url: str, start: int, end: int, version: str) -> bytes
                                     "run started from; nothing was written; rerun the same command to start over "
                                     "from the new files") from None
             if kind != "transient":
-                raise _user_error(e, url) from None
+                raise _user_error(e, url, hf_repo) from None
             problem = describe(e)
         if attempt < RETRIES:
             time.sleep(wait)
             wait = min(wait * 2, RETRY_CAP)
-    raise ResumableFailure(f"{url}: reading bytes {start}..{end} failed {RETRIES} times ({problem}); check the "
-                           "network or the server and rerun the same command to continue where it stopped")
+    raise ResumableFailure(f"{url}: {what} failed {RETRIES} times ({problem}); check the network or the server "
+                           "and rerun the same command to continue where it stopped")
 
 
 def _fetch_once(fs, path: str, start: int, end: int, version: str) -> bytes:
@@ -481,7 +493,7 @@ def describe(e: BaseException) -> str:
     status = next((s for s in map(_status, _chain(e)) if s is not None), None)
     if status is not None:
         return f"HTTP {status}"
-    return type(e).__name__
+    return f"short read: {e}" if isinstance(e, ShortRead) else type(e).__name__
 
 
 def _user_error(e: BaseException, url: str, hf_repo: str | None = None) -> CheckpointError:
@@ -505,20 +517,7 @@ def _user_error(e: BaseException, url: str, hf_repo: str | None = None) -> Check
 
 def _call(fn, url: str, hf_repo: str | None = None):
     """`fn()` (a metadata request), retried like a read; a refusal is one line."""
-    wait = RETRY_BASE
-    for attempt in range(1, RETRIES + 1):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001
-            kind = classify(e)
-            if kind != "transient":
-                raise _user_error(e, url, hf_repo) from None
-            problem = describe(e)
-        if attempt < RETRIES:
-            time.sleep(wait)
-            wait = min(wait * 2, RETRY_CAP)
-    raise ResumableFailure(f"{url}: the server did not answer after {RETRIES} attempts ({problem}); check the "
-                           "network or the server and rerun the same command")
+    return _retried(fn, url, "asking the server about it", hf_repo)
 
 
 def fetch_estimate(ckpt) -> dict | None:
