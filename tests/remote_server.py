@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,10 +27,11 @@ HF_RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file
 
 
 class CheckpointServer:
-    """Serves the files of `root` at http://127.0.0.1:PORT/ckpt/ and as Hub repository `repo`."""
+    """Serves the files of `root` at http://127.0.0.1:PORT/files/<root's name>/ and as Hub repository `repo`."""
 
     def __init__(self, root: Path, repo: str = "org/model", commit: str = "a" * 40):
         self.root = Path(root)
+        self.prefix = f"/files/{self.root.name}/"
         self.repo, self.commit = repo, commit
         self.etags: dict[str, str] = {}   # file name -> ETag override (a new version with the same bytes)
         self.faults: list[str] = []      # consumed one per weight read: "500", "reset", "truncate", "slow"
@@ -49,6 +51,11 @@ class CheckpointServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    @property
+    def dir_url(self) -> str:
+        """The checkpoint as a plain directory over HTTP (named as the local one, like general.name)."""
+        return self.url + self.prefix
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -115,8 +122,8 @@ def _handler(server: CheckpointServer):
             path = urlsplit(self.path).path
             basic = "Basic " + base64.b64encode(f"user:{server.token}".encode()).decode()
             if server.token is not None and self.headers.get("Authorization") not in (f"Bearer {server.token}", basic):
-                return self._error(401, "RepoNotFound" if not path.startswith("/ckpt/") else None)
-            if server.gated and not path.startswith("/ckpt/"):
+                return self._error(401, "RepoNotFound" if not path.startswith(server.prefix) else None)
+            if server.gated and not path.startswith(server.prefix):
                 return self._error(403, "GatedRepo")
             m = HF_REPO.fullmatch(path)
             if m:
@@ -128,8 +135,8 @@ def _handler(server: CheckpointServer):
                 if m["rev"] not in ("main", server.commit):
                     return self._error(404, "RevisionNotFound")
                 return self._file(unquote(m["file"]), head, {"X-Repo-Commit": server.commit})
-            if path.startswith("/ckpt/"):
-                return self._file(unquote(path[len("/ckpt/"):]), head, {})
+            if path.startswith(server.prefix):
+                return self._file(unquote(path[len(server.prefix):]), head, {})
             return self._error(404)
 
         def _hub_api(self, m):
@@ -192,14 +199,15 @@ def _handler(server: CheckpointServer):
             if head:
                 self._record("HEAD", self.path, rng, 0)
                 return
-            if fault == "reset":
+            if fault == "reset":  # half the body, then a TCP reset (linger 0, the socket's last reference closed)
                 self.wfile.write(body[:len(body) // 2])
-                self.wfile.flush()
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.rfile.close()
                 self.connection.close()
+                self.close_connection = True
                 self._record("GET", self.path, rng, len(body) // 2, 599)
                 return
-            if fault == "truncate":
+            if fault == "truncate":  # half the body, then the connection closed cleanly
                 body = body[:len(body) // 2]
                 self.close_connection = True
             sent = 0
@@ -213,5 +221,13 @@ def _handler(server: CheckpointServer):
                     if ahead > 0:
                         time.sleep(ahead)
             self._record("GET", self.path, rng, sent)
+            if fault == "truncate":
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+        def finish(self):
+            try:
+                super().finish()
+            except OSError:  # the connection a fault closed
+                pass
 
     return Handler
