@@ -305,3 +305,61 @@ def test_an_uninstalled_filesystem_is_one_line(tmp_path):
     proc = run_cli("plan", "nosuchfs://bucket/model/", "-o", tmp_path / "m.gguf", check_exit=2)
     line, = proc.stderr.strip().splitlines()
     assert "no filesystem for nosuchfs://" in line and "install" in line
+
+
+def test_a_first_byte_slower_than_the_read_timeout_is_retried(served, server, tmp_path, monkeypatch):
+    from pipeline import remote
+    from pipeline.cli import main
+
+    ckpt, ref, _ = served
+    monkeypatch.setattr(remote, "READ_TIMEOUT", 0.5)
+    monkeypatch.setattr(remote, "RETRY_BASE", 0.01)
+    server.faults, server.slow_seconds = ["slow", "slow"], 2.0
+    out = tmp_path / "model.gguf"
+    assert main(["convert", server.dir_url, "-o", str(out), "--no-progress", "--memory-limit", "512MiB"]) == 0
+    assert filecmp.cmp(out, ref, shallow=False)
+    assert not server.faults
+
+
+def test_a_remote_tensor_larger_than_half_the_limit_converts_under_it(tmp_path):
+    """The range requests' buffers are inside --memory-limit: a 256 MiB embedding over HTTP under 384MiB."""
+    from tests.peak_rss import run_measuring_peak
+    from tests.synthetic import write_checkpoint
+
+    MiB = 1024**2
+    ckpt = write_checkpoint(tmp_path / "big", "1bitllm", hidden_size=2048, intermediate_size=256, num_layers=1,
+                            num_heads=16, vocab_size=32768, dtype="f32")
+    srv = CheckpointServer(ckpt)
+    try:
+        out = tmp_path / "big.gguf"
+        r = run_measuring_peak([sys.executable, "-m", "pipeline", "convert", srv.dir_url, "-o", str(out),
+                                "--no-progress", "--memory-limit", "384MiB"],
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        srv.close()
+    assert r["exit"] == 0, r["stderr"]
+    print(f"peak RSS of the remote conversion: {r['peak'] / MiB:.0f} MiB (limit 384 MiB)")
+    assert r["peak"] <= 384 * MiB, f"peak RSS {r['peak'] / MiB:.0f} MiB exceeds --memory-limit 384MiB"
+    assert srv.sent(".safetensors") >= 2 * 256 * MiB  # the embedding came over the network, twice
+
+
+def test_a_packed_checkpoint_from_memory_converts_like_the_local_one(tmp_path):
+    """The packed family's reads (quarters of packed rows, weight_scale, q/k permutation) through fsspec."""
+    import fsspec
+
+    from pipeline.cli import main
+    from tests.synthetic import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "packed", "llama3-1.58", hidden_size=256, intermediate_size=512,
+                            num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512)
+    ref, out = tmp_path / "local.gguf", tmp_path / "memory.gguf"
+    assert main(["convert", str(ckpt), "-o", str(ref), "--no-progress", "--memory-limit", "512MiB"]) == 0
+    fs = fsspec.filesystem("memory")
+    for p in ckpt.iterdir():
+        fs.pipe(f"/packed-test/packed/{p.name}", p.read_bytes())
+    try:
+        assert main(["convert", "memory://packed-test/packed", "-o", str(out), "--no-progress",
+                     "--memory-limit", "512MiB"]) == 0
+    finally:
+        fs.rm("/packed-test", recursive=True)
+    assert filecmp.cmp(out, ref, shallow=False)
