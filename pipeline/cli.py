@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 def add_convert_options(c) -> None:
     c.add_argument("model", metavar="MODEL",
                    help="Hugging Face checkpoint directory, or a model id org/name already downloaded to the "
-                        "local Hugging Face cache (HF_HUB_CACHE / HF_HOME; never downloaded)")
+                        "local Hugging Face cache (HF_HUB_CACHE / HF_HOME; never downloaded), or a URL read where "
+                        "it lives, weights by byte range and never stored: hf://ORG/NAME[@REVISION] (token from "
+                        "`hf auth login` or HF_TOKEN, HF_ENDPOINT honoured), https://HOST/DIR/, or any installed "
+                        "fsspec filesystem's URL (s3://, gs://, memory://)")
     c.add_argument("-o", "--output", type=Path, default=None,
                    help="GGUF file to write (default: ./<model name>-<TYPE>.gguf)")
     c.add_argument("--type", dest="out_type", default=None, metavar="TYPE",
@@ -199,7 +202,7 @@ def build_parser_rest(p, sub) -> argparse.ArgumentParser:
                                    "every tensor chunk by chunk, the file's length; every part of a split set) "
                                    "and compare. Exit 0 if all match, 1 if anything differs.")
     v.add_argument("gguf", type=Path, metavar="GGUF", help="file written by convert")
-    v.add_argument("model", metavar="MODEL", help="the checkpoint it was converted from (directory or org/name)")
+    v.add_argument("model", metavar="MODEL", help="the checkpoint it was converted from (directory, org/name or URL)")
     v.add_argument("--memory-limit", default="1GiB", metavar="SIZE", help="peak memory while verifying")
     v.add_argument("--model-name", "--name", dest="name", default=None, metavar="NAME",
                    help="the --model-name the file was converted with, if any")
