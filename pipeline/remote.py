@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import math
@@ -350,13 +351,83 @@ def buffer_reserve(workers: int) -> int:
     return workers * IN_FLIGHT * REQUEST_BYTES * 2
 
 
-def read_into(url: str, offset: int, view, version: str = "", shown: str = "") -> None:
+class Prefetch:
+    """Reads ahead of the tasks: the ranges they will ask for, in their order, at most `depth`
+    fetched and not yet taken (the budget's second chunk per worker holds them). A task whose range
+    is not here (or was passed over) reads it itself, so the order is a hint, never a condition."""
+
+    def __init__(self, ranges: list[tuple[str, int, int, str]], depth: int):
+        self.ranges, self.depth = ranges, max(1, depth)
+        self.position = {(url, offset, n): i for i, (url, offset, n, _) in enumerate(ranges)}
+        self.futures: dict[int, concurrent.futures.Future] = {}
+        self.next = 0
+        self.lock = threading.Lock()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="bitnet-gguf-ahead")
+        with self.lock:
+            self._fill()
+
+    def _fill(self) -> None:
+        while len(self.futures) < self.depth and self.next < len(self.ranges):
+            url, offset, n, version = self.ranges[self.next]
+            self.futures[self.next] = self.pool.submit(self._read, url, offset, n, version)
+            self.next += 1
+
+    @staticmethod
+    def _read(url: str, offset: int, n: int, version: str) -> bytearray:
+        buf = bytearray(n)
+        read_into(url, offset, buf, version, prefetched=False)
+        return buf
+
+    def take(self, url: str, offset: int, n: int) -> bytearray | None:
+        i = self.position.get((url, offset, n))
+        with self.lock:
+            future = self.futures.pop(i, None) if i is not None else None
+            if i is not None:  # ranges before this one were passed over: their tasks read them themselves
+                for j in [j for j in self.futures if j < i]:
+                    self.futures.pop(j).cancel()
+            self._fill()
+        return future.result() if future is not None else None
+
+    def close(self) -> None:
+        with self.lock:
+            for f in self.futures.values():
+                f.cancel()
+            self.futures.clear()
+            self.next = len(self.ranges)
+        self.pool.shutdown(wait=True)
+
+
+_PREFETCH: list[Prefetch] = []
+
+
+@contextlib.contextmanager
+def prefetching(ranges: list[tuple[str, int, int, str]], depth: int):
+    """While the block runs, `read_into` serves these ranges (url, offset, bytes, version) from a
+    read-ahead of `depth` buffers, so the transfer of the next chunks overlaps this one's compute."""
+    if not ranges:
+        yield
+        return
+    ahead = Prefetch(ranges, depth)
+    _PREFETCH.append(ahead)
+    try:
+        yield
+    finally:
+        _PREFETCH.remove(ahead)
+        ahead.close()
+
+
+def read_into(url: str, offset: int, view, version: str = "", shown: str = "", prefetched: bool = True) -> None:
     """Fill `view` (a writable byte buffer) with the file's bytes from `offset`, in requests of
-    REQUEST_BYTES with IN_FLIGHT outstanding."""
+    REQUEST_BYTES with IN_FLIGHT outstanding (or from the read-ahead, when it holds the range)."""
     view = memoryview(view).cast("B") if not isinstance(view, memoryview) else view.cast("B")
     n = len(view)
     if n == 0:
         return
+    for ahead in (_PREFETCH if prefetched else ()):
+        data = ahead.take(url, offset, n)
+        if data is not None:
+            view[:] = data
+            return
     fs, path = _locate(url)
     parts = [(a, min(a + REQUEST_BYTES, n)) for a in range(0, n, REQUEST_BYTES)]
     if len(parts) == 1:

@@ -43,7 +43,7 @@ from pipeline.plan import ternary_embedding_scan
 from pipeline.rundir import write_json_atomic
 from pipeline.remote import RemoteFile
 from pipeline.safetensors_io import TensorSource, as_float32
-from pipeline.scheduler import chunk_task
+from pipeline.scheduler import chunk_task, start_order
 from pipeline.stores import (MAX_SUFFIX, array_path, content_recorded, content_spec, ensure_array, index_array,
                              make_ref, open_store, record_content, refs_json, refs_path, row_ranges, write_rows,
                              written_chunks)
@@ -159,6 +159,7 @@ def run(ctx: StageContext) -> None:
                 "MTP layers are left out as its --no-mtp does)")
     identities = file_identities(ckpt)
     shown = remote.label(ckpt.model_dir)  # what a refusal names: the URL of a remote checkpoint
+    ahead = []  # the byte range each task reads (a remote checkpoint's)
     names, tasks = [], []  # names, not zarr.Array objects: the peak stays flat in the number of tensors
     for t in plan.tensors:
         src = ckpt.sources[t.hf_name]
@@ -207,5 +208,10 @@ def run(ctx: StageContext) -> None:
             if i not in done:
                 tasks.append(chunk_task(scan_rows, src, side and array_path(ctx.output, side), r0, r1, kind, content, i,
                                         paths))
+                ahead.append((src.file.url, src.offset + r0 * row_bytes, (r1 - r0) * row_bytes, src.file.version)
+                             if isinstance(src.file, RemoteFile) else None)
     write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, names))
-    ctx.scheduler.run(tasks, "extract")
+    # a remote checkpoint: the next chunks arrive while these are scanned (threads of this process only)
+    ahead = [ahead[i] for i in start_order(tasks) if ahead[i]] if ctx.options.scheduler == "threads" else []
+    with remote.prefetching(ahead, ctx.budget.workers):
+        ctx.scheduler.run(tasks, "extract")
