@@ -255,7 +255,7 @@ def _stage(src: RemoteSource, name: str) -> None:
         raise CheckpointError(f"{file.url}: {file.size} bytes, more than the {MAX_SMALL_FILE} a config or "
                               "tokenizer file may have; this is not a checkpoint this converter reads")
     buf = bytearray(file.size)
-    read_into(file.url, 0, memoryview(buf), file.version, src.url)
+    read_into(file.url, 0, memoryview(buf), file.version)
     (src.staging / name).write_bytes(buf)
     src.small[name] = file
 
@@ -313,9 +313,6 @@ def fresh_identity(file: RemoteFile, src: RemoteSource | None = None) -> list | 
             info = _call(lambda: HfApi(endpoint=_endpoint(os.environ)).repo_info(repo, revision=src.revision),
                          src.url, hf_repo=repo)
             return [file.size, info.sha]
-        fs, path = _locate(file.url)
-        if _is_http(fs):
-            fs.invalidate_cache(path) if hasattr(fs, "invalidate_cache") else None
         return _stat(file.url).identity()
     except CheckpointError:
         return None
@@ -416,7 +413,7 @@ def prefetching(ranges: list[tuple[str, int, int, str]], depth: int):
         ahead.close()
 
 
-def read_into(url: str, offset: int, view, version: str = "", shown: str = "", prefetched: bool = True) -> None:
+def read_into(url: str, offset: int, view, version: str = "", prefetched: bool = True) -> None:
     """Fill `view` (a writable byte buffer) with the file's bytes from `offset`, in requests of
     REQUEST_BYTES with IN_FLIGHT outstanding (or from the read-ahead, when it holds the range)."""
     view = memoryview(view).cast("B") if not isinstance(view, memoryview) else view.cast("B")
@@ -439,15 +436,15 @@ def read_into(url: str, offset: int, view, version: str = "", shown: str = "", p
         for a, b in it:
             pending[_POOL.submit(_fetch, fs, path, url, offset + a, offset + b, version)] = (a, b)
             if len(pending) >= IN_FLIGHT:
-                _drain(pending, view, first=True)
+                _drain(pending, view)
         while pending:
-            _drain(pending, view, first=True)
+            _drain(pending, view)
     finally:
         for f in pending:
             f.cancel()
 
 
-def _drain(pending: dict, view, first: bool) -> None:
+def _drain(pending: dict, view) -> None:
     done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
     for f in done:
         a, b = pending.pop(f)
