@@ -212,6 +212,7 @@ def run(ctx: StageContext) -> None:
                              if isinstance(src.file, RemoteFile) else None)
     write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, names))
     # a remote checkpoint: the next chunks arrive while these are scanned (threads of this process only)
-    ahead = [ahead[i] for i in start_order(tasks) if ahead[i]] if ctx.options.scheduler == "threads" else []
+    remote_reads = ctx.options.scheduler == "threads" and any(ahead)
+    ahead = [ahead[i] for i in start_order(tasks) if ahead[i]] if remote_reads else []
     with remote.prefetching(ahead, ctx.budget.workers):
         ctx.scheduler.run(tasks, "extract")
