@@ -278,7 +278,9 @@ def _locate(url: str):
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(url, **_fs_options(url))
-        return fs, (url if _is_http(fs) else path)
+        real = url if _is_http(fs) else path
+        _FILESYSTEMS[url.rsplit("/", 1)[0]] = (fs, real.rsplit("/", 1)[0])  # the other files beside it too
+        return fs, real
 
 
 def _stat(url: str, src: RemoteSource | None = None) -> RemoteFile:
@@ -455,7 +457,11 @@ def _fetch(fs, path: str, url: str, start: int, end: int, version: str) -> bytes
     """Bytes [start, end) of one file, retried with backoff on transient failures."""
     def once() -> bytes:
         data = _fetch_once(fs, path, start, end, version)
-        if len(data) != end - start:
+        if len(data) > end - start:  # the whole file, or more of it: retrying would fetch it again
+            raise CheckpointError(f"{url}: the server ignores range requests (it sent {len(data)} bytes for "
+                                  f"{end - start}); serve the checkpoint with a server that supports Range, or "
+                                  "download it and convert the directory")
+        if len(data) < end - start:
             raise ShortRead(f"{len(data)} of {end - start} bytes")
         return data
     return _retried(once, url, f"reading bytes {start}..{end}")
@@ -472,6 +478,8 @@ def _retried(fn, url: str, what: str, hf_repo: str | None = None):
     for attempt in range(1, RETRIES + 1):
         try:
             return fn()
+        except CheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 - sorted into the user's, the server's and the network's
             kind = classify(e)
             if kind == "changed":

@@ -40,6 +40,7 @@ class CheckpointServer:
         self.token: str | None = None    # when set, a request without "Bearer <token>" (or Basic user:<token>) gets 401
         self.change_after = 0            # > 0: after this many weight reads, every file gets a new ETag
         self.gated = False               # hf: every request answers 403 GatedRepo
+        self.ranges = True               # False: a Range header is ignored (the whole file, status 200)
         self.log: list[dict] = []
         self.weight_reads = 0
         self.lock = threading.Lock()
@@ -165,7 +166,7 @@ def _handler(server: CheckpointServer):
             if if_match and if_match != etag:
                 return self._error(412)
             start, end, status = 0, size, 200
-            rng = self.headers.get("Range")
+            rng = self.headers.get("Range") if server.ranges else None
             if rng:
                 m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng)
                 if not m:

@@ -49,7 +49,7 @@ def served(tmp_path_factory):
 def server(served):
     _, _, srv = served
     srv.faults, srv.etags, srv.token, srv.gated, srv.throttle = [], {}, None, False, 0
-    srv.change_after, srv.weight_reads, srv.commit = 0, 0, COMMIT_A
+    srv.change_after, srv.weight_reads, srv.commit, srv.ranges = 0, 0, COMMIT_A, True
     srv.log.clear()
     return srv
 
@@ -210,17 +210,18 @@ def test_a_file_replaced_mid_run_is_refused_in_one_line_and_a_rerun_starts_over(
     assert filecmp.cmp(out, ref, shallow=False)
 
 
-@pytest.mark.parametrize("case", ["missing directory", "no token"])
+@pytest.mark.parametrize("case", ["missing directory", "no token", "no ranges"])
 def test_refusals_of_https_are_one_line_exit_2_and_write_nothing(served, server, tmp_path, case):
     url = f"{server.url}/files/elsewhere/" if case == "missing directory" else server.dir_url
-    if case == "no token":
-        server.token = SECRET
+    server.token = SECRET if case == "no token" else None
+    server.ranges = case != "no ranges"
     out = tmp_path / "model.gguf"
     proc = convert_remote(url, out, env_for(server, tmp_path), check_exit=2)
     line, = proc.stderr.strip().splitlines()
     assert line.startswith(f"bitnet-gguf: error: {server.url}/"), line
     # over HTTP a directory cannot be told missing: its config.json is
-    assert ("has no config.json" if case == "missing directory" else "access denied") in line, line
+    assert {"missing directory": "has no config.json", "no token": "access denied",
+            "no ranges": "ignores range requests"}[case] in line, line
     assert not out.exists() and not Path(str(out) + ".work").exists()
 
 
