@@ -36,7 +36,8 @@ class CheckpointServer:
         self.etags: dict[str, str] = {}   # file name -> ETag override (a new version with the same bytes)
         self.faults: list[str] = []      # consumed one per weight read: "500", "reset", "truncate", "slow"
         self.slow_seconds = 0.0
-        self.throttle = 0                # bytes per second (0: as fast as it goes)
+        self.throttle = 0                # bytes per second over all connections (0: as fast as it goes)
+        self.link_free = 0.0             # when the throttled link is free for the next piece
         self.token: str | None = None    # when set, a request without "Bearer <token>" (or Basic user:<token>) gets 401
         self.change_after = 0            # > 0: after this many weight reads, every file gets a new ETag
         self.gated = False               # hf: every request answers 403 GatedRepo
@@ -215,15 +216,16 @@ def _handler(server: CheckpointServer):
                 body = body[:len(body) // 2]
                 self.close_connection = True
             sent = 0
-            step = 256 * 1024
-            began = time.monotonic()
+            step = 64 * 1024
             for a in range(0, len(body), step):
-                self.wfile.write(body[a:a + step])
-                sent += len(body[a:a + step])
-                if server.throttle:
-                    ahead = sent / server.throttle - (time.monotonic() - began)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                piece = body[a:a + step]
+                if server.throttle:  # one link for all connections: each piece waits for its slot on it
+                    with server.lock:
+                        slot = max(time.monotonic(), server.link_free)
+                        server.link_free = slot + len(piece) / server.throttle
+                    time.sleep(max(0.0, slot - time.monotonic()))
+                self.wfile.write(piece)
+                sent += len(piece)
             self._record("GET", self.path, rng, sent)
             if fault == "truncate":
                 self.connection.shutdown(socket.SHUT_RDWR)
