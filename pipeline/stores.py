@@ -237,6 +237,20 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
     record_chunk(dst, index)
 
 
+def source_range(arr: zarr.Array, start: int, stop: int) -> tuple[str, int, int, list] | None:
+    """(checkpoint file, absolute byte offset, bytes, identity) that `read_rows` reads for rows
+    [start, stop) of an indexed array (None for an array with bytes of its own)."""
+    ref = source_ref(arr)
+    if ref is None or CODES_FROM in arr.attrs:
+        return None
+    if ENCODED_FROM in arr.attrs:
+        encoded = arr.attrs[ENCODED_FROM]
+        row_bytes = np.dtype(encoded["dtype"]).itemsize * encoded["columns"]
+    else:
+        row_bytes = np.dtype(arr.dtype).itemsize * math.prod(arr.shape[1:])
+    return ref["file"], ref["offset"] + start * row_bytes, (stop - start) * row_bytes, ref["identity"]
+
+
 def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of an array. A raw array's chunk files are read directly (one
     pread per chunk, about five times faster than zarr's read path); others through zarr.
