@@ -365,3 +365,38 @@ def test_a_packed_checkpoint_from_memory_converts_like_the_local_one(tmp_path):
     finally:
         fs.rm("/packed-test", recursive=True)
     assert filecmp.cmp(out, ref, shallow=False)
+
+
+def test_the_read_ahead_serves_ranges_in_order_holds_at_most_its_depth_and_never_other_bytes():
+    import fsspec
+
+    from pipeline import remote
+
+    data = np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/read-ahead/blob.bin", data)
+    url = "memory://read-ahead/blob.bin"
+    ranges = [(url, a, 4096 + a % 7, "") for a in range(0, 40 * 8192, 8192)]
+    fetched = []
+    real_fetch = remote._fetch_once
+
+    def counting(fs_, path, start, end, version):
+        fetched.append(start)
+        return real_fetch(fs_, path, start, end, version)
+
+    try:
+        remote._fetch_once = counting
+        with remote.prefetching(ranges, 2):
+            ahead = remote._PREFETCH[-1]
+            order = [0, 1, 2, 5, 3, 4] + list(range(6, 40))  # 3 and 4 come after 5: read again by their tasks
+            for i in order:
+                _, a, n, _ = ranges[i]
+                buf = bytearray(n)
+                remote.read_into(url, a, buf)
+                assert bytes(buf) == data[a:a + n]
+                assert len(ahead.futures) <= 2
+    finally:
+        remote._fetch_once = real_fetch
+        fs.rm("/read-ahead", recursive=True)
+    assert sorted(set(fetched)) == [a for _, a, _, _ in ranges]
+    assert len(fetched) <= len(ranges) + 2 + 2  # the two passed over, and at most the depth cancelled too late
