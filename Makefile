@@ -1,5 +1,5 @@
 # bitnet-gguf: convert BitNet b1.58 checkpoints to GGUF out of core.
-#   make convert MODEL=<dir> [OUT=<file>] [TYPE=tq2_0|tq1_0] [MEM=4GiB] [WORK=<dir>]
+#   make convert MODEL=<dir|org/name|hf://org/name|https://host/dir/> [OUT=<file>] [TYPE=tq2_0|tq1_0] [MEM=4GiB] [WORK=<dir>]
 #   make convert MODEL=<dir> TYPE=tq2_0,i2_s,iq2_bn [OUT=<dir>]   one file per type from one read
 #   make convert                 converts a small generated demo checkpoint
 #   make test                    runs the test suite on every core (builds llama.cpp once, ~6 min;

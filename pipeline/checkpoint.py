@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import remote
 from pipeline.errors import CheckpointError
 from pipeline.families import FAMILIES, GROUPED, TensorPlan, plan_tensors
 from pipeline.metadata import build_kv
@@ -191,7 +192,8 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
                   metadata_file=metadata_file, memory_limit=memory_limit)
     files = {src.file for src in found.values()}
     index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files.add(index)
+    if index.is_file():  # a remote checkpoint's: the file on the server, not the staged copy
+        where = remote.source_of(model_dir)
+        files.add(where.original(index) if where else index)
     return Checkpoint(model_dir, plan, sources, kv, files_fingerprint(model_dir, files), name)
 

@@ -40,11 +40,19 @@ def one_line(text: str) -> str:
 
 
 def _log(message: str) -> None:
-    print(one_line(message), file=sys.stderr, flush=True)
+    print(one_line(shown(message)), file=sys.stderr, flush=True)
 
 
 def _error(message: str) -> None:
-    print(one_line(f"bitnet-gguf: error: {message}"), file=sys.stderr, flush=True)
+    print(one_line(shown(f"bitnet-gguf: error: {message}")), file=sys.stderr, flush=True)
+
+
+def shown(message: str) -> str:
+    """A remote checkpoint's small files are named by their URL, not by the directory they are
+    staged in."""
+    from pipeline.remote import shown_paths
+
+    return shown_paths(message)
 
 
 class HeldLog:
@@ -95,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 def add_convert_options(c) -> None:
     c.add_argument("model", metavar="MODEL",
                    help="Hugging Face checkpoint directory, or a model id org/name already downloaded to the "
-                        "local Hugging Face cache (HF_HUB_CACHE / HF_HOME; never downloaded)")
+                        "local Hugging Face cache (HF_HUB_CACHE / HF_HOME; never downloaded), or a URL read where "
+                        "it lives, weights by byte range and never stored: hf://ORG/NAME[@REVISION] (token from "
+                        "`hf auth login` or HF_TOKEN, HF_ENDPOINT honoured), https://HOST/DIR/, or any installed "
+                        "fsspec filesystem's URL (s3://, gs://, memory://)")
     c.add_argument("-o", "--output", type=Path, default=None,
                    help="GGUF file to write (default: ./<model name>-<TYPE>.gguf); with several --type, the "
                         "directory the <model name>-<TYPE>.gguf files go to (default: .)")
@@ -194,7 +205,7 @@ def build_parser_rest(p, sub) -> argparse.ArgumentParser:
                                    "every tensor chunk by chunk, the file's length; every part of a split set) "
                                    "and compare. Exit 0 if all match, 1 if anything differs.")
     v.add_argument("gguf", type=Path, metavar="GGUF", help="file written by convert")
-    v.add_argument("model", metavar="MODEL", help="the checkpoint it was converted from (directory or org/name)")
+    v.add_argument("model", metavar="MODEL", help="the checkpoint it was converted from (directory, org/name or URL)")
     v.add_argument("--memory-limit", default="1GiB", metavar="SIZE", help="peak memory while verifying")
     v.add_argument("--model-name", "--name", dest="name", default=None, metavar="NAME",
                    help="the --model-name the file was converted with, if any")
@@ -258,9 +269,11 @@ def _convert_options(args):
     (`--type tq2_0,i2_s`), a list of options, one per output."""
     from pipeline.config import make_many_options, make_options, type_list
     from pipeline.hub import resolve_model
+    from pipeline.remote import is_url, redact
 
     model = resolve_model(args.model)
-    log = HeldLog(*([f"model {args.model}: {model.path} ({model.source})"] if model.source != "directory" else []))
+    said = redact(args.model) if is_url(args.model) else f"{args.model}: {model.path}"
+    log = HeldLog(*([f"model {said} ({model.source})"] if model.source != "directory" else []))
     scheduler = "local" if args.cluster else args.scheduler
     common = dict(model_name=model.name, output=args.output, workdir=args.workdir,
                   preset=args.config, tokenizer_pre=args.tokenizer_pre, embedding_type=args.embedding_type,
@@ -395,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     except ResumableFailure as e:
         if args.debug:
             traceback.print_exc()
-        print(f"bitnet-gguf: failed: {e}", file=sys.stderr)
+        print(one_line(shown(f"bitnet-gguf: failed: {e}")), file=sys.stderr)
         return EXIT_FAILURE
     except Exception as e:  # noqa: BLE001 - the CLI boundary
         if args.debug:

@@ -85,7 +85,10 @@ class Options:
         return resolve(self.out_type, self.target)
 
     def as_json(self) -> dict:
+        from pipeline.remote import label
+
         d = dataclasses.asdict(self)
+        d["model_dir"] = label(self.model_dir)  # a remote checkpoint's URL, not the directory of its small files
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 

@@ -1,4 +1,7 @@
-"""Turn the model argument (a directory or a Hugging Face id `org/name`) into a checkpoint directory.
+"""Turn the model argument (a directory, a Hugging Face id `org/name`, or a URL) into a checkpoint directory.
+
+A URL (hf://ORG/NAME[@REV], https://.../DIR/, any fsspec URL) is pipeline/remote.py's: its small
+files are staged in a temporary directory that stands for the checkpoint, the weights stay remote.
 
 Offline only: a model id is looked up in the local Hugging Face cache, never
 downloaded. The cache holds `models--{org}--{name}/` with `refs/main` (a text
@@ -14,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import remote
 from pipeline.errors import CheckpointError
 
 REPO_PREFIX = "models--"
@@ -51,6 +55,10 @@ def resolve_model(arg: str | Path, env: Mapping[str, str] | None = None) -> Reso
     """A local directory if one exists at `arg`, else the cached snapshot of model id `arg`."""
     env = os.environ if env is None else env
     text = os.fspath(arg)
+    if remote.is_url(text):  # hf://, https://, any fsspec URL: small files staged, weights read by range
+        src = remote.open_source(text, env)
+        how = f"commit {src.commit}" if src.commit else "weights read by byte range"
+        return ResolvedModel(src.staging, safe_name(src.name), f"{how}; nothing of the weights is stored")
     local = Path(os.path.abspath(text))  # absolute, '..' removed, symlinks kept
     if local.is_dir():
         return _from_directory(local)
@@ -112,29 +120,33 @@ def _repo_name(folder: Path) -> str | None:
 
 
 def _pick_snapshot(repo: Path, rev: str | None) -> tuple[str, str]:
-    """(snapshot folder name, note for the source line) for a `models--org--name` folder."""
+    """(snapshot folder name, note for the source line) for a `models--org--name` folder, found
+    with huggingface_hub's own cache lookups (snapshot_download offline, scan_cache_dir); the ref
+    files are checked first, so that a damaged cache is named in one line."""
     snapshots = repo / "snapshots"
+    repo_id = repo.name[len(REPO_PREFIX):].replace("--", "/", 1)
     if rev is not None:
         if not (COMMIT.fullmatch(rev) or REF_NAME.fullmatch(rev)):
             raise CheckpointError(f"@{rev}: not a revision (a commit hash of 40 hex digits, or a branch or tag "
                                   "name); pass a revision the cache holds, or a checkpoint directory")
         ref = repo / "refs" / rev
         commit = _read_ref(ref) if ref.is_file() else rev if COMMIT.fullmatch(rev) else None
-        if commit is None or not (snapshots / commit).is_dir():
-            repo_id = repo.name[len(REPO_PREFIX):].replace("--", "/", 1)
+        snapshot = commit and _cached_snapshot(repo, repo_id, commit)
+        if snapshot is None:
             raise CheckpointError(f"{repo}: revision {rev} is not in the cache; pass a checkpoint directory, or "
                                   f"fetch the files a conversion reads with: {download_command(repo_id, rev)}")
-        _require_inside(repo, snapshots / commit)
+        _require_inside(repo, snapshot)
         return commit, ""
     ref = repo / "refs" / "main"
     if ref.is_file():
         commit = _read_ref(ref)
-        if not (snapshots / commit).is_dir():
+        snapshot = _cached_snapshot(repo, repo_id, commit)
+        if snapshot is None:
             raise CheckpointError(f"{ref}: names snapshot {commit}, but {snapshots / commit} does not exist; "
                                   "the download is incomplete: download it again or pass a checkpoint directory")
-        _require_inside(repo, snapshots / commit)
+        _require_inside(repo, snapshot)
         return commit, ""
-    found = [p for p in snapshots.iterdir() if p.is_dir()] if snapshots.is_dir() else []
+    found = _cached_revisions(repo, repo_id)
     if not found:
         raise CheckpointError(f"{repo}: no snapshots in the cache (empty or missing {snapshots}); "
                               "download the model again or pass a checkpoint directory")
@@ -144,6 +156,33 @@ def _pick_snapshot(repo: Path, rev: str | None) -> tuple[str, str]:
     newest = max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
     _require_inside(repo, newest)
     return newest.name, f", the newest of {len(found)} snapshots; no refs/main"
+
+
+def _cached_snapshot(repo: Path, repo_id: str, commit: str) -> Path | None:
+    """The snapshot folder of `commit` as huggingface_hub finds it offline (None: not there, or a
+    download it knows to be incomplete for the files a conversion reads)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        found = snapshot_download(repo_id, revision=commit, cache_dir=repo.parent, local_files_only=True,
+                                  allow_patterns=list(CONVERSION_FILES))
+    except (OSError, ValueError):  # LocalEntryNotFoundError / IncompleteSnapshotError, a bad id
+        return None
+    return repo / "snapshots" / Path(found).name
+
+
+def _cached_revisions(repo: Path, repo_id: str) -> list[Path]:
+    """The snapshot folders of a repository without refs/main, as huggingface_hub's cache scan lists them."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        scanned = scan_cache_dir(repo.parent)
+    except (CacheNotFound, OSError, ValueError):
+        return []
+    revisions = [r for cached in scanned.repos if cached.repo_id == repo_id and cached.repo_type == "model"
+                 for r in cached.revisions]
+    return [repo / "snapshots" / r.commit_hash for r in revisions]
 
 
 def _read_ref(ref: Path) -> str:

@@ -346,6 +346,7 @@ class Plan:
     peak_memory: int          # what the budget lets the conversion use at most
     version: int = PLAN_VERSION
     type_choice: str = "given"  # "given" (--type), or why --type auto chose out_type
+    fetch: dict | None = None   # a remote checkpoint: bytes the conversion fetches (remote.fetch_estimate)
 
     @property
     def output_bytes(self) -> int:
@@ -402,6 +403,12 @@ class Plan:
                   f"memory: at most {format_size(self.peak_memory)} of --memory-limit "
                   f"{format_size(self.memory_limit)} ({self.workers} worker(s), chunks of up to "
                   f"{format_size(self.chunk_elements * 4)} of float32)"]
+        if self.fetch:
+            f = self.fetch
+            lines.append(f"network: the conversion fetches about {format_size(f['total'])} ({f['total']} bytes): "
+                         f"small files {format_size(f['small_files'])}, safetensors headers "
+                         f"{format_size(f['headers'])}, and the {format_size(f['tensors'])} of tensors twice "
+                         "(extract, then quantize/pack/assemble); nothing of the weights is stored")
         return "\n".join(lines)
 
 
@@ -588,11 +595,13 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
     task = min(budget.chunk_elements, max((r.rows_per_chunk * math.prod(r.shape[1:]) for r in records
                                            if len(r.shape) > 1), default=1))
     peak = budget.baseline + HEADROOM + budget.workers * IN_FLIGHT_PER_WORKER * BYTES_PER_ELEMENT * task
-    return Plan(str(opts.model_dir), ckpt.plan.family.description, ckpt.plan.arch, opts.out_type,
+    from pipeline.remote import fetch_estimate, label
+
+    return Plan(label(opts.model_dir), ckpt.plan.family.description, ckpt.plan.arch, opts.out_type,
                 opts.embedding_type, records, len(kvs), outputs, store_sizes(opts, ckpt, budget, types),
                 len(json.dumps(metadata, indent=2, sort_keys=True)) + RECORD_BYTES_PER_TENSOR * len(records),
                 budget.memory_limit, budget.workers, budget.chunk_elements, int(min(peak, budget.memory_limit)),
-                type_choice=opts.type_reason or "given")
+                type_choice=opts.type_reason or "given", fetch=fetch_estimate(ckpt))
 
 
 def save_plan(run, plan: Plan, tag: str | None = None) -> None:

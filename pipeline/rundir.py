@@ -52,6 +52,13 @@ def checkpoint_state(manifest: dict) -> dict | None:
         return None
     try:
         change = fingerprint_changes(Path(model_dir), fingerprint)
+        if change is None:
+            from pipeline import remote
+
+            try:
+                change = remote.fingerprint_changes(model_dir, fingerprint)
+            except Exception:  # noqa: BLE001 - a server out of reach: its files are not known to have changed
+                change = None
     except (TypeError, ValueError):
         change = ("changed", model_dir)
     content = manifest.get("source_content_changed")  # runner.CONTENT_CHANGED: bytes found changed mid-run

@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline import remote
 from pipeline.budget import current_rss, plan_budget
 from pipeline.checkpoint import open_checkpoint, open_vocabulary
 from pipeline.config import Options, format_size
@@ -237,8 +238,11 @@ def convert_many(many: list[Options], log) -> list[Path]:
 def conversion_budget(opts: Options, ckpt):
     """The memory budget: assemble reads the key/values back beside the checkpoint's own copy,
     so rows of the token table are reserved."""
+    reserve = KV_READBACK_BYTES_PER_ROW * ckpt.plan.config["vocab_size"]
+    if remote.source_of(ckpt.model_dir):  # the range requests' buffers of every reading task
+        reserve += remote.buffer_reserve(opts.workers or os.cpu_count() or 1)
     return plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local",
-                       reserve=KV_READBACK_BYTES_PER_ROW * ckpt.plan.config["vocab_size"])
+                       reserve=reserve)
 
 
 def convert(opts: Options, log) -> list[Path]:
@@ -278,7 +282,7 @@ def _scheduler(opts: Options, budget, log) -> Scheduler:
 
 def _log_outputs(many: list[Options], ckpt, log) -> None:
     """The first lines of a conversion's log: the model, each output and its type."""
-    log(f"model: {many[0].model_dir} ({ckpt.plan.family.description}, {len(ckpt.plan.tensors)} tensors)")
+    log(f"model: {remote.label(many[0].model_dir)} ({ckpt.plan.family.description}, {len(ckpt.plan.tensors)} tensors)")
     for o in many:
         built = f" for bitnet.cpp's {TARGET_NAMES[o.target]} builds" if o.layout.target else ""
         log(f"output: {o.output} ({o.out_type.upper()}{built}, embeddings {o.embedding_type.upper()}, "
@@ -320,13 +324,15 @@ def _source_unchanged(ckpt):
     """A check that the weight files are still the ones the run started from (every stage reads
     them: extract's arrays index their bytes)."""
     def check() -> None:
-        files = [Path(p) if Path(p).is_absolute() else ckpt.model_dir / p for p, *_ in ckpt.fingerprint]
+        local = [Path(p) if Path(p).is_absolute() else ckpt.model_dir / p for p, *_ in ckpt.fingerprint
+                 if not remote.is_url(p)]
         try:
-            now = files_fingerprint(ckpt.model_dir, files)
+            now = files_fingerprint(ckpt.model_dir, local)
         except OSError:
             now = None
-        if now != ckpt.fingerprint:
-            raise source_changed(ckpt.model_dir)
+        if now != [e for e in ckpt.fingerprint if not remote.is_url(e[0])] \
+                or remote.fingerprint_changes(ckpt.model_dir, ckpt.fingerprint):
+            raise source_changed(remote.label(ckpt.model_dir))
     return check
 
 
@@ -421,7 +427,7 @@ def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_bef
                            check_source, outputs_before, inputs[stage], tag)
             except SourceContentChanged as e:
                 # the file's identity is as recorded, so only this mark makes the rerun start over
-                manifest[CONTENT_CHANGED] = e.file or str(ckpt.model_dir)
+                manifest[CONTENT_CHANGED] = e.file or remote.label(ckpt.model_dir)
                 run.save(manifest)
                 raise
         elif stage == "extract":  # its row maxima are read next: the store must be the one sealed

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import portable
+from pipeline import portable, remote
 from pipeline.errors import CheckpointError
+from pipeline.remote import RemoteFile
 
 # safetensors dtype name -> numpy dtype used to hold its bytes
 NUMPY_DTYPES = {
@@ -40,7 +41,7 @@ def header_budget(memory_limit: int) -> int:
 class TensorSource:
     """Where one tensor's bytes are, and how to read a range of its rows."""
     name: str
-    file: Path
+    file: Path | RemoteFile  # a local file, or one read by byte range where it lives (pipeline/remote.py)
     dtype: str
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the first element in `file`
@@ -64,9 +65,15 @@ class TensorSource:
 
 
 def pread_exact(path: Path, offset: int, nbytes: int, truncated_message: str) -> bytearray:
-    """Exactly `nbytes` from `offset` with plain reads (no mmap, so no file pages in our RSS)."""
+    """Exactly `nbytes` from `offset` with plain reads (no mmap, so no file pages in our RSS), or
+    by range requests from a remote file."""
     buf = bytearray(nbytes)
     view = memoryview(buf)
+    if isinstance(path, RemoteFile):
+        if offset + nbytes > path.size:
+            raise CheckpointError(truncated_message)
+        remote.read_into(path.url, offset, view, path.version)
+        return buf
     fd = portable.open_read(path)
     try:
         done = 0
@@ -103,22 +110,10 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER) -> dict[str, TensorSour
     {dtype: str, shape: [int >= 0], data_offsets: [int, int]} entries whose byte ranges
     match their shapes, lie inside the file and do not overlap.
     """
-    require_regular_file(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
-            if n > max_bytes:
-                raise CheckpointError(f"{path}: its safetensors header is {n} bytes, more than the {max_bytes} "
-                                      "this --memory-limit leaves for reading headers; raise --memory-limit")
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if isinstance(path, RemoteFile):
+        size, n, raw = _remote_header(path, max_bytes)
+    else:
+        size, n, raw = _local_header(path, max_bytes)
     try:
         header = json.loads(raw, object_pairs_hook=_unique_keys)
         if not isinstance(header, dict):
@@ -163,6 +158,37 @@ def read_header(path: Path, max_bytes: int = MAX_HEADER) -> dict[str, TensorSour
     return tensors
 
 
+def _check_header_length(path, head: bytes, size: int, max_bytes: int) -> int:
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
+    if n > max_bytes:
+        raise CheckpointError(f"{path}: its safetensors header is {n} bytes, more than the {max_bytes} "
+                              "this --memory-limit leaves for reading headers; raise --memory-limit")
+    return n
+
+
+def _local_header(path: Path, max_bytes: int) -> tuple[int, int, bytes]:
+    """(file size, header length, header bytes) of a local safetensors file."""
+    require_regular_file(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = _check_header_length(path, f.read(8), size, max_bytes)
+            return size, n, f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _remote_header(file: RemoteFile, max_bytes: int) -> tuple[int, int, bytes]:
+    """The same of a remote file: two range requests, the length and then the header."""
+    head = pread_exact(file, 0, min(8, file.size), "") if file.size else b""
+    n = _check_header_length(file, bytes(head), file.size, max_bytes)
+    return file.size, n, bytes(pread_exact(file, 8, n, f"{file}: shorter than its header; it changed on the server"))
+
+
 def require_regular_file(path: Path) -> None:
     """Refuse a FIFO, device or socket where a file is expected (opening a FIFO would hang)."""
     try:
@@ -173,7 +199,9 @@ def require_regular_file(path: Path) -> None:
         raise CheckpointError(f"{path}: not a regular file; replace it with the checkpoint's file")
 
 
-def _header_length(path: Path) -> int:
+def _header_length(path: Path | RemoteFile) -> int:
+    if isinstance(path, RemoteFile):
+        return 8 + int.from_bytes(pread_exact(path, 0, 8, ""), "little")
     with open(path, "rb") as f:
         return 8 + int.from_bytes(f.read(8), "little")
 
@@ -183,6 +211,14 @@ def index_checkpoint(model_dir: Path, max_header_bytes: int = MAX_HEADER) -> dic
     `max_header_bytes`: the headers' total size allowed (see header_budget)."""
     index_path = model_dir / "model.safetensors.index.json"
     single = model_dir / "model.safetensors"
+    where = remote.source_of(model_dir)  # a remote checkpoint: its weight files stay on the server
+
+    def weight_file(fname: str) -> Path | RemoteFile:
+        return where.weight_file(fname) if where else model_dir / fname
+
+    def is_weight_file(fname: str) -> bool:
+        return where.has(fname) if where else (model_dir / fname).is_file()
+
     for path in (index_path, single):
         refuse_dangling_link(path)
     if index_path.is_file():
@@ -201,10 +237,12 @@ def index_checkpoint(model_dir: Path, max_header_bytes: int = MAX_HEADER) -> dic
                 raise CheckpointError(f"{index_path}: shard name {fname!r:.80} must be a file inside the checkpoint")
         tensors: dict[str, TensorSource] = {}
         for fname in sorted(set(weight_map.values())):
-            shard = model_dir / fname
-            refuse_dangling_link(shard)
-            if not shard.is_file():
-                raise CheckpointError(f"{shard}: shard listed in {index_path.name} is missing")
+            if where is None:
+                refuse_dangling_link(model_dir / fname)
+            if not is_weight_file(fname):
+                raise CheckpointError(f"{weight_file(fname) if where is None else where.root + '/' + fname}: shard "
+                                      f"listed in {index_path.name} is missing")
+            shard = weight_file(fname)
             for name, src in read_header(shard, max_header_bytes).items():
                 if name in tensors:
                     raise CheckpointError(f"{shard}: tensor {name} is also in {tensors[name].file.name}; a tensor "
@@ -212,18 +250,18 @@ def index_checkpoint(model_dir: Path, max_header_bytes: int = MAX_HEADER) -> dic
                 tensors[name] = src
             max_header_bytes -= _header_length(shard)
         wrong = [name for name, fname in weight_map.items()
-                 if name not in tensors or tensors[name].file != model_dir / fname]
+                 if name not in tensors or tensors[name].file != weight_file(fname)]
         if wrong:
             name = wrong[0]
             raise CheckpointError(f"{index_path}: lists {name} in {weight_map[name]}, but that shard does not "
                                   "contain it")
         return tensors
-    if single.is_file():
-        return read_header(single, max_header_bytes)
-    others = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if is_weight_file(single.name):
+        return read_header(weight_file(single.name), max_header_bytes)
+    others = where.safetensors_names() if where else sorted(p.name for p in model_dir.glob("*.safetensors"))
     if len(others) == 1:
-        return read_header(model_dir / others[0], max_header_bytes)
-    raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+        return read_header(weight_file(others[0]), max_header_bytes)
+    raise CheckpointError(f"{remote.label(model_dir)}: no model.safetensors or model.safetensors.index.json "
                           "(only safetensors checkpoints are supported)")
 
 
@@ -248,20 +286,23 @@ def files_fingerprint(model_dir: Path, files) -> list[list]:
     shards in subdirectories included), size, mtime, ctime and inode, read through symlinks.
     ctime changes on any rewrite, even one that restores size and mtime."""
     out = []
-    for p in sorted(set(Path(f) for f in files)):
+    remote_files = sorted({f for f in files if isinstance(f, RemoteFile)}, key=str)
+    for p in sorted(set(Path(f) for f in files if not isinstance(f, RemoteFile))):
         st = p.stat()
         try:
             name = str(p.relative_to(model_dir))
         except ValueError:
             name = str(p)
         out.append([name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
-    return out
+    return out + [[f.url, *f.identity()] for f in remote_files]
 
 
 def fingerprint_changes(model_dir: Path, fingerprint: list) -> tuple[str, str] | None:
-    """None when every file of a `files_fingerprint` record is as recorded; else ("gone" or
+    """None when every local file of a `files_fingerprint` record is as recorded; else ("gone" or
     "changed", the first such file)."""
     for name, *identity in fingerprint:
+        if remote.is_url(name):
+            continue  # remote.fingerprint_changes asks the servers
         p = Path(name) if Path(name).is_absolute() else Path(model_dir) / name
         try:
             st = p.stat()

@@ -42,6 +42,22 @@ def chunk_task(func, *args):
     return dask.delayed(func, pure=False)(*args)
 
 
+def start_order(tasks: Sequence) -> list[int]:
+    """Indices of `tasks` in the order the threaded scheduler starts them (Scheduler.run: batch by
+    batch, each in dask.order's priority), so that their input can be read ahead in that order."""
+    from dask.order import order
+
+    out: list[int] = []
+    for first in range(0, len(tasks), THREADED_BATCH):
+        batch = range(first, min(first + THREADED_BATCH, len(tasks)))
+        graph: dict = {}
+        for i in batch:
+            graph.update(dict(tasks[i].__dask_graph__()))
+        priority = order(graph)
+        out += sorted(batch, key=lambda i: priority[tasks[i].key])
+    return out
+
+
 # How long a dask scheduler may take to accept a connection and send its handshake.
 HANDSHAKE_TIMEOUT = 10.0
 _MAX_HANDSHAKE = 64 * 1024  # a dask handshake is well under 100 bytes

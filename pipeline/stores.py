@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline import portable
+from pipeline import portable, remote
 from pipeline.codecs import CODECS, encode_floats
 from pipeline.errors import CheckpointError, RunDirError
 from pipeline.safe_files import create_exclusive
@@ -267,6 +267,20 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
     record_chunk(dst, index)
 
 
+def source_range(arr: zarr.Array, start: int, stop: int) -> tuple[str, int, int, list] | None:
+    """(checkpoint file, absolute byte offset, bytes, identity) that `read_rows` reads for rows
+    [start, stop) of an indexed array (None for an array with bytes of its own)."""
+    ref = source_ref(arr)
+    if ref is None or CODES_FROM in arr.attrs:
+        return None
+    if ENCODED_FROM in arr.attrs:
+        encoded = arr.attrs[ENCODED_FROM]
+        row_bytes = np.dtype(encoded["dtype"]).itemsize * encoded["columns"]
+    else:
+        row_bytes = np.dtype(arr.dtype).itemsize * math.prod(arr.shape[1:])
+    return ref["file"], ref["offset"] + start * row_bytes, (stop - start) * row_bytes, ref["identity"]
+
+
 def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of an array. A raw array's chunk files are read directly (one
     pread per chunk, about five times faster than zarr's read path); others through zarr.
@@ -379,6 +393,8 @@ def index_array(group: zarr.Group, name: str, shape: tuple[int, ...], rows_per_c
 
 def check_source_file(ref: dict, st: os.stat_result | None = None) -> None:
     """Refuse (the one-line message) when the referenced file is gone or not the one indexed."""
+    if remote.is_url(ref["file"]):  # each read names the version it expects (remote.read_into)
+        return
     try:
         st = os.stat(ref["file"]) if st is None else st
     except OSError:
@@ -410,6 +426,16 @@ def read_source(ref: dict, offset: int, view: memoryview | np.ndarray, check: bo
 
 
 def _read_exact(ref: dict, offset: int, view: memoryview | np.ndarray) -> None:
+    if remote.is_url(ref["file"]):
+        size, version = ref["identity"]
+        if ref["offset"] + offset + len(view) > size:
+            raise source_changed(ref["model_dir"])
+        try:
+            remote.read_into(ref["file"], ref["offset"] + offset, view.reshape(-1) if isinstance(view, np.ndarray)
+                             else view, version)
+        except remote.SourceChanged:
+            raise source_changed(ref["model_dir"]) from None
+        return
     try:
         fd = portable.open_read(ref["file"])
     except OSError:
@@ -471,6 +497,8 @@ def refs_json(store: Path, names) -> dict:
             offset = ref["offset"] + i * nbytes
             if offset + nbytes <= size:
                 refs[f"{name}/{key}"] = [str(ref["file"]), offset, nbytes]
+            elif remote.is_url(ref["file"]):
+                continue  # a padded copy would put weights on disk: the view lacks a remote tensor's last chunk
             else:
                 refs[f"{name}/{key}"] = [str(store / name / write_padded_tail(store / name, ref, arr, i))]
     return {"version": 1, "refs": refs}

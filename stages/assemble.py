@@ -19,6 +19,7 @@ import json
 
 import numpy as np
 
+from pipeline import remote
 from pipeline.context import StageContext
 from pipeline.gguf_file import GGUFSplitWriter, TensorInfo
 from pipeline.output import OutputChanged, final_paths, identity, publish, temp_path
@@ -26,7 +27,7 @@ from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
 from pipeline.plan import file_kvs
 from pipeline.stores import (CODES_FROM, ENCODED_FROM, DamagedStore, check_source_file, chunk_path, get_array, is_raw,
-                             open_store, read_rows, row_ranges, source_ref)
+                             open_store, read_rows, row_ranges, source_range, source_ref)
 
 
 def array_layout(arr):
@@ -46,10 +47,29 @@ def tensor_infos(group) -> list[TensorInfo]:
     return infos
 
 
-def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_type: str, progress) -> None:
+def remote_reads(group, infos) -> list[tuple[str, int, int, str]]:
+    """The byte ranges of a remote checkpoint that write_gguf reads, in its order (its float tensors
+    passed through), for the read-ahead; none for a local checkpoint."""
+    if not remote.is_url(group.attrs.get("model_dir", "")):
+        return []
+    ranges = []
+    for info in infos:
+        arr = get_array(group, info.name)
+        chunks = row_ranges(arr.shape[0], arr.chunks[0]) if arr.ndim > 1 else [(0, arr.shape[0])]
+        for r0, r1 in chunks:
+            where = source_range(arr, r0, r1)
+            if where is None or not remote.is_url(where[0]):
+                break
+            ranges.append((where[0], where[1], where[2], where[3][1]))
+    return ranges
+
+
+def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_type: str, progress,
+               read_ahead: int = 1) -> None:
     infos = tensor_infos(group)
     kvs = file_kvs(metadata, out_type, [tuple(t) for t in group.attrs.get("kernel_tiles", [])])
-    with GGUFSplitWriter(paths, kvs, infos, parts) as writer:
+    # a remote checkpoint's tensors arrive while the ones before them are written
+    with remote.prefetching(remote_reads(group, infos), read_ahead), GGUFSplitWriter(paths, kvs, infos, parts) as writer:
         writer.write_header()
         with progress(sum(t.nbytes for t in infos), "assemble", unit="B", unit_scale=True,
                       unit_divisor=1024) as bar:
@@ -104,7 +124,7 @@ def run(ctx: StageContext) -> None:
     if before is None or len(before) != len(finals):
         before = [identity(f) for f in finals]
     try:
-        write_gguf(group, metadata, temps, parts, group.attrs["out_type"], ctx.scheduler.bar)
+        write_gguf(group, metadata, temps, parts, group.attrs["out_type"], ctx.scheduler.bar, ctx.budget.workers)
         if ctx.before_publish is not None:
             ctx.before_publish()
         publish(temps, finals, before)

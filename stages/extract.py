@@ -34,14 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import remote
 from pipeline.codecs import absmean_row_sums, group_magnitudes, group_rows
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY
 from pipeline.plan import ternary_embedding_scan
 from pipeline.rundir import write_json_atomic
+from pipeline.remote import RemoteFile
 from pipeline.safetensors_io import TensorSource, as_float32
-from pipeline.scheduler import chunk_task
+from pipeline.scheduler import chunk_task, start_order
 from pipeline.stores import (MAX_SUFFIX, array_path, content_recorded, content_spec, ensure_array, index_array,
                              make_ref, open_store, record_content, refs_json, refs_path, row_ranges, write_rows,
                              written_chunks)
@@ -133,7 +135,7 @@ def side_array_name(name: str, kind: str) -> str | None:
 def file_identities(ckpt) -> dict[Path, list[int]]:
     """Checkpoint file -> [size, mtime_ns, ctime_ns, inode] as fingerprinted when it was opened."""
     return {Path(name) if Path(name).is_absolute() else ckpt.model_dir / name: ident
-            for name, *ident in ckpt.fingerprint}
+            for name, *ident in ckpt.fingerprint if not remote.is_url(name)}
 
 
 def run(ctx: StageContext) -> None:
@@ -144,7 +146,7 @@ def run(ctx: StageContext) -> None:
         "stage": "extract",
         "family": plan.family.name,
         "arch": plan.arch,
-        "model_dir": str(ckpt.model_dir),
+        "model_dir": remote.label(ckpt.model_dir),
         "config": plan.config,
         "tensor_order": [t.gguf_name for t in plan.tensors],
         "data": f"tensors are byte ranges of the checkpoint's files (attribute source_ref); open "
@@ -156,6 +158,8 @@ def run(ctx: StageContext) -> None:
                 "model and are not written (a vision tower converts with llama.cpp's convert_hf_to_gguf.py --mmproj; "
                 "MTP layers are left out as its --no-mtp does)")
     identities = file_identities(ckpt)
+    shown = remote.label(ckpt.model_dir)  # what a refusal names: the URL of a remote checkpoint
+    ahead = []  # the byte range each task reads (a remote checkpoint's)
     names, tasks = [], []  # names, not zarr.Array objects: the peak stays flat in the number of tensors
     for t in plan.tensors:
         src = ckpt.sources[t.hf_name]
@@ -165,7 +169,8 @@ def run(ctx: StageContext) -> None:
         row_bytes = src.row_elems * src.np_dtype.itemsize
         content = content_spec(ctx.output / t.gguf_name, rows * row_bytes, src.shape[0] * row_bytes if src.shape else 0,
                                t.hf_name)
-        ref = make_ref(src.file, src.offset, ckpt.model_dir, identities[src.file], content)
+        ident = src.file.identity() if isinstance(src.file, RemoteFile) else identities[src.file]
+        ref = make_ref(src.file, src.offset, shown, ident, content)
         names.append(t.gguf_name)
         index_array(group, t.gguf_name, src.shape, rows, src.np_dtype, {
             "hf_name": t.hf_name, "role": t.role, "source_dtype": src.dtype,
@@ -203,5 +208,11 @@ def run(ctx: StageContext) -> None:
             if i not in done:
                 tasks.append(chunk_task(scan_rows, src, side and array_path(ctx.output, side), r0, r1, kind, content, i,
                                         paths))
+                ahead.append((src.file.url, src.offset + r0 * row_bytes, (r1 - r0) * row_bytes, src.file.version)
+                             if isinstance(src.file, RemoteFile) else None)
     write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, names))
-    ctx.scheduler.run(tasks, "extract")
+    # a remote checkpoint: the next chunks arrive while these are scanned (threads of this process only)
+    remote_reads = ctx.options.scheduler == "threads" and any(ahead)
+    ahead = [ahead[i] for i in start_order(tasks) if ahead[i]] if remote_reads else []
+    with remote.prefetching(ahead, ctx.budget.workers):
+        ctx.scheduler.run(tasks, "extract")
