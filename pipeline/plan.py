@@ -424,18 +424,22 @@ def stacked_info(name: str, members: list[tuple[tuple, int, int]], stacked: bool
     return TensorInfo(name, (len(members), *shape), ggml_type, sum(m[2] for m in members))
 
 
+def check_stack_type(opts: Options, ckpt) -> None:
+    """A stack of experts is one GGUF tensor, its experts' bytes one after another, each expert with its
+    own scales: a type with one scale per tensor (I2_S, TL1, TL2) cannot hold one (refused first)."""
+    stacked = next((t for t in ckpt.plan.tensors if t.stack is not None), None)
+    codec = opts.layout.codec
+    if stacked is not None and (codec.per_tensor_scale or opts.layout.needs_tiles):
+        raise OptionError(f"--type {opts.layout.type_option}: {codec.name} keeps one scale per tensor, and "
+                          f"{stacked.stack[0]} stacks {stacked.stack[2]} experts, each with its own scales; choose "
+                          "tq2_0, tq1_0, q2_0 or a float --type")
+
+
 def check_stacks(opts: Options, ckpt, types: list[tuple]) -> None:
-    """A stack of experts is one GGUF tensor of one type, its experts' bytes one after another: a type
-    with one scale per tensor (I2_S, TL1, TL2) or a fallback that differs between experts cannot be one."""
+    """The experts of a stack have one shape and one output type (a fallback cannot split a stack)."""
     seen: dict[str, tuple] = {}
     for t, (out, _) in zip(ckpt.plan.tensors, types):
-        if t.stack is None:
-            continue
-        if out.codec.per_tensor_scale or out.needs_tiles:
-            raise OptionError(f"--type {opts.layout.type_option}: {out.codec.name} keeps one scale per tensor, and "
-                              f"{t.stack[0]} stacks {t.stack[2]} experts, each with its own scales; choose tq2_0, "
-                              "tq1_0, q2_0 or a float --type")
-        if seen.setdefault(t.stack[0], (out.name, t.shape)) != (out.name, t.shape):
+        if t.stack is not None and seen.setdefault(t.stack[0], (out.name, t.shape)) != (out.name, t.shape):
             raise CheckpointError(f"{opts.model_dir}: the experts of {t.stack[0]} differ in shape or output type "
                                   f"({t.hf_name}); a stack holds experts of one shape")
 
@@ -469,6 +473,7 @@ def tensor_tiles(opts: Options, role: str, shape) -> tuple | None:
 def tensor_types(opts: Options, ckpt) -> list[tuple]:
     """(output type, fallback warning) of every tensor; raises for a type that cannot hold a tensor
     or a packed scale it cannot store."""
+    check_stack_type(opts, ckpt)
     check_kernel_shapes(opts, ckpt)
     types, ternary, fallbacks = [], 0, 0
     for t in ckpt.plan.tensors:
