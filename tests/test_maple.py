@@ -146,16 +146,18 @@ def test_a_kill_in_pack_inside_a_stack_resumes_to_the_same_bytes(tmp_path):
     convert(model, clean, "--memory-limit", "256MiB", "--workdir", clean_work, *extra)
     ref = kp.Reference(0.0, {s: kp.count_chunks(clean_work / f"{s}.zarr") for s in kp.CHUNK_STAGES},
                        clean.stat().st_size)
-    out, work = tmp_path / "k.gguf", tmp_path / "k.work"
-    kill = kp.interrupt(ROOT, model, out, work, kp.KillPoint("pack", 0.5, signal.SIGKILL, "256MiB"), ref,
-                        tmp_path / "log", *extra)
-    assert kill.landed == "pack", kill
-    written = {p.parent.parent.name for p in (work / "pack.zarr").glob("*/digests/0")}
-    stacks = {}
-    for name in [f"blk.{b}.{g}.weight" for b in range(2) for g in EXPERTS.values()]:
-        stacks[name] = sum(f"{name}.{x}" in written for x in range(12))
-    assert any(0 < n < 12 for n in stacks.values()) or sorted(stacks.values()) != sorted(set(stacks.values())), \
-        f"the kill should fall between two experts' chunks: {stacks}"
+    for i, fraction in enumerate((0.5, 0.3, 0.7)):  # until a kill falls inside a stack (most do)
+        out, work = tmp_path / f"k{i}.gguf", tmp_path / f"k{i}.work"
+        kill = kp.interrupt(ROOT, model, out, work, kp.KillPoint("pack", fraction, signal.SIGKILL, "256MiB"), ref,
+                            tmp_path / "log", *extra)
+        assert kill.landed == "pack", kill
+        written = {p.parent.parent.name for p in (work / "pack.zarr").glob("*/digests/0")}
+        experts_done = [sum(f"blk.{b}.{g}.weight.{x}" in written for x in range(12))
+                        for b in range(2) for g in EXPERTS.values()]
+        if any(0 < n < 12 for n in experts_done):
+            break
+    else:
+        pytest.fail(f"no kill fell between two experts of one stack: {experts_done}")
     convert(model, out, "--memory-limit", "256MiB", "--workdir", work, *extra)
     assert out.read_bytes() == clean.read_bytes(), kill
 
