@@ -218,3 +218,7 @@ def test_a_type_with_one_scale_per_tensor_is_refused_for_stacks(small, out_type)
                    check_exit=2)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "one scale per tensor" in lines[0] and "blk.0.ffn_gate_exps.weight" in lines[0], proc.stderr
+
+
+# run here on the Maple checkpoint (the `small` fixture above): every --type plans or is refused in one line
+from tests.test_qwen35 import test_plan_of_every_type_is_a_plan_or_one_line  # noqa: E402, F401
