@@ -285,14 +285,17 @@ def _qwen35_block() -> tuple[TensorRule, ...]:
     )
 
 
-# in the order llama.cpp's converter writes them (TextModel, Qwen3NextModel, _Qwen35MRopeMixin)
-_QWEN35_HPARAMS = (
+# the first key/values llama.cpp's TextModel.set_gguf_parameters writes
+_TEXT_MODEL_HPARAMS = (
     ("block_count", "num_hidden_layers", "uint32"),
     ("context_length", "max_position_embeddings", "uint32"),
     ("embedding_length", "hidden_size", "uint32"),
     ("feed_forward_length", "intermediate_size", "uint32"),
     ("attention.head_count", "num_attention_heads", "uint32"),
     ("attention.head_count_kv", "num_key_value_heads", "uint32"),
+)
+# in the order llama.cpp's converter writes them (TextModel, Qwen3NextModel, _Qwen35MRopeMixin)
+_QWEN35_HPARAMS = _TEXT_MODEL_HPARAMS + (
     ("rope.dimension_sections", "@rope_sections", "array:int32"),
     ("rope.freq_base", "@rope_theta", "float32"),
     ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
@@ -331,13 +334,7 @@ def _maple_block() -> tuple[TensorRule, ...]:
 
 
 # in the order llama.cpp's converter writes them (TextModel.set_gguf_parameters, then MapleModel's)
-_MAPLE_HPARAMS = (
-    ("block_count", "num_hidden_layers", "uint32"),
-    ("context_length", "max_position_embeddings", "uint32"),
-    ("embedding_length", "hidden_size", "uint32"),
-    ("feed_forward_length", "intermediate_size", "uint32"),
-    ("attention.head_count", "num_attention_heads", "uint32"),
-    ("attention.head_count_kv", "num_key_value_heads", "uint32"),
+_MAPLE_HPARAMS = _TEXT_MODEL_HPARAMS + (
     ("rope.freq_base", "@rope_theta", "float32"),
     ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
     ("expert_count", "num_experts", "uint32"),
@@ -351,6 +348,9 @@ _MAPLE_HPARAMS = (
     ("expert_feed_forward_length", "moe_intermediate_size", "uint32"),
     ("swiglu_clamp_exp", "@swiglu_clamp", "array:float32"),
 )
+# a float checkpoint whose projections are ternary-valued (scales read from the data), untied head
+_TERNARY_VALUED = dict(quantization=None, scale_rule="group", output="untied", runtime="llama.cpp",
+                       global_tensors=(_EMBED,), trailing_tensors=(_OUTPUT_NORM, _LM_HEAD))
 # the clamp of the experts' SwiGLU (modeling_maple.py; llama.cpp's converter writes it as a constant)
 MAPLE_SWIGLU_CLAMP = 7.0
 
@@ -525,15 +525,10 @@ FAMILIES = (
         description="ternary-valued Maple mixture of experts (MapleForCausalLM whose float projections are "
                     "{-s, 0, +s} per row: DeepGrove Maple 20B-A1B)",
         architectures=("MapleForCausalLM",),
-        quantization=None,
         gguf_arch="maple",
-        scale_rule="group",
         permute_qk=False,
-        output="untied",
-        runtime="llama.cpp",
-        global_tensors=(_EMBED,),
         block_tensors=_maple_block(),
-        trailing_tensors=(_OUTPUT_NORM, _LM_HEAD),
+        **_TERNARY_VALUED,
         hparams=_MAPLE_HPARAMS,
         required_config=("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                          "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
