@@ -393,7 +393,7 @@ class Plan:
             lines.append(f"{t.name:<32} {source:<16} {OUTPUT_TYPES[t.out_type].codec.name:<8} "
                          f"{format_size(t.nbytes):>10}  {t.part + 1:>4}  {t.fallback or t.requantize or ''}")
         files = ", ".join(f"{p} ({format_size(s)})" for p, s in self.outputs)
-        lines += [f"output: {files}; {len(self.tensors)} tensors, {self.kv_count} key/values",
+        lines += [f"output: {files}; {len(gguf_tensors(self.tensors))} tensors, {self.kv_count} key/values",
                   "run directory: " + ", ".join(f"{k} {format_size(v)}" for k, v in self.stores.items())
                   + f", records {format_size(self.records)} (total {format_size(self.run_dir_bytes)})",
                   f"memory: at most {format_size(self.peak_memory)} of --memory-limit "
