@@ -46,6 +46,19 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def converted(model):
+    """out_type -> our file of the checkpoint in that type (made once per module)."""
+    files = {}
+
+    def get(out_type: str):
+        if out_type not in files:
+            files[out_type] = model.parent / f"{out_type}.gguf"
+            convert(model, files[out_type], "--type", out_type)
+        return files[out_type]
+    return get
+
+
+@pytest.fixture(scope="module")
 def maple(model, llama_convert):  # noqa: F811
     """(checkpoint, llama.cpp's f32 file of it)."""
     return model, reference_convert(llama_convert, model, model.parent / "reference-f32.gguf", "f32")
@@ -93,9 +106,8 @@ def test_f32_is_llama_cpps_file(maple, tmp_path):
 
 
 @pytest.mark.parametrize("out_type", ["tq2_0", "tq1_0", "q2_0"])
-def test_ternary_types_hold_every_expert_exactly(model, tmp_path, out_type):
-    ours = tmp_path / f"{out_type}.gguf"
-    convert(model, ours, "--type", out_type)
+def test_ternary_types_hold_every_expert_exactly(model, converted, out_type):
+    ours = converted(out_type)
     want, got = expected_projections(model), file_values(ours)
     type_name = {"tq2_0": "TQ2_0", "tq1_0": "TQ1_0", "q2_0": "Q2_0"}[out_type]
     assert len(want) == SHAPE["num_layers"] * 7
@@ -120,12 +132,11 @@ MOE_MAX = 0.05
 @pytest.mark.parametrize("out_type, limits", [("q2_0", (MOE_MAX, EXACT_MEAN, 0.9)),
                                                ("tq2_0", (EXACT_MAX, EXACT_MEAN, 0.9)),
                                                ("tq1_0", (EXACT_MAX, EXACT_MEAN, 0.9))])
-def test_runs_in_llama_cpp_near_llama_cpps_f32_file(maple, llama, tmp_path, out_type, limits):
+def test_runs_in_llama_cpp_near_llama_cpps_f32_file(maple, llama, converted, out_type, limits):
     """llama.cpp runs llama.cpp's f32 file and ours (8-bit activations in the ternary kernels, and an
     F16 embedding and head: the tests' quantization noise)."""
     model, reference = maple
-    ours = tmp_path / f"{out_type}.gguf"
-    convert(model, ours, "--type", out_type)
+    ours = converted(out_type)
     n_vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     tokens = [int(t) for t in np.random.default_rng(0).integers(3, 300, 24)]
     want = llama.logits(reference, tokens, n_ctx=N_CTX)
@@ -133,9 +144,8 @@ def test_runs_in_llama_cpp_near_llama_cpps_f32_file(maple, llama, tmp_path, out_
     check_logits(llama.logits(ours, tokens, n_ctx=N_CTX), want, *limits)
 
 
-def test_inspect_shows_every_expert_of_a_stack(model, tmp_path):
-    out = tmp_path / "m.gguf"
-    convert(model, out, "--type", "q2_0")
+def test_inspect_shows_every_expert_of_a_stack(converted):
+    out = converted("q2_0")
     shown = run_cli("inspect", str(out) + ".work", "blk.2.ffn_gate_exps.weight").stdout
     assert "a stack of 4 experts" in shown
     for x in range(4):
