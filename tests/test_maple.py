@@ -153,6 +153,21 @@ def test_inspect_shows_every_expert_of_a_stack(converted):
     assert shown.count("scale per row") == 4
 
 
+def test_a_split_set_counts_a_stack_as_one_tensor(model, tmp_path):
+    """--split-max-tensors counts GGUF tensors: a stack of experts is one, never cut between parts."""
+    from pipeline.gguf_file import read_gguf
+
+    out = tmp_path / "s.gguf"
+    convert(model, out, "--type", "tq2_0", "--split-max-tensors", "10")
+    parts = sorted(tmp_path.glob("s-*-of-*.gguf"))
+    n_tensors = 1 + 4 * (9 + 3) + 2  # token_embd; per layer 9 tensors and 3 stacks; output_norm, output
+    assert len(parts) == -(-n_tensors // 10)
+    names = [t.name for p in parts for t in read_gguf(p).tensors]
+    assert len(names) == n_tensors and "blk.3.ffn_up_exps.weight" in names
+    checked = run_cli("verify", parts[0], model)
+    assert "OK: key/values, tensors and length" in checked.stdout + checked.stderr
+
+
 def test_a_kill_in_pack_inside_a_stack_resumes_to_the_same_bytes(tmp_path):
     from tests import kill_points as kp
 
