@@ -105,6 +105,12 @@ def test_f32_is_llama_cpps_file(maple, tmp_path):
         np.testing.assert_array_equal(theirs[name][1], values, err_msg=name)
 
 
+def test_tq2_0_is_llama_cpps_tq2_0_file(model, converted, llama_convert, tmp_path):  # noqa: F811
+    """Row scales are exact in TQ2_0, so llama.cpp's own `--outtype tq2_0` (gguf.quants of the
+    values: d = max |x| per 256-value block) writes the very bytes we do, stacks included."""
+    compare_with_llama_cpp(converted("tq2_0"), reference_convert(llama_convert, model, tmp_path / "t.gguf", "tq2_0"))
+
+
 @pytest.mark.parametrize("out_type", ["tq2_0", "tq1_0", "q2_0"])
 def test_ternary_types_hold_every_expert_exactly(model, converted, out_type):
     ours = converted(out_type)
