@@ -29,7 +29,7 @@ from pipeline.errors import CheckpointError
 from pipeline.codecs import absmean_scale, absmean_total, group_magnitudes
 from pipeline.families import (GROUP_COLUMNS, GROUPED, TERNARY, apply_reorder, apply_transform,
                                source_row_runs)
-from pipeline.gguf_file import (SPLIT_COUNT, GGUFContents, TensorInfo, align, array_item_type, part_kvs,
+from pipeline.gguf_file import (SPLIT_COUNT, GGUFContents, align, array_item_type, part_kvs,
                                 read_gguf, split_paths, type_sizes_for)
 from pipeline.errors import OptionError
 from pipeline.kernel_config import tiles_of
