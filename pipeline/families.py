@@ -8,9 +8,10 @@ how the scale applies, whether llama's q/k row permutation applies, whether the
 output head is tied, and how every Hugging Face tensor is renamed.
 
 `plan_tensors` turns a family and a config into a `TensorPlan`: one
-`PlannedTensor` per GGUF tensor, each with its `Recipe` (where its values come
-from and which rows move). Stages dispatch on the recipe and never test the
-family by name.
+`PlannedTensor` per GGUF tensor (per expert of a stacked mixture-of-experts
+tensor: the stages convert each expert as a tensor of its own), each with its
+`Recipe` (where its values come from and which rows move). Stages dispatch on
+the recipe and never test the family by name.
 """
 from __future__ import annotations
 
