@@ -102,8 +102,8 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
                       unit_divisor=1024) as bar:
             for i, (info, members) in enumerate(tensors):
                 for name in members:  # a stack's experts one after another (plan refuses types with a tail)
-                    write_array(writer, i, get_array(group, name), bar)
-                arr = get_array(group, members[-1])
+                    arr = get_array(group, name)
+                    write_array(writer, i, arr, bar)
                 out, tiles = array_layout(arr)
                 tail = out.tail_bytes(info.shape, arr.attrs.get("scale"), tiles) if len(members) == 1 else b""
                 if tail:
