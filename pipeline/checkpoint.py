@@ -152,9 +152,17 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
     sources, used, planned = {}, set(), []
     for t in plan.tensors:
         src = found.get(t.hf_name)
+        if src is None and t.stack is not None:
+            raise CheckpointError(f"{model_dir}: tensor {t.hf_name} is missing from the safetensors files: expert "
+                                  f"{t.stack[1]} of the {t.stack[2]} (num_experts in config.json) that {t.stack[0]} "
+                                  "stacks; the checkpoint is incomplete")
         if src is None:
             raise CheckpointError(f"{model_dir}: tensor {t.hf_name} is missing from the safetensors files "
                                   f"(needed for {t.gguf_name}); the checkpoint is incomplete or not {fam.description}")
+        if t.stack is not None and src.shape != t.source_shape:
+            raise CheckpointError(f"{src.file}: tensor {t.hf_name} has shape {list(src.shape)}, but expert "
+                                  f"{t.stack[1]} of {t.stack[0]} must be {list(t.source_shape)} like every expert "
+                                  "(moe_intermediate_size and hidden_size in config.json); config and weights disagree")
         _check_source(t, src, plan)
         sources[t.hf_name] = src
         used.add(t.hf_name)

@@ -8,9 +8,10 @@ how the scale applies, whether llama's q/k row permutation applies, whether the
 output head is tied, and how every Hugging Face tensor is renamed.
 
 `plan_tensors` turns a family and a config into a `TensorPlan`: one
-`PlannedTensor` per GGUF tensor, each with its `Recipe` (where its values come
-from and which rows move). Stages dispatch on the recipe and never test the
-family by name.
+`PlannedTensor` per GGUF tensor (per expert of a stacked mixture-of-experts
+tensor: the stages convert each expert as a tensor of its own), each with its
+`Recipe` (where its values come from and which rows move). Stages dispatch on
+the recipe and never test the family by name.
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ class TensorRule:
     transform: str | None = None  # a value transform of a small float tensor (see TRANSFORMS)
     reorder: str | None = None    # qwen35 V-head reorder (see _reorder)
     source_shape: tuple[str, ...] | None = None  # the checkpoint's shape, when it differs (conv1d [C, 1, K])
+    # one checkpoint tensor per expert ("{xid}" in hf): the GGUF tensor `gguf` stacks them as
+    # [n_expert, rows, cols]; each expert is planned (and converted) as a tensor of its own
+    experts: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,8 @@ class Family:
     hybrid: bool = False
     # checkpoint tensor name prefixes that are not part of the text model (skipped with a warning)
     skipped_prefixes: tuple[str, ...] = ()
+    # maple: a mixture of experts with sliding-window layers (see _maple_dims)
+    moe: bool = False
 
     def matches(self, config: dict, archs: list[str], quant: str | None, present: set[str] | None = None) -> bool:
         if self.tensor_markers and present is not None and not any(n.endswith(self.tensor_markers) for n in present):
@@ -280,14 +286,17 @@ def _qwen35_block() -> tuple[TensorRule, ...]:
     )
 
 
-# in the order llama.cpp's converter writes them (TextModel, Qwen3NextModel, _Qwen35MRopeMixin)
-_QWEN35_HPARAMS = (
+# the first key/values llama.cpp's TextModel.set_gguf_parameters writes
+_TEXT_MODEL_HPARAMS = (
     ("block_count", "num_hidden_layers", "uint32"),
     ("context_length", "max_position_embeddings", "uint32"),
     ("embedding_length", "hidden_size", "uint32"),
     ("feed_forward_length", "intermediate_size", "uint32"),
     ("attention.head_count", "num_attention_heads", "uint32"),
     ("attention.head_count_kv", "num_key_value_heads", "uint32"),
+)
+# in the order llama.cpp's converter writes them (TextModel, Qwen3NextModel, _Qwen35MRopeMixin)
+_QWEN35_HPARAMS = _TEXT_MODEL_HPARAMS + (
     ("rope.dimension_sections", "@rope_sections", "array:int32"),
     ("rope.freq_base", "@rope_theta", "float32"),
     ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
@@ -302,6 +311,49 @@ _QWEN35_HPARAMS = (
     ("full_attention_interval", "@full_attention_interval", "uint32"),
     ("rope.dimension_count", "@rope_dim", "uint32"),
 )
+
+# DeepGrove Maple (llama.cpp arch maple; its converter: conversion/maple.py MapleModel): every layer
+# has q/k norms and a mixture of experts whose per-expert projections the GGUF stacks into one
+# [n_expert, rows, cols] tensor each; the router (mlp.gate) stays F32, as llama.cpp's converter keeps
+# every ffn_gate_inp. No q/k permutation (NEOX rope). docs/notes/families.md, section 7.
+def _maple_block() -> tuple[TensorRule, ...]:
+    p, b, x = "model.layers.{bid}.", "blk.{bid}.", "model.layers.{bid}.mlp.experts.{xid}."
+    return (
+        TensorRule(p + "input_layernorm.weight", b + "attn_norm.weight", NORM, ("hidden",)),
+        TensorRule(p + "self_attn.q_proj.weight", b + "attn_q.weight", TERNARY, ("q_dim", "hidden")),
+        TensorRule(p + "self_attn.k_proj.weight", b + "attn_k.weight", TERNARY, ("kv_dim", "hidden")),
+        TensorRule(p + "self_attn.v_proj.weight", b + "attn_v.weight", TERNARY, ("kv_dim", "hidden")),
+        TensorRule(p + "self_attn.o_proj.weight", b + "attn_output.weight", TERNARY, ("hidden", "q_dim")),
+        TensorRule(p + "self_attn.q_norm.weight", b + "attn_q_norm.weight", NORM, ("head_dim",)),
+        TensorRule(p + "self_attn.k_norm.weight", b + "attn_k_norm.weight", NORM, ("head_dim",)),
+        TensorRule(p + "post_attention_layernorm.weight", b + "ffn_norm.weight", NORM, ("hidden",)),
+        TensorRule(p + "mlp.gate.weight", b + "ffn_gate_inp.weight", NORM, ("experts", "hidden")),
+        TensorRule(x + "gate_proj.weight", b + "ffn_gate_exps.weight", TERNARY, ("expert_ff", "hidden"), experts=True),
+        TensorRule(x + "down_proj.weight", b + "ffn_down_exps.weight", TERNARY, ("hidden", "expert_ff"), experts=True),
+        TensorRule(x + "up_proj.weight", b + "ffn_up_exps.weight", TERNARY, ("expert_ff", "hidden"), experts=True),
+    )
+
+
+# in the order llama.cpp's converter writes them (TextModel.set_gguf_parameters, then MapleModel's)
+_MAPLE_HPARAMS = _TEXT_MODEL_HPARAMS + (
+    ("rope.freq_base", "@rope_theta", "float32"),
+    ("attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
+    ("expert_count", "num_experts", "uint32"),
+    ("expert_used_count", "num_experts_per_tok", "uint32"),
+    ("attention.key_length", "head_dim", "uint32"),
+    ("attention.value_length", "head_dim", "uint32"),
+    ("vocab_size", "vocab_size", "uint32"),
+    ("rope.dimension_count", "@rope_dim", "uint32"),
+    ("attention.sliding_window", "sliding_window", "uint32"),
+    ("attention.sliding_window_pattern", "@sliding_layers", "array:bool"),
+    ("expert_feed_forward_length", "moe_intermediate_size", "uint32"),
+    ("swiglu_clamp_exp", "@swiglu_clamp", "array:float32"),
+)
+# a float checkpoint whose projections are ternary-valued (scales read from the data), untied head
+_TERNARY_VALUED = dict(quantization=None, scale_rule="group", output="untied", runtime="llama.cpp",
+                       global_tensors=(_EMBED,), trailing_tensors=(_OUTPUT_NORM, _LM_HEAD))
+# the clamp of the experts' SwiGLU (modeling_maple.py; llama.cpp's converter writes it as a constant)
+MAPLE_SWIGLU_CLAMP = 7.0
 
 FAMILIES = (
     Family(
@@ -468,6 +520,23 @@ FAMILIES = (
         required_numbers=("scale_emb", "scale_depth", "dim_model_base"),
     ),
     Family(
+        # DeepGrove Maple 20B-A1B: bf16 projections (attention and every expert's) whose values are
+        # {-s, 0, +s} with one s per row, read from the data; 256 experts per layer stacked per GGUF tensor
+        name="maple-ternary",
+        description="ternary-valued Maple mixture of experts (MapleForCausalLM whose float projections are "
+                    "{-s, 0, +s} per row: DeepGrove Maple 20B-A1B)",
+        architectures=("MapleForCausalLM",),
+        gguf_arch="maple",
+        permute_qk=False,
+        block_tensors=_maple_block(),
+        **_TERNARY_VALUED,
+        hparams=_MAPLE_HPARAMS,
+        required_config=("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                         "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                         "sliding_window"),
+        moe=True,
+    ),
+    Family(
         name="bitnet-2b4t",
         description="microsoft bitnet-b1.58-2B-4T (BitNetForCausalLM, packed, AutoBitLinear)",
         architectures=("BitNetForCausalLM",),
@@ -541,6 +610,9 @@ class PlannedTensor:
     role: str
     shape: tuple[int, ...]          # the GGUF tensor's shape (numpy order, rows first)
     recipe: Recipe
+    # an expert of a stacked GGUF tensor: (its name, this expert's index, number of experts); the
+    # stack's shape is (number of experts, *shape) and its bytes the experts' in order
+    stack: tuple[str, int, int] | None = None
 
     @property
     def source_shape(self) -> tuple[int, ...]:
@@ -781,7 +853,7 @@ def _dims(config: dict, fam: Family, config_path: Path) -> dict[str, int]:
     if (config.get("head_dim") is None and hidden % n_head) or n_head % n_kv:
         raise CheckpointError(f"{config_path}: hidden_size {hidden}, num_attention_heads {n_head} and "
                               f"num_key_value_heads {n_kv} are inconsistent")
-    dims = {"hidden": hidden, "intermediate": config["intermediate_size"], "vocab": config["vocab_size"],
+    dims = {"hidden": hidden, "intermediate": config.get("intermediate_size") or 0, "vocab": config["vocab_size"],
             "q_dim": n_head * head_dim, "kv_dim": n_kv * head_dim, "layers": config["num_hidden_layers"],
             "heads": n_head, "kv_heads": n_kv, "head_dim": head_dim}
     too_big = [k for k, v in dims.items() if v > MAX_DIM]
@@ -860,6 +932,47 @@ def _hybrid_dims(config: dict, dims: dict, config_path: Path) -> dict:
             if n_k != n_v else {}}
 
 
+MAPLE_LAYER_KINDS = ("sliding_attention", "full_attention")
+# config.json keys of a separate rope base for the sliding-window layers (llama.cpp's converter writes
+# rope.freq_base_swa from them); not written here yet, so refused rather than dropped
+_LOCAL_ROPE_KEYS = ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                    "rope_local_base_freq")
+
+
+def _maple_dims(config: dict, dims: dict, config_path: Path) -> dict:
+    """Maple's further dimensions and key values, refusing what llama.cpp's converter asserts against
+    (conversion/maple.py: silu, no shared experts, normalized top-k, NoPE on the global layers)."""
+    checks = (("hidden_act", "silu"), ("num_shared_experts", 0), ("norm_topk_prob", True),
+              ("nope_on_global_attention", True))
+    defaults = {"num_shared_experts": 0, "norm_topk_prob": True, "nope_on_global_attention": False}
+    for key, want in checks:
+        if config.get(key, defaults.get(key)) != want:
+            raise CheckpointError(f"{config_path}: {key} is {config.get(key, defaults.get(key))!r:.40}; GGUF arch maple "
+                                  f"(llama.cpp) implements only {json.dumps(want)}, so this checkpoint is not supported")
+    n_layer, n_expert, used = dims["layers"], config["num_experts"], config["num_experts_per_tok"]
+    if used > n_expert:
+        raise CheckpointError(f"{config_path}: num_experts_per_tok {used} is more than num_experts {n_expert}")
+    kinds = config.get("layer_types")
+    if not isinstance(kinds, list) or len(kinds) != n_layer or any(k not in MAPLE_LAYER_KINDS for k in kinds):
+        raise CheckpointError(f"{config_path}: layer_types must list {n_layer} entries, each one of "
+                              f"{', '.join(MAPLE_LAYER_KINDS)}")
+    local = [k for k in _LOCAL_ROPE_KEYS if k in config]
+    rope = config.get("rope_parameters") or {}
+    if local or not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" \
+            or "sliding_attention" in rope or "full_attention" in rope:
+        shown = local[0] if local else f"rope_parameters {json.dumps(rope)[:80]}"
+        raise CheckpointError(f"{config_path}: {shown} is not supported (only the default rope type, one rope "
+                              "base for every layer, converts)")
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
+        raise CheckpointError(f"{config_path}: partial_rotary_factor must be in (0, 1], not {partial!r}")
+    return {"experts": n_expert, "expert_ff": config["moe_intermediate_size"],
+            "rope_theta": rope.get("rope_theta", config.get("rope_theta")),
+            "rope_dim": int(dims["head_dim"] * partial),
+            "sliding_layers": [k == "sliding_attention" for k in kinds],
+            "swiglu_clamp": [MAPLE_SWIGLU_CLAMP] * n_layer}
+
+
 def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan:
     """Read config.json, detect the family and list every tensor the GGUF will hold.
 
@@ -877,6 +990,8 @@ def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan
     dims = _dims(config, fam, config_path)
     if fam.hybrid:
         dims = {**dims, **_hybrid_dims(config, dims, config_path)}
+    if fam.moe:
+        dims = {**dims, **_maple_dims(config, dims, config_path)}
     _check_rope_scaling(config, config_path)
     _check_flags(config, config_path)
     tensors: list[PlannedTensor] = []
@@ -891,6 +1006,11 @@ def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan
             heads = dims[rule.permute] if rule.permute and fam.permute_qk else 0
             row_multiple = shape[0] // heads if heads else 1
             recipe = Recipe(TERNARY, fam.weights, fam.scale_rule, heads, row_multiple, reorder=extra["reorder"])
+        if rule.experts:  # one tensor per expert, each a slice of the stacked GGUF tensor
+            stack, n = rule.gguf.format(**fmt), dims["experts"]
+            tensors.extend(PlannedTensor(rule.hf.format(**fmt, xid=x), expert_name(stack, x), rule.role, shape, recipe,
+                                         (stack, x, n)) for x in range(n))
+            return
         hf = rule.hf.format(**fmt)
         if hf.startswith("model."):
             hf = prefix + hf.removeprefix("model.")
@@ -909,6 +1029,11 @@ def plan_tensors(model_dir: Path, present: set[str] | None = None) -> TensorPlan
     skipped = tuple(sorted(n for n in present or () if n.startswith(fam.skipped_prefixes))) \
         if fam.skipped_prefixes else ()
     return TensorPlan(fam, config, dims, tuple(tensors), skipped)
+
+
+def expert_name(stack: str, expert: int) -> str:
+    """The name an expert's tensor has in the run directory's stores (its GGUF tensor is `stack`)."""
+    return f"{stack}.{expert}"
 
 
 def _config_value(plan: TensorPlan, key: str):

@@ -740,6 +740,19 @@ def format_gguf(report: dict) -> str:
     return "\n".join(lines)
 
 
+def stack_members(run: RunDir, name: str) -> list[str]:
+    """The experts' tensors of the stacked GGUF tensor `name` (pipeline.families.expert_name), in
+    order; [] when `name` is not a stack this run directory knows."""
+    for group in open_stores(run, []).values():
+        order = group.attrs.get("tensor_order", [])
+        if name in order:
+            return []
+        members = [n for n in order if n.startswith(name + ".") and n[len(name) + 1:].isdigit()]
+        if members:
+            return sorted(members, key=lambda n: int(n[len(name) + 1:]))
+    return []
+
+
 def inspect_command(run: RunDir, tensor: str | None = None, codes: bool = False, as_json: bool = False,
                     plot: Path | None = None, log=print) -> tuple[str, list[str]]:
     """(what `bitnet-gguf inspect` prints, the zarr.json files it found damaged); with `plot` it
@@ -747,7 +760,15 @@ def inspect_command(run: RunDir, tensor: str | None = None, codes: bool = False,
     if plot is not None:
         check_plot_path(plot)
     out, damaged = [], []
-    if tensor is not None:
+    experts = stack_members(run, tensor) if tensor is not None else []
+    if experts:  # a stacked GGUF tensor (a mixture of experts): each expert, as a tensor of its own
+        reports = [describe_tensor(run, name, codes=codes) for name in experts]
+        for report in reports:
+            damaged += report.get("damaged", [])
+        out.append(json.dumps({"stack": tensor, "experts": reports}, indent=2, default=float) if as_json else
+                   f"{tensor}: a stack of {len(experts)} experts, each converted as a tensor of its own\n"
+                   + "\n".join(format_tensor(r) for r in reports))
+    elif tensor is not None:
         report = describe_tensor(run, tensor, codes=codes)
         damaged += report.get("damaged", [])
         out.append(json.dumps(report, indent=2, default=float) if as_json else format_tensor(report))

@@ -149,8 +149,25 @@ def _json_type(value) -> str:
         type(value), type(value).__name__)
 
 
+def parameter_counts(tensors) -> tuple[int, int, int, int]:
+    """(total, shared, per expert, experts) parameters of the planned tensors, as gguf-py's
+    get_total_parameter_count counts them for the size label: a stack of experts counts one expert's
+    size towards the per-expert parameters, and its number of experts."""
+    total = sum(math.prod(t.shape) for t in tensors)
+    expert_params = expert_sum = stacks = 0
+    stacked = 0
+    for t in tensors:
+        if t.stack is not None:
+            stacked += math.prod(t.shape)
+            if t.stack[1] == 0:
+                expert_params += math.prod(t.shape)
+                expert_sum += t.stack[2]
+                stacks += 1
+    return total, total - stacked, expert_params, expert_sum // stacks if stacks else 0
+
+
 def general_metadata(model_dir: Path, name_hint: str, total_params: int, model_name: str | None = None,
-                     overrides: dict | None = None) -> gguf.Metadata:
+                     overrides: dict | None = None, counts: tuple[int, int, int, int] | None = None) -> gguf.Metadata:
     """The general.* facts, as llama.cpp's converter decides them. `name_hint`: the model's name
     when the directory's is not (a Hugging Face cache snapshot is named by its commit);
     `overrides`: read_metadata_file's, applied over what the model card and directory say."""
@@ -172,7 +189,7 @@ def general_metadata(model_dir: Path, name_hint: str, total_params: int, model_n
     if meta.name is None:
         meta.name = name_hint or model_dir.name
     if meta.size_label is None and total_params > 0:
-        meta.size_label = gguf.size_label(total_params, total_params, 0, 0)
+        meta.size_label = gguf.size_label(*(counts or (total_params, total_params, 0, 0)))
     return meta
 
 
@@ -195,10 +212,11 @@ def build_kv(plan: TensorPlan, model_dir: Path, name: str | None = None, tokeniz
     `vocab_only`: for a file without tensors (no size label, as llama.cpp's converter);
     `memory_limit`: what reading the --metadata file must fit in. Every value is checked against
     its GGUF type before it is recorded (gguf_file.value_problem), naming where it came from."""
-    total_params = 0 if vocab_only else sum(math.prod(t.shape) for t in plan.tensors)
+    counts = (0, 0, 0, 0) if vocab_only else parameter_counts(plan.tensors)
+    total_params = counts[0]
     check_model_name(model_name)
     overrides = read_metadata_file(metadata_file, memory_limit)
-    meta = general_metadata(model_dir, name or model_dir.resolve().name, total_params, model_name, overrides)
+    meta = general_metadata(model_dir, name or model_dir.resolve().name, total_params, model_name, overrides, counts)
     w = gguf.GGUFWriter(None, plan.arch)
     w.add_type(gguf.GGUFType.MODEL)
     try:

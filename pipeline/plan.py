@@ -326,6 +326,7 @@ class TensorRecord:
     rows_per_chunk: int
     fallback: str | None  # why the tensor is not the --type, if it is not
     requantize: str | None = None  # group-scaled: what happens if the data's scales do not fit the type
+    stack: list | None = None  # an expert: [stacked GGUF tensor, expert index, experts] (its offset: within it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,14 +367,17 @@ class Plan:
         return index[name]
 
     def parts(self) -> list[list[int]]:
-        """Tensor indices of every output part, in file order."""
+        """GGUF tensor indices (of `infos`) of every output part, in file order."""
         parts: list[list[int]] = [[] for _ in self.outputs]
-        for i, t in enumerate(self.tensors):
-            parts[t.part].append(i)
+        for i, (_, members) in enumerate(gguf_tensors(self.tensors)):
+            parts[self.tensors[members[0]].part].append(i)
         return parts
 
     def infos(self) -> list[TensorInfo]:
-        return [TensorInfo(t.name, tuple(t.shape), t.ggml_type, t.nbytes) for t in self.tensors]
+        """The GGUF's tensor infos: one per tensor, one per stack of experts."""
+        return [stacked_info(name, [(tuple(self.tensors[i].shape), self.tensors[i].ggml_type, self.tensors[i].nbytes)
+                                    for i in members], self.tensors[members[0]].stack is not None)
+                for name, members in gguf_tensors(self.tensors)]
 
     def output_types(self) -> list:
         """The registry entries of the file's tensors, in order of first use."""
@@ -397,7 +401,7 @@ class Plan:
             lines.append(f"{t.name:<32} {source:<16} {OUTPUT_TYPES[t.out_type].codec.name:<8} "
                          f"{format_size(t.nbytes):>10}  {t.part + 1:>4}  {t.fallback or t.requantize or ''}")
         files = ", ".join(f"{p} ({format_size(s)})" for p, s in self.outputs)
-        lines += [f"output: {files}; {len(self.tensors)} tensors, {self.kv_count} key/values",
+        lines += [f"output: {files}; {len(gguf_tensors(self.tensors))} tensors, {self.kv_count} key/values",
                   "run directory: " + ", ".join(f"{k} {format_size(v)}" for k, v in self.stores.items())
                   + f", records {format_size(self.records)} (total {format_size(self.run_dir_bytes)})",
                   f"memory: at most {format_size(self.peak_memory)} of --memory-limit "
@@ -410,6 +414,48 @@ class Plan:
                          f"{format_size(f['headers'])}, and the {format_size(f['tensors'])} of tensors twice "
                          "(extract, then quantize/pack/assemble); nothing of the weights is stored")
         return "\n".join(lines)
+
+
+def gguf_tensors(tensors) -> list[tuple[str, list[int]]]:
+    """(GGUF tensor name, indices of `tensors` it is made of) in file order: an expert (`stack` set:
+    [name, index, experts], a list or tuple) joins the stack named there, every other tensor is one."""
+    out: list[tuple[str, list[int]]] = []
+    for i, t in enumerate(tensors):
+        stack = t.stack
+        if stack is not None and out and out[-1][0] == stack[0]:
+            out[-1][1].append(i)
+        else:
+            out.append((stack[0] if stack is not None else (t.name if hasattr(t, "name") else t.gguf_name), [i]))
+    return out
+
+
+def stacked_info(name: str, members: list[tuple[tuple, int, int]], stacked: bool) -> TensorInfo:
+    """The GGUF tensor info of one tensor, or of a stack of experts (`stacked`; (shape, type, bytes)
+    each, in order): [experts, *shape], their bytes one after another."""
+    shape, ggml_type, nbytes = members[0]
+    if not stacked:
+        return TensorInfo(name, tuple(shape), ggml_type, nbytes)
+    return TensorInfo(name, (len(members), *shape), ggml_type, sum(m[2] for m in members))
+
+
+def check_stack_type(opts: Options, ckpt) -> None:
+    """A stack of experts is one GGUF tensor, its experts' bytes one after another, each expert with its
+    own scales: a type with one scale per tensor (I2_S, TL1, TL2) cannot hold one (refused first)."""
+    stacked = next((t for t in ckpt.plan.tensors if t.stack is not None), None)
+    codec = opts.layout.codec
+    if stacked is not None and (codec.per_tensor_scale or opts.layout.needs_tiles):
+        raise OptionError(f"--type {opts.layout.type_option}: {codec.name} keeps one scale per tensor, and "
+                          f"{stacked.stack[0]} stacks {stacked.stack[2]} experts, each with its own scales; choose "
+                          "tq2_0, tq1_0, q2_0 or a float --type")
+
+
+def check_stacks(opts: Options, ckpt, types: list[tuple]) -> None:
+    """The experts of a stack have one shape and one output type (a fallback cannot split a stack)."""
+    seen: dict[str, tuple] = {}
+    for t, (out, _) in zip(ckpt.plan.tensors, types):
+        if t.stack is not None and seen.setdefault(t.stack[0], (out.name, t.shape)) != (out.name, t.shape):
+            raise CheckpointError(f"{opts.model_dir}: the experts of {t.stack[0]} differ in shape or output type "
+                                  f"({t.hf_name}); a stack holds experts of one shape")
 
 
 def check_kernel_shapes(opts: Options, ckpt) -> None:
@@ -441,6 +487,7 @@ def tensor_tiles(opts: Options, role: str, shape) -> tuple | None:
 def tensor_types(opts: Options, ckpt) -> list[tuple]:
     """(output type, fallback warning) of every tensor; raises for a type that cannot hold a tensor
     or a packed scale it cannot store."""
+    check_stack_type(opts, ckpt)
     check_kernel_shapes(opts, ckpt)
     types, ternary, fallbacks = [], 0, 0
     for t in ckpt.plan.tensors:
@@ -567,8 +614,17 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
     """Everything the conversion will do, decided from the checkpoint's headers and the options;
     raises (OptionError, CheckpointError) for what would be refused."""
     types = tensor_types(opts, ckpt)
-    infos = [TensorInfo(t.gguf_name, t.shape, out.ggml_type, out.nbytes(t.shape, tensor_tiles(opts, t.role, t.shape)))
-             for t, (out, _) in zip(ckpt.plan.tensors, types)]
+    check_stacks(opts, ckpt, types)
+    sizes = [out.nbytes(t.shape, tensor_tiles(opts, t.role, t.shape)) for t, (out, _) in zip(ckpt.plan.tensors, types)]
+    groups = gguf_tensors(ckpt.plan.tensors)
+    infos = [stacked_info(name, [(ckpt.plan.tensors[i].shape, types[i][0].ggml_type, sizes[i]) for i in members],
+                          ckpt.plan.tensors[members[0]].stack is not None) for name, members in groups]
+    gguf_index, within = [0] * len(sizes), [0] * len(sizes)  # of each planned tensor: its GGUF tensor, offset in it
+    for g, (_, members) in enumerate(groups):
+        start = 0
+        for i in members:
+            gguf_index[i], within[i] = g, start
+            start += sizes[i]
     parts = split_parts(opts, infos, check_paths)
     metadata = {"arch": ckpt.plan.arch, "kv": ckpt.kv}
     try:
@@ -588,10 +644,11 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
     for i, (t, (out, fallback)) in enumerate(zip(ckpt.plan.tensors, types)):
         src = ckpt.sources[t.hf_name]
         rows = budget.rows_per_chunk(t.shape) if len(t.shape) > 1 else t.shape[0]
+        g = gguf_index[i]
         records.append(TensorRecord(t.gguf_name, t.hf_name, t.role, str(src.file), src.offset, src.dtype,
                                     list(src.shape), list(t.shape), t.recipe.as_json(), out.name, out.ggml_type,
-                                    infos[i].nbytes, part_of[i], offset_of[i], rows, fallback,
-                                    requantize_note(opts, t, out)))
+                                    sizes[i], part_of[g], offset_of[g] + within[i], rows, fallback,
+                                    requantize_note(opts, t, out), list(t.stack) if t.stack else None))
     task = min(budget.chunk_elements, max((r.rows_per_chunk * math.prod(r.shape[1:]) for r in records
                                            if len(r.shape) > 1), default=1))
     peak = budget.baseline + HEADROOM + budget.workers * IN_FLIGHT_PER_WORKER * BYTES_PER_ELEMENT * task

@@ -29,7 +29,7 @@ from pipeline.errors import CheckpointError
 from pipeline.codecs import absmean_scale, absmean_total, group_magnitudes
 from pipeline.families import (GROUP_COLUMNS, GROUPED, TERNARY, apply_reorder, apply_transform,
                                source_row_runs)
-from pipeline.gguf_file import (SPLIT_COUNT, GGUFContents, TensorInfo, align, array_item_type, part_kvs,
+from pipeline.gguf_file import (SPLIT_COUNT, GGUFContents, align, array_item_type, part_kvs,
                                 read_gguf, split_paths, type_sizes_for)
 from pipeline.errors import OptionError
 from pipeline.kernel_config import tiles_of
@@ -37,7 +37,7 @@ from pipeline.outtypes import (BY_GGML_TYPE, type_of_file, EMBEDDING_CHOICES, OU
                                resolve, target_of, targets_of, tensor_type)
 from pipeline.safetensors_io import as_float32, pread_exact
 from pipeline.stores import row_ranges
-from pipeline.plan import I2S_ZERO_BELOW, LAYOUT_INT8, TARGET_KEY, TILES_KEY, code_layout, file_kvs, requantized_scale, ternary_scale
+from pipeline.plan import I2S_ZERO_BELOW, gguf_tensors, stacked_info, LAYOUT_INT8, TARGET_KEY, TILES_KEY, code_layout, file_kvs, requantized_scale, ternary_scale
 from stages.pack import block_scale_problem, encode_block
 from stages.quantize import code_rows, group_scales, permute_heads, row_abs_sums, values_per_scale
 
@@ -110,14 +110,18 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
     budget = plan_budget(memory_limit, 1)  # a limit too small is refused before anything is logged
     log(f"{gguf_path}: {len(paths)} file(s), {option.upper()}{built}, embeddings {embedding_type.upper()}")
 
-    expected = []
-    for t in ckpt.plan.tensors:
+    expected = []  # (planned tensors, output type, GGUF tensor info, tiles): the experts of a stack together
+    for name, members in gguf_tensors(ckpt.plan.tensors):
+        planned = [ckpt.plan.tensors[i] for i in members]
+        t = planned[0]
         out, _ = tensor_type(t.role, t.shape, out_type, embedding_type, t.gguf_name, ckpt.plan.family.norm_type)
         tiles = tiles_of(kernel_tiles, t.shape) if out.needs_tiles else None
         if out.needs_tiles and tiles is None:
             problems.append(f"{t.gguf_name}: the file's {TILES_KEY} has no tiles for its shape {tuple(t.shape)}")
             continue
-        expected.append((t, out, TensorInfo(t.gguf_name, t.shape, out.ggml_type, out.nbytes(t.shape, tiles)), tiles))
+        info = stacked_info(name, [(p.shape, out.ggml_type, out.nbytes(p.shape, tiles)) for p in planned],
+                            t.stack is not None)
+        expected.append((planned, out, info, tiles))
     if problems:
         return problems
 
@@ -146,19 +150,27 @@ def verify(gguf_path: Path, model_dir: Path, memory_limit: int, log, name: str |
             problems.append(f"{part_path.name}: {c.file_size - end} byte(s) after the last tensor")
 
     part_of = {t.name: paths[k] for k, c in enumerate(parts) for t in c.tensors}
-    for planned, out, info, tiles in expected:
+    for members, out, info, tiles in expected:
         t = by_name.get(info.name)
         if t is None:
             continue
+        notes: list[str] = []
         if (tuple(t.shape), t.ggml_type, t.nbytes) != (info.shape, info.ggml_type, info.nbytes):
             problem = (f"shape {list(t.shape)} type {t.ggml_type}, expected shape {list(info.shape)} "
                        f"type {info.ggml_type} ({out.codec.name})")
         else:
-            notes: list[str] = []
-            problem = _check_tensor(part_of[info.name], t, planned, out, in_gguf_order(ckpt.sources[planned.hf_name],
-                                                                                     planned), budget, tiles,
-                                    notes)
-        log(f"{info.name}: {problem or 'ok'}{''.join(f' ({n})' for n in notes) if not problem else ''}")
+            problem, start = None, 0
+            for planned in members:  # a stack: each expert's bytes in turn, where they are in the tensor
+                nbytes = out.nbytes(planned.shape, tiles)
+                own = t._replace(offset=t.offset + start, nbytes=nbytes) if len(members) > 1 else t
+                start += nbytes
+                problem = _check_tensor(part_of[info.name], own, planned, out,
+                                        in_gguf_order(ckpt.sources[planned.hf_name], planned), budget, tiles, notes)
+                if problem and planned.stack is not None:
+                    problem = f"expert {planned.stack[1]} ({planned.hf_name}): {problem}"
+                if problem:
+                    break
+        log(f"{info.name}: {problem or 'ok'}{''.join(f' ({n})' for n in sorted(set(notes))) if not problem else ''}")
         if problem:
             problems.append(f"{info.name}: {problem}")
     return problems

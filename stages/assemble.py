@@ -25,7 +25,7 @@ from pipeline.gguf_file import GGUFSplitWriter, TensorInfo
 from pipeline.output import OutputChanged, final_paths, identity, publish, temp_path
 from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
-from pipeline.plan import file_kvs
+from pipeline.plan import file_kvs, gguf_tensors, stacked_info
 from pipeline.stores import (CODES_FROM, ENCODED_FROM, DamagedStore, check_source_file, chunk_path, get_array, is_raw,
                              open_store, read_rows, row_ranges, source_range, source_ref)
 
@@ -38,72 +38,95 @@ def array_layout(arr):
 
 
 def tensor_infos(group) -> list[TensorInfo]:
-    infos = []
+    return [info for info, _ in gguf_tensors_of(group)]
+
+
+def gguf_tensors_of(group) -> list[tuple[TensorInfo, list[str]]]:
+    """(GGUF tensor info, pack.zarr arrays whose bytes it is, in order) of every GGUF tensor: one array
+    each, or the experts of a stack (attribute `stack`), whose bytes follow one another."""
+    arrays = []
     for name in group.attrs["tensor_order"]:
         arr = get_array(group, name)
         out, tiles = array_layout(arr)
         shape = tuple(arr.attrs["shape"])
-        infos.append(TensorInfo(name, shape, out.ggml_type, out.nbytes(shape, tiles)))
-    return infos
+        arrays.append(_Member(name, arr.attrs.get("stack"), (shape, out.ggml_type, out.nbytes(shape, tiles))))
+    return [(stacked_info(name, [arrays[i].layout for i in members], arrays[members[0]].stack is not None),
+             [arrays[i].name for i in members]) for name, members in gguf_tensors(arrays)]
 
 
-def remote_reads(group, infos) -> list[tuple[str, int, int, str]]:
+class _Member:
+    def __init__(self, name: str, stack, layout):
+        self.name, self.stack, self.layout = name, stack, layout
+
+
+def write_array(writer, i: int, arr, bar) -> None:
+    """Stream the bytes of one pack.zarr array into GGUF tensor `i`, chunk by chunk (a tensor's type
+    tail is the caller's)."""
+    out, tiles = array_layout(arr)
+    shape = tuple(arr.attrs["shape"])
+    row_bytes = arr.nbytes // arr.shape[0] if arr.ndim > 1 else arr.nbytes
+    ref = source_ref(arr)
+    if ref is not None:
+        check_source_file(ref)
+    chunks = list(row_ranges(arr.shape[0], arr.chunks[0]) if arr.ndim > 1 else [(0, 1)])
+    regions = out.codec.regions(shape[-1], tiles) if arr.ndim > 1 else [(0, row_bytes)]
+    for c0, c1 in regions:  # TL2: magnitudes, signs, tail of every chunk in turn
+        for k, (r0, r1) in enumerate(chunks):
+            nbytes = (r1 - r0) * (c1 - c0)
+            if CODES_FROM in arr.attrs or (ref is not None and ENCODED_FROM in arr.attrs):
+                # quantize's codes, or the checkpoint's rows: encoded here (read_rows)
+                writer.write_tensor_data(i, read_rows(arr, r0, r1))
+            elif ref is not None and len(regions) == 1:
+                # the checkpoint's bytes: read (not copied in the kernel) so that read_rows
+                # checks them against the digests extract recorded (a 1-D tensor: all its bytes)
+                writer.write_tensor_data(i, read_rows(arr, r0, r1) if arr.ndim > 1
+                                         else read_rows(arr, 0, arr.shape[0]))
+            elif is_raw(arr) and len(regions) == 1:  # the chunk file is the bytes: copy it in the kernel
+                path = chunk_path(arr, k)
+                if not path.is_file() or path.stat().st_size < nbytes:
+                    raise DamagedStore(f"{path}: chunk file missing or short")
+                writer.copy_tensor_data(i, path, 0, nbytes)
+            elif len(regions) == 1:
+                writer.write_tensor_data(i, np.ascontiguousarray(arr[r0:r1]))
+            else:  # TL2's regions: the chunk read directly (read_rows), not through zarr's slicing
+                writer.write_tensor_data(i, np.ascontiguousarray(read_rows(arr, r0, r1)[:, c0:c1]))
+            bar.update(nbytes)
+
+
+def remote_reads(group, tensors) -> list[tuple[str, int, int, str]]:
     """The byte ranges of a remote checkpoint that write_gguf reads, in its order (its float tensors
     passed through), for the read-ahead; none for a local checkpoint."""
     if not remote.is_url(group.attrs.get("model_dir", "")):
         return []
     ranges = []
-    for info in infos:
-        arr = get_array(group, info.name)
-        chunks = row_ranges(arr.shape[0], arr.chunks[0]) if arr.ndim > 1 else [(0, arr.shape[0])]
-        for r0, r1 in chunks:
-            where = source_range(arr, r0, r1)
-            if where is None or not remote.is_url(where[0]):
-                break
-            ranges.append((where[0], where[1], where[2], where[3][1]))
+    for _, members in tensors:
+        for name in members:
+            arr = get_array(group, name)
+            chunks = row_ranges(arr.shape[0], arr.chunks[0]) if arr.ndim > 1 else [(0, arr.shape[0])]
+            for r0, r1 in chunks:
+                where = source_range(arr, r0, r1)
+                if where is None or not remote.is_url(where[0]):
+                    break
+                ranges.append((where[0], where[1], where[2], where[3][1]))
     return ranges
 
 
 def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_type: str, progress,
                read_ahead: int = 1) -> None:
-    infos = tensor_infos(group)
+    tensors = gguf_tensors_of(group)
+    infos = [info for info, _ in tensors]
     kvs = file_kvs(metadata, out_type, [tuple(t) for t in group.attrs.get("kernel_tiles", [])])
     # a remote checkpoint's tensors arrive while the ones before them are written
-    with remote.prefetching(remote_reads(group, infos), read_ahead), GGUFSplitWriter(paths, kvs, infos, parts) as writer:
+    with remote.prefetching(remote_reads(group, tensors), read_ahead), GGUFSplitWriter(paths, kvs, infos, parts) as writer:
         writer.write_header()
         with progress(sum(t.nbytes for t in infos), "assemble", unit="B", unit_scale=True,
                       unit_divisor=1024) as bar:
-            for i, info in enumerate(infos):
-                arr = get_array(group, info.name)
+            for i, (info, members) in enumerate(tensors):
+                for name in members:  # a stack's experts one after another (plan refuses types with a tail)
+                    arr = get_array(group, name)
+                    write_array(writer, i, arr, bar)
                 out, tiles = array_layout(arr)
-                row_bytes = arr.nbytes // arr.shape[0] if arr.ndim > 1 else arr.nbytes
-                ref = source_ref(arr)
-                if ref is not None:
-                    check_source_file(ref)
-                chunks = list(row_ranges(arr.shape[0], arr.chunks[0]) if arr.ndim > 1 else [(0, 1)])
-                regions = out.codec.regions(info.shape[-1], tiles) if arr.ndim > 1 else [(0, row_bytes)]
-                for c0, c1 in regions:  # TL2: magnitudes, signs, tail of every chunk in turn
-                    for k, (r0, r1) in enumerate(chunks):
-                        nbytes = (r1 - r0) * (c1 - c0)
-                        if CODES_FROM in arr.attrs or (ref is not None and ENCODED_FROM in arr.attrs):
-                            # quantize's codes, or the checkpoint's rows: encoded here (read_rows)
-                            writer.write_tensor_data(i, read_rows(arr, r0, r1))
-                        elif ref is not None and len(regions) == 1:
-                            # the checkpoint's bytes: read (not copied in the kernel) so that read_rows
-                            # checks them against the digests extract recorded (a 1-D tensor: all its bytes)
-                            writer.write_tensor_data(i, read_rows(arr, r0, r1) if arr.ndim > 1
-                                                     else read_rows(arr, 0, arr.shape[0]))
-                        elif is_raw(arr) and len(regions) == 1:  # the chunk file is the bytes: copy it in the kernel
-                            path = chunk_path(arr, k)
-                            if not path.is_file() or path.stat().st_size < nbytes:
-                                raise DamagedStore(f"{path}: chunk file missing or short")
-                            writer.copy_tensor_data(i, path, 0, nbytes)
-                        elif len(regions) == 1:
-                            writer.write_tensor_data(i, np.ascontiguousarray(arr[r0:r1]))
-                        else:  # TL2's regions: the chunk read directly (read_rows), not through zarr's slicing
-                            writer.write_tensor_data(i, np.ascontiguousarray(read_rows(arr, r0, r1)[:, c0:c1]))
-                        bar.update(nbytes)
-                tail = out.tail_bytes(info.shape, arr.attrs.get("scale"), tiles)
+                tail = out.tail_bytes(info.shape, arr.attrs.get("scale"), tiles) if len(members) == 1 else b""
                 if tail:
                     writer.write_tensor_data(i, tail)
                     bar.update(len(tail))

@@ -292,7 +292,8 @@ def run(ctx: StageContext) -> None:
         attrs = {"ggml_type": out.ggml_type, "type_name": codec.name, "out_type": out.name, "shape": list(shape),
                  "role": role, **({"scale": scale} if scale is not None else {}),
                  **({"requantized": requantize} if requantize else {}),
-                 **({"tiles": list(tiles)} if tiles else {})}
+                 **({"tiles": list(tiles)} if tiles else {}),
+                 **({"stack": list(ctx.plan.tensor(name).stack)} if ctx.plan.tensor(name).stack else {})}
         offset = src.attrs.get("recipe", {}).get("offset", 0.0) if role != TERNARY else 0.0
         unchanged = role != TERNARY and not offset and (src.attrs["source_dtype"], out.name) in SAME_BYTES
         if unchanged and is_indexed(src):  # the checkpoint's bytes are the GGUF's: assemble copies them

@@ -1154,3 +1154,78 @@ def write_qwen35_checkpoint(out_dir, *, hidden_size=256, intermediate_size=512, 
                       [(n, s, source(n, s, r)) for n, s, r in sorted(specs)], "f16")
     _write_json(out / "config.json", config)
     return out
+
+
+# -- Maple (llama.cpp arch maple): a ternary mixture of experts with sliding-window layers ----------
+
+MAPLE_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MAPLE_EXPERT = ("gate_proj", "up_proj", "down_proj")
+
+
+def maple_layer_types(num_layers: int) -> list[str]:
+    """Maple's 3:1 pattern: three sliding-window layers, then one global (full) attention layer."""
+    return ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(num_layers)]
+
+
+def write_maple_checkpoint(out_dir, *, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                           num_experts=4, experts_per_tok=2, moe_intermediate_size=256, sliding_window=8,
+                           partial_rotary_factor=0.5, seed=0, tokenizer_vocab=400, shards=1,
+                           leave_out: str | None = None, reshape: str | None = None) -> Path:
+    """A random DeepGrove Maple-shaped checkpoint (MapleForCausalLM, bf16) with the config keys llama.cpp's
+    converter reads (conversion/maple.py): `num_layers` layers in the 3:1 sliding / global pattern, q/k
+    norms, a router (mlp.gate) and `num_experts` experts per layer, each its own gate/up/down tensors.
+    Every linear weight (attention and experts) is {-s_r, 0, +s_r} with one scale per output row, as
+    Maple's are; the embedding, router, norms and lm_head are ordinary floats.
+    `leave_out`: a tensor name not written; `reshape`: a tensor written one row short (the refusals)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fam = FAMILIES["bonsai"]  # its BPE tokenizer
+    n_tokens, (bos_id, eos_id) = _bpe_tokenizer(out, fam, tokenizer_vocab, seed, 4096)
+    vocab = (n_tokens // VOCAB_MULTIPLE + 1) * VOCAB_MULTIPLE
+    h, q_dim, kv_dim, ff = hidden_size, num_heads * head_dim, num_kv_heads * head_dim, moe_intermediate_size
+    config = {
+        "architectures": ["MapleForCausalLM"], "model_type": "maple", "hidden_size": h,
+        "intermediate_size": ff, "moe_intermediate_size": ff, "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": head_dim,
+        "vocab_size": vocab, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "num_experts": num_experts, "num_experts_per_tok": experts_per_tok, "num_shared_experts": 0,
+        "norm_topk_prob": True, "sliding_window": sliding_window, "layer_types": maple_layer_types(num_layers),
+        "nope_on_global_attention": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial_rotary_factor},
+        "tie_word_embeddings": False, "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": "bfloat16",
+    }
+    shapes = {"self_attn.q_proj": (q_dim, h), "self_attn.k_proj": (kv_dim, h), "self_attn.v_proj": (kv_dim, h),
+              "self_attn.o_proj": (h, q_dim), "gate_proj": (ff, h), "up_proj": (ff, h), "down_proj": (h, ff)}
+    specs = [("model.embed_tokens.weight", (vocab, h), "embedding")]
+    for b in range(num_layers):
+        p = f"model.layers.{b}."
+        specs += [(p + "input_layernorm.weight", (h,), "norm"), (p + "post_attention_layernorm.weight", (h,), "norm"),
+                  (p + "self_attn.q_norm.weight", (head_dim,), "norm"), (p + "self_attn.k_norm.weight", (head_dim,), "norm"),
+                  (p + "mlp.gate.weight", (num_experts, h), "head")]
+        specs += [(p + proj + ".weight", shapes[proj], "rows") for proj in MAPLE_ATTENTION]
+        specs += [(f"{p}mlp.experts.{x}.{proj}.weight", shapes[proj], "rows")
+                  for x in range(num_experts) for proj in MAPLE_EXPERT]
+    specs += [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (vocab, h), "head")]
+    specs = [(n, (s[0] - 1, *s[1:]) if n == reshape else s, r) for n, s, r in specs if n != leave_out]
+
+    def source(name, shape, role):
+        if role == "rows":
+            return lambda: grouped_chunks(name, shape, seed, ROW_SCALES)
+        return lambda: tensor_chunks(name, shape, role, seed)
+
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    specs.sort()
+    sizes = [math.prod(s) * 2 for _, s, _ in specs]
+    shard_of = split_into_shards(sizes, shards)
+    files = ["model.safetensors"] if shards == 1 else [f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+                                                      for k in range(shards)]
+    weight_map, total = {}, 0
+    for k, fname in enumerate(files):
+        members = [s for s, sh in zip(specs, shard_of) if sh == k]
+        total += write_safetensors(out / fname, [(n, s, source(n, s, r)) for n, s, r in members], "bf16")
+        weight_map.update({n: fname for n, *_ in members})
+    if shards > 1:
+        _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(out / "config.json", config)
+    return out
