@@ -24,8 +24,8 @@ by its own virtual environment's Python with torch and transformers preloaded: `
 
 Protocol, one request per connection: the caller sends one JSON line {"argv", "env", "cwd", "umask"},
 and "path" for a script (else `-m pipeline` runs), with its stdout and stderr pipes' write ends as
-SCM_RIGHTS; the server answers "pid N\\n" once the child runs, then "exit N\\n" (N negative: killed
-by signal -N) when it has ended.
+SCM_RIGHTS; the server answers "pid N\\n" once the child runs, then "exit N S\\n" (N negative: killed
+by signal -N; S the CPU seconds of the child and the processes it waited for) when it has ended.
 """
 from __future__ import annotations
 
@@ -105,9 +105,9 @@ def serve(path: str) -> dict | None:
             os.close(fd)
         try:
             conn.sendall(f"pid {child}\n".encode())
-            _, status = os.waitpid(child, 0)
+            _, status, usage = os.wait4(child, 0)
             code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-            conn.sendall(f"exit {code}\n".encode())
+            conn.sendall(f"exit {code} {usage.ru_utime + usage.ru_stime:.3f}\n".encode())
         finally:
             os._exit(0)
 

@@ -139,8 +139,10 @@ class ForkServers:
                     else:
                         sel.unregister(key.fd)
                         os.close(key.fd)
-        code = int(replies.readline().split()[1])
+        ended = replies.readline().split()
         conn.close()
+        code = int(ended[1])
+        _FORKED_CPU[0] += float(ended[2])  # reaped by the server, not by this process: counted here
 
         def text(fd):  # as subprocess.run(text=True) decodes
             return b"".join(chunks[fd]).decode(locale.getpreferredencoding(False)).replace("\r\n", "\n") \
@@ -149,6 +151,7 @@ class ForkServers:
 
 
 _FORK_SERVERS = ForkServers()
+_FORKED_CPU = [0.0]  # CPU seconds of the commands forked for this process so far
 _SCRIPT_SERVERS: dict[str, ForkServers] = {}
 
 
@@ -263,7 +266,57 @@ def pytest_testnodedown(node, error):
     _WORKERS_CPU.append(getattr(node, "workeroutput", {}).get("cpu_seconds", 0.0))
 
 
+# -- the CPU time of each test (setup, call and teardown): this process's, the processes it waited
+# for, and the commands forked for it. `--cpu-durations=N` lists the N costliest at the end of a run
+# (wall-time `--durations` says little on a shared machine). Servers' own idle time is not in it.
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
+                     help="list the N tests that took the most CPU time (0: all), with their processes'")
+
+
+def _cpu_now() -> float:
+    import resource
+
+    own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime + _FORKED_CPU[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item._cpu_start = _cpu_now()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    if call.when == "teardown" and hasattr(item, "_cpu_start"):
+        item.user_properties.append(("cpu_seconds", _cpu_now() - item._cpu_start))  # travels with xdist's reports
+    yield
+
+
+_TEST_CPU: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        for key, value in report.user_properties:
+            if key == "cpu_seconds":
+                _TEST_CPU[report.nodeid] = value
+
+
 def pytest_terminal_summary(terminalreporter, config):
+    count = config.getoption("--cpu-durations", None)
+    if count is not None and _TEST_CPU:
+        ranked = sorted(_TEST_CPU.items(), key=lambda kv: -kv[1])
+        terminalreporter.write_sep("=", f"CPU time of the {'' if count == 0 else f'{count} '}costliest tests")
+        for nodeid, seconds in ranked[:count or None]:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {nodeid}")
+        files: dict[str, float] = {}
+        for nodeid, seconds in ranked:
+            files[nodeid.split("::")[0]] = files.get(nodeid.split("::")[0], 0.0) + seconds
+        terminalreporter.write_sep("-", "CPU time by file")
+        for name, seconds in sorted(files.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{seconds:8.1f} s  {name}")
     own, reaped = _cpu_seconds()
     # the workers have usually been waited for by now (then `reaped` holds all they report, and more)
     workers = max(reaped, sum(_WORKERS_CPU))
