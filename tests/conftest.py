@@ -177,6 +177,52 @@ def convert(model_dir: Path, out: Path, *extra, **kw) -> subprocess.CompletedPro
     return run_cli("convert", model_dir, "-o", out, "--no-progress", *extra, **kw)
 
 
+# -- results made once per run and shared by every test and xdist worker that only reads them ----
+
+def shared_dir(tmp_path_factory, key: str, make) -> Path:
+    """A directory that `make(directory)` fills, made once per test run: the first test (in any xdist
+    worker) to ask for `key` makes it under a file lock, the others wait for it and get the same one.
+    `key` must name everything the content depends on. Tests only read what is there: a test that
+    changes something works on a copy. Kept under the run's temporary base (shared by its workers)."""
+    import fcntl
+    import hashlib
+    import re
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", key)[:60] + "-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    done = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_dir():
+            making = root / f"{name}.making"
+            shutil.rmtree(making, ignore_errors=True)
+            making.mkdir()
+            make(making)
+            os.rename(making, done)
+    return done
+
+
+def shared_checkpoint(tmp_path_factory, family: str = "1bitllm", **kw) -> Path:
+    """tests/synthetic.py's write_checkpoint(family, **kw), written once per run (see shared_dir):
+    read it, or copy it to change it."""
+    from tests.synthetic import write_checkpoint
+
+    key = f"checkpoint {family} " + json.dumps(kw, sort_keys=True)
+    return shared_dir(tmp_path_factory, key, lambda d: write_checkpoint(d / "model", family, **kw)) / "model"
+
+
+def shared_conversion(tmp_path_factory, model: Path, *extra) -> Path:
+    """`convert MODEL -o OUT *extra` of a checkpoint from shared_checkpoint, made once per run;
+    the path of the GGUF (its run directory beside it, `m.gguf.work`). Read it, or copy it."""
+    key = f"conversion {model.parent.name} " + json.dumps([str(a) for a in extra])
+
+    def make(d: Path) -> None:
+        convert(model, d / "m.gguf", *extra)
+    return shared_dir(tmp_path_factory, key, make) / "m.gguf"
+
+
 # -- an independent reading of the source checkpoint (whole tensors: test-sized models only)
 def read_source_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     """All tensors as float32 numpy arrays, parsed from the safetensors bytes directly."""

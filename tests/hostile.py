@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from tests.conftest import ROOT, convert
+from tests.conftest import ROOT, convert, shared_checkpoint
 from tests.test_bad_input import edit_safetensors
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=2)
@@ -145,34 +145,29 @@ def refuse(model, out, *needles, extra=(), workdir=None, in_data=False, watch=No
 # -- checkpoints -----------------------------------------------------------------------------
 
 class Pristine(dict):
-    """kind -> a small checkpoint, written on first use: each family of FAMILIES, "1bitllm-f32",
-    "sharded" (llama3-1.58 in two shards), "added" (1bitLLM with added_tokens.json); "spm" and
-    "bpe" name the 1bitLLM (tokenizer.model) and Llama3-8B-1.58 (tokenizer.json) ones."""
+    """kind -> a small checkpoint, written once per run on first use (conftest.shared_checkpoint):
+    each family of FAMILIES, "1bitllm-f32", "sharded" (llama3-1.58 in two shards), "added" (1bitLLM
+    with added_tokens.json); "spm" and "bpe" name the 1bitLLM (tokenizer.model) and Llama3-8B-1.58
+    (tokenizer.json) ones. Never changed in place: `fresh` copies."""
 
     KINDS = {**{family: (family, {}) for family in FAMILIES}, "1bitllm-f32": ("1bitllm", {"dtype": "f32"}),
              "sharded": ("llama3-1.58", {"shards": 2}), "added": ("1bitllm", {"added_tokens": True})}
     ALIASES = {"spm": "1bitllm", "bpe": "llama3-1.58"}
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, tmp_path_factory) -> None:
         super().__init__()
-        self.root = root
+        self.factory = tmp_path_factory
 
     def __missing__(self, kind: str) -> Path:
-        from tests.synthetic import write_checkpoint
-
-        if kind in self.ALIASES:
-            path = self[self.ALIASES[kind]]
-        else:
-            family, extra = self.KINDS[kind]
-            path = write_checkpoint(self.root / kind, family, **extra, **SHAPE)
-        self[kind] = path
+        family, extra = self.KINDS[self.ALIASES.get(kind, kind)]
+        self[kind] = path = shared_checkpoint(self.factory, family, **extra, **SHAPE)
         return path
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     """The small checkpoints of `Pristine`, copied per test (`fresh`)."""
-    return Pristine(tmp_path_factory.mktemp("pristine"))
+    return Pristine(tmp_path_factory)
 
 
 @pytest.fixture
