@@ -69,6 +69,11 @@ def test_corrupt_header_entries_are_refused(model, out, edit, needle):
     refuse(model, out, "model.safetensors", needle)
 
 
+def header_of(path: Path) -> dict:
+    raw = path.read_bytes()
+    return json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+
+
 def write_header_bytes(path: Path, head: bytes) -> None:
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
@@ -91,9 +96,7 @@ def test_headers_that_are_not_a_plain_json_object_are_refused(model, out, head):
 def test_a_tensor_named_twice_in_one_header_is_refused(model, out):
     """json.loads keeps the last of two equal keys: the second entry points at another tensor's bytes."""
     path = model / "model.safetensors"
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = header_of(path)
     other = header["model.layers.0.input_layernorm.weight"]
     text = json.dumps(header)[:-1] + ', "model.norm.weight": ' + json.dumps(other) + "}"
     write_header_bytes(path, text.encode())
@@ -154,9 +157,7 @@ def test_an_index_that_is_deeply_nested_is_refused(fresh, out):
 def test_a_huge_safetensors_header_is_refused_within_the_memory_limit(model, out):
     """A 20 MiB header of junk entries would take ~250 MiB to parse: more than 512MiB's share for headers."""
     path = model / "model.safetensors"
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = header_of(path)
     junk = ", ".join(f'"junk.{i}": {{"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}' for i in range(300_000))
     write_header_bytes(path, (json.dumps(header)[:-1] + ", " + junk + "}").encode())
     from tests.peak_rss import run_measuring_peak
