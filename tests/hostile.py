@@ -6,7 +6,7 @@ hashed (xxh3-128; links by target, special files by type and device) before and 
 A refusal found before any work also leaves the run directory as it was (not created); one found
 in the data extract reads may leave a run directory, but no output and no temporary file.
 
-`fresh(kind)` copies one of a few small checkpoints (written once per module, on first use) for a
+`fresh(kind)` copies one of a few small checkpoints (written once per run, on first use) for a
 test to damage; `model` is a fresh 1bitLLM one, `out` an output path beside a user's other files.
 Refusals before work run the command line in this process (`cli`, fast); what could hang or needs
 its own memory measured runs as a command (`convert`, `run_cli`).
@@ -193,7 +193,6 @@ def out(tmp_path):
     (d / "notes.txt").write_text("the user's notes")
     (d / "older.gguf").write_bytes(b"GGUF" + bytes(60))
     return d / "m.gguf"
-
 
 
 # -- editing a checkpoint ---------------------------------------------------------------------
