@@ -32,7 +32,7 @@ def finished(tmp_path_factory):
     model = write_checkpoint(root / "m", "llama3-1.58", hidden_size=256, intermediate_size=512, num_layers=2,
                              num_heads=4, num_kv_heads=2, vocab_size=2048)
     out = root / "clean.gguf"
-    convert(model, out, "--memory-limit", "512MiB")
+    convert(model, out, "--memory-limit", "512MiB")  # its run directory, clean.gguf.work, is copied per test
     return model, out
 
 
@@ -77,8 +77,7 @@ def test_a_damaged_store_is_refused_with_one_line(finished, tmp_path, stage, how
     model, clean = finished
     out = tmp_path / "m.gguf"
     work = tmp_path / "work"
-    convert(model, out, "--workdir", work, "--memory-limit", "512MiB")
-    out.unlink()
+    shutil.copytree(clean.with_name("clean.gguf.work"), work, symlinks=True)  # the same conversion's run directory
     victim = damage(work / f"{stage}.zarr", how, random.Random(f"{stage}-{how}"))
     make_stage_rerun(work, stage)
     before = snapshot(model)
