@@ -139,8 +139,10 @@ class ForkServers:
                     else:
                         sel.unregister(key.fd)
                         os.close(key.fd)
-        code = int(replies.readline().split()[1])
+        ended = replies.readline().split()
         conn.close()
+        code = int(ended[1])
+        _FORKED_CPU[0] += float(ended[2])  # reaped by the server, not by this process: counted here
 
         def text(fd):  # as subprocess.run(text=True) decodes
             return b"".join(chunks[fd]).decode(locale.getpreferredencoding(False)).replace("\r\n", "\n") \
@@ -149,27 +151,76 @@ class ForkServers:
 
 
 _FORK_SERVERS = ForkServers()
-_SCRIPT_SERVERS: dict[str, ForkServers] = {}
+_FORKED_CPU = [0.0]  # CPU seconds of the commands forked for this process so far
+_SCRIPT_SERVERS: dict[tuple[str, str], ForkServers] = {}
 
 
-def run_python_script(python, script, *args, env: dict | None = None, timeout: float = 600) \
-        -> subprocess.CompletedProcess:
+def run_python_script(python, script, *args, env: dict | None = None, timeout: float = 600, cwd=None,
+                      preload: str = "numpy,torch,transformers") -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` (text output captured, as subprocess.run), for llama.cpp's converter in its own
-    virtual environment: forked from a server of that Python with torch and transformers imported
-    (about 3.5 s of CPU less per run) when `env` is the one its server started with, else started the
+    virtual environment (about 3.5 s of CPU less per run) and for tests/llama_runtime.py's evaluations
+    (`preload="numpy,llama_cpp"`, about 0.7 s less): forked from a server of that Python with the
+    `preload` modules imported when `env` is the one its server started with, else started the
     ordinary way."""
     env = dict(os.environ if env is None else env)
     python, argv = str(python), [str(a) for a in args]
-    servers = _SCRIPT_SERVERS.get(python)
+    servers = _SCRIPT_SERVERS.get((python, preload))
     if servers is None:
-        servers = _SCRIPT_SERVERS[python] = ForkServers(python, "numpy,torch,transformers", env)
+        servers = _SCRIPT_SERVERS[(python, preload)] = ForkServers(python, preload, env)
     if servers.serves(env):
-        return servers.run(argv, env, None, timeout, script=str(script))
-    return subprocess.run([python, str(script), *argv], capture_output=True, text=True, env=env, timeout=timeout)
+        return servers.run(argv, env, cwd, timeout, script=str(script))
+    return subprocess.run([python, str(script), *argv], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=cwd)
 
 
 def convert(model_dir: Path, out: Path, *extra, **kw) -> subprocess.CompletedProcess:
     return run_cli("convert", model_dir, "-o", out, "--no-progress", *extra, **kw)
+
+
+# -- results made once per run and shared by every test and xdist worker that only reads them ----
+
+def shared_dir(tmp_path_factory, key: str, make) -> Path:
+    """A directory that `make(directory)` fills, made once per test run: the first test (in any xdist
+    worker) to ask for `key` makes it under a file lock, the others wait for it and get the same one.
+    `key` must name everything the content depends on. Tests only read what is there: a test that
+    changes something works on a copy. Kept under the run's temporary base (shared by its workers)."""
+    import fcntl
+    import hashlib
+    import re
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", key)[:60] + "-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    done = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_dir():
+            making = root / f"{name}.making"
+            shutil.rmtree(making, ignore_errors=True)
+            making.mkdir()
+            make(making)
+            os.rename(making, done)
+    return done
+
+
+def shared_checkpoint(tmp_path_factory, family: str = "1bitllm", **kw) -> Path:
+    """tests/synthetic.py's write_checkpoint(family, **kw), written once per run (see shared_dir):
+    read it, or copy it to change it."""
+    from tests.synthetic import write_checkpoint
+
+    key = f"checkpoint {family} " + json.dumps(kw, sort_keys=True)
+    return shared_dir(tmp_path_factory, key, lambda d: write_checkpoint(d / "model", family, **kw)) / "model"
+
+
+def shared_conversion(tmp_path_factory, model: Path, *extra) -> Path:
+    """`convert MODEL -o OUT *extra` of a checkpoint from shared_checkpoint, made once per run;
+    the path of the GGUF (its run directory beside it, `m.gguf.work`). Read it, or copy it."""
+    key = f"conversion {model.parent.name} " + json.dumps([str(a) for a in extra])
+
+    def make(d: Path) -> None:
+        convert(model, d / "m.gguf", *extra)
+    return shared_dir(tmp_path_factory, key, make) / "m.gguf"
 
 
 # -- an independent reading of the source checkpoint (whole tensors: test-sized models only)
@@ -263,7 +314,57 @@ def pytest_testnodedown(node, error):
     _WORKERS_CPU.append(getattr(node, "workeroutput", {}).get("cpu_seconds", 0.0))
 
 
+# -- the CPU time of each test (setup, call and teardown): this process's, the processes it waited
+# for, and the commands forked for it. `--cpu-durations=N` lists the N costliest at the end of a run
+# (wall-time `--durations` says little on a shared machine). Servers' own idle time is not in it.
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
+                     help="list the N tests that took the most CPU time (0: all), with their processes'")
+
+
+def _cpu_now() -> float:
+    import resource
+
+    own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime + _FORKED_CPU[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item._cpu_start = _cpu_now()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    if call.when == "teardown" and hasattr(item, "_cpu_start"):
+        item.user_properties.append(("cpu_seconds", _cpu_now() - item._cpu_start))  # travels with xdist's reports
+    yield
+
+
+_TEST_CPU: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        for key, value in report.user_properties:
+            if key == "cpu_seconds":
+                _TEST_CPU[report.nodeid] = value
+
+
 def pytest_terminal_summary(terminalreporter, config):
+    count = config.getoption("--cpu-durations", None)
+    if count is not None and _TEST_CPU:
+        ranked = sorted(_TEST_CPU.items(), key=lambda kv: -kv[1])
+        terminalreporter.write_sep("=", f"CPU time of the {'' if count == 0 else f'{count} '}costliest tests")
+        for nodeid, seconds in ranked[:count or None]:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {nodeid}")
+        files: dict[str, float] = {}
+        for nodeid, seconds in ranked:
+            files[nodeid.split("::")[0]] = files.get(nodeid.split("::")[0], 0.0) + seconds
+        terminalreporter.write_sep("-", "CPU time by file")
+        for name, seconds in sorted(files.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{seconds:8.1f} s  {name}")
     own, reaped = _cpu_seconds()
     # the workers have usually been waited for by now (then `reaped` holds all they report, and more)
     workers = max(reaped, sum(_WORKERS_CPU))

@@ -13,7 +13,7 @@ buffer types on, llama.cpp moves Q8_0 matrices to its AMX buffer type on CPUs wi
 the same way). Repacking changes the layout llama.cpp computes from, never the values in the
 file, so the logits checks keep their tolerances.
 
-    python -m tests.llama_runtime REQUEST.json RESULT_DIR     (what the parent runs)
+    python tests/llama_runtime.py REQUEST.json RESULT_DIR     (what the parent runs)
 """
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ class LlamaRefused(Exception):
 
 
 class LlamaRuntime:
-    """llama.cpp as the tests use it; every method runs one child process."""
+    """llama.cpp as the tests use it; every method runs one child process (forked from a server that
+    has numpy and llama_cpp imported, tests/conftest.py `run_python_script`: still a process of its
+    own, so a crash ends only it)."""
 
     def logits(self, path: Path, tokens: list[int], n_ctx: int = N_CTX) -> np.ndarray:
         """Logits at every position of `tokens` (float64, n_tokens x n_vocab)."""
@@ -67,13 +69,15 @@ class LlamaRuntime:
             raise LlamaRefused(f"llama_model_quantize of {path} to file type {ftype} returned {result['status']}")
 
     def _run(self, request: dict) -> dict:
+        from tests.conftest import run_python_script
+
         with tempfile.TemporaryDirectory(prefix="llama-runtime-") as tmp:
             req = Path(tmp) / "request.json"
             req.write_text(json.dumps(request))
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
             try:
-                proc = subprocess.run([sys.executable, "-m", "tests.llama_runtime", str(req), tmp], env=env,
-                                      capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+                proc = run_python_script(sys.executable, Path(__file__), req, tmp, env=env, timeout=TIMEOUT, cwd=ROOT,
+                                         preload="numpy,llama_cpp")
             except subprocess.TimeoutExpired:
                 raise LlamaCrashed(f"llama.cpp did not finish {request['op']} of {request['path']} "
                                    f"within {TIMEOUT} s") from None

@@ -6,26 +6,34 @@ where a run stopped right after extract would have left it, changes the checkpoi
 without changing its fingerprint, and reruns: the run refuses mid-run in one line (exit 2, the
 file named, no GGUF), and the next rerun starts over and writes exactly the GGUF a fresh
 conversion of the changed checkpoint gives.
+
+The fingerprint (size, mtime, inode) is checked too: a weight file rewritten with the same size and
+mtime, in place or as a new file, or a shard in a subdirectory changed, is noticed by the rerun and
+converted again; a weight file changed during a run is refused before the output appears.
 """
 from __future__ import annotations
 
 import json
 import mmap
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import ROOT, convert, run_cli
+from tests.hostile import assert_same, move_shard_into_subdirectory, partials, rewrite_in_place, tree
+from tests.hostile import fresh, model, out, pristine  # noqa: F401 (fixtures)
 
 PROJECTION = "model.layers.0.self_attn.q_proj.weight"  # packed uint8: quantize reads it
 EMBEDDING = "model.embed_tokens.weight"                # BF16, written as F16: assemble reads it
 
 
 @pytest.fixture
-def model(tmp_path):
+def packed_model(tmp_path):
     from tests.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path / "m", "llama3-1.58", hidden_size=256, intermediate_size=512, num_layers=2,
@@ -90,18 +98,18 @@ def run_convert(wrapper, model, out, *extra, check_exit=0):
 
 
 @pytest.mark.parametrize("tensor", [PROJECTION, EMBEDDING])
-def test_a_write_through_an_already_dirty_mapped_page(model, tmp_path, tensor):
+def test_a_write_through_an_already_dirty_mapped_page(packed_model, tmp_path, tensor):
     """A process holding the file mapped writable: its first write to a page marks the file
     modified (and the page dirty); later writes through that page update no time until the
     kernel writes it back (dirty_expire_centisecs, 30 s by default). The first write lands before
     the first run, the second, which changes a byte, after its extract."""
-    weights = model / "model.safetensors"
+    weights = packed_model / "model.safetensors"
     offset = tensor_offset(weights, tensor)
     out, work = tmp_path / "m.gguf", tmp_path / "work"
     with open(weights, "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
         old = mapped[offset]
         mapped[offset] = old  # dirties the page: the times change now
-        convert(model, out, "--workdir", work)
+        convert(packed_model, out, "--workdir", work)
         old_gguf = out.read_bytes()
         out.unlink()
         stop_after_extract(work)
@@ -109,27 +117,27 @@ def test_a_write_through_an_already_dirty_mapped_page(model, tmp_path, tensor):
         mapped[offset] = changed_byte(old, tensor)
         if identity(weights) != before:
             pytest.skip("the kernel wrote the page back meanwhile, so the write changed the times (a slow run)")
-        proc = convert(model, out, "--workdir", work, check_exit=2)
+        proc = convert(packed_model, out, "--workdir", work, check_exit=2)
         check_refused(proc, out, weights)
         assert ("quantize: running" if tensor == PROJECTION else "assemble: running") in proc.stderr
         status = run_cli("status", work).stdout  # says so until the rerun starts over
         assert f"checkpoint changed: {weights} is not the file this run read" in status, status
-        rerun_starts_over(model, out, work, tmp_path, old_gguf)
+        rerun_starts_over(packed_model, out, work, tmp_path, old_gguf)
 
 
 @pytest.mark.parametrize("ctime_restored", [False, True], ids=["ctime-changes", "ctime-restored"])
-def test_a_same_inode_rollback_to_other_bytes(model, tmp_path, ctime_restored):
+def test_a_same_inode_rollback_to_other_bytes(packed_model, tmp_path, ctime_restored):
     """The bytes rewritten in place and the times put back with os.utime, as a snapshot rollback
     leaves the file: same inode, size, atime and mtime. Linux changes the ctime on both calls, so
     the converter's fingerprint sees this one ("ctime-changes": the rerun starts over at once). A
     rollback restores the ctime too; no unprivileged test can, so "ctime-restored" runs the
     converter with stat reporting mtime as ctime for the checkpoint (tests/restored_ctime.py):
     the fingerprint is then unchanged, and only the content digests find the change."""
-    weights = model / "model.safetensors"
+    weights = packed_model / "model.safetensors"
     offset = tensor_offset(weights, EMBEDDING)
     out, work = tmp_path / "m.gguf", tmp_path / "work"
-    wrapper = (model,) if ctime_restored else ()
-    run_convert(wrapper, model, out, "--workdir", work)
+    wrapper = (packed_model,) if ctime_restored else ()
+    run_convert(wrapper, packed_model, out, "--workdir", work)
     old_gguf = out.read_bytes()
     out.unlink()
     stop_after_extract(work)
@@ -142,22 +150,22 @@ def test_a_same_inode_rollback_to_other_bytes(model, tmp_path, ctime_restored):
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert identity(weights)[:2] + identity(weights)[3:] == [st.st_size, st.st_mtime_ns, st.st_ino]
     if ctime_restored:
-        check_refused(run_convert(wrapper, model, out, "--workdir", work, check_exit=2), out, weights)
-    rerun_starts_over(model, out, work, tmp_path, old_gguf, *wrapper)
+        check_refused(run_convert(wrapper, packed_model, out, "--workdir", work, check_exit=2), out, weights)
+    rerun_starts_over(packed_model, out, work, tmp_path, old_gguf, *wrapper)
 
 
-def test_a_damaged_row_maxima_chunk_is_the_run_directory_s_damage(model, tmp_path):
+def test_a_damaged_row_maxima_chunk_is_the_run_directory_s_damage(packed_model, tmp_path):
     """extract's per-row maxima (read to refuse a float tensor F16 cannot hold) are the run
     directory's, not the checkpoint's: a damaged chunk of them is reported as a damaged store,
     even on a rerun that reuses extract and reads them before any stage checks its input."""
     out, work = tmp_path / "m.gguf", tmp_path / "work"
-    convert(model, out, "--workdir", work)
+    convert(packed_model, out, "--workdir", work)
     chunk = work / "extract.zarr" / "token_embd.weight.abs_max" / "c" / "0"
     raw = np.frombuffer(chunk.read_bytes(), dtype="<f4").copy()
     raw[0] = 1e30  # beyond F16: read as the checkpoint's, it would be blamed on the embedding
     chunk.unlink()
     chunk.write_bytes(raw.tobytes())
-    proc = convert(model, tmp_path / "other.gguf", "--workdir", work, check_exit=2)  # a new -o redoes assemble only
+    proc = convert(packed_model, tmp_path / "other.gguf", "--workdir", work, check_exit=2)  # a new -o redoes assemble only
     last = proc.stderr.strip().splitlines()[-1]
     assert "damaged" in last and str(chunk) in last and "F16" not in last, last
     assert not (tmp_path / "other.gguf").exists()
@@ -194,3 +202,71 @@ def test_reads_anywhere_in_a_tensor_check_whole_blocks(tmp_path):
     got = np.empty(40, dtype=np.uint8)
     read_source(ref, 136, got)  # the next block, unchanged
     assert (got == data[136:176]).all()
+
+
+def converted_fresh(model: Path, tmp_path: Path, tag: str) -> bytes:
+    out = tmp_path / f"clean-{tag}" / "m.gguf"
+    out.parent.mkdir()
+    convert(model, out)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("family,how", [("1bitllm", "in-place"), ("llama3-1.58", "in-place"),
+                                        ("1bitllm", "replaced")])
+def test_a_weight_file_rewritten_with_the_same_size_and_mtime_is_noticed(fresh, tmp_path, family, how):
+    model = fresh(family)
+    out, work = tmp_path / "m.gguf", tmp_path / "work"
+    convert(model, out, "--workdir", work)
+    old = out.read_bytes()
+    weights = model / "model.safetensors"
+    if how == "in-place":
+        rewrite_in_place(weights)
+    else:  # a new file (new inode) with the old size and times
+        st = os.stat(weights)
+        copy = model / "copy.tmp"
+        shutil.copyfile(weights, copy)
+        rewrite_in_place(copy, keep_times=False)
+        os.replace(copy, weights)
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    proc = convert(model, out, "--workdir", work)
+    assert "already done" not in proc.stderr.split("extract:")[1].splitlines()[0]
+    new = out.read_bytes()
+    assert new != old
+    assert new == converted_fresh(model, tmp_path, "changed")
+
+
+def test_a_shard_in_a_subdirectory_converts_and_its_change_is_noticed(fresh, tmp_path):
+    model = fresh("sharded")
+    moved = move_shard_into_subdirectory(model, "nested/dir")
+    out, work = tmp_path / "m.gguf", tmp_path / "work"
+    convert(model, out, "--workdir", work)
+    run_cli("verify", out, model)
+    old = out.read_bytes()
+    rewrite_in_place(moved)
+    convert(model, out, "--workdir", work)
+    assert out.read_bytes() != old
+    assert out.read_bytes() == converted_fresh(model, tmp_path, "changed")
+
+
+@pytest.mark.parametrize("when", ["extract: running", "quantize: running", "assemble: running"])
+def test_a_weight_file_changed_during_the_run_is_refused_before_the_output_appears(model, out, when):
+    from pipeline.config import make_options
+    from pipeline.errors import CheckpointError
+    from pipeline.runner import convert as run_convert
+
+    opts = make_options(model, output=out, progress=False)
+    seen = []
+
+    def log(line):
+        seen.append(line)
+        if line == when:
+            rewrite_in_place(model / "model.safetensors")
+    before = tree(out.parent, skip=[opts.workdir])
+    with pytest.raises(CheckpointError, match="changed during the conversion"):
+        run_convert(opts, log)
+    assert when in seen
+    assert not out.exists() and not partials(out.parent)
+    assert_same(before, tree(out.parent, skip=[opts.workdir]))
+    if when == "assemble: running":  # the message's advice works
+        convert(model, out)
+        run_cli("verify", out, model)

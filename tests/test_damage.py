@@ -5,16 +5,23 @@ beside it; the next stage checks its input against that record. Each case damage
 finished store (a chunk file deleted, flipped, truncated, or a file added), makes the
 stage that reads it run again, and expects exit 2 with one line that says the run
 directory is damaged and to delete it; no GGUF may appear, and the checkpoint is untouched.
+The same holds inside an interrupted (not yet sealed) store: a flipped or swapped chunk, or a
+foreign one, is refused rather than sealed and assembled, and an undamaged one resumes without
+rewriting a recorded chunk; a checksum record entry of the wrong type is damage too.
 """
 from __future__ import annotations
 
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import convert
+from tests.hostile import interrupted_run, one_line
 from tests.test_bad_input import snapshot
+from tests.hostile import fresh, out, pristine  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,7 @@ def finished(tmp_path_factory):
     model = write_checkpoint(root / "m", "llama3-1.58", hidden_size=256, intermediate_size=512, num_layers=2,
                              num_heads=4, num_kv_heads=2, vocab_size=2048)
     out = root / "clean.gguf"
-    convert(model, out, "--memory-limit", "512MiB")
+    convert(model, out, "--memory-limit", "512MiB")  # its run directory, clean.gguf.work, is copied per test
     return model, out
 
 
@@ -70,8 +77,7 @@ def test_a_damaged_store_is_refused_with_one_line(finished, tmp_path, stage, how
     model, clean = finished
     out = tmp_path / "m.gguf"
     work = tmp_path / "work"
-    convert(model, out, "--workdir", work, "--memory-limit", "512MiB")
-    out.unlink()
+    shutil.copytree(clean.with_name("clean.gguf.work"), work, symlinks=True)  # the same conversion's run directory
     victim = damage(work / f"{stage}.zarr", how, random.Random(f"{stage}-{how}"))
     make_stage_rerun(work, stage)
     before = snapshot(model)
@@ -113,3 +119,97 @@ def test_a_file_where_a_store_should_be_is_replaced_when_the_stage_is_redone(fin
     (work / "manifest.json").write_text(json.dumps(manifest))
     convert(model, out, "--workdir", work, "--memory-limit", "512MiB")
     assert out.read_bytes() == clean.read_bytes()
+
+
+LATER = {"extract": ("quantize", "pack", "assemble"), "quantize": ("pack", "assemble"), "pack": ("assemble",)}
+
+
+def interrupted_in(work: Path, stage: str, rng: random.Random) -> list[Path]:
+    """Make a finished run directory look like one whose run was killed inside `stage`: its
+    store unsealed, some of its chunks not yet written (chunk file and record gone), later
+    stages not started. Returns the chunk files still there."""
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["stages"][stage]["state"] = "running"
+    for later in LATER[stage]:
+        manifest["stages"].pop(later, None)
+        (work / f"{later}.checksums.json").unlink(missing_ok=True)
+        shutil.rmtree(work / f"{later}.zarr", ignore_errors=True)
+    (work / f"{stage}.checksums.json").unlink()
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    store = work / f"{stage}.zarr"
+    chunks = sorted(p for p in store.rglob("*") if p.is_file() and "/c/" in str(p) and not p.name.endswith(".json"))
+    for victim in rng.sample(chunks, len(chunks) // 3):
+        rel = victim.relative_to(store).parts
+        at = len(rel) - 1 - rel[::-1].index("c")
+        (store.joinpath(*rel[:at]) / "digests" / rel[at + 1]).unlink(missing_ok=True)
+        victim.unlink()
+    return [p for p in chunks if p.exists() and p.stat().st_size > 1]
+
+
+@pytest.mark.parametrize("stage", ["extract", "quantize", "pack"])
+@pytest.mark.parametrize("how", ["flip", "swap"])
+def test_damage_inside_an_interrupted_store_is_refused_not_sealed(fresh, out, stage, how):
+    model = fresh("llama3-1.58")
+    work = out.parent / "work"
+    convert(model, out, "--workdir", work)
+    clean = out.read_bytes()
+    out.unlink()
+    rng = random.Random(f"{stage}-{how}")
+    remaining = interrupted_in(work, stage, rng)
+    victim = rng.choice(remaining)
+    raw = victim.read_bytes()
+    if how == "flip":
+        damaged = bytearray(raw)
+        damaged[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+    else:  # another chunk's bytes of the same size (another tensor's, or another row range's)
+        same = [p for p in remaining if p != victim and p.stat().st_size == len(raw) and p.read_bytes() != raw]
+        damaged = rng.choice(same).read_bytes()
+    victim.unlink()  # a new file: a hard link would carry the change into the store it came from
+    victim.write_bytes(bytes(damaged))
+    proc = convert(model, out, "--workdir", work, check_exit=2)
+    line = one_line(proc, after_log=True)
+    assert "damaged" in line and "delete it" in line and str(victim) in line, line
+    assert not out.exists() and not list(out.parent.glob(".*.partial"))
+    if (stage, how) == ("pack", "flip"):  # the advice works: a new run directory converts to the clean bytes
+        convert(model, out, "--workdir", out.parent / "new")
+        assert out.read_bytes() == clean
+
+
+def test_a_foreign_chunk_in_an_interrupted_store_is_refused(fresh, out):
+    model = fresh("llama3-1.58")
+    work = out.parent / "work"
+    convert(model, out, "--workdir", work)
+    out.unlink()
+    remaining = interrupted_in(work, "pack", random.Random(7))
+    planted = remaining[0].parent / "99"
+    planted.write_bytes(remaining[0].read_bytes())
+    line = one_line(convert(model, out, "--workdir", work, check_exit=2), after_log=True)
+    assert "damaged" in line and "99" in line
+    assert not out.exists()
+
+
+def test_an_interrupted_store_without_damage_resumes_and_rewrites_nothing_recorded(fresh, out):
+    model = fresh("llama3-1.58")
+    work = out.parent / "work"
+    convert(model, out, "--workdir", work)
+    clean = out.read_bytes()
+    out.unlink()
+    remaining = interrupted_in(work, "quantize", random.Random(3))
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in remaining}
+    convert(model, out, "--workdir", work)
+    assert out.read_bytes() == clean
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in remaining} == before
+
+
+@pytest.mark.parametrize("entry", [5, None, 1.5, True, ["12", "ab"]])
+def test_a_checksum_record_entry_of_the_wrong_type_is_damage(fresh, out, tmp_path, entry):
+    model, work = fresh("spm"), tmp_path / "work"
+    interrupted_run(model, out, work, "quantize")
+    path = work / "quantize.checksums.json"
+    record = json.loads(path.read_text())
+    record[next(iter(record))] = entry
+    path.write_text(json.dumps(record))
+    proc = convert(model, out, "--workdir", work, check_exit=2)
+    line = one_line(proc, after_log=True)
+    assert "quantize.checksums.json" in line and "damaged" in line
+    assert not out.exists()

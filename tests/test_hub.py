@@ -1,10 +1,15 @@
 """Resolving the model argument offline: a directory, or `org/name` in a Hugging Face cache laid
-out as `hf download` leaves it (refs/main, snapshots/<rev>/ of relative symlinks into blobs/)."""
+out as `hf download` leaves it (refs/main, snapshots/<rev>/ of relative symlinks into blobs/).
+
+What a hostile cache or argument must not do: an @revision that is a path, a snapshot that links
+out of the cache, or a ref that holds no commit hash never converts a directory outside the cache
+(refused in one line, nothing written); a revision by commit or by ref still converts."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,9 @@ from pipeline import safetensors_io
 from tests.synthetic import write_bitnet_checkpoint
 from pipeline.errors import CheckpointError
 from pipeline.hub import ResolvedModel, resolve_model
+from tests.conftest import convert
+from tests.hostile import refuse
+from tests.hostile import out, pristine  # noqa: F401 (fixtures)
 
 CONFIG = json.dumps({"architectures": ["BitnetForCausalLM"]}).encode()
 
@@ -386,3 +394,55 @@ def test_convert_a_model_id_from_the_cache_names_the_model_not_the_revision(tmp_
 
     missing = run_cli("convert", "someorg/not-there", "--no-progress", cwd=work, env=env, check_exit=2)
     assert len(missing.stderr.strip().splitlines()) == 1 and "someorg/not-there" in missing.stderr
+
+
+REV = "a" * 40
+
+
+@pytest.fixture
+def cache(pristine, tmp_path, monkeypatch):
+    """A Hugging Face cache holding org/m at REV (refs/main), and a checkpoint outside it."""
+    root = tmp_path / "hub"
+    files = {p.name: p.read_bytes() for p in pristine["spm"].iterdir()}
+    snap = add_snapshot(root, "org/m", REV, files)
+    outside = tmp_path / "outside" / "ckpt"
+    shutil.copytree(pristine["spm"], outside)
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    return root, snap, outside
+
+
+@pytest.mark.parametrize("rev", ["{outside}", "{outside}/", "//{outside}", "{outside}/.", "./{outside}"])
+def test_a_revision_that_is_a_path_is_refused(cache, out, rev):
+    """Was: the directory at that path, outside the cache, converted."""
+    root, snap, outside = cache
+    rev = rev.format(outside=outside)
+    refuse(f"org/m@{rev}", out, "not a revision", watch=[outside, root, out.parent])
+
+
+def test_a_revision_by_commit_and_by_ref_still_converts(cache, out):
+    root, snap, outside = cache
+    (root / "models--org--m" / "refs" / "v1").write_text(REV)
+    convert(f"org/m@{REV}", out)
+    first = out.read_bytes()
+    out.unlink()
+    convert("org/m@v1", out)
+    assert out.read_bytes() == first
+
+
+@pytest.mark.parametrize("how", ["refs_main", "only_snapshot"])
+def test_a_snapshot_that_links_out_of_the_cache_is_refused(cache, out, how):
+    root, snap, outside = cache
+    repo = root / "models--org--m"
+    shutil.rmtree(snap)
+    snap.symlink_to(outside)
+    if how == "only_snapshot":
+        shutil.rmtree(repo / "refs")
+    refuse("org/m", out, "out of the cache", watch=[outside, root, out.parent])
+
+
+def test_a_ref_that_does_not_hold_a_commit_hash_is_refused(cache, out):
+    root, snap, outside = cache
+    repo = root / "models--org--m"
+    (repo / "snapshots" / "v1").symlink_to(outside)
+    (repo / "refs" / "main").write_text("v1")
+    refuse("org/m", out, "refs/main", "commit hash", watch=[outside, root, out.parent])

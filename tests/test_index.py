@@ -236,7 +236,7 @@ def test_a_checkpoint_changed_while_a_later_stage_reads_it_is_refused(tmp_path, 
     from pipeline.errors import CheckpointError
     from pipeline.runner import convert as run_convert
     from tests.synthetic import write_checkpoint
-    from tests.test_hostile import rewrite_in_place
+    from tests.hostile import rewrite_in_place
 
     model = write_checkpoint(tmp_path / "model", family, hidden_size=256, intermediate_size=512, num_layers=2,
                              num_heads=4, num_kv_heads=2 if family != "1bitllm" else None, vocab_size=2048,
@@ -260,7 +260,7 @@ def test_a_checkpoint_changed_while_a_later_stage_reads_it_is_refused(tmp_path, 
 @pytest.mark.slow
 def test_a_checkpoint_changed_between_a_kill_and_the_rerun_redoes_extract(tmp_path):
     from tests.synthetic import write_checkpoint
-    from tests.test_hostile import rewrite_in_place
+    from tests.hostile import rewrite_in_place
 
     model = write_checkpoint(tmp_path / "model", "llama3-1.58", hidden_size=512, intermediate_size=1024,
                              num_layers=2, num_heads=8, num_kv_heads=2, vocab_size=8192)

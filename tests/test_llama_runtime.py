@@ -63,3 +63,28 @@ def test_a_crashing_test_fails_alone_and_the_suite_ends_with_its_summary(llama, 
     last = proc.stdout.strip().splitlines()[-1]
     assert "1 failed, 1 passed" in last, proc.stdout
     assert "LlamaCrashed" in proc.stdout and "SIGSEGV" in proc.stdout, proc.stdout
+
+
+def test_a_native_crash_in_a_forked_evaluation_ends_only_that_child(llama, tiny_gguf, tmp_path):
+    """Evaluations are forked from a server with llama_cpp imported (tests/conftest.py
+    `run_python_script`): a crash there ends the child, not the server, which serves the next one."""
+    import json
+    import os
+    import signal
+
+    from tests.conftest import ForkServers
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BITNET_GGUF_TEST_LLAMA_CRASH": "logits"}
+    servers = ForkServers(sys.executable, "numpy,llama_cpp", env)
+    script, request, result = ROOT / "tests" / "llama_runtime.py", tmp_path / "request.json", tmp_path / "result.json"
+    try:
+        request.write_text(json.dumps({"op": "logits", "path": str(tiny_gguf), "tokens": [1, 2, 3], "n_ctx": 64}))
+        crashed = servers.run([str(request), str(tmp_path)], env, ROOT, 300, script=str(script))
+        assert crashed.returncode == -signal.SIGSEGV and not result.exists(), crashed
+        assert "Fatal Python error: Segmentation fault" in crashed.stderr, crashed.stderr
+        request.write_text(json.dumps({"op": "load", "path": str(tiny_gguf), "n_ctx": 64}))
+        loaded = servers.run([str(request), str(tmp_path)], env, ROOT, 300, script=str(script))
+        assert loaded.returncode == 0, loaded.stderr
+        assert json.loads(result.read_text()) == {"use_extra_bufts": False}
+    finally:
+        servers.stop()

@@ -2,7 +2,9 @@
 
 Every value must reach the file as the value it is, read back by gguf-py's GGUFReader (not our
 reader), or be refused in one line naming the key and the type wanted, with nothing written.
-`verify` recomputes the key/values through the same code, so it must refuse the same inputs and
+Header values no GGUF reader can use (a context length beyond uint32, a rope_theta or
+rms_norm_eps that is not a positive finite float32, a string or a bool for a number) are refused
+before any work, naming config.json and the key. `verify` recomputes the key/values through the same code, so it must refuse the same inputs and
 report a file whose key/values differ from what a correct conversion writes.
 """
 from __future__ import annotations
@@ -15,7 +17,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import convert, run_cli
+from tests.hostile import refuse
 from tests.test_bad_input import expect_refusal, rewrite_config
+from tests.hostile import fresh, out, pristine  # noqa: F401 (fixtures)
 
 F32, STR, U32, I32 = (gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32,
                       gguf.GGUFValueType.INT32)
@@ -211,3 +215,28 @@ def test_config_floats_at_float32s_edges_are_written_exactly(checkpoint, tmp_pat
     kv = read_kv(out)
     assert kv["bitnet.attention.layer_norm_rms_epsilon"] == (F32, float(np.float32(1.2e-38)))
     assert kv["bitnet.rope.freq_base"] == (F32, float(np.float32(3.4e38)))
+
+
+@pytest.mark.parametrize("family,field,value", [
+    ("1bitllm", "max_position_embeddings", 2**32),
+    ("1bitllm", "max_position_embeddings", -1),
+    ("1bitllm", "max_position_embeddings", 2048.5),
+    ("1bitllm", "rope_theta", 1e39),
+    ("1bitllm", "rope_theta", float("nan")),
+    ("1bitllm", "rope_theta", float("inf")),
+    ("1bitllm", "rope_theta", -10000.0),
+    ("1bitllm", "rope_theta", 0),
+    ("1bitllm", "rope_theta", "10000"),
+    ("1bitllm", "rms_norm_eps", -1e-5),
+    ("1bitllm", "rms_norm_eps", 0.0),
+    ("1bitllm", "rms_norm_eps", float("nan")),
+    ("1bitllm", "rms_norm_eps", True),
+    ("llama3-1.58", "rope_theta", 1e39),
+    ("llama3-1.58", "max_position_embeddings", 2**32),
+    ("2b4t", "rms_norm_eps", -1e-6),
+    ("2b4t", "rope_theta", float("-inf")),
+])
+def test_header_values_that_cannot_be_written_are_refused_before_any_work(fresh, out, family, field, value):
+    model = fresh(family)
+    rewrite_config(model, **{field: value})  # json.dumps writes NaN / Infinity as JSON5-style literals
+    refuse(model, out, "config.json", field)

@@ -3,7 +3,9 @@
 A FIFO or a device must not block the converter or feed it without end, a file far larger than
 such a file ever is must be refused before it is read (its parsing would take many times its
 size), and a file's text must be read as data (no ConfigParser interpolation of '%'). Each is
-one line on stderr naming the option, exit 2, nothing written, within seconds.
+one line on stderr naming the option, exit 2, nothing written, within seconds. A --config preset
+that is missing, a directory, not TOML, or holds a value of the wrong type or an unknown key is
+refused the same way, naming the option the value stands for.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, convert, run_cli
+from tests.hostile import refuse
 from tests.test_bad_input import snapshot
+from tests.hostile import out  # noqa: F401 (fixtures)
 
 SECTION = "[Kernels_{i}]\nm = 3200\nk = 8640\nbm = 160\nbk = 96\nbmm = 32\n"
 TL2 = ("--type", "tl2", "--kernel-config")  # the options that read a kernel config
@@ -119,3 +123,35 @@ def test_percent_signs_in_a_kernel_config_are_plain_text(model, tmp_path, value)
     ini = tmp_path / "kernel_config.ini"
     ini.write_text(SECTION.format(i=0).replace("m = 3200", f"m = {value}"))
     refused(model, tmp_path, (*TL2, ini), f"--kernel-config {ini}", "[Kernels_0]: m = ", "not a whole number")
+
+
+@pytest.mark.parametrize("preset,needle", [
+    ("DIR", "--config"),
+    ("MISSING", "--config"),
+    ('type = "tq2_0\n', "not valid TOML"),
+    ("workers = 2\nworkers = 3\n", "not valid TOML"),
+    ('workers = "two"\n', "--workers"),
+    ("workers = 2.5\n", "--workers"),
+    ("workers = -1\n", "--workers"),
+    ('force = "yes"\n', "--force"),
+    ("progress = 1\n", "--no-progress"),
+    ("memory_limit = true\n", "--memory-limit"),
+    ("memory_limit = [1]\n", "--memory-limit"),
+    ("out_type = 3\n", "--type"),
+    ('scheduler = ["tcp://a:1"]\n', "--scheduler"),
+    ("split_max_size = -5\n", "--split-max-size"),
+    ('split_max_tensors = {a = 1}\n', "--split-max-tensors"),
+    ('embedding_type = "F16 "\n', "--embedding-type"),
+    ("colour = 'blue'\n", "unknown keys"),
+    (b"\xff\xfe\x00", "--config"),
+    ("a = " + "[" * 5000 + "]" * 5000 + "\n", "--config"),
+])
+def test_bad_presets_are_refused(model, out, tmp_path, preset, needle):
+    if preset == "DIR":
+        path = tmp_path
+    elif preset == "MISSING":
+        path = tmp_path / "nope.toml"
+    else:
+        path = tmp_path / "preset.toml"
+        path.write_bytes(preset if isinstance(preset, bytes) else preset.encode())
+    refuse(model, out, needle, extra=("--config", path))

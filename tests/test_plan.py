@@ -106,7 +106,7 @@ def test_the_stages_follow_the_plan(tmp_path, monkeypatch):
 
     import pipeline.plan
     from tests.synthetic import write_checkpoint
-    from tests.test_hostile import cli
+    from tests.hostile import cli
 
     decided = pipeline.plan.tensor_type
 

@@ -2,15 +2,25 @@
 tokenizer.json of `[1, 2]` beside a SentencePiece tokenizer.model, added_tokens as strings, a
 post_processor that is a list... Each is refused before anything is written, in one line naming
 the file and the field; was an AttributeError (exit 1) from gguf.SpecialVocab or our reader.
+
+Likewise, one line naming the file, nothing written: malformed added tokens (added_tokens.json,
+added_tokens_decoder, tokenizer.json's added_tokens), a BPE tokenizer without merges (merges.txt
+is enough), a tokenizer file that links to nothing, chat templates of the wrong type, malformed or
+not UTF-8, and deeply nested JSON in any tokenizer file.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import convert
+from tests.hostile import refuse, set_json_keys
 from tests.synthetic import write_checkpoint
+from tests.hostile import fresh, out, pristine  # noqa: F401 (fixtures)
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4)
 
@@ -132,3 +142,168 @@ def test_a_side_file_that_is_not_an_object_is_one_line(copy, capsys, kind, name)
     model, out_dir = copy(kind)
     (model / name).write_text('["not", "an", "object"]')
     refused(model, out_dir, capsys, f"{model / name}: must hold a JSON object, not a list")
+
+
+@pytest.mark.parametrize("tokens,needle", [
+    ({"<extra>": "384"}, "added_tokens.json"),
+    ({"<extra>": -1}, "added_tokens.json"),
+    ({"<extra>": 3.0}, "added_tokens.json"),
+    ({"<extra>": True}, "added_tokens.json"),
+    ({"<extra>": None}, "added_tokens.json"),
+    (["<extra>", 384], "added_tokens.json"),
+    ("<extra>", "added_tokens.json"),
+])
+def test_malformed_added_tokens_are_refused(fresh, out, tokens, needle):
+    model = fresh("added")
+    (model / "added_tokens.json").write_text(json.dumps(tokens))
+    refuse(model, out, needle)
+
+
+def test_a_bpe_added_token_beyond_the_vocabulary_is_refused(fresh, out):
+    model = fresh("llama3-1.58")
+    (model / "added_tokens.json").write_text(json.dumps({"<extra>": 10**30}))
+    refuse(model, out, "added_tokens.json", "vocab_size")
+
+
+@pytest.mark.parametrize("decoder", [
+    {"-1": {"content": "<x>"}},
+    {"abc": {"content": "<x>"}},
+    {"5": "<x>"},
+    {"5": {"content": 7}},
+    [{"content": "<x>"}],
+])
+def test_malformed_added_tokens_decoder_is_refused(fresh, out, decoder):
+    model = fresh("added")
+    path = model / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["added_tokens_decoder"] = decoder
+    path.write_text(json.dumps(config))
+    refuse(model, out, "tokenizer_config.json")
+
+
+@pytest.mark.parametrize("family", ["llama3-1.58", "2b4t"])
+@pytest.mark.parametrize("entry", [{"id": "5", "content": "<x>"}, {"id": -3, "content": "<x>"},
+                                   {"id": 1.5, "content": "<x>"}, {"content": "<x>"}, "<x>"])
+def test_malformed_bpe_added_tokens_are_refused(fresh, out, family, entry):
+    model = fresh(family)
+    path = model / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    tok["added_tokens"] = [*tok.get("added_tokens", []), entry]
+    path.write_text(json.dumps(tok))
+    refuse(model, out, "tokenizer.json")
+
+
+@pytest.mark.parametrize("merges", ["empty", "missing"])
+def test_a_bpe_tokenizer_without_merges_is_refused(fresh, out, merges):
+    """llama.cpp stops on a gpt2 vocabulary without tokenizer.ggml.merges; the file must not be written."""
+    model = fresh("bpe")
+    data = json.loads((model / "tokenizer.json").read_text())
+    if merges == "empty":
+        data["model"]["merges"] = []
+    else:
+        del data["model"]["merges"]
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    refuse(model, out, "tokenizer.json", "merges")
+
+
+def test_a_bpe_tokenizer_whose_merges_come_from_merges_txt_converts(fresh, out):
+    """The refusal is about having no merges at all: merges.txt (gguf.SpecialVocab's fallback) is enough."""
+    model = fresh("bpe")
+    data = json.loads((model / "tokenizer.json").read_text())
+    merges = data["model"]["merges"]
+    lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    (model / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+    data["model"]["merges"] = []
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    # the tokenizers package itself still needs merges for the pre-tokenizer hash: name it
+    convert(model, out, "--tokenizer-pre", "llama-bpe")
+    import gguf
+
+    reader = gguf.GGUFReader(out)
+    field = reader.fields["tokenizer.ggml.merges"]
+    assert len(field.data) == len(lines)
+
+
+@pytest.mark.parametrize("kind,name", [
+    ("bpe", "tokenizer_config.json"),   # BOS flag, chat template: silently gone
+    ("spm", "tokenizer_config.json"),
+    ("spm", "added_tokens.json"),
+    ("bpe", "chat_template.jinja"),
+    ("bpe", "tokenizer.model"),         # was: converted as BPE from tokenizer.json, silently
+])
+@pytest.mark.parametrize("link", ["dangling", "loop"])
+def test_a_tokenizer_file_that_links_to_nothing_is_refused(fresh, out, kind, name, link):
+    """A cache snapshot whose blob is missing: the file looks absent to is_file(), and the keys it
+    would have given were silently left out."""
+    model = fresh(kind)
+    path = model / name
+    path.unlink(missing_ok=True)
+    if name == "chat_template.jinja":  # read only when tokenizer_config.json has no chat_template
+        set_json_keys(model / "tokenizer_config.json", chat_template=...)
+    os.symlink(Path("..", "..", "blobs", "0" * 64) if link == "dangling" else name, path)
+    refuse(model, out, name)
+
+
+@pytest.mark.parametrize("template", [5, 1.5, True, {"default": "{{ x }}"}, ["{{ x }}"], [{"name": "a"}],
+                                      [{"name": "default", "template": 7}], [{"name": 3, "template": "x"}]])
+def test_a_chat_template_of_the_wrong_json_type_is_refused(fresh, out, template):
+    model = fresh("bpe")
+    set_json_keys(model / "tokenizer_config.json", chat_template=template)
+    refuse(model, out, "tokenizer_config.json", "chat_template")
+
+
+@pytest.mark.parametrize("template", ["{% if %}", "{{ messages[0] ", "{% for m in messages %}{{ m }}",
+                                      "{% endif %}", "{{ '\ud800' }}", "{{ x | }}"])
+def test_a_malformed_chat_template_is_refused(fresh, out, template):
+    model = fresh("bpe")
+    set_json_keys(model / "tokenizer_config.json", chat_template=template)
+    refuse(model, out, "tokenizer_config.json", "chat_template")
+
+
+def test_a_chat_template_with_transformers_generation_blocks_converts(fresh, out):
+    """Templates that mark the assistant's part with {% generation %} (transformers' extension) are fine."""
+    model = fresh("bpe")
+    template = ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+                "{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    set_json_keys(model / "tokenizer_config.json", chat_template=template)
+    convert(model, out)
+
+
+@pytest.mark.parametrize("content,needle", [(b"\xff\xfe{{ x }}", "UTF-8"), (b"{% for %}", "parse"),
+                                            (b"{{ messages", "parse")])
+def test_a_malformed_or_non_utf8_chat_template_jinja_is_refused(fresh, out, content, needle):
+    model = fresh("bpe")
+    set_json_keys(model / "tokenizer_config.json", chat_template=...)
+    (model / "chat_template.jinja").write_bytes(content)
+    refuse(model, out, "chat_template.jinja", needle)
+
+
+@pytest.mark.parametrize("content", [b'{"chat_template": "\xff"}', b"[1, 2]", b'"x"'])
+def test_a_chat_template_json_that_is_not_a_utf8_object_is_refused(fresh, out, content):
+    model = fresh("bpe")
+    set_json_keys(model / "tokenizer_config.json", chat_template=...)
+    (model / "chat_template.json").write_bytes(content)
+    refuse(model, out, "chat_template.json")
+
+
+def nested(depth: int = 100_000) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("kind,name,where", [
+    ("bpe", "tokenizer.json", "whole"), ("bpe", "tokenizer.json", "inside"),
+    ("spm", "tokenizer.json", "whole"),  # beside a tokenizer.model, gguf.SpecialVocab still reads it
+    ("bpe", "tokenizer_config.json", "inside"), ("spm", "added_tokens.json", "whole"),
+    ("bpe", "chat_template.json", "inside"),
+])
+def test_deeply_nested_json_in_a_tokenizer_file_is_refused(fresh, out, kind, name, where):
+    model = fresh(kind)
+    path = model / name
+    if where == "whole":
+        path.write_text(nested())
+    else:
+        text = path.read_text() if path.exists() else "{}"
+        path.write_text(text.rstrip()[:-1] + (", " if text.strip() != "{}" else "") + f'"deep": {nested()}}}')
+    if name == "chat_template.json":
+        set_json_keys(model / "tokenizer_config.json", chat_template=...)
+    refuse(model, out, name, "nested")

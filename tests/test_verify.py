@@ -1,10 +1,22 @@
-"""`verify` recomputes every tensor from the source and finds any byte that differs."""
+"""`verify` recomputes every tensor from the source and finds any byte that differs.
+
+It compares decoded values with effective weights computed independently, so a bug in a packing
+kernel (which its byte recomputation shares) is still found; too small a memory limit is one line;
+a split part replaced by a whole file, a whole file named as a part, and a key/value array of
+another item type all fail.
+"""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import gguf
+import numpy as np
 import pytest
 
 from tests.conftest import convert, run_cli
+from tests.hostile import ERROR, cli
+from tests.hostile import fresh, out, pristine  # noqa: F401 (fixtures)
 
 
 def test_verify_accepts_a_good_file_and_finds_a_flipped_byte(checkpoint, tmp_path):
@@ -142,3 +154,102 @@ def test_verify_a_float_type_file_with_metadata_overrides(checkpoint, tmp_path, 
     assert "OK" in run_cli("verify", out, model, "--metadata", meta, "--model-name", "Named").stdout
     proc = run_cli("verify", out, model, check_exit=1)
     assert "general.author" in proc.stdout and "general.name is 'Named'" in proc.stdout
+
+
+@pytest.mark.parametrize("kernel", ["i2_s codes", "bf16 to f16", "tq2_0 block scale"])
+def test_verify_does_not_trust_the_kernels_that_wrote_the_file(fresh, out, monkeypatch, kernel):
+    """A bug in a packing kernel is in the converter and in verify's byte recomputation alike
+    (both run here with the bug); the values decoded from the file still differ from the
+    checkpoint's, and verify says so."""
+    import pipeline.codecs.base
+    import pipeline.codecs.bitnet_cpp
+    import pipeline.codecs.ggml
+
+    model = fresh("llama3-1.58")
+    extra = ()
+    if kernel == "i2_s codes":  # bit pairs not reversed: every code lands in another column
+        monkeypatch.setattr(pipeline.codecs.bitnet_cpp, "_I2S_FROM_CODE_BYTE", np.arange(256, dtype=np.uint8))
+        extra, victim = ("--type", "i2_s"), "blk.0.attn_q.weight"
+    elif kernel == "bf16 to f16":  # one value in 16 loses its sign
+        table = pipeline.codecs.ggml._F16_FROM_BF16.copy()
+        table[::16] ^= np.uint16(0x8000)
+        monkeypatch.setattr(pipeline.codecs.ggml, "_F16_FROM_BF16", table)
+        victim = "token_embd.weight"
+    else:  # the fp16 d of a block rounded the wrong way by a few ulps
+        real = pipeline.codecs.base._fp16_bytes
+        monkeypatch.setattr(pipeline.codecs.base, "_fp16_bytes",
+                            lambda s: (real(s).view("<f2") * np.float16(1.01)).astype("<f2").view(np.uint8))
+        victim = "blk.0.attn_q.weight"
+    assert cli("convert", model, "-o", out, "--no-progress", *extra).returncode == 0
+    proc = cli("verify", out, model)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"MISMATCH {victim}: values differ" in proc.stdout, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def converted_once(pristine, tmp_path_factory):
+    """The packed checkpoint's default conversion, made once: the tests below only read the checkpoint."""
+    out = tmp_path_factory.mktemp("converted") / "m.gguf"
+    convert(pristine["llama3-1.58"], out)
+    return pristine["llama3-1.58"], out
+
+
+@pytest.fixture
+def converted(converted_once, out):
+    """(the checkpoint, the test's own copy of its converted file, in a directory of the user's files)."""
+    model, done = converted_once
+    shutil.copyfile(done, out)
+    return model, out
+
+
+@pytest.mark.parametrize("limit", ["1MiB", "30MiB"])
+def test_verify_with_too_small_a_memory_limit_is_one_line(converted, limit):
+    model, out = converted
+    proc = run_cli("verify", out, model, "--memory-limit", limit, check_exit=2)
+    assert proc.stderr.startswith(ERROR) and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--memory-limit" in proc.stderr or "memory" in proc.stderr
+    assert not proc.stdout
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_verify_of_a_split_set_with_a_part_replaced_by_a_whole_file_fails(converted, which):
+    model, out = converted
+    convert(model, out.with_name("s.gguf"), "--split-max-tensors", "4", "--workdir", out.parent / "w-split")
+    parts = sorted(out.parent.glob("s-*-of-*.gguf"))
+    assert len(parts) == 3
+    for p in parts:
+        assert "OK" in run_cli("verify", p, model).stdout
+    shutil.copyfile(out, parts[which])  # the whole single file under a part's name
+    for p in parts:
+        proc = run_cli("verify", p, model, check_exit=None)
+        assert proc.returncode == 1 and "OK" not in proc.stdout, (p, proc.stdout, proc.stderr)
+
+
+def test_verify_of_a_whole_file_named_as_a_part_fails(converted):
+    model, out = converted
+    named = out.with_name("s-00001-of-00002.gguf")
+    shutil.copyfile(out, named)
+    proc = run_cli("verify", named, model, check_exit=1)
+    assert "part 1 of a 2-part split set" in proc.stdout
+
+
+def _array_item_type_offset(path: Path, key: str) -> int:
+    raw = path.read_bytes()
+    name = len(key).to_bytes(8, "little") + key.encode()
+    at = raw.index(name) + len(name)
+    assert int.from_bytes(raw[at:at + 4], "little") == 9  # ARRAY
+    return at + 4
+
+
+@pytest.mark.parametrize("key,item_type", [("tokenizer.ggml.token_type", 4),   # INT32 -> UINT32, same values
+                                           ("tokenizer.ggml.token_type", 6)])  # -> FLOAT32, other values
+def test_verify_finds_a_key_value_array_of_another_item_type(converted, tmp_path, key, item_type):
+    model, out = converted
+    raw = bytearray(out.read_bytes())
+    at = _array_item_type_offset(out, key)
+    assert int.from_bytes(raw[at:at + 4], "little") == 5  # INT32, as llama.cpp's converter writes it
+    raw[at:at + 4] = item_type.to_bytes(4, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(raw))
+    proc = run_cli("verify", bad, model, check_exit=1)
+    assert f"MISMATCH m.gguf: {key}" in proc.stdout.replace("bad.gguf", "m.gguf"), proc.stdout

@@ -1,6 +1,7 @@
 """--memory-limit holds for --vocab-only too, and a limit no conversion fits under is refused as an
 option (issue 21: a 2^24-row vocabulary took 4368 MiB under --memory-limit 1GiB, exit 0; 1KiB was
-accepted). Peaks are of the whole process tree (tests/peak_rss.py), as in tests/test_memory.py.
+accepted), and a vocabulary, tokenizer.json or config.json the limit cannot hold is refused before it
+is read, naming the file and the limit that would do. Peaks are of the whole process tree (tests/peak_rss.py), as in tests/test_memory.py.
 """
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.hostile import ERROR, assert_same, tree
 from tests.peak_rss import run_measuring_peak
 from tests.synthetic import write_checkpoint
+from tests.test_bad_input import rewrite_config
+from tests.hostile import fresh, out, pristine  # noqa: F401 (fixtures)
 
 MiB = 1024**2
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4)
@@ -43,7 +48,7 @@ def measured(*args) -> dict:
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def one_line(r: dict) -> str:
+def single_line(r: dict) -> str:
     lines = r["stderr"].strip().splitlines()
     assert r["exit"] == 2 and len(lines) == 1 and lines[0].startswith("bitnet-gguf: error: "), r
     return lines[0]
@@ -61,7 +66,7 @@ def test_a_vocabulary_the_limit_cannot_hold_is_refused_before_it_is_read(models,
     out = tmp_path / "out" / "v.gguf"
     out.parent.mkdir()
     r = measured("convert", model, "--vocab-only", "-o", out, "--no-progress", "--memory-limit", "1GiB")
-    line = one_line(r)
+    line = single_line(r)
     for needle in (f"{model / 'config.json'}: vocab_size {2**24}", "tokenizer.model", "--memory-limit 1.0 GiB"):
         assert needle in line, (needle, line)
     assert allowed(line) > 4368 * MiB  # what reading it took before it was refused
@@ -75,7 +80,7 @@ def test_a_large_vocabulary_converts_under_the_limit_the_refusal_names(models, t
     whole process tree stays under that limit."""
     model = with_vocab_size(models[kind], tmp_path, 2**18)
     out = tmp_path / "v.gguf"
-    refusal = one_line(measured("convert", model, "--vocab-only", "-o", out, "--no-progress", "--memory-limit",
+    refusal = single_line(measured("convert", model, "--vocab-only", "-o", out, "--no-progress", "--memory-limit",
                                 "200MiB"))
     assert f"vocab_size {2**18}" in refusal and not out.exists()
     limit = allowed(refusal)
@@ -122,17 +127,116 @@ def test_the_floor_is_what_a_conversion_really_needs_at_least(models, tmp_path):
     refusal (if any) is the measured one, naming a larger limit, under which the smallest
     conversion then runs, the whole process tree under it."""
     out = tmp_path / "m.gguf"
-    floor = allowed(one_line(measured("convert", models["spm"], "-o", out, "--no-progress", "--memory-limit", "1KiB")))
-    below = one_line(measured("convert", models["spm"], "-o", out, "--no-progress", "--memory-limit", floor - 1))
+    floor = allowed(single_line(measured("convert", models["spm"], "-o", out, "--no-progress", "--memory-limit", "1KiB")))
+    below = single_line(measured("convert", models["spm"], "-o", out, "--no-progress", "--memory-limit", floor - 1))
     assert "too small for any conversion" in below and allowed(below) == floor
     for command in (("convert",), ("convert", "--vocab-only")):
         r = measured(*command, models["spm"], "-o", out, "--no-progress", "--memory-limit", floor)
         limit = floor
         if r["exit"] != 0:
-            line = one_line(r)
+            line = single_line(r)
             assert "too small for any conversion" not in line and allowed(line) > floor, line
             limit = allowed(line)
             r = measured(*command, models["spm"], "-o", out, "--no-progress", "--memory-limit", limit)
         assert r["exit"] == 0, r["stderr"]
         assert r["peak"] <= limit, f"{command}: peak {r['peak'] / MiB:.0f} MiB over {limit / MiB:.0f} MiB"
         out.unlink()
+
+
+def widen_vocab(model: Path, vocab_size: int) -> None:
+    """Make config.json's vocab_size and the embedding (and lm_head) `vocab_size` rows; the new
+    tensor bytes are a hole in a sparse file (zeros)."""
+    path = model / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
+    pos, pieces = 0, []
+    for name in sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]):
+        info = header[name]
+        b, e = info["data_offsets"]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            info["shape"] = [vocab_size, info["shape"][1]]
+            size, chunk = vocab_size * info["shape"][1] * itemsize[info["dtype"]], None
+        else:
+            size, chunk = e - b, data[b:e]
+        pieces.append((pos, chunk))
+        info["data_offsets"] = [pos, pos + size]
+        pos += size
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        start = f.tell()
+        for at, chunk in pieces:
+            if chunk is not None:
+                f.seek(start + at)
+                f.write(chunk)
+        f.truncate(start + pos)
+    rewrite_config(model, vocab_size=vocab_size)
+
+
+def add_vocabulary(model: Path, extra: int) -> int:
+    """`extra` more entries in tokenizer.json's BPE vocabulary (added tokens renumbered after them);
+    returns the tokenizer's size."""
+    path = model / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    base = max(vocab.values()) + 1
+    vocab.update({f"x{i:07d}": base + i for i in range(extra)})
+    for token in data.get("added_tokens", []):
+        if token["id"] >= base:
+            token["id"] += extra
+    path.write_text(json.dumps(data))
+    return base + extra + len(data.get("added_tokens", []))
+
+
+def convert_measuring(model: Path, out: Path, limit: str) -> dict:
+    from tests.peak_rss import run_measuring_peak
+
+    return run_measuring_peak([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out),
+                               "--no-progress", "--memory-limit", limit], env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def refused_within(r: dict, limit: int, *needles) -> str:
+    lines = r["stderr"].strip().splitlines()
+    assert r["exit"] == 2 and len(lines) == 1 and lines[0].startswith(ERROR), r
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert r["peak"] <= limit, f"peak {r['peak'] / MiB:.0f} MiB over the {limit / MiB:.0f} MiB limit"
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind,rows", [("bpe", 1_000_000), ("spm", 1_000_000), ("bpe", 4_000_000)])
+def test_a_wide_vocabulary_the_limit_cannot_hold_is_refused_before_it_is_read(fresh, out, kind, rows):
+    """Was: 300-1850 MiB spent building the token table before the first stage, under 300MiB."""
+    model = fresh(kind)
+    widen_vocab(model, rows)
+    before = tree(model, out.parent)
+    r = convert_measuring(model, out, "300MiB")
+    refused_within(r, 300 * MiB, "config.json", f"vocab_size {rows}", "--memory-limit", "allow at least")
+    assert_same(before, tree(model, out.parent))
+
+
+def test_a_huge_tokenizer_json_is_refused_before_it_is_read(fresh, out):
+    model = fresh("bpe")
+    size = add_vocabulary(model, 1_000_000)  # a 20 MB tokenizer.json: about 700 MiB to read
+    widen_vocab(model, -(-size // 64) * 64)
+    r = convert_measuring(model, out, "512MiB")
+    refused_within(r, 512 * MiB, "tokenizer.json", "allow at least")
+    assert not os.path.lexists(out) and not os.path.lexists(out.with_name("m.gguf.work"))
+
+
+def test_a_huge_config_json_is_refused_without_reading_it(fresh, out):
+    model = fresh("bpe")
+    rewrite_config(model, notes="x" * (150 * 10**6))
+    r = convert_measuring(model, out, "300MiB")
+    refused_within(r, 300 * MiB, "config.json")
+
+
+def test_a_large_vocabulary_the_limit_holds_converts_under_it(fresh, out):
+    model = fresh("bpe")
+    widen_vocab(model, 200_000)
+    r = convert_measuring(model, out, "300MiB")
+    assert r["exit"] == 0, r["stderr"]
+    assert r["peak"] <= 300 * MiB, f"peak {r['peak'] / MiB:.0f} MiB"
