@@ -202,7 +202,7 @@ def run_reference(case: Case, model: Path, workdir: Path, python: str, src: Path
         q = run_measuring_peak([sys.executable, "-c", QUANTIZE, str(out), str(final), str(case.route_ftype)],
                                env={**os.environ, "PYTHONPATH": str(ROOT)}, interval=0.05)
         r = {"exit": q["exit"], "peak": max(r["peak"], q["peak"]), "seconds": r["seconds"] + q["seconds"],
-             "stderr": q["stderr"], "output": tree_size(final) if final.exists() else 0,
+             "stderr": q["stderr"], "output": tree_size(final) if final.exists() else 0, "workdir": 0,
              "intermediate": r["output"], "steps": f"convert {r['seconds']:.0f} s, quantize {q['seconds']:.0f} s"}
         final.unlink(missing_ok=True)
     out.unlink(missing_ok=True)
