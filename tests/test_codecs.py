@@ -20,8 +20,9 @@ from pipeline.codecs import (CODECS, F16, F32, I2_S, QK_K, TQ1_0, TQ2_0, CodecEr
                              absmean_row_sums, absmean_scale, absmean_total, ternary_codes)
 
 TQ_CODECS = [TQ2_0, TQ1_0]
-settings.register_profile("codecs", max_examples=60, deadline=None)
-settings.load_profile("codecs")
+# this module's own hypothesis settings, on each test (a profile loaded at import would apply to
+# every module collected after it)
+HYPOTHESIS = settings(max_examples=60, deadline=None)
 
 # -- building codes ---------------------------------------------------------------------------
 
@@ -88,6 +89,7 @@ def gguf_bytes(codes: np.ndarray, scale: np.float32, codec) -> np.ndarray:
 # -- TQ1_0 / TQ2_0 ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+@HYPOTHESIS
 @given(codes=code_matrices(), scale=any_scale)
 def test_tq_encode_matches_gguf(codec, codes, scale):
     scale = np.float32(scale)
@@ -99,6 +101,7 @@ def test_tq_encode_matches_gguf(codec, codes, scale):
 
 
 @pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+@HYPOTHESIS
 @given(codes=code_matrices(), seed=st.integers(0, 2**32 - 1))
 def test_tq_encode_takes_one_scale_per_block(codec, codes, seed):
     """Group-scaled tensors whose scale is constant over each 256-value block: one scale per block,
@@ -133,6 +136,7 @@ def test_tq_block_scale_layout(codec):
 
 
 @pytest.mark.parametrize("codec", TQ_CODECS, ids=lambda c: c.name)
+@HYPOTHESIS
 @given(codes=code_matrices(), scale=fp16_scale)
 def test_tq_decode_round_trip(codec, codes, scale):
     scale = np.float32(scale)
@@ -236,6 +240,7 @@ def as_source(values: np.ndarray, kind: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["f32", "f16", "bf16"])
+@HYPOTHESIS
 @given(seed=st.integers(0, 2**32 - 1), spread=st.floats(1e-3, 1e2),
        shape=st.tuples(st.integers(1, 9), st.integers(1, 70)))
 def test_ternary_random_inputs(kind, seed, spread, shape):
@@ -248,6 +253,7 @@ def test_ternary_random_inputs(kind, seed, spread, shape):
         np.testing.assert_array_equal(codes, python_ternary(x, s))
 
 
+@HYPOTHESIS
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 40), cols=st.integers(1, 50),
        cuts=st.lists(st.integers(0, 40), max_size=6), kind=st.sampled_from(["f32", "f16", "bf16"]),
        spread=st.sampled_from([1e-3, 1.0, 3e3]))
@@ -305,6 +311,7 @@ def i2s_reference(values: np.ndarray) -> bytes:
     return bytes(out)
 
 
+@HYPOTHESIS
 @given(codes=code_matrices(block=128), scale=fp16_scale, cut=st.integers(0, 4))
 def test_i2s_matches_reference(codes, scale, cut):
     scale = np.float32(scale)
@@ -336,6 +343,7 @@ def test_i2s_rejects_partial_blocks():
 # -- F16 / F32 --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("codec,dtype", [(F16, np.float16), (F32, np.float32)], ids=["F16", "F32"])
+@HYPOTHESIS
 @given(seed=st.integers(0, 2**32 - 1), shape=st.sampled_from([(3,), (2, 5), (4, 64)]))
 def test_float_codecs(codec, dtype, seed, shape):
     values = np.random.default_rng(seed).normal(scale=10, size=shape)
@@ -434,6 +442,7 @@ def q2_0_reference_decode(raw: bytes, rows: int, cols: int) -> np.ndarray:
     return out
 
 
+@HYPOTHESIS
 @given(codes=code_matrices(block=64), scale=fp16_scale)
 def test_q2_0_matches_llama_cpps_reference_quantizer(codes, scale):
     from pipeline.codecs import Q2_0
@@ -445,6 +454,7 @@ def test_q2_0_matches_llama_cpps_reference_quantizer(codes, scale):
     np.testing.assert_array_equal(Q2_0.decode(ours), codes * np.float32(np.float16(scale)))
 
 
+@HYPOTHESIS
 @given(codes=code_matrices(block=64), seed=st.integers(0, 2**32 - 1))
 def test_q2_0_takes_one_scale_per_block(codes, seed):
     """A group-scaled tensor: each 64-value block keeps its own scale, losslessly."""

@@ -22,9 +22,10 @@ from pipeline.errors import GGUFFormatError, UserError
 from pipeline.gguf_file import (KV, GGUFFileWriter, GGUFSplitWriter, GGUFWriterError, TensorInfo, file_size,
                                 model_kvs, plan_split, read_gguf, split_paths)
 
-settings.register_profile("gguf_file", max_examples=40, deadline=None,
+# this module's own hypothesis settings, on each test (a profile loaded at import would apply to
+# every module collected after it)
+HYPOTHESIS = settings(max_examples=40, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.load_profile("gguf_file")
 
 ARCH = "bitnet"
 I2_S_TYPE = 36
@@ -253,6 +254,7 @@ def tensor_sets(draw):
     return out
 
 
+@HYPOTHESIS
 @given(kinds=kv_kinds(), tensors=tensor_sets(), chunks=st.lists(st.integers(0, 50), min_size=1, max_size=4))
 def test_random_files_are_byte_identical(tmp_path_factory, kinds, tensors, chunks):
     if not any(chunks):
@@ -541,6 +543,7 @@ def test_corrupt_headers_are_refused_quickly(tmp_path, valid_file, case):
     refused_quickly(tmp_path / "bad.gguf", bad[case]())
 
 
+@HYPOTHESIS
 @given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4))
 def test_random_corruption_never_escapes_as_another_error(tmp_path_factory, valid_file, flips):
     path, data = valid_file

@@ -17,8 +17,9 @@ from pipeline.codecs import CodecError
 from pipeline.codecs.ik import IQ1_BN, IQ2_BN, IQ2_BN_R4
 from tests import ik_layouts
 
-settings.register_profile("ik_codecs", max_examples=40, deadline=None)
-settings.load_profile("ik_codecs")
+# this module's own hypothesis settings, on each test (a profile loaded at import would apply to
+# every module collected after it)
+HYPOTHESIS = settings(max_examples=40, deadline=None)
 
 CODECS = {"iq2_bn": IQ2_BN, "iq1_bn": IQ1_BN, "iq2_bn_r4": IQ2_BN_R4}
 ROW_SHAPES = ["random", "zero", "plus", "minus", "sparse"]
@@ -80,6 +81,7 @@ def _expected_decoded(kind: str, codes: np.ndarray, scale) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["iq2_bn", "iq1_bn"])
+@HYPOTHESIS
 @given(data=tensors())
 def test_bytes_equal_iks_quantizer_and_decode_back(kind, data):
     codes, scale = data
@@ -91,6 +93,7 @@ def test_bytes_equal_iks_quantizer_and_decode_back(kind, data):
     np.testing.assert_array_equal(CODECS[kind].decode(raw), decoded)
 
 
+@HYPOTHESIS
 @given(data=tensors(row_multiple=4))
 def test_r4_bytes_equal_iks_repack_and_decode_back(data):
     codes, scale = data
