@@ -473,10 +473,10 @@ def valid_file(tmp_path_factory) -> tuple[Path, bytes]:
 
 def refused_quickly(path: Path, data: bytes, match: str | None = None) -> None:
     path.write_bytes(data)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU, not wall: quick on a loaded machine too
     with pytest.raises(GGUFFormatError, match=match) as e:
         read_gguf(path)
-    assert time.perf_counter() - start < 0.5
+    assert time.process_time() - start < 0.5
     assert isinstance(e.value, UserError) and "\n" not in str(e.value) and str(path) in str(e.value)
 
 
