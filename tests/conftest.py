@@ -321,6 +321,9 @@ def pytest_testnodedown(node, error):
 def pytest_addoption(parser):
     parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
                      help="list the N tests that took the most CPU time (0: all), with their processes'")
+    parser.addoption("--cpu-durations-file", default=None, metavar="PATH",
+                     help="append each test's CPU seconds to PATH as it ends (a run stopped early still "
+                          "tells what its tests cost)")
 
 
 def _cpu_now() -> float:
@@ -345,11 +348,22 @@ def pytest_runtest_makereport(item, call):
 _TEST_CPU: dict[str, float] = {}
 
 
+_CPU_FILE: list = []
+
+
+def pytest_configure(config):
+    path = config.getoption("--cpu-durations-file", None)
+    if path and not hasattr(config, "workerinput"):  # the controller (or the only process) writes it
+        _CPU_FILE.append(open(path, "a", buffering=1))
+
+
 def pytest_runtest_logreport(report):
     if report.when == "teardown":
         for key, value in report.user_properties:
             if key == "cpu_seconds":
                 _TEST_CPU[report.nodeid] = value
+                if _CPU_FILE:
+                    _CPU_FILE[0].write(f"{value:.2f} {report.nodeid}\n")
 
 
 def pytest_terminal_summary(terminalreporter, config):
