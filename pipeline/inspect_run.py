@@ -679,7 +679,7 @@ def describe_gguf(path: Path, tensor: str | None = None) -> dict:
     from gguf import GGMLQuantizationType
 
     from pipeline.gguf_file import read_gguf
-    from pipeline.outtypes import BY_GGML_TYPE, file_runtimes, registry_entry, type_of_file
+    from pipeline.outtypes import BY_GGML_TYPE, arch_traps, file_runtimes, registry_entry, type_of_file
     from pipeline.plan import TARGET_KEY, TILES_KEY
 
     contents = read_gguf(path)
@@ -702,7 +702,8 @@ def describe_gguf(path: Path, tensor: str | None = None) -> dict:
               # which runtimes load it, from its tensors' types (I2_S: the layout bitnet_gguf.target names,
               # x86 when the key is absent, as for other converters' files)
               "runtimes": file_runtimes(known) if known and len(known) == len(types) else None,
-              "traps": list(dict.fromkeys(trap for t in known for trap in t.traps)),
+              "traps": list(dict.fromkeys([*(trap for t in known for trap in t.traps),
+                                           *arch_traps(contents.kv("general.architecture"), contents.kv)])),
               "kernel_tiles": [tiles[i:i + 5] for i in range(0, len(tiles), 5)],
               "tensors": {t.name: {"shape": list(t.shape), "type": type_name(t.ggml_type), "ggml_type": t.ggml_type,
                                    "offset": t.offset, "nbytes": t.nbytes} for t in contents.tensors}}

@@ -145,6 +145,35 @@ TRAPS: dict[str, tuple[str, ...]] = {
 }
 
 
+
+def _ik_minicpm_assumes_other_scales(kv) -> bool:
+    """ik_llama.cpp @8337e4c's build_minicpm (src/graphs/build_minicpm.cpp:13-16) never reads the file's
+    scalings: it uses embedding scale 12, residual scale 1.4 / sqrt(layers) and logit scale
+    hidden / 256. True unless the file's own key/values are those (or cannot be read)."""
+    try:
+        layers, hidden = kv("minicpm.block_count"), kv("minicpm.embedding_length")
+        found = (kv("minicpm.embedding_scale"), kv("minicpm.residual_scale"), kv("minicpm.logit_scale"))
+        assumed = (12.0, 1.4 / math.sqrt(layers), hidden / 256)
+        return not all(math.isclose(float(f), a, rel_tol=1e-6) for f, a in zip(found, assumed))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return True
+
+
+# what goes wrong without an error message for one architecture, whatever the tensor types: per GGUF arch,
+# (does it apply to a file with these key/values, what happens); `kv(key)` gives a key's value or None
+ARCH_TRAPS: dict[str, tuple] = {
+    "minicpm": ((_ik_minicpm_assumes_other_scales,
+                 "ik_llama.cpp ignores minicpm.embedding_scale / residual_scale / logit_scale and assumes 12, "
+                 "1.4 / sqrt(layers) and hidden / 256 (build_minicpm.cpp @8337e4c): this file's values differ, so "
+                 "it runs there with wrong logits (measured: exactly 2x on a synthetic checkpoint; "
+                 "docs/notes/ik-llama.md section 10); llama.cpp reads them"),),
+}
+
+
+def arch_traps(arch: str | None, kv) -> list[str]:
+    """The ARCH_TRAPS of a file of `arch` whose key/values `kv(key)` gives."""
+    return [text for applies, text in ARCH_TRAPS.get(arch or "", ()) if applies(kv)]
+
 @dataclasses.dataclass(frozen=True)
 class OutputType:
     name: str                  # registry key: "tq2_0", "i2_s_arm"
@@ -381,10 +410,11 @@ def registry_entry(ggml_type: int, target: str | None) -> OutputType | None:
     return next((t for t in found if t.target in (None, target or "x86")), found[0] if found else None)
 
 
-def runtimes_lines(types) -> list[str]:
+def runtimes_lines(types, more_traps=()) -> list[str]:
     """What `plan` and `inspect` say about the runtimes of a file of these types: where it runs,
-    where not (and why), what nobody checked, and the traps."""
-    return runtimes_report_lines(file_runtimes(types), [trap for t in dict.fromkeys(types) for trap in t.traps])
+    where not (and why), what nobody checked, and the traps (the types', then `more_traps`)."""
+    return runtimes_report_lines(file_runtimes(types),
+                                 [*(trap for t in dict.fromkeys(types) for trap in t.traps), *more_traps])
 
 
 def runtimes_report_lines(found: dict, traps) -> list[str]:
@@ -421,6 +451,8 @@ def runtimes_markdown() -> str:
     rows.append("")
     rows += [f"- `{t.type_option}`{f' ({TARGET_NAMES[t.target]} layout)' if t.codec.name == 'I2_S' else ''}: {trap}"
              for t in OUTPUT_TYPES.values() for trap in t.traps]
+    rows += [f"- any type, arch `{arch}` (when the file's key/values are not what it assumes): {text}"
+             for arch, traps in ARCH_TRAPS.items() for _, text in traps]
     rows.append("")
     rows.append("Sources, per type:")
     rows.append("")

@@ -29,7 +29,7 @@ from pipeline.families import EMBEDDING, GROUP_COLUMNS, GROUPED, OUTPUT, TERNARY
 from pipeline.gguf_file import (MAX_SPLITS, TL_TILES_KEY, GGUFWriterError, TensorInfo, align, alignment_of, as_kv,
                                 data_offsets, file_size, header_bytes, model_kvs, part_kvs, plan_split)
 from pipeline.output import final_paths
-from pipeline.outtypes import OUTPUT_TYPES, file_runtimes, runtimes_lines, tensor_type
+from pipeline.outtypes import OUTPUT_TYPES, arch_traps, file_runtimes, runtimes_lines, tensor_type
 
 PLAN_VERSION = 1
 
@@ -348,6 +348,7 @@ class Plan:
     version: int = PLAN_VERSION
     type_choice: str = "given"  # "given" (--type), or why --type auto chose out_type
     fetch: dict | None = None   # a remote checkpoint: bytes the conversion fetches (remote.fetch_estimate)
+    arch_traps: list = dataclasses.field(default_factory=list)  # outtypes.ARCH_TRAPS that apply to this file
 
     @property
     def output_bytes(self) -> int:
@@ -386,7 +387,8 @@ class Plan:
     def as_json(self) -> dict:
         types = self.output_types()
         return {**dataclasses.asdict(self), "output_bytes": self.output_bytes, "run_dir_bytes": self.run_dir_bytes,
-                "runtimes": file_runtimes(types), "traps": [trap for t in types for trap in t.traps]}
+                "runtimes": file_runtimes(types),
+                "traps": [*(trap for t in types for trap in t.traps), *self.arch_traps]}
 
     def table(self) -> str:
         """What a person reads: one line per tensor, then the totals."""
@@ -394,7 +396,7 @@ class Plan:
         lines = [f"model: {self.model_dir} ({self.family}, GGUF arch {self.arch})",
                  f"type: {OUTPUT_TYPES[self.out_type].codec.name if self.out_type in OUTPUT_TYPES else self.out_type}"
                  f" ({chosen})",
-                 *runtimes_lines(self.output_types()),
+                 *runtimes_lines(self.output_types(), self.arch_traps),
                  f"{'tensor':<32} {'source':<16} {'output':<8} {'size':>10}  part  note"]
         for t in self.tensors:
             source = f"{t.source_dtype} {'x'.join(map(str, t.source_shape))}"
@@ -658,7 +660,8 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
                 opts.embedding_type, records, len(kvs), outputs, store_sizes(opts, ckpt, budget, types),
                 len(json.dumps(metadata, indent=2, sort_keys=True)) + RECORD_BYTES_PER_TENSOR * len(records),
                 budget.memory_limit, budget.workers, budget.chunk_elements, int(min(peak, budget.memory_limit)),
-                type_choice=opts.type_reason or "given", fetch=fetch_estimate(ckpt))
+                type_choice=opts.type_reason or "given", fetch=fetch_estimate(ckpt),
+                arch_traps=arch_traps(ckpt.plan.arch, {k.key: k.value for k in kvs}.get))
 
 
 def save_plan(run, plan: Plan, tag: str | None = None) -> None:

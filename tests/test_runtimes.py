@@ -95,3 +95,27 @@ def test_help_says_where_each_type_runs_from_the_same_data():
     assert "tq2_0 (2.06 bits/weight; runs in llama.cpp CPU/Metal/Vulkan, bitnet.cpp x86/ARM)" in text
     assert "iq2_bn (2 bits/weight + a float32 scale per row; runs in ik_llama.cpp)" in text
     assert "runs in bitnet.cpp x86/ARM); tl1" in text  # i2_s: both layouts, one per --target
+
+
+IK_MINICPM = "ik_llama.cpp ignores minicpm.embedding_scale"
+
+
+@pytest.mark.parametrize("scales,trap", [
+    # the synthetic default: logit scale 4 as MiniCPM4-0.5B's, but from hidden 256 / base 64, not hidden / 256
+    ({}, True),
+    ({"dim_model_base": 256}, False),  # what ik assumes: 12, 1.4 / sqrt(layers), hidden / 256
+    ({"dim_model_base": 256, "scale_emb": 10}, True),
+    ({"dim_model_base": 256, "scale_depth": 1.0}, True),
+])
+def test_a_minicpm_file_whose_scalings_ik_does_not_read_says_so(tmp_path, scales, trap):
+    model = write_checkpoint(tmp_path / "m", "minicpm", hidden_size=256, intermediate_size=512, num_layers=2,
+                             num_heads=4, num_kv_heads=2)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **scales}))
+    data = json.loads(run_cli("plan", model, "-o", tmp_path / "x.gguf", "--type", "iq2_bn", "--json").stdout)
+    assert any(IK_MINICPM in t for t in data["traps"]) is trap
+    if trap and not scales:  # the file says it too, from its own key/values
+        out = tmp_path / "m.gguf"
+        convert(model, out, "--type", "iq2_bn")
+        assert f"  trap: {IK_MINICPM}" in run_cli("inspect", out).stdout
+        assert any(IK_MINICPM in t for t in json.loads(run_cli("inspect", out, "--json").stdout)["traps"])
