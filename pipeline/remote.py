@@ -598,9 +598,13 @@ def _call(fn, url: str, hf_repo: str | None = None):
 
 def fetch_estimate(ckpt) -> dict | None:
     """Bytes a conversion of a remote checkpoint fetches: the small files and the safetensors
-    headers (read again by every run), and the planned tensors' bytes twice: extract digests them,
-    then quantize (ternary), pack or assemble (the others) read them again for their values. Reads
-    off the 64 KiB digest blocks add up to 128 KiB per chunk read."""
+    headers and packed projections' weight_scale values (read again by every run), and the planned
+    tensors' bytes: once for a packed projection
+    or a float tensor kept as it is (read by the stage that uses the values), twice for the others
+    (extract's pass for a latent projection's absmean, a group-scaled tensor's groups or a float
+    tensor quantize rewrites, then the values): plan.fetched_once."""
+    from pipeline.plan import fetched_once_names
+
     src = source_of(ckpt.model_dir)
     if src is None:
         return None
@@ -608,6 +612,14 @@ def fetch_estimate(ckpt) -> dict | None:
     for s in ckpt.sources.values():
         first[s.file] = min(first.get(s.file, s.offset), s.offset)
     small = sum(f.size for f in src.small.values())
-    headers = sum(first.values())
-    tensors = sum(math.prod(s.shape) * s.np_dtype.itemsize for s in ckpt.sources.values())
-    return {"small_files": small, "headers": headers, "tensors": tensors, "total": small + headers + 2 * tensors}
+    headers = sum(first.values()) + ckpt.scale_bytes
+    once, twice, unread = 0, 0, fetched_once_names(ckpt)
+    for t in ckpt.plan.tensors:
+        s = ckpt.sources[t.hf_name]
+        nbytes = math.prod(s.shape) * s.np_dtype.itemsize
+        if t.hf_name in unread:
+            once += nbytes
+        else:
+            twice += nbytes
+    return {"small_files": small, "headers": headers, "tensors": once + twice, "fetched_twice": twice,
+            "total": small + headers + once + 2 * twice}
