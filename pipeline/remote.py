@@ -166,15 +166,19 @@ def open_source(text: str, env=None) -> RemoteSource:
             raise CheckpointError(f"{src.url}: has no config.json; pass the URL of a Hugging Face checkpoint "
                                   "directory (config.json, *.safetensors, tokenizer)")
     except BaseException:
-        shutil.rmtree(src.staging, ignore_errors=True)
+        shutil.rmtree(src.staging.parent, ignore_errors=True)
         _SOURCES.pop(src.staging, None)
         raise
     return src
 
 
 def _new_staging(src_kwargs: dict) -> RemoteSource:
-    staging = Path(tempfile.mkdtemp(prefix="bitnet-gguf-source-")).resolve()
-    atexit.register(shutil.rmtree, staging, True)
+    # named as the model, like a local checkpoint's directory: general.* keys guessed from the
+    # directory's name (basename, finetune, size label) come out the same as for a local copy
+    parent = Path(tempfile.mkdtemp(prefix="bitnet-gguf-source-")).resolve()
+    atexit.register(shutil.rmtree, parent, True)
+    staging = parent / (src_kwargs["name"] if src_kwargs["name"] not in ("", ".", "..") else "model")
+    staging.mkdir()
     src = RemoteSource(staging=staging, **src_kwargs)
     _SOURCES[staging] = src
     return src
@@ -353,7 +357,8 @@ def buffer_reserve(workers: int) -> int:
 class Prefetch:
     """Reads ahead of the tasks: the ranges they will ask for, in their order, at most `depth`
     fetched and not yet taken (the budget's second chunk per worker holds them). A task whose range
-    is not here (or was passed over) reads it itself, so the order is a hint, never a condition."""
+    is not here (or was passed over before its fetch started) reads it itself, so the order is a hint,
+    never a condition."""
 
     def __init__(self, ranges: list[tuple[str, int, int, str]], depth: int):
         self.ranges, self.depth = ranges, max(1, depth)
@@ -381,9 +386,12 @@ class Prefetch:
         i = self.position.get((url, offset, n))
         with self.lock:
             future = self.futures.pop(i, None) if i is not None else None
-            if i is not None:  # ranges before this one were passed over: their tasks read them themselves
+            if i is not None:  # ranges before this one were passed over: those not started yet are dropped
+                # (their tasks read them themselves); one started or fetched waits for its task, which
+                # comes soon (tasks racing on two workers), rather than being fetched twice
                 for j in [j for j in self.futures if j < i]:
-                    self.futures.pop(j).cancel()
+                    if self.futures[j].cancel():
+                        del self.futures[j]
             self._fill()
         return future.result() if future is not None else None
 

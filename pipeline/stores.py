@@ -281,6 +281,15 @@ def source_range(arr: zarr.Array, start: int, stop: int) -> tuple[str, int, int,
     return ref["file"], ref["offset"] + start * row_bytes, (stop - start) * row_bytes, ref["identity"]
 
 
+def remote_range(arr: zarr.Array, start: int, stop: int) -> tuple[str, int, int, str] | None:
+    """(URL, offset, bytes, version) that `read_rows` fetches for rows [start, stop) of an indexed
+    array of a remote checkpoint (what remote.prefetching takes), None for any other array."""
+    where = source_range(arr, start, stop)
+    if where is None or not remote.is_url(where[0]):
+        return None
+    return where[0], where[1], where[2], where[3][1]
+
+
 def read_rows(arr: zarr.Array, start: int, stop: int, out_type: str | None = None) -> np.ndarray:
     """Rows [start, stop) of an array. A raw array's chunk files are read directly (one
     pread per chunk, about five times faster than zarr's read path); others through zarr.

@@ -44,7 +44,7 @@ from pipeline.plan import fetched_once_names, pinned, ternary_embedding_scan
 from pipeline.rundir import write_json_atomic
 from pipeline.remote import RemoteFile
 from pipeline.safetensors_io import TensorSource, as_float32
-from pipeline.scheduler import chunk_task, start_order
+from pipeline.scheduler import chunk_task, run_reading_ahead
 from pipeline.stores import (MAX_SUFFIX, UNSCANNED, array_path, content_recorded, content_spec, damaged_values,
                              ensure_array, index_array, make_ref, open_store, record_content, refs_json, refs_path,
                              row_ranges, write_rows, written_chunks)
@@ -189,10 +189,6 @@ def run(ctx: StageContext) -> None:
                 tasks.append(chunk_task(scan_rows, src, side and array_path(ctx.output, side), r0, r1, kind, content, i,
                                         paths))
                 ahead.append((src.file.url, src.offset + r0 * row_bytes, (r1 - r0) * row_bytes, src.file.version)
-                             if isinstance(src.file, RemoteFile) else None)
+                             if is_remote else None)
     write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, names))
-    # a remote checkpoint: the next chunks arrive while these are scanned (threads of this process only)
-    remote_reads = ctx.options.scheduler == "threads" and any(ahead)
-    ahead = [ahead[i] for i in start_order(tasks) if ahead[i]] if remote_reads else []
-    with remote.prefetching(ahead, ctx.budget.workers):
-        ctx.scheduler.run(tasks, "extract")
+    run_reading_ahead(ctx, tasks, ahead, "extract")

@@ -420,10 +420,11 @@ def test_the_read_ahead_serves_ranges_in_order_holds_at_most_its_depth_and_never
 def test_a_packed_checkpoint_is_fetched_once_as_plan_says(tmp_path):
     """Packed projections and float tensors have no value pass in extract: every byte comes over once
     (4 KV heads: each quarter of packed k rows holds whole heads, as in every real checkpoint; a head
-    larger than a quarter takes quantize's slow path, which reads the packed rows once per quarter)."""
+    larger than a quarter takes quantize's slow path, which reads the packed rows once per quarter).
+    The directory's name gives general.basename, finetune and size label, remote as local."""
     from tests.synthetic import write_checkpoint
 
-    ckpt = write_checkpoint(tmp_path / "packed", "llama3-1.58", hidden_size=256, intermediate_size=512,
+    ckpt = write_checkpoint(tmp_path / "llama3-8b-packed", "llama3-1.58", hidden_size=256, intermediate_size=512,
                             num_layers=2, num_heads=4, num_kv_heads=4, vocab_size=512)
     ref, out = tmp_path / "local.gguf", tmp_path / "remote.gguf"
     run_cli("convert", ckpt, "-o", ref, "--no-progress", "--memory-limit", "512MiB")
