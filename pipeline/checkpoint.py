@@ -32,6 +32,7 @@ class Checkpoint:
     kv: list[dict]
     fingerprint: list                  # identity of the weight files (see files_fingerprint)
     name: str = ""
+    scale_bytes: int = 0               # bytes of the packed projections' weight_scale tensors (read here)
 
 
 def read_weight_scale(src: TensorSource, weight: str) -> float:
@@ -149,7 +150,7 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
     found = index_checkpoint(model_dir, max_header_bytes)
     plan = plan_tensors(model_dir, present=set(found))
     fam = plan.family
-    sources, used, planned = {}, set(), []
+    sources, used, planned, scale_bytes = {}, set(), [], 0
     for t in plan.tensors:
         src = found.get(t.hf_name)
         if src is None and t.stack is not None:
@@ -172,6 +173,7 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
                 raise CheckpointError(f"{model_dir}: {t.scale_hf_name} is missing; the packed projection "
                                       f"{t.hf_name} needs its weight_scale")
             used.add(t.scale_hf_name)
+            scale_bytes += scale_src.np_dtype.itemsize * math.prod(scale_src.shape)
             recipe = dataclasses.replace(t.recipe, weight_scale=read_weight_scale(scale_src, t.hf_name))
             t = dataclasses.replace(t, recipe=recipe)
         planned.append(t)
@@ -203,5 +205,5 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
     if index.is_file():  # a remote checkpoint's: the file on the server, not the staged copy
         where = remote.source_of(model_dir)
         files.add(where.original(index) if where else index)
-    return Checkpoint(model_dir, plan, sources, kv, files_fingerprint(model_dir, files), name)
+    return Checkpoint(model_dir, plan, sources, kv, files_fingerprint(model_dir, files), name, scale_bytes)
 

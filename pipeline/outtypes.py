@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.codecs import (BF16, CODECS, F16, F32, I2_S, I2_S_ARM, IQ1_BN, IQ2_BN, IQ2_BN_R4, Q1_0, Q2_0, Q8_0, TL1,
                              TL2, TQ1_0, TQ2_0, Codec)
-from pipeline.errors import OptionError
+from pipeline.errors import CheckpointError, OptionError
 from pipeline.families import EMBEDDING, FLOAT, NORM, OUTPUT, TERNARY
 
 
@@ -464,3 +464,13 @@ def runtimes_markdown() -> str:
 
 if __name__ == "__main__":
     print(runtimes_markdown())
+
+
+def range_refusal(file, tensor: str, role: str, out: OutputType, biggest: float) -> CheckpointError | None:
+    """The refusal of a float tensor whose largest magnitude `out` cannot hold (None when it can)."""
+    if out.holds(biggest):
+        return None
+    roomier = [n for n in ("bf16", "f32") if OUTPUT_TYPES[n].holds(biggest)]
+    option = "--embedding-type" if role != NORM else "the output type"
+    return CheckpointError(f"{file}: tensor {tensor} has values up to {biggest:.6g}, beyond {out.codec.name}'s range "
+                           f"({out.largest:.6g}); choose {option} {' or '.join(roomier)}")

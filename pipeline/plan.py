@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 
 from pipeline.budget import BYTES_PER_ELEMENT, HEADROOM, IN_FLIGHT_PER_WORKER, Budget
-from pipeline.codecs import Q1_0, codes_supported, effective_scale
+from pipeline.codecs import MAGNITUDE_BITS, Q1_0, codes_supported, effective_scale
 from pipeline.config import Options, check_output_path, format_size
 from pipeline.errors import CheckpointError, OptionError
 from pipeline.families import EMBEDDING, GROUP_COLUMNS, GROUPED, OUTPUT, TERNARY, Recipe
@@ -413,8 +413,9 @@ class Plan:
             f = self.fetch
             lines.append(f"network: the conversion fetches about {format_size(f['total'])} ({f['total']} bytes): "
                          f"small files {format_size(f['small_files'])}, safetensors headers "
-                         f"{format_size(f['headers'])}, and the {format_size(f['tensors'])} of tensors twice "
-                         "(extract, then quantize/pack/assemble); nothing of the weights is stored")
+                         f"{format_size(f['headers'])}, the {format_size(f['tensors'])} of tensors once, and "
+                         f"{format_size(f['fetched_twice'])} of them again (extract's pass before a latent "
+                         "projection's codes or a group-scaled tensor's); nothing of the weights is stored")
         return "\n".join(lines)
 
 
@@ -596,6 +597,34 @@ def ternary_embedding_scan(family, role: str, shape) -> bool:
     (Ternary-Bonsai's are ternary: a ternary --embedding-type holds them when the data allows)."""
     return family.scale_rule == "group" and role in (EMBEDDING, OUTPUT) and len(shape) == 2 \
         and shape[1] % GROUP_COLUMNS == 0
+
+
+def fetched_once(family, t, source) -> bool:
+    """Whether a remote checkpoint's tensor is fetched once, by the stage that uses its values, and
+    not first by extract: a packed projection (extract records nothing of it; quantize checks its
+    fields) or a float tensor kept as it is (its range and finiteness are checked as it is read,
+    stores.check_unscanned; a remote file's content is pinned by its version, so no digests). A
+    latent projection is fetched twice by nature: its absmean scale is needed before its first code;
+    so are a group-scaled projection's and embedding's groups, and a float tensor quantize rewrites.
+    `source`: the tensor's safetensors_io.TensorSource."""
+    if t.recipe.packed:
+        return True
+    return t.role != TERNARY and t.recipe.weights != GROUPED and not t.recipe.rewritten \
+        and source.dtype in MAGNITUDE_BITS and not ternary_embedding_scan(family, t.role, source.shape)
+
+
+def fetched_once_names(ckpt) -> set[str]:
+    """Checkpoint names of the planned tensors of a remote checkpoint that extract does not read (its
+    files' versions pin their bytes: a file whose server names no version is digested as a local one)."""
+    return {t.hf_name for t in ckpt.plan.tensors if pinned(ckpt.sources[t.hf_name].file)
+            and fetched_once(ckpt.plan.family, t, ckpt.sources[t.hf_name])}
+
+
+def pinned(file) -> bool:
+    """Whether `file` is a remote file whose server names its version (commit, ETag, ...)."""
+    from pipeline.remote import RemoteFile
+
+    return isinstance(file, RemoteFile) and bool(file.version)
 
 
 def requantize_note(opts: Options, t, out) -> str | None:

@@ -166,15 +166,19 @@ def open_source(text: str, env=None) -> RemoteSource:
             raise CheckpointError(f"{src.url}: has no config.json; pass the URL of a Hugging Face checkpoint "
                                   "directory (config.json, *.safetensors, tokenizer)")
     except BaseException:
-        shutil.rmtree(src.staging, ignore_errors=True)
+        shutil.rmtree(src.staging.parent, ignore_errors=True)
         _SOURCES.pop(src.staging, None)
         raise
     return src
 
 
 def _new_staging(src_kwargs: dict) -> RemoteSource:
-    staging = Path(tempfile.mkdtemp(prefix="bitnet-gguf-source-")).resolve()
-    atexit.register(shutil.rmtree, staging, True)
+    # named as the model, like a local checkpoint's directory: general.* keys guessed from the
+    # directory's name (basename, finetune, size label) come out the same as for a local copy
+    parent = Path(tempfile.mkdtemp(prefix="bitnet-gguf-source-")).resolve()
+    atexit.register(shutil.rmtree, parent, True)
+    staging = parent / (src_kwargs["name"] if src_kwargs["name"] not in ("", ".", "..") else "model")
+    staging.mkdir()
     src = RemoteSource(staging=staging, **src_kwargs)
     _SOURCES[staging] = src
     return src
@@ -353,7 +357,8 @@ def buffer_reserve(workers: int) -> int:
 class Prefetch:
     """Reads ahead of the tasks: the ranges they will ask for, in their order, at most `depth`
     fetched and not yet taken (the budget's second chunk per worker holds them). A task whose range
-    is not here (or was passed over) reads it itself, so the order is a hint, never a condition."""
+    is not here (or was passed over before its fetch started) reads it itself, so the order is a hint,
+    never a condition."""
 
     def __init__(self, ranges: list[tuple[str, int, int, str]], depth: int):
         self.ranges, self.depth = ranges, max(1, depth)
@@ -381,9 +386,12 @@ class Prefetch:
         i = self.position.get((url, offset, n))
         with self.lock:
             future = self.futures.pop(i, None) if i is not None else None
-            if i is not None:  # ranges before this one were passed over: their tasks read them themselves
+            if i is not None:  # ranges before this one were passed over: those not started yet are dropped
+                # (their tasks read them themselves); one started or fetched waits for its task, which
+                # comes soon (tasks racing on two workers), rather than being fetched twice
                 for j in [j for j in self.futures if j < i]:
-                    self.futures.pop(j).cancel()
+                    if self.futures[j].cancel():
+                        del self.futures[j]
             self._fill()
         return future.result() if future is not None else None
 
@@ -598,9 +606,13 @@ def _call(fn, url: str, hf_repo: str | None = None):
 
 def fetch_estimate(ckpt) -> dict | None:
     """Bytes a conversion of a remote checkpoint fetches: the small files and the safetensors
-    headers (read again by every run), and the planned tensors' bytes twice: extract digests them,
-    then quantize (ternary), pack or assemble (the others) read them again for their values. Reads
-    off the 64 KiB digest blocks add up to 128 KiB per chunk read."""
+    headers and packed projections' weight_scale values (read again by every run), and the planned
+    tensors' bytes: once for a packed projection
+    or a float tensor kept as it is (read by the stage that uses the values), twice for the others
+    (extract's pass for a latent projection's absmean, a group-scaled tensor's groups or a float
+    tensor quantize rewrites, then the values): plan.fetched_once."""
+    from pipeline.plan import fetched_once_names
+
     src = source_of(ckpt.model_dir)
     if src is None:
         return None
@@ -608,6 +620,14 @@ def fetch_estimate(ckpt) -> dict | None:
     for s in ckpt.sources.values():
         first[s.file] = min(first.get(s.file, s.offset), s.offset)
     small = sum(f.size for f in src.small.values())
-    headers = sum(first.values())
-    tensors = sum(math.prod(s.shape) * s.np_dtype.itemsize for s in ckpt.sources.values())
-    return {"small_files": small, "headers": headers, "tensors": tensors, "total": small + headers + 2 * tensors}
+    headers = sum(first.values()) + ckpt.scale_bytes
+    once, twice, unread = 0, 0, fetched_once_names(ckpt)
+    for t in ckpt.plan.tensors:
+        s = ckpt.sources[t.hf_name]
+        nbytes = math.prod(s.shape) * s.np_dtype.itemsize
+        if t.hf_name in unread:
+            once += nbytes
+        else:
+            twice += nbytes
+    return {"small_files": small, "headers": headers, "tensors": once + twice, "fetched_twice": twice,
+            "total": small + headers + once + 2 * twice}

@@ -17,13 +17,13 @@ from pipeline.budget import current_rss, plan_budget
 from pipeline.checkpoint import open_checkpoint, open_vocabulary
 from pipeline.config import Options, format_size
 from pipeline.context import StageContext
-from pipeline.errors import CheckpointError, RunDirError, UserError
+from pipeline.errors import RunDirError, UserError
 from pipeline.families import GROUPED, TERNARY
 from pipeline.gguf_file import GGUFSplitWriter
 from pipeline.output import (OutputChanged, check_output_side, final_paths, identity, publish, remove_stale_temps,
                              temp_path, written_identity)
-from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES
-from pipeline.plan import file_kvs, make_plan, save_plan
+from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES, range_refusal
+from pipeline.plan import fetched_once_names, file_kvs, make_plan, save_plan
 from pipeline.rundir import OUTPUT_STAGES, STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler, probe_scheduler
@@ -341,19 +341,18 @@ def check_float_ranges(store: Path, ckpt, plan) -> None:
     (F16 tops out at 65504, BF16 below float32's largest values, Q8_0's block scale is an fp16),
     from the row maxima extract recorded: before anything is packed, naming the tensor."""
     store = open_store(store, "r")  # once: opening it per tensor costs more than the check
+    unread = fetched_once_names(ckpt)  # checked as they are read (stores.check_unscanned)
     for t in plan.tensors:
         if t.role == TERNARY:
             continue  # ternary values are codes times the scale, which pack checks
         out = OUTPUT_TYPES[t.out_type]
         if out.codec.ternary:  # a ternary --embedding-type: pack checks its scales
             continue
-        biggest = largest_values(store, t.name)
-        if not out.holds(biggest):
-            roomier = [n for n in ("bf16", "f32") if OUTPUT_TYPES[n].holds(biggest)]
-            option = "--embedding-type" if t.role != "norm" else "the output type"
-            raise CheckpointError(f"{t.source_file}: tensor {t.hf_name} has values up to {biggest:.6g}, "
-                                  f"beyond {out.codec.name}'s range ({out.largest:.6g}); choose {option} "
-                                  f"{' or '.join(roomier)}")
+        if t.hf_name in unread:
+            continue
+        refusal = range_refusal(t.source_file, t.hf_name, t.role, out, largest_values(store, t.name))
+        if refusal:
+            raise refusal
 
 
 def _prepare(opts, ckpt, plan, run, log, options: dict | None = None) -> dict:

@@ -42,6 +42,18 @@ def chunk_task(func, *args):
     return dask.delayed(func, pure=False)(*args)
 
 
+def run_reading_ahead(ctx, tasks: list, ahead: list, name: str) -> None:
+    """Run a stage's tasks; `ahead[i]`: the remote byte range task i reads (or None). With the
+    threaded scheduler the ranges are fetched ahead in the order its tasks start, at most one chunk
+    per worker not yet taken, so the next chunks arrive while the current ones are processed."""
+    from pipeline import remote
+
+    reads = ctx.options.scheduler == "threads" and any(ahead)
+    ranges = [ahead[i] for i in start_order(tasks) if ahead[i]] if reads else []
+    with remote.prefetching(ranges, ctx.budget.workers):
+        ctx.scheduler.run(tasks, name)
+
+
 def start_order(tasks: Sequence) -> list[int]:
     """Indices of `tasks` in the order the threaded scheduler starts them (Scheduler.run: batch by
     batch, each in dask.order's priority), so that their input can be read ahead in that order."""

@@ -281,11 +281,21 @@ def source_range(arr: zarr.Array, start: int, stop: int) -> tuple[str, int, int,
     return ref["file"], ref["offset"] + start * row_bytes, (stop - start) * row_bytes, ref["identity"]
 
 
-def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+def remote_range(arr: zarr.Array, start: int, stop: int) -> tuple[str, int, int, str] | None:
+    """(URL, offset, bytes, version) that `read_rows` fetches for rows [start, stop) of an indexed
+    array of a remote checkpoint (what remote.prefetching takes), None for any other array."""
+    where = source_range(arr, start, stop)
+    if where is None or not remote.is_url(where[0]):
+        return None
+    return where[0], where[1], where[2], where[3][1]
+
+
+def read_rows(arr: zarr.Array, start: int, stop: int, out_type: str | None = None) -> np.ndarray:
     """Rows [start, stop) of an array. A raw array's chunk files are read directly (one
     pread per chunk, about five times faster than zarr's read path); others through zarr.
     A chunk file that is missing or short means a damaged store, not zeros. An indexed
-    array's rows are one pread from the checkpoint file."""
+    array's rows are one pread from the checkpoint file (checked as extract would have, if it
+    did not read them: `check_unscanned`, against `out_type` or the array's own)."""
     if CODES_FROM in arr.attrs:  # pack.zarr: quantize's 2-bit codes (linked chunk files), encoded here
         scale = arr.attrs.get("scale")
         return CODECS[arr.attrs["out_type"]].encode_codes(_read_raw_rows(arr, start, stop),
@@ -295,11 +305,13 @@ def read_rows(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
         encoded = arr.attrs[ENCODED_FROM]
         block = np.empty((stop - start, encoded["columns"]), dtype=np.dtype(encoded["dtype"]))
         read_source(ref, start * block.itemsize * encoded["columns"], block.reshape(-1).view(np.uint8))
+        check_unscanned(ref, block, arr.attrs["out_type"], start, stop)
         return encode_floats(block, encoded["source_dtype"], arr.attrs["out_type"])
     if ref is not None:
         out = np.empty((stop - start, *arr.shape[1:]), dtype=arr.dtype)
         row_bytes = out.itemsize * math.prod(arr.shape[1:])
         read_source(ref, start * row_bytes, out.reshape(-1).view(np.uint8))
+        check_unscanned(ref, out, out_type or arr.attrs.get("out_type"), start, stop)
         return out
     if not is_raw(arr):
         return arr[start:stop]
@@ -366,6 +378,37 @@ ENCODED_FROM = "encoded_from"
 # marked `from_codes`); its bytes are the output type's `encode_codes` of them, which `read_rows`
 # returns and assemble writes (value: the code layout)
 CODES_FROM = "codes_from"
+
+
+# source_ref of a remote float tensor that extract did not read (plan.fetched_once): what its
+# readers need to check its values as extract would have (source dtype, tensor name, role)
+UNSCANNED = "unscanned"
+
+
+def damaged_values(file, tensor: str, start: int, stop: int) -> CheckpointError:
+    return CheckpointError(f"{file}: tensor {tensor} holds NaN or infinite values in rows {start}..{stop}; the "
+                           "checkpoint is damaged")
+
+
+def check_unscanned(ref: dict, block: np.ndarray, out_type: str | None, start: int, stop: int) -> None:
+    """Refuse rows of a tensor extract did not read that hold NaN or infinite values, or values
+    `out_type` (when known: the pack stage's) cannot hold, as extract and the runner's range
+    check refuse a local checkpoint's. `block`: the rows' bytes, in any integer or byte view."""
+    scan = ref.get(UNSCANNED)
+    if scan is None or not block.size:
+        return
+    from pipeline.codecs import MAGNITUDE_BITS, row_abs_max_bits
+    from pipeline.outtypes import OUTPUT_TYPES, range_refusal
+
+    bits = np.ascontiguousarray(block).reshape(block.shape[0] if block.ndim > 1 else 1, -1)
+    maxima, finite = row_abs_max_bits(bits.view(MAGNITUDE_BITS[scan["dtype"]][0]), scan["dtype"])
+    if not finite:
+        raise damaged_values(ref["file"], scan["tensor"], start, stop)
+    out = OUTPUT_TYPES.get(out_type) if out_type else None
+    if out is not None and not out.codec.ternary:
+        refusal = range_refusal(ref["file"], scan["tensor"], scan["role"], out, float(maxima.max(initial=0.0)))
+        if refusal:
+            raise refusal
 
 
 def make_ref(path: Path, offset: int, model_dir: Path, identity: list[int], content: dict | None = None) -> dict:

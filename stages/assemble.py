@@ -27,7 +27,7 @@ from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
 from pipeline.plan import file_kvs, gguf_tensors, stacked_info
 from pipeline.stores import (CODES_FROM, ENCODED_FROM, DamagedStore, check_source_file, chunk_path, get_array, is_raw,
-                             open_store, read_rows, row_ranges, source_range, source_ref)
+                             open_store, read_rows, remote_range, row_ranges, source_ref)
 
 
 def array_layout(arr):
@@ -104,10 +104,10 @@ def remote_reads(group, tensors) -> list[tuple[str, int, int, str]]:
             arr = get_array(group, name)
             chunks = row_ranges(arr.shape[0], arr.chunks[0]) if arr.ndim > 1 else [(0, arr.shape[0])]
             for r0, r1 in chunks:
-                where = source_range(arr, r0, r1)
-                if where is None or not remote.is_url(where[0]):
+                where = remote_range(arr, r0, r1)
+                if where is None:
                     break
-                ranges.append((where[0], where[1], where[2], where[3][1]))
+                ranges.append(where)
     return ranges
 
 

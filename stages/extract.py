@@ -35,49 +35,22 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import remote
-from pipeline.codecs import absmean_row_sums, group_magnitudes, group_rows
+from pipeline.codecs import (MAGNITUDE_BITS, absmean_row_sums, group_magnitudes, group_rows, row_abs_max,
+                             row_abs_max_bits)
 from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY
-from pipeline.plan import ternary_embedding_scan
+from pipeline.plan import fetched_once_names, pinned, ternary_embedding_scan
 from pipeline.rundir import write_json_atomic
 from pipeline.remote import RemoteFile
 from pipeline.safetensors_io import TensorSource, as_float32
-from pipeline.scheduler import chunk_task, start_order
-from pipeline.stores import (MAX_SUFFIX, array_path, content_recorded, content_spec, ensure_array, index_array,
-                             make_ref, open_store, record_content, refs_json, refs_path, row_ranges, write_rows,
-                             written_chunks)
+from pipeline.scheduler import chunk_task, run_reading_ahead
+from pipeline.stores import (MAX_SUFFIX, UNSCANNED, array_path, content_recorded, content_spec, damaged_values,
+                             ensure_array, index_array, make_ref, open_store, record_content, refs_json, refs_path,
+                             row_ranges, write_rows, written_chunks)
 from stages.quantize import SUMS_SUFFIX, TERNARY_ROWS_SUFFIX, ZEROS_SUFFIX
 
 GROUP_SUFFIX = ".group_max"
-
-
-# source dtype -> (its bits as an unsigned integer, the mask that clears the sign, infinity's bits):
-# with the sign cleared, the bit patterns of finite values order as their magnitudes, and every
-# pattern from infinity's up is infinite or NaN, so a row's max |x| is an integer max
-MAGNITUDE_BITS = {"BF16": (np.uint16, 0x7FFF, 0x7F80), "F16": (np.uint16, 0x7FFF, 0x7C00),
-                  "F32": (np.uint32, 0x7FFFFFFF, 0x7F800000)}
-
-
-def row_abs_max(values: np.ndarray) -> np.ndarray:
-    """float32 max |x| of each row (a 1-D tensor is one row)."""
-    a = np.abs(values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(1, -1))
-    return a.max(axis=1) if a.size else np.zeros(a.shape[0], np.float32)
-
-
-def row_abs_max_bits(block: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
-    """(float32 max |x| of each row, whether every value is finite) of a block in its source
-    representation, from the bit patterns (a quarter of the float path's memory traffic)."""
-    uint, mask, inf = MAGNITUDE_BITS[dtype]
-    bits = block.view(uint)
-    bits = bits.reshape(bits.shape[0], -1) if bits.ndim > 1 else bits.reshape(1, -1)
-    if not bits.size:
-        return np.zeros(bits.shape[0], np.float32), True
-    top = np.bitwise_and(bits, uint(mask)).max(axis=1)
-    finite = bool((top < uint(inf)).all())
-    if dtype == "BF16":
-        return (top.astype(np.uint32) << 16).view(np.float32), finite
-    return (top.view(np.float16).astype(np.float32) if dtype == "F16" else top.view(np.float32)), finite
 
 
 def scan_rows(source: TensorSource, side_path: str | None, start: int, stop: int, kind: str, content: dict | None,
@@ -114,8 +87,7 @@ def scan_rows(source: TensorSource, side_path: str | None, start: int, stop: int
         side = absmean_row_sums(values) if kind == "master" else row_abs_max(values)
         finite = bool(np.isfinite(side).all())
     if not finite:
-        raise CheckpointError(f"{source.file}: tensor {source.name} holds NaN or infinite values in rows "
-                              f"{start}..{stop}; the checkpoint is damaged")
+        raise damaged_values(source.file, source.name, start, stop)
     if len(source.shape) == 1:  # a 1-D tensor is one row, in one chunk
         write_rows(side_path, 0, 1, side)
     else:
@@ -158,19 +130,27 @@ def run(ctx: StageContext) -> None:
                 "model and are not written (a vision tower converts with llama.cpp's convert_hf_to_gguf.py --mmproj; "
                 "MTP layers are left out as its --no-mtp does)")
     identities = file_identities(ckpt)
+    unread = fetched_once_names(ckpt)
     shown = remote.label(ckpt.model_dir)  # what a refusal names: the URL of a remote checkpoint
     ahead = []  # the byte range each task reads (a remote checkpoint's)
     names, tasks = [], []  # names, not zarr.Array objects: the peak stays flat in the number of tensors
     for t in plan.tensors:
         src = ckpt.sources[t.hf_name]
-        kind = ("packed" if t.recipe.packed else "grouped" if t.recipe.weights == GROUPED
+        is_remote = isinstance(src.file, RemoteFile)
+        # a remote file's bytes are pinned by its version (If-Match on every request): no digests, and
+        # what needs no value pass here is fetched once, by the stage that uses it (plan.fetched_once)
+        kind = ("later" if t.hf_name in unread
+                else "packed" if t.recipe.packed else "grouped" if t.recipe.weights == GROUPED
                 else "master" if t.role == TERNARY else "float")
         rows = ctx.budget.rows_per_chunk(src.shape)
         row_bytes = src.row_elems * src.np_dtype.itemsize
-        content = content_spec(ctx.output / t.gguf_name, rows * row_bytes, src.shape[0] * row_bytes if src.shape else 0,
-                               t.hf_name)
-        ident = src.file.identity() if isinstance(src.file, RemoteFile) else identities[src.file]
+        nbytes = src.shape[0] * row_bytes if src.shape else 0
+        content = None if pinned(src.file) else content_spec(ctx.output / t.gguf_name, rows * row_bytes, nbytes,
+                                                             t.hf_name)
+        ident = src.file.identity() if is_remote else identities[src.file]
         ref = make_ref(src.file, src.offset, shown, ident, content)
+        if kind == "later" and not t.recipe.packed:  # checked as the later stages read it
+            ref[UNSCANNED] = {"dtype": src.dtype, "tensor": t.hf_name, "role": t.role}
         names.append(t.gguf_name)
         index_array(group, t.gguf_name, src.shape, rows, src.np_dtype, {
             "hf_name": t.hf_name, "role": t.role, "source_dtype": src.dtype,
@@ -196,9 +176,9 @@ def run(ctx: StageContext) -> None:
                                                   {"of": t.gguf_name})
         names += [side] if side else []
         names += [t.gguf_name + suffix for suffix in extras]
-        if content is None:
+        if not nbytes or kind == "later":
             continue
-        done = content_recorded(content)
+        done = content_recorded(content) if content else set(range(len(row_ranges(src.shape[0], rows))))
         if side:
             done &= written_chunks(side_array)
         for arr in extras.values():  # a chunk is done when every side array holds it (a kill may fall between)
@@ -209,10 +189,6 @@ def run(ctx: StageContext) -> None:
                 tasks.append(chunk_task(scan_rows, src, side and array_path(ctx.output, side), r0, r1, kind, content, i,
                                         paths))
                 ahead.append((src.file.url, src.offset + r0 * row_bytes, (r1 - r0) * row_bytes, src.file.version)
-                             if isinstance(src.file, RemoteFile) else None)
+                             if is_remote else None)
     write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, names))
-    # a remote checkpoint: the next chunks arrive while these are scanned (threads of this process only)
-    remote_reads = ctx.options.scheduler == "threads" and any(ahead)
-    ahead = [ahead[i] for i in start_order(tasks) if ahead[i]] if remote_reads else []
-    with remote.prefetching(ahead, ctx.budget.workers):
-        ctx.scheduler.run(tasks, "extract")
+    run_reading_ahead(ctx, tasks, ahead, "extract")

@@ -206,7 +206,7 @@ def encode_rows(src: str, out: str, start: int, stop: int, codec_name: str, scal
                 source_dtype: str, layout: str | None, tiles=None, block_scales: str | None = None,
                 requantize: bool = False, offset: float = 0.0) -> None:
     scales = read_rows(open_array(block_scales, "r"), start, stop) if block_scales else None
-    block = read_rows(open_array(src, "r"), start, stop)
+    block = read_rows(open_array(src, "r"), start, stop, codec_name)  # codec_name: the output type's name
     if layout is None and CODECS[codec_name].ternary:  # a ternary embedding: its float values' signs are the codes
         block, layout = np.sign(as_float32(block, source_dtype)).astype(np.int8), LAYOUT_INT8
     data = encode_block(block, codec_name, scale, source_dtype, layout, tiles, scales, requantize, offset)

@@ -50,10 +50,10 @@ from pipeline.families import (GROUP_COLUMNS, GROUPED, TERNARY, Recipe, apply_re
                                source_row_runs)
 from pipeline.plan import LAYOUT_2BIT, LAYOUT_INT8, code_layout, packed_block_rows, ternary_chunk_rows, ternary_scale
 from pipeline.safetensors_io import as_float32
-from pipeline.scheduler import chunk_task
+from pipeline.scheduler import chunk_task, run_reading_ahead
 from pipeline.stores import (array_path, copy_ref, ensure_array, get_array, has_member, index_array, is_indexed,
-                             is_raw, link_chunk, open_array, open_store, read_rows, row_ranges, source_ref, write_rows,
-                             written_chunks)
+                             is_raw, link_chunk, open_array, open_store, read_rows, remote_range, row_ranges, source_ref,
+                             write_rows, written_chunks)
 
 ReadRows = Callable[[int, int], np.ndarray]
 SUMS_SUFFIX = ".abs_sums"     # extract.zarr: per-row float64 sums of |W| beside a master-weight projection
@@ -310,7 +310,7 @@ def run(ctx: StageContext) -> None:
     group.attrs.update({**source.attrs.asdict(), "stage": "quantize"})
     names = source.attrs["tensor_order"]
 
-    tasks = []
+    tasks, ahead = [], {}  # ahead: task index -> the remote byte range it reads, where that is one range
     for name in names:
         src = get_array(source, name)
         recipe = Recipe.from_json(src.attrs["recipe"])
@@ -381,10 +381,13 @@ def run(ctx: StageContext) -> None:
             for i, (r0, r1) in enumerate(row_ranges(shape[0] // 4, block_rows)):
                 missing = [k for k in range(4) if k * per_quarter + i not in done]
                 if missing:
+                    ahead[len(tasks)] = remote_range(src, r0, r1)
                     tasks.append(chunk_task(quarters_task, *paths, r0, r1, recipe.as_json(), list(shape), missing))
             continue
+        one_range = not recipe.packed and recipe.reorder is None  # codes_task reads rows [r0, r1) at once
         for i, (r0, r1) in enumerate(row_ranges(shape[0], rows)):
             if i not in done:
+                ahead[len(tasks)] = remote_range(src, r0, r1) if one_range else None
                 tasks.append(chunk_task(codes_task, *paths, r0, r1, recipe.as_json(), list(shape),
                                         src.attrs["source_dtype"], arr.attrs["absmean"]))
-    ctx.scheduler.run(tasks, "quantize")
+    run_reading_ahead(ctx, tasks, [ahead.get(i) for i in range(len(tasks))], "quantize")

@@ -1,9 +1,17 @@
-"""Overlap of transfer and compute for a remote source, at a small scale: one synthetic checkpoint
-converted from its directory, then from tests/remote_server.py throttled to RATE MiB/s over all
-connections; prints both times, the bytes fetched, the bare transfer time of those bytes and the
-ratio (remote time / bare transfer time), and checks that both outputs are the same bytes.
+"""Converting where the checkpoint lives, measured beside "download then convert".
 
-    python -m tests.bench_remote [--rate 20] [--workdir build/bench-remote]
+One checkpoint (a directory given with --model, or a synthetic bf16 one written here) is served
+by tests/remote_server.py throttled to RATE MB/s over all connections, and converted twice:
+  remote    `bitnet-gguf convert http://.../` (byte ranges, nothing of the weights stored);
+  download  huggingface_hub's snapshot_download from the same server (HF_ENDPOINT), then a local
+            conversion of the downloaded directory.
+Each prints wall time, CPU time of the process tree, the mean load average (the machine may be
+shared), peak RSS of the process tree and peak disk (remote: run directory + output + staged
+small files; download: the downloaded checkpoint + run directory + output), the bytes fetched and
+their bare transfer time at RATE, and whether both GGUF files are the same bytes.
+
+    python -m tests.bench_remote --model build/bench/llama3-8b-packed [--rate 100] [--workdir DIR]
+    python -m tests.bench_remote --synthetic-bf16 HIDDEN,INTERMEDIATE,LAYERS,VOCAB [--rate 100]
 """
 from __future__ import annotations
 
@@ -11,57 +19,104 @@ import argparse
 import filecmp
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.peak_rss import disk_bytes, run_measuring_peak  # noqa: E402
 from tests.remote_server import CheckpointServer  # noqa: E402
-from tests.synthetic import write_checkpoint  # noqa: E402
 
-MiB = 1024**2
+MB, MiB, GiB = 1000**2, 1024**2, 1024**3
+REPO = "bench/model"
 
 
-def timed_convert(model, out: Path, limit: str) -> tuple[float, str]:
-    started = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out), "--no-progress",
-                        "--memory-limit", limit], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(r.stderr)
-    stages = ", ".join(line.split(": done in ")[0] + " " + line.split(": done in ")[1]
-                       for line in r.stderr.splitlines() if ": done in " in line)
-    return time.monotonic() - started, stages
+def measured(cmd: list[str], env: dict, disk: list[Path]) -> dict:
+    r = run_measuring_peak(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, interval=0.1, disk=disk)
+    if r["exit"]:
+        raise SystemExit(f"{' '.join(map(str, cmd[:5]))} ... failed:\n{r['stderr']}")
+    return r
+
+
+def convert_cmd(source, out: Path, limit: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "convert", str(source), "-o", str(out), "--no-progress",
+            "--memory-limit", limit]
+
+
+def stage_times(stderr: str) -> str:
+    return ", ".join(line.split(": done in ")[0].split()[-1] + " " + line.split(": done in ")[1]
+                     for line in stderr.splitlines() if ": done in " in line)
+
+
+def line(name: str, r: dict, extra: str = "") -> str:
+    return (f"{name}: {r['seconds']:.1f} s wall, {r['cpu']:.1f} s CPU, load {r['load'] or 0:.1f}; peak RSS "
+            f"{r['peak'] / MiB:.0f} MiB; peak disk {r['disk_peak'] / GiB:.2f} GiB{extra}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rate", type=float, default=20.0, help="MiB/s of the throttled server")
-    ap.add_argument("--limit", default="1GiB", help="--memory-limit of both conversions")
-    ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-remote")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="a checkpoint directory to serve")
+    src.add_argument("--synthetic-bf16", metavar="H,I,L,V",
+                     help="write a 1bitllm-family bf16 checkpoint of hidden, intermediate, layers, vocab")
+    ap.add_argument("--rate", type=float, default=100.0, help="MB/s (10^6 bytes) of the throttled server")
+    ap.add_argument("--limit", default="1GiB", help="--memory-limit of every conversion")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-remote"))
+    ap.add_argument("--skip-download", action="store_true", help="measure the remote conversion only")
     args = ap.parse_args(argv)
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
-    model = write_checkpoint(args.workdir / "model", "1bitllm", hidden_size=1024, intermediate_size=2048,
-                             num_layers=4, num_heads=8, vocab_size=32768, dtype="bf16")
-    size = sum(p.stat().st_size for p in model.iterdir())
-    local, local_stages = timed_convert(model, args.workdir / "local.gguf", args.limit)
-    server = CheckpointServer(model)
-    server.throttle = int(args.rate * MiB)
+    model = args.model
+    if model is None:
+        from tests.synthetic import write_checkpoint
+
+        h, i, n, v = (int(x) for x in args.synthetic_bf16.split(","))
+        model = write_checkpoint(args.workdir / "model", "1bitllm", hidden_size=h, intermediate_size=i,
+                                 num_layers=n, num_heads=h // 128, vocab_size=v, dtype="bf16")
+    size = sum(p.stat().st_size for p in model.iterdir() if p.is_file())
+    rate = args.rate * MB
+    model = model.resolve()  # the server serves files inside its root only
+    server = CheckpointServer(model, repo=REPO)
+    server.throttle = int(rate)
+    tmp = args.workdir / "tmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp), "HF_ENDPOINT": server.url, "HF_HOME": str(args.workdir / "hf-home"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    print(f"checkpoint {model}: {size / GiB:.2f} GiB; server at {args.rate:g} MB/s; --memory-limit {args.limit}",
+          flush=True)
     try:
-        remote, remote_stages = timed_convert(server.dir_url, args.workdir / "remote.gguf", args.limit)
-        fetched = sum(e["sent"] for e in server.log)
+        out = args.workdir / "remote.gguf"
+        run_dir = Path(str(out) + ".work")
+        r = measured(convert_cmd(server.dir_url, out, args.limit), env, [out, run_dir, tmp])
+        fetched = server.sent("")
+        bare = fetched / rate
+        output = out.stat().st_size
+        print(line("remote", r, f" ({r['disk_peak'] / output:.2f}x the output, {output / GiB:.2f} GiB)")
+              + f"\n  fetched {fetched / GiB:.2f} GiB ({fetched / size:.2f}x the checkpoint), bare transfer "
+              f"{bare:.1f} s: ratio {r['seconds'] / bare:.2f}\n  stages: {stage_times(r['stderr'])}", flush=True)
+        shutil.rmtree(run_dir)
+        if args.skip_download:
+            return 0
+        server.log.clear()
+        local = args.workdir / "download" / model.name  # general.name comes from the directory name
+        get = [sys.executable, "-c", "import sys; from huggingface_hub import snapshot_download; "
+               "snapshot_download(sys.argv[1], local_dir=sys.argv[2])", REPO, str(local)]
+        d = measured(get, env, [local, args.workdir / "hf-home"])
+        print(line("  download (snapshot_download)", d) + f"; fetched {server.sent('') / GiB:.2f} GiB", flush=True)
+        out2 = args.workdir / "local.gguf"
+        run_dir2 = Path(str(out2) + ".work")
+        c = measured(convert_cmd(local, out2, args.limit), {}, [local, out2, run_dir2])
+        print(line("  then convert", c) + f"\n  stages: {stage_times(c['stderr'])}", flush=True)
+        total = {"seconds": d["seconds"] + c["seconds"], "cpu": d["cpu"] + c["cpu"],
+                 "load": ((d["load"] or 0) + (c["load"] or 0)) / 2, "peak": max(d["peak"], c["peak"]),
+                 "disk_peak": max(d["disk_peak"], c["disk_peak"])}
+        print(line("download then convert", total, f" ({total['disk_peak'] / output:.2f}x the output)"))
+        same = filecmp.cmp(out, out2, shallow=False)
+        print(f"same bytes: {same}; disk now under {args.workdir}: {disk_bytes([args.workdir]) / GiB:.2f} GiB")
+        return 0 if same else 1
     finally:
         server.close()
-    bare = fetched / server.throttle
-    same = filecmp.cmp(args.workdir / "local.gguf", args.workdir / "remote.gguf", shallow=False)
-    print(f"checkpoint {size / MiB:.0f} MiB; local {local:.1f} s; remote at {args.rate:g} MiB/s {remote:.1f} s; "
-          f"fetched {fetched / MiB:.0f} MiB, bare transfer {bare:.1f} s, ratio {remote / bare:.2f}; "
-          f"same bytes: {same}\nstages, local: {local_stages}\nstages, remote: {remote_stages}")
-    return 0 if same else 1
 
 
 if __name__ == "__main__":

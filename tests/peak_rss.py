@@ -1,7 +1,9 @@
 """Peak resident memory of a command and every process it starts (psutil sampling)."""
 from __future__ import annotations
 
+import os
 import resource
+import stat
 import subprocess
 import tempfile
 import time
@@ -9,12 +11,39 @@ import time
 import psutil
 
 
-def run_measuring_peak(cmd: list[str], env: dict | None = None, interval: float = 0.02) -> dict:
-    """Run cmd, sampling the summed RSS of it and all its descendants every `interval` s.
+def disk_bytes(paths) -> int:
+    """Bytes allocated on disk under `paths` (files and directories; absent ones count 0; a file with
+    several hard links, as quantize's codes linked into pack.zarr, once)."""
+    total = 0
+    seen = set()
+    stack = [str(p) for p in paths]
+    while stack:
+        p = stack.pop()
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        total += st.st_blocks * 512
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                stack += [e.path for e in os.scandir(p)]
+            except OSError:
+                pass
+    return total
 
-    Returns exit code, peak bytes, seconds (wall), cpu (seconds of CPU of the command and the
-    children it waited for: what "quickly" means on a shared machine) and the end of stderr. RSS
-    counts file pages a process has mapped and touched, but not the page cache behind read() calls.
+
+def run_measuring_peak(cmd: list[str], env: dict | None = None, interval: float = 0.02, disk=(),
+                       disk_interval: float = 1.0) -> dict:
+    """Run cmd, sampling the summed RSS of it and all its descendants every `interval` s (and, when
+    `disk` names paths, the bytes on disk under them every `disk_interval` s).
+
+    Returns exit code, peak bytes, seconds (wall), cpu (seconds of CPU of the command and every process
+    it waited for: what "quickly" means on a shared machine), the mean load average, the peak of `disk`
+    and the end of stderr. RSS counts file pages a process has mapped and touched, but not the page
+    cache behind read() calls.
     """
     started = time.monotonic()
     cpu_before = _children_cpu()
@@ -22,7 +51,8 @@ def run_measuring_peak(cmd: list[str], env: dict | None = None, interval: float 
     # (a warning per tensor of a model with many tensors) would block on its next line
     err_file = tempfile.TemporaryFile()
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file, env=env)
-    peak = 0
+    peak = disk_peak = 0
+    loads, next_disk = [], 0.0
     while proc.poll() is None:
         total = 0
         try:
@@ -35,13 +65,20 @@ def run_measuring_peak(cmd: list[str], env: dict | None = None, interval: float 
             except psutil.NoSuchProcess:
                 pass
         peak = max(peak, total)
+        if disk and time.monotonic() >= next_disk:
+            disk_peak = max(disk_peak, disk_bytes(disk))
+            loads.append(os.getloadavg()[0])
+            next_disk = time.monotonic() + disk_interval
         time.sleep(interval)
     proc.wait()
+    if disk:
+        disk_peak = max(disk_peak, disk_bytes(disk))
     err_file.seek(0)
     err = err_file.read().decode(errors="replace")
     err_file.close()
-    return {"exit": proc.returncode, "peak": peak, "seconds": time.monotonic() - started,
-            "cpu": _children_cpu() - cpu_before, "stderr": err[-2000:]}
+    return {"exit": proc.returncode, "peak": peak, "seconds": time.monotonic() - started, "stderr": err[-2000:],
+            "cpu": _children_cpu() - cpu_before, "disk_peak": disk_peak,
+            "load": sum(loads) / len(loads) if loads else None}
 
 
 def _children_cpu() -> float:

@@ -177,9 +177,6 @@ def _handler(server: CheckpointServer):
                 if start >= size:
                     return self._error(416)
                 status = 206
-            with open(p, "rb") as f:  # the range only: a test checkpoint may be larger than the test's memory
-                f.seek(start)
-                body = f.read(end - start) if not head else b""
             fault = None
             weight_read = not head and name.endswith(".safetensors") and start >= 8 and rng
             if weight_read:
@@ -204,21 +201,27 @@ def _handler(server: CheckpointServer):
             if head:
                 self._record("HEAD", self.path, rng, 0)
                 return
+            f = open(p, "rb")  # the range only, a piece at a time: a bench checkpoint is larger than memory
+            f.seek(start)
+            with f:
+                self._body(f, end - start, fault, rng)
+
+        def _body(self, f, n: int, fault: str | None, rng):
             if fault == "reset":  # half the body, then a TCP reset (linger 0, the socket's last reference closed)
-                self.wfile.write(body[:len(body) // 2])
+                self.wfile.write(f.read(n // 2))
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 self.rfile.close()
                 self.connection.close()
                 self.close_connection = True
-                self._record("GET", self.path, rng, len(body) // 2, 599)
+                self._record("GET", self.path, rng, n // 2, 599)
                 return
             if fault == "truncate":  # half the body, then the connection closed cleanly
-                body = body[:len(body) // 2]
+                n = n // 2
                 self.close_connection = True
             sent = 0
             step = 64 * 1024
-            for a in range(0, len(body), step):
-                piece = body[a:a + step]
+            for a in range(0, n, step):
+                piece = f.read(min(step, n - a))
                 if server.throttle:  # one link for all connections: each piece waits for its slot on it
                     with server.lock:
                         slot = max(time.monotonic(), server.link_free)

@@ -17,9 +17,10 @@ from pipeline.codecs.bitnet_cpp import I2_S, I2_S_ARM, I2_S_TAIL, QK_I2_S, QK_I2
 from pipeline.codecs.ggml import (BF16, F16, F32, Q1_0, Q2_0, Q8_0, QK1_0, QK2_0, QK_K, TQ1_0, TQ2_0,
                                   encode_floats)
 from pipeline.codecs.ik import IK_CODECS, IQ1_BN, IQ2_BN, IQ2_BN_R4, QK_IQ1BN
-from pipeline.codecs.quantizer import (ABSMEAN_FLOOR, NonFiniteWeights, absmean_row_sums, absmean_scale,
-                                       absmean_total, constant_over, effective_scale, group_magnitudes, group_rows,
-                                       scale_granularity, sign_fields, ternary_codes)
+from pipeline.codecs.quantizer import (ABSMEAN_FLOOR, MAGNITUDE_BITS, NonFiniteWeights, absmean_row_sums,
+                                       absmean_scale, absmean_total, constant_over, effective_scale, group_magnitudes,
+                                       group_rows, row_abs_max, row_abs_max_bits, scale_granularity, sign_fields,
+                                       ternary_codes)
 
 CODECS: dict[str, type[Codec]] = {
     "tq2_0": TQ2_0, "tq1_0": TQ1_0, "i2_s": I2_S, "i2_s_arm": I2_S_ARM, "tl1": TL1, "tl2": TL2,
@@ -30,8 +31,9 @@ CODECS: dict[str, type[Codec]] = {
 }
 
 __all__ = ["ABSMEAN_FLOOR", "BF16", "CODECS", "CODE_BLOCK", "Codec", "CodecError", "F16", "F32", "I2_S", "I2_S_ARM",
-           "I2_S_TAIL", "IK_CODECS", "IQ1_BN", "IQ2_BN", "IQ2_BN_R4", "NonFiniteWeights", "Q1_0", "Q2_0", "Q8_0", "QK1_0", "QK2_0",
+           "I2_S_TAIL", "IK_CODECS", "IQ1_BN", "IQ2_BN", "IQ2_BN_R4", "MAGNITUDE_BITS", "NonFiniteWeights", "Q1_0", "Q2_0", "Q8_0", "QK1_0", "QK2_0",
            "QK_I2_S", "QK_I2_S_ARM", "QK_IQ1BN", "QK_K", "TL1", "TL2", "TQ1_0", "TQ2_0", "Tiles", "absmean_row_sums",
            "absmean_scale", "absmean_total", "codes_from_packed", "codes_supported", "column_order", "constant_over",
-           "effective_scale", "encode_floats", "group_magnitudes", "group_rows", "pack_fields", "scale_granularity",
+           "effective_scale", "encode_floats", "group_magnitudes", "group_rows", "pack_fields", "row_abs_max",
+           "row_abs_max_bits", "scale_granularity",
            "sign_fields", "ternary_codes", "unpack_fields"]
