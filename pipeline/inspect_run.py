@@ -7,7 +7,9 @@
 - `inspect WORKDIR --plot FILE`: a figure of every layer and projection: the scale
   (and absmean; for scales per row or group, their median and range), the shares of -1 / 0 / +1,
   for master-weight checkpoints a histogram of |W| / absmean over sampled rows with the rounding
-  thresholds, and for per-row scaled checkpoints the scale of every row of the middle layer.
+  thresholds, for per-row scaled checkpoints the scale of every row of the middle layer, and for
+  a mixture of experts each expert's median row scale by layer and the middle layer's stacks as
+  pictures of every row of every expert.
 
 Only what is written is read: a missing store, an array not yet created or a chunk
 not yet on disk is skipped (and reported as such). A store or array whose zarr.json cannot be
@@ -38,6 +40,10 @@ PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
                "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 _KIND_OF = {gguf: kind for kind, gguf in PROJECTIONS.items()}
 _PROJECTION_NAME = re.compile(r"^blk\.(\d+)\.(" + "|".join(PROJECTIONS.values()) + r")\.weight$")
+# a mixture of experts' stacks (pipeline.families.expert_name: one tensor per expert in the stores)
+EXPERT_STACKS = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
+_EXPERT_KIND_OF = {gguf: kind for kind, gguf in EXPERT_STACKS.items()}
+_EXPERT_NAME = re.compile(r"^blk\.(\d+)\.(" + "|".join(EXPERT_STACKS.values()) + r")\.weight\.(\d+)$")
 
 TERNARY_ROLE = "ternary"
 MASTER = "master"
@@ -58,6 +64,12 @@ def parse_projection(name: str) -> tuple[int, str] | None:
     """(layer, kind) of a GGUF projection name such as blk.3.ffn_up.weight, else None."""
     m = _PROJECTION_NAME.match(name)
     return (int(m.group(1)), _KIND_OF[m.group(2)]) if m else None
+
+
+def parse_expert(name: str) -> tuple[int, str, int] | None:
+    """(layer, kind, expert) of an expert's tensor such as blk.3.ffn_up_exps.weight.7, else None."""
+    m = _EXPERT_NAME.match(name)
+    return (int(m.group(1)), _EXPERT_KIND_OF[m.group(2)], int(m.group(3))) if m else None
 
 
 def store_path(run: RunDir, stage: str) -> Path:
@@ -410,6 +422,10 @@ class LayerStats:
     scale_lo: np.ndarray | None = None
     scale_hi: np.ndarray | None = None
     row_scales: dict = dataclasses.field(default_factory=dict)
+    # a mixture of experts: kind -> [layer, expert] median of the expert's row scales (NaN: not
+    # written), and kind -> (layer, [expert, row] the scale of each row: the middle layer's stack)
+    experts: dict = dataclasses.field(default_factory=dict)
+    expert_rows: dict = dataclasses.field(default_factory=dict)
 
 
 def _projections(group) -> dict[tuple[int, str], str]:
@@ -474,10 +490,58 @@ def collect_layer_stats(run: RunDir) -> LayerStats:
                     stats.shares[:, k, layer] = list(count_codes(arr).shares.values())
                     stats.partial[k, layer] = n_written < n_total
         stats.chunks[stage] = [written, total, missing]
+        if stage == "quantize":
+            _collect_experts(run, group, stats, damaged)
     source = checkpoint_state(run.load()) or {}
     if stats.master and "extract" in stores and source.get("state") == "unchanged":  # extract indexes its bytes
         stats.hist = _collect_hists({n: a for (stage, n), a in arrays.items() if stage == "extract"}, names, stats)
     return stats
+
+
+def row_scales_of(arr, blocks) -> np.ndarray | None:
+    """The scale of each row of a quantized projection (GGUF order; 0: a row of zeros): the largest
+    of its block scales for scales per row or group, its one scale for a scale per tensor. None
+    when nothing of it is written yet."""
+    granularity = arr.attrs.get("scale_granularity")
+    if granularity in (None, "tensor"):
+        scale = arr.attrs.get("scale")
+        return None if scale is None else np.full(arr.shape[0], scale, dtype=np.float32)
+    if blocks is None:
+        return None
+    try:
+        return np.asarray(blocks[...], dtype=np.float32).max(axis=1)
+    except (OSError, ValueError, KeyError):  # not written (a run stopped in quantize)
+        return None
+
+
+def _collect_experts(run: RunDir, group, stats: LayerStats, damaged: list[str]) -> None:
+    """The experts' row scales from quantize.zarr: each expert's median (for the map of experts by
+    layer) and, for the middle layer, every row of every expert (the stack as one picture)."""
+    found = {}
+    for name in group.attrs.get("tensor_order", []):
+        parsed = parse_expert(name)
+        if parsed is not None:
+            found[parsed] = name
+    if not found:
+        return
+    n_experts = max(x for _, _, x in found) + 1
+    middle = stats.n_layers // 2  # the layer the per-row panels of the dense projections show
+    for (layer, kind, expert), name in sorted(found.items()):
+        arr = open_member(run, "quantize", group, name, damaged)
+        if arr is None or arr is DAMAGED:
+            continue
+        blocks = open_member(run, "quantize", group, name + BLOCK_SCALES_SUFFIX, damaged)
+        rows = row_scales_of(arr, None if blocks is DAMAGED else blocks)
+        medians = stats.experts.setdefault(kind, np.full((stats.n_layers, n_experts), np.nan))
+        if rows is None:
+            continue
+        nonzero = rows[rows > 0]
+        if nonzero.size:
+            medians[layer, expert] = float(np.median(nonzero))
+        if layer == middle:
+            picture = stats.expert_rows.setdefault(kind, (layer, np.full((n_experts, rows.size), np.nan)))[1]
+            if picture.shape[1] == rows.size:
+                picture[expert] = np.where(rows > 0, rows, np.nan)
 
 
 def _block_scale_stats(stats: LayerStats, blocks, k: int, kind: str, layer: int, granularity: str) -> None:
@@ -567,7 +631,8 @@ def draw(stats: LayerStats, title: str):
 
     kinds = list(PROJECTIONS)
     layers = np.arange(stats.n_layers)
-    heights = [3.0, 2.0, 2.0, 2.0] + ([2.6] if stats.master else []) + ([2.6] if stats.row_scales else [])
+    heights = [3.0, 2.0, 2.0, 2.0] + ([2.6] if stats.master else []) + ([2.6] if stats.row_scales else []) \
+        + ([3.0, 3.0] if stats.experts else [])
     fig = Figure(figsize=(16, sum(heights) + 1.2), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(f"{title}\nternary projections: {_chunks_line(stats)}", fontsize=11)
@@ -641,7 +706,7 @@ def draw(stats: LayerStats, title: str):
                     transform=ax.transAxes, fontsize=7)
     if stats.row_scales:
         for k, kind in enumerate(kinds):
-            ax = fig.add_subplot(grid[len(heights) - 1, k])
+            ax = fig.add_subplot(grid[4 + stats.master, k])
             if kind not in stats.row_scales:
                 _nothing(ax, f"{kind}: no scale per row")
                 continue
@@ -650,7 +715,41 @@ def draw(stats: LayerStats, title: str):
             ax.set_title(f"{kind}: scale of each row, layer {layer}", fontsize=8)
             ax.set_xlabel("row (GGUF order)", fontsize=7)
             ax.tick_params(labelsize=7)
+    if stats.experts:
+        _draw_experts(fig, grid, 4 + stats.master + bool(stats.row_scales), stats, cmap)
     return fig
+
+
+def _draw_experts(fig, grid, row: int, stats: LayerStats, cmap) -> None:
+    """Two rows of panels from grid row `row`, one column group per expert projection: the median row scale of every
+    expert of every layer (an expert that is off, or not written, stands out), and the middle
+    layer's stack as one picture, the scale of every row of every expert."""
+    columns = len(PROJECTIONS)
+    spans = [slice(round(i * columns / len(EXPERT_STACKS)), round((i + 1) * columns / len(EXPERT_STACKS)))
+             for i in range(len(EXPERT_STACKS))]
+    for i, kind in enumerate(EXPERT_STACKS):
+        top = fig.add_subplot(grid[row, spans[i]])
+        bottom = fig.add_subplot(grid[row + 1, spans[i]])
+        medians = stats.experts.get(kind)
+        if medians is None or not np.isfinite(medians).any():
+            _nothing(top, f"{kind} experts: no scale written yet (quantize.zarr)")
+        else:
+            image = top.imshow(np.ma.masked_invalid(medians.T), aspect="auto", cmap=cmap, interpolation="nearest")
+            fig.colorbar(image, ax=top, pad=0.01, fraction=0.04).ax.tick_params(labelsize=7)
+            top.set_title(f"{EXPERT_STACKS[kind]}: median row scale of each expert (grey: not written)", fontsize=8)
+            top.set_xlabel("layer", fontsize=7)
+            top.set_ylabel("expert", fontsize=7)
+            top.tick_params(labelsize=7)
+        if kind not in stats.expert_rows or not np.isfinite(stats.expert_rows[kind][1]).any():
+            _nothing(bottom, f"{kind} experts: no row scales of the middle layer yet")
+            continue
+        layer, picture = stats.expert_rows[kind]
+        image = bottom.imshow(np.ma.masked_invalid(picture), aspect="auto", cmap=cmap, interpolation="nearest")
+        fig.colorbar(image, ax=bottom, pad=0.01, fraction=0.04).ax.tick_params(labelsize=7)
+        bottom.set_title(f"blk.{layer}.{EXPERT_STACKS[kind]}: scale of each row of each expert", fontsize=8)
+        bottom.set_xlabel("row (GGUF order)", fontsize=7)
+        bottom.set_ylabel("expert", fontsize=7)
+        bottom.tick_params(labelsize=7)
 
 
 def plot_run(run: RunDir, path: Path) -> str:
@@ -666,7 +765,8 @@ def plot_stats(run: RunDir, stats: LayerStats, path: Path) -> str:
         fig.savefig(path)
     except OSError as e:
         raise OptionError(f"--plot {path}: cannot write the figure ({e.strerror or e}); choose another path") from None
-    return f"wrote {path}: {stats.n_layers} layers x {len(PROJECTIONS)} projections; {_chunks_line(stats)}"
+    experts = f" (and {next(iter(stats.experts.values())).shape[1]} experts a stack)" if stats.experts else ""
+    return f"wrote {path}: {stats.n_layers} layers x {len(PROJECTIONS)} projections{experts}; {_chunks_line(stats)}"
 
 
 # -- the command -----------------------------------------------------------------------------------

@@ -8,12 +8,14 @@ the conversion gives up (NoWorkers, exit 1); the chunks already written stay, so
 continues."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import struct
 import sys
 import time
-from typing import Sequence
+import uuid
+from typing import Callable, Sequence
 
 import dask
 import dask.threaded
@@ -36,10 +38,19 @@ class NoWorkers(ResumableFailure):
     environment failure, exit 1: the run directory is kept and a rerun continues)."""
 
 
-def chunk_task(func, *args):
-    """One chunk of work as a dask task. Keys are unique per call (pure=False): a shared
-    cluster must never take one conversion's chunk for another's."""
-    return dask.delayed(func, pure=False)(*args)
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkTask:
+    """One chunk of work: a function and its arguments, made a dask task only when its batch runs
+    (a dask.delayed and its graph take a few KiB, which for the tens of thousands of chunks of a
+    model with many experts made a stage's peak grow with the number of tensors)."""
+    func: Callable
+    args: tuple
+    # unique (a shared cluster must never take one conversion's chunk for another's), and the same
+    # each time the task is made, so start_order's dask.order agrees with the run's
+    key: str = dataclasses.field(default_factory=lambda: f"chunk-{uuid.uuid4().hex}")
+
+    def delayed(self):
+        return dask.delayed(self.func, pure=False)(*self.args, dask_key_name=self.key)
 
 
 def run_reading_ahead(ctx, tasks: list, ahead: list, name: str) -> None:
@@ -54,7 +65,11 @@ def run_reading_ahead(ctx, tasks: list, ahead: list, name: str) -> None:
         ctx.scheduler.run(tasks, name)
 
 
-def start_order(tasks: Sequence) -> list[int]:
+def chunk_task(func, *args) -> ChunkTask:
+    return ChunkTask(func, args)
+
+
+def start_order(tasks: Sequence[ChunkTask]) -> list[int]:
     """Indices of `tasks` in the order the threaded scheduler starts them (Scheduler.run: batch by
     batch, each in dask.order's priority), so that their input can be read ahead in that order."""
     from dask.order import order
@@ -62,11 +77,12 @@ def start_order(tasks: Sequence) -> list[int]:
     out: list[int] = []
     for first in range(0, len(tasks), THREADED_BATCH):
         batch = range(first, min(first + THREADED_BATCH, len(tasks)))
+        made = {i: tasks[i].delayed() for i in batch}
         graph: dict = {}
-        for i in batch:
-            graph.update(dict(tasks[i].__dask_graph__()))
+        for d in made.values():
+            graph.update(dict(d.__dask_graph__()))
         priority = order(graph)
-        out += sorted(batch, key=lambda i: priority[tasks[i].key])
+        out += sorted(batch, key=lambda i: priority[made[i].key])
     return out
 
 
@@ -181,14 +197,14 @@ class Scheduler:
                 # (tens of thousands for a model with many experts), a batch's does not
                 results = []
                 for first in range(0, len(tasks), THREADED_BATCH):
-                    batch = tasks[first:first + THREADED_BATCH]
+                    batch = [t.delayed() for t in tasks[first:first + THREADED_BATCH]]
                     with _TaskProgress({t.key for t in batch}, bar):
                         results += dask.compute(*batch, scheduler=dask.threaded.get, num_workers=self.workers)
                 return results
             return self._run_distributed(tasks, bar)
 
     def _run_distributed(self, tasks: Sequence, bar: tqdm) -> list:
-        futures = self.client.compute(list(tasks))
+        futures = self.client.compute([t.delayed() for t in tasks])
         pending = set(futures)
         idle_since, next_check = None, 0.0
         where = "--cluster local" if self.kind == "local" else f"--scheduler {self.kind}"

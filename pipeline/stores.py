@@ -16,6 +16,7 @@ that zarr itself opens it with data.
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import math
 import os
@@ -54,21 +55,65 @@ def open_store(path: Path, mode: str = "a") -> zarr.Group:
 
 def _array_from_json(store: zarr.storage.LocalStore, path: str) -> zarr.Array | None:
     """The array at `path` in `store`, made from its zarr.json as zarr's own open makes it (the
-    parsed metadata and the store path), but without a trip through zarr's event loop: that trip
-    costs milliseconds per array, which adds up over the tens of thousands of arrays of a model
-    with many experts. None when there is no array's zarr.json there (a group, a damaged or
-    missing file): the caller asks zarr, which says what is wrong as it always has."""
-    meta = Path(str(store.root)) / path / "zarr.json"
+    parsed metadata, codec pipeline and config, and the store path), but without a trip through
+    zarr's event loop and without parsing a layout zarr already parsed: both cost a fraction of a
+    millisecond per array, which adds up over the hundreds of thousands of arrays the stages of a
+    model with many experts open. None when there is no array's zarr.json there (a group, a
+    damaged or missing file): the caller asks zarr, which says what is wrong as it always has."""
+    meta = os.path.join(str(store.root), path, "zarr.json")
     try:
-        data = json.loads(meta.read_bytes())
+        with open(meta, "rb") as f:
+            data = json.loads(f.read())
         if not isinstance(data, dict) or data.get("node_type") != "array" or data.get("zarr_format") != 3:
             return None
         from zarr.core.array import AsyncArray
         from zarr.storage import StorePath
 
-        return zarr.Array(AsyncArray(metadata=data, store_path=StorePath(store, path)))
+        layout, pipeline, config = _layout(data)
+        metadata = copy.copy(layout)  # this array's own attributes (a fresh dict: nothing zarr could change is shared)
+        attributes = data.get("attributes")
+        object.__setattr__(metadata, "attributes", attributes if attributes is not None else {})
+        arr = AsyncArray.__new__(AsyncArray)  # the four fields AsyncArray.__init__ sets, already parsed
+        object.__setattr__(arr, "metadata", metadata)
+        object.__setattr__(arr, "store_path", StorePath(store, path))
+        object.__setattr__(arr, "config", config)
+        object.__setattr__(arr, "codec_pipeline", pipeline)
+        return zarr.Array(arr)
     except Exception:  # noqa: BLE001 - anything zarr would refuse: let zarr refuse it, in its words
         return None
+
+
+# Parsed layouts (a zarr.json without its attributes): zarr's parsing was most of the cost of
+# opening an array, and a model's thousands of arrays have a handful of layouts. Bounded, so a
+# model of any size keeps a few hundred entries at most.
+_LAYOUTS: collections.OrderedDict = collections.OrderedDict()
+_LAYOUTS_MAX = 256
+_LAYOUTS_LOCK = threading.Lock()
+
+
+def _layout(data: dict) -> tuple:
+    """(ArrayV3Metadata without attributes, codec pipeline, array config) of a zarr.json's content,
+    made by zarr as its AsyncArray makes them, once per layout. The pipeline is made from the
+    codecs alone (zarr's local stores have no pipeline of their own) and holds no state."""
+    from zarr.core.array import create_codec_pipeline, parse_array_config
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    fields = {k: v for k, v in data.items() if k != "attributes"}
+    key = repr(fields)
+    with _LAYOUTS_LOCK:
+        hit = _LAYOUTS.get(key)
+        if hit is not None:
+            _LAYOUTS.move_to_end(key)
+            return hit
+    layout = ArrayV3Metadata.from_dict(fields)
+    if layout.storage_transformers:  # as zarr's parse_array_metadata: not supported
+        raise ValueError("storage transformers are not supported")
+    hit = (layout, create_codec_pipeline(metadata=layout), parse_array_config(None))
+    with _LAYOUTS_LOCK:
+        _LAYOUTS[key] = hit
+        while len(_LAYOUTS) > _LAYOUTS_MAX:
+            _LAYOUTS.popitem(last=False)
+    return hit
 
 
 def member_path(group: zarr.Group, name: str) -> str:
@@ -131,15 +176,17 @@ def write_array_metadata(group: zarr.Group, name: str, shape, chunks, dtype, att
     """An uncompressed array's zarr.json, as zarr writes it (its template with this shape, chunks and
     attributes), whole or not at all; zarr's create_array costs several times more per array, which
     adds up over the hundreds of arrays of an 8B model's stores."""
-    meta = json.loads(json.dumps(_metadata_template(dtype, len(shape))))
+    meta = dict(_metadata_template(dtype, len(shape)))
     meta["shape"] = [int(n) for n in shape]
-    meta["chunk_grid"]["configuration"]["chunk_shape"] = [int(n) for n in chunks]
+    meta["chunk_grid"] = {**meta["chunk_grid"], "configuration": {
+        **meta["chunk_grid"]["configuration"], "chunk_shape": [int(n) for n in chunks]}}
     meta["attributes"] = attrs
-    path = Path(str(group.store_path.store.root)) / group.path / name / "zarr.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("zarr.json.partial")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, path)
+    directory = os.path.join(str(group.store_path.store.root), group.path, name)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, "zarr.json.partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=2))
+    os.replace(tmp, os.path.join(directory, "zarr.json"))
 
 
 def array_path(store: Path, name: str) -> str:
@@ -775,6 +822,22 @@ def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
         record_chunk(arr, index, content)
 
 
+def _store_arrays(store: Path, digests: dict[str, list]):
+    """The arrays of a store's root group (as `group.arrays()`), found among the files of `digests`
+    and made from their zarr.json directly; a member whose zarr.json is not an array's is asked of
+    zarr, which yields it if it is an array and refuses it in its own words if it is damaged."""
+    group, local = None, local_store(store, "r")
+    for name in sorted(k[:-len("/zarr.json")] for k in digests if k.endswith("/zarr.json") and k.count("/") == 1):
+        arr = _array_from_json(local, name)
+        if arr is None:
+            group = group if group is not None else open_store(store, "r")
+            node = group[name]
+            if not isinstance(node, zarr.Array):
+                continue
+            arr = node
+        yield arr
+
+
 def chunk_records(store: Path, digests: dict[str, list]) -> None:
     """Check a store's chunks against the records written with them, before it is sealed.
 
@@ -788,7 +851,7 @@ def chunk_records(store: Path, digests: dict[str, list]) -> None:
         head, _, tail = k.rpartition("/")
         if tail.startswith("padded-chunk."):
             padded.setdefault(head, []).append(k)
-    for _name, arr in open_store(store, "r").arrays():
+    for arr in _store_arrays(store, digests):
         base = Path(arr.path)
         expected.add(str(base / "zarr.json"))
         if is_indexed(arr):  # no chunk files: its bytes are in the checkpoint (see read_source), but

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import format_size, parse_size  # noqa: E402
 from tests.peak_rss import run_measuring_peak  # noqa: E402
-from tests.synthetic import write_checkpoint, write_qwen35_checkpoint  # noqa: E402
+from tests.synthetic import write_checkpoint, write_maple_checkpoint, write_qwen35_checkpoint  # noqa: E402
 
 RESULTS = ROOT / "docs" / "benchmarks.md"
 
@@ -56,6 +56,12 @@ CHECKPOINTS = {
     # issue 23: per-tensor cost. 1818 layers of tiny projections (11 tensors a layer, rows of 128 values:
     # the projections fall back to F16) make 20,000 tensors in 1.2 GB
     "many-tensors-20k": ("1bitllm", dict(hidden_size=128, intermediate_size=256, num_layers=1818, num_heads=2)),
+    # issue 23: DeepGrove Maple 20B-A1B (ECOSYSTEM-2026.md 1d: 256 experts, 8 active, SWA-512 3:1); the widths
+    # are [inference] (20B over 24 layers x 256 experts x 3 projections: hidden 2048, expert FFN 512; 16 / 4
+    # heads of 128); 2 of its 24 layers (each 1.6 GB bf16 of experts), a tiny vocabulary
+    "maple-20b-2l": ("maple", dict(hidden_size=2048, num_layers=2, num_heads=16, num_kv_heads=4, head_dim=128,
+                                   num_experts=256, experts_per_tok=8, moe_intermediate_size=512,
+                                   sliding_window=512)),
     "bonsai-8b": ("bonsai", dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
                                  num_kv_heads=8, head_dim=128, vocab_size=151936)),
     # issue 22: prism-ml/Bonsai-8B-unpacked (1-bit: Qwen3-8B, fp16 {-s, +s}, one s per 128 values)
@@ -105,6 +111,7 @@ CASES = {
     "3B": Case("3B-f32", reference="lazy"),
     "xl": Case("xl-f16", reference="lazy"),
     "many-tensors": Case("many-tensors-20k", limit="256MiB", note="issue 23: 20,000 tiny tensors"),
+    "maple-20b": Case("maple-20b-2l", reference="lazy", note="issue 23: Maple's real widths, 256 experts, 2 layers"),
     "bonsai-8b": Case("bonsai-8b", "q2_0", note="group-scaled ternary, one scale per 128 values"),
     "bonsai-8b-q1_0": Case("bonsai-8b-binary", "q1_0", reference="lazy", route_ftype=40,
                            note="issue 22: 1-bit Bonsai; llama.cpp: f16 then llama-quantize Q1_0"),
@@ -121,6 +128,8 @@ def checkpoint(name: str, workdir: Path) -> Path:
         print(f"generating the {name} checkpoint in {path} ...", flush=True)
         if family == "qwen35":
             write_qwen35_checkpoint(path, **shape)
+        elif family == "maple":
+            write_maple_checkpoint(path, **shape)
         else:
             write_checkpoint(path, family, **shape)
     return path

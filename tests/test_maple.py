@@ -159,6 +159,40 @@ def test_inspect_shows_every_expert_of_a_stack(converted):
     assert shown.count("scale per row") == 4
 
 
+def test_plot_draws_every_experts_row_scales_from_the_checkpoint(model, converted, tmp_path):
+    """`inspect --plot` of a mixture of experts: a PNG whose expert panels hold each expert's median
+    row scale by layer and, for the middle layer, the scale of every row of every expert; the
+    values drawn are the checkpoint's (the magnitude of each {-s_r, 0, +s_r} row), read back from
+    the figure's images."""
+    from matplotlib.image import imread
+
+    from pipeline.inspect_run import collect_layer_stats, draw
+    from pipeline.rundir import RunDir
+
+    work = str(converted("q2_0")) + ".work"
+    png = tmp_path / "maple.png"
+    proc = run_cli("inspect", work, "--plot", png)
+    assert f"{SHAPE['num_experts']} experts a stack" in proc.stderr, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = imread(png).shape  # the whole file decodes
+    assert width >= 800 and height >= 1000, (width, height)
+
+    src = read_source_tensors(model)
+    n_layers, n_experts, middle = SHAPE["num_layers"], SHAPE["num_experts"], SHAPE["num_layers"] // 2
+    images = {ax.get_title(): ax.images[0].get_array() for ax in draw(collect_layer_stats(RunDir(work)), "t").axes
+              if ax.images}
+    for hf, stack in EXPERTS.items():
+        rows = {(b, x): np.abs(src[f"model.layers.{b}.mlp.experts.{x}.{hf}.weight"]).max(axis=1)
+                for b in range(n_layers) for x in range(n_experts)}
+        medians = images[f"{stack}: median row scale of each expert (grey: not written)"]
+        want = np.array([[np.median(rows[b, x][rows[b, x] > 0]) for b in range(n_layers)] for x in range(n_experts)])
+        np.testing.assert_allclose(np.ma.getdata(medians), want, rtol=1e-6)
+        picture = images[f"blk.{middle}.{stack}: scale of each row of each expert"]
+        want = np.stack([rows[middle, x] for x in range(n_experts)])
+        assert not np.ma.getmaskarray(picture).any() and (want > 0).all()
+        np.testing.assert_allclose(np.ma.getdata(picture), want, rtol=1e-6)
+
+
 def test_a_split_set_counts_a_stack_as_one_tensor(model, tmp_path):
     """--split-max-tensors counts GGUF tensors: a stack of experts is one, never cut between parts."""
     from pipeline.gguf_file import read_gguf
