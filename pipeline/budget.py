@@ -25,6 +25,10 @@ BYTES_PER_ELEMENT = 32          # working set of the heaviest kernel (quantize),
 # the q/k permutation 4.0; extract's digest of the packed bytes 1.0; assemble's TQ2_0 / I2_S encoding
 # of the 2-bit codes 1.0. Half as much again for the allocator and zarr.
 PACKED_BYTES_PER_ELEMENT = 6
+# A float tensor whose values pass through (an embedding, a head, a norm; not rewritten, not scanned for
+# ternary groups), measured as above: extract's row maxima from the bit patterns 4.0; pack's or assemble's
+# encoding from BF16 / F16 / F32 into F16 / F32 / Q8_0 at most 8.8, into BF16 10.6 (through float32).
+FLOAT_BYTES_PER_ELEMENT = 16
 # pack's encoding of 2-bit codes into a ternary type (one scale per tensor or per row; no block scales,
 # no kernel tiles), measured as above: TQ2_0 0.8, I2_S 2.5, IQ2_BN / IQ2_BN_R4 3.3, TQ1_0 3.5, Q2_0 3.6,
 # IQ1_BN 6.6 (the float types of the codes' values, up to 9.8, are charged BYTES_PER_ELEMENT)
@@ -110,10 +114,12 @@ WORKER_PROCESS_OVERHEAD = 160 * 1024**2  # an interpreter with dask.distributed,
 
 
 def plan_budget(memory_limit: int, workers: int = 0, baseline: int | None = None,
-                worker_processes: bool = False, reserve: int = 0) -> Budget:
+                worker_processes: bool = False, reserve: int = 0, per_element: int = BYTES_PER_ELEMENT) -> Budget:
     """`worker_processes`: tasks run in separate processes (--cluster local), each costing
     WORKER_PROCESS_OVERHEAD on top of its chunks; `reserve`: memory some later step needs on top
-    of what this process holds now (assemble reading the key/values back)."""
+    of what this process holds now (assemble reading the key/values back); `per_element`: the
+    working set per element of the kernel that handles most of the conversion's elements, which
+    decides how many workers still get chunks of at least MIN_CHUNK_BYTES."""
     baseline = (current_rss() if baseline is None else baseline) + reserve
     if worker_processes:
         if not workers:  # as many processes as fit beside their minimum chunk memory
@@ -129,7 +135,8 @@ def plan_budget(memory_limit: int, workers: int = 0, baseline: int | None = None
     if workers == 0:
         workers = os.cpu_count() or 1
         # more workers only while each still gets a chunk of at least the minimum size
-        while workers > 1 and usable // (workers * BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER) * 4 < MIN_CHUNK_BYTES:
+        while workers > 1 and usable // (workers * min(per_element, BYTES_PER_ELEMENT) * IN_FLIGHT_PER_WORKER) * 4 \
+                < MIN_CHUNK_BYTES:
             workers -= 1
     per_worker = usable // workers
     elements = per_worker // (BYTES_PER_ELEMENT * IN_FLIGHT_PER_WORKER)

@@ -21,8 +21,8 @@ import math
 import gguf
 import numpy as np
 
-from pipeline.budget import (BYTES_PER_ELEMENT, CODES_BYTES_PER_ELEMENT, HEADROOM, IN_FLIGHT_PER_WORKER,
-                            PACKED_BYTES_PER_ELEMENT, Budget)
+from pipeline.budget import (BYTES_PER_ELEMENT, CODES_BYTES_PER_ELEMENT, FLOAT_BYTES_PER_ELEMENT, HEADROOM,
+                            IN_FLIGHT_PER_WORKER, PACKED_BYTES_PER_ELEMENT, Budget)
 from pipeline.codecs import Q1_0, codes_supported, effective_scale
 from pipeline.config import Options, check_output_path, format_size
 from pipeline.errors import CheckpointError, OptionError
@@ -67,10 +67,26 @@ def ternary_scale(recipe: Recipe, absmean: float | None) -> np.float32:
     raise ValueError(f"unknown scale rule {recipe.scale_rule!r}")
 
 
-def source_bytes_per_element(role: str, recipe: Recipe) -> int:
-    """Working set per element of the kernels that read a tensor's source (extract, quantize):
-    a packed projection's never leave its 2-bit and 8-bit data (pipeline/budget.py)."""
-    return PACKED_BYTES_PER_ELEMENT if role == TERNARY and recipe.packed else BYTES_PER_ELEMENT
+def source_bytes_per_element(role: str, recipe: Recipe, scans_groups: bool = False) -> int:
+    """Working set per element of the kernels that read a tensor's source (extract, quantize) and of
+    pack's for a float tensor (pipeline/budget.py): a packed projection's never leave its 2-bit and
+    8-bit data; a float tensor passed through is read, measured and cast; the rest (master weights,
+    group-scaled ones, `scans_groups`: an embedding read for ternary groups, float tensors rewritten
+    or offset) are charged the most."""
+    if role == TERNARY:
+        return PACKED_BYTES_PER_ELEMENT if recipe.packed else BYTES_PER_ELEMENT
+    plain = not (scans_groups or recipe.rewritten or recipe.offset)
+    return FLOAT_BYTES_PER_ELEMENT if plain else BYTES_PER_ELEMENT
+
+
+def conversion_bytes_per_element(ckpt) -> int:
+    """The working set per element of the kernel that handles most of a checkpoint's elements (its
+    projections': packed or not), which decides the number of workers (budget.plan_budget)."""
+    by_cost: dict[int, int] = {}
+    for t in ckpt.plan.tensors:
+        cost = source_bytes_per_element(t.role, t.recipe, ternary_embedding_scan(ckpt.plan.family, t.role, t.shape))
+        by_cost[cost] = by_cost.get(cost, 0) + math.prod(t.shape)
+    return max(by_cost, key=by_cost.get, default=BYTES_PER_ELEMENT)
 
 
 def packed_blocks(shape: tuple[int, int], recipe: Recipe) -> bool:
@@ -107,7 +123,8 @@ def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
                                  per_element=source_bytes_per_element(TERNARY, recipe))
 
 
-def chunk_rows(budget, role: str, recipe: Recipe, shape, source_shape, out, tiles=None) -> dict[str, int]:
+def chunk_rows(budget, role: str, recipe: Recipe, shape, source_shape, out, tiles=None,
+               scans_groups: bool = False) -> dict[str, int]:
     """Rows per chunk of a tensor in each stage's store, decided once (the plan records them and the
     stages follow it), and `task_bytes`, the working set of its largest chunk task. extract: of the
     source tensor; a packed projection's blocks are one chunk there and one task in quantize, so
@@ -115,7 +132,7 @@ def chunk_rows(budget, role: str, recipe: Recipe, shape, source_shape, out, tile
     tensor for a float one. pack: of the GGUF tensor's bytes (a 1-D tensor: its byte count); for
     2-bit codes encoded into a ternary type, quantize's rows where the kernel's memory allows, else
     a divisor of them, so that pack reads whole chunks."""
-    source_cost = source_bytes_per_element(role, recipe)
+    source_cost = source_bytes_per_element(role, recipe, scans_groups)
     source_2d = len(source_shape) > 1
     extract = budget.rows_per_chunk(source_shape, per_element=source_cost) if source_2d else source_shape[0]
     codec = out.codec
@@ -124,12 +141,12 @@ def chunk_rows(budget, role: str, recipe: Recipe, shape, source_shape, out, tile
                 "task_bytes": BYTES_PER_ELEMENT * shape[0]}
     multiple, cols = codec.row_multiple(tiles), math.prod(shape[1:])
     if role != TERNARY:
-        quantize = shape[0] if recipe.rewritten else budget.rows_per_chunk(source_shape) if source_2d \
-            else source_shape[0]
-        pack = budget.rows_per_chunk(shape, multiple)
+        cost = source_cost if not out.codec.ternary else BYTES_PER_ELEMENT  # a ternary --embedding-type
+        quantize = shape[0] if recipe.rewritten else extract
+        pack = budget.rows_per_chunk(shape, multiple, per_element=cost)
         largest = max(extract * math.prod(source_shape[1:]) if source_2d else 1, pack * cols)
         return {"extract": extract, "quantize": quantize, "pack": pack,
-                "task_bytes": BYTES_PER_ELEMENT * min(budget.chunk_elements, largest)}
+                "task_bytes": cost * min(budget.elements(cost), largest)}
     block = packed_block_rows(budget, tuple(shape), recipe)
     quantize = block or ternary_chunk_rows(budget, shape, recipe)
     if block:
@@ -698,7 +715,7 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
     for i, (t, (out, fallback)) in enumerate(zip(ckpt.plan.tensors, types)):
         src = ckpt.sources[t.hf_name]
         rows = chunk_rows(budget, t.role, t.recipe, t.shape, src.shape, out, tensor_tiles(opts, t.role, t.shape)
-                          if out.needs_tiles else None)
+                          if out.needs_tiles else None, ternary_embedding_scan(ckpt.plan.family, t.role, src.shape))
         rows_of.append(rows)
         g = gguf_index[i]
         records.append(TensorRecord(t.gguf_name, t.hf_name, t.role, str(src.file), src.offset, src.dtype,
