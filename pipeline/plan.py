@@ -131,7 +131,7 @@ def chunk_rows(budget, role: str, recipe: Recipe, shape, source_shape, out, tile
     quantize reads whole digested chunks. quantize: of the GGUF tensor (its codes), or of the source
     tensor for a float one. pack: of the GGUF tensor's bytes (a 1-D tensor: its byte count); for
     2-bit codes encoded into a ternary type, quantize's rows where the kernel's memory allows, else
-    a divisor of them, so that pack reads whole chunks."""
+    a divisor of them, so that pack reads whole chunks (else no more rows than quantize's)."""
     source_cost = source_bytes_per_element(role, recipe, scans_groups)
     source_2d = len(source_shape) > 1
     extract = budget.rows_per_chunk(source_shape, per_element=source_cost) if source_2d else source_shape[0]
@@ -156,7 +156,7 @@ def chunk_rows(budget, role: str, recipe: Recipe, shape, source_shape, out, tile
         pack_cost = CODES_BYTES_PER_ELEMENT
         limit = budget.rows_per_chunk(shape, multiple, per_element=pack_cost)
         pack = quantize if quantize <= limit and quantize % multiple == 0 else \
-            largest_divisor(quantize, multiple, limit) or limit
+            largest_divisor(quantize, multiple, limit) or max(multiple, min(limit, quantize) // multiple * multiple)
     else:
         pack = budget.rows_per_chunk(shape, multiple)
     task = max(min(quantize * cols, budget.elements(source_cost)) * source_cost,
