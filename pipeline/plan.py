@@ -21,7 +21,8 @@ import math
 import gguf
 import numpy as np
 
-from pipeline.budget import BYTES_PER_ELEMENT, HEADROOM, IN_FLIGHT_PER_WORKER, Budget
+from pipeline.budget import (BYTES_PER_ELEMENT, CODES_BYTES_PER_ELEMENT, FLOAT_BYTES_PER_ELEMENT, HEADROOM,
+                             IN_FLIGHT_PER_WORKER, PACKED_BYTES_PER_ELEMENT, Budget)
 from pipeline.codecs import MAGNITUDE_BITS, Q1_0, codes_supported, effective_scale
 from pipeline.config import Options, check_output_path, format_size
 from pipeline.errors import CheckpointError, OptionError
@@ -66,28 +67,101 @@ def ternary_scale(recipe: Recipe, absmean: float | None) -> np.float32:
     raise ValueError(f"unknown scale rule {recipe.scale_rule!r}")
 
 
+def source_bytes_per_element(role: str, recipe: Recipe, scans_groups: bool = False) -> int:
+    """Working set per element of the kernels that read a tensor's source (extract, quantize) and of
+    pack's for a float tensor (pipeline/budget.py): a packed projection's never leave its 2-bit and
+    8-bit data; a float tensor passed through is read, measured and cast; the rest (master weights,
+    group-scaled ones, `scans_groups`: an embedding read for ternary groups, float tensors rewritten
+    or offset) are charged the most."""
+    if role == TERNARY:
+        return PACKED_BYTES_PER_ELEMENT if recipe.packed else BYTES_PER_ELEMENT
+    plain = not (scans_groups or recipe.rewritten or recipe.offset)
+    return FLOAT_BYTES_PER_ELEMENT if plain else BYTES_PER_ELEMENT
+
+
+def conversion_bytes_per_element(ckpt) -> int:
+    """The working set per element of the kernel that handles most of a checkpoint's elements (its
+    projections': packed or not), which decides the number of workers (budget.plan_budget)."""
+    by_cost: dict[int, int] = {}
+    for t in ckpt.plan.tensors:
+        cost = source_bytes_per_element(t.role, t.recipe, ternary_embedding_scan(ckpt.plan.family, t.role, t.shape))
+        by_cost[cost] = by_cost.get(cost, 0) + math.prod(t.shape)
+    return max(by_cost, key=by_cost.get, default=BYTES_PER_ELEMENT)
+
+
+def packed_blocks(shape: tuple[int, int], recipe: Recipe) -> bool:
+    """Whether quantize turns blocks of a packed projection's rows into four output chunks at once
+    (one per quarter): the rows are whole quarters of whole heads, of whole 128-value blocks."""
+    rows, cols = shape
+    return bool(recipe.packed and codes_supported(cols) and rows % 4 == 0 and (rows // 4) % recipe.row_multiple == 0)
+
+
 def packed_block_rows(budget, shape: tuple[int, int], recipe: Recipe) -> int | None:
     """Rows R of a packed projection that one task turns into four output chunks (one per
     quarter), or None when the fast path does not apply: R divides out / 4 (so every output
     chunk lies in one quarter) and holds whole heads when permuted."""
+    if not packed_blocks(shape, recipe):
+        return None
     rows, cols = shape
-    if not recipe.packed or not codes_supported(cols) or rows % 4:
-        return None
-    quarter = rows // 4
-    multiple = recipe.row_multiple
-    if quarter % multiple:
-        return None
-    limit = budget.rows_per_chunk((rows, cols))
+    quarter, multiple = rows // 4, recipe.row_multiple
+    limit = budget.rows_per_chunk((rows, cols), per_element=PACKED_BYTES_PER_ELEMENT)
+    return largest_divisor(quarter, multiple, max(limit, multiple))
+
+
+def largest_divisor(n: int, multiple: int, limit: int) -> int | None:
+    """The largest multiple of `multiple` that divides `n` and is at most `limit`, or None."""
     best = None
-    for r in range(multiple, quarter + 1, multiple):
-        if quarter % r == 0 and r <= max(limit, multiple):
+    for r in range(multiple, min(n, limit) + 1, multiple):
+        if n % r == 0:
             best = r
     return best
 
 
 def ternary_chunk_rows(budget, shape: tuple[int, ...], recipe: Recipe) -> int:
     """Output rows per chunk of a ternary tensor: within the budget, whole heads when permuted."""
-    return budget.rows_per_chunk(shape, multiple=recipe.row_multiple)
+    return budget.rows_per_chunk(shape, multiple=recipe.row_multiple,
+                                 per_element=source_bytes_per_element(TERNARY, recipe))
+
+
+def chunk_rows(budget, role: str, recipe: Recipe, shape, source_shape, out, tiles=None,
+               scans_groups: bool = False) -> dict[str, int]:
+    """Rows per chunk of a tensor in each stage's store, decided once (the plan records them and the
+    stages follow it), and `task_bytes`, the working set of its largest chunk task. extract: of the
+    source tensor; a packed projection's blocks are one chunk there and one task in quantize, so
+    quantize reads whole digested chunks. quantize: of the GGUF tensor (its codes), or of the source
+    tensor for a float one. pack: of the GGUF tensor's bytes (a 1-D tensor: its byte count); for
+    2-bit codes encoded into a ternary type, quantize's rows where the kernel's memory allows, else
+    a divisor of them, so that pack reads whole chunks (else no more rows than quantize's)."""
+    source_cost = source_bytes_per_element(role, recipe, scans_groups)
+    source_2d = len(source_shape) > 1
+    extract = budget.rows_per_chunk(source_shape, per_element=source_cost) if source_2d else source_shape[0]
+    codec = out.codec
+    if len(shape) < 2:
+        return {"extract": extract, "quantize": shape[0], "pack": codec.row_bytes(shape[0]),
+                "task_bytes": BYTES_PER_ELEMENT * shape[0]}
+    multiple, cols = codec.row_multiple(tiles), math.prod(shape[1:])
+    if role != TERNARY:
+        cost = source_cost if not out.codec.ternary else BYTES_PER_ELEMENT  # a ternary --embedding-type
+        quantize = shape[0] if recipe.rewritten else extract
+        pack = budget.rows_per_chunk(shape, multiple, per_element=cost)
+        largest = max(extract * math.prod(source_shape[1:]) if source_2d else 1, pack * cols)
+        return {"extract": extract, "quantize": quantize, "pack": pack,
+                "task_bytes": cost * min(budget.elements(cost), largest)}
+    block = packed_block_rows(budget, tuple(shape), recipe)
+    quantize = block or ternary_chunk_rows(budget, shape, recipe)
+    if block:
+        extract = block
+    pack_cost = BYTES_PER_ELEMENT
+    if codec.ternary and not tiles and recipe.weights != GROUPED and code_layout(shape[1]) == LAYOUT_2BIT:
+        pack_cost = CODES_BYTES_PER_ELEMENT
+        limit = budget.rows_per_chunk(shape, multiple, per_element=pack_cost)
+        pack = quantize if quantize <= limit and quantize % multiple == 0 else \
+            largest_divisor(quantize, multiple, limit) or max(multiple, min(limit, quantize) // multiple * multiple)
+    else:
+        pack = budget.rows_per_chunk(shape, multiple)
+    task = max(min(quantize * cols, budget.elements(source_cost)) * source_cost,
+               min(pack * cols, budget.elements(pack_cost)) * pack_cost)
+    return {"extract": extract, "quantize": quantize, "pack": pack, "task_bytes": task}
 
 
 # -- requantizing group-scaled tensors (--allow-requantize) ------------------------------------
@@ -327,6 +401,7 @@ class TensorRecord:
     fallback: str | None  # why the tensor is not the --type, if it is not
     requantize: str | None = None  # group-scaled: what happens if the data's scales do not fit the type
     stack: list | None = None  # an expert: [stacked GGUF tensor, expert index, experts] (its offset: within it)
+    chunk_rows: dict | None = None  # rows per chunk in extract, quantize and pack, and task_bytes (chunk_rows())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -535,27 +610,25 @@ def _chunked_bytes(rows: int, rows_per_chunk: int, row_bytes: int) -> int:
     return math.ceil(rows / rows_per_chunk) * rows_per_chunk * row_bytes if rows else 0
 
 
-def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict[str, int]:
+def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple], rows_of: list[dict]) -> dict[str, int]:
     """The bytes extract, quantize and pack will hold (chunk files; their JSON is not counted).
     extract indexes the checkpoint (no tensor bytes: the side arrays, and a padded copy of a
     file's last chunk where the file ends inside it); quantize indexes float tensors; pack
     indexes the floats whose bytes do not change."""
     sizes = {"extract": 0, "quantize": 0, "pack": 0}
-    last: dict = {}  # the last tensor of each file
-    for t in ckpt.plan.tensors:
+    last: dict = {}  # the last tensor of each file, and its extract rows per chunk
+    for t, rows in zip(ckpt.plan.tensors, rows_of):
         src = ckpt.sources[t.hf_name]
-        if src.offset >= last.get(src.file, src).offset:
-            last[src.file] = src
-    for src in last.values():
-        if len(src.shape) > 1:
-            rows, chunk = src.shape[0], budget.rows_per_chunk(src.shape)
-            if rows % chunk:
-                sizes["extract"] += chunk * math.prod(src.shape[1:]) * src.np_dtype.itemsize
-    for t, (out, _) in zip(ckpt.plan.tensors, types):
+        if src.offset >= last.get(src.file, (src, 0))[0].offset:
+            last[src.file] = (src, rows["extract"])
+    for src, chunk in last.values():
+        if len(src.shape) > 1 and src.shape[0] % chunk:
+            sizes["extract"] += chunk * math.prod(src.shape[1:]) * src.np_dtype.itemsize
+    for t, (out, _), chunks in zip(ckpt.plan.tensors, types, rows_of):
         src = ckpt.sources[t.hf_name]
         shape, source_shape = t.shape, t.source_shape
         src_rows = source_shape[0] if len(source_shape) > 1 else 1
-        src_chunk = budget.rows_per_chunk(source_shape) if len(source_shape) > 1 else 1
+        src_chunk = chunks["extract"] if len(source_shape) > 1 else 1
         grouped = t.role == TERNARY and t.recipe.weights == GROUPED
         if grouped:  # one float32 magnitude per group of columns, and a uint32 count of zeros per row
             sizes["extract"] += _chunked_bytes(src_rows, src_chunk, source_shape[1] // GROUP_COLUMNS * 4 + 4)
@@ -567,11 +640,10 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
                 side += source_shape[1] // GROUP_COLUMNS * 4 + 5
                 sizes["quantize"] += source_shape[0] * (source_shape[1] // 64) * 4
             sizes["extract"] += _chunked_bytes(src_rows, src_chunk, side) if len(source_shape) > 1 else side
-        rows = budget.rows_per_chunk(shape) if len(shape) > 1 else shape[0]
         if t.role == TERNARY:
             cols = shape[1]
             code_bytes = cols // 4 if code_layout(cols) == LAYOUT_2BIT else cols
-            q_rows = packed_block_rows(budget, shape, t.recipe) or ternary_chunk_rows(budget, shape, t.recipe)
+            q_rows = chunks["quantize"]
             sizes["quantize"] += _chunked_bytes(shape[0], q_rows, code_bytes)
             if grouped:  # block scales (one chunk): the data decides; estimated as one float32 per 64 values,
                 # Bonsai's case (0 for one scale per tensor, twice this for a scale changing every 32 values)
@@ -585,8 +657,7 @@ def store_sizes(opts: Options, ckpt, budget: Budget, types: list[tuple]) -> dict
         codec = out.codec
         tiles = tensor_tiles(opts, t.role, shape) if out.needs_tiles else None
         if len(shape) > 1:  # as pack chunks it: whole tiles of a TL type
-            rows = budget.rows_per_chunk(shape, codec.row_multiple(tiles))
-            sizes["pack"] += _chunked_bytes(shape[0], rows, codec.row_bytes(shape[-1], tiles))
+            sizes["pack"] += _chunked_bytes(shape[0], chunks["pack"], codec.row_bytes(shape[-1], tiles))
         else:
             sizes["pack"] += codec.row_bytes(shape[0])
     return sizes
@@ -671,22 +742,23 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
             outputs.append([str(path), file_size(own_kvs, own, alignment)])
     except (GGUFWriterError, ValueError) as e:
         raise CheckpointError(f"{opts.model_dir}: the GGUF header cannot be written ({e})") from None
-    records = []
+    records, rows_of = [], []
     for i, (t, (out, fallback)) in enumerate(zip(ckpt.plan.tensors, types)):
         src = ckpt.sources[t.hf_name]
-        rows = budget.rows_per_chunk(t.shape) if len(t.shape) > 1 else t.shape[0]
+        rows = chunk_rows(budget, t.role, t.recipe, t.shape, src.shape, out, tensor_tiles(opts, t.role, t.shape)
+                          if out.needs_tiles else None, ternary_embedding_scan(ckpt.plan.family, t.role, src.shape))
+        rows_of.append(rows)
         g = gguf_index[i]
         records.append(TensorRecord(t.gguf_name, t.hf_name, t.role, str(src.file), src.offset, src.dtype,
                                     list(src.shape), list(t.shape), t.recipe.as_json(), out.name, out.ggml_type,
-                                    sizes[i], part_of[g], offset_of[g] + within[i], rows, fallback,
-                                    requantize_note(opts, t, out), list(t.stack) if t.stack else None))
-    task = min(budget.chunk_elements, max((r.rows_per_chunk * math.prod(r.shape[1:]) for r in records
-                                           if len(r.shape) > 1), default=1))
-    peak = budget.baseline + HEADROOM + budget.workers * IN_FLIGHT_PER_WORKER * BYTES_PER_ELEMENT * task
+                                    sizes[i], part_of[g], offset_of[g] + within[i], rows["quantize"], fallback,
+                                    requantize_note(opts, t, out), list(t.stack) if t.stack else None, rows))
+    task = max((r["task_bytes"] for r in rows_of), default=BYTES_PER_ELEMENT)
+    peak = budget.baseline + HEADROOM + budget.workers * IN_FLIGHT_PER_WORKER * task
     from pipeline.remote import fetch_estimate, label
 
     return Plan(label(opts.model_dir), ckpt.plan.family.description, ckpt.plan.arch, opts.out_type,
-                opts.embedding_type, records, len(kvs), outputs, store_sizes(opts, ckpt, budget, types),
+                opts.embedding_type, records, len(kvs), outputs, store_sizes(opts, ckpt, budget, types, rows_of),
                 len(json.dumps(metadata, indent=2, sort_keys=True)) + RECORD_BYTES_PER_TENSOR * len(records),
                 budget.memory_limit, budget.workers, budget.chunk_elements, int(min(peak, budget.memory_limit)),
                 type_choice=opts.type_reason or "given", fetch=fetch_estimate(ckpt),

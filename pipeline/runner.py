@@ -23,7 +23,7 @@ from pipeline.gguf_file import GGUFSplitWriter
 from pipeline.output import (OutputChanged, check_output_side, final_paths, identity, publish, remove_stale_temps,
                              temp_path, written_identity)
 from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES, range_refusal
-from pipeline.plan import fetched_once_names, file_kvs, make_plan, save_plan
+from pipeline.plan import conversion_bytes_per_element, fetched_once_names, file_kvs, make_plan, save_plan
 from pipeline.rundir import OUTPUT_STAGES, STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler, probe_scheduler
@@ -38,7 +38,7 @@ KV_READBACK_BYTES_PER_ROW = 160
 CONTENT_CHANGED = "source_content_changed"
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 5, "quantize": 3, "pack": 3, "assemble": 3}
+STAGE_VERSIONS = {"extract": 6, "quantize": 4, "pack": 3, "assemble": 3}
 
 
 def stage_inputs(opts: Options, ckpt) -> dict[str, dict]:
@@ -242,7 +242,7 @@ def conversion_budget(opts: Options, ckpt):
     if remote.source_of(ckpt.model_dir):  # the range requests' buffers of every reading task
         reserve += remote.buffer_reserve(opts.workers or os.cpu_count() or 1)
     return plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local",
-                       reserve=reserve)
+                       reserve=reserve, per_element=conversion_bytes_per_element(ckpt))
 
 
 def convert(opts: Options, log) -> list[Path]:

@@ -142,7 +142,7 @@ def run(ctx: StageContext) -> None:
         kind = ("later" if t.hf_name in unread
                 else "packed" if t.recipe.packed else "grouped" if t.recipe.weights == GROUPED
                 else "master" if t.role == TERNARY else "float")
-        rows = ctx.budget.rows_per_chunk(src.shape)
+        rows = ctx.plan.tensor(t.gguf_name).chunk_rows["extract"]  # the plan's (pipeline/plan.py chunk_rows)
         row_bytes = src.row_elems * src.np_dtype.itemsize
         nbytes = src.shape[0] * row_bytes if src.shape else 0
         content = None if pinned(src.file) else content_spec(ctx.output / t.gguf_name, rows * row_bytes, nbytes,

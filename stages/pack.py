@@ -285,9 +285,8 @@ def run(ctx: StageContext) -> None:
             ctx.log(f"warning: {name}: requantized to {out.codec.name} (--allow-requantize): {requantize}")
         codec = out.codec
         tiles = tiles_of(opts.kernel_tiles, shape) if out.needs_tiles else None
-        # rows of this run's budget (the input may come from a run under a larger memory limit), whole tiles
-        rows = ctx.budget.rows_per_chunk(shape, codec.row_multiple(tiles)) if src.ndim > 1 \
-            else codec.row_bytes(shape[0])
+        # the plan's rows (the input may come from a run under a larger memory limit), whole tiles
+        rows = ctx.plan.tensor(name).chunk_rows["pack"]
         byte_shape = (*shape[:-1], codec.row_bytes(shape[-1], tiles))
         attrs = {"ggml_type": out.ggml_type, "type_name": codec.name, "out_type": out.name, "shape": list(shape),
                  "role": role, **({"scale": scale} if scale is not None else {}),

@@ -48,7 +48,7 @@ from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import (GROUP_COLUMNS, GROUPED, TERNARY, Recipe, apply_reorder, apply_transform,
                                source_row_runs)
-from pipeline.plan import LAYOUT_2BIT, LAYOUT_INT8, code_layout, packed_block_rows, ternary_chunk_rows, ternary_scale
+from pipeline.plan import LAYOUT_2BIT, LAYOUT_INT8, code_layout, packed_blocks, ternary_scale
 from pipeline.safetensors_io import as_float32
 from pipeline.scheduler import chunk_task, run_reading_ahead
 from pipeline.stores import (array_path, copy_ref, ensure_array, get_array, has_member, index_array, is_indexed,
@@ -327,7 +327,7 @@ def run(ctx: StageContext) -> None:
         if recipe.role != TERNARY:
             # not rewritten: the same checkpoint bytes, or the same chunk files (pack encodes them in
             # their output type); chunks of this run's size (extract may have run under a larger limit)
-            rows = ctx.budget.rows_per_chunk(src.shape)
+            rows = ctx.plan.tensor(name).chunk_rows["quantize"]
             if has_member(source, name + GROUP_SUFFIX):  # an embedding or head that may be ternary: its groups
                 base.update(ternary_embedding_attrs(ctx, source, group, name))
             if is_indexed(src):
@@ -341,8 +341,8 @@ def run(ctx: StageContext) -> None:
                     tasks.append(chunk_task(link_task, *paths, i) if same else chunk_task(copy_task, *paths, r0, r1))
             continue
         layout = code_layout(shape[1])
-        block_rows = packed_block_rows(ctx.budget, shape, recipe)
-        rows = block_rows or ternary_chunk_rows(ctx.budget, shape, recipe)
+        rows = ctx.plan.tensor(name).chunk_rows["quantize"]  # the plan's (pipeline/plan.py chunk_rows)
+        block_rows = rows if packed_blocks(shape, recipe) else None
         stored = (shape[0], shape[1] // 4) if layout == LAYOUT_2BIT else shape
         codes_dtype = np.uint8 if layout == LAYOUT_2BIT else np.int8
         arr = ensure_array(group, name, stored, rows, codes_dtype, {**base, "code_layout": layout})

@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -105,6 +106,13 @@ CASES = {
     "llama3-8b-i2s-arm": Case("llama3-8b-packed", "i2_s", extra=("--target", "arm")),
     "llama3-8b-tl2": Case("llama3-8b-packed", "tl2", kernel_config=LLAMA3_8B_TL2),
     "llama3-8b-cluster": Case("llama3-8b-packed", extra=("--cluster", "local")),
+    # issue 24: a low limit must not cost time (against "llama3-8b", back to back)
+    "llama3-8b-256mib": Case("llama3-8b-packed", limit="256MiB"),
+    # issue 24: three outputs from one read, against the three separate conversions (llama3-8b-tq2_0-x86,
+    # llama3-8b-i2s, llama3-8b-iq2bn; every file byte-identical to its separate one)
+    "llama3-8b-tq2_0-x86": Case("llama3-8b-packed", "tq2_0", extra=("--target", "x86")),
+    "llama3-8b-iq2bn": Case("llama3-8b-packed", "iq2_bn", extra=("--target", "x86")),
+    "llama3-8b-list": Case("llama3-8b-packed", "tq2_0,i2_s,iq2_bn", extra=("--target", "x86")),
     "llama3-8b-4l": Case("llama3-8b-packed-4l"),
     "llama3-8b-16l": Case("llama3-8b-packed-16l"),
     "large": Case("large-f32", reference="lazy"),
@@ -154,10 +162,13 @@ def tree_size(path: Path) -> int:
 
 
 def run_ours(case: Case, model: Path, workdir: Path) -> dict:
-    out = workdir / f"{case.checkpoint}-{case.out_type}.gguf"
+    several = "," in case.out_type  # -o names a directory that receives <model>-<TYPE>.gguf per type
+    out = workdir / (f"{case.checkpoint}-{case.out_type.replace(',', '+')}" + ("" if several else ".gguf"))
     work = out.with_name(out.name + ".work")
     for p in (out, work):
         subprocess.run(["rm", "-rf", str(p)], check=True)
+    if several:
+        out.mkdir()
     extra = list(case.extra)
     if case.kernel_config:
         ini = workdir / f"{case.checkpoint}-{case.out_type}-kernel_config.ini"
@@ -166,8 +177,11 @@ def run_ours(case: Case, model: Path, workdir: Path) -> dict:
         extra += ["--kernel-config", str(ini)]
     cmd = [sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out), "--type", case.out_type,
            "--memory-limit", case.limit, "--no-progress", *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = run_measuring_peak(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, interval=0.05)
-    r["output"] = sum(tree_size(p) for p in out.parent.glob(out.stem + "*.gguf"))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the CPU of the process tree: a shared machine's
+    r["cpu"] = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime  # wall time is not
+    r["output"] = tree_size(out) if several else sum(tree_size(p) for p in out.parent.glob(out.stem + "*.gguf"))
     r["workdir"] = tree_size(work) if work.exists() else 0
     r["stages"] = stage_figures(work)
     for p in (out, work):  # keep the disk free for the next run
@@ -180,15 +194,21 @@ def stage_figures(work: Path) -> str:
     import json
 
     try:
-        stages = json.loads((work / "manifest.json").read_text())["stages"]
+        manifest = json.loads((work / "manifest.json").read_text())
+        stages = manifest["stages"]
     except (OSError, ValueError, KeyError):
         return ""
     parts = []
     for stage in ("extract", "quantize", "pack", "assemble"):
+        if stage not in stages and manifest.get("outputs"):
+            continue  # several --type: each output's pack and assemble below
         seconds = stages.get(stage, {}).get("seconds")
         store = work / f"{stage}.zarr"
         held = f", {format_size(tree_size(store))}" if store.is_dir() else ""
         parts.append(f"{stage} {seconds if seconds is not None else '?'} s{held}")
+    for tag, record in (manifest.get("outputs") or {}).items():
+        parts.append(f"{tag}: " + ", ".join(f"{stage} {record.get('stages', {}).get(stage, {}).get('seconds', '?')} s"
+                                            for stage in ("pack", "assemble")))
     return "; ".join(parts)
 
 
@@ -286,7 +306,8 @@ def main(argv=None) -> int:
     lines.append("")
     for name, case, size, who, r, limit in rows:
         if r.get("workdir"):
-            lines.append(f"- {name}: run directory {r['workdir'] / size:.2f}x the checkpoint; {r.get('stages', '')}")
+            lines.append(f"- {name}: CPU (user + sys of the process tree) {r['cpu']:.1f} s; run directory "
+                         f"{r['workdir'] / size:.2f}x the checkpoint; {r.get('stages', '')}")
         if r.get("intermediate"):
             lines.append(f"- {name}: {who}: F16 intermediate {format_size(r['intermediate'])}; {r['steps']}")
     with open(RESULTS, "a") as f:

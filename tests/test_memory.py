@@ -78,3 +78,40 @@ def test_a_rerun_under_a_smaller_limit_honours_it(checkpoint, tmp_path):
     chunk_rows = {s: json.loads((work / f"{s}.zarr" / "token_embd.weight" / "zarr.json").read_text())
                   ["chunk_grid"]["configuration"]["chunk_shape"][0] for s in ("extract", "quantize", "pack")}
     assert chunk_rows["quantize"] < chunk_rows["extract"] and chunk_rows["pack"] < chunk_rows["extract"], chunk_rows
+
+
+@pytest.mark.slow
+def test_packed_projections_in_large_chunks_stay_under_256mib(tmp_path):
+    """A packed checkpoint's kernels need a few bytes an element, so under --memory-limit 256MiB its
+    projections are chunked several times larger than a float tensor's (pipeline/budget.py
+    PACKED_BYTES_PER_ELEMENT): the peak of the whole process tree must still stay under the limit,
+    the chunks must be the plan's in extract and quantize, and the file the same bytes as under 1GiB."""
+    import json
+
+    from tests.synthetic import write_checkpoint
+
+    # one Llama3-8B-1.58 layer: FFN projections of 14336 x 4096, packed 2 bits a value
+    model = write_checkpoint(tmp_path / "packed", "llama3-1.58", hidden_size=4096, intermediate_size=14336,
+                             num_layers=1, num_heads=32, num_kv_heads=8, vocab_size=1024)
+    out, work = tmp_path / "packed.gguf", tmp_path / "work"
+    r = convert_measuring_peak(model, out, "--workdir", work, "--memory-limit", "256MiB")
+    assert r["exit"] == 0, r["stderr"]
+    print(f"peak RSS of the conversion: {r['peak'] / MiB:.0f} MiB (limit 256 MiB)")
+    assert r["peak"] <= 256 * MiB - 32 * MiB, f"peak RSS {r['peak'] / MiB:.0f} MiB: less than 32 MiB of margin"
+    record = json.loads((work / "plan.json").read_text())
+    plan = {t["name"]: t for t in record["tensors"]}
+    gate = plan["blk.0.ffn_gate.weight"]["chunk_rows"]
+
+    def chunk_rows(stage: str, name: str) -> int:
+        meta = json.loads((work / f"{stage}.zarr" / name / "zarr.json").read_text())
+        return meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+    for name, t in plan.items():
+        if len(t["shape"]) > 1:
+            assert [chunk_rows(s, name) for s in ("extract", "quantize")] == \
+                [t["chunk_rows"]["extract"], t["chunk_rows"]["quantize"]], name
+    # a chunk of the heaviest kernel under the same budget (chunk_elements) is at least 2x smaller
+    assert gate["quantize"] * 4096 >= 2 * record["chunk_elements"], (gate, record["chunk_elements"])
+    reference = tmp_path / "reference.gguf"
+    r = convert_measuring_peak(model, reference, "--memory-limit", "1GiB")
+    assert r["exit"] == 0, r["stderr"]
+    assert out.read_bytes() == reference.read_bytes()
