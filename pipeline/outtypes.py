@@ -12,8 +12,8 @@ One `--type` can have a layout per target: `--type i2_s` is the entry `i2_s` (x8
 blocks of 128 values) or `i2_s_arm` (ARM builds, blocks of 64); `resolve` picks it.
 TL1 and TL2 exist for one target each.
 
-Which runtimes and backends load each type (`runtimes`, and `traps`: what goes wrong silently)
-is data here too, each fact with its source; `plan`, `inspect OUT.gguf` and the README's table
+Which runtimes and backends load each type (`runtimes`, and `traps`: what goes wrong silently,
+per type and, `ARCH_TRAPS`, per architecture) is data here too, each fact with its source; `plan`, `inspect OUT.gguf` and the README's table
 (`python -m pipeline.outtypes` prints it; tests/test_runtimes.py holds the README to it) read it.
 A cell nobody here has a source for stays unknown ("?"), never guessed.
 """
