@@ -468,6 +468,12 @@ def _consumed_codes(opts, plan, manifest, keys, run, log, stages, tag) -> dict |
         progress = state.get("low_disk") if state and state.get("key") == keys["assemble"] else None
         if _unfinished_output_intact(opts, plan, progress):
             return progress
+        finals = _published(opts, plan, progress)
+        if finals:  # killed after the rename into place, before the manifest said so
+            state.pop("low_disk")
+            state.update(state="done", outputs=[[str(p), *written_identity(p)] for p in finals])
+            run.save(manifest)
+            return None
     log("quantize: its codes were removed as an earlier --low-disk run wrote its output: redoing quantize"
         + (" (fetching the checkpoint again)" if remote.source_of(opts.model_dir) else "")
         + ", pack and assemble")
@@ -477,19 +483,34 @@ def _consumed_codes(opts, plan, manifest, keys, run, log, stages, tag) -> dict |
 
 def _unfinished_output_intact(opts, plan, progress) -> bool:
     """The temporary files --low-disk recorded are there, the same files, at least as long."""
+    temps = [temp_path(f, opts.workdir) for f in final_paths(opts.output, len(plan.outputs))]
+    return _recorded_files(temps, progress, exact=False)
+
+
+def _published(opts, plan, progress) -> list[Path] | None:
+    """The final files, when they are the temporary files --low-disk recorded complete, renamed."""
+    finals = final_paths(opts.output, len(plan.outputs))
+    if not isinstance(progress, dict) or progress.get("tensors") != len(plan.infos()):
+        return None
+    return finals if _recorded_files(finals, progress, exact=True) else None
+
+
+def _recorded_files(paths: list[Path], progress, exact: bool) -> bool:
+    """`paths` are the files of --low-disk's record (`progress`): regular, the inodes recorded, the
+    lengths recorded (`exact`) or longer (a tensor begun after the record)."""
     if not isinstance(progress, dict):
         return False
-    temps = [temp_path(f, opts.workdir) for f in final_paths(opts.output, len(plan.outputs))]
     lengths, files, tensors = progress.get("lengths"), progress.get("files"), progress.get("tensors")
     if not isinstance(tensors, int) or not isinstance(lengths, list) or not isinstance(files, list) \
-            or not len(temps) == len(lengths) == len(files):
+            or not len(paths) == len(lengths) == len(files):
         return False
-    for temp, length, ino in zip(temps, lengths, files):
+    for path, length, ino in zip(paths, lengths, files):
         try:
-            st = os.lstat(temp)
+            st = os.lstat(path)
         except OSError:
             return False
-        if not stat.S_ISREG(st.st_mode) or st.st_ino != ino or not isinstance(length, int) or st.st_size < length:
+        if not stat.S_ISREG(st.st_mode) or st.st_ino != ino or not isinstance(length, int) \
+                or st.st_size < length or (exact and st.st_size != length):
             return False
     return True
 

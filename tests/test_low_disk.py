@@ -37,7 +37,8 @@ MEM = ("--memory-limit", "512MiB")
 #   python -c HOOK KIND N SIGNAL WATCH_DIR REPORT -- convert ...
 # KIND: "rmtree" (removing a code chunk directory), "read" (os.open of a pack.zarr chunk for reading,
 # as assemble reads them), "record" (a manifest write once the temporary output is made: the first is
-# the first tensor's record), "publish" (the rename of the temporary output into place).
+# the first tensor's record), "publish" (the rename of the temporary output into place), "done" (the
+# manifest write after that rename, which says assemble is done).
 HOOK = r"""
 import os, signal, sys
 sys.path.insert(0, os.environ["PYTHONPATH"])
@@ -55,8 +56,12 @@ def matches(event, args):
         return seen[1] == 1 and path.endswith("manifest.json.tmp")
     if kind in ("rmtree", "measure") and event == "shutil.rmtree":
         return str(args[0]).endswith("/c") and (".zarr/" in str(args[0]))
-    if kind in ("publish", "measure") and event == "os.rename":  # the output's temporary name, not a chunk's
-        return os.path.dirname(str(args[0])) == watch and str(args[0]).endswith(".partial")
+    if kind in ("publish", "measure", "done") and event == "os.rename":  # the output's temporary name
+        published = os.path.dirname(str(args[0])) == watch and str(args[0]).endswith(".partial")
+        seen[1] = seen[1] or (published and kind == "done")
+        return published and kind != "done"
+    if kind == "done" and event == "open":  # the manifest written after the rename into place
+        return seen[1] == 1 and str(args[0]).endswith("manifest.json.tmp")
     if kind == "read" and event == "open" and args[1] is None and isinstance(args[2], int):
         path = str(args[0])
         return "/pack.zarr/" in path and "/c/" in path and (args[2] & 3) == os.O_RDONLY
@@ -233,6 +238,7 @@ KILLS = [
     ("rmtree", 7, signal.SIGTERM),   # between a record and its removal
     ("publish", 1, signal.SIGKILL),  # every tensor recorded, before the rename into place
     ("publish", 1, signal.SIGTERM),
+    ("done", 1, signal.SIGKILL),     # renamed into place, the manifest not yet saying so
 ]
 
 
@@ -243,13 +249,14 @@ def test_a_kill_inside_assemble_reruns_to_the_same_bytes(packed, tmp_path, kind,
     args = ("convert", model, "-o", out, "--no-progress", *MEM, "--low-disk")
     killed = hooked(kind, n, sig, out.parent, tmp_path / "r", *args)
     assert killed.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), killed.stderr
-    assert "assemble: running" in killed.stderr and not out.exists()
+    assert "assemble: running" in killed.stderr and out.exists() == (kind == "done")
     manifest = json.loads((Path(str(out) + ".work") / "manifest.json").read_text())
     recorded = manifest["stages"]["assemble"].get("low_disk", {}).get("tensors", 0)
     assert (recorded > 0) == (kind != "record" or n > 1)
     rerun = run_cli(*args)
-    assert ("continuing the unfinished output after" in rerun.stderr) == (recorded > 0)
+    assert ("continuing the unfinished output after" in rerun.stderr) == (recorded > 0 and kind != "done")
     assert "redoing" not in rerun.stderr
+    assert ("assemble: already done, skipped" in rerun.stderr) == (kind == "done")
     assert filecmp.cmp(out, ref, shallow=False)
     assert_consumed(out)
 
