@@ -345,7 +345,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pipeline.rundir import STAGES, RunDir, checkpoint_state
+    from pipeline.rundir import CODES_CONSUMED, STAGES, RunDir, checkpoint_state
     from pipeline.errors import RunDirError
 
     run = RunDir(args.workdir)
@@ -386,6 +386,9 @@ def cmd_status(args) -> int:
             print(f"output: {output}")
             for stage in STAGES[2:]:
                 interrupted |= show(stage, records.get(output, {}).get(stage, {}), output)
+    if manifest.get(CODES_CONSUMED):
+        print("codes: removed from quantize.zarr and pack.zarr as the output was written (--low-disk); a run "
+              "that needs them again redoes quantize")
     if interrupted:
         print("rerun the same convert command to continue from the chunks already written")
     return EXIT_OK

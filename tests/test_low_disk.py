@@ -140,6 +140,7 @@ def test_low_disk_writes_the_ordinary_conversions_bytes_and_leaves_no_codes(whic
     low_disk(model, out)
     assert filecmp.cmp(out, ref, shallow=False)
     assert_consumed(out)
+    assert "--low-disk" in run_cli("status", Path(str(out) + ".work")).stdout
     # the same command again: done, nothing redone; with the output gone: quantize redone, same bytes
     again = low_disk(model, out)
     assert "assemble: already done, skipped" in again.stderr and "redoing" not in again.stderr
