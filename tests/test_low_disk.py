@@ -297,3 +297,22 @@ def test_inspecting_the_codes_of_consumed_stores_is_refused_in_one_line(packed, 
     assert "--low-disk" in one_line(proc) and option[0] in proc.stderr
     assert tree(tmp_path) == before
     assert "quantize.zarr" in run_cli("inspect", work).stdout  # the rest of inspect still works
+
+
+def test_a_split_output_killed_mid_file_continues_every_part(packed, tmp_path_factory, tmp_path):
+    """--split-max-tensors: a record holds every part's length; the rerun reopens each."""
+    model, _ = packed
+    ref = shared_conversion(tmp_path_factory, model, *MEM, "--split-max-tensors", "8")
+    refs = sorted(ref.parent.glob("m-0000*-of-*.gguf"))
+    assert len(refs) == 4  # 30 tensors, 8 a part
+    out = tmp_path / "m.gguf"
+    args = ("convert", model, "-o", out, "--no-progress", *MEM, "--low-disk", "--split-max-tensors", "8")
+    killed = hooked("rmtree", 21, signal.SIGKILL, out.parent, tmp_path / "r", *args)  # in the second part
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    progress = json.loads((Path(str(out) + ".work") / "manifest.json").read_text())["stages"]["assemble"]["low_disk"]
+    assert 8 < progress["tensors"] < 30 and len(progress["lengths"]) == 4
+    rerun = run_cli(*args)
+    assert "continuing the unfinished output after" in rerun.stderr
+    for r in refs:
+        assert filecmp.cmp(tmp_path / r.name, r, shallow=False), r.name
+    assert code_dirs(Path(str(out) + ".work")) == []
