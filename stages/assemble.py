@@ -179,6 +179,24 @@ def consumed_names(pack: Path, tensors: int) -> list[str]:
     return [name for _, members in gguf_tensors_of(open_store(pack, "r"))[:tensors] for name in members]
 
 
+def low_disk_steps(ctx: StageContext, group, temps: list[Path]):
+    """(where a killed run's files continue or None, what follows each tensor or None, [whether a
+    tensor is recorded: the files are then kept on failure]) of --low-disk, or of a rerun that
+    continues its files (the runner removed what a kill between a record and its removal left)."""
+    recorded = [ctx.resume is not None]
+    if not ctx.options.low_disk and ctx.resume is None:
+        return None, None, recorded
+    tensors = gguf_tensors_of(group)
+    resume = (ctx.resume["tensors"], ctx.resume["lengths"]) if ctx.resume is not None else None
+
+    def after_tensor(i: int, writer) -> None:
+        lengths = writer.sync()  # the tensor's bytes are on disk before its codes go
+        ctx.record(i + 1, lengths, [os.stat(t).st_ino for t in temps])
+        recorded[0] = True
+        remove_codes(ctx.input, tensors[i][1])
+    return resume, after_tensor, recorded
+
+
 def run(ctx: StageContext) -> None:
     group = open_store(ctx.input, "r")
     opts = ctx.options
@@ -192,17 +210,7 @@ def run(ctx: StageContext) -> None:
     before = ctx.outputs_before
     if before is None or len(before) != len(finals):
         before = [identity(f) for f in finals]
-    resume, after_tensor, recorded = None, None, [ctx.resume is not None]
-    if opts.low_disk or ctx.resume is not None:
-        tensors = gguf_tensors_of(group)
-        if ctx.resume is not None:  # the runner removed what a kill between a record and its removal left
-            resume = (ctx.resume["tensors"], ctx.resume["lengths"])
-
-        def after_tensor(i: int, writer) -> None:
-            lengths = writer.sync()  # the tensor's bytes are on disk before its codes go
-            ctx.record(i + 1, lengths, [os.stat(t).st_ino for t in temps])
-            recorded[0] = True
-            remove_codes(ctx.input, tensors[i][1])
+    resume, after_tensor, recorded = low_disk_steps(ctx, group, temps)
     try:
         try:
             write_gguf(group, metadata, temps, parts, group.attrs["out_type"], ctx.scheduler.bar, ctx.budget.workers,

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
           flush=True)
     try:
         extra = ("--low-disk",) if args.low_disk else ()
-        out = args.workdir / "remote" / "remote.gguf"  # its directory: the output, its temporary name, the run directory
+        out = args.workdir / "remote" / "remote.gguf"  # a directory of its own: output, temporary, run dir
         out.parent.mkdir()
         run_dir = Path(str(out) + ".work")
         r = measured(convert_cmd(server.dir_url, out, args.limit, *extra), env, [out.parent, tmp])
