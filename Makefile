@@ -74,11 +74,13 @@ DEMO_OUT = $(if $(findstring $(comma),$(TYPE)),$(BUILD),$(BUILD)/demo-$(if $(TYP
 
 convert: demo-model
 	$(PY) -m pipeline convert $(DEMO_MODEL) -o "$(if $(OUT),$(OUT),$(DEMO_OUT))" \
-		$(if $(TYPE),--type "$(TYPE)") $(if $(MEM),--memory-limit "$(MEM)") $(if $(WORK),--workdir "$(WORK)")
+		$(if $(TYPE),--type "$(TYPE)") $(if $(MEM),--memory-limit "$(MEM)") $(if $(WORK),--workdir "$(WORK)") \
+		$(if $(LOW_DISK),--low-disk)
 else
 convert: $(VENV)/.stamp-base
 	$(PY) -m pipeline convert "$(MODEL)" $(if $(OUT),-o "$(OUT)") \
-		$(if $(TYPE),--type "$(TYPE)") $(if $(MEM),--memory-limit "$(MEM)") $(if $(WORK),--workdir "$(WORK)")
+		$(if $(TYPE),--type "$(TYPE)") $(if $(MEM),--memory-limit "$(MEM)") $(if $(WORK),--workdir "$(WORK)") \
+		$(if $(LOW_DISK),--low-disk)
 endif
 
 # one pytest worker per core (pytest-xdist), each test sent to whichever worker is free

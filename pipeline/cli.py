@@ -159,6 +159,12 @@ def add_convert_options(c) -> None:
     c.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="run directory for the intermediate zarr stores (default: <output>.work); "
                         "rerun with the same one to resume")
+    c.add_argument("--low-disk", action="store_true", default=None,
+                   help="keep the disk at about the output's size: assemble removes each tensor's codes from the "
+                        "run directory once the tensor is in the output (fsynced and recorded), and a rerun after a "
+                        "kill continues the unfinished output; the run directory's codes are then gone (inspect "
+                        "--codes is refused; another --type or -o redoes quantize, fetching a remote checkpoint "
+                        "again); one --type only")
     c.add_argument("--workers", type=int, default=None, metavar="N",
                    help="parallel chunk tasks (default: from CPU count and memory limit)")
     sched = c.add_mutually_exclusive_group()
@@ -244,7 +250,8 @@ def cmd_verify(args) -> int:
 def cmd_inspect(args) -> int:
     from pipeline.errors import RunDirError
     from pipeline.inspect_run import damage_error, inspect_command
-    from pipeline.rundir import RunDir
+    from pipeline.errors import OptionError
+    from pipeline.rundir import CODES_CONSUMED, RunDir
 
     if args.workdir.is_file():  # a GGUF file: what its header says
         from pipeline.inspect_run import describe_gguf, format_gguf
@@ -255,6 +262,10 @@ def cmd_inspect(args) -> int:
     run = RunDir(args.workdir)
     if not run.is_our_manifest(run._read_manifest()):
         raise RunDirError(f"{args.workdir}: no bitnet-gguf manifest.json; not a bitnet-gguf run directory")
+    if (args.codes or args.plot) and run.load().get(CODES_CONSUMED):
+        raise OptionError(f"{'--codes' if args.codes else '--plot'}: the codes of {args.workdir} were removed as "
+                          "the output was written (convert --low-disk); rerun the convert command without --low-disk, "
+                          "after deleting its output, to make them again")
     text, damaged = inspect_command(run, args.tensor, codes=args.codes, as_json=args.json, plot=args.plot, log=_log)
     if text:
         print(text, flush=True)
@@ -283,7 +294,8 @@ def _convert_options(args):
                   scheduler=scheduler, worker_timeout=args.worker_timeout,
                   progress=False if args.no_progress else sys.stderr.isatty(),
                   force=args.force, name_override=args.model_name, metadata_file=args.metadata,
-                  vocab_only=args.vocab_only, allow_requantize=args.allow_requantize)
+                  vocab_only=args.vocab_only, allow_requantize=args.allow_requantize,
+                  low_disk=args.low_disk)
     types = type_list(args.out_type)
     if types is not None:
         return make_many_options(model.path, types, **common), log
@@ -333,7 +345,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pipeline.rundir import STAGES, RunDir, checkpoint_state
+    from pipeline.rundir import CODES_CONSUMED, STAGES, RunDir, checkpoint_state
     from pipeline.errors import RunDirError
 
     run = RunDir(args.workdir)
@@ -374,6 +386,9 @@ def cmd_status(args) -> int:
             print(f"output: {output}")
             for stage in STAGES[2:]:
                 interrupted |= show(stage, records.get(output, {}).get(stage, {}), output)
+    if manifest.get(CODES_CONSUMED):
+        print("codes: removed from quantize.zarr and pack.zarr as the output was written (--low-disk); a run "
+              "that needs them again redoes quantize")
     if interrupted:
         print("rerun the same convert command to continue from the chunks already written")
     return EXIT_OK

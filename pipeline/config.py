@@ -78,6 +78,7 @@ class Options:
     vocab_only: bool = False    # --vocab-only: tokenizer and key/values, no tensors
     allow_requantize: bool = False  # group-scaled tensors a type cannot hold are requantized (lossy), not refused
     type_reason: str | None = None  # --type auto: why out_type was chosen (None: --type was given)
+    low_disk: bool = False      # assemble removes each tensor's codes once it is in the output (stages/assemble.py)
 
     @property
     def layout(self) -> OutputType:
@@ -134,7 +135,8 @@ def default_output(model_name: str, out_type: str, vocab_only: bool = False) -> 
 
 
 _SCHEDULER_ADDRESS = re.compile(r"tcp://(?P<host>[^\s:/]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})/?")
-_BOOL_OPTIONS = {"progress": "--no-progress", "force": "--force", "allow_requantize": "--allow-requantize"}
+_BOOL_OPTIONS = {"progress": "--no-progress", "force": "--force", "allow_requantize": "--allow-requantize",
+                 "low_disk": "--low-disk"}
 
 
 def _whole_number(values: dict, key: str, option: str) -> int:
@@ -389,6 +391,9 @@ def make_many_options(model_dir: Path, out_types: list[str], *, output: Path | N
             raise OptionError(f"--type: {said}; list each type once")
         seen[key] = reason
         many.append(opts)
+    if many[0].low_disk:
+        raise OptionError("--low-disk: the outputs of several --type share quantize's codes until the last is "
+                          "written, and --low-disk removes them as the first is; give one --type, or drop --low-disk")
     return many
 
 

@@ -26,3 +26,7 @@ class StageContext:
     outputs_before: list | None = None  # assemble: what was at the output path(s) when the conversion started
     outputs: list[Path] = dataclasses.field(default_factory=list)  # assemble: the files it wrote
     plan: "Plan | None" = None  # the run's plan (plan.json): every tensor's output type, part and offset
+    # assemble with --low-disk: the progress a killed run recorded ({"tensors", "lengths", "files"}, continued),
+    # and record(tensors, lengths, inodes), called once a tensor is on disk, before its codes are removed
+    resume: dict | None = None
+    record: Callable[[int, list[int], list[int]], None] | None = None

@@ -36,7 +36,7 @@ from gguf import GGML_QUANT_SIZES, GGUFValueType
 from pipeline import portable
 from pipeline.codecs import I2_S, I2_S_ARM, I2_S_TAIL, IK_CODECS, Q1_0, Q2_0, TL1, TL2
 from pipeline.errors import GGUFFormatError
-from pipeline.safe_files import create_exclusive
+from pipeline.safe_files import create_exclusive, open_no_link
 
 VT = GGUFValueType
 GGUF_MAGIC = b"GGUF"
@@ -489,6 +489,38 @@ class GGUFFileWriter:
         self._file.write(head)
         self._file.write(bytes(align(len(head), self.alignment) - len(head)))
 
+    def length_after(self, tensors: int) -> int:
+        """The file's length once its header and the first `tensors` tensors (padded) are written."""
+        head = len(header_bytes(self.kvs, self.tensors, self.alignment))
+        return align(head, self.alignment) + sum(align(t.nbytes, self.alignment) for t in self.tensors[:tensors])
+
+    def reopen(self, tensors: int, length: int) -> None:
+        """Continue the file an earlier writer of the same header began, after its first `tensors`
+        complete tensors (`length` bytes, as `sync` returned then): the header is checked, and what
+        follows those tensors (a tensor cut short) is cut off."""
+        if self._file is not None or self._closed:
+            raise GGUFWriterError(f"{self.path}: already open")
+        if not 0 <= tensors <= len(self.tensors) or length != self.length_after(tensors):
+            raise GGUFWriterError(f"{self.path}: {length} bytes is not where tensor {tensors} ends")
+        head = header_bytes(self.kvs, self.tensors, self.alignment)
+        f = os.fdopen(open_no_link(self.path, os.O_RDWR), "r+b")
+        try:
+            if os.fstat(f.fileno()).st_size < length or f.read(len(head)) != head:
+                raise GGUFWriterError(f"{self.path}: not the file this conversion began (header or length differ)")
+            f.truncate(length)
+            f.seek(length)
+        except BaseException:
+            f.close()
+            raise
+        self._file, self._current, self._written = f, tensors, 0
+
+    def sync(self) -> int:
+        """Flush and fsync what is written; the file's length."""
+        f = self._open_file()
+        f.flush()
+        os.fsync(f.fileno())
+        return f.tell()
+
     def write_tensor_data(self, which: int | str, chunk) -> None:
         """Append bytes (bytes, memoryview, or a numpy array's raw bytes) to the current tensor."""
         f = self._open_file()
@@ -668,6 +700,19 @@ class GGUFSplitWriter:
     def write_header(self) -> None:
         for w in self.writers:
             w.write_header()
+
+    def reopen(self, tensors: int, lengths: Sequence[int]) -> None:
+        """Continue every part after the first `tensors` tensors (GGUFFileWriter.reopen; `lengths`:
+        of each part then, as `sync` returned them)."""
+        if len(lengths) != len(self.writers):
+            raise GGUFWriterError(f"{len(lengths)} lengths for {len(self.writers)} parts")
+        for k, (w, length) in enumerate(zip(self.writers, lengths)):
+            w.reopen(sum(1 for part, _ in self.where[:tensors] if part == k), length)
+        self._current = tensors
+
+    def sync(self) -> list[int]:
+        """Flush and fsync every part; their lengths."""
+        return [w.sync() for w in self.writers]
 
     def write_tensor_data(self, which: int | str, chunk) -> None:
         w, j = self._writer(which)

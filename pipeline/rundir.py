@@ -37,6 +37,9 @@ from pipeline.safe_files import create_exclusive, open_no_link
 from pipeline.stores import DamagedStore, check_store, chunk_records, refs_path, remove_tree, store_digests
 
 STAGES = ("extract", "quantize", "pack", "assemble")
+# manifest.json: an assemble with --low-disk removed chunk files of quantize.zarr and pack.zarr as it
+# wrote the output (stages/assemble.py), so they are consumed, no longer what their checksums record
+CODES_CONSUMED = "codes_consumed"
 OUTPUT_STAGES = ("pack", "assemble")  # per output when one run writes several (`tag`: its output type)
 TAG = re.compile(r"[a-z0-9_]{1,32}")
 
@@ -280,12 +283,16 @@ class RunDir:
                 from None
         write_json_atomic(self.checksums_path(stage, tag), digests)
 
-    def check_sealed(self, stage: str, tag: str | None = None) -> None:
-        """The finished store of `stage` still holds what it held; else a one-line refusal."""
+    def check_sealed(self, stage: str, tag: str | None = None, consumed: set[str] | frozenset = frozenset()) -> None:
+        """The finished store of `stage` still holds what it held; else a one-line refusal.
+        `consumed`: arrays whose chunk files --low-disk removed (their `c/` files are not checked)."""
         try:
             recorded = json.loads(self.checksums_path(stage, tag).read_text(encoding="utf-8"))
             if not _is_checksum_record(recorded):
                 raise ValueError("not an object of [size, digest] entries")
+            if consumed:
+                recorded = {rel: v for rel, v in recorded.items()
+                            if "/c/" not in rel or rel.partition("/c/")[0] not in consumed}
             check_store(self.store(stage, tag), recorded)
         except DamagedStore as e:
             raise RunDirError(f"{self.path}: the run directory is damaged ({e.what}); delete it and convert again") \
@@ -315,6 +322,8 @@ class RunDir:
         for name in STAGES[STAGES.index(stage):]:
             manifest.get("stages", {}).pop(name, None)
             self._remove(name)
+        if stage in ("extract", "quantize"):  # the consumed stores are gone
+            manifest.pop(CODES_CONSUMED, None)
         if stage not in OUTPUT_STAGES:  # every output's pack read the shared stores
             manifest.pop("outputs", None)
             for t in self.tags():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from pipeline.output import (OutputChanged, check_output_side, final_paths, iden
                              temp_path, written_identity)
 from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES, range_refusal
 from pipeline.plan import conversion_bytes_per_element, fetched_once_names, file_kvs, make_plan, save_plan
-from pipeline.rundir import OUTPUT_STAGES, STAGES, RunDir, stage_key
+from pipeline.rundir import CODES_CONSUMED, OUTPUT_STAGES, STAGES, RunDir, stage_key
 from pipeline.safetensors_io import files_fingerprint, header_budget
 from pipeline.scheduler import Scheduler, probe_scheduler
 from pipeline.stores import SourceContentChanged, largest_values, open_store, source_changed
@@ -309,7 +310,11 @@ def check_disk(opts: Options, run: RunDir, plan, *more) -> None:
     work_at = _nearest_existing(opts.workdir)
     needs = {opts.workdir: max(0, work_bytes - have)}
     out_dev, work_dev = os.stat(opts.output.parent).st_dev, os.stat(work_at).st_dev
-    if out_dev == work_dev:
+    if out_dev == work_dev and opts.low_disk and not more:
+        # the codes go as the output grows: the stores at their largest, or the output beside what stays of them
+        kept = work_bytes - plan.stores.get("quantize", 0) - plan.stores.get("pack", 0)
+        needs[opts.workdir] = max(0, max(work_bytes, kept + out_bytes) - have)
+    elif out_dev == work_dev:
         needs[opts.workdir] += out_bytes
     else:
         needs[opts.output.parent] = out_bytes
@@ -397,7 +402,8 @@ def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_bef
     what is done; `tag`: the output type whose pack and assemble these are (its own store)."""
     if manifest is None:
         manifest = _prepare(opts, ckpt, plan, run, log)
-    if "pack" in stages and (n := remove_stale_temps(opts.output, opts.workdir)):
+    resume = _consumed_codes(opts, plan, manifest, keys, run, log, stages, tag)
+    if "pack" in stages and not resume and (n := remove_stale_temps(opts.output, opts.workdir)):
         log(f"removed {n} unfinished output file(s) of an interrupted run")
     first = STAGES.index(stages[0])
     previous = run.store(STAGES[first - 1]) if first else None
@@ -423,7 +429,7 @@ def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_bef
         if not _finished(stage, states.get(stage), keys[stage]):
             try:
                 _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manifest, keys[stage], log,
-                           check_source, outputs_before, inputs[stage], tag)
+                           check_source, outputs_before, inputs[stage], tag, resume if stage == "assemble" else None)
             except SourceContentChanged as e:
                 # the file's identity is as recorded, so only this mark makes the rerun start over
                 manifest[CONTENT_CHANGED] = e.file or remote.label(ckpt.model_dir)
@@ -439,20 +445,99 @@ def _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_bef
     return [Path(p) for p, *_ in _states(manifest, "assemble", tag, opts)["assemble"]["outputs"]]
 
 
+def _low_disk_record(run, manifest: dict, state: dict):
+    """assemble --low-disk's record of a tensor on disk, made before its codes are removed: the
+    stores are consumed from then on."""
+    def record(tensors: int, lengths: list[int], files: list[int]) -> None:
+        manifest[CODES_CONSUMED] = True
+        state["low_disk"] = {"tensors": tensors, "lengths": lengths, "files": files}
+        run.save(manifest)
+    return record
+
+
+def _consumed_codes(opts, plan, manifest, keys, run, log, stages, tag) -> dict | None:
+    """After an assemble with --low-disk (the codes it wrote are gone): the progress of this
+    command's own unfinished output, which assemble continues; else, unless this command's output
+    is finished, redo quantize (and what follows), which a run needing the codes must."""
+    if not manifest.get(CODES_CONSUMED):
+        return None
+    state = manifest.get("stages", {}).get("assemble")
+    if tag is None and "assemble" in stages:
+        if _finished("assemble", state, keys["assemble"]):
+            return None
+        progress = state.get("low_disk") if state and state.get("key") == keys["assemble"] else None
+        if _unfinished_output_intact(opts, plan, progress):
+            return progress
+        finals = _published(opts, plan, progress)
+        if finals:  # killed after the rename into place, before the manifest said so
+            state.pop("low_disk")
+            state.update(state="done", outputs=[[str(p), *written_identity(p)] for p in finals])
+            run.save(manifest)
+            return None
+    log("quantize: its codes were removed as an earlier --low-disk run wrote its output: redoing quantize"
+        + (" (fetching the checkpoint again)" if remote.source_of(opts.model_dir) else "")
+        + ", pack and assemble")
+    run.reset_from("quantize", manifest)
+    return None
+
+
+def _unfinished_output_intact(opts, plan, progress) -> bool:
+    """The temporary files --low-disk recorded are there, the same files, at least as long."""
+    temps = [temp_path(f, opts.workdir) for f in final_paths(opts.output, len(plan.outputs))]
+    return _recorded_files(temps, progress, exact=False)
+
+
+def _published(opts, plan, progress) -> list[Path] | None:
+    """The final files, when they are the temporary files --low-disk recorded complete, renamed."""
+    finals = final_paths(opts.output, len(plan.outputs))
+    if not isinstance(progress, dict) or progress.get("tensors") != len(plan.infos()):
+        return None
+    return finals if _recorded_files(finals, progress, exact=True) else None
+
+
+def _recorded_files(paths: list[Path], progress, exact: bool) -> bool:
+    """`paths` are the files of --low-disk's record (`progress`): regular, the inodes recorded, the
+    lengths recorded (`exact`) or longer (a tensor begun after the record)."""
+    if not isinstance(progress, dict):
+        return False
+    lengths, files, tensors = progress.get("lengths"), progress.get("files"), progress.get("tensors")
+    if not isinstance(tensors, int) or not isinstance(lengths, list) or not isinstance(files, list) \
+            or not len(paths) == len(lengths) == len(files):
+        return False
+    for path, length, ino in zip(paths, lengths, files):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_ino != ino or not isinstance(length, int) \
+                or st.st_size < length or (exact and st.st_size != length):
+            return False
+    return True
+
+
 def _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manifest, key, log, check_source,
-               outputs_before=None, inputs=None, tag=None) -> None:
+               outputs_before=None, inputs=None, tag=None, resume=None) -> None:
     own = tag if stage in OUTPUT_STAGES else None
     if stage != "extract":
         before = STAGES[STAGES.index(stage) - 1]
-        run.check_sealed(before, tag if before in OUTPUT_STAGES else None)  # its input is what was written
+        consumed = set()
+        if resume:  # --low-disk continued: the chunk files of the tensors written are gone (or go now)
+            from stages.assemble import consumed_names, remove_codes
+
+            consumed = set(consumed_names(previous, resume["tensors"]))
+            remove_codes(previous, sorted(consumed))  # what a kill between a record and its removal left
+        run.check_sealed(before, tag if before in OUTPUT_STAGES else None, consumed)  # its input is what was written
     started = time.monotonic()
-    log(f"{stage}: running" + (f" ({opts.output.name})" if own else ""))
+    log(f"{stage}: running" + (f" ({opts.output.name})" if own else "")
+        + (f", continuing the unfinished output after {resume['tensors']} of {len(plan.infos())} tensors "
+           "(--low-disk)" if resume else ""))
     states = _states(manifest, stage, tag, opts)
-    states[stage] = {"key": key, "state": "running"}
+    states[stage] = {"key": key, "state": "running", **({"low_disk": resume} if resume else {})}
     run.save(manifest)
     output = opts.output if stage == "assemble" else run.store(stage, own)
     ctx = StageContext(opts, budget, scheduler, previous, output, ckpt if stage == "extract" else None, log,
-                       run.metadata_path, before_publish=check_source, outputs_before=outputs_before, plan=plan)
+                       run.metadata_path, before_publish=check_source, outputs_before=outputs_before, plan=plan,
+                       resume=resume, record=_low_disk_record(run, manifest, states[stage]))
     importlib.import_module(f"stages.{stage}").run(ctx)
     if stage != "assemble":  # assemble checks before it publishes
         check_source()  # a file rewritten while it was read would mix old and new weights

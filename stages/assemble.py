@@ -12,16 +12,28 @@ With --split-max-size / --split-max-tensors the tensors are spread over
 `NAME-0000k-of-0000n.gguf` parts as llama.cpp's gguf-split does. Every file is
 written to a temporary name, fsynced, and renamed into place only when all are
 complete (pipeline/output.py).
+
+With --low-disk the run directory gives its bytes up as the file grows: after each tensor the
+temporary file is fsynced, (tensors written, file lengths) recorded in the manifest, and only
+then that tensor's chunk files removed from pack.zarr and quantize.zarr (both names of a hard
+link), so the disk holds the output plus one tensor's codes. A rerun continues the temporary
+file after the last recorded tensor (cutting off what follows, and removing the chunk files a
+kill left between the record and the removal). The stores are then consumed: the manifest
+says so (CODES_CONSUMED), and what needs their codes again redoes quantize (pipeline/runner.py).
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 
 from pipeline import remote
 from pipeline.context import StageContext
-from pipeline.gguf_file import GGUFSplitWriter, TensorInfo
+from pipeline.errors import RunDirError
+from pipeline.gguf_file import GGUFSplitWriter, GGUFWriterError, TensorInfo
 from pipeline.output import OutputChanged, final_paths, identity, publish, temp_path
 from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
@@ -112,16 +124,27 @@ def remote_reads(group, tensors) -> list[tuple[str, int, int, str]]:
 
 
 def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_type: str, progress,
-               read_ahead: int = 1) -> None:
+               read_ahead: int = 1, resume: tuple[int, list[int]] | None = None, after_tensor=None) -> None:
+    """Write the GGUF (every part) to `paths`. `resume`: (tensors, lengths) of files a killed run
+    left, continued after their first `tensors` tensors; `after_tensor(i, writer)`: called once
+    tensor i is complete (--low-disk's record and removal)."""
     tensors = gguf_tensors_of(group)
     infos = [info for info, _ in tensors]
     kvs = file_kvs(metadata, out_type, [tuple(t) for t in group.attrs.get("kernel_tiles", [])])
+    start = resume[0] if resume else 0
     # a remote checkpoint's tensors arrive while the ones before them are written
-    with remote.prefetching(remote_reads(group, tensors), read_ahead), GGUFSplitWriter(paths, kvs, infos, parts) as writer:
-        writer.write_header()
+    with remote.prefetching(remote_reads(group, tensors[start:]), read_ahead), \
+            GGUFSplitWriter(paths, kvs, infos, parts) as writer:
+        if resume:
+            writer.reopen(*resume)
+        else:
+            writer.write_header()
         with progress(sum(t.nbytes for t in infos), "assemble", unit="B", unit_scale=True,
                       unit_divisor=1024) as bar:
+            bar.update(sum(t.nbytes for t in infos[:start]))
             for i, (info, members) in enumerate(tensors):
+                if i < start:
+                    continue
                 for name in members:  # a stack's experts one after another (plan refuses types with a tail)
                     arr = get_array(group, name)
                     write_array(writer, i, arr, bar)
@@ -131,6 +154,47 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
                     writer.write_tensor_data(i, tail)
                     bar.update(len(tail))
                 writer.end_tensor(i)
+                if after_tensor is not None:
+                    after_tensor(i, writer)
+
+
+def code_stores(pack: Path) -> list[Path]:
+    """The stores whose chunk files --low-disk removes as the output grows: pack.zarr and the
+    quantize.zarr beside it (pack's code arrays are hard links to its chunk files)."""
+    return [Path(pack), Path(pack).parent / "quantize.zarr"]
+
+
+def remove_codes(pack: Path, names: list[str]) -> None:
+    """Remove the chunk files of the arrays `names` from pack.zarr and quantize.zarr (their
+    records and zarr.json stay: a few bytes each)."""
+    for store in code_stores(pack):
+        for name in names:
+            chunks = store / name / "c"
+            if chunks.is_dir() and not chunks.is_symlink():
+                shutil.rmtree(chunks)
+
+
+def consumed_names(pack: Path, tensors: int) -> list[str]:
+    """The pack.zarr arrays of the first `tensors` GGUF tensors: the ones --low-disk has removed."""
+    return [name for _, members in gguf_tensors_of(open_store(pack, "r"))[:tensors] for name in members]
+
+
+def low_disk_steps(ctx: StageContext, group, temps: list[Path]):
+    """(where a killed run's files continue or None, what follows each tensor or None, [whether a
+    tensor is recorded: the files are then kept on failure]) of --low-disk, or of a rerun that
+    continues its files (the runner removed what a kill between a record and its removal left)."""
+    recorded = [ctx.resume is not None]
+    if not ctx.options.low_disk and ctx.resume is None:
+        return None, None, recorded
+    tensors = gguf_tensors_of(group)
+    resume = (ctx.resume["tensors"], ctx.resume["lengths"]) if ctx.resume is not None else None
+
+    def after_tensor(i: int, writer) -> None:
+        lengths = writer.sync()  # the tensor's bytes are on disk before its codes go
+        ctx.record(i + 1, lengths, [os.stat(t).st_ino for t in temps])
+        recorded[0] = True
+        remove_codes(ctx.input, tensors[i][1])
+    return resume, after_tensor, recorded
 
 
 def run(ctx: StageContext) -> None:
@@ -146,15 +210,24 @@ def run(ctx: StageContext) -> None:
     before = ctx.outputs_before
     if before is None or len(before) != len(finals):
         before = [identity(f) for f in finals]
+    resume, after_tensor, recorded = low_disk_steps(ctx, group, temps)
     try:
-        write_gguf(group, metadata, temps, parts, group.attrs["out_type"], ctx.scheduler.bar, ctx.budget.workers)
+        try:
+            write_gguf(group, metadata, temps, parts, group.attrs["out_type"], ctx.scheduler.bar, ctx.budget.workers,
+                       resume, after_tensor)
+        except GGUFWriterError as e:
+            if resume is None:
+                raise
+            raise RunDirError(f"{ctx.input.parent}: the run directory is damaged (--low-disk's unfinished output: "
+                              f"{e}); delete it and convert again") from None
         if ctx.before_publish is not None:
             ctx.before_publish()
         publish(temps, finals, before)
     except OutputChanged:
         raise  # the finished files stay at their temporary names, which the message gives
     except BaseException:
-        for t in temps:
-            t.unlink(missing_ok=True)
+        if not recorded[0]:  # --low-disk: the tensors recorded are in these files only, continued by a rerun
+            for t in temps:
+                t.unlink(missing_ok=True)
         raise
     ctx.outputs = finals

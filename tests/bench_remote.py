@@ -6,11 +6,12 @@ by tests/remote_server.py throttled to RATE MB/s over all connections, and conve
   download  huggingface_hub's snapshot_download from the same server (HF_ENDPOINT), then a local
             conversion of the downloaded directory.
 Each prints wall time, CPU time of the process tree, the mean load average (the machine may be
-shared), peak RSS of the process tree and peak disk (remote: run directory + output + staged
-small files; download: the downloaded checkpoint + run directory + output), the bytes fetched and
+shared), peak RSS of the process tree and peak disk (remote: run directory + output, its temporary
+name included, + staged small files; download: the downloaded checkpoint + run directory +
+output), the bytes fetched and
 their bare transfer time at RATE, and whether both GGUF files are the same bytes.
 
-    python -m tests.bench_remote --model build/bench/llama3-8b-packed [--rate 100] [--workdir DIR]
+    python -m tests.bench_remote --model build/bench/llama3-8b-packed [--rate 100] [--workdir DIR] [--low-disk]
     python -m tests.bench_remote --synthetic-bf16 HIDDEN,INTERMEDIATE,LAYERS,VOCAB [--rate 100]
 """
 from __future__ import annotations
@@ -39,9 +40,9 @@ def measured(cmd: list[str], env: dict, disk: list[Path]) -> dict:
     return r
 
 
-def convert_cmd(source, out: Path, limit: str) -> list[str]:
+def convert_cmd(source, out: Path, limit: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "convert", str(source), "-o", str(out), "--no-progress",
-            "--memory-limit", limit]
+            "--memory-limit", limit, *extra]
 
 
 def stage_times(stderr: str) -> str:
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", default="1GiB", help="--memory-limit of every conversion")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-remote"))
     ap.add_argument("--skip-download", action="store_true", help="measure the remote conversion only")
+    ap.add_argument("--low-disk", action="store_true", help="convert with --low-disk (both conversions)")
     args = ap.parse_args(argv)
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
@@ -86,9 +88,11 @@ def main(argv=None) -> int:
     print(f"checkpoint {model}: {size / GiB:.2f} GiB; server at {args.rate:g} MB/s; --memory-limit {args.limit}",
           flush=True)
     try:
-        out = args.workdir / "remote.gguf"
+        extra = ("--low-disk",) if args.low_disk else ()
+        out = args.workdir / "remote" / "remote.gguf"  # a directory of its own: output, temporary, run dir
+        out.parent.mkdir()
         run_dir = Path(str(out) + ".work")
-        r = measured(convert_cmd(server.dir_url, out, args.limit), env, [out, run_dir, tmp])
+        r = measured(convert_cmd(server.dir_url, out, args.limit, *extra), env, [out.parent, tmp])
         fetched = server.sent("")
         bare = fetched / rate
         output = out.stat().st_size
@@ -104,9 +108,9 @@ def main(argv=None) -> int:
                "snapshot_download(sys.argv[1], local_dir=sys.argv[2])", REPO, str(local)]
         d = measured(get, env, [local, args.workdir / "hf-home"])
         print(line("  download (snapshot_download)", d) + f"; fetched {server.sent('') / GiB:.2f} GiB", flush=True)
-        out2 = args.workdir / "local.gguf"
-        run_dir2 = Path(str(out2) + ".work")
-        c = measured(convert_cmd(local, out2, args.limit), {}, [local, out2, run_dir2])
+        out2 = args.workdir / "local" / "local.gguf"
+        out2.parent.mkdir()
+        c = measured(convert_cmd(local, out2, args.limit, *extra), {}, [local, out2.parent])
         print(line("  then convert", c) + f"\n  stages: {stage_times(c['stderr'])}", flush=True)
         total = {"seconds": d["seconds"] + c["seconds"], "cpu": d["cpu"] + c["cpu"],
                  "load": ((d["load"] or 0) + (c["load"] or 0)) / 2, "peak": max(d["peak"], c["peak"]),

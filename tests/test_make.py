@@ -1,6 +1,7 @@
 """The README's commands: `make convert` with and without MODEL."""
 from __future__ import annotations
 
+import json
 import subprocess
 
 import gguf
@@ -18,10 +19,12 @@ def test_make_convert_with_all_variables(checkpoint, tmp_path):
     model = checkpoint(dtype="bf16", shards=2)
     out = tmp_path / "made.gguf"
     work = tmp_path / "work"
-    make("convert", f"MODEL={model}", f"OUT={out}", "TYPE=tq1_0", "MEM=1GiB", f"WORK={work}")
+    make("convert", f"MODEL={model}", f"OUT={out}", "TYPE=tq1_0", "MEM=1GiB", f"WORK={work}", "LOW_DISK=1")
     reader = gguf.GGUFReader(out)
     assert reader.get_field("general.file_type").contents() == 36
     assert (work / "manifest.json").is_file() and (work / "pack.zarr").is_dir()
+    manifest = json.loads((work / "manifest.json").read_text())
+    assert manifest["options"]["low_disk"] and manifest["codes_consumed"]  # LOW_DISK=1 is --low-disk
 
 
 def test_make_convert_without_model_converts_the_demo(tmp_path):
