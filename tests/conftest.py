@@ -156,9 +156,10 @@ _SCRIPT_SERVERS: dict[tuple[str, str], ForkServers] = {}
 
 
 def run_python_script(python, script, *args, env: dict | None = None, timeout: float = 600, cwd=None,
-                      preload: str = "numpy,torch,transformers") -> subprocess.CompletedProcess:
+                      preload: str = "numpy,torch,transformers,tests.converter_preload") -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` (text output captured, as subprocess.run), for llama.cpp's converter in its own
-    virtual environment (about 3.5 s of CPU less per run) and for tests/llama_runtime.py's evaluations
+    virtual environment (about 3.5 s of CPU less per run, and 1.0 s more with its own `conversion`
+    package imported: tests/converter_preload.py) and for tests/llama_runtime.py's evaluations
     (`preload="numpy,llama_cpp"`, about 0.7 s less): forked from a server of that Python with the
     `preload` modules imported when `env` is the one its server started with, else started the
     ordinary way."""

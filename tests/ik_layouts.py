@@ -4,6 +4,8 @@ Transliterated loop by loop from ik_llama.cpp @8337e4c, ggml/src/iqk/iqk_quantiz
 (quantize_one_row_1bn / _2bn, repack_iq2_bn, dequantize_row_iq1_bn / _iq2_bn / _iq2_bn_r4) and
 the CUDA kernels dequantize_block_iq1_bn / _iq2_bn (ggml-cuda/convert.cu), which read the row
 meta; nothing here imports the converter. Slow (one Python step per value): small sizes only.
+NUMPY_DECODERS does each decoder's same float32 operations per value on whole arrays, for files of
+test size (tests/test_ik_codecs.py holds them equal to the loops on random bytes).
 """
 from __future__ import annotations
 
@@ -168,3 +170,55 @@ def decode_iq2_bn_r4(raw: bytes, rows: int, cols: int) -> np.ndarray:
 
 
 DECODERS = {"iq2_bn": decode_iq2_bn, "iq1_bn": decode_iq1_bn, "iq2_bn_r4": decode_iq2_bn_r4}
+
+
+# -- the decoders above on whole arrays (the same float32 operation for each value) -----------------
+
+def _fields(q: np.ndarray) -> np.ndarray:
+    """The four 2-bit fields of each byte, (q >> 2m) & 3 for m = 0..3, on a new last axis."""
+    return np.stack([(q >> 2 * m) & 3 for m in range(4)], axis=-1)
+
+
+def np_decode_iq2_bn(raw: bytes, rows: int, cols: int) -> np.ndarray:
+    """decode_iq2_bn: value j + 16 t of block ib is d * F32((qs[16 ib + j] >> 2t) & 3) - d."""
+    row_size = 4 + cols // 4
+    assert len(raw) == rows * row_size
+    a = np.frombuffer(raw, np.uint8).reshape(rows, row_size)
+    d = a[:, :4].copy().view("<f4").astype(F32)                      # (rows, 1)
+    q = _fields(a[:, 4:].reshape(rows, cols // QK, 16))              # (rows, block, j, t)
+    q = q.swapaxes(2, 3).reshape(rows, cols).astype(F32)             # value 16 t + j of each block
+    return d * q - d
+
+
+def np_decode_iq1_bn(raw: bytes, rows: int, cols: int) -> np.ndarray:
+    """decode_iq1_bn: per block, for i16 = 0..3 the 15 trits of ql[3 i16 + k] (k = 0..2, j = 0..4) and
+    the one of `extra` times k_mult[i16]; v = (byte * k_mult) mod 256, trit (v + (v >> 1)) >> 7, minus 1."""
+    row_size = 2 + 13 * (cols // QK)
+    assert len(raw) == rows * row_size
+    a = np.frombuffer(raw, np.uint8).reshape(rows, row_size)
+    d = a[:, :2].copy().view("<f2").astype(F32)                      # (rows, 1)
+    blocks = a[:, 2:].reshape(rows, cols // QK, 13).astype(np.int64)
+    ql = blocks[:, :, :12].reshape(rows, -1, 4, 3)                   # (rows, block, i16, k)
+    v = (ql[..., None] * np.array(K_MULT)) & 0xFF                    # (rows, block, i16, k, j)
+    v = v.reshape(rows, -1, 4, 15)
+    extra = (blocks[:, :, 12:13] * np.array(K_MULT[:4])) & 0xFF      # (rows, block, i16)
+    v = np.concatenate([v, extra[..., None]], axis=-1).reshape(rows, cols)
+    trits = (((v + (v >> 1)) >> 7) - 1).astype(F32)
+    with np.errstate(invalid="ignore"):  # an fp16 max of inf: 0 * inf is NaN, as in ik
+        return trits * d
+
+
+def np_decode_iq2_bn_r4(raw: bytes, rows: int, cols: int) -> np.ndarray:
+    """decode_iq2_bn_r4: y4[k][64 ib + 16 l + i + 4 m] = d4[k] * F32(((qx[64 ib + 4 k + i + 16 l] >> 2m) & 3) - 1)."""
+    assert rows % 4 == 0
+    group = 4 * (4 + cols // 4)
+    assert len(raw) == rows // 4 * group
+    a = np.frombuffer(raw, np.uint8).reshape(rows // 4, group)
+    d4 = a[:, :16].copy().view("<f4").astype(F32).reshape(rows, 1)  # row 4 g + k
+    qx = a[:, 16:].reshape(rows // 4, cols // QK, 4, 4, 4)           # (g, ib, l, k, i)
+    f = _fields(qx).astype(np.int64) - 1                             # (g, ib, l, k, i, m)
+    f = f.transpose(0, 3, 1, 2, 5, 4).reshape(rows, cols)            # row (g, k), column (ib, l, m, i)
+    return d4 * f.astype(F32)
+
+
+NUMPY_DECODERS = {"iq2_bn": np_decode_iq2_bn, "iq1_bn": np_decode_iq1_bn, "iq2_bn_r4": np_decode_iq2_bn_r4}

@@ -72,16 +72,9 @@ def run_measuring_peak(cmd: list[str], env: dict | None = None, interval: float 
     peak = disk_peak = 0
     loads, next_disk = [], 0.0
     while proc.poll() is None:
-        total = 0
-        try:
-            family = [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
+        total = tree_rss(proc.pid) if _PROC_CHILDREN else _psutil_tree_rss(proc)
+        if total is None:
             break
-        for p in family:
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
         peak = max(peak, total)
         if disk and time.monotonic() >= next_disk:
             disk_peak = max(disk_peak, disk_bytes(disk))
@@ -97,6 +90,48 @@ def run_measuring_peak(cmd: list[str], env: dict | None = None, interval: float 
     return {"exit": proc.returncode, "peak": peak, "seconds": time.monotonic() - started, "stderr": err[-2000:],
             "cpu": _children_cpu() - cpu_before, "disk_peak": disk_peak,
             "load": sum(loads) / len(loads) if loads else None}
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def tree_rss(pid: int) -> int | None:
+    """Summed RSS of process `pid` and all its descendants (None once it is gone): the tree that
+    psutil's children(recursive=True) finds (the children of each of a process's threads), read
+    from /proc/PID/task/TID/children, and each one's resident pages from /proc/PID/statm, what
+    psutil's memory_info().rss reads. psutil finds the tree by reading every process of the machine:
+    3.8 ms of CPU per sample with 118 processes, against 0.04 ms here, 50 samples a second for as
+    long as the command runs (a second of CPU per six of wall time, counted in the test's CPU)."""
+    total, stack, first = 0, [pid], True
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * _PAGE
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children", "rb") as f:
+                    stack += [int(c) for c in f.read().split()]
+        except (OSError, IndexError, ValueError):  # ended while read (as psutil's NoSuchProcess)
+            if first:
+                return None
+        first = False
+    return total
+
+
+def _psutil_tree_rss(proc: psutil.Popen) -> int | None:
+    """tree_rss where /proc has no children files (a kernel without CONFIG_PROC_CHILDREN)."""
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+    total = 0
+    for p in family:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def _children_cpu() -> float:

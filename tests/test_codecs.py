@@ -429,6 +429,16 @@ def q2_0_reference_quantize(values: np.ndarray) -> bytes:
 
 
 def q2_0_reference_decode(raw: bytes, rows: int, cols: int) -> np.ndarray:
+    """q2_0_reference_decode_loops on whole arrays, the same float32 product per value, for files
+    of test size (test_q2_0_reference_decode_is_the_transcription holds the two equal on any bytes)."""
+    assert len(raw) == rows * cols // 64 * 18
+    blocks = np.frombuffer(raw, np.uint8).reshape(rows, cols // 64, 18)
+    d = blocks[:, :, :2].copy().view("<f2").astype(np.float32)                     # (rows, blocks, 1)
+    q = np.stack([(blocks[:, :, 2:] >> 2 * m) & 3 for m in range(4)], axis=-1)  # value j: byte j // 4, field j % 4
+    return ((q.reshape(rows, cols // 64, 64).astype(np.float32) - 1) * d).reshape(rows, cols)
+
+
+def q2_0_reference_decode_loops(raw: bytes, rows: int, cols: int) -> np.ndarray:
     """dequantize_row_q2_0, transcribed: x = (q - 1) * d, 00 = -1, 01 = 0, 10 = +1, 11 = +2."""
     out = np.empty((rows, cols), np.float32)
     pos = 0
@@ -450,8 +460,21 @@ def test_q2_0_matches_llama_cpps_reference_quantizer(codes, scale):
     ours = Q2_0.encode(codes, np.float32(scale))
     assert ours.shape == (codes.shape[0], codes.shape[1] // 64 * 18)
     assert ours.tobytes() == q2_0_reference_quantize(codes * np.float32(scale))
-    np.testing.assert_array_equal(Q2_0.decode(ours), q2_0_reference_decode(ours.tobytes(), *codes.shape))
+    np.testing.assert_array_equal(Q2_0.decode(ours), q2_0_reference_decode_loops(ours.tobytes(), *codes.shape))
     np.testing.assert_array_equal(Q2_0.decode(ours), codes * np.float32(np.float16(scale)))
+
+
+def test_q2_0_reference_decode_is_the_transcription():
+    """The array decoder the file tests use against the element-by-element transcription, on random
+    bytes: every field value in every position, any fp16 scale (NaN, inf, subnormal, negative)."""
+    rng = np.random.default_rng(21)
+    for rows, cols in ((1, 64), (3, 192), (8, 320)):
+        for _ in range(3):
+            raw = rng.integers(0, 256, rows * cols // 64 * 18, dtype=np.uint8).tobytes()
+            with np.errstate(all="ignore"):
+                want, got = q2_0_reference_decode_loops(raw, rows, cols), q2_0_reference_decode(raw, rows, cols)
+            assert got.dtype == want.dtype == np.float32
+            np.testing.assert_array_equal(got, want, err_msg=f"{rows}x{cols}")
 
 
 @HYPOTHESIS

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import convert
-from tests.hostile import interrupted_run, one_line
+from tests.hostile import one_line
 from tests.test_bad_input import snapshot
-from tests.hostile import fresh, out, pristine  # noqa: F401 (fixtures)
+from tests.hostile import out, pristine  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,29 @@ def finished(tmp_path_factory):
     out = root / "clean.gguf"
     convert(model, out, "--memory-limit", "512MiB")  # its run directory, clean.gguf.work, is copied per test
     return model, out
+
+
+@pytest.fixture(scope="module")
+def converted_small(pristine, tmp_path_factory):
+    """kind -> (checkpoint, GGUF, run directory) of a copy of a `pristine` checkpoint converted once
+    (`convert MODEL -o OUT --workdir WORK`); a test copies the run directory (`copy_run`) and converts
+    this checkpoint, which no test changes."""
+    root = tmp_path_factory.mktemp("damage-small")
+    made = {}
+
+    def get(kind: str):
+        if kind not in made:
+            model = shutil.copytree(pristine[kind], root / kind / "model")
+            out, work = root / kind / "m.gguf", root / kind / "work"
+            convert(model, out, "--workdir", work)
+            made[kind] = model, out, work
+        return made[kind]
+    return get
+
+
+def copy_run(work: Path, to: Path) -> Path:
+    """A copy of a finished run directory (new files: damage to the copy stays in it)."""
+    return Path(shutil.copytree(work, to, symlinks=True))
 
 
 def chunk_files(store):
@@ -94,23 +117,17 @@ def test_a_damaged_store_is_refused_with_one_line(finished, tmp_path, stage, how
 
 
 def test_a_missing_checksum_record_is_damage(finished, tmp_path):
-    model, _ = finished
-    out, work = tmp_path / "m.gguf", tmp_path / "work"
-    convert(model, out, "--workdir", work)
-    out.unlink()
+    model, clean = finished
+    out, work = tmp_path / "m.gguf", copy_run(clean.with_name("clean.gguf.work"), tmp_path / "work")
     (work / "pack.checksums.json").unlink()
-    proc = convert(model, out, "--workdir", work, check_exit=2)
+    proc = convert(model, out, "--workdir", work, "--memory-limit", "512MiB", check_exit=2)
     assert "pack.checksums.json" in proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("stage", ["quantize", "pack"])
 def test_a_file_where_a_store_should_be_is_replaced_when_the_stage_is_redone(finished, tmp_path, stage):
     model, clean = finished
-    out, work = tmp_path / "m.gguf", tmp_path / "work"
-    convert(model, out, "--workdir", work, "--memory-limit", "512MiB")
-    out.unlink()
-    import shutil
-
+    out, work = tmp_path / "m.gguf", copy_run(clean.with_name("clean.gguf.work"), tmp_path / "work")
     shutil.rmtree(work / f"{stage}.zarr")
     (work / f"{stage}.zarr").write_bytes(b"not a store")
     # a new --type redoes pack (and a reset of quantize redoes it): the file is removed, not a crash
@@ -119,6 +136,16 @@ def test_a_file_where_a_store_should_be_is_replaced_when_the_stage_is_redone(fin
     (work / "manifest.json").write_text(json.dumps(manifest))
     convert(model, out, "--workdir", work, "--memory-limit", "512MiB")
     assert out.read_bytes() == clean.read_bytes()
+
+
+def forget_after(work: Path, stage: str) -> None:
+    """A finished run directory as a conversion interrupted after `stage` leaves it (tests/hostile.py
+    interrupted_run without its conversion): the later stages gone from the manifest."""
+    manifest = json.loads((work / "manifest.json").read_text())
+    stages = ["extract", "quantize", "pack", "assemble"]
+    for later in stages[stages.index(stage) + 1:]:
+        manifest["stages"].pop(later, None)
+    (work / "manifest.json").write_text(json.dumps(manifest))
 
 
 LATER = {"extract": ("quantize", "pack", "assemble"), "quantize": ("pack", "assemble"), "pack": ("assemble",)}
@@ -148,12 +175,10 @@ def interrupted_in(work: Path, stage: str, rng: random.Random) -> list[Path]:
 
 @pytest.mark.parametrize("stage", ["extract", "quantize", "pack"])
 @pytest.mark.parametrize("how", ["flip", "swap"])
-def test_damage_inside_an_interrupted_store_is_refused_not_sealed(fresh, out, stage, how):
-    model = fresh("llama3-1.58")
-    work = out.parent / "work"
-    convert(model, out, "--workdir", work)
-    clean = out.read_bytes()
-    out.unlink()
+def test_damage_inside_an_interrupted_store_is_refused_not_sealed(converted_small, out, stage, how):
+    model, finished_out, finished_work = converted_small("llama3-1.58")
+    work = copy_run(finished_work, out.parent / "work")
+    clean = finished_out.read_bytes()
     rng = random.Random(f"{stage}-{how}")
     remaining = interrupted_in(work, stage, rng)
     victim = rng.choice(remaining)
@@ -175,11 +200,9 @@ def test_damage_inside_an_interrupted_store_is_refused_not_sealed(fresh, out, st
         assert out.read_bytes() == clean
 
 
-def test_a_foreign_chunk_in_an_interrupted_store_is_refused(fresh, out):
-    model = fresh("llama3-1.58")
-    work = out.parent / "work"
-    convert(model, out, "--workdir", work)
-    out.unlink()
+def test_a_foreign_chunk_in_an_interrupted_store_is_refused(converted_small, out):
+    model, _, finished_work = converted_small("llama3-1.58")
+    work = copy_run(finished_work, out.parent / "work")
     remaining = interrupted_in(work, "pack", random.Random(7))
     planted = remaining[0].parent / "99"
     planted.write_bytes(remaining[0].read_bytes())
@@ -188,12 +211,10 @@ def test_a_foreign_chunk_in_an_interrupted_store_is_refused(fresh, out):
     assert not out.exists()
 
 
-def test_an_interrupted_store_without_damage_resumes_and_rewrites_nothing_recorded(fresh, out):
-    model = fresh("llama3-1.58")
-    work = out.parent / "work"
-    convert(model, out, "--workdir", work)
-    clean = out.read_bytes()
-    out.unlink()
+def test_an_interrupted_store_without_damage_resumes_and_rewrites_nothing_recorded(converted_small, out):
+    model, finished_out, finished_work = converted_small("llama3-1.58")
+    work = copy_run(finished_work, out.parent / "work")
+    clean = finished_out.read_bytes()
     remaining = interrupted_in(work, "quantize", random.Random(3))
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in remaining}
     convert(model, out, "--workdir", work)
@@ -202,9 +223,10 @@ def test_an_interrupted_store_without_damage_resumes_and_rewrites_nothing_record
 
 
 @pytest.mark.parametrize("entry", [5, None, 1.5, True, ["12", "ab"]])
-def test_a_checksum_record_entry_of_the_wrong_type_is_damage(fresh, out, tmp_path, entry):
-    model, work = fresh("spm"), tmp_path / "work"
-    interrupted_run(model, out, work, "quantize")
+def test_a_checksum_record_entry_of_the_wrong_type_is_damage(converted_small, out, tmp_path, entry):
+    model, _, finished_work = converted_small("spm")
+    work = copy_run(finished_work, tmp_path / "work")
+    forget_after(work, "quantize")
     path = work / "quantize.checksums.json"
     record = json.loads(path.read_text())
     record[next(iter(record))] = entry

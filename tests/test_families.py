@@ -103,7 +103,7 @@ def expected_tensor(name: str, w: np.ndarray, tensor_type, config: dict) -> np.n
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    made = {}
+    made, logs = {}, {}
 
     def get(case: str, out_type: str) -> tuple[Path, Path]:
         if case not in made:
@@ -111,8 +111,10 @@ def converted(tmp_path_factory):
             made[case] = write_checkpoint(root / case, family, **kw)
         out = root / f"{case}-{out_type}.gguf"
         if not out.exists():  # I2_S in the x86 layout, which decode_i2s_reference reads, on any machine
-            convert(made[case], out, "--type", out_type, *(("--target", "x86") if out_type == "i2_s" else ()))
+            logs[out] = convert(made[case], out, "--type", out_type,
+                                *(("--target", "x86") if out_type == "i2_s" else ())).stderr
         return made[case], out
+    get.logs = logs  # the GGUF -> its conversion's stderr
     return get
 
 
@@ -267,13 +269,12 @@ def test_i2s_rows_not_a_multiple_of_128_fall_back_to_f16_with_a_warning(tmp_path
     assert types["blk.0.ffn_up.weight"] == 36
 
 
-def test_xl_shaped_ffn_down_falls_back_to_f16_with_the_existing_warning(converted, tmp_path):
+def test_xl_shaped_ffn_down_falls_back_to_f16_with_the_existing_warning(converted):
     """bitnet_b1_58-xl (hidden 2048, FFN 5460; here 256 and 340): every ffn_down row is 340 values,
-    not whole TQ blocks, so each layer's ffn_down is F16 with one warning; the rest is TQ2_0."""
-    model, _ = converted("1bitllm-xl-shape", "tq2_0")
-    out = tmp_path / "xl.gguf"
-    proc = convert(model, out, "--type", "tq2_0")
-    warned = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    not whole TQ blocks, so each layer's ffn_down is F16 with one warning; the rest is TQ2_0
+    (test_every_tensor_decodes_to_the_checkpoints_effective_weights decodes that file)."""
+    _, out = converted("1bitllm-xl-shape", "tq2_0")
+    warned = [line for line in converted.logs[out].splitlines() if line.startswith("warning:")]
     assert warned == [f"warning: blk.{i}.ffn_down.weight: row length 340 is not a multiple of 256, so it cannot be "
                       "TQ2_0; writing F16" for i in range(2)]
 

@@ -115,6 +115,24 @@ def test_row_chunks_encode_independently():
         np.testing.assert_array_equal(whole, parts)
 
 
+@pytest.mark.parametrize("kind", ["iq2_bn", "iq1_bn", "iq2_bn_r4"])
+def test_numpy_decoders_are_the_loops_on_any_bytes(kind):
+    """ik_layouts.NUMPY_DECODERS (what tests/test_ik_types.py decodes whole files with) against the
+    loop transliterations, on random bytes: every byte value in every position, scales included
+    (NaN, inf, subnormal and negative ones among them), several blocks and row groups."""
+    rng = np.random.default_rng(21)
+    row_bytes = {"iq2_bn": lambda c: 4 + c // 4, "iq1_bn": lambda c: 2 + 13 * (c // 64),
+                 "iq2_bn_r4": lambda c: 4 + c // 4}[kind]
+    for rows, cols in ((4, 64), (8, 192), (12, 320)):
+        for _ in range(3):
+            raw = rng.integers(0, 256, rows * row_bytes(cols), dtype=np.uint8).tobytes()
+            with np.errstate(all="ignore"):
+                want = ik_layouts.DECODERS[kind](raw, rows, cols)
+                got = ik_layouts.NUMPY_DECODERS[kind](raw, rows, cols)
+            assert got.dtype == want.dtype == np.float32
+            np.testing.assert_array_equal(got, want, err_msg=f"{kind} {rows}x{cols}")
+
+
 # -- hand-worked bytes ---------------------------------------------------------------------------
 
 def test_iq2_bn_example():

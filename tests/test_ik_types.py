@@ -1,7 +1,8 @@
 """`--type iq2_bn | iq1_bn | iq2_bn_r4` (ik_llama.cpp's ternary types) end to end.
 
 Synthetic checkpoints of the families are converted with the CLI; every ternary tensor is
-decoded with tests/ik_layouts.py (ik's decoders transliterated, not the converter's encoder)
+decoded with tests/ik_layouts.py (ik's decoders transliterated, not the converter's encoder, run
+on whole arrays: NUMPY_DECODERS, held equal to the loops by tests/test_ik_codecs.py)
 and compared with the effective weights computed by tests/reference_model.py. A requantized
 group-scaled tensor must be byte-identical to ik's own quantizer (tests/ik_layouts.py) of the
 checkpoint's values. Then: verify, inspect, plan, resume after a kill, --memory-limit, refusals.
@@ -112,7 +113,7 @@ def test_every_ternary_tensor_decodes_with_iks_decoder_to_the_effective_weights(
         kind = "iq2_bn" if out_type == "iq2_bn_r4" and rows % 4 else out_type
         assert t.ggml_type == GGML_ID[kind], (name, t.ggml_type)
         seen.add(kind)
-        got = ik_layouts.DECODERS[kind](data, rows, cols)
+        got = ik_layouts.NUMPY_DECODERS[kind](data, rows, cols)  # the loops' values (tests/test_ik_codecs.py)
         np.testing.assert_array_equal(got, expected_values(w, kind), err_msg=name)
     assert out_type in seen
     if case == "odd-ffn":  # both fallbacks happened

@@ -73,7 +73,7 @@ MIXED_TEXTS = [
 class Packed:
     def __init__(self, root: Path):
         self.root = root
-        self._refs: dict[str, np.ndarray] = {}
+        self._refs: dict = {}
 
     def checkpoint(self, name: str) -> Path:
         path = self.root / name
@@ -94,6 +94,13 @@ class Packed:
         ids = tok.encode(TEXT + " " + TEXT).ids  # the post-processor adds the BOS token
         assert len(ids) >= N_TOKENS
         return ids[:N_TOKENS]
+
+    def tq2_0_logits(self, llama, name: str) -> np.ndarray:
+        """llama.cpp's logits of the TQ2_0 file of `name` for its tokens, evaluated once (two tests read them)."""
+        if ("tq2_0", name) not in self._refs:
+            self._refs["tq2_0", name] = llama_logits(llama, self.gguf(name, "tq2_0"), self.tokens(name),
+                                                     n_vocab=self.reference(name).shape[1])
+        return self._refs["tq2_0", name]
 
     def reference(self, name: str) -> np.ndarray:
         if name not in self._refs:
@@ -163,7 +170,7 @@ def test_llama_arch_files_hold_the_hugging_face_model(llama, packed, name, tmp_p
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_llama_arch_tq_files_run_in_llamacpp(llama, packed, name):
     want = packed.reference(name)
-    tq2 = llama_logits(llama, packed.gguf(name, "tq2_0"), packed.tokens(name), n_vocab=want.shape[1])
+    tq2 = packed.tq2_0_logits(llama, name)
     check_logits(tq2, want, TQ_MAX, TQ_MEAN, TQ_TOP1)
     tq1 = llama_logits(llama, packed.gguf(name, "tq1_0"), packed.tokens(name), n_vocab=want.shape[1])
     np.testing.assert_allclose(tq1, tq2, rtol=0, atol=1e-4 * np.abs(tq2).max())
@@ -230,7 +237,7 @@ def test_the_reference_tells_a_missing_permutation_apart(llama, packed, tmp_path
 def test_split_tq2_0_gives_the_logits_of_the_single_file(llama, packed):
     name = "llama3"
     tokens, n_vocab = packed.tokens(name), packed.reference(name).shape[1]
-    single = llama_logits(llama, packed.gguf(name, "tq2_0"), tokens, n_vocab)
+    single = packed.tq2_0_logits(llama, name)
     packed.gguf(name, "tq2_0", "--split-max-tensors", "5")
     parts = sorted(packed.root.glob(f"{name}-tq2_0-split-max-tensors-5-*-of-*.gguf"))
     assert len(parts) > 2

@@ -134,18 +134,26 @@ def test_ternary_types_hold_every_expert_exactly(model, converted, out_type):
 MOE_MAX = 0.05
 
 
+TOKENS = [int(t) for t in np.random.default_rng(0).integers(3, 300, 24)]
+
+
+@pytest.fixture(scope="module")
+def reference_logits(maple, llama):
+    """llama.cpp's logits of llama.cpp's f32 file for TOKENS, evaluated once for the tests that read them."""
+    return llama.logits(maple[1], TOKENS, n_ctx=N_CTX)
+
+
 @pytest.mark.llama
 @pytest.mark.parametrize("out_type, limits", [("q2_0", (MOE_MAX, EXACT_MEAN, 0.9)),
                                                ("tq2_0", (EXACT_MAX, EXACT_MEAN, 0.9)),
                                                ("tq1_0", (EXACT_MAX, EXACT_MEAN, 0.9))])
-def test_runs_in_llama_cpp_near_llama_cpps_f32_file(maple, llama, converted, out_type, limits):
+def test_runs_in_llama_cpp_near_llama_cpps_f32_file(maple, llama, reference_logits, converted, out_type, limits):
     """llama.cpp runs llama.cpp's f32 file and ours (8-bit activations in the ternary kernels, and an
     F16 embedding and head: the tests' quantization noise)."""
     model, reference = maple
     ours = converted(out_type)
     n_vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    tokens = [int(t) for t in np.random.default_rng(0).integers(3, 300, 24)]
-    want = llama.logits(reference, tokens, n_ctx=N_CTX)
+    tokens, want = TOKENS, reference_logits
     assert want.shape == (len(tokens), n_vocab) and want.std() > 0.5  # not a flat output
     check_logits(llama.logits(ours, tokens, n_ctx=N_CTX), want, *limits)
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, convert, read_source_tensors, run_cli
+from tests.conftest import ROOT, convert, read_source_tensors, run_cli, run_python_script
 from tests.synthetic import write_qwen35_checkpoint
 
 CASES = {
@@ -35,32 +34,45 @@ def case(request, tmp_path_factory):
     return request.param, write_qwen35_checkpoint(root / "m", **CASES[request.param])
 
 
+@pytest.fixture(scope="module")
+def ours(case):
+    """out_type -> (our file of the case's checkpoint, the command's stderr), each converted once
+    (tests only read them)."""
+    _, model = case
+    made = {}
+
+    def get(out_type: str):
+        if out_type not in made:
+            out = model.parent / f"ours-{out_type}.gguf"
+            made[out_type] = out, convert(model, out, "--type", out_type).stderr
+        return made[out_type]
+    return get
+
+
 def reference(model_dir, out, out_type):
     base = ROOT / "build" / "llama.cpp-convert"
     python, src = base / "venv" / "bin" / "python", base / "src"
     if os.environ.get("BITNET_GGUF_SKIP_LLAMA") == "1":
         pytest.skip("BITNET_GGUF_SKIP_LLAMA=1")
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-    proc = subprocess.run([str(python), str(ROOT / "tests" / "reference_convert.py"), str(src), "llama-bpe",
-                           str(model_dir), "--outtype", out_type, "--no-mtp", "--outfile", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = run_python_script(python, ROOT / "tests" / "reference_convert.py", src, "llama-bpe", model_dir,
+                             "--outtype", out_type, "--no-mtp", "--outfile", out, env=env)
     assert proc.returncode == 0, f"llama.cpp's converter failed:\n{proc.stderr[-4000:]}"
     return out
 
 
 @pytest.mark.llama
 @pytest.mark.parametrize("out_type", ["f32", "f16"])
-def test_float_files_equal_llama_cpps(case, out_type, tmp_path):
+def test_float_files_equal_llama_cpps(case, ours, out_type, tmp_path):
     from tests.test_reference_converter import compare_with_llama_cpp
 
     name, model = case
-    ours = tmp_path / f"ours-{out_type}.gguf"
-    proc = convert(model, ours, "--type", out_type)
-    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    path, stderr = ours(out_type)
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
     if name.startswith("conditional"):  # the vision tower: one line, naming llama.cpp's mmproj route
-        assert len(warnings) == 1 and "model.visual." in warnings[0] and "--mmproj" in warnings[0], proc.stderr
+        assert len(warnings) == 1 and "model.visual." in warnings[0] and "--mmproj" in warnings[0], stderr
     theirs = reference(model, tmp_path / f"theirs-{out_type}.gguf", out_type)
-    compare_with_llama_cpp(ours, theirs)
+    compare_with_llama_cpp(path, theirs)
 
 
 def to_llama_order(values: np.ndarray, axis: int, first: int, n_k: int, n_v: int, head: int) -> np.ndarray:
@@ -97,14 +109,13 @@ def expected_projections(model) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("out_type", ["q2_0", "auto"])
-def test_ternary_tensors_decode_to_the_checkpoints_values(case, out_type, tmp_path):
+def test_ternary_tensors_decode_to_the_checkpoints_values(case, ours, out_type, tmp_path):
     from pipeline.gguf_file import read_gguf
     from tests.test_codecs import q2_0_reference_decode
     from tests.test_group_scaled import tensor_bytes
 
     _, model = case
-    out = tmp_path / f"{out_type}.gguf"
-    convert(model, out, "--type", out_type)
+    out, _ = ours(out_type)
     types = {t.name: t.ggml_type for t in read_gguf(out).tensors}
     want = expected_projections(model)
     assert len(want) == 3 * 6 + 7  # 3 gated delta-net layers (6 projections) and 1 full (7)
@@ -126,7 +137,7 @@ def test_ternary_tensors_decode_to_the_checkpoints_values(case, out_type, tmp_pa
 
 
 @pytest.mark.llama
-def test_q2_0_file_runs_like_the_f32_file_in_llamacpp(llama, case, tmp_path):
+def test_q2_0_file_runs_like_the_f32_file_in_llamacpp(llama, case, ours):
     """llama.cpp runs both; the Q2_0 file (its Q2_0 x Q8_0 kernel: 8-bit activations) stays within the
     limits the F32 rewrites of other tests use (measured on "causal": 0.17% worst, 0.12% mean, top-1 100%)."""
     from tokenizers import Tokenizer
@@ -135,9 +146,7 @@ def test_q2_0_file_runs_like_the_f32_file_in_llamacpp(llama, case, tmp_path):
     from tests.test_llamacpp_families import EXACT_MAX, EXACT_MEAN, check_logits
 
     _, model = case
-    f32, q2 = tmp_path / "f32.gguf", tmp_path / "q2_0.gguf"
-    convert(model, f32, "--type", "f32")
-    convert(model, q2, "--type", "q2_0")
+    (f32, _), (q2, _) = ours("f32"), ours("q2_0")
     tokens = Tokenizer.from_file(str(model / "tokenizer.json")).encode(TEXT + " " + TEXT).ids[:N_TOKENS]
     n_vocab = json.loads((model / "config.json").read_text()).get("vocab_size") or \
         json.loads((model / "config.json").read_text())["text_config"]["vocab_size"]
