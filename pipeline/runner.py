@@ -38,7 +38,7 @@ KV_READBACK_BYTES_PER_ROW = 160
 CONTENT_CHANGED = "source_content_changed"
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 6, "quantize": 4, "pack": 3, "assemble": 3}
+STAGE_VERSIONS = {"extract": 7, "quantize": 5, "pack": 4, "assemble": 3}
 
 
 def stage_inputs(opts: Options, ckpt) -> dict[str, dict]:
@@ -445,7 +445,7 @@ def _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manife
     if stage != "extract":
         before = STAGES[STAGES.index(stage) - 1]
         run.check_sealed(before, tag if before in OUTPUT_STAGES else None)  # its input is what was written
-    started = time.monotonic()
+    started, since_ns = time.monotonic(), time.time_ns()
     log(f"{stage}: running" + (f" ({opts.output.name})" if own else ""))
     states = _states(manifest, stage, tag, opts)
     states[stage] = {"key": key, "state": "running"}
@@ -456,7 +456,7 @@ def _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manife
     importlib.import_module(f"stages.{stage}").run(ctx)
     if stage != "assemble":  # assemble checks before it publishes
         check_source()  # a file rewritten while it was read would mix old and new weights
-        run.seal(stage, own)
+        run.seal(stage, own, since_ns)  # what this run recorded is sealed from its records
     state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2), "inputs": inputs or {}}
     if stage == "assemble":
         state["outputs"] = [[str(p), *(written_identity(p) or [])] for p in ctx.outputs]
