@@ -842,20 +842,54 @@ def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
         record_chunk(arr, index, content)
 
 
+class _Layout:
+    """What the seal reads of an array: its path, shape, row chunks, attributes and chunk keys."""
+    __slots__ = ("path", "shape", "chunks", "ndim", "attrs", "_key")
+
+    def __init__(self, path: str, shape, chunks, attrs: dict, key):
+        self.path, self.shape, self.chunks, self.ndim = path, tuple(shape), tuple(chunks), len(shape)
+        self.attrs, self._key = attrs, key
+
+    def chunk_key(self, index: int) -> str:
+        return self._key((index,) + (0,) * (self.ndim - 1))
+
+
+def _plain_layout(store: str, name: str) -> _Layout | None:
+    """The layout of an array whose zarr.json is one this converter writes (a regular grid, chunk
+    keys c/<i>/<j>...), read as JSON alone: making a zarr array of each of the tens of thousands of
+    arrays of a store was most of a seal's time. None for anything else."""
+    try:
+        with open(os.path.join(store, name, "zarr.json"), "rb") as f:
+            data = json.loads(f.read())
+        grid, encoding = data["chunk_grid"], data["chunk_key_encoding"]
+        if data.get("node_type") != "array" or data.get("zarr_format") != 3 or grid.get("name") != "regular" \
+                or encoding != {"name": "default", "configuration": {"separator": "/"}}:
+            return None
+        shape, chunks = data["shape"], grid["configuration"]["chunk_shape"]
+        attrs = data.get("attributes") or {}
+        if not (isinstance(shape, list) and isinstance(chunks, list) and len(shape) == len(chunks)
+                and all(type(n) is int and n >= 0 for n in shape) and all(type(n) is int and n > 0 for n in chunks)
+                and isinstance(attrs, dict)):
+            return None
+    except Exception:  # noqa: BLE001 - unreadable or another layout: zarr says what it is
+        return None
+    return _Layout(name, shape, chunks, attrs, lambda coords: "c/" + "/".join(map(str, coords)))
+
+
 def _store_arrays(store: Path, digests: dict[str, list]):
-    """The arrays of a store's root group (as `group.arrays()`), found among the files of `digests`
-    and made from their zarr.json directly; a member whose zarr.json is not an array's is asked of
-    zarr, which yields it if it is an array and refuses it in its own words if it is damaged."""
-    group, local = None, local_store(store, "r")
+    """The arrays of a store's root group (as `group.arrays()`), found among the files of `digests`,
+    as _Layout: read from their zarr.json directly, or else asked of zarr, which makes an array of
+    it or refuses it in its own words if it is damaged."""
+    group, root = None, str(store)
     for name in sorted(k[:-len("/zarr.json")] for k in digests if k.endswith("/zarr.json") and k.count("/") == 1):
-        arr = _array_from_json(local, name)
-        if arr is None:
+        layout = _plain_layout(root, name)
+        if layout is None:
             group = group if group is not None else open_store(store, "r")
             node = group[name]
             if not isinstance(node, zarr.Array):
                 continue
-            arr = node
-        yield arr
+            layout = _Layout(node.path, node.shape, node.chunks, node.attrs.asdict(), node.metadata.encode_chunk_key)
+        yield layout
 
 
 def chunk_records(store: Path, digests: dict[str, list], checked=frozenset()) -> None:
@@ -872,23 +906,32 @@ def chunk_records(store: Path, digests: dict[str, list], checked=frozenset()) ->
         head, _, tail = k.rpartition("/")
         if tail.startswith("padded-chunk."):
             padded.setdefault(head, []).append(k)
+    resolved: dict[str, Path] = {}  # a directory -> its real path, resolved once (not once per array)
+
+    def real(directory: str) -> Path:
+        if directory not in resolved:
+            resolved[directory] = Path(directory).resolve()
+        return resolved[directory]
+
     for arr in _store_arrays(store, digests):
-        base = Path(arr.path)
-        expected.add(str(base / "zarr.json"))
-        if is_indexed(arr):  # no chunk files: its bytes are in the checkpoint (see read_source), but
-            # for the reference view's padded copy of a last chunk the file ends inside
-            expected.update(padded.get(str(base), ()))
-            content = source_ref(arr).get(CONTENT)
-            if content and Path(content["records"]).resolve() == (store / base / DIGESTS).resolve():
+        base = arr.path
+        expected.add(f"{base}/zarr.json")
+        ref = arr.attrs.get(SOURCE_REF)
+        if ref is not None:  # indexed: no chunk files, its bytes are in the checkpoint (see read_source),
+            # but for the reference view's padded copy of a last chunk the file ends inside
+            expected.update(padded.get(base, ()))
+            content = ref.get(CONTENT)
+            records = Path(content["records"]) if content else None
+            if records is not None and records.name == DIGESTS and records.parent.name == Path(base).name \
+                    and real(str(records.parent.parent)) == real(str(store)):
                 for index in range(-(-content["nbytes"] // content["chunk_bytes"])):  # extract's digests
-                    record = str(base / DIGESTS / str(index))
+                    record = f"{base}/{DIGESTS}/{index}"
                     if record not in digests:
                         raise DamagedStore(f"{store / record}: missing")
                     expected.add(record)
             continue
-        tail = (0,) * (arr.ndim - 1)
         for index in range(-(-arr.shape[0] // arr.chunks[0]) if arr.ndim else 1):
-            chunk = f"{arr.path}/{arr.metadata.encode_chunk_key((index, *tail))}"  # as chunk_path, digest_path
+            chunk = f"{arr.path}/{arr.chunk_key(index)}"  # as chunk_path, digest_path
             record = f"{arr.path}/{DIGESTS}/{index}"
             expected |= {chunk, record}
             if chunk not in digests:
