@@ -951,10 +951,12 @@ def chunk_records(store: Path, digests: dict[str, list], checked=frozenset()) ->
 
 
 # -- integrity of finished stores -----------------------------------------------------------------
-# When a stage finishes, every file of its store is hashed (xxh3, at memory speed) into
-# `<stage>.checksums.json` beside the store; the next stage checks its input store against
-# that record before reading it. A chunk deleted, truncated, flipped or added after the
-# stage finished is found there, and the run stops with one line instead of reading zeros.
+# When a stage finishes, the size and xxh3 digest of every file of its store go into
+# `<stage>.checksums.json` beside the store (seal_digests: a chunk this process wrote takes the
+# digest recorded as it was written, every other file is hashed); the next stage hashes every
+# file of its input store and checks it against that record before reading it. A chunk deleted,
+# truncated, flipped or added after it was written is found there (or at the seal, for a chunk an
+# earlier run wrote), and the run stops with one line instead of reading zeros.
 
 def store_files(store: Path) -> list[str]:
     """The files of a store (paths relative to it, sorted), but for temporary `.partial` ones. A
