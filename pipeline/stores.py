@@ -1076,4 +1076,20 @@ def largest_values(store, name: str) -> float:
     store opened once for every tensor)."""
     group = store if isinstance(store, zarr.Group) else open_store(store, "r")
     maxima = get_array(group, name + MAX_SUFFIX)
+    check_recorded(maxima)
     return float(read_rows(maxima, 0, maxima.shape[0]).max(initial=0.0))
+
+
+def check_recorded(arr: zarr.Array) -> None:
+    """Raise DamagedStore naming the first chunk file of `arr` that differs from the record written
+    with it. For what is read right after its store is sealed, before the next stage checks that
+    store: the seal takes the digests this run recorded as they were written (seal_digests)."""
+    for index in range(-(-arr.shape[0] // arr.chunks[0]) if arr.ndim and arr.shape[0] else 0):
+        path, record = chunk_path(arr, index), digest_path(arr, index)
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8"))
+            now = [path.stat().st_size, file_digest(path)]
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise DamagedStore(f"{path}: missing, or its record ({record}) is missing or unreadable") from None
+        if recorded != now:
+            raise DamagedStore(f"{path}: its bytes changed after it was written")
