@@ -977,13 +977,19 @@ def store_files(store: Path) -> list[str]:
 
 
 def file_digest(path: Path) -> str:
+    return sized_digest(path)[1]
+
+
+def sized_digest(path) -> list:
+    """[size, xxh3 digest] of a file (the size of the file opened, not a second stat)."""
     import xxhash
 
     h = xxhash.xxh3_64()
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         while block := f.read(1 << 24):
             h.update(block)
-    return h.hexdigest()
+    return [size, h.hexdigest()]
 
 
 def _chunk_record(rel: str) -> str | None:
@@ -1046,7 +1052,7 @@ def seal_digests(store: Path, since_ns: int | None = None) -> tuple[dict[str, li
                     digests[rel] = [size, digest]
                     checked.add(rel)
                     continue
-        digests[rel] = [os.stat(path).st_size, file_digest(path)]
+        digests[rel] = sized_digest(path)
     return digests, checked
 
 
@@ -1057,11 +1063,10 @@ def check_store(store: Path, recorded: dict[str, list]) -> None:
     for rel, (size, digest) in recorded.items():
         if rel not in present:
             raise DamagedStore(f"{store / rel}: missing")
-        path = os.path.join(store, rel)
-        now = os.stat(path).st_size
+        now, digest_now = sized_digest(os.path.join(store, rel))
         if now != size:
             raise DamagedStore(f"{store / rel}: {now} bytes, {size} when it was written")
-        if file_digest(path) != digest:
+        if digest_now != digest:
             raise DamagedStore(f"{store / rel}: its bytes changed after it was written")
     extra = sorted(present - set(recorded))
     if extra:
