@@ -759,7 +759,7 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
 
     return Plan(label(opts.model_dir), ckpt.plan.family.description, ckpt.plan.arch, opts.out_type,
                 opts.embedding_type, records, len(kvs), outputs, store_sizes(opts, ckpt, budget, types, rows_of),
-                len(json.dumps(metadata, indent=2, sort_keys=True)) + RECORD_BYTES_PER_TENSOR * len(records),
+                len(json.dumps(metadata, separators=(",", ":"), sort_keys=True)) + RECORD_BYTES_PER_TENSOR * len(records),
                 budget.memory_limit, budget.workers, budget.chunk_elements, int(min(peak, budget.memory_limit)),
                 type_choice=opts.type_reason or "given", fetch=fetch_estimate(ckpt),
                 arch_traps=arch_traps(ckpt.plan.arch, {k.key: k.value for k in kvs}.get))

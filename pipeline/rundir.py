@@ -34,7 +34,7 @@ from pathlib import Path
 from pipeline import portable
 from pipeline.errors import RunDirError
 from pipeline.safe_files import create_exclusive, open_no_link
-from pipeline.stores import DamagedStore, check_store, chunk_records, refs_path, remove_tree, store_digests
+from pipeline.stores import DamagedStore, check_store, chunk_records, refs_path, remove_tree, seal_digests
 
 STAGES = ("extract", "quantize", "pack", "assemble")
 # manifest.json: an assemble with --low-disk removed chunk files of quantize.zarr and pack.zarr as it
@@ -136,10 +136,16 @@ def stage_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, data) -> None:
+def write_json_atomic(path: Path, data, readable: bool = False) -> None:
+    """`data` as JSON at `path`, whole or not at all. Compact unless `readable` (the manifest, which
+    people read): json encodes an indented file, or any file it writes as it goes (json.dump), in
+    pure Python, several times slower than the one-shot compact encoding, which for the plan,
+    checksum records and reference set of a model of many tensors was a tenth of a conversion."""
+    text = json.dumps(data, indent=2 if readable else None, separators=None if readable else (",", ":"),
+                      sort_keys=True)
     tmp = path.with_name(path.name + ".tmp")
     with create_exclusive(tmp, "w") as f:  # never through a link planted at the temporary name
-        json.dump(data, f, indent=2, sort_keys=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -267,17 +273,19 @@ class RunDir:
     def save(self, manifest: dict) -> None:
         manifest["version"] = MANIFEST_VERSION
         manifest["tool"] = TOOL
-        write_json_atomic(self.manifest_path, manifest)
+        write_json_atomic(self.manifest_path, manifest, readable=True)
 
     def checksums_path(self, stage: str, tag: str | None = None) -> Path:
         return self.path / (f"{stage}-{tag}.checksums.json" if tag else f"{stage}.checksums.json")
 
-    def seal(self, stage: str, tag: str | None = None) -> None:
+    def seal(self, stage: str, tag: str | None = None, since_ns: int | None = None) -> None:
         """Record what a finished stage's store holds (see stores.check_store), once every chunk
-        still matches the record made when it was written (stores.chunk_records)."""
-        digests = store_digests(self.store(stage, tag))
+        still matches the record made when it was written (stores.chunk_records). `since_ns`: when
+        this process started the stage; the chunks it recorded since are sealed from their records,
+        not read again (stores.seal_digests: the next stage's input check reads them)."""
+        digests, checked = seal_digests(self.store(stage, tag), since_ns)
         try:
-            chunk_records(self.store(stage, tag), digests)
+            chunk_records(self.store(stage, tag), digests, checked)
         except DamagedStore as e:
             raise RunDirError(f"{self.path}: the run directory is damaged ({e.what}); delete it and convert again") \
                 from None

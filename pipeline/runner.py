@@ -39,7 +39,7 @@ KV_READBACK_BYTES_PER_ROW = 160
 CONTENT_CHANGED = "source_content_changed"
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 6, "quantize": 4, "pack": 3, "assemble": 3}
+STAGE_VERSIONS = {"extract": 7, "quantize": 5, "pack": 4, "assemble": 3}
 
 
 def stage_inputs(opts: Options, ckpt) -> dict[str, dict]:
@@ -527,7 +527,7 @@ def _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manife
             consumed = set(consumed_names(previous, resume["tensors"]))
             remove_codes(previous, sorted(consumed))  # what a kill between a record and its removal left
         run.check_sealed(before, tag if before in OUTPUT_STAGES else None, consumed)  # its input is what was written
-    started = time.monotonic()
+    started, since_ns = time.monotonic(), time.time_ns()
     log(f"{stage}: running" + (f" ({opts.output.name})" if own else "")
         + (f", continuing the unfinished output after {resume['tensors']} of {len(plan.infos())} tensors "
            "(--low-disk)" if resume else ""))
@@ -541,7 +541,7 @@ def _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manife
     importlib.import_module(f"stages.{stage}").run(ctx)
     if stage != "assemble":  # assemble checks before it publishes
         check_source()  # a file rewritten while it was read would mix old and new weights
-        run.seal(stage, own)
+        run.seal(stage, own, since_ns)  # what this run recorded is sealed from its records
     state = {"key": key, "state": "done", "seconds": round(time.monotonic() - started, 2), "inputs": inputs or {}}
     if stage == "assemble":
         state["outputs"] = [[str(p), *(written_identity(p) or [])] for p in ctx.outputs]

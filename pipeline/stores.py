@@ -9,7 +9,7 @@ An *indexed* array has no chunk files: its attribute `source_ref` says where its
 already are, contiguous and row-major, in a checkpoint file (extract writes one for every
 safetensors tensor, and the later stages pass it on for tensors whose bytes they do not
 change). `read_rows` reads those bytes directly, after checking that the file is still the
-one the reference was made for (size, mtime, ctime, inode); `refs_json` describes the
+one the reference was made for (size, mtime, ctime, inode); `write_refs` writes the
 whole store as a kerchunk/fsspec reference file (`extract.refs.json` beside the store), so
 that zarr itself opens it with data.
 """
@@ -66,21 +66,26 @@ def _array_from_json(store: zarr.storage.LocalStore, path: str) -> zarr.Array | 
             data = json.loads(f.read())
         if not isinstance(data, dict) or data.get("node_type") != "array" or data.get("zarr_format") != 3:
             return None
-        from zarr.core.array import AsyncArray
-        from zarr.storage import StorePath
-
-        layout, pipeline, config = _layout(data)
-        metadata = copy.copy(layout)  # this array's own attributes (a fresh dict: nothing zarr could change is shared)
-        attributes = data.get("attributes")
-        object.__setattr__(metadata, "attributes", attributes if attributes is not None else {})
-        arr = AsyncArray.__new__(AsyncArray)  # the four fields AsyncArray.__init__ sets, already parsed
-        object.__setattr__(arr, "metadata", metadata)
-        object.__setattr__(arr, "store_path", StorePath(store, path))
-        object.__setattr__(arr, "config", config)
-        object.__setattr__(arr, "codec_pipeline", pipeline)
-        return zarr.Array(arr)
+        return _array_from_data(store, path, data)
     except Exception:  # noqa: BLE001 - anything zarr would refuse: let zarr refuse it, in its words
         return None
+
+
+def _array_from_data(store: zarr.storage.LocalStore, path: str, data: dict) -> zarr.Array:
+    """The array at `path` whose zarr.json holds `data` (parsed, or just written)."""
+    from zarr.core.array import AsyncArray
+    from zarr.storage import StorePath
+
+    layout, pipeline, config = _layout(data)
+    metadata = copy.copy(layout)  # this array's own attributes (a fresh dict: nothing zarr could change is shared)
+    attributes = data.get("attributes")
+    object.__setattr__(metadata, "attributes", attributes if attributes is not None else {})
+    arr = AsyncArray.__new__(AsyncArray)  # the four fields AsyncArray.__init__ sets, already parsed
+    object.__setattr__(arr, "metadata", metadata)
+    object.__setattr__(arr, "store_path", StorePath(store, path))
+    object.__setattr__(arr, "config", config)
+    object.__setattr__(arr, "codec_pipeline", pipeline)
+    return zarr.Array(arr)
 
 
 # Parsed layouts (a zarr.json without its attributes): zarr's parsing was most of the cost of
@@ -141,15 +146,13 @@ def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], rows_per_
                 and arr.dtype == np.dtype(dtype):
             merged = {**arr.attrs.asdict(), **attrs}
             if merged != arr.attrs.asdict() and not compress:
-                write_array_metadata(group, name, shape, chunks, dtype, merged)
-                return get_array(group, name)
+                return write_array_metadata(group, name, shape, chunks, dtype, merged)
             if merged != arr.attrs.asdict():
                 arr.attrs.update(attrs)
             return arr
         remove_tree(Path(str(group.store_path.store.root)) / group.path / name)
     if not compress:
-        write_array_metadata(group, name, shape, chunks, dtype, attrs)
-        return get_array(group, name)
+        return write_array_metadata(group, name, shape, chunks, dtype, attrs)
     compressors = (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),)
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, attributes=attrs,
                               compressors=compressors, fill_value=0, config=ARRAY_CONFIG)
@@ -172,10 +175,11 @@ def _metadata_template(dtype, ndim: int) -> dict:
     return _TEMPLATES[key]
 
 
-def write_array_metadata(group: zarr.Group, name: str, shape, chunks, dtype, attrs: dict) -> None:
+def write_array_metadata(group: zarr.Group, name: str, shape, chunks, dtype, attrs: dict) -> zarr.Array:
     """An uncompressed array's zarr.json, as zarr writes it (its template with this shape, chunks and
-    attributes), whole or not at all; zarr's create_array costs several times more per array, which
-    adds up over the hundreds of arrays of an 8B model's stores."""
+    attributes) but without indentation, whole or not at all; the array, made from what was written
+    (not read back). zarr's create_array costs several times more per array, which adds up over the
+    hundreds of arrays of an 8B model's stores, and the tens of thousands of a model with many experts."""
     meta = dict(_metadata_template(dtype, len(shape)))
     meta["shape"] = [int(n) for n in shape]
     meta["chunk_grid"] = {**meta["chunk_grid"], "configuration": {
@@ -184,9 +188,11 @@ def write_array_metadata(group: zarr.Group, name: str, shape, chunks, dtype, att
     directory = os.path.join(str(group.store_path.store.root), group.path, name)
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, "zarr.json.partial")
+    text = json.dumps(meta, separators=(",", ":"))  # C-encoded; with indent=2 json encodes in pure Python
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(meta, indent=2))
+        f.write(text)
     os.replace(tmp, os.path.join(directory, "zarr.json"))
+    return _array_from_data(group.store_path.store, member_path(group, name), json.loads(text))
 
 
 def array_path(store: Path, name: str) -> str:
@@ -554,8 +560,9 @@ def refs_path(store: Path) -> Path:
     return store.with_name(store.stem + ".refs.json")
 
 
-def refs_json(store: Path, names) -> dict:
-    """The store as a kerchunk (version 1) reference set: metadata inline, an indexed array's
+def write_refs(store: Path, names) -> None:
+    """Write the store as a kerchunk (version 1) reference set to `refs_path(store)`, whole or not at
+    all: metadata inline, an indexed array's
     chunks as [file, offset, length] (a full chunk: an edge chunk runs on into the bytes that
     follow it; one that would run past the end of its file is a padded copy in the store),
     other chunks as their files in the store (written by the time the stage is done). Open it with
@@ -564,34 +571,47 @@ def refs_json(store: Path, names) -> dict:
     Every target is a plain absolute path, never a template: fsspec renders a "{{" in a template
     value or a target as template syntax, and a checkpoint or run directory may be named anything.
 
-    `names`: the arrays, each opened here in turn: holding a zarr.Array for every array of a
-    store until the end would grow the peak with the number of tensors."""
+    `names`: the arrays, each opened here in turn and written out as it is: holding a zarr.Array,
+    or the reference entries, for every array of a store until the end would grow the peak with
+    the number of tensors. Compact JSON, each entry encoded by json's C encoder."""
     store = Path(store).resolve()
-    refs = {"zarr.json": (store / "zarr.json").read_text()}
-    group = open_store(store, "r")
-    for name in sorted(set(names)):
-        arr = get_array(group, name)
-        refs[f"{name}/zarr.json"] = (store / name / "zarr.json").read_text()
-        ref = source_ref(arr)
-        n_chunks = -(-arr.shape[0] // arr.chunks[0]) if arr.shape and arr.shape[0] else 0
-        tail = [0] * (arr.ndim - 1)
-        if ref is None:  # chunk files of the store (written by the time the stage is done)
-            for i in range(n_chunks):
-                key = arr.metadata.encode_chunk_key((i, *tail))
-                refs[f"{name}/{key}"] = [str(store / name / key)]
-            continue
-        size = ref["identity"][0]
-        nbytes = chunk_nbytes(arr)
+    path = refs_path(store)
+    tmp = path.with_name(path.name + ".tmp")
+    with create_exclusive(tmp, "w") as f:  # never through a link planted at the temporary name
+        f.write('{"version":1,"refs":{"zarr.json":' + json.dumps((store / "zarr.json").read_text()))
+        for name in sorted(set(names)):
+            for key, value in _array_refs(store, name):
+                f.write(f",{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}")
+        f.write("}}")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _array_refs(store: Path, name: str):
+    """The reference entries (key, value) of the array `name` of `store` (see write_refs)."""
+    text = (store / name / "zarr.json").read_text(encoding="utf-8")
+    arr = _array_from_json(local_store(store, "r"), name)
+    arr = arr if arr is not None else open_store(store, "r")[name]
+    yield f"{name}/zarr.json", text
+    ref = source_ref(arr)
+    n_chunks = -(-arr.shape[0] // arr.chunks[0]) if arr.shape and arr.shape[0] else 0
+    tail = [0] * (arr.ndim - 1)
+    if ref is None:  # chunk files of the store (written by the time the stage is done)
         for i in range(n_chunks):
             key = arr.metadata.encode_chunk_key((i, *tail))
-            offset = ref["offset"] + i * nbytes
-            if offset + nbytes <= size:
-                refs[f"{name}/{key}"] = [str(ref["file"]), offset, nbytes]
-            elif remote.is_url(ref["file"]):
-                continue  # a padded copy would put weights on disk: the view lacks a remote tensor's last chunk
-            else:
-                refs[f"{name}/{key}"] = [str(store / name / write_padded_tail(store / name, ref, arr, i))]
-    return {"version": 1, "refs": refs}
+            yield f"{name}/{key}", [str(store / name / key)]
+        return
+    size = ref["identity"][0]
+    nbytes = chunk_nbytes(arr)
+    for i in range(n_chunks):
+        key = arr.metadata.encode_chunk_key((i, *tail))
+        offset = ref["offset"] + i * nbytes
+        if offset + nbytes <= size:
+            yield f"{name}/{key}", [str(ref["file"]), offset, nbytes]
+        elif not remote.is_url(ref["file"]):  # a remote tensor's last chunk is left out: a padded copy
+            # would put weights on disk
+            yield f"{name}/{key}", [str(store / name / write_padded_tail(store / name, ref, arr, i))]
 
 
 def write_padded_tail(array_dir: Path, ref: dict, arr: zarr.Array, index: int) -> str:
@@ -822,28 +842,63 @@ def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
         record_chunk(arr, index, content)
 
 
+class _Layout:
+    """What the seal reads of an array: its path, shape, row chunks, attributes and chunk keys."""
+    __slots__ = ("path", "shape", "chunks", "ndim", "attrs", "_key")
+
+    def __init__(self, path: str, shape, chunks, attrs: dict, key):
+        self.path, self.shape, self.chunks, self.ndim = path, tuple(shape), tuple(chunks), len(shape)
+        self.attrs, self._key = attrs, key
+
+    def chunk_key(self, index: int) -> str:
+        return self._key((index,) + (0,) * (self.ndim - 1))
+
+
+def _plain_layout(store: str, name: str) -> _Layout | None:
+    """The layout of an array whose zarr.json is one this converter writes (a regular grid, chunk
+    keys c/<i>/<j>...), read as JSON alone: making a zarr array of each of the tens of thousands of
+    arrays of a store was most of a seal's time. None for anything else."""
+    try:
+        with open(os.path.join(store, name, "zarr.json"), "rb") as f:
+            data = json.loads(f.read())
+        grid, encoding = data["chunk_grid"], data["chunk_key_encoding"]
+        if data.get("node_type") != "array" or data.get("zarr_format") != 3 or grid.get("name") != "regular" \
+                or encoding != {"name": "default", "configuration": {"separator": "/"}}:
+            return None
+        shape, chunks = data["shape"], grid["configuration"]["chunk_shape"]
+        attrs = data.get("attributes") or {}
+        if not (isinstance(shape, list) and isinstance(chunks, list) and len(shape) == len(chunks)
+                and all(type(n) is int and n >= 0 for n in shape) and all(type(n) is int and n > 0 for n in chunks)
+                and isinstance(attrs, dict)):
+            return None
+    except Exception:  # noqa: BLE001 - unreadable or another layout: zarr says what it is
+        return None
+    return _Layout(name, shape, chunks, attrs, lambda coords: "c/" + "/".join(map(str, coords)))
+
+
 def _store_arrays(store: Path, digests: dict[str, list]):
-    """The arrays of a store's root group (as `group.arrays()`), found among the files of `digests`
-    and made from their zarr.json directly; a member whose zarr.json is not an array's is asked of
-    zarr, which yields it if it is an array and refuses it in its own words if it is damaged."""
-    group, local = None, local_store(store, "r")
+    """The arrays of a store's root group (as `group.arrays()`), found among the files of `digests`,
+    as _Layout: read from their zarr.json directly, or else asked of zarr, which makes an array of
+    it or refuses it in its own words if it is damaged."""
+    group, root = None, str(store)
     for name in sorted(k[:-len("/zarr.json")] for k in digests if k.endswith("/zarr.json") and k.count("/") == 1):
-        arr = _array_from_json(local, name)
-        if arr is None:
+        layout = _plain_layout(root, name)
+        if layout is None:
             group = group if group is not None else open_store(store, "r")
             node = group[name]
             if not isinstance(node, zarr.Array):
                 continue
-            arr = node
-        yield arr
+            layout = _Layout(node.path, node.shape, node.chunks, node.attrs.asdict(), node.metadata.encode_chunk_key)
+        yield layout
 
 
-def chunk_records(store: Path, digests: dict[str, list]) -> None:
+def chunk_records(store: Path, digests: dict[str, list], checked=frozenset()) -> None:
     """Check a store's chunks against the records written with them, before it is sealed.
 
-    `digests`: {relative path: [size, digest]} of every file of the store now. Every row chunk of
-    every array must be on disk and match its record, and nothing else may be there but zarr's
-    metadata. Raises DamagedStore naming the first chunk file that does not."""
+    `digests`: {relative path: [size, digest]} of every file of the store now; `checked`: the chunk
+    files whose entry is already their record's (seal_digests). Every row chunk of every array must
+    be on disk and match its record, and nothing else may be there but zarr's metadata. Raises
+    DamagedStore naming the first chunk file that does not."""
     store = Path(store)
     expected = {"zarr.json"}
     padded: dict[str, list[str]] = {}  # array -> its padded copies: one pass, not one per array
@@ -851,26 +906,38 @@ def chunk_records(store: Path, digests: dict[str, list]) -> None:
         head, _, tail = k.rpartition("/")
         if tail.startswith("padded-chunk."):
             padded.setdefault(head, []).append(k)
+    resolved: dict[str, Path] = {}  # a directory -> its real path, resolved once (not once per array)
+
+    def real(directory: str) -> Path:
+        if directory not in resolved:
+            resolved[directory] = Path(directory).resolve()
+        return resolved[directory]
+
     for arr in _store_arrays(store, digests):
-        base = Path(arr.path)
-        expected.add(str(base / "zarr.json"))
-        if is_indexed(arr):  # no chunk files: its bytes are in the checkpoint (see read_source), but
-            # for the reference view's padded copy of a last chunk the file ends inside
-            expected.update(padded.get(str(base), ()))
-            content = source_ref(arr).get(CONTENT)
-            if content and Path(content["records"]).resolve() == (store / base / DIGESTS).resolve():
+        base = arr.path
+        expected.add(f"{base}/zarr.json")
+        ref = arr.attrs.get(SOURCE_REF)
+        if ref is not None:  # indexed: no chunk files, its bytes are in the checkpoint (see read_source),
+            # but for the reference view's padded copy of a last chunk the file ends inside
+            expected.update(padded.get(base, ()))
+            content = ref.get(CONTENT)
+            records = Path(content["records"]) if content else None
+            if records is not None and records.name == DIGESTS and records.parent.name == Path(base).name \
+                    and real(str(records.parent.parent)) == real(str(store)):
                 for index in range(-(-content["nbytes"] // content["chunk_bytes"])):  # extract's digests
-                    record = str(base / DIGESTS / str(index))
+                    record = f"{base}/{DIGESTS}/{index}"
                     if record not in digests:
                         raise DamagedStore(f"{store / record}: missing")
                     expected.add(record)
             continue
         for index in range(-(-arr.shape[0] // arr.chunks[0]) if arr.ndim else 1):
-            chunk = str(chunk_path(arr, index).relative_to(store))
-            record = str(digest_path(arr, index).relative_to(store))
+            chunk = f"{arr.path}/{arr.chunk_key(index)}"  # as chunk_path, digest_path
+            record = f"{arr.path}/{DIGESTS}/{index}"
             expected |= {chunk, record}
             if chunk not in digests:
                 raise DamagedStore(f"{store / chunk}: missing")
+            if chunk in checked:
+                continue
             try:
                 recorded = json.loads((store / record).read_text(encoding="utf-8"))
             except (OSError, ValueError, UnicodeDecodeError):
@@ -884,51 +951,124 @@ def chunk_records(store: Path, digests: dict[str, list]) -> None:
 
 
 # -- integrity of finished stores -----------------------------------------------------------------
-# When a stage finishes, every file of its store is hashed (xxh3, at memory speed) into
-# `<stage>.checksums.json` beside the store; the next stage checks its input store against
-# that record before reading it. A chunk deleted, truncated, flipped or added after the
-# stage finished is found there, and the run stops with one line instead of reading zeros.
+# When a stage finishes, the size and xxh3 digest of every file of its store go into
+# `<stage>.checksums.json` beside the store (seal_digests: a chunk this process wrote takes the
+# digest recorded as it was written, every other file is hashed); the next stage hashes every
+# file of its input store and checks it against that record before reading it. A chunk deleted,
+# truncated, flipped or added after it was written is found there (or at the seal, for a chunk an
+# earlier run wrote), and the run stops with one line instead of reading zeros.
 
-def store_files(store: Path) -> list[Path]:
-    # os.walk, not Path.rglob: a store of tens of thousands of arrays has hundreds of thousands of
-    # files, and rglob's Path objects and stat calls made this walk the slowest step of a seal
-    found = []
-    for root, dirs, files in os.walk(store):
-        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]  # as rglob: links not followed
-        found += [os.path.join(root, f) for f in files if not f.endswith(".partial")
-                  and os.path.isfile(os.path.join(root, f))]
-    return [Path(p) for p in sorted(found)]
+def store_files(store: Path) -> list[str]:
+    """The files of a store (paths relative to it, sorted), but for temporary `.partial` ones. A
+    scandir walk: a store of tens of thousands of arrays has hundreds of thousands of files, and
+    rglob's Path objects and stat calls (os.walk's too) made the walk the slowest step of a seal.
+    Links to directories are not followed (as Path.rglob), links to files are listed."""
+    found, pending = [], [("", str(store))]
+    while pending:
+        rel, path = pending.pop()
+        with os.scandir(path) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    pending.append((f"{rel}{e.name}/", e.path))
+                elif not e.name.endswith(".partial") and e.is_file():
+                    found.append(rel + e.name)
+    found.sort()
+    return found
 
 
 def file_digest(path: Path) -> str:
+    return sized_digest(path)[1]
+
+
+def sized_digest(path) -> list:
+    """[size, xxh3 digest] of a file (the size of the file opened, not a second stat)."""
     import xxhash
 
     h = xxhash.xxh3_64()
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         while block := f.read(1 << 24):
             h.update(block)
-    return h.hexdigest()
+    return [size, h.hexdigest()]
 
 
-def store_digests(store: Path) -> dict[str, list]:
-    """{relative path: [size, xxh3 digest]} of every file of a store."""
-    store = Path(store)
-    return {str(p.relative_to(store)): [p.stat().st_size, file_digest(p)] for p in store_files(store)}
+def _chunk_record(rel: str) -> str | None:
+    """Where the record of the row-chunk file `rel` is (<array>/c/<index>[/0...] -> <array>/digests/<index>,
+    as chunk_path and digest_path lay them out); None for any other file."""
+    head, sep, tail = rel.rpartition("/c/")
+    index = tail.split("/", 1)[0]
+    return f"{head}/{DIGESTS}/{index}" if sep and index.isdigit() else None
+
+
+def _recent_record(path: str, since_ns: int) -> tuple[list, list] | None:
+    """(the record file's own [size, digest], the [size, digest] it records) of a chunk record
+    written at or after `since_ns` (time.time_ns()); None for an older or malformed one."""
+    import xxhash
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_mtime_ns < since_ns or st.st_size > 256:
+            return None
+        data = os.read(fd, 257)
+    finally:
+        os.close(fd)
+    try:
+        recorded = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not (isinstance(recorded, list) and len(recorded) == 2 and type(recorded[0]) is int
+            and isinstance(recorded[1], str)):
+        return None
+    return [len(data), xxhash.xxh3_64_hexdigest(data)], recorded
+
+
+def seal_digests(store: Path, since_ns: int | None = None) -> tuple[dict[str, list], set[str]]:
+    """({relative path: [size, xxh3 digest]} of every file of a store, the chunk files whose entry
+    is their record's). With `since_ns` (when this process started the stage, time.time_ns()), a
+    chunk file whose record was written since then is not read again: its entry is the digest
+    recorded as it was written (its size checked against the file). Every other file is hashed,
+    so a chunk an earlier, interrupted run wrote is compared with its record here (chunk_records);
+    a chunk this run wrote and something changed before the seal differs from the sealed entry,
+    which the next stage's check of its input (check_store) finds before it reads the store."""
+    store = str(store)
+    files = store_files(store)
+    present = set(files) if since_ns is not None else ()
+    digests, checked, records = {}, set(), {}  # records: the entries of records read for their chunk
+    for rel in files:  # sorted: an array's chunk files (c/...) before its records (digests/...)
+        path = os.path.join(store, rel)
+        if rel in records:
+            digests[rel] = records.pop(rel)
+            continue
+        record = _chunk_record(rel) if since_ns is not None else None
+        if record is not None and record in present:
+            recent = _recent_record(os.path.join(store, record), since_ns)
+            if recent is not None:
+                records[record], (size, digest) = recent
+                if os.stat(path).st_size == size:
+                    digests[rel] = [size, digest]
+                    checked.add(rel)
+                    continue
+        digests[rel] = sized_digest(path)
+    return digests, checked
 
 
 def check_store(store: Path, recorded: dict[str, list]) -> None:
     """Raise DamagedStore naming the first file that differs from the record."""
     store = Path(store)
-    present = {str(p.relative_to(store)): p for p in store_files(store)} if store.is_dir() else {}
+    present = set(store_files(store)) if store.is_dir() else set()
     for rel, (size, digest) in recorded.items():
-        p = present.get(rel)
-        if p is None:
+        if rel not in present:
             raise DamagedStore(f"{store / rel}: missing")
-        if p.stat().st_size != size:
-            raise DamagedStore(f"{store / rel}: {p.stat().st_size} bytes, {size} when it was written")
-        if file_digest(p) != digest:
+        now, digest_now = sized_digest(os.path.join(store, rel))
+        if now != size:
+            raise DamagedStore(f"{store / rel}: {now} bytes, {size} when it was written")
+        if digest_now != digest:
             raise DamagedStore(f"{store / rel}: its bytes changed after it was written")
-    extra = sorted(set(present) - set(recorded))
+    extra = sorted(present - set(recorded))
     if extra:
         raise DamagedStore(f"{store / extra[0]}: not written by the conversion")
 
@@ -941,4 +1081,20 @@ def largest_values(store, name: str) -> float:
     store opened once for every tensor)."""
     group = store if isinstance(store, zarr.Group) else open_store(store, "r")
     maxima = get_array(group, name + MAX_SUFFIX)
+    check_recorded(maxima)
     return float(read_rows(maxima, 0, maxima.shape[0]).max(initial=0.0))
+
+
+def check_recorded(arr: zarr.Array) -> None:
+    """Raise DamagedStore naming the first chunk file of `arr` that differs from the record written
+    with it. For what is read right after its store is sealed, before the next stage checks that
+    store: the seal takes the digests this run recorded as they were written (seal_digests)."""
+    for index in range(-(-arr.shape[0] // arr.chunks[0]) if arr.ndim and arr.shape[0] else 0):
+        path, record = chunk_path(arr, index), digest_path(arr, index)
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8"))
+            now = [path.stat().st_size, file_digest(path)]
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise DamagedStore(f"{path}: missing, or its record ({record}) is missing or unreadable") from None
+        if recorded != now:
+            raise DamagedStore(f"{path}: its bytes changed after it was written")

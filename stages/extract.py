@@ -41,13 +41,12 @@ from pipeline.context import StageContext
 from pipeline.errors import CheckpointError
 from pipeline.families import GROUP_COLUMNS, GROUPED, TERNARY
 from pipeline.plan import fetched_once_names, pinned, ternary_embedding_scan
-from pipeline.rundir import write_json_atomic
 from pipeline.remote import RemoteFile
 from pipeline.safetensors_io import TensorSource, as_float32
 from pipeline.scheduler import chunk_task, run_reading_ahead
 from pipeline.stores import (MAX_SUFFIX, UNSCANNED, array_path, content_recorded, content_spec, damaged_values,
-                             ensure_array, index_array, make_ref, open_store, record_content, refs_json, refs_path,
-                             row_ranges, write_rows, written_chunks)
+                             ensure_array, index_array, make_ref, open_store, record_content, refs_path,
+                             row_ranges, write_refs, write_rows, written_chunks)
 from stages.quantize import SUMS_SUFFIX, TERNARY_ROWS_SUFFIX, ZEROS_SUFFIX
 
 GROUP_SUFFIX = ".group_max"
@@ -190,5 +189,5 @@ def run(ctx: StageContext) -> None:
                                         paths))
                 ahead.append((src.file.url, src.offset + r0 * row_bytes, (r1 - r0) * row_bytes, src.file.version)
                              if is_remote else None)
-    write_json_atomic(refs_path(ctx.output), refs_json(ctx.output, names))
+    write_refs(ctx.output, names)
     run_reading_ahead(ctx, tasks, ahead, "extract")

@@ -345,8 +345,10 @@ def run(ctx: StageContext) -> None:
         block_rows = rows if packed_blocks(shape, recipe) else None
         stored = (shape[0], shape[1] // 4) if layout == LAYOUT_2BIT else shape
         codes_dtype = np.uint8 if layout == LAYOUT_2BIT else np.int8
-        arr = ensure_array(group, name, stored, rows, codes_dtype, {**base, "code_layout": layout})
-        if recipe.weights == GROUPED and "scale" not in arr.attrs:
+        # a resumed run's array keeps its scale; a new one is written once, with it
+        arr = ensure_array(group, name, stored, rows, codes_dtype, {**base, "code_layout": layout}) \
+            if has_member(group, name) else None
+        if recipe.weights == GROUPED and (arr is None or "scale" not in arr.attrs):
             mags = get_array(source, name + GROUP_SUFFIX)
             mags, zeros = reordered_group_side(recipe, read_rows(mags, 0, mags.shape[0]),
                                                read_rows(get_array(source, name + ZEROS_SUFFIX), 0, shape[0]))
@@ -361,7 +363,7 @@ def run(ctx: StageContext) -> None:
             arr = ensure_array(group, name, stored, rows, codes_dtype, {
                 **base, "code_layout": layout, "absmean": None, "scale": scale,
                 "scale_granularity": scale_granularity(mags, GROUP_COLUMNS), **zero_attrs(zeros)})
-        elif "scale" not in arr.attrs:
+        elif arr is None or "scale" not in arr.attrs:
             absmean = None
             if recipe.scale_rule == "absmean":  # the row sums extract wrote beside the tensor
                 sums = get_array(source, name + SUMS_SUFFIX)

@@ -171,6 +171,25 @@ def test_a_damaged_row_maxima_chunk_is_the_run_directory_s_damage(packed_model, 
     assert not (tmp_path / "other.gguf").exists()
 
 
+def test_row_maxima_changed_after_they_were_recorded_are_damage_when_read(tmp_path):
+    """The row maxima are read right after extract's store is sealed, before the next stage checks
+    it, and the seal takes the digests this run recorded as the chunks were written: so the read
+    itself compares each chunk with its record, and a chunk changed since is the run directory's
+    damage, named, not a value blamed on the checkpoint."""
+    from pipeline.stores import DamagedStore, MAX_SUFFIX, chunk_path, ensure_array, largest_values, open_store, \
+        write_rows
+
+    group = open_store(tmp_path / "extract.zarr")
+    arr = ensure_array(group, "t" + MAX_SUFFIX, (6,), 2, np.float32, {"of": "t"})
+    write_rows(str(tmp_path / "extract.zarr" / ("t" + MAX_SUFFIX)), 0, 6, np.arange(6, dtype=np.float32))
+    assert largest_values(tmp_path / "extract.zarr", "t") == 5.0
+    chunk = chunk_path(arr, 2)
+    chunk.write_bytes(np.array([1e30, 0], dtype="<f4").tobytes())
+    with pytest.raises(DamagedStore) as found:
+        largest_values(tmp_path / "extract.zarr", "t")
+    assert str(chunk) in str(found.value) and "changed after it was written" in str(found.value)
+
+
 def test_reads_anywhere_in_a_tensor_check_whole_blocks(tmp_path):
     """A read of any byte range gives the file's bytes, and a byte changed in a block that the
     range touches is refused, whatever the chunk and block boundaries (small ones here)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,35 @@ def test_a_checksum_record_entry_of_the_wrong_type_is_damage(converted_small, ou
     line = one_line(proc, after_log=True)
     assert "quantize.checksums.json" in line and "damaged" in line
     assert not out.exists()
+
+
+def test_a_chunk_changed_after_the_running_conversion_recorded_it_is_found_before_the_next_stage_reads_it(tmp_path):
+    """A chunk the running conversion wrote and recorded is sealed from its record, not read again
+    (RunDir.seal with the time the stage started): bytes changed before the seal are not seen
+    there, but the seal keeps the digest recorded at write time, so the next stage's check of its
+    input names the chunk. A chunk recorded before the stage started (an earlier, interrupted
+    run's) is read again and refused at the seal, as before."""
+    import numpy as np
+
+    from pipeline.errors import RunDirError
+    from pipeline.rundir import RunDir
+    from pipeline.stores import chunk_path, ensure_array, open_store, write_rows
+
+    (tmp_path / "work").mkdir()
+    run = RunDir(tmp_path / "work")
+    store = run.store("quantize")
+    arr = ensure_array(open_store(store), "t", (8, 4), 2, np.float32, {})
+    since = time.time_ns()
+    write_rows(str(store / "t"), 0, 8, np.arange(32, dtype=np.float32).reshape(8, 4))
+    victim = chunk_path(arr, 1)
+    raw = bytearray(victim.read_bytes())
+    raw[5] ^= 4
+    victim.unlink()
+    victim.write_bytes(bytes(raw))
+    run.seal("quantize", since_ns=since)
+    with pytest.raises(RunDirError) as found:
+        run.check_sealed("quantize")
+    assert str(victim) in str(found.value) and "changed after it was written" in str(found.value)
+    with pytest.raises(RunDirError) as found:
+        run.seal("quantize", since_ns=time.time_ns())
+    assert str(victim) in str(found.value) and "changed after it was written" in str(found.value)
