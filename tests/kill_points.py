@@ -23,7 +23,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,23 +215,22 @@ class Reference:
 
 
 # -- running and interrupting ----------------------------------------------------------------
-def _default_sigint() -> None:
-    # a shell that starts the tests in the background ignores SIGINT, and children inherit that
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start(root: Path, model: Path, out: Path, work: Path, memory_limit: str, log: Path, *extra: str,
-          watch: dict | None = None) -> subprocess.Popen:
-    """A conversion; with `watch` (environment of tests/write_points.py), run through its audit hook."""
+          watch: dict | None = None):
+    """A conversion, its stderr appended to `log`; with `watch` (environment of tests/write_points.py),
+    run through its audit hook. Forked from tests/cli_server.py's server when it may be
+    (tests/conftest.py popen_cli: a process of its own, pid, exit status or signal, SIGINT at its
+    default so that the CLI's own handling of it runs), else an ordinary process (subprocess.Popen)."""
     from tests import write_points
+    from tests.conftest import popen_cli
 
     module = "pipeline" if watch is None else "tests.write_points"
     watched = {} if watch is None else {write_points.WATCH_ENV: str(work), write_points.OUTPUT_ENV: str(out), **watch}
     with open(log, "ab") as err:
-        return subprocess.Popen([sys.executable, "-m", module, "convert", str(model), "-o", str(out),
-                                 "--workdir", str(work), "--memory-limit", memory_limit, "--no-progress", *extra],
-                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_default_sigint,
-                                env={**os.environ, "PYTHONPATH": str(root), **watched})
+        return popen_cli("convert", model, "-o", out, "--workdir", work, "--memory-limit", memory_limit,
+                         "--no-progress", *extra, module=module, stdout=subprocess.DEVNULL, stderr=err,
+                         default_sigint=True, env={**os.environ, "PYTHONPATH": str(root), **watched},
+                         read_at_run_time=write_points.ENVIRONMENT)
 
 
 def recorded_writes(root: Path, model: Path, out: Path, work: Path, memory_limit: str, log: Path,
@@ -248,7 +246,7 @@ def recorded_writes(root: Path, model: Path, out: Path, work: Path, memory_limit
     return record.read_text().splitlines() if record.exists() else []
 
 
-def _wait_until(proc: subprocess.Popen, ready, deadline: float) -> bool:
+def _wait_until(proc, ready, deadline: float) -> bool:
     """Poll until ready() (True) or the process ends (False)."""
     while proc.poll() is None:
         if ready():
@@ -265,7 +263,7 @@ def _past(stage: str, log: Path) -> bool:
     return stage in finished or (current is not None and STAGES.index(current) > STAGES.index(stage))
 
 
-def wait_for(proc: subprocess.Popen, kp: KillPoint, work: Path, out: Path, ref: Reference, started: float,
+def wait_for(proc, kp: KillPoint, work: Path, out: Path, ref: Reference, started: float,
              log: Path) -> bool:
     """Block until the kill point is reached (True) or the process has ended (False)."""
     deadline = started + TIMEOUT
