@@ -20,12 +20,17 @@ by its own virtual environment's Python with torch and transformers preloaded: `
 
     python -m tests.cli_server SOCKET_PATH [MODULE,MODULE...]
                             (started by tests/conftest.py; exits with its parent; MODULEs: what to
-                            preload instead of the pipeline's modules)
+                            preload instead of the pipeline's modules, in order: `MODULE:FUNCTION`
+                            also calls FUNCTION() after the import, `*` stands for the pipeline's)
 
 Protocol, one request per connection: the caller sends one JSON line {"argv", "env", "cwd", "umask"},
-and "path" for a script (else `-m pipeline` runs), with its stdout and stderr pipes' write ends as
-SCM_RIGHTS; the server answers "pid N\\n" once the child runs, then "exit N S\\n" (N negative: killed
-by signal -N; S the CPU seconds of the child and the processes it waited for) when it has ended.
+and "path" for a script or "module" for `-m MODULE` (else `-m pipeline` runs), "sigint": "default" to
+give the child Python's own SIGINT handler (KeyboardInterrupt) as a process started with SIGINT at
+its default does (else it keeps the server's, inherited from the caller as an ordinary child's is),
+with its stdout and stderr as SCM_RIGHTS (pipes' write ends, a log file, /dev/null); the server
+answers "pid N\\n" once the child runs, then "exit N S\\n" (N negative: killed by signal -N; S the
+CPU seconds of the child and the processes it waited for) when it has ended. The caller may signal
+pid N meanwhile (tests/kill_points.py does): the child is a process of its own.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import importlib
 import json
 import os
 import pkgutil
+import signal
 import socket
 import sys
 
@@ -44,7 +50,13 @@ def preload(modules: list[str]) -> None:
 
     if modules:
         for name in modules:
-            importlib.import_module(name)
+            if name == "*":
+                preload([])
+                continue
+            name, _, function = name.partition(":")
+            module = importlib.import_module(name)
+            if function:
+                getattr(module, function)()
         assert threading.active_count() == 1, f"a preloaded module started a thread: {threading.enumerate()}"
         return
     import pipeline
@@ -144,6 +156,8 @@ def _become(request: dict, fds: list[int]) -> None:
     os.dup2(stderr, 2)
     for fd in (null, stdout, stderr):
         os.close(fd)
+    if request.get("sigint") == "default":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     os.umask(request["umask"])
     os.chdir(request["cwd"])
     os.environ.clear()
@@ -154,6 +168,11 @@ def _become(request: dict, fds: list[int]) -> None:
     else:
         sys.path[0] = os.getcwd()  # as `python -m` sets it
         sys.argv = ["-m", *request["argv"]]
+        # `python -m MODULE` runs a module (not a package's __main__) as __main__ only: a preloaded
+        # copy under its name would be a second one (and runpy warns about it on stderr)
+        preloaded = sys.modules.get(request.get("module", "pipeline"))
+        if preloaded is not None and not hasattr(preloaded, "__path__"):
+            del sys.modules[preloaded.__name__]
 
 
 def main() -> None:
@@ -177,7 +196,7 @@ def _run(request: dict) -> int:
         if "path" in request:
             runpy.run_path(request["path"], run_name="__main__")
         else:
-            runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+            runpy.run_module(request.get("module", "pipeline"), run_name="__main__", alter_sys=True)
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             return e.code or 0

@@ -23,24 +23,50 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def run_cli(*args, check_exit: int | None = 0, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+def run_cli(*args, check_exit: int | None = 0, timeout: int = 600, module: str = "pipeline", preload: str = "",
+            **kw) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in a process of its own; its exit status must be `check_exit` (None: any).
 
     The process is forked from a server that has the pipeline's modules imported already
     (tests/cli_server.py: about 0.8 s of CPU less per call) when the call allows it: the same
     environment the server started with and no other subprocess option. Otherwise, or with
-    BITNET_GGUF_TEST_FORK_SERVER=0, it is started the ordinary way."""
+    BITNET_GGUF_TEST_FORK_SERVER=0, it is started the ordinary way. `module`: another module run
+    as `python -m MODULE ARGS`; `preload`: the modules of the servers to fork it from (see
+    fork_servers), when what it changes must be in place before they are imported."""
     env = {**kw.pop("env", os.environ), "PYTHONPATH": str(ROOT)}
     cwd = kw.pop("cwd", None)
     argv = [str(a) for a in args]
-    if not kw and _FORK_SERVERS.serves(env):
-        proc = _FORK_SERVERS.run(argv, env, cwd, timeout)
+    servers = fork_servers(preload)
+    if not kw and servers.serves(env):
+        proc = servers.run(argv, env, cwd, timeout, module=module)
     else:
-        proc = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
                               env=env, cwd=cwd, timeout=timeout, **kw)
     if check_exit is not None and proc.returncode != check_exit:
         raise AssertionError(f"exit {proc.returncode} (wanted {check_exit})\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def popen_cli(*args, module: str = "pipeline", env: dict | None = None, cwd=None, stdout=None, stderr=None,
+              default_sigint: bool = False, read_at_run_time=(), preload: str = ""):
+    """`python -m MODULE ARGS` started and left running, as subprocess.Popen(..., text=True) starts it:
+    forked from a server (a ForkedProcess: pid, poll, wait, send_signal, kill...) when the environment
+    allows it (run_cli; `read_at_run_time`: variables the command reads that no preloaded module
+    reads on import, which may differ), else, or with BITNET_GGUF_TEST_FORK_SERVER=0, an ordinary
+    process (subprocess.Popen). `default_sigint`: SIGINT at its default in the new process, so that
+    Python's own handler turns it into KeyboardInterrupt (a shell that starts the tests in the
+    background ignores SIGINT, and its children inherit that)."""
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)}
+    argv = [str(a) for a in args]
+    servers = fork_servers(preload)
+    if servers.serves(env, read_at_run_time):
+        return servers.popen(argv, env, cwd, module, stdout, stderr, default_sigint)
+    return subprocess.Popen([sys.executable, "-m", module, *argv], stdout=stdout, stderr=stderr, text=True,
+                            env=env, cwd=cwd, preexec_fn=_default_sigint if default_sigint else None)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class ForkServers:
@@ -61,9 +87,13 @@ class ForkServers:
         self.lock = threading.Lock()
         self.dir: str | None = None
 
-    def serves(self, env: dict) -> bool:
-        # pytest sets PYTEST_CURRENT_TEST for each test; no module reads it on import
-        return self.enabled and {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"} == self.env
+    def serves(self, env: dict, read_at_run_time=()) -> bool:
+        """Whether a command with environment `env` may be forked: `env` is the servers' own, but for
+        PYTEST_CURRENT_TEST (pytest sets it for each test) and the variables `read_at_run_time`
+        (read by what the command runs, never on the import of a preloaded module)."""
+        def same(e):
+            return {k: v for k, v in e.items() if k != "PYTEST_CURRENT_TEST" and k not in read_at_run_time}
+        return self.enabled and same(env) == same(self.env)
 
     def _start(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="bitnet-gguf-cli-server-")
@@ -95,30 +125,45 @@ class ForkServers:
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def run(self, argv: list[str], env: dict, cwd, timeout: float, script: str | None = None) \
-            -> subprocess.CompletedProcess:
-        """`python -m pipeline ARGV`, or `python SCRIPT ARGV`, forked from one of the servers."""
+    def _request(self, argv: list[str], env: dict, cwd, fds: list[int], **how) -> tuple[socket.socket, int]:
+        """Have a server fork the command (`how`: the request's "path", "module", "sigint"), its stdout
+        and stderr `fds`; the connection its end will be reported on, and its pid."""
         with self.lock:  # a test may run commands from several threads
             if not self.servers:
                 self._start()
             proc, path = self.servers[self.turn % 2]
             self.turn += 1
-        cmd = [self.python, *((script,) if script else ("-m", "pipeline")), *argv]
         umask = os.umask(0)
         os.umask(umask)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(path)
             request = json.dumps({"argv": argv, "env": env, "cwd": os.path.abspath(cwd if cwd is not None else os.getcwd()),
-                                  "umask": umask, **({"path": script} if script else {})}) + "\n"
-            socket.send_fds(conn, [request.encode()], [out_w, err_w])
+                                  "umask": umask, **how}) + "\n"
+            socket.send_fds(conn, [request.encode()], fds)
+            reply = b""
+            while not reply.endswith(b"\n"):
+                got = conn.recv(1)  # one byte at a time: what follows the line is the exit's
+                if not got:
+                    raise RuntimeError(f"tests/cli_server.py ({path}) hung up before the command started")
+                reply += got
+        except BaseException:
+            conn.close()
+            raise
+        return conn, int(reply.split()[1])
+
+    def run(self, argv: list[str], env: dict, cwd, timeout: float, script: str | None = None,
+            module: str = "pipeline") -> subprocess.CompletedProcess:
+        """`python -m MODULE ARGV`, or `python SCRIPT ARGV`, forked from one of the servers."""
+        cmd = [self.python, *((script,) if script else ("-m", module)), *argv]
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            conn, pid = self._request(argv, env, cwd, [out_w, err_w],
+                                      **({"path": script} if script else {"module": module}))
         finally:
             os.close(out_w)
             os.close(err_w)
-        replies = conn.makefile("rb")
-        pid = int(replies.readline().split()[1])
         chunks = {out_r: [], err_r: []}
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
@@ -139,20 +184,123 @@ class ForkServers:
                     else:
                         sel.unregister(key.fd)
                         os.close(key.fd)
-        ended = replies.readline().split()
-        conn.close()
-        code = int(ended[1])
-        _FORKED_CPU[0] += float(ended[2])  # reaped by the server, not by this process: counted here
+        code = ForkedProcess(cmd, pid, conn).wait()
 
         def text(fd):  # as subprocess.run(text=True) decodes
             return b"".join(chunks[fd]).decode(locale.getpreferredencoding(False)).replace("\r\n", "\n") \
                 .replace("\r", "\n")
         return subprocess.CompletedProcess(cmd, code, text(out_r), text(err_r))
 
+    def popen(self, argv: list[str], env: dict, cwd=None, module: str = "pipeline", stdout=None, stderr=None,
+              default_sigint: bool = False) -> "ForkedProcess":
+        """`python -m MODULE ARGV` forked from one of the servers and left running: a ForkedProcess.
+        stdout, stderr: None (inherit this process's), subprocess.DEVNULL, subprocess.PIPE (then
+        the handle's .stdout / .stderr, text), a file object or descriptor; `default_sigint`: as
+        subprocess.Popen(preexec_fn=...) putting SIGINT back to its default (tests/kill_points.py)."""
+        cmd = [self.python, "-m", module, *argv]
+        fds, ours, pipes = [], [], {}
+        for name, target, std in (("stdout", stdout, 1), ("stderr", stderr, 2)):
+            if target is None:
+                fds.append(std)
+            elif target == subprocess.DEVNULL:
+                fds.append(os.open(os.devnull, os.O_WRONLY))
+                ours.append(fds[-1])
+            elif target == subprocess.PIPE:
+                r, w = os.pipe()
+                pipes[name] = open(r, encoding=locale.getpreferredencoding(False))
+                fds.append(w)
+                ours.append(w)
+            else:
+                fds.append(target if isinstance(target, int) else target.fileno())
+        try:
+            conn, pid = self._request(argv, env, cwd, fds, module=module,
+                                      **({"sigint": "default"} if default_sigint else {}))
+        except BaseException:
+            for pipe in pipes.values():
+                pipe.close()
+            raise
+        finally:
+            for fd in ours:
+                os.close(fd)
+        return ForkedProcess(cmd, pid, conn, **pipes)
+
+
+class ForkedProcess:
+    """A command forked from a tests/cli_server.py server, seen as subprocess.Popen shows a process:
+    `pid` (signal it at will: it is a process of its own), poll(), wait(timeout), send_signal(),
+    terminate(), kill(), `returncode` (negative: the signal that ended it), `stdout`/`stderr` when
+    asked for pipes. Its parent is the server's waiter, which reports its end and CPU time on `conn`;
+    the CPU is added to this process's figures when the end is read."""
+
+    def __init__(self, args, pid: int, conn: socket.socket, stdout=None, stderr=None) -> None:
+        self.args, self.pid, self.conn = args, pid, conn
+        self.stdout, self.stderr = stdout, stderr
+        self.returncode: int | None = None
+        self._reply = b""
+
+    def _ended(self, timeout: float | None) -> bool:
+        """Read the server's "exit N S" line, waiting up to `timeout` (None: as long as it takes)."""
+        if self.returncode is not None:
+            return True
+        self.conn.settimeout(timeout)
+        try:
+            while not self._reply.endswith(b"\n"):
+                got = self.conn.recv(64)
+                if not got:
+                    raise RuntimeError(f"tests/cli_server.py hung up before it reported the end of pid {self.pid}")
+                self._reply += got
+        except (socket.timeout, BlockingIOError):
+            return False
+        _, code, cpu = self._reply.split()
+        self.conn.close()
+        _FORKED_CPU[0] += float(cpu)  # reaped by the server, not by this process: counted here
+        self.returncode = int(code)
+        return True
+
+    def poll(self) -> int | None:
+        self._ended(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._ended(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # as Popen does: never a pid that is no longer this command's
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for pipe in (self.stdout, self.stderr):
+            if pipe is not None:
+                pipe.close()
+        self.wait()
+
 
 _FORK_SERVERS = ForkServers()
 _FORKED_CPU = [0.0]  # CPU seconds of the commands forked for this process so far
 _SCRIPT_SERVERS: dict[tuple[str, str], ForkServers] = {}
+
+
+def fork_servers(preload: str = "") -> ForkServers:
+    """The servers of our venv's Python (started on first use) that preload `preload` (tests/cli_server.py's
+    list: `MODULE:FUNCTION` calls FUNCTION after the import, `*` is the pipeline's modules; "": the
+    pipeline's, run_cli's usual servers), serving the environment this pytest process started with."""
+    if not preload:
+        return _FORK_SERVERS
+    key = (sys.executable, preload)
+    if key not in _SCRIPT_SERVERS:
+        _SCRIPT_SERVERS[key] = ForkServers(sys.executable, preload)
+    return _SCRIPT_SERVERS[key]
 
 
 def run_python_script(python, script, *args, env: dict | None = None, timeout: float = 600, cwd=None,

@@ -23,7 +23,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +191,37 @@ def index_moment(work: Path, ref: "Reference") -> str:
 
 
 def count_chunks(store: Path) -> int:
-    return len(chunk_files(store))
+    """len(chunk_files(store)) from the names alone (no stat of each chunk, no pathlib): the watcher
+    counts every POLL, and the sooner it sees its goal the closer to it the kill lands (a pack of a
+    few tenths of a second is over before a slow count ends)."""
+    n = 0
+    for root, dirs, _files in os.walk(store):
+        if os.path.basename(root) != "c":
+            continue
+        dirs[:] = []  # counted below
+        try:
+            recorded = set(os.listdir(os.path.join(os.path.dirname(root), "digests")))
+        except FileNotFoundError:
+            continue
+        for entry in _entries(root):
+            if entry.name in recorded:
+                n += _files_below(entry)
+    return n
+
+
+def _entries(path: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except FileNotFoundError:  # removed meanwhile (an array being redone)
+        return []
+
+
+def _files_below(entry: os.DirEntry) -> int:
+    """Finished chunk files at `entry` (a chunk file, or a directory of them: c/<row>/<column>)."""
+    if entry.is_dir(follow_symlinks=False):
+        return sum(_files_below(e) for e in _entries(entry.path))
+    return not entry.name.endswith(".partial")
 
 
 def all_chunk_files(work: Path) -> dict[str, tuple[int, int]]:
@@ -216,23 +245,22 @@ class Reference:
 
 
 # -- running and interrupting ----------------------------------------------------------------
-def _default_sigint() -> None:
-    # a shell that starts the tests in the background ignores SIGINT, and children inherit that
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start(root: Path, model: Path, out: Path, work: Path, memory_limit: str, log: Path, *extra: str,
-          watch: dict | None = None) -> subprocess.Popen:
-    """A conversion; with `watch` (environment of tests/write_points.py), run through its audit hook."""
+          watch: dict | None = None):
+    """A conversion, its stderr appended to `log`; with `watch` (environment of tests/write_points.py),
+    run through its audit hook. Forked from tests/cli_server.py's server when it may be
+    (tests/conftest.py popen_cli: a process of its own, pid, exit status or signal, SIGINT at its
+    default so that the CLI's own handling of it runs), else an ordinary process (subprocess.Popen)."""
     from tests import write_points
+    from tests.conftest import popen_cli
 
     module = "pipeline" if watch is None else "tests.write_points"
     watched = {} if watch is None else {write_points.WATCH_ENV: str(work), write_points.OUTPUT_ENV: str(out), **watch}
     with open(log, "ab") as err:
-        return subprocess.Popen([sys.executable, "-m", module, "convert", str(model), "-o", str(out),
-                                 "--workdir", str(work), "--memory-limit", memory_limit, "--no-progress", *extra],
-                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_default_sigint,
-                                env={**os.environ, "PYTHONPATH": str(root), **watched})
+        return popen_cli("convert", model, "-o", out, "--workdir", work, "--memory-limit", memory_limit,
+                         "--no-progress", *extra, module=module, stdout=subprocess.DEVNULL, stderr=err,
+                         default_sigint=True, env={**os.environ, "PYTHONPATH": str(root), **watched},
+                         read_at_run_time=write_points.ENVIRONMENT)
 
 
 def recorded_writes(root: Path, model: Path, out: Path, work: Path, memory_limit: str, log: Path,
@@ -248,7 +276,7 @@ def recorded_writes(root: Path, model: Path, out: Path, work: Path, memory_limit
     return record.read_text().splitlines() if record.exists() else []
 
 
-def _wait_until(proc: subprocess.Popen, ready, deadline: float) -> bool:
+def _wait_until(proc, ready, deadline: float) -> bool:
     """Poll until ready() (True) or the process ends (False)."""
     while proc.poll() is None:
         if ready():
@@ -265,7 +293,7 @@ def _past(stage: str, log: Path) -> bool:
     return stage in finished or (current is not None and STAGES.index(current) > STAGES.index(stage))
 
 
-def wait_for(proc: subprocess.Popen, kp: KillPoint, work: Path, out: Path, ref: Reference, started: float,
+def wait_for(proc, kp: KillPoint, work: Path, out: Path, ref: Reference, started: float,
              log: Path) -> bool:
     """Block until the kill point is reached (True) or the process has ended (False)."""
     deadline = started + TIMEOUT

@@ -8,17 +8,15 @@ finishes; `status` never makes a conversion refuse.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, convert, run_cli
+from tests.conftest import convert, popen_cli, run_cli
 from tests.hostile import ERROR, assert_same, cli, one_line, partials, rewrite_in_place, tree
 from tests.hostile import fresh, model, out, pristine  # noqa: F401 (fixtures)
 
@@ -31,14 +29,13 @@ def test_concurrent_conversions_to_one_output_never_leave_a_wrong_file(fresh, tm
     rewrite_in_place(models["beta"] / "model.safetensors")  # different weights, same shapes
     out = tmp_path / "race" / "m.gguf"
     out.parent.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for rnd in range(4):
         if rnd % 2 == 0 and out.exists():
             out.unlink()
-        procs = {name: subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "convert", m, "-o", out, "--no-progress", "--workdir",
-             tmp_path / f"work-{name}"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-            for name, m in models.items()}
+        # two processes at once (forked from the two servers: tests/conftest.py popen_cli)
+        procs = {name: popen_cli("convert", m, "-o", out, "--no-progress", "--workdir", tmp_path / f"work-{name}",
+                                 stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                 for name, m in models.items()}
         results = {name: (p.wait(timeout=300), p.stderr.read()) for name, p in procs.items()}
         left = []
         for name, (code, err) in results.items():
@@ -122,13 +119,10 @@ def test_status_polled_continuously_never_makes_a_conversion_refuse(model, out):
     convert(model, out)
     stop = threading.Event()
     polls, asked = [], []
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def poll():
         while not stop.is_set():
-            p = subprocess.run([sys.executable, "-m", "pipeline", "status", work], env=env, capture_output=True,
-                               text=True)
-            polls.append(p.returncode)
+            polls.append(run_cli("status", work, check_exit=None).returncode)
 
     def ask():
         run = RunDir(work)

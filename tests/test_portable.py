@@ -9,23 +9,19 @@ import filecmp
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests import kill_points as kp
-from tests.conftest import ROOT, convert
+from tests.conftest import convert, popen_cli, run_cli
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+# forked from servers that hid the calls before they imported anything else (tests/conftest.py fork_servers)
+HIDDEN = {"module": "tests.without_linux_calls", "preload": "tests.without_linux_calls:hide,*"}
 
 
 def without_linux_calls(*args, check_exit: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tests.without_linux_calls", *map(str, args)], env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check_exit is not None and proc.returncode != check_exit:
-        raise AssertionError(f"exit {proc.returncode} (wanted {check_exit})\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_cli(*args, check_exit=check_exit, **HIDDEN)
 
 
 def test_the_hidden_calls_make_portable_choose_its_other_paths():
@@ -44,9 +40,8 @@ def test_convert_kill_resume_status_verify_without_linux_calls(tmp_path, family)
 
     out, work, log = tmp_path / "portable.gguf", tmp_path / "portable.work", tmp_path / "log"
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.without_linux_calls", "convert", model, "-o", out,
-                                 "--workdir", work, "--memory-limit", "512MiB", "--no-progress"],
-                                stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+        proc = popen_cli("convert", model, "-o", out, "--workdir", work, "--memory-limit", "512MiB", "--no-progress",
+                         stdout=subprocess.DEVNULL, stderr=err, **HIDDEN)
     try:
         deadline = time.monotonic() + 300
         while kp.count_chunks(work / "quantize.zarr") < 2:  # killed inside quantize, extract done

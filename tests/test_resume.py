@@ -57,6 +57,8 @@ def clean_conversions(model, tmp_path):
         refs[mem] = kp.Reference(time.monotonic() - t0,
                                  {s: kp.count_chunks(work / f"{s}.zarr") for s in kp.CHUNK_STAGES},
                                  out.stat().st_size, kp.index_files(work), len(writes))
+        # the watcher's quick count is the count of the chunk files it stands for
+        assert refs[mem].chunks == {s: len(kp.chunk_files(work / f"{s}.zarr")) for s in kp.CHUNK_STAGES}, refs
         files[mem] = out
         shutil.rmtree(work)
     expected = files[MEMORY_LIMITS[0]]

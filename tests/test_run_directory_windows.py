@@ -16,14 +16,13 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests import kill_points as kp
 from tests import write_points
-from tests.conftest import ROOT, convert
+from tests.conftest import ROOT, convert, popen_cli
 
 MEMORY_LIMIT = "512MiB"
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
@@ -118,7 +117,7 @@ def test_a_kill_in_every_window_between_run_directory_writes_is_resumed(clean, t
         assert not left, f"{where}: temporary files left after the rerun: {[str(p) for p in left]}"
 
 
-def held_at(model, out, work, k: int, pause: str, log) -> subprocess.Popen:
+def held_at(model, out, work, k: int, pause: str, log):
     """A conversion held just before its k-th run-directory write (write_points' pause)."""
     proc = kp.start(ROOT, model, out, work, MEMORY_LIMIT, log,
                     watch={write_points.PAUSE_AT_ENV: str(k), write_points.PAUSE_FILE_ENV: pause})
@@ -173,11 +172,8 @@ def test_two_identical_commands_started_at_once(clean, tmp_path):
         d = tmp_path / f"round{round_}"
         d.mkdir()
         out, work = d / "model.gguf", d / "work"
-        cmd = [sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out), "--workdir", str(work),
-               "--memory-limit", MEMORY_LIMIT, "--no-progress"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-                 for _ in range(2)]
+        cmd = ["convert", model, "-o", out, "--workdir", work, "--memory-limit", MEMORY_LIMIT, "--no-progress"]
+        procs = [popen_cli(*cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]  # forked
         results = [(p.wait(timeout=kp.TIMEOUT), p.stderr.read()) for p in procs]
         for p in procs:
             p.stderr.close()

@@ -31,6 +31,10 @@ def _hiding(call):
 
 
 def hide() -> None:
+    """Hide the calls, once per process (tests/conftest.py's fork servers for these commands call it
+    before they import the pipeline, and their children run this module again)."""
+    if getattr(builtins.open, "hides_linux_calls", False):
+        return
     for name in HIDDEN_CALLS:
         if hasattr(os, name):
             delattr(os, name)
@@ -39,6 +43,7 @@ def hide() -> None:
     os.stat = _hiding(os.stat)
     os.open = _hiding(os.open)
     builtins.open = io.open = _hiding(io.open)
+    builtins.open.hides_linux_calls = True
 
 
 if __name__ == "__main__":

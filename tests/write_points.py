@@ -28,6 +28,7 @@ import time
 WATCH_ENV, OUTPUT_ENV, LOG_ENV = "BITNET_GGUF_WATCH", "BITNET_GGUF_WATCH_OUTPUT", "BITNET_GGUF_WRITES_LOG"
 KILL_AT_ENV, SIGNAL_ENV = "BITNET_GGUF_KILL_AT_WRITE", "BITNET_GGUF_KILL_SIGNAL"
 PAUSE_AT_ENV, PAUSE_FILE_ENV = "BITNET_GGUF_PAUSE_AT_WRITE", "BITNET_GGUF_PAUSE_FILE"
+ENVIRONMENT = (WATCH_ENV, OUTPUT_ENV, LOG_ENV, KILL_AT_ENV, SIGNAL_ENV, PAUSE_AT_ENV, PAUSE_FILE_ENV)  # read by main() only
 PAUSE_LIMIT = 600.0  # seconds a paused run waits for its go before it gives up (exit 3)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 # audit event -> positions of its path arguments and of its dir_fd (a path relative to a
