@@ -25,7 +25,7 @@ from tests import kill_points as kp
 from tests.conftest import ROOT, convert, run_cli
 
 MEMORY_LIMITS = ("512MiB", "1GiB")  # the first is the one most runs use
-KILLS = {"1bitllm": 24, "llama3-1.58": 20}  # per checkpoint kind: about 3.5 minutes for both on 2 busy cores
+KILLS = {"1bitllm": 28, "llama3-1.58": 21}  # per checkpoint kind: 4 and 3 aimed at each target (pack is short: a third of its kills land after it)
 MIN_PER_STAGE = 2
 
 
