@@ -21,6 +21,7 @@ from pipeline.context import StageContext
 from pipeline.errors import RunDirError, UserError
 from pipeline.families import GROUPED, TERNARY
 from pipeline.gguf_file import GGUFSplitWriter
+from pipeline.low_disk import consumed_names, remove_codes
 from pipeline.output import (OutputChanged, check_output_side, final_paths, identity, publish, remove_stale_temps,
                              temp_path, written_identity)
 from pipeline.outtypes import OUTPUT_TYPES, TARGET_NAMES, range_refusal
@@ -522,8 +523,6 @@ def _run_stage(stage, opts, plan, budget, scheduler, run, previous, ckpt, manife
         before = STAGES[STAGES.index(stage) - 1]
         consumed = set()
         if resume:  # --low-disk continued: the chunk files of the tensors written are gone (or go now)
-            from stages.assemble import consumed_names, remove_codes
-
             consumed = set(consumed_names(previous, resume["tensors"]))
             remove_codes(previous, sorted(consumed))  # what a kill between a record and its removal left
         run.check_sealed(before, tag if before in OUTPUT_STAGES else None, consumed)  # its input is what was written

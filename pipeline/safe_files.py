@@ -13,6 +13,7 @@ read against a cap and the memory limit, so no option file can block or outgrow 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -41,6 +42,19 @@ def create_exclusive(path: Path, mode: str = "wb"):
         return os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {}))
     raise RunDirError(f"{path}: another process keeps creating this file; make sure nothing else writes "
                       "in this directory")
+
+
+@contextlib.contextmanager
+def removed_if_unfinished(tmp):
+    """Around the writing and renaming of a temporary file: whatever stops it (an error, or the
+    KeyboardInterrupt a SIGINT or SIGTERM raises in the main thread) removes the file, so an
+    interrupted run leaves no `.partial` behind."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def open_no_link(path: Path, flags: int) -> int:

@@ -30,7 +30,7 @@ import zarr
 from pipeline import portable, remote
 from pipeline.codecs import CODECS, encode_floats
 from pipeline.errors import CheckpointError, RunDirError
-from pipeline.safe_files import create_exclusive
+from pipeline.safe_files import create_exclusive, removed_if_unfinished
 from zarr.codecs import BloscCodec
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -189,9 +189,10 @@ def write_array_metadata(group: zarr.Group, name: str, shape, chunks, dtype, att
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, "zarr.json.partial")
     text = json.dumps(meta, separators=(",", ":"))  # C-encoded; with indent=2 json encodes in pure Python
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(directory, "zarr.json"))
+    with removed_if_unfinished(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(directory, "zarr.json"))
     return _array_from_data(group.store_path.store, member_path(group, name), json.loads(text))
 
 
@@ -306,17 +307,18 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".partial")
     tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        with open(source, "rb") as fin, create_exclusive(tmp) as fout:
-            size = os.fstat(fin.fileno()).st_size
-            if portable.copy_range(fin.fileno(), fout.fileno(), size, 0, 0) != size:
-                raise DamagedStore(f"{source}: chunk file changed size while being copied")
-    # a link an interrupted run made (no record yet) is the same file as tmp, and rename()
-    # between two links of one file does nothing, leaving tmp behind: remove it first
-    target.unlink(missing_ok=True)
-    os.replace(tmp, target)
+    with removed_if_unfinished(tmp):
+        try:
+            os.link(source, tmp)
+        except OSError:
+            with open(source, "rb") as fin, create_exclusive(tmp) as fout:
+                size = os.fstat(fin.fileno()).st_size
+                if portable.copy_range(fin.fileno(), fout.fileno(), size, 0, 0) != size:
+                    raise DamagedStore(f"{source}: chunk file changed size while being copied")
+        # a link an interrupted run made (no record yet) is the same file as tmp, and rename()
+        # between two links of one file does nothing, leaving tmp behind: remove it first
+        target.unlink(missing_ok=True)
+        os.replace(tmp, target)
     record_chunk(dst, index)
 
 
@@ -629,9 +631,10 @@ def write_padded_tail(array_dir: Path, ref: dict, arr: zarr.Array, index: int) -
     # stages never read this copy
     read_source(ref, index * nbytes, buf[:have], check=False)
     tmp = path.with_name(name + ".partial")
-    with create_exclusive(tmp) as f:  # never through a link planted at the name
-        f.write(buf.tobytes())
-    os.replace(tmp, path)
+    with removed_if_unfinished(tmp):
+        with create_exclusive(tmp) as f:  # never through a link planted at the name
+            f.write(buf.tobytes())
+        os.replace(tmp, path)
     return name
 
 
@@ -697,9 +700,10 @@ def record_content(content: dict, index: int, data: np.ndarray) -> None:
     record = Path(content["records"]) / str(index)
     record.parent.mkdir(exist_ok=True)
     tmp = record.with_name(record.name + ".partial")
-    with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
-        f.write(json.dumps({"nbytes": int(data.nbytes), "xxh3": chunk_content_digests(content, data)}))
-    os.replace(tmp, record)
+    with removed_if_unfinished(tmp):
+        with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
+            f.write(json.dumps({"nbytes": int(data.nbytes), "xxh3": chunk_content_digests(content, data)}))
+        os.replace(tmp, record)
 
 
 def content_recorded(content: dict | None) -> set[int]:
@@ -806,9 +810,10 @@ def record_chunk(arr: zarr.Array, index: int, content: memoryview | None = None)
 
         entry = [content.nbytes, xxhash.xxh3_64(content).hexdigest()]
     tmp = record.with_name(record.name + ".partial")
-    with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
-        f.write(json.dumps(entry))
-    os.replace(tmp, record)
+    with removed_if_unfinished(tmp):
+        with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
+            f.write(json.dumps(entry))
+        os.replace(tmp, record)
 
 
 def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
@@ -836,9 +841,10 @@ def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
         target = chunk_path(arr, index)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".partial")
-        with create_exclusive(tmp) as f:
-            f.write(content)
-        os.replace(tmp, target)
+        with removed_if_unfinished(tmp):
+            with create_exclusive(tmp) as f:
+                f.write(content)
+            os.replace(tmp, target)
         record_chunk(arr, index, content)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from pipeline import remote
 from pipeline.context import StageContext
 from pipeline.errors import RunDirError
 from pipeline.gguf_file import GGUFSplitWriter, GGUFWriterError, TensorInfo
+from pipeline.low_disk import remove_codes
 from pipeline.output import OutputChanged, final_paths, identity, publish, temp_path
 from pipeline.codecs import Tiles
 from pipeline.outtypes import BY_GGML_TYPE, OUTPUT_TYPES
@@ -156,27 +156,6 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
                 writer.end_tensor(i)
                 if after_tensor is not None:
                     after_tensor(i, writer)
-
-
-def code_stores(pack: Path) -> list[Path]:
-    """The stores whose chunk files --low-disk removes as the output grows: pack.zarr and the
-    quantize.zarr beside it (pack's code arrays are hard links to its chunk files)."""
-    return [Path(pack), Path(pack).parent / "quantize.zarr"]
-
-
-def remove_codes(pack: Path, names: list[str]) -> None:
-    """Remove the chunk files of the arrays `names` from pack.zarr and quantize.zarr (their
-    records and zarr.json stay: a few bytes each)."""
-    for store in code_stores(pack):
-        for name in names:
-            chunks = store / name / "c"
-            if chunks.is_dir() and not chunks.is_symlink():
-                shutil.rmtree(chunks)
-
-
-def consumed_names(pack: Path, tensors: int) -> list[str]:
-    """The pack.zarr arrays of the first `tensors` GGUF tensors: the ones --low-disk has removed."""
-    return [name for _, members in gguf_tensors_of(open_store(pack, "r"))[:tensors] for name in members]
 
 
 def low_disk_steps(ctx: StageContext, group, temps: list[Path]):
