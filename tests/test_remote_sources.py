@@ -85,6 +85,26 @@ def convert_remote(url, out, env, *extra, check_exit=0):
                       env=env, check_exit=check_exit)
 
 
+def test_a_forked_command_reads_the_hub_and_the_temporary_directory_it_is_given(tmp_path):
+    """What at_run_time says: a command given env_for's variables is forked (not an ordinary
+    process), and huggingface_hub and tempfile in it see those variables, not the server's."""
+    from tests.conftest import fork_servers
+
+    class Stub:
+        url = "http://127.0.0.1:9/stub"
+    env = {**env_for(Stub(), tmp_path), "PYTHONPATH": str(ROOT)}  # as run_cli and popen_cli give it
+    servers = fork_servers()
+    if not servers.enabled:
+        pytest.skip("BITNET_GGUF_TEST_FORK_SERVER=0: every command is an ordinary process")
+    assert servers.serves(env, at_run_time(env))
+    script = tmp_path / "show.py"
+    script.write_text("import tempfile\nimport huggingface_hub.constants as c\n"
+                      "print(c.ENDPOINT, c.HF_HOME, tempfile.gettempdir())\n")
+    proc = servers.run([], env, None, 120, script=str(script))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [Stub.url, str(tmp_path / "hf-home"), str(tmp_path / "tmp")], proc.stdout
+
+
 def weight_samples(ckpt: Path, n: int = 48) -> list[bytes]:
     """Pieces of the checkpoint's tensor bytes (past every header), to look for on disk."""
     rng = np.random.default_rng(0)
