@@ -1,11 +1,12 @@
-"""tests/gguf_kv.py reads a GGUF file's key/values exactly as gguf-py's GGUFReader gives them.
+"""tests/gguf_kv.py reads a GGUF file's key/values and tensors exactly as gguf-py's GGUFReader gives them.
 
 The tests that read a vocabulary of a few hundred thousand strings (test_vocab.py's Llama 3
 vocabulary, test_vocab_memory.py's 2^18 tokens) use it instead of GGUFReader, which takes
 20-25 s of CPU on each; here both read files of every value type, written by gguf-py's own writer
 (every scalar and array type, empty, non-ASCII and long strings; it writes no empty array) and by the converter (the
-vocabulary of each tokenizer kind with its scores, types and merges), and must agree on every key,
-value, type and order.
+vocabulary of each tokenizer kind with its scores, types and merges; whole conversions with
+ternary, float and 8-bit tensors), and must agree on every key, value, type and order, and on every
+tensor's name, type, shape, size and bytes. (test_index.py reads its 32k-vocabulary files with it.)
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli, shared_checkpoint
-from tests.gguf_kv import read_kv
+from tests.gguf_kv import read_kv, read_tensors
 
 T = gguf.GGUFValueType
 
@@ -78,3 +79,20 @@ def test_a_file_that_is_not_gguf_or_runs_short_is_refused(tmp_path):
     path.write_bytes(b"GGML" + raw[4:])
     with pytest.raises(ValueError):
         read_kv(path)
+
+
+@pytest.mark.parametrize("options", [("--type", "tq2_0", "--embedding-type", "bf16"),
+                                     ("--type", "tq1_0", "--embedding-type", "q8_0")])
+def test_the_converters_tensors(tmp_path_factory, tmp_path, options):
+    model = shared_checkpoint(tmp_path_factory, "1bitllm", hidden_size=256, intermediate_size=512, num_layers=1,
+                              num_heads=4)
+    out = tmp_path / "m.gguf"
+    run_cli("convert", model, "-o", out, "--no-progress", *options)
+    same(out)
+    ours = read_tensors(out)
+    theirs = gguf.GGUFReader(out).tensors
+    assert list(ours) == [t.name for t in theirs] and len({t.tensor_type for t in theirs}) >= 3
+    for t in theirs:
+        mine = ours[t.name]
+        assert (mine.tensor_type, mine.shape, mine.n_bytes) == (t.tensor_type, t.shape.tolist(), t.n_bytes), t.name
+        assert mine.data == bytes(t.data.view(np.uint8).reshape(-1)), t.name
