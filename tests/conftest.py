@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_cli(*args, check_exit: int | None = 0, timeout: int = 600, module: str = "pipeline", preload: str = "",
-            **kw) -> subprocess.CompletedProcess:
+            read_at_run_time=(), **kw) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in a process of its own; its exit status must be `check_exit` (None: any).
 
     The process is forked from a server that has the pipeline's modules imported already
@@ -32,12 +32,14 @@ def run_cli(*args, check_exit: int | None = 0, timeout: int = 600, module: str =
     environment the server started with and no other subprocess option. Otherwise, or with
     BITNET_GGUF_TEST_FORK_SERVER=0, it is started the ordinary way. `module`: another module run
     as `python -m MODULE ARGS`; `preload`: the modules of the servers to fork it from (see
-    fork_servers), when what it changes must be in place before they are imported."""
+    fork_servers), when what it changes must be in place before they are imported;
+    `read_at_run_time`: variables of `env` that no preloaded module reads on import, which may
+    differ from the servers' (as popen_cli's)."""
     env = {**kw.pop("env", os.environ), "PYTHONPATH": str(ROOT)}
     cwd = kw.pop("cwd", None)
     argv = [str(a) for a in args]
     servers = fork_servers(preload)
-    if not kw and servers.serves(env):
+    if not kw and servers.serves(env, read_at_run_time):
         proc = servers.run(argv, env, cwd, timeout, module=module)
     else:
         proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,

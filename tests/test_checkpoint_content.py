@@ -17,14 +17,12 @@ import json
 import mmap
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, convert, run_cli
+from tests.conftest import convert, run_cli
 from tests.hostile import assert_same, move_shard_into_subdirectory, partials, rewrite_in_place, tree
 from tests.hostile import fresh, model, out, pristine  # noqa: F401 (fixtures)
 
@@ -89,10 +87,10 @@ def rerun_starts_over(model, out, work, tmp_path, old_gguf, *wrapper) -> None:
 def run_convert(wrapper, model, out, *extra, check_exit=0):
     if not wrapper:
         return convert(model, out, *extra, check_exit=check_exit)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests.restored_ctime", *map(str, wrapper), "convert", str(model),
-                           "-o", str(out), "--no-progress", *map(str, extra)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    # forked from the test server as any command: tests/restored_ctime.py replaces os.stat and
+    # os.fstat when it runs, and the converter looks them up in os at each call
+    proc = run_cli(*wrapper, "convert", model, "-o", out, "--no-progress", *extra, module="tests.restored_ctime",
+                   check_exit=None)
     assert proc.returncode == check_exit, proc.stderr
     return proc
 

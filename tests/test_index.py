@@ -20,6 +20,7 @@ import pytest
 
 from tests import kill_points as kp
 from tests.conftest import ROOT, convert, run_cli
+from tests.gguf_kv import read_tensors
 
 
 def tensors_by_hand(path: Path) -> dict[str, tuple[str, list, bytes]]:
@@ -105,10 +106,9 @@ def test_bytes_no_stage_changes_go_from_the_checkpoint_to_the_gguf(converted):
     source = tensors_by_hand(model / "model.safetensors")
     for stage in ("quantize", "pack"):
         assert not chunk_files(work / f"{stage}.zarr" / "token_embd.weight"), f"{stage} copied the embedding"
-    reader = gguf.GGUFReader(out)
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embd = read_tensors(out)["token_embd.weight"]  # gguf-py's reading (tests/gguf_kv.py)
     assert embd.tensor_type == gguf.GGMLQuantizationType.BF16
-    assert bytes(embd.data.view(np.uint8).reshape(-1)) == source["model.embed_tokens.weight"][2]
+    assert embd.data == source["model.embed_tokens.weight"][2]
     run_cli("verify", out, model)
 
 
@@ -119,8 +119,6 @@ def test_a_float_matrix_in_another_float_type_is_converted_by_assemble_from_the_
     largest part of a packed checkpoint's run directory); assemble converts the checkpoint's
     rows chunk by chunk, and the bytes are numpy's conversion of the bf16 values, read by hand;
     `inspect` reads the converted bytes back through the store."""
-    import gguf
-
     model = converted[0]
     out, work = tmp_path / "m.gguf", tmp_path / "work"
     convert(model, out, "--workdir", work, "--memory-limit", "256MiB", "--embedding-type", embedding_type)
@@ -129,8 +127,8 @@ def test_a_float_matrix_in_another_float_type_is_converted_by_assemble_from_the_
     assert dtype == "BF16"
     values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
     want = values.astype("<f2" if embedding_type == "f16" else "<f4")
-    embd = next(t for t in gguf.GGUFReader(out).tensors if t.name == "token_embd.weight")
-    assert bytes(embd.data.view(np.uint8).reshape(-1)) == want.tobytes()
+    embd = read_tensors(out)["token_embd.weight"]  # gguf-py's reading (tests/gguf_kv.py)
+    assert embd.data == want.tobytes()
     report = json.loads(run_cli("inspect", work, "token_embd.weight", "--json").stdout)
     assert report["stores"]["pack"]["in_checkpoint"], report["stores"]["pack"]
     from pipeline.stores import open_store, read_rows

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli, shared_checkpoint, shared_conversion
+from tests.conftest import run_cli, shared_checkpoint, shared_conversion
 from tests.hostile import one_line, tree
 from tests.peak_rss import file_bytes
 
@@ -34,66 +32,12 @@ MEM = ("--memory-limit", "512MiB")
 # hundred MiB after a worker's earlier tests (a file's bytes do not depend on the limit)
 IN_PROCESS_LIMIT = ("--memory-limit", "2GiB")
 
-# Run the CLI under an audit hook that counts the events one spec names and, at the n-th, kills the
-# process (SIGKILL, or SIGTERM raised in the thread making the call: the call is not made) or, with
-# signal 0, writes the blocks under a directory to a file (the peak disk) and carries on.
-#   python -c HOOK KIND N SIGNAL WATCH_DIR REPORT -- convert ...
-# KIND: "rmtree" (removing a code chunk directory), "read" (os.open of a pack.zarr chunk for reading,
-# as assemble reads them), "record" (a manifest write once the temporary output is made: the first is
-# the first tensor's record), "publish" (the rename of the temporary output into place), "done" (the
-# manifest write after that rename, which says assemble is done).
-HOOK = r"""
-import os, signal, sys
-sys.path.insert(0, os.environ["PYTHONPATH"])
-
-from tests.peak_rss import file_bytes
-kind, n, sig, watch, report = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-argv = sys.argv[sys.argv.index("--") + 1:]
-seen = [0, 0]
-
-def matches(event, args):
-    if kind == "record" and event == "open":  # a manifest write once the temporary output exists
-        path = str(args[0])
-        if os.path.dirname(path) == watch and path.endswith(".partial"):
-            seen[1] = 1
-        return seen[1] == 1 and path.endswith("manifest.json.tmp")
-    if kind in ("rmtree", "measure") and event == "shutil.rmtree":
-        return str(args[0]).endswith("/c") and (".zarr/" in str(args[0]))
-    if kind in ("publish", "measure", "done") and event == "os.rename":  # the output's temporary name
-        published = os.path.dirname(str(args[0])) == watch and str(args[0]).endswith(".partial")
-        seen[1] = seen[1] or (published and kind == "done")
-        return published and kind != "done"
-    if kind == "done" and event == "open":  # the manifest written after the rename into place
-        return seen[1] == 1 and str(args[0]).endswith("manifest.json.tmp")
-    if kind == "read" and event == "open" and args[1] is None and isinstance(args[2], int):
-        path = str(args[0])
-        return "/pack.zarr/" in path and "/c/" in path and (args[2] & 3) == os.O_RDONLY
-    return False
-
-def hook(event, args):
-    if not matches(event, args):
-        return
-    seen[0] += 1
-    if sig == 0:
-        seen[1] = max(seen[1], file_bytes([watch]))
-        with open(report, "w") as f:
-            f.write(str(seen[1]))
-        return
-    if seen[0] == n:
-        if sig == signal.SIGKILL:
-            os.kill(os.getpid(), signal.SIGKILL)
-        signal.raise_signal(sig)
-
-sys.addaudithook(hook)
-from pipeline.cli import main
-sys.exit(main(argv))
-"""
-
-
 def hooked(kind: str, n: int, sig: int, watch: Path, report: Path, *argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", HOOK, kind, str(n), str(int(sig)), str(watch), str(report), "--",
-                           *map(str, argv)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    """`convert ...` under tests/assemble_points.py's audit hook: killed (SIGKILL, or SIGTERM raised in the
+    thread making the call) at the n-th event of `kind`, or with signal 0 the peak bytes under `watch`
+    written to `report`. Forked from the test server as any command (run_cli)."""
+    return run_cli(kind, n, int(sig), watch, report, "--", *argv, module="tests.assemble_points", check_exit=None,
+                   timeout=300)
 
 
 @pytest.fixture(scope="module")

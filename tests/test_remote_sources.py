@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, popen_cli, run_cli
 from tests.remote_server import CheckpointServer
 
 REPO = "org/model"
@@ -68,9 +68,41 @@ def env_for(server, tmp_path, **extra) -> dict:
     return env
 
 
+def at_run_time(env) -> tuple[str, ...]:
+    """The variables env_for sets or removes, which the command reads at run time only: huggingface_hub's
+    HF_* (it is imported when the command reaches a Hub, never by the fork server's preload) and TMPDIR
+    (tempfile reads it on first use). A command with such an environment is still forked from the
+    server (tests/conftest.py run_cli, popen_cli); the hf:// tests show HF_ENDPOINT is the one given."""
+    return tuple(sorted({k for k in (*env, *os.environ) if k.startswith("HF_")} | {"TMPDIR"}))
+
+
+def remote_cli(*args, env, **kw):
+    return run_cli(*args, env=env, read_at_run_time=at_run_time(env), **kw)
+
+
 def convert_remote(url, out, env, *extra, check_exit=0):
-    return run_cli("convert", url, "-o", out, "--no-progress", "--memory-limit", "512MiB", *extra,
-                   env=env, check_exit=check_exit)
+    return remote_cli("convert", url, "-o", out, "--no-progress", "--memory-limit", "512MiB", *extra,
+                      env=env, check_exit=check_exit)
+
+
+def test_a_forked_command_reads_the_hub_and_the_temporary_directory_it_is_given(tmp_path):
+    """What at_run_time says: a command given env_for's variables is forked (not an ordinary
+    process), and huggingface_hub and tempfile in it see those variables, not the server's."""
+    from tests.conftest import fork_servers
+
+    class Stub:
+        url = "http://127.0.0.1:9/stub"
+    env = {**env_for(Stub(), tmp_path), "PYTHONPATH": str(ROOT)}  # as run_cli and popen_cli give it
+    servers = fork_servers()
+    if not servers.enabled:
+        pytest.skip("BITNET_GGUF_TEST_FORK_SERVER=0: every command is an ordinary process")
+    assert servers.serves(env, at_run_time(env))
+    script = tmp_path / "show.py"
+    script.write_text("import tempfile\nimport huggingface_hub.constants as c\n"
+                      "print(c.ENDPOINT, c.HF_HOME, tempfile.gettempdir())\n")
+    proc = servers.run([], env, None, 120, script=str(script))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [Stub.url, str(tmp_path / "hf-home"), str(tmp_path / "tmp")], proc.stdout
 
 
 def weight_samples(ckpt: Path, n: int = 48) -> list[bytes]:
@@ -125,7 +157,7 @@ def test_https_source_converts_byte_identical_fetching_what_plan_said_and_storin
     ckpt, ref, _ = served
     env = env_for(server, tmp_path)
     url = server.dir_url
-    plan = run_cli("plan", url, "-o", tmp_path / "model.gguf", "--memory-limit", "512MiB", env=env)
+    plan = remote_cli("plan", url, "-o", tmp_path / "model.gguf", "--memory-limit", "512MiB", env=env)
     # plan reads headers and small files only: no weight read past a header
     tensors, headers, twice = data_bytes(ckpt, latent_projection)
     assert 0 < twice < tensors
@@ -183,19 +215,19 @@ def test_a_server_that_keeps_failing_stops_the_run_resumably_and_a_rerun_finishe
 def test_a_kill_mid_run_resumes_to_the_same_bytes(served, server, tmp_path):
     ckpt, ref, _ = served
     out = tmp_path / "model.gguf"
-    env = {**env_for(server, tmp_path), "PYTHONPATH": str(ROOT)}
+    env = env_for(server, tmp_path)
     server.throttle = 2 * 1024**2
-    cmd = [sys.executable, "-m", "pipeline", "convert", server.dir_url, "-o", str(out), "--no-progress",
-           "--memory-limit", "512MiB"]
+    cmd = ["convert", server.dir_url, "-o", str(out), "--no-progress", "--memory-limit", "512MiB"]
     for stop_after in (6, 30):  # in extract, then later (quantize reads the weights again)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = popen_cli(*cmd, env=env, read_at_run_time=at_run_time(env), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while server.weight_reads < stop_after and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, "killed mid-run, not after it finished"
     server.throttle = 0
-    run_cli("convert", server.dir_url, "-o", out, "--no-progress", "--memory-limit", "512MiB", env=env)
+    remote_cli("convert", server.dir_url, "-o", out, "--no-progress", "--memory-limit", "512MiB", env=env)
     assert filecmp.cmp(out, ref, shallow=False)
     assert_no_weights_on_disk(ckpt, Path(str(out) + ".work"))
 
@@ -249,7 +281,7 @@ def test_credentials_never_reach_the_run_directory_the_output_or_the_log(served,
     out2 = tmp_path / "hf.gguf"
     proc2 = convert_remote(f"hf://{REPO}", out2, env_for(server, tmp_path, HF_TOKEN=SECRET))
     assert all(e["auth"] for e in server.log), "every request carried the credential"
-    status = run_cli("status", str(out) + ".work", "--json", env=env_for(server, tmp_path))
+    status = remote_cli("status", str(out) + ".work", "--json", env=env_for(server, tmp_path))
     for text in (proc.stderr, proc.stdout, proc2.stderr, status.stdout):
         assert SECRET not in text
     for p in files_under(tmp_path):
@@ -434,7 +466,7 @@ def test_a_packed_checkpoint_is_fetched_once_as_plan_says(tmp_path):
     srv = CheckpointServer(ckpt)
     try:
         env = env_for(srv, tmp_path)
-        plan = run_cli("plan", srv.dir_url, "-o", out, "--memory-limit", "512MiB", env=env)
+        plan = remote_cli("plan", srv.dir_url, "-o", out, "--memory-limit", "512MiB", env=env)
         said = int(re.search(r"fetches about .*? \((\d+) bytes\)", plan.stdout)[1])
         tensors, headers, _ = data_bytes(ckpt)
         small = sum((ckpt / n).stat().st_size for n in os.listdir(ckpt) if not n.endswith(".safetensors"))

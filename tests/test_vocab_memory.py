@@ -88,9 +88,10 @@ def test_a_large_vocabulary_converts_under_the_limit_the_refusal_names(models, t
     assert r["exit"] == 0, r["stderr"]
     print(f"{kind}: peak {r['peak'] / MiB:.0f} MiB under --memory-limit {limit / MiB:.0f} MiB")
     assert r["peak"] <= limit
-    import gguf
+    from tests.gguf_kv import read_kv
 
-    assert len(gguf.GGUFReader(out).fields["tokenizer.ggml.tokens"].data) == 2**18  # gguf-py's reading
+    # gguf-py's reading (tests/gguf_kv.py, held equal to GGUFReader's: that takes 24 s of CPU on 2^18 strings)
+    assert len(read_kv(out)["tokenizer.ggml.tokens"]) == 2**18
 
 
 def run(argv, capsys) -> tuple[int, str]:
