@@ -374,6 +374,35 @@ def shared_conversion(tmp_path_factory, model: Path, *extra) -> Path:
     return shared_dir(tmp_path_factory, key, make) / "m.gguf"
 
 
+def shared_outputs(tmp_path_factory, model: Path, types, *extra) -> dict[str, tuple[Path, str]]:
+    """`convert MODEL -o DIR --type a,b,c *extra` (one file per type from one read) of a checkpoint from
+    shared_checkpoint, made once per run: type -> (its GGUF, DIR/<model>-<TYPE>.gguf; what a conversion
+    to that type alone prints: output_log). Read them, or copy them. tests/test_many_outputs.py holds
+    these lists' files and warnings equal to single conversions'."""
+    key = f"outputs {model.parent.name} " + json.dumps([",".join(types), *(str(a) for a in extra)])
+
+    def make(d: Path) -> None:
+        (d / "stderr.txt").write_text(convert(model, d, "--type", ",".join(types), *extra).stderr)
+    d = shared_dir(tmp_path_factory, key, make)
+    stderr = (d / "stderr.txt").read_text()
+    names = {t: f"{model.name}-{t.upper()}.gguf" for t in types}
+    return {t: (d / name, output_log(stderr, name)) for t, name in names.items()}
+
+
+def output_log(stderr: str, name: str) -> str:
+    """The lines of a `--type a,b,c` conversion's stderr about output `name`: those before the first
+    pack (the checkpoint's, shared by every output) and those of its own pack and assemble."""
+    lines, mine, started = [], False, False
+    for line in stderr.splitlines(keepends=True):
+        if line.startswith("pack: running ("):
+            started, mine = True, line.rstrip("\n").endswith(f"({name})")
+        elif line.startswith("wrote "):
+            mine = False
+        if mine or not started:
+            lines.append(line)
+    return "".join(lines)
+
+
 # -- an independent reading of the source checkpoint (whole tensors: test-sized models only)
 def read_source_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     """All tensors as float32 numpy arrays, parsed from the safetensors bytes directly."""

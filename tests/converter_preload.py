@@ -25,3 +25,4 @@ if (_SRC / "conversion" / "base.py").is_file() and (_SRC / "gguf-py" / "gguf").i
     finally:
         for _path in _added:
             sys.path.remove(_path)
+    import torch._dynamo  # noqa: F401

@@ -26,7 +26,8 @@ from tests.bitnet_layouts import (decode_i2s_arm, decode_tl1, decode_tl2, kernel
 from tests.conftest import ROOT, convert, run_cli
 from tests.reference_model import effective_weights
 from tests.synthetic import write_checkpoint
-from tests.test_families import CASES, FAMILY_FACTS, decode_i2s_reference, gguf_name, llama_permute
+from tests.test_families import (CASES, FAMILY_FACTS, case_checkpoint, case_outputs, decode_i2s_reference, gguf_name,
+                                 llama_permute)
 
 TARGET_KEY = "bitnet_gguf.target"
 FAMILY_CASES = ["1bitllm-f16", "llama3", "falcon3-head-dim", "2b4t", "2b4t-bf16-sharded"]
@@ -43,9 +44,8 @@ def made(tmp_path_factory):
     models, files = {}, {}
 
     def get(case: str, kind: str) -> tuple:
-        if case not in models:
-            family, kw = CASES[case]
-            models[case] = write_checkpoint(root / case, family, **kw)
+        if case not in models:  # tests/test_families.py's checkpoints, written once per run
+            models[case] = case_checkpoint(tmp_path_factory, case)
         model = models[case]
         key = (case, kind)
         if key not in files:
@@ -113,12 +113,11 @@ def test_every_ternary_tensor_decodes_to_the_effective_weights(made, case, kind)
     assert n == 7 * json.loads((model / "config.json").read_text())["num_hidden_layers"]
 
 
-def test_the_x86_and_arm_i2s_layouts_differ_and_each_decoder_rejects_the_other(made):
+def test_the_x86_and_arm_i2s_layouts_differ_and_each_decoder_rejects_the_other(made, tmp_path_factory):
     """The test of the difference is real: the same codes in the x86 layout decode to other values
     under the ARM reading, and the reverse."""
     model, arm, _ = made("2b4t", "arm")
-    x86 = arm.with_name("2b4t-x86.gguf")
-    convert(model, x86, "--type", "i2_s", "--target", "x86")
+    x86 = case_outputs(tmp_path_factory, "2b4t")[1]["i2_s"][0]  # tests/test_families.py's, --target x86
     a, b = read_gguf(arm), read_gguf(x86)
     assert b.kv(TARGET_KEY) == "x86"
     ta = {t.name: t for t in a.tensors}

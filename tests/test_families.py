@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 import pytest
 
-from tests.conftest import convert
+from tests.conftest import convert, shared_checkpoint, shared_conversion, shared_outputs
 from tests.reference_model import effective_weights
 from tests.synthetic import write_checkpoint
 
@@ -100,21 +100,53 @@ def expected_tensor(name: str, w: np.ndarray, tensor_type, config: dict) -> np.n
     return (np.sign(w) * d).astype(np.float32)
 
 
+# The types each case is read at here, in tests/test_ik_types.py (the ik types) and in
+# tests/test_bitnet_targets.py (its x86 I2_S): all of one case from one `--type a,b,c` conversion,
+# once per run (conftest.shared_outputs; tests/test_many_outputs.py holds each list's files and
+# warnings equal to conversions to one type). I2_S in the x86 layout, which decode_i2s_reference
+# reads, on any machine (--target changes nothing else).
+TQ, I2S, Q2, IK = ("tq2_0", "tq1_0"), ("i2_s",), ("q2_0",), ("iq2_bn", "iq1_bn", "iq2_bn_r4")
+CASE_TYPES = {
+    "1bitllm-f16": TQ + I2S + Q2 + IK,
+    "llama3": TQ + I2S + Q2 + IK,
+    "llama3-sharded": TQ,
+    "falcon3-head-dim": TQ + I2S,
+    "2b4t": TQ + I2S + Q2 + IK,
+    "2b4t-bf16-sharded": TQ + I2S,
+    "falcon-e": TQ + I2S + Q2 + IK,
+    "falcon-e-prequantized": TQ + I2S + Q2,
+    "1bitllm-xl-shape": TQ + I2S,
+    "bonsai": Q2,
+    "bonsai-g64": Q2,
+    "bonsai-uniform": TQ + I2S + Q2 + IK,
+}
+
+
+def case_checkpoint(tmp_path_factory, case: str) -> Path:
+    family, kw = CASES[case]
+    return shared_checkpoint(tmp_path_factory, family, **kw)
+
+
+def case_outputs(tmp_path_factory, case: str) -> tuple[Path, dict[str, tuple[Path, str]]]:
+    """(checkpoint, type -> (GGUF, what its conversion printed; None for a case of one type, which is
+    converted alone)) of every type of CASE_TYPES[case]."""
+    model = case_checkpoint(tmp_path_factory, case)
+    types = CASE_TYPES[case]
+    if len(types) == 1:
+        out = shared_conversion(tmp_path_factory, model, "--type", types[0])
+        return model, {types[0]: (out, None)}
+    return model, shared_outputs(tmp_path_factory, model, types, "--target", "x86")
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    made, logs = {}, {}
+    logs = {}
 
     def get(case: str, out_type: str) -> tuple[Path, Path]:
-        if case not in made:
-            family, kw = CASES[case]
-            made[case] = write_checkpoint(root / case, family, **kw)
-        out = root / f"{case}-{out_type}.gguf"
-        if not out.exists():  # I2_S in the x86 layout, which decode_i2s_reference reads, on any machine
-            logs[out] = convert(made[case], out, "--type", out_type,
-                                *(("--target", "x86") if out_type == "i2_s" else ())).stderr
-        return made[case], out
-    get.logs = logs  # the GGUF -> its conversion's stderr
+        model, outputs = case_outputs(tmp_path_factory, case)
+        out, logs[out] = outputs[out_type]
+        return model, out
+    get.logs = logs  # the GGUF -> what its conversion printed
     return get
 
 

@@ -147,21 +147,23 @@ def test_rows_that_are_not_whole_64_value_blocks_are_refused_before_any_work(tmp
             extra=("--type", "q2_0"))
 
 
-def test_one_scale_per_tensor_takes_every_type(tmp_path):
+def test_one_scale_per_tensor_takes_every_type(tmp_path_factory):
     """The same data at every ternary type: decoded values equal (I2_S and Q2_0 read with our
-    readers, TQ with gguf's), so one magnitude per tensor is recognised as such."""
+    readers, TQ with gguf's), so one magnitude per tensor is recognised as such. The checkpoint is
+    tests/test_families.py's bonsai-uniform (SHAPE's projections, two layers), read from its
+    conversions (one list of every type, once per run; x86 I2_S, which decode_i2s_reference reads)."""
     import gguf
 
     from pipeline.gguf_file import read_gguf
     from tests.test_codecs import q2_0_reference_decode
-    from tests.test_families import decode_i2s_reference
+    from tests.test_families import CASES, case_outputs, decode_i2s_reference
 
-    model = write_checkpoint(tmp_path / "m", "bonsai", **SHAPE, group_size=0)
+    assert CASES["bonsai-uniform"][0] == "bonsai" and CASES["bonsai-uniform"][1]["group_size"] == 0
+    _, outputs = case_outputs(tmp_path_factory, "bonsai-uniform")
     name = "blk.0.ffn_up.weight"
     decoded = {}
     for out_type in ("tq2_0", "tq1_0", "i2_s", "q2_0"):
-        out = tmp_path / f"{out_type}.gguf"
-        convert(model, out, "--type", out_type)
+        out = outputs[out_type][0]
         t = next(t for t in read_gguf(out).tensors if t.name == name)
         raw = out.read_bytes()[t.offset:t.offset + t.nbytes]
         shape = tuple(t.shape)

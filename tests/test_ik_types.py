@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +20,11 @@ import pytest
 from pipeline.gguf_file import read_gguf
 from tests import ik_layouts
 from tests import kill_points as kp
-from tests.conftest import ROOT, convert, read_source_tensors, run_cli
+from tests.conftest import ROOT, convert, read_source_tensors, run_cli, shared_checkpoint, shared_outputs
 from tests.reference_model import effective_weights
 from tests.synthetic import write_checkpoint
-from tests.test_families import FAMILY_FACTS, gguf_name, llama_permute
+from tests.test_families import CASES as FAMILIES_CASES
+from tests.test_families import FAMILY_FACTS, case_outputs, gguf_name, llama_permute
 
 IK_TYPES = ("iq2_bn", "iq1_bn", "iq2_bn_r4")
 # ids and llama file types from ik_llama.cpp's ggml.h / llama.h (docs/notes/ik-llama.md section 1)
@@ -50,20 +52,30 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("ik")
 
 
+# the cases of tests/test_families.py's CASES are read from its conversions (case_outputs: one
+# `--type a,b,c` of every type a case is read at, once per run); the others to the three types here
+OWN_CASES = [c for c in CASES if c not in FAMILIES_CASES or CASES[c] != FAMILIES_CASES[c]]
+
+
+def ik_outputs(tmp_path_factory, case: str) -> tuple[Path, dict[str, tuple[Path, str]]]:
+    """(checkpoint, type -> (GGUF, what its conversion printed)) of the case at every type here (and,
+    for a case of tests/test_families.py, at the others that file reads)."""
+    if case not in OWN_CASES:
+        return case_outputs(tmp_path_factory, case)
+    family, kw = CASES[case]
+    model = shared_checkpoint(tmp_path_factory, family, **kw)
+    return model, shared_outputs(tmp_path_factory, model, IK_TYPES)
+
+
 @pytest.fixture(scope="module")
-def converted(root):
-    made, logs = {}, {}
+def converted(tmp_path_factory):
+    logs = {}
 
     def get(case: str, out_type: str):
-        if case not in made:
-            family, kw = CASES[case]
-            made[case] = write_checkpoint(root / case, family, **kw)
-        out = root / f"{case}-{out_type}.gguf"
-        if not out.exists():
-            work = root / f"{case}-{out_type}.work"
-            logs[out] = convert(made[case], out, "--type", out_type, "--workdir", work).stderr
-        return made[case], out
-    get.logs = logs
+        model, outputs = ik_outputs(tmp_path_factory, case)
+        out, logs[out] = outputs[out_type]
+        return model, out
+    get.logs = logs  # the GGUF -> what its conversion printed
     return get
 
 

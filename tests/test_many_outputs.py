@@ -18,6 +18,8 @@ from tests import kill_points as kp
 from tests import write_points
 from tests.conftest import ROOT, convert, run_cli
 from tests.synthetic import write_checkpoint
+from tests.test_families import CASE_TYPES, case_checkpoint
+from tests.test_ik_types import IK_TYPES, OWN_CASES, ik_outputs
 
 TYPES = ("tq2_0", "i2_s", "iq2_bn")
 
@@ -28,8 +30,14 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(root):
-    return write_checkpoint(root / "m", "llama3-1.58", num_heads=8, num_kv_heads=2)
+def model(tmp_path_factory):
+    """tests/test_families.py's llama3 checkpoint (llama3-1.58, 8 heads, 2 KV heads, 2 layers), whose
+    list of seven types that file and tests/test_ik_types.py read: `alone` below checks three of them."""
+    return case_checkpoint(tmp_path_factory, "llama3")
+
+
+def named(t: str) -> str:
+    return f"model-{t.upper()}.gguf"  # the outputs of a list: <model directory name>-<TYPE>.gguf
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +59,22 @@ def test_comma_list_writes_each_type_byte_identical_to_its_own_conversion(root, 
     out = root / "list"
     out.mkdir()
     proc = convert(model, out, "--type", ",".join(TYPES), "--target", "x86")
-    assert sorted(p.name for p in out.glob("*.gguf")) == sorted(f"m-{t.upper()}.gguf" for t in TYPES)
+    assert sorted(p.name for p in out.glob("*.gguf")) == sorted(named(t) for t in TYPES)
     for t in TYPES:
-        assert (out / f"m-{t.upper()}.gguf").read_bytes() == alone[t].read_bytes(), t
+        assert (out / named(t)).read_bytes() == alone[t].read_bytes(), t
     # the checkpoint is read once: extract and quantize run once, pack and assemble per output
     assert proc.stderr.count("extract: running") == 1 and proc.stderr.count("quantize: running") == 1
     assert proc.stderr.count("pack: running") == 3 and proc.stderr.count("assemble: running") == 3
-    work = out / "m.work"
+    work = out / "model.work"
     assert sorted(p.name for p in work.glob("pack*.zarr")) == [f"pack-{t}.zarr" for t in sorted(TYPES)]
     # a rerun finds everything done and leaves the files as they are
-    before = {t: identity(out / f"m-{t.upper()}.gguf") for t in TYPES}
+    before = {t: identity(out / named(t)) for t in TYPES}
     again = convert(model, out, "--type", ",".join(TYPES), "--target", "x86")
     assert "running" not in again.stderr
-    assert {t: identity(out / f"m-{t.upper()}.gguf") for t in TYPES} == before
+    assert {t: identity(out / named(t)) for t in TYPES} == before
     status = run_cli("status", work).stdout
     for t in TYPES:
-        assert f"output: {out / f'm-{t.upper()}.gguf'}\n  pack      done" in status
+        assert f"output: {out / named(t)}\n  pack      done" in status
     shown = run_cli("inspect", work).stdout
     assert "\npack-i2_s.zarr\n  layout: I2_S for bitnet.cpp's x86 builds" in shown and "\npack-iq2_bn.zarr\n" in shown
 
@@ -77,10 +85,10 @@ def test_plan_lists_every_output(root, model):
     text = run_cli("plan", model, "-o", out, "--type", "tq2_0,iq2_bn").stdout
     assert text.startswith("2 outputs from one read")
     for t in ("TQ2_0", "IQ2_BN"):
-        assert f"{out / f'm-{t}.gguf'} (" in text
+        assert f"{out / named(t)} (" in text
     data = json.loads(run_cli("plan", model, "-o", out, "--type", "tq2_0,iq2_bn", "--json").stdout)
     assert [p["out_type"] for p in data["outputs"]] == ["tq2_0", "iq2_bn"]
-    assert [p["outputs"][0][0] for p in data["outputs"]] == [str(out / "m-TQ2_0.gguf"), str(out / "m-IQ2_BN.gguf")]
+    assert [p["outputs"][0][0] for p in data["outputs"]] == [str(out / named("tq2_0")), str(out / named("iq2_bn"))]
     assert data["output_bytes"] == sum(p["output_bytes"] for p in data["outputs"])
     # the shared stores once, the pack stores of both
     first, second = data["outputs"]
@@ -89,7 +97,7 @@ def test_plan_lists_every_output(root, model):
 
 
 def test_a_kill_during_the_second_outputs_pack_resumes_and_leaves_the_first_alone(root, model, alone, tmp_path):
-    out, work, log = tmp_path / "out", tmp_path / "out" / "m.work", tmp_path / "log"
+    out, work, log = tmp_path / "out", tmp_path / "out" / "model.work", tmp_path / "log"
     out.mkdir()
     extra = ("--type", "tq2_0,i2_s", "--target", "x86")
     writes = kp.recorded_writes(ROOT, model, out, work, "1GiB", log, *extra)
@@ -100,17 +108,66 @@ def test_a_kill_during_the_second_outputs_pack_resumes_and_leaves_the_first_alon
     proc = kp.start(ROOT, model, out, work, "1GiB", log, *extra,
                     watch={write_points.KILL_AT_ENV: str(k), write_points.SIGNAL_ENV: str(int(signal.SIGKILL))})
     assert proc.wait(timeout=kp.TIMEOUT) == -signal.SIGKILL
-    first = out / "m-TQ2_0.gguf"
-    assert first.read_bytes() == alone["tq2_0"].read_bytes() and not (out / "m-I2_S.gguf").exists()
+    first = out / named("tq2_0")
+    assert first.read_bytes() == alone["tq2_0"].read_bytes() and not (out / named("i2_s")).exists()
     seen = identity(first)
     manifest = json.loads((work / "manifest.json").read_text())
     assert manifest["outputs"]["i2_s"]["stages"]["pack"]["state"] == "running"
     again = convert(model, out, *extra)
-    assert "pack (m-TQ2_0.gguf): already done" in again.stderr
-    assert "assemble (m-TQ2_0.gguf): already done" in again.stderr
+    assert f"pack ({named('tq2_0')}): already done" in again.stderr
+    assert f"assemble ({named('tq2_0')}): already done" in again.stderr
     assert again.stderr.count("pack: running") == 1 and "extract: running" not in again.stderr
     assert identity(first) == seen
-    assert (out / "m-I2_S.gguf").read_bytes() == alone["i2_s"].read_bytes()
+    assert (out / named("i2_s")).read_bytes() == alone["i2_s"].read_bytes()
+
+
+# -- the lists the other files read ------------------------------------------------------------------
+# tests/test_families.py converts each of its cases to every type that it, tests/test_ik_types.py and
+# tests/test_bitnet_targets.py read there with one list (CASE_TYPES), and tests/test_ik_types.py its
+# own two cases to its three types (OWN_CASES). Each such list is checked here against conversions to
+# one type alone: byte for byte, and the warnings that file reads from the list's output (conftest
+# output_log) against those of the conversion alone. Every type of the lists on two families or more,
+# later places in a list preferred; the llama3 list also against `alone` above (the same checkpoint).
+ALONE = {  # case -> the types converted alone
+    "1bitllm-f16": ("iq2_bn_r4",), "llama3-sharded": ("tq1_0",), "falcon3-head-dim": ("i2_s",),
+    "2b4t": ("iq1_bn",), "2b4t-bf16-sharded": ("tq1_0",), "falcon-e": ("q2_0",), "falcon-e-prequantized": ("q2_0",),
+    "1bitllm-xl-shape": ("tq2_0", "i2_s"), "bonsai-uniform": ("iq2_bn",),
+    "2b4t-bf16": ("iq2_bn_r4",), "odd-ffn": ("iq1_bn",),
+}
+ALONE_PARAMS = [(case, t) for case, types in ALONE.items() for t in types]
+
+
+def warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning:")]
+
+
+@pytest.mark.parametrize("case,out_type", ALONE_PARAMS, ids=[f"{c}-{t}" for c, t in ALONE_PARAMS])
+def test_the_other_files_lists_give_each_types_own_conversion(tmp_path_factory, tmp_path, case, out_type):
+    model, outputs = ik_outputs(tmp_path_factory, case)
+    listed, log = outputs[out_type]
+    out = tmp_path / "alone.gguf"  # as the files converted it before the lists: --target for I2_S only
+    proc = convert(model, out, "--type", out_type, *(("--target", "x86") if out_type == "i2_s" else ()))
+    assert out.read_bytes() == listed.read_bytes(), (case, out_type)
+    assert warnings(proc.stderr) == warnings(log), (case, out_type)
+    if case in ("1bitllm-xl-shape", "2b4t", "odd-ffn"):  # the lists whose warnings the files read have some
+        assert warnings(log), (case, out_type)
+
+
+def test_the_llama3_list_of_the_other_files_gives_each_types_own_conversion(tmp_path_factory, alone):
+    _, outputs = ik_outputs(tmp_path_factory, "llama3")
+    for t in TYPES:
+        assert outputs[t][0].read_bytes() == alone[t].read_bytes(), t
+
+
+def test_every_list_of_the_other_files_and_every_type_in_them_is_checked():
+    lists = {case: types for case, types in CASE_TYPES.items() if len(types) > 1}
+    lists |= {case: IK_TYPES for case in OWN_CASES}
+    checked = ALONE | {"llama3": TYPES}
+    assert set(checked) == set(lists)
+    for case, types in checked.items():
+        assert set(types) <= set(lists[case]), case
+    for t in {t for types in lists.values() for t in types}:
+        assert sum(t in types for types in checked.values()) >= 2, t
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +193,7 @@ def test_an_output_the_data_refuses_is_named_and_the_others_are_written(root, bo
     ("tq2_0,i2_s,tq2_0", (), "--type: tq2_0 is listed twice; list each type once"),
     ("auto,tq2_0", (), "--type: tq2_0 is what auto chose (one ternary scale per tensor"),
     ("tq2_0,auto", (), "--type: auto chose tq2_0 (one ternary scale per tensor"),
-    ("tq2_0,tl1", (), "output m-TL1.gguf (--type tl1): "),
+    ("tq2_0,tl1", (), "output model-TL1.gguf (--type tl1): "),
     ("tq2_0,", (), "has an empty entry"),
     ("tq2_0,i2_s", ("--vocab-only",), "--vocab-only"),
 ])
