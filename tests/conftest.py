@@ -106,7 +106,7 @@ class ForkServers:
                                     cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             log.close()
             self.servers.append((proc, path))
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a live server still importing torch under load; a crash ends the wait at once
         for proc, path in self.servers:
             while not os.path.exists(path):
                 if proc.poll() is not None or time.monotonic() > deadline:
