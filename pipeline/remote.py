@@ -405,6 +405,13 @@ class Prefetch:
 
 
 _PREFETCH: list[Prefetch] = []
+SPOOLS: list = []   # pipeline/spool.py's Spools running in this process: ranges already on local disk
+
+
+def fetch_async(url: str, start: int, end: int, version: str = "") -> concurrent.futures.Future:
+    """A future of bytes [start, end) of the file (one request, retried like every read)."""
+    fs, path = _locate(url)
+    return _POOL.submit(_fetch, fs, path, url, start, end, version)
 
 
 @contextlib.contextmanager
@@ -425,10 +432,13 @@ def prefetching(ranges: list[tuple[str, int, int, str]], depth: int):
 
 def read_into(url: str, offset: int, view, version: str = "", prefetched: bool = True) -> None:
     """Fill `view` (a writable byte buffer) with the file's bytes from `offset`, in requests of
-    REQUEST_BYTES with IN_FLIGHT outstanding (or from the read-ahead, when it holds the range)."""
+    REQUEST_BYTES with IN_FLIGHT outstanding (or from the spool or the read-ahead, when it holds the
+    range)."""
     view = memoryview(view).cast("B") if not isinstance(view, memoryview) else view.cast("B")
     n = len(view)
     if n == 0:
+        return
+    if any(s.take(url, offset, view, version) for s in list(SPOOLS)):
         return
     for ahead in (_PREFETCH if prefetched else ()):
         data = ahead.take(url, offset, n)
