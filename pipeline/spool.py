@@ -116,12 +116,15 @@ class Spool:
         self._save_index()
 
     def _save_index(self) -> None:
-        from pipeline.rundir import write_json_atomic
-
-        write_json_atomic(self.directory / INDEX, [
-            {"url": self.ranges[i][0], "offset": self.ranges[i][1], "n": self.ranges[i][2], "version": self.ranges[i][3],
-             "file": self._path(i).name, "xxh3": d} for i, d in sorted(self.digests.items())
-            if self.state.get(i) == "done"])
+        """The recorded ranges, replaced whole; not fsynced: a kill leaves it in the page cache, and
+        after a crash a lost record costs a fetch, a lost file's bytes fail their digest."""
+        with self.cond:
+            entries = [{"url": self.ranges[i][0], "offset": self.ranges[i][1], "n": self.ranges[i][2],
+                        "version": self.ranges[i][3], "file": self._path(i).name, "xxh3": d}
+                       for i, d in sorted(self.digests.items()) if self.state.get(i) == "done"]
+        tmp = self.directory / (INDEX + ".tmp")
+        tmp.write_text(json.dumps(entries), encoding="utf-8")
+        os.replace(tmp, self.directory / INDEX)
 
     def _next(self) -> int | None:
         with self.cond:
@@ -147,8 +150,9 @@ class Spool:
                     self.state[i] = "skipped"
                 else:
                     self.state[i], self.digests[i] = "done", digest
-                    self._save_index()
                 self.cond.notify_all()
+            if digest is not None:
+                self._save_index()
 
     def _fetch(self, i: int) -> str | None:
         """Fetch range `i` into its file, in order, SPOOL_IN_FLIGHT requests outstanding; its digest
