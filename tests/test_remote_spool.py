@@ -242,3 +242,30 @@ def test_a_kill_while_spooling_resumes_without_fetching_the_recorded_ranges_agai
     assert not [e for e in kept if (e["offset"], e["n"]) in again], "a recorded range is not fetched again"
     assert not (work / "spool").exists()
     assert_no_weights_on_disk(ckpt, work)
+
+
+def test_the_test_servers_throttle_is_one_link_for_all_connections(packed):
+    """The bench's bare transfer time (bytes / rate) means something only if more connections buy no
+    more bandwidth: 3.2 MB over 8 connections at 4 MB/s take at least 0.8 s (less one 64 KiB piece
+    per connection, written at the start of its slot), as over one."""
+    import concurrent.futures
+    import urllib.request
+
+    ckpt, _ = packed
+    srv = CheckpointServer(ckpt)
+    srv.throttle = 4_000_000
+    url = srv.dir_url + "model.safetensors"
+    n = 400_000  # 3.2 MB of the checkpoint's 3.9
+
+    def get(i: int) -> int:
+        req = urllib.request.Request(url, headers={"Range": f"bytes={8 + i * n}-{8 + (i + 1) * n - 1}"})
+        with urllib.request.urlopen(req) as r:
+            return len(r.read())
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert sum(pool.map(get, range(8))) == 8 * n
+        requests = weight_requests(srv)
+    finally:
+        srv.close()
+    span = max(r["ended"] for r in requests) - min(r["begun"] for r in requests)
+    assert span >= (8 * n - 8 * 65536) / srv.throttle, span
