@@ -406,6 +406,12 @@ class Prefetch:
 
 _PREFETCH: list[Prefetch] = []
 SPOOLS: list = []   # pipeline/spool.py's Spools running in this process: ranges already on local disk
+_READING = [0]      # reads of this process in flight from the server (the spool's aside)
+
+
+def busy() -> bool:
+    """Whether a stage is fetching now: the spool sends no new request then (they come first)."""
+    return _READING[0] > 0
 
 
 def fetch_async(url: str, start: int, end: int, version: str = "") -> concurrent.futures.Future:
@@ -445,6 +451,17 @@ def read_into(url: str, offset: int, view, version: str = "", prefetched: bool =
         if data is not None:
             view[:] = data
             return
+    with _LOCK:
+        _READING[0] += 1
+    try:
+        _read_from_server(url, offset, view, version)
+    finally:
+        with _LOCK:
+            _READING[0] -= 1
+
+
+def _read_from_server(url: str, offset: int, view: memoryview, version: str) -> None:
+    n = len(view)
     fs, path = _locate(url)
     parts = [(a, min(a + REQUEST_BYTES, n)) for a in range(0, n, REQUEST_BYTES)]
     if len(parts) == 1:

@@ -4,8 +4,9 @@ assemble passes a remote checkpoint's float tensors (embedding, head, norms) thr
 server; fetched by assemble alone, they would come after quantize's projections, the network idle
 during pack. The spool fetches the byte ranges assemble will read, in its order, into files of
 the run directory (`spool/`) from the start of the conversion, SPOOL_IN_FLIGHT requests at a time
-(quantize's readers, more of them, get most of the link), so the transfer goes on under quantize
-and pack. Each range is a file recorded with the xxh3 of its bytes (`spool/index.json`) once
+and no new one while a stage's own read is in flight (`remote.busy`: quantize's projections come
+first, the spool takes the link when they leave it idle), so the transfer goes on under quantize
+and pack, and the stages before assemble are not slowed by it. Each range is a file recorded with the xxh3 of its bytes (`spool/index.json`) once
 complete. `remote.read_into` takes a recorded range from its file, checks the digest (a damaged file
 is fetched again from the server), and removes the file: the disk holds at most the bytes assemble
 has not written yet, and only ranges whose output bytes are at least as many are spooled, so the
@@ -23,6 +24,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from pipeline import remote
@@ -30,6 +32,7 @@ from pipeline import remote
 SPOOL_DIR = "spool"
 INDEX = "index.json"
 SPOOL_IN_FLIGHT = 2   # requests of remote.REQUEST_BYTES outstanding
+YIELD_SECONDS = 0.005  # how often the spool looks whether the stages' own reads are done
 
 
 def buffer_reserve() -> int:
@@ -165,20 +168,21 @@ class Spool:
         digest = xxhash.xxh3_64()
         pending = collections.deque()
         parts = iter(range(0, n, remote.REQUEST_BYTES))
+        a = next(parts, None)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            while True:
-                while len(pending) < SPOOL_IN_FLIGHT and (a := next(parts, None)) is not None:
-                    b = min(a + remote.REQUEST_BYTES, n)
-                    pending.append((a, remote.fetch_async(url, offset + a, offset + b, version)))
-                if not pending:
-                    break
-                a, future = pending.popleft()
-                data = future.result()
-                if self.stopping:
-                    break
-                os.pwrite(fd, data, a)
-                digest.update(data)
+            while (a is not None or pending) and not self.stopping:
+                if a is not None and len(pending) < SPOOL_IN_FLIGHT and not remote.busy():
+                    pending.append((a, remote.fetch_async(url, offset + a, min(a + remote.REQUEST_BYTES, n) + offset,
+                                                          version)))
+                    a = next(parts, None)
+                elif pending:
+                    start, future = pending.popleft()
+                    data = future.result()
+                    os.pwrite(fd, data, start)
+                    digest.update(data)
+                else:  # a stage is fetching: its requests first
+                    time.sleep(YIELD_SECONDS)
         finally:
             for _, f in pending:
                 f.cancel()
