@@ -96,7 +96,15 @@ class Timeline:
         self.thread.join()
 
     def summary(self, rate: float) -> str:
-        rows, s = [], self.samples
+        s = self.samples
+        moving = [i for i in range(1, len(s)) if s[i][1] - s[i - 1][1] > 0]
+        first, last = (moving[0], moving[-1]) if moving else (len(s), -1)
+        idle: dict[str, float] = {}  # per stage: seconds under a tenth of the rate, first to last byte
+        for i in range(max(first, 1), last + 1):
+            dt = s[i][0] - s[i - 1][0]
+            if s[i][1] - s[i - 1][1] < 0.1 * rate * dt:
+                idle[s[i][2]] = idle.get(s[i][2], 0.0) + dt
+        rows = []
         for stage in ("start", "extract", "quantize", "pack", "assemble", "end"):
             idx = [i for i, x in enumerate(s) if x[2] == stage]
             if not idx:
@@ -104,15 +112,8 @@ class Timeline:
             a, b = idx[0], min(idx[-1] + 1, len(s) - 1)
             secs, got, cpu = s[b][0] - s[a][0], s[b][1] - s[a][1], s[b][3] - s[a][3]
             rows.append(f"{stage} {secs:.1f} s: {got / GiB:.2f} GiB at {got / max(secs, 1e-9) / MB:.0f} MB/s, "
-                        f"CPU {cpu:.1f} s")
-        moving = [i for i in range(1, len(s)) if s[i][1] - s[i - 1][1] > 0]
-        idle = 0.0
-        if moving:
-            for i in range(moving[0], moving[-1] + 1):
-                dt = s[i][0] - s[i - 1][0]
-                if (s[i][1] - s[i - 1][1]) < 0.1 * rate * dt:
-                    idle += dt
-        return "; ".join(rows) + f"; link idle {idle:.1f} s between the first and the last byte"
+                        f"CPU {cpu:.1f} s, link idle {idle.get(stage, 0.0):.1f} s")
+        return "; ".join(rows) + f"; link idle {sum(idle.values()):.1f} s between the first and the last byte"
 
 
 def stage_times(stderr: str) -> str:
