@@ -444,13 +444,13 @@ def read_into(url: str, offset: int, view, version: str = "", prefetched: bool =
     n = len(view)
     if n == 0:
         return
-    if any(s.take(url, offset, view, version) for s in list(SPOOLS)):
-        return
-    for ahead in (_PREFETCH if prefetched else ()):
+    for ahead in (_PREFETCH if prefetched else ()):  # first: a read-ahead's own read takes from the spool
         data = ahead.take(url, offset, n)
         if data is not None:
             view[:] = data
             return
+    if any(s.take(url, offset, view, version) for s in list(SPOOLS)):
+        return
     with _LOCK:
         _READING[0] += 1
     try:

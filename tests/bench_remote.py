@@ -69,7 +69,8 @@ class Timeline:
             stages = json.loads(self.manifest.read_text())["stages"]
         except (OSError, ValueError, KeyError):
             return previous
-        running = [s for s in ("extract", "quantize", "pack", "assemble") if stages.get(s, {}).get("state") == "running"]
+        running = [s for s in ("extract", "quantize", "pack", "assemble")
+                   if stages.get(s, {}).get("state") == "running"]
         return running[0] if running else ("end" if stages.get("assemble", {}).get("state") == "done" else previous)
 
     @staticmethod
