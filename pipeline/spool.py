@@ -33,6 +33,7 @@ SPOOL_DIR = "spool"
 INDEX = "index.json"
 SPOOL_IN_FLIGHT = 2   # requests of remote.REQUEST_BYTES outstanding
 YIELD_SECONDS = 0.005  # how often the spool looks whether the stages' own reads are done
+CLOSE_WAIT = 2.0       # seconds close() waits for the request in flight
 
 
 def buffer_reserve() -> int:
@@ -111,9 +112,10 @@ class Spool:
                     keep[i] = entry["xxh3"]
         except (OSError, ValueError, KeyError, TypeError):
             keep = {}
+        kept = {self._path(i).name for i in keep} | {INDEX}
         for p in self.directory.iterdir():
-            if not (p.name == INDEX or any(p.name == self._path(i).name for i in keep)):
-                p.unlink()
+            if p.name not in kept:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         for i, digest in keep.items():
             self.state[i], self.digests[i] = "done", digest
         self._save_index()
@@ -142,20 +144,21 @@ class Spool:
         while (i := self._next()) is not None:
             try:
                 digest = self._fetch(i)
+                with self.cond:
+                    if digest is None:
+                        self.state[i] = "skipped"
+                    else:
+                        self.state[i], self.digests[i] = "done", digest
+                    self.cond.notify_all()
+                if digest is not None:
+                    self._save_index()
             except BaseException:  # noqa: BLE001 - the reader fetches the range itself and reports what fails
                 with self.cond:
-                    self.state[i] = "skipped"
+                    if self.state.get(i) == "fetching":
+                        self.state[i] = "skipped"
                     self.stopping = True
                     self.cond.notify_all()
                 return
-            with self.cond:
-                if digest is None:
-                    self.state[i] = "skipped"
-                else:
-                    self.state[i], self.digests[i] = "done", digest
-                self.cond.notify_all()
-            if digest is not None:
-                self._save_index()
 
     def _fetch(self, i: int) -> str | None:
         """Fetch range `i` into its file, in order, SPOOL_IN_FLIGHT requests outstanding; its digest
@@ -222,10 +225,12 @@ class Spool:
         return ok
 
     def close(self) -> None:
+        """Stop after the requests in flight (not waited for beyond CLOSE_WAIT: a failing server's
+        retries must not hold up the run's end; what they bring is dropped)."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
-        self.thread.join()
+        self.thread.join(CLOSE_WAIT)
 
 
 def start(run_dir: Path, ckpt, plan) -> Spool | None:
