@@ -35,6 +35,21 @@ class Checkpoint:
     scale_bytes: int = 0               # bytes of the packed projections' weight_scale tensors (read here)
 
 
+SCALE_READS = 16  # weight_scale requests of a remote checkpoint in flight at once (each a round trip)
+
+
+def scale_ranges(plan, found: dict) -> list[tuple[str, int, int, str]]:
+    """(URL, offset, bytes, version) of the packed projections' weight_scale tensors of a remote
+    checkpoint, in the order they are read (what remote.prefetching takes); none for a local one."""
+    ranges = []
+    for t in plan.tensors:
+        src = found.get(t.scale_hf_name) if t.recipe.packed else None
+        if src is not None and isinstance(src.file, remote.RemoteFile) and src.dtype in MASTER_DTYPES \
+                and math.prod(src.shape) == 1:
+            ranges.append((src.file.url, src.offset, src.np_dtype.itemsize, src.file.version))
+    return ranges
+
+
 def read_weight_scale(src: TensorSource, weight: str) -> float:
     """A packed projection's weight_scale as a float32 value; it must be one finite, non-zero number."""
     if src.dtype not in MASTER_DTYPES or math.prod(src.shape) != 1:
@@ -151,32 +166,36 @@ def open_checkpoint(model_dir: Path, name: str | None = None, tokenizer_pre: str
     plan = plan_tensors(model_dir, present=set(found))
     fam = plan.family
     sources, used, planned, scale_bytes = {}, set(), [], 0
-    for t in plan.tensors:
-        src = found.get(t.hf_name)
-        if src is None and t.stack is not None:
-            raise CheckpointError(f"{model_dir}: tensor {t.hf_name} is missing from the safetensors files: expert "
-                                  f"{t.stack[1]} of the {t.stack[2]} (num_experts in config.json) that {t.stack[0]} "
-                                  "stacks; the checkpoint is incomplete")
-        if src is None:
-            raise CheckpointError(f"{model_dir}: tensor {t.hf_name} is missing from the safetensors files "
-                                  f"(needed for {t.gguf_name}); the checkpoint is incomplete or not {fam.description}")
-        if t.stack is not None and src.shape != t.source_shape:
-            raise CheckpointError(f"{src.file}: tensor {t.hf_name} has shape {list(src.shape)}, but expert "
-                                  f"{t.stack[1]} of {t.stack[0]} must be {list(t.source_shape)} like every expert "
-                                  "(moe_intermediate_size and hidden_size in config.json); config and weights disagree")
-        _check_source(t, src, plan)
-        sources[t.hf_name] = src
-        used.add(t.hf_name)
-        if t.recipe.packed:
-            scale_src = found.get(t.scale_hf_name)
-            if scale_src is None:
-                raise CheckpointError(f"{model_dir}: {t.scale_hf_name} is missing; the packed projection "
-                                      f"{t.hf_name} needs its weight_scale")
-            used.add(t.scale_hf_name)
-            scale_bytes += scale_src.np_dtype.itemsize * math.prod(scale_src.shape)
-            recipe = dataclasses.replace(t.recipe, weight_scale=read_weight_scale(scale_src, t.hf_name))
-            t = dataclasses.replace(t, recipe=recipe)
-        planned.append(t)
+    # a remote checkpoint's weight_scale values: many tiny reads, made SCALE_READS at a time
+    with remote.prefetching(scale_ranges(plan, found), SCALE_READS):
+        for t in plan.tensors:
+            src = found.get(t.hf_name)
+            if src is None and t.stack is not None:
+                raise CheckpointError(f"{model_dir}: tensor {t.hf_name} is missing from the safetensors files: "
+                                      f"expert {t.stack[1]} of the {t.stack[2]} (num_experts in config.json) that "
+                                      f"{t.stack[0]} stacks; the checkpoint is incomplete")
+            if src is None:
+                raise CheckpointError(f"{model_dir}: tensor {t.hf_name} is missing from the safetensors files "
+                                      f"(needed for {t.gguf_name}); the checkpoint is incomplete or not "
+                                      f"{fam.description}")
+            if t.stack is not None and src.shape != t.source_shape:
+                raise CheckpointError(f"{src.file}: tensor {t.hf_name} has shape {list(src.shape)}, but expert "
+                                      f"{t.stack[1]} of {t.stack[0]} must be {list(t.source_shape)} like every expert "
+                                      "(moe_intermediate_size and hidden_size in config.json); config and weights "
+                                      "disagree")
+            _check_source(t, src, plan)
+            sources[t.hf_name] = src
+            used.add(t.hf_name)
+            if t.recipe.packed:
+                scale_src = found.get(t.scale_hf_name)
+                if scale_src is None:
+                    raise CheckpointError(f"{model_dir}: {t.scale_hf_name} is missing; the packed projection "
+                                          f"{t.hf_name} needs its weight_scale")
+                used.add(t.scale_hf_name)
+                scale_bytes += scale_src.np_dtype.itemsize * math.prod(scale_src.shape)
+                recipe = dataclasses.replace(t.recipe, weight_scale=read_weight_scale(scale_src, t.hf_name))
+                t = dataclasses.replace(t, recipe=recipe)
+            planned.append(t)
     plan = dataclasses.replace(plan, tensors=tuple(planned))
     lm_head = "lm_head.weight"
     if lm_head in found and lm_head not in used:

@@ -405,6 +405,19 @@ class Prefetch:
 
 
 _PREFETCH: list[Prefetch] = []
+SPOOLS: list = []   # pipeline/spool.py's Spools running in this process: ranges already on local disk
+_READING = [0]      # reads of this process in flight from the server (the spool's aside)
+
+
+def busy() -> bool:
+    """Whether a stage is fetching now: the spool sends no new request then (they come first)."""
+    return _READING[0] > 0
+
+
+def fetch_async(url: str, start: int, end: int, version: str = "") -> concurrent.futures.Future:
+    """A future of bytes [start, end) of the file (one request, retried like every read)."""
+    fs, path = _locate(url)
+    return _POOL.submit(_fetch, fs, path, url, start, end, version)
 
 
 @contextlib.contextmanager
@@ -425,16 +438,30 @@ def prefetching(ranges: list[tuple[str, int, int, str]], depth: int):
 
 def read_into(url: str, offset: int, view, version: str = "", prefetched: bool = True) -> None:
     """Fill `view` (a writable byte buffer) with the file's bytes from `offset`, in requests of
-    REQUEST_BYTES with IN_FLIGHT outstanding (or from the read-ahead, when it holds the range)."""
+    REQUEST_BYTES with IN_FLIGHT outstanding (or from the spool or the read-ahead, when it holds the
+    range)."""
     view = memoryview(view).cast("B") if not isinstance(view, memoryview) else view.cast("B")
     n = len(view)
     if n == 0:
         return
-    for ahead in (_PREFETCH if prefetched else ()):
+    for ahead in (_PREFETCH if prefetched else ()):  # first: a read-ahead's own read takes from the spool
         data = ahead.take(url, offset, n)
         if data is not None:
             view[:] = data
             return
+    if any(s.take(url, offset, view, version) for s in list(SPOOLS)):
+        return
+    with _LOCK:
+        _READING[0] += 1
+    try:
+        _read_from_server(url, offset, view, version)
+    finally:
+        with _LOCK:
+            _READING[0] -= 1
+
+
+def _read_from_server(url: str, offset: int, view: memoryview, version: str) -> None:
+    n = len(view)
     fs, path = _locate(url)
     parts = [(a, min(a + REQUEST_BYTES, n)) for a in range(0, n, REQUEST_BYTES)]
     if len(parts) == 1:

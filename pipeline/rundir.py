@@ -34,6 +34,7 @@ from pathlib import Path
 from pipeline import portable
 from pipeline.errors import RunDirError
 from pipeline.safe_files import create_exclusive, open_no_link
+from pipeline.spool import SPOOL_DIR
 from pipeline.stores import DamagedStore, check_store, chunk_records, refs_path, remove_tree, seal_digests
 
 STAGES = ("extract", "quantize", "pack", "assemble")
@@ -365,7 +366,7 @@ class RunDir:
             raise RunDirError(f"{self.path}: cannot list the run directory ({e.strerror}); choose another --workdir") \
                 from None
         tags = [None, *{m[1] for name in entries if (m := OWN_NAME.fullmatch(name))}]
-        ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp",
+        ours = {"lock", "manifest.json", "manifest.json.tmp", "metadata.json", "metadata.json.tmp", SPOOL_DIR,
                 *(n for t in tags for n in (f"{plan_name(t)}", f"{plan_name(t)}.tmp")),
                 *(n for s, t in self._stage_tags(tags) for n in (
                     self.store(s, t).name, f".{self.store(s, t).name}.deleting", self.checksums_path(s, t).name,

@@ -6,6 +6,7 @@ the lock and the disk. A refusal is therefore one line, and nothing has been wri
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -13,7 +14,7 @@ import stat
 import time
 from pathlib import Path
 
-from pipeline import remote
+from pipeline import remote, spool
 from pipeline.budget import current_rss, plan_budget
 from pipeline.checkpoint import open_checkpoint, open_vocabulary
 from pipeline.config import Options, format_size
@@ -242,7 +243,7 @@ def conversion_budget(opts: Options, ckpt):
     so rows of the token table are reserved."""
     reserve = KV_READBACK_BYTES_PER_ROW * ckpt.plan.config["vocab_size"]
     if remote.source_of(ckpt.model_dir):  # the range requests' buffers of every reading task
-        reserve += remote.buffer_reserve(opts.workers or os.cpu_count() or 1)
+        reserve += remote.buffer_reserve(opts.workers or os.cpu_count() or 1) + spool.buffer_reserve()
     return plan_budget(opts.memory_limit, opts.workers, worker_processes=opts.scheduler == "local",
                        reserve=reserve, per_element=conversion_bytes_per_element(ckpt))
 
@@ -264,7 +265,10 @@ def convert(opts: Options, log) -> list[Path]:
             _log_outputs([opts], ckpt, log)
             log(f"run directory: {opts.workdir}")
             log(budget.describe())
-            outputs = _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before)
+            manifest = _prepare(opts, ckpt, plan, run, log)
+            with _spooling(run, manifest, ckpt, plan, keys):
+                outputs = _run_stages(opts, ckpt, plan, budget, scheduler, run, keys, log, outputs_before,
+                                      manifest=manifest)
     finally:
         scheduler.close()
     size = sum(p.stat().st_size for p in outputs)
@@ -274,6 +278,21 @@ def convert(opts: Options, log) -> list[Path]:
     log(f"run directory kept for inspection and reruns: {opts.workdir} ({format_size(kept)}); "
         "delete it when you no longer need it")
     return outputs
+
+
+@contextlib.contextmanager
+def _spooling(run: RunDir, manifest: dict, ckpt, plan, keys: dict):
+    """A remote checkpoint's float tensors fetched into the run directory while the stages before
+    assemble run (pipeline/spool.py), unless the output is already written; the spool's directory
+    is removed when the conversion succeeds, kept for the rerun otherwise."""
+    done = _finished("assemble", manifest.get("stages", {}).get("assemble"), keys["assemble"])
+    running = None if done else spool.start(run.path, ckpt, plan)
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        spool.stop(running, run.path, finished or done)
 
 
 def _scheduler(opts: Options, budget, log) -> Scheduler:

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import os
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,6 +48,73 @@ def measured(cmd: list[str], env: dict, disk: list[Path]) -> dict:
 def convert_cmd(source, out: Path, limit: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "convert", str(source), "-o", str(out), "--no-progress",
             "--memory-limit", limit, *extra]
+
+
+class Timeline:
+    """Every `interval` s while a conversion runs: the bytes the server has sent, the stage the run
+    directory's manifest says is running and the CPU of this process's children (the conversion);
+    `summary()` gives per stage its seconds, bytes fetched, mean rate and CPU, and the seconds the
+    link idled between the first weight byte and the last."""
+
+    def __init__(self, server, run_dir: Path, interval: float = 0.5):
+        self.server, self.manifest, self.interval = server, run_dir / "manifest.json", interval
+        self.samples: list[tuple[float, int, str, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _stage(self, previous: str) -> str:
+        """The stage running, else the one before (between two stages: the end of the last)."""
+        try:
+            stages = json.loads(self.manifest.read_text())["stages"]
+        except (OSError, ValueError, KeyError):
+            return previous
+        running = [s for s in ("extract", "quantize", "pack", "assemble")
+                   if stages.get(s, {}).get("state") == "running"]
+        return running[0] if running else ("end" if stages.get("assemble", {}).get("state") == "done" else previous)
+
+    @staticmethod
+    def _cpu() -> float:
+        total = 0.0
+        for p in psutil.Process().children(recursive=True):
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self.stop.is_set():
+            cpu = max(self.samples[-1][3] if self.samples else 0.0, self._cpu())  # the child's, once it ends
+            stage = self._stage(self.samples[-1][2] if self.samples else "start")
+            self.samples.append((time.monotonic() - t0, self.server.sent(""), stage, cpu))
+            self.stop.wait(self.interval)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self, rate: float) -> str:
+        s = self.samples
+        moving = [i for i in range(1, len(s)) if s[i][1] - s[i - 1][1] > 0]
+        first, last = (moving[0], moving[-1]) if moving else (len(s), -1)
+        idle: dict[str, float] = {}  # per stage: seconds under a tenth of the rate, first to last byte
+        for i in range(max(first, 1), last + 1):
+            dt = s[i][0] - s[i - 1][0]
+            if s[i][1] - s[i - 1][1] < 0.1 * rate * dt:
+                idle[s[i][2]] = idle.get(s[i][2], 0.0) + dt
+        rows = []
+        for stage in ("start", "extract", "quantize", "pack", "assemble", "end"):
+            idx = [i for i, x in enumerate(s) if x[2] == stage]
+            if not idx:
+                continue
+            a, b = idx[0], min(idx[-1] + 1, len(s) - 1)
+            secs, got, cpu = s[b][0] - s[a][0], s[b][1] - s[a][1], s[b][3] - s[a][3]
+            rows.append(f"{stage} {secs:.1f} s: {got / GiB:.2f} GiB at {got / max(secs, 1e-9) / MB:.0f} MB/s, "
+                        f"CPU {cpu:.1f} s, link idle {idle.get(stage, 0.0):.1f} s")
+        return "; ".join(rows) + f"; link idle {sum(idle.values()):.1f} s between the first and the last byte"
 
 
 def stage_times(stderr: str) -> str:
@@ -92,13 +164,18 @@ def main(argv=None) -> int:
         out = args.workdir / "remote" / "remote.gguf"  # a directory of its own: output, temporary, run dir
         out.parent.mkdir()
         run_dir = Path(str(out) + ".work")
-        r = measured(convert_cmd(server.dir_url, out, args.limit, *extra), env, [out.parent, tmp])
+        timeline = Timeline(server, run_dir)
+        try:
+            r = measured(convert_cmd(server.dir_url, out, args.limit, *extra), env, [out.parent, tmp])
+        finally:
+            timeline.close()
         fetched = server.sent("")
         bare = fetched / rate
         output = out.stat().st_size
         print(line("remote", r, f" ({r['disk_peak'] / output:.2f}x the output, {output / GiB:.2f} GiB)")
               + f"\n  fetched {fetched / GiB:.2f} GiB ({fetched / size:.2f}x the checkpoint), bare transfer "
-              f"{bare:.1f} s: ratio {r['seconds'] / bare:.2f}\n  stages: {stage_times(r['stderr'])}", flush=True)
+              f"{bare:.1f} s: ratio {r['seconds'] / bare:.2f}\n  stages: {stage_times(r['stderr'])}"
+              f"\n  timeline: {timeline.summary(rate)}", flush=True)
         shutil.rmtree(run_dir)
         if args.skip_download:
             return 0

@@ -6,7 +6,8 @@ call (revision info, tree listing, `resolve/REV/FILE`), with HF_ENDPOINT pointed
 are injected per request into weight reads (.safetensors GETs past the header): 500s,
 connection resets, truncated bodies, a slow first byte; `throttle` caps the bytes per second;
 `etags` changes a file's version without changing its bytes; `token` requires a bearer token.
-Every request is logged (method, path, range, bytes sent) for the tests to count.
+Every request is logged (method, path, range, bytes sent, when it began and ended) for the tests to
+count and order.
 """
 from __future__ import annotations
 
@@ -117,9 +118,14 @@ def _handler(server: CheckpointServer):
             self._record(self.command, self.path, None, 0, status)
 
         def _record(self, method, path, rng, sent, status=200):
-            with server.lock:
+            with server.lock:  # begun/ended: monotonic times of the request's first line and its last byte
                 server.log.append({"method": method, "path": urlsplit(path).path, "range": rng, "sent": sent,
-                                   "status": status, "auth": self.headers.get("Authorization")})
+                                   "status": status, "auth": self.headers.get("Authorization"),
+                                   "begun": getattr(self, "begun", None), "ended": time.monotonic()})
+
+        def parse_request(self):
+            self.begun = time.monotonic()
+            return super().parse_request()
 
         def _serve(self, head: bool):
             path = urlsplit(self.path).path
