@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pipeline import portable
 from pipeline.errors import RunDirError
-from pipeline.safe_files import create_exclusive, open_no_link
+from pipeline.safe_files import open_no_link, write_whole
 from pipeline.stores import DamagedStore, check_store, chunk_records, refs_path, remove_tree, seal_digests
 
 STAGES = ("extract", "quantize", "pack", "assemble")
@@ -143,12 +143,7 @@ def write_json_atomic(path: Path, data, readable: bool = False) -> None:
     checksum records and reference set of a model of many tensors was a tenth of a conversion."""
     text = json.dumps(data, indent=2 if readable else None, separators=None if readable else (",", ":"),
                       sort_keys=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with create_exclusive(tmp, "w") as f:  # never through a link planted at the temporary name
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_whole(path, text, fsync=True, suffix=".tmp")
 
 
 # a run directory's own names for one output of several: pack-<tag>.zarr and its files, plan-<tag>.json

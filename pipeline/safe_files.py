@@ -57,6 +57,26 @@ def removed_if_unfinished(tmp):
         raise
 
 
+def write_whole(target, data, fsync: bool = False, suffix: str = ".partial") -> None:
+    """`data` at `target`, whole or not at all: written to a temporary name beside it (`target` +
+    `suffix`, created anew by create_exclusive, never through a link), then renamed over `target`;
+    whatever stops it removes the temporary file (removed_if_unfinished). `data`: bytes, a
+    memoryview or text, or a function that makes the temporary file at the path it is given (a
+    hard link, a copy). `fsync`: the bytes reach the disk before the rename (run directory records)."""
+    target = os.fspath(target)
+    tmp = target + suffix
+    with removed_if_unfinished(tmp):
+        if callable(data):
+            data(tmp)
+        else:
+            with create_exclusive(tmp, "w" if isinstance(data, str) else "wb") as f:
+                f.write(data)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+
 def open_no_link(path: Path, flags: int) -> int:
     """A descriptor of the regular file at `path` (created if `flags` has O_CREAT); a link, a
     directory or a special file at that name is refused, never opened through."""

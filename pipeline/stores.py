@@ -16,6 +16,7 @@ that zarr itself opens it with data.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import json
 import math
@@ -30,7 +31,7 @@ import zarr
 from pipeline import portable, remote
 from pipeline.codecs import CODECS, encode_floats
 from pipeline.errors import CheckpointError, RunDirError
-from pipeline.safe_files import create_exclusive, removed_if_unfinished
+from pipeline.safe_files import create_exclusive, write_whole
 from zarr.codecs import BloscCodec
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -187,12 +188,8 @@ def write_array_metadata(group: zarr.Group, name: str, shape, chunks, dtype, att
     meta["attributes"] = attrs
     directory = os.path.join(str(group.store_path.store.root), group.path, name)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, "zarr.json.partial")
     text = json.dumps(meta, separators=(",", ":"))  # C-encoded; with indent=2 json encodes in pure Python
-    with removed_if_unfinished(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(directory, "zarr.json"))
+    write_whole(os.path.join(directory, "zarr.json"), text)
     return _array_from_data(group.store_path.store, member_path(group, name), json.loads(text))
 
 
@@ -305,9 +302,10 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
     own writes (a temporary name, then a rename)."""
     source, target = chunk_path(src, index), chunk_path(dst, index)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".partial")
-    tmp.unlink(missing_ok=True)
-    with removed_if_unfinished(tmp):
+
+    def make(tmp: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         try:
             os.link(source, tmp)
         except OSError:
@@ -318,7 +316,8 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
         # a link an interrupted run made (no record yet) is the same file as tmp, and rename()
         # between two links of one file does nothing, leaving tmp behind: remove it first
         target.unlink(missing_ok=True)
-        os.replace(tmp, target)
+
+    write_whole(target, make)
     record_chunk(dst, index)
 
 
@@ -578,16 +577,18 @@ def write_refs(store: Path, names) -> None:
     the number of tensors. Compact JSON, each entry encoded by json's C encoder."""
     store = Path(store).resolve()
     path = refs_path(store)
-    tmp = path.with_name(path.name + ".tmp")
-    with create_exclusive(tmp, "w") as f:  # never through a link planted at the temporary name
-        f.write('{"version":1,"refs":{"zarr.json":' + json.dumps((store / "zarr.json").read_text()))
-        for name in sorted(set(names)):
-            for key, value in _array_refs(store, name):
-                f.write(f",{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}")
-        f.write("}}")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    def make(tmp: str) -> None:  # written as it goes: the entries of every array are never held together
+        with create_exclusive(tmp, "w") as f:  # never through a link planted at the temporary name
+            f.write('{"version":1,"refs":{"zarr.json":' + json.dumps((store / "zarr.json").read_text()))
+            for name in sorted(set(names)):
+                for key, value in _array_refs(store, name):
+                    f.write(f",{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}")
+            f.write("}}")
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_whole(path, make, suffix=".tmp")
 
 
 def _array_refs(store: Path, name: str):
@@ -630,11 +631,7 @@ def write_padded_tail(array_dir: Path, ref: dict, arr: zarr.Array, index: int) -
     # unchecked: extract writes the reference set before its pass records the digests; the
     # stages never read this copy
     read_source(ref, index * nbytes, buf[:have], check=False)
-    tmp = path.with_name(name + ".partial")
-    with removed_if_unfinished(tmp):
-        with create_exclusive(tmp) as f:  # never through a link planted at the name
-            f.write(buf.tobytes())
-        os.replace(tmp, path)
+    write_whole(path, memoryview(buf))
     return name
 
 
@@ -699,11 +696,7 @@ def record_content(content: dict, index: int, data: np.ndarray) -> None:
     """Record the digests of chunk `index` of the referenced tensor, whose bytes extract read."""
     record = Path(content["records"]) / str(index)
     record.parent.mkdir(exist_ok=True)
-    tmp = record.with_name(record.name + ".partial")
-    with removed_if_unfinished(tmp):
-        with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
-            f.write(json.dumps({"nbytes": int(data.nbytes), "xxh3": chunk_content_digests(content, data)}))
-        os.replace(tmp, record)
+    write_whole(record, json.dumps({"nbytes": int(data.nbytes), "xxh3": chunk_content_digests(content, data)}))
 
 
 def content_recorded(content: dict | None) -> set[int]:
@@ -809,11 +802,7 @@ def record_chunk(arr: zarr.Array, index: int, content: memoryview | None = None)
         import xxhash
 
         entry = [content.nbytes, xxhash.xxh3_64(content).hexdigest()]
-    tmp = record.with_name(record.name + ".partial")
-    with removed_if_unfinished(tmp):
-        with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
-            f.write(json.dumps(entry))
-        os.replace(tmp, record)
+    write_whole(record, json.dumps(entry))
 
 
 def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
@@ -840,11 +829,7 @@ def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
         content = memoryview(block.reshape(-1).view(np.uint8))
         target = chunk_path(arr, index)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".partial")
-        with removed_if_unfinished(tmp):
-            with create_exclusive(tmp) as f:
-                f.write(content)
-            os.replace(tmp, target)
+        write_whole(target, content)
         record_chunk(arr, index, content)
 
 
