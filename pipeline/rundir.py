@@ -335,10 +335,19 @@ class RunDir:
 
     def stores_size(self) -> int:
         """Bytes held by the stores on disk."""
-        # os.walk, not rglob: a store of many tensors holds hundreds of thousands of files
-        return sum(os.path.getsize(os.path.join(root, f)) for store in self._stores() if store.is_dir()
-                   for root, _, files in os.walk(store) for f in files
-                   if os.path.isfile(os.path.join(root, f)))
+        # a scandir walk, not rglob or isfile + getsize: a store of many tensors holds hundreds of
+        # thousands of files, and each costs one stat here (links to files counted, as before)
+        total = 0
+        for store in self._stores():
+            pending = [str(store)] if store.is_dir() else []
+            while pending:
+                with os.scandir(pending.pop()) as entries:
+                    for e in entries:
+                        if e.is_dir(follow_symlinks=False):
+                            pending.append(e.path)
+                        elif e.is_file():
+                            total += e.stat().st_size
+        return total
 
     def has_stores(self) -> bool:
         return any(store.exists() for store in self._stores())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import json
 import math
 import os
@@ -78,15 +77,34 @@ def _array_from_data(store: zarr.storage.LocalStore, path: str, data: dict) -> z
     from zarr.storage import StorePath
 
     layout, pipeline, config = _layout(data)
-    metadata = copy.copy(layout)  # this array's own attributes (a fresh dict: nothing zarr could change is shared)
+    # this array's own attributes (a fresh dict: nothing zarr could change is shared); copy.copy of
+    # the frozen dataclass, without copy's generic path
+    metadata = object.__new__(type(layout))
+    metadata.__dict__.update(layout.__dict__)
     attributes = data.get("attributes")
     object.__setattr__(metadata, "attributes", attributes if attributes is not None else {})
     arr = AsyncArray.__new__(AsyncArray)  # the four fields AsyncArray.__init__ sets, already parsed
     object.__setattr__(arr, "metadata", metadata)
-    object.__setattr__(arr, "store_path", StorePath(store, path))
+    store_path = StorePath.__new__(StorePath)  # StorePath(store, path), its path normalized only if it needs it
+    store_path.store, store_path.path = store, path if _normal_path(path) else _normalize_path(path)
+    object.__setattr__(arr, "store_path", store_path)
     object.__setattr__(arr, "config", config)
     object.__setattr__(arr, "codec_pipeline", pipeline)
     return zarr.Array(arr)
+
+
+def _normal_path(path: str) -> bool:
+    """Whether zarr's normalize_path would give `path` back unchanged."""
+    if not path:
+        return True
+    parts = path.split("/")
+    return "\\" not in path and "" not in parts and "." not in parts and ".." not in parts
+
+
+def _normalize_path(path: str) -> str:
+    from zarr.storage._utils import normalize_path
+
+    return normalize_path(path)
 
 
 # Parsed layouts (a zarr.json without its attributes): zarr's parsing was most of the cost of
@@ -134,7 +152,7 @@ def get_array(group: zarr.Group, name: str) -> zarr.Array:
 
 def has_member(group: zarr.Group, name: str) -> bool:
     """`name in group` for a zarr v3 local store (a member is a directory with a zarr.json)."""
-    return (Path(str(group.store_path.store.root)) / member_path(group, name) / "zarr.json").is_file()
+    return os.path.isfile(os.path.join(str(group.store_path.store.root), member_path(group, name), "zarr.json"))
 
 
 def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], rows_per_chunk: int,
@@ -284,8 +302,13 @@ def is_raw(arr: zarr.Array) -> bool:
 
 def chunk_path(arr: zarr.Array, index: int) -> Path:
     """Path of row-chunk `index` of an array in a local store."""
+    return Path(chunk_file(arr, index))
+
+
+def chunk_file(arr: zarr.Array, index: int) -> str:
+    """chunk_path as text (no Path objects: made for every chunk written)."""
     key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
-    return Path(str(arr.store_path.store.root)) / arr.path / key
+    return os.path.join(str(arr.store_path.store.root), arr.path, key)
 
 
 def chunk_nbytes(arr: zarr.Array) -> int:
@@ -694,9 +717,8 @@ def chunk_content_digests(content: dict, data: np.ndarray) -> list[str]:
 
 def record_content(content: dict, index: int, data: np.ndarray) -> None:
     """Record the digests of chunk `index` of the referenced tensor, whose bytes extract read."""
-    record = Path(content["records"]) / str(index)
-    record.parent.mkdir(exist_ok=True)
-    write_whole(record, json.dumps({"nbytes": int(data.nbytes), "xxh3": chunk_content_digests(content, data)}))
+    write_whole(os.path.join(content["records"], str(index)),
+                json.dumps({"nbytes": int(data.nbytes), "xxh3": chunk_content_digests(content, data)}), parents=True)
 
 
 def content_recorded(content: dict | None) -> set[int]:
@@ -787,22 +809,24 @@ DIGESTS = "digests"
 
 def digest_path(arr: zarr.Array, index: int) -> Path:
     """Where the record of row-chunk `index` of an array lives."""
-    return Path(str(arr.store_path.store.root)) / arr.path / DIGESTS / str(index)
+    return Path(digest_file(arr, index))
+
+
+def digest_file(arr: zarr.Array, index: int) -> str:
+    """digest_path as text."""
+    return os.path.join(str(arr.store_path.store.root), arr.path, DIGESTS, str(index))
 
 
 def record_chunk(arr: zarr.Array, index: int, content: memoryview | None = None) -> None:
     """Record row-chunk `index` of `arr` as just written: [size, xxh3 digest] of its chunk file
     (`content`: the bytes just written to it, hashed instead of reading the file back)."""
-    path = chunk_path(arr, index)
-    record = digest_path(arr, index)
-    record.parent.mkdir(exist_ok=True)
     if content is None:
-        entry = [path.stat().st_size, file_digest(path)]
+        entry = sized_digest(chunk_file(arr, index))
     else:
         import xxhash
 
         entry = [content.nbytes, xxhash.xxh3_64(content).hexdigest()]
-    write_whole(record, json.dumps(entry))
+    write_whole(digest_file(arr, index), json.dumps(entry), parents=True)
 
 
 def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
@@ -827,9 +851,7 @@ def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
             full[:block.shape[0]] = block
             block = full
         content = memoryview(block.reshape(-1).view(np.uint8))
-        target = chunk_path(arr, index)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_whole(target, content)
+        write_whole(chunk_file(arr, index), content, parents=True)
         record_chunk(arr, index, content)
 
 
