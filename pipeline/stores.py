@@ -60,10 +60,17 @@ def _array_from_json(store: zarr.storage.LocalStore, path: str) -> zarr.Array | 
     millisecond per array, which adds up over the hundreds of thousands of arrays the stages of a
     model with many experts open. None when there is no array's zarr.json there (a group, a
     damaged or missing file): the caller asks zarr, which says what is wrong as it always has."""
-    meta = os.path.join(str(store.root), path, "zarr.json")
     try:
-        with open(meta, "rb") as f:
-            data = json.loads(f.read())
+        with open(os.path.join(str(store.root), path, "zarr.json"), "rb") as f:
+            return _array_from_text(store, path, f.read())
+    except Exception:  # noqa: BLE001 - unreadable: let zarr refuse it, in its words
+        return None
+
+
+def _array_from_text(store: zarr.storage.LocalStore, path: str, text) -> zarr.Array | None:
+    """The array at `path` whose zarr.json is `text` (read already); None as _array_from_json."""
+    try:
+        data = json.loads(text)
         if not isinstance(data, dict) or data.get("node_type") != "array" or data.get("zarr_format") != 3:
             return None
         return _array_from_data(store, path, data)
@@ -604,8 +611,9 @@ def write_refs(store: Path, names) -> None:
     def make(tmp: str) -> None:  # written as it goes: the entries of every array are never held together
         with create_exclusive(tmp, "w") as f:  # never through a link planted at the temporary name
             f.write('{"version":1,"refs":{"zarr.json":' + json.dumps((store / "zarr.json").read_text()))
+            zstore = local_store(store, "r")
             for name in sorted(set(names)):
-                for key, value in _array_refs(store, name):
+                for key, value in _array_refs(store, name, zstore):
                     f.write(f",{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}")
             f.write("}}")
             f.flush()
@@ -614,10 +622,11 @@ def write_refs(store: Path, names) -> None:
     write_whole(path, make, suffix=".tmp")
 
 
-def _array_refs(store: Path, name: str):
-    """The reference entries (key, value) of the array `name` of `store` (see write_refs)."""
+def _array_refs(store: Path, name: str, zstore: zarr.storage.LocalStore):
+    """The reference entries (key, value) of the array `name` of `store` (see write_refs; `zstore`:
+    the store opened once for every array). Its zarr.json is read once, for the entry and the array."""
     text = (store / name / "zarr.json").read_text(encoding="utf-8")
-    arr = _array_from_json(local_store(store, "r"), name)
+    arr = _array_from_text(zstore, name, text)
     arr = arr if arr is not None else open_store(store, "r")[name]
     yield f"{name}/zarr.json", text
     ref = source_ref(arr)
