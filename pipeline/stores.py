@@ -283,14 +283,14 @@ def written_chunks(arr: zarr.Array) -> set[int]:
     checkpoint)."""
     if is_indexed(arr):
         return set(range(-(-arr.shape[0] // arr.chunks[0]) if arr.shape and arr.shape[0] else 0))
-    base = Path(str(arr.store_path.store.root)) / arr.path
-    root, records = base / "c", base / DIGESTS
-    if not root.is_dir() or not records.is_dir():
+    base = os.path.join(str(arr.store_path.store.root), arr.path)  # text paths: asked for every array of a stage
+    root, records = os.path.join(base, "c"), os.path.join(base, DIGESTS)
+    if not os.path.isdir(root) or not os.path.isdir(records):
         return set()
-    recorded = {int(p.name) for p in records.iterdir() if p.name.isdigit()}
-    if arr.ndim == 1:
-        return {int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_file()} & recorded
-    return {int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "0").is_file()} & recorded
+    recorded = {int(n) for n in os.listdir(records) if n.isdigit()}
+    inner = "" if arr.ndim == 1 else "0"  # c/<i>, or c/<i>/0 for a matrix
+    return {int(n) for n in os.listdir(root) if n.isdigit() and int(n) in recorded
+            and os.path.isfile(os.path.join(root, n, inner) if inner else os.path.join(root, n))}
 
 
 # -- chunk files -------------------------------------------------------------------------------------
