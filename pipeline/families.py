@@ -585,7 +585,9 @@ class Recipe:
     source_shape: tuple[int, ...] | None = None  # the checkpoint's shape when it is not the GGUF's
 
     def as_json(self) -> dict:
-        return dataclasses.asdict(self)
+        # what dataclasses.asdict gives (every field is a number, text, None or a tuple of numbers),
+        # without its recursive deep copy: asked several times a tensor by every stage
+        return {name: getattr(self, name) for name in _RECIPE_FIELDS}
 
     @classmethod
     def from_json(cls, data: dict) -> "Recipe":
@@ -601,6 +603,9 @@ class Recipe:
     @property
     def packed(self) -> bool:
         return self.weights == PACKED
+
+
+_RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
 
 
 @dataclasses.dataclass(frozen=True)

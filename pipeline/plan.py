@@ -14,6 +14,7 @@ the stages import them from here.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -381,6 +382,23 @@ def plan_parts(infos: list[TensorInfo], max_size: int, max_tensors: int) -> list
 
 
 
+def _plain(value):
+    """dataclasses.asdict of the plan's values (dataclasses of numbers, text, lists, tuples and dicts
+    of them), without its generic deep copy of every leaf: a model of many tensors has tens of
+    thousands of records, written once and compared once."""
+    if isinstance(value, (str, int, float, type(None))):
+        return value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
+    return copy.deepcopy(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorRecord:
     name: str
@@ -461,7 +479,7 @@ class Plan:
 
     def as_json(self) -> dict:
         types = self.output_types()
-        return {**dataclasses.asdict(self), "output_bytes": self.output_bytes, "run_dir_bytes": self.run_dir_bytes,
+        return {**_plain(self), "output_bytes": self.output_bytes, "run_dir_bytes": self.run_dir_bytes,
                 "runtimes": file_runtimes(types),
                 "traps": [*(trap for t in types for trap in t.traps), *self.arch_traps]}
 

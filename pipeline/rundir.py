@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pipeline import portable
 from pipeline.errors import RunDirError
-from pipeline.safe_files import create_exclusive, open_no_link
+from pipeline.safe_files import open_no_link, write_whole
 from pipeline.spool import SPOOL_DIR
 from pipeline.stores import DamagedStore, check_store, chunk_records, refs_path, remove_tree, seal_digests
 
@@ -144,12 +144,7 @@ def write_json_atomic(path: Path, data, readable: bool = False) -> None:
     checksum records and reference set of a model of many tensors was a tenth of a conversion."""
     text = json.dumps(data, indent=2 if readable else None, separators=None if readable else (",", ":"),
                       sort_keys=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with create_exclusive(tmp, "w") as f:  # never through a link planted at the temporary name
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_whole(path, text, fsync=True, suffix=".tmp")
 
 
 # a run directory's own names for one output of several: pack-<tag>.zarr and its files, plan-<tag>.json
@@ -341,10 +336,19 @@ class RunDir:
 
     def stores_size(self) -> int:
         """Bytes held by the stores on disk."""
-        # os.walk, not rglob: a store of many tensors holds hundreds of thousands of files
-        return sum(os.path.getsize(os.path.join(root, f)) for store in self._stores() if store.is_dir()
-                   for root, _, files in os.walk(store) for f in files
-                   if os.path.isfile(os.path.join(root, f)))
+        # a scandir walk, not rglob or isfile + getsize: a store of many tensors holds hundreds of
+        # thousands of files, and each costs one stat here (links to files counted, as before)
+        total = 0
+        for store in self._stores():
+            pending = [str(store)] if store.is_dir() else []
+            while pending:
+                with os.scandir(pending.pop()) as entries:
+                    for e in entries:
+                        if e.is_dir(follow_symlinks=False):
+                            pending.append(e.path)
+                        elif e.is_file():
+                            total += e.stat().st_size
+        return total
 
     def has_stores(self) -> bool:
         return any(store.exists() for store in self._stores())

@@ -2,9 +2,9 @@
 
 The run directory and the output's directory are places other processes can write to.
 A temporary file is therefore always created anew and exclusively (O_CREAT | O_EXCL |
-O_NOFOLLOW): whatever was at its name is removed first (a link is removed, never
-followed), and if something appears there again before the creation, the creation
-fails instead of writing through it. A file that is kept (the lock) is opened without
+O_NOFOLLOW): whatever is found at its name is removed (a link is removed, never
+followed) and the creation tried again, and if something appears there again before it,
+the creation fails instead of writing through it. A file that is kept (the lock) is opened without
 following a link at its name.
 
 A file an option names (--metadata, --kernel-config, --config) is read by `read_option_file`:
@@ -26,19 +26,18 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 def create_exclusive(path: Path, mode: str = "wb"):
     """A new, empty regular file at `path`, opened for writing (`mode` "wb" or "w")."""
-    path = Path(path)
     for _ in range(3):
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except (IsADirectoryError, PermissionError) as e:
-            raise RunDirError(f"{path}: cannot replace what is there ({e.strerror}); it is not a file of ours: "
-                              "remove it or choose another place") from None
-        try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
-        except FileExistsError:
-            continue  # someone put something there again: remove it and try once more
+        except FileExistsError:  # something is there (a file, a link, a directory): remove it and try again
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except (IsADirectoryError, PermissionError) as e:
+                raise RunDirError(f"{path}: cannot replace what is there ({e.strerror}); it is not a file of ours: "
+                                  "remove it or choose another place") from None
+            continue
         return os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {}))
     raise RunDirError(f"{path}: another process keeps creating this file; make sure nothing else writes "
                       "in this directory")
@@ -55,6 +54,37 @@ def removed_if_unfinished(tmp):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_whole(target, data, fsync: bool = False, suffix: str = ".partial", parents: bool = False) -> None:
+    """`data` at `target`, whole or not at all: written to a temporary name beside it (`target` +
+    `suffix`, created anew by create_exclusive, never through a link), then renamed over `target`;
+    whatever stops it removes the temporary file (removed_if_unfinished). `data`: bytes, a
+    memoryview or text, or a function that makes the temporary file at the path it is given (a
+    hard link, a copy). `fsync`: the bytes reach the disk before the rename (run directory records).
+    `parents`: the directories above `target` are made if they are missing (found by the creation
+    failing, not asked first: a store's tens of thousands of small files are mostly in directories
+    that exist, and a mkdir or stat for each cost more than the write)."""
+    target = os.fspath(target)
+    tmp = target + suffix
+    with removed_if_unfinished(tmp):
+        if callable(data):
+            data(tmp)
+        else:
+            mode = "w" if isinstance(data, str) else "wb"
+            try:
+                f = create_exclusive(tmp, mode)
+            except FileNotFoundError:
+                if not parents:
+                    raise
+                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                f = create_exclusive(tmp, mode)
+            with f:
+                f.write(data)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+        os.replace(tmp, target)
 
 
 def open_no_link(path: Path, flags: int) -> int:

@@ -9,6 +9,7 @@ continues."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import socket
 import struct
@@ -45,12 +46,43 @@ class ChunkTask:
     model with many experts made a stage's peak grow with the number of tensors)."""
     func: Callable
     args: tuple
-    # unique (a shared cluster must never take one conversion's chunk for another's), and the same
-    # each time the task is made, so start_order's dask.order agrees with the run's
-    key: str = dataclasses.field(default_factory=lambda: f"chunk-{uuid.uuid4().hex}")
+    # unique (a shared cluster must never take one conversion's chunk for another's: this process's
+    # random tag and a count), and the same each time the task is made, so start_order's dask.order
+    # agrees with the run's
+    key: str = dataclasses.field(default_factory=lambda: f"chunk-{_PROCESS_TAG}-{next(_COUNT)}")
+
+    def node(self):
+        """The dask task (threaded scheduler): the call as one argument dask does not look into."""
+        from dask._task_spec import Task
+
+        return Task(self.key, _call, _Call(self.func, self.args))
 
     def delayed(self):
-        return dask.delayed(self.func, pure=False)(*self.args, dask_key_name=self.key)
+        return dask.delayed(_call, pure=False)(_Call(self.func, self.args), dask_key_name=self.key)
+
+
+_PROCESS_TAG = uuid.uuid4().hex
+_COUNT = itertools.count()
+
+
+class _Call:
+    """A chunk task's function and arguments, handed to dask as one object: dask walks every
+    argument of a task it is given (lists, tuples, dicts, dataclasses) looking for other tasks,
+    which for thousands of chunk tasks of plain arguments was a tenth of a stage's time."""
+    __slots__ = ("func", "args")
+
+    def __init__(self, func: Callable, args: tuple):
+        self.func, self.args = func, args
+
+    def __getstate__(self):
+        return self.func, self.args
+
+    def __setstate__(self, state):
+        self.func, self.args = state
+
+
+def _call(call: _Call):
+    return call.func(*call.args)
 
 
 def run_reading_ahead(ctx, tasks: list, ahead: list, name: str) -> None:
@@ -77,12 +109,9 @@ def start_order(tasks: Sequence[ChunkTask]) -> list[int]:
     out: list[int] = []
     for first in range(0, len(tasks), THREADED_BATCH):
         batch = range(first, min(first + THREADED_BATCH, len(tasks)))
-        made = {i: tasks[i].delayed() for i in batch}
-        graph: dict = {}
-        for d in made.values():
-            graph.update(dict(d.__dask_graph__()))
+        graph = {tasks[i].key: tasks[i].node() for i in batch}
         priority = order(graph)
-        out += sorted(batch, key=lambda i: priority[made[i].key])
+        out += sorted(batch, key=lambda i: priority[tasks[i].key])
     return out
 
 
@@ -191,15 +220,15 @@ class Scheduler:
             return []
         with self.bar(len(tasks), desc) as bar:
             if self.client is None:
-                # the threaded scheduler's function, not its name: given a name, dask imports
-                # distributed to look for a client (over a second at every start). In batches:
-                # dask's bookkeeping for one graph of every task grows with the number of tensors
-                # (tens of thousands for a model with many experts), a batch's does not
+                # the threaded scheduler's own function on a graph of independent tasks (dask.compute
+                # of delayed objects would cull and optimize each one's graph first, a millisecond a
+                # chunk). In batches: dask's bookkeeping for one graph of every task grows with the
+                # number of tensors (tens of thousands for a model with many experts), a batch's does not
                 results = []
                 for first in range(0, len(tasks), THREADED_BATCH):
-                    batch = [t.delayed() for t in tasks[first:first + THREADED_BATCH]]
-                    with _TaskProgress({t.key for t in batch}, bar):
-                        results += dask.compute(*batch, scheduler=dask.threaded.get, num_workers=self.workers)
+                    graph = {t.key: t.node() for t in tasks[first:first + THREADED_BATCH]}
+                    with _TaskProgress(set(graph), bar):
+                        results += dask.threaded.get(graph, list(graph), num_workers=self.workers)
                 return results
             return self._run_distributed(tasks, bar)
 

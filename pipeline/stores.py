@@ -16,7 +16,7 @@ that zarr itself opens it with data.
 from __future__ import annotations
 
 import collections
-import copy
+import contextlib
 import json
 import math
 import os
@@ -30,7 +30,7 @@ import zarr
 from pipeline import portable, remote
 from pipeline.codecs import CODECS, encode_floats
 from pipeline.errors import CheckpointError, RunDirError
-from pipeline.safe_files import create_exclusive, removed_if_unfinished
+from pipeline.safe_files import create_exclusive, write_whole
 from zarr.codecs import BloscCodec
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -60,10 +60,17 @@ def _array_from_json(store: zarr.storage.LocalStore, path: str) -> zarr.Array | 
     millisecond per array, which adds up over the hundreds of thousands of arrays the stages of a
     model with many experts open. None when there is no array's zarr.json there (a group, a
     damaged or missing file): the caller asks zarr, which says what is wrong as it always has."""
-    meta = os.path.join(str(store.root), path, "zarr.json")
     try:
-        with open(meta, "rb") as f:
-            data = json.loads(f.read())
+        with open(os.path.join(str(store.root), path, "zarr.json"), "rb") as f:
+            return _array_from_text(store, path, f.read())
+    except Exception:  # noqa: BLE001 - unreadable: let zarr refuse it, in its words
+        return None
+
+
+def _array_from_text(store: zarr.storage.LocalStore, path: str, text) -> zarr.Array | None:
+    """The array at `path` whose zarr.json is `text` (read already); None as _array_from_json."""
+    try:
+        data = json.loads(text)
         if not isinstance(data, dict) or data.get("node_type") != "array" or data.get("zarr_format") != 3:
             return None
         return _array_from_data(store, path, data)
@@ -77,15 +84,34 @@ def _array_from_data(store: zarr.storage.LocalStore, path: str, data: dict) -> z
     from zarr.storage import StorePath
 
     layout, pipeline, config = _layout(data)
-    metadata = copy.copy(layout)  # this array's own attributes (a fresh dict: nothing zarr could change is shared)
+    # this array's own attributes (a fresh dict: nothing zarr could change is shared); copy.copy of
+    # the frozen dataclass, without copy's generic path
+    metadata = object.__new__(type(layout))
+    metadata.__dict__.update(layout.__dict__)
     attributes = data.get("attributes")
     object.__setattr__(metadata, "attributes", attributes if attributes is not None else {})
     arr = AsyncArray.__new__(AsyncArray)  # the four fields AsyncArray.__init__ sets, already parsed
     object.__setattr__(arr, "metadata", metadata)
-    object.__setattr__(arr, "store_path", StorePath(store, path))
+    store_path = StorePath.__new__(StorePath)  # StorePath(store, path), its path normalized only if it needs it
+    store_path.store, store_path.path = store, path if _normal_path(path) else _normalize_path(path)
+    object.__setattr__(arr, "store_path", store_path)
     object.__setattr__(arr, "config", config)
     object.__setattr__(arr, "codec_pipeline", pipeline)
     return zarr.Array(arr)
+
+
+def _normal_path(path: str) -> bool:
+    """Whether zarr's normalize_path would give `path` back unchanged."""
+    if not path:
+        return True
+    parts = path.split("/")
+    return "\\" not in path and "" not in parts and "." not in parts and ".." not in parts
+
+
+def _normalize_path(path: str) -> str:
+    from zarr.storage._utils import normalize_path
+
+    return normalize_path(path)
 
 
 # Parsed layouts (a zarr.json without its attributes): zarr's parsing was most of the cost of
@@ -133,7 +159,7 @@ def get_array(group: zarr.Group, name: str) -> zarr.Array:
 
 def has_member(group: zarr.Group, name: str) -> bool:
     """`name in group` for a zarr v3 local store (a member is a directory with a zarr.json)."""
-    return (Path(str(group.store_path.store.root)) / member_path(group, name) / "zarr.json").is_file()
+    return os.path.isfile(os.path.join(str(group.store_path.store.root), member_path(group, name), "zarr.json"))
 
 
 def ensure_array(group: zarr.Group, name: str, shape: tuple[int, ...], rows_per_chunk: int,
@@ -187,12 +213,8 @@ def write_array_metadata(group: zarr.Group, name: str, shape, chunks, dtype, att
     meta["attributes"] = attrs
     directory = os.path.join(str(group.store_path.store.root), group.path, name)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, "zarr.json.partial")
     text = json.dumps(meta, separators=(",", ":"))  # C-encoded; with indent=2 json encodes in pure Python
-    with removed_if_unfinished(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(directory, "zarr.json"))
+    write_whole(os.path.join(directory, "zarr.json"), text)
     return _array_from_data(group.store_path.store, member_path(group, name), json.loads(text))
 
 
@@ -261,14 +283,14 @@ def written_chunks(arr: zarr.Array) -> set[int]:
     checkpoint)."""
     if is_indexed(arr):
         return set(range(-(-arr.shape[0] // arr.chunks[0]) if arr.shape and arr.shape[0] else 0))
-    base = Path(str(arr.store_path.store.root)) / arr.path
-    root, records = base / "c", base / DIGESTS
-    if not root.is_dir() or not records.is_dir():
+    base = os.path.join(str(arr.store_path.store.root), arr.path)  # text paths: asked for every array of a stage
+    root, records = os.path.join(base, "c"), os.path.join(base, DIGESTS)
+    if not os.path.isdir(root) or not os.path.isdir(records):
         return set()
-    recorded = {int(p.name) for p in records.iterdir() if p.name.isdigit()}
-    if arr.ndim == 1:
-        return {int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_file()} & recorded
-    return {int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "0").is_file()} & recorded
+    recorded = {int(n) for n in os.listdir(records) if n.isdigit()}
+    inner = "" if arr.ndim == 1 else "0"  # c/<i>, or c/<i>/0 for a matrix
+    return {int(n) for n in os.listdir(root) if n.isdigit() and int(n) in recorded
+            and os.path.isfile(os.path.join(root, n, inner) if inner else os.path.join(root, n))}
 
 
 # -- chunk files -------------------------------------------------------------------------------------
@@ -287,8 +309,13 @@ def is_raw(arr: zarr.Array) -> bool:
 
 def chunk_path(arr: zarr.Array, index: int) -> Path:
     """Path of row-chunk `index` of an array in a local store."""
+    return Path(chunk_file(arr, index))
+
+
+def chunk_file(arr: zarr.Array, index: int) -> str:
+    """chunk_path as text (no Path objects: made for every chunk written)."""
     key = arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
-    return Path(str(arr.store_path.store.root)) / arr.path / key
+    return os.path.join(str(arr.store_path.store.root), arr.path, key)
 
 
 def chunk_nbytes(arr: zarr.Array) -> int:
@@ -305,9 +332,10 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
     own writes (a temporary name, then a rename)."""
     source, target = chunk_path(src, index), chunk_path(dst, index)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".partial")
-    tmp.unlink(missing_ok=True)
-    with removed_if_unfinished(tmp):
+
+    def make(tmp: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         try:
             os.link(source, tmp)
         except OSError:
@@ -318,7 +346,8 @@ def link_chunk(src: zarr.Array, dst: zarr.Array, index: int) -> None:
         # a link an interrupted run made (no record yet) is the same file as tmp, and rename()
         # between two links of one file does nothing, leaving tmp behind: remove it first
         target.unlink(missing_ok=True)
-        os.replace(tmp, target)
+
+    write_whole(target, make)
     record_chunk(dst, index)
 
 
@@ -578,22 +607,26 @@ def write_refs(store: Path, names) -> None:
     the number of tensors. Compact JSON, each entry encoded by json's C encoder."""
     store = Path(store).resolve()
     path = refs_path(store)
-    tmp = path.with_name(path.name + ".tmp")
-    with create_exclusive(tmp, "w") as f:  # never through a link planted at the temporary name
-        f.write('{"version":1,"refs":{"zarr.json":' + json.dumps((store / "zarr.json").read_text()))
-        for name in sorted(set(names)):
-            for key, value in _array_refs(store, name):
-                f.write(f",{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}")
-        f.write("}}")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    def make(tmp: str) -> None:  # written as it goes: the entries of every array are never held together
+        with create_exclusive(tmp, "w") as f:  # never through a link planted at the temporary name
+            f.write('{"version":1,"refs":{"zarr.json":' + json.dumps((store / "zarr.json").read_text()))
+            zstore = local_store(store, "r")
+            for name in sorted(set(names)):
+                for key, value in _array_refs(store, name, zstore):
+                    f.write(f",{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}")
+            f.write("}}")
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_whole(path, make, suffix=".tmp")
 
 
-def _array_refs(store: Path, name: str):
-    """The reference entries (key, value) of the array `name` of `store` (see write_refs)."""
+def _array_refs(store: Path, name: str, zstore: zarr.storage.LocalStore):
+    """The reference entries (key, value) of the array `name` of `store` (see write_refs; `zstore`:
+    the store opened once for every array). Its zarr.json is read once, for the entry and the array."""
     text = (store / name / "zarr.json").read_text(encoding="utf-8")
-    arr = _array_from_json(local_store(store, "r"), name)
+    arr = _array_from_text(zstore, name, text)
     arr = arr if arr is not None else open_store(store, "r")[name]
     yield f"{name}/zarr.json", text
     ref = source_ref(arr)
@@ -630,11 +663,7 @@ def write_padded_tail(array_dir: Path, ref: dict, arr: zarr.Array, index: int) -
     # unchecked: extract writes the reference set before its pass records the digests; the
     # stages never read this copy
     read_source(ref, index * nbytes, buf[:have], check=False)
-    tmp = path.with_name(name + ".partial")
-    with removed_if_unfinished(tmp):
-        with create_exclusive(tmp) as f:  # never through a link planted at the name
-            f.write(buf.tobytes())
-        os.replace(tmp, path)
+    write_whole(path, memoryview(buf))
     return name
 
 
@@ -697,13 +726,8 @@ def chunk_content_digests(content: dict, data: np.ndarray) -> list[str]:
 
 def record_content(content: dict, index: int, data: np.ndarray) -> None:
     """Record the digests of chunk `index` of the referenced tensor, whose bytes extract read."""
-    record = Path(content["records"]) / str(index)
-    record.parent.mkdir(exist_ok=True)
-    tmp = record.with_name(record.name + ".partial")
-    with removed_if_unfinished(tmp):
-        with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
-            f.write(json.dumps({"nbytes": int(data.nbytes), "xxh3": chunk_content_digests(content, data)}))
-        os.replace(tmp, record)
+    write_whole(os.path.join(content["records"], str(index)),
+                json.dumps({"nbytes": int(data.nbytes), "xxh3": chunk_content_digests(content, data)}), parents=True)
 
 
 def content_recorded(content: dict | None) -> set[int]:
@@ -794,26 +818,24 @@ DIGESTS = "digests"
 
 def digest_path(arr: zarr.Array, index: int) -> Path:
     """Where the record of row-chunk `index` of an array lives."""
-    return Path(str(arr.store_path.store.root)) / arr.path / DIGESTS / str(index)
+    return Path(digest_file(arr, index))
+
+
+def digest_file(arr: zarr.Array, index: int) -> str:
+    """digest_path as text."""
+    return os.path.join(str(arr.store_path.store.root), arr.path, DIGESTS, str(index))
 
 
 def record_chunk(arr: zarr.Array, index: int, content: memoryview | None = None) -> None:
     """Record row-chunk `index` of `arr` as just written: [size, xxh3 digest] of its chunk file
     (`content`: the bytes just written to it, hashed instead of reading the file back)."""
-    path = chunk_path(arr, index)
-    record = digest_path(arr, index)
-    record.parent.mkdir(exist_ok=True)
     if content is None:
-        entry = [path.stat().st_size, file_digest(path)]
+        entry = sized_digest(chunk_file(arr, index))
     else:
         import xxhash
 
         entry = [content.nbytes, xxhash.xxh3_64(content).hexdigest()]
-    tmp = record.with_name(record.name + ".partial")
-    with removed_if_unfinished(tmp):
-        with create_exclusive(tmp, "w") as f:  # never through a link planted at the name
-            f.write(json.dumps(entry))
-        os.replace(tmp, record)
+    write_whole(digest_file(arr, index), json.dumps(entry), parents=True)
 
 
 def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
@@ -838,13 +860,7 @@ def write_rows(path: str, start: int, stop: int, data: np.ndarray) -> None:
             full[:block.shape[0]] = block
             block = full
         content = memoryview(block.reshape(-1).view(np.uint8))
-        target = chunk_path(arr, index)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".partial")
-        with removed_if_unfinished(tmp):
-            with create_exclusive(tmp) as f:
-                f.write(content)
-            os.replace(tmp, target)
+        write_whole(chunk_file(arr, index), content, parents=True)
         record_chunk(arr, index, content)
 
 

@@ -113,7 +113,7 @@ def run(ctx: StageContext) -> None:
     ckpt = ctx.checkpoint
     plan = ckpt.plan
     group = open_store(ctx.output)
-    group.attrs.update({
+    group.update_attributes({  # one write of zarr.json (attrs.update writes it once per key)
         "stage": "extract",
         "family": plan.family.name,
         "arch": plan.arch,

@@ -221,10 +221,10 @@ def run(ctx: StageContext) -> None:
     group = open_store(ctx.output)
     opts = ctx.options
     layout = opts.layout
-    group.attrs.update({**source.attrs.asdict(), "stage": "pack", "out_type": layout.name,
-                        "embedding_type": opts.embedding_type,
-                        **({"target": layout.target} if layout.target else {}),
-                        **({"kernel_tiles": [list(t) for t in opts.kernel_tiles]} if layout.needs_tiles else {})})
+    group.update_attributes({**source.attrs.asdict(), "stage": "pack", "out_type": layout.name,
+                             "embedding_type": opts.embedding_type,
+                             **({"target": layout.target} if layout.target else {}),
+                             **({"kernel_tiles": [list(t) for t in opts.kernel_tiles]} if layout.needs_tiles else {})})
     plans = []
     for name in source.attrs["tensor_order"]:
         src = get_array(source, name)

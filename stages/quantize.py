@@ -307,7 +307,7 @@ def copy_task(src: str, out: str, start: int, stop: int) -> None:
 def run(ctx: StageContext) -> None:
     source = open_store(ctx.input, "r")
     group = open_store(ctx.output)
-    group.attrs.update({**source.attrs.asdict(), "stage": "quantize"})
+    group.update_attributes({**source.attrs.asdict(), "stage": "quantize"})  # one write (attrs.update: one a key)
     names = source.attrs["tensor_order"]
 
     tasks, ahead = [], {}  # ahead: task index -> the remote byte range it reads, where that is one range

@@ -244,6 +244,30 @@ def test_create_exclusive_removes_what_is_there_and_refuses_a_directory(tmp_path
         create_exclusive(tmp_path / "d.tmp")
 
 
+def test_a_file_written_whole_never_writes_through_a_link_and_leaves_no_temporary_file(tmp_path, victim):
+    from pipeline.safe_files import write_whole
+
+    target = tmp_path / "d" / "x"
+    target.parent.mkdir()
+    (tmp_path / "d" / "x.partial").symlink_to(victim)
+    write_whole(target, b"new")
+    assert target.read_bytes() == b"new" and victim.read_text() == "the user's precious file\n"
+    assert not os.path.lexists(tmp_path / "d" / "x.partial")
+
+    def interrupted(tmp):  # as a SIGINT in the middle of the write
+        Path(tmp).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_whole(target, interrupted)
+    assert target.read_bytes() == b"new" and not os.path.lexists(tmp_path / "d" / "x.partial")
+    with pytest.raises(FileNotFoundError):  # a missing directory is made only when asked
+        write_whole(tmp_path / "e" / "y", b"z")
+    assert not (tmp_path / "e").exists()
+    write_whole(tmp_path / "e" / "f" / "y", "text", parents=True)
+    assert (tmp_path / "e" / "f" / "y").read_text() == "text" and os.listdir(tmp_path / "e" / "f") == ["y"]
+
+
 @pytest.mark.parametrize("store", ["extract", "quantize", "pack"])
 def test_a_store_deleted_under_a_finished_run_is_redone_and_reruns_resume(fresh, out, tmp_path, store):
     model, work = fresh("spm"), tmp_path / "work"
