@@ -8,6 +8,7 @@ the conversion gives up (NoWorkers, exit 1); the chunks already written stay, so
 continues."""
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -194,6 +195,7 @@ class Scheduler:
         self.worker_timeout, self.log = worker_timeout, log or (lambda message: None)
         self.client = None
         self.cluster = None
+        self.pool = None  # the threaded scheduler's threads, this scheduler's own (close() ends them)
         if kind == "local" or kind.startswith("tcp://"):
             import distributed  # noqa: F401 - configures its loggers on import; quiet them
             for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
@@ -224,11 +226,13 @@ class Scheduler:
                 # of delayed objects would cull and optimize each one's graph first, a millisecond a
                 # chunk). In batches: dask's bookkeeping for one graph of every task grows with the
                 # number of tensors (tens of thousands for a model with many experts), a batch's does not
+                if self.pool is None:
+                    self.pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="bitnet-gguf-chunk")
                 results = []
                 for first in range(0, len(tasks), THREADED_BATCH):
                     graph = {t.key: t.node() for t in tasks[first:first + THREADED_BATCH]}
                     with _TaskProgress(set(graph), bar):
-                        results += dask.threaded.get(graph, list(graph), num_workers=self.workers)
+                        results += dask.threaded.get(graph, list(graph), pool=self.pool)
                 return results
             return self._run_distributed(tasks, bar)
 
@@ -267,6 +271,13 @@ class Scheduler:
         return len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
 
     def close(self) -> None:
+        # the pool's threads are ended here, not left to the interpreter's exit: a signal that lands
+        # while the pool starts a thread (Thread.start waits for it) leaves a thread the interpreter
+        # does not know to wake, and an interrupted conversion then never exits. shutdown() wakes every
+        # thread of the pool, known or not, and drops the tasks not begun.
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:
