@@ -345,7 +345,21 @@ class SourceChanged(CheckpointError):
     """The server holds another version of a file than the one this run read (or none)."""
 
 
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="bitnet-gguf-fetch")
+def _fetch_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="bitnet-gguf-fetch")
+
+
+_POOL = _fetch_pool()
+
+
+def end_fetching() -> None:
+    """End the fetch threads at a conversion's end, interrupted or not, rather than at the
+    interpreter's exit: a signal landing while the pool starts a thread leaves one the interpreter
+    does not know to wake (scheduler.Scheduler.close says more). The next conversion in this process
+    gets a new pool (its threads start when it is used)."""
+    global _POOL
+    pool, _POOL = _POOL, _fetch_pool()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def buffer_reserve(workers: int) -> int:

@@ -271,6 +271,7 @@ def convert(opts: Options, log) -> list[Path]:
                                       manifest=manifest)
     finally:
         scheduler.close()
+        remote.end_fetching()
     size = sum(p.stat().st_size for p in outputs)
     kept = run.stores_size()
     shown = outputs[0] if len(outputs) == 1 else f"{outputs[0]} (+ {len(outputs) - 1} more parts)"

@@ -54,3 +54,18 @@ def test_the_scheduler_still_computes_after_a_run_and_ends_its_threads_at_close(
     finally:
         scheduler.close()
     assert not any(t.name.startswith("bitnet-gguf-chunk") for t in threading.enumerate())
+
+
+def test_a_conversions_fetch_threads_end_with_it():
+    import threading
+    from pipeline import remote
+
+    assert [f.result() for f in [remote._POOL.submit(abs, -i) for i in range(20)]] == list(range(20))
+    fetching = [t for t in threading.enumerate() if t.name.startswith("bitnet-gguf-fetch")]
+    assert fetching
+    remote.end_fetching()
+    for t in fetching:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in fetching)
+    assert remote._POOL.submit(abs, -3).result() == 3  # the next conversion's pool
+    remote.end_fetching()
