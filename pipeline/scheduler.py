@@ -1,6 +1,7 @@
 """Where chunk tasks run: dask's threaded scheduler (default), a local
 distributed cluster, or an existing one. Stages hand over lists of
-`dask.delayed` tasks; this module runs them with a progress bar.
+chunk tasks (chunk_task); this module runs them with a progress bar, the threaded
+scheduler's threads its own, ended when the conversion ends.
 
 A dask cluster without workers holds its tasks forever without a word: while tasks are
 pending and no worker is connected, one line says so, and after --worker-timeout seconds

@@ -1,8 +1,7 @@
 """An interrupted conversion exits: a signal that lands while the threaded scheduler starts one of its
 threads (Thread.start waits for the thread, so the signal's KeyboardInterrupt is raised there, before
-the pool has recorded the thread) must not leave a thread the interpreter waits for at exit forever.
-Found by test_resume (seed 1580: SIGTERM at the end of extract's index, the process printed
-"interrupted" and never ended)."""
+the pool has recorded the thread) must not leave a thread the interpreter waits for at exit forever;
+nor may a conversion's fetch threads outlive it."""
 import os
 import subprocess
 import sys
