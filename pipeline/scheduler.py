@@ -55,14 +55,18 @@ class ChunkTask:
 
     def node(self):
         """The dask task (threaded scheduler): the call as one argument dask does not look into."""
-        from dask._task_spec import Task
-
-        return Task(self.key, _call, _Call(self.func, self.args))
+        if _Task is None:  # dask before its task classes (2024.12): a task tuple
+            return (_call, _Call(self.func, self.args))
+        return _Task(self.key, _call, _Call(self.func, self.args))
 
     def delayed(self):
         return dask.delayed(_call, pure=False)(_Call(self.func, self.args), dask_key_name=self.key)
 
 
+try:
+    from dask._task_spec import Task as _Task
+except ImportError:
+    _Task = None
 _PROCESS_TAG = uuid.uuid4().hex
 _COUNT = itertools.count()
 
