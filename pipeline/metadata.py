@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 import gguf
+import yaml
 
 from pipeline.errors import CheckpointError, OptionError
 from pipeline.families import TensorPlan, arch_metadata
@@ -171,6 +172,7 @@ def general_metadata(model_dir: Path, name_hint: str, total_params: int, model_n
     """The general.* facts, as llama.cpp's converter decides them. `name_hint`: the model's name
     when the directory's is not (a Hugging Face cache snapshot is named by its commit);
     `overrides`: read_metadata_file's, applied over what the model card and directory say."""
+    check_card_files(model_dir)
     meta = gguf.Metadata.load(None, model_dir, None, total_params)
     if name_hint and name_hint != model_dir.name:
         # the directory-name guesses came from a commit hash: take them from the model's name instead
@@ -184,6 +186,11 @@ def general_metadata(model_dir: Path, name_hint: str, total_params: int, model_n
                 setattr(meta, field, good)
     for key, value in (overrides or {}).items():
         setattr(meta, METADATA_KEYS[key][0], value)
+    for key in (_G.TAGS, _G.LANGUAGES):  # a card's list of numbers would be written as an INT32 array
+        value = getattr(meta, METADATA_KEYS[key][0])
+        problem = value is not None and _override_problem(TEXTS, value)
+        if problem:
+            raise CheckpointError(f"{model_dir / 'README.md'} (its front matter): {key}{problem}; correct the file")
     if model_name is not None:
         meta.name = model_name
     if meta.name is None:
@@ -191,6 +198,29 @@ def general_metadata(model_dir: Path, name_hint: str, total_params: int, model_n
     if meta.size_label is None and total_params > 0:
         meta.size_label = gguf.size_label(*(counts or (total_params, total_params, 0, 0)))
     return meta
+
+
+def check_card_files(model_dir: Path) -> None:
+    """README.md's front matter and generation_config.json, read as gguf-py's Metadata reads them,
+    refused in one line naming the file where that would fail (text that is not UTF-8, front matter
+    that is not YAML, a generation config that is not an object). A generation_config.json that is
+    not JSON is left out, as gguf-py and llama.cpp's converter leave it."""
+    readme, generation = model_dir / "README.md", model_dir / "generation_config.json"
+    try:
+        gguf.Metadata.load_model_card(model_dir)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{readme}: not UTF-8 text ({e}); correct or remove the file") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        shown = " ".join(str(e).split())[:160]
+        raise CheckpointError(f"{readme}: its front matter is not YAML ({shown}); correct it or remove the file") \
+            from None
+    try:
+        config = gguf.Metadata.load_generation_config(model_dir)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{generation}: not UTF-8 text ({e}); correct or remove the file") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{generation}: must hold a JSON object, not {_json_type(config)}; correct or remove "
+                              "the file")
 
 
 def check_model_name(model_name: str | None) -> None:

@@ -193,6 +193,27 @@ def test_values_from_the_checkpoints_other_files_are_checked_too(tmp_path):
     expect_refusal(model, out, "README.md", "general.license", "not a string")
 
 
+# the model card and generation_config.json as gguf-py's Metadata reads them (exit 1 with a
+# UnicodeDecodeError, a YAML ParserError or an AttributeError before), or a list of numbers it
+# writes as an INT32 array where readers expect strings
+CARD_FILES = [
+    ("README.md", b"---\nlicense: mit\n---\n# card \xff\n", "README.md: not UTF-8 text"),
+    ("README.md", b"---\nlicense: [unclosed\n---\n", "README.md: its front matter is not YAML"),
+    ("README.md", b"---\nlanguage: [1, 2]\n---\n", "general.languages[0] must be a string"),
+    ("README.md", b"---\ntags: [a, [b]]\n---\n", "general.tags[1] must be a string"),
+    ("generation_config.json", b'{"temperature": 0.5, "x": "\xff"}', "generation_config.json: not UTF-8 text"),
+    ("generation_config.json", b"[0.5]", "generation_config.json: must hold a JSON object, not a list"),
+]
+
+
+@pytest.mark.parametrize("name,content,needle", CARD_FILES, ids=[str(i) for i in range(len(CARD_FILES))])
+def test_a_model_card_or_generation_config_that_cannot_be_read_is_refused_naming_it(fresh, out, name, content,
+                                                                                    needle):
+    model = fresh("1bitllm")
+    (model / name).write_bytes(content)
+    refuse(model, out, needle)
+
+
 # -- config.json floats: GGUF stores them as float32 ------------------------------------------------
 
 @pytest.mark.parametrize("key,value", [("rope_theta", 1e-50), ("rms_norm_eps", 1e-60), ("rms_norm_eps", 1e-40),
