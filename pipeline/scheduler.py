@@ -5,8 +5,8 @@ scheduler's threads its own, ended when the conversion ends.
 
 A dask cluster without workers holds its tasks forever without a word: while tasks are
 pending and no worker is connected, one line says so, and after --worker-timeout seconds
-the conversion gives up (NoWorkers, exit 1); the chunks already written stay, so a rerun
-continues."""
+the conversion gives up (NoWorkers, exit 1); a scheduler that goes away ends it the same way
+(SchedulerLost). The chunks already written stay, so a rerun continues."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -39,6 +39,10 @@ THREADED_BATCH = 512
 class NoWorkers(ResumableFailure):
     """No dask worker was connected for --worker-timeout seconds while tasks were pending (an
     environment failure, exit 1: the run directory is kept and a rerun continues)."""
+
+
+class SchedulerLost(ResumableFailure):
+    """The dask scheduler went away (or cancelled the tasks) mid-run: exit 1, a rerun continues."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -205,6 +209,8 @@ class Scheduler:
             import distributed  # noqa: F401 - configures its loggers on import; quiet them
             for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker"):
                 logging.getLogger(name).setLevel(logging.WARNING)
+            for name in ("distributed.client", "distributed.utils"):  # a lost scheduler's tracebacks: our line says it
+                logging.getLogger(name).setLevel(logging.CRITICAL)
         if kind == "local":
             from distributed import Client, LocalCluster
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=worker_memory,
@@ -249,6 +255,8 @@ class Scheduler:
         while pending:
             finished = {f for f in pending if f.done()}
             for f in finished:
+                if f.status == "cancelled":  # by the client when it lost the scheduler, or by the scheduler
+                    raise self._lost(where)
                 if f.status != "finished":
                     f.result()  # the task's error, now rather than after the others
                 bar.update(1)
@@ -256,7 +264,9 @@ class Scheduler:
             now = time.monotonic()
             if pending and now >= next_check:
                 next_check = now + WORKER_CHECK_SECONDS
-                if self._connected_workers():
+                if self.client.status != "running":
+                    pass  # reconnecting to the scheduler: its tasks are cancelled if that fails
+                elif self._connected_workers():
                     if idle_since is not None:
                         self.log(f"{where}: a dask worker is connected again; continuing")
                     idle_since = None
@@ -271,6 +281,11 @@ class Scheduler:
             if pending:
                 time.sleep(POLL_SECONDS)
         return self.client.gather(futures)
+
+    def _lost(self, where: str) -> SchedulerLost:
+        what = "lost the connection to the dask scheduler; check that it runs" if self.client.status != "running" \
+            else "the dask scheduler cancelled a chunk task (was it restarted?)"
+        return SchedulerLost(f"{where}: {what}, then rerun the same command to continue")
 
     def _connected_workers(self) -> int:
         return len(self.client.scheduler_info(n_workers=-1).get("workers", {}))

@@ -103,3 +103,72 @@ def test_a_worker_timeout_that_is_no_positive_number_is_refused(checkpoint, tmp_
 def test_the_worker_timeout_is_in_the_help():
     text = run_cli("convert", "--help").stdout
     assert "--worker-timeout SECONDS" in text
+
+
+@pytest.fixture
+def own_scheduler(tmp_path):
+    """A dask scheduler in a process of its own (killable) with one worker: (address, scheduler process)."""
+    import json
+
+    dask = Path(sys.executable).with_name("dask")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    info = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", str(info)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env)]
+    try:
+        deadline = time.monotonic() + 120
+        while not (info.exists() and info.read_text().strip()):
+            assert time.monotonic() < deadline and procs[0].poll() is None, "the scheduler did not start"
+            time.sleep(0.05)
+        address = json.loads(info.read_text())["address"]
+        procs.append(subprocess.Popen([str(dask), "worker", address, "--nthreads", "1", "--no-nanny",
+                                       "--no-dashboard", "--memory-limit", "0"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        from distributed import Client
+        with Client(address, timeout=120) as client:
+            client.wait_for_workers(1, timeout=120)
+        yield address, procs[0]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def test_a_scheduler_that_goes_away_mid_run_is_one_line_and_the_rerun_continues(own_scheduler, tmp_path):
+    """The scheduler's process killed while the conversion waits for its tasks: distributed's client
+    logged its reconnection's traceback, then the run ended with 'FutureCancelledError'. One line
+    naming --scheduler, exit 1, and a rerun (here on the threaded scheduler) continues."""
+    from tests.synthetic import write_bitnet_checkpoint
+
+    address, scheduler = own_scheduler
+    model = write_bitnet_checkpoint(tmp_path / "model")
+    clean = tmp_path / "clean.gguf"
+    convert(model, clean)
+    out, work, log = tmp_path / "m.gguf", tmp_path / "work", tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out), "--workdir", str(work),
+               "--no-progress", "--scheduler", address, "--worker-timeout", "600"]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 300
+        while "extract: done" not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        scheduler.kill()
+        scheduler.wait()
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert code == 1, f"exit {code}\n{text}"
+    last = text.strip().splitlines()[-1]
+    assert last.startswith(f"bitnet-gguf: failed: --scheduler {address}: lost the connection") and "rerun" in last, text
+    assert "Traceback" not in text and "ERROR" not in text, text
+    assert not out.exists()
+    rerun = convert(model, out, "--workdir", work)
+    assert "extract: already done" in rerun.stderr, rerun.stderr
+    assert out.read_bytes() == clean.read_bytes()
