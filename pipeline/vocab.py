@@ -328,7 +328,11 @@ def sentencepiece_vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], li
     scores = [-10000.0] * vocab_size
     types = [int(T.UNUSED)] * vocab_size
     for i in range(sp.vocab_size()):
-        tokens[i] = sp.IdToPiece(i)
+        try:
+            tokens[i] = sp.IdToPiece(i)
+        except UnicodeDecodeError as e:  # sentencepiece loads the model and fails here
+            raise CheckpointError(f"{path}: piece {i} is not UTF-8 text ({e}); the file is damaged, download it "
+                                  "again") from None
         scores[i] = sp.GetScore(i)
         kind = T.NORMAL
         if sp.IsUnknown(i):

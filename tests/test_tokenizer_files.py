@@ -307,3 +307,20 @@ def test_deeply_nested_json_in_a_tokenizer_file_is_refused(fresh, out, kind, nam
     if name == "chat_template.json":
         set_json_keys(model / "tokenizer_config.json", chat_template=...)
     refuse(model, out, name, "nested")
+
+
+def test_a_sentencepiece_piece_that_is_not_utf8_is_one_line(copy, capsys):
+    """sentencepiece loads such a model and raises UnicodeDecodeError when the piece is asked for
+    (exit 1 before). The piece's bytes are found in the file as protobuf writes a string field:
+    tag 0x0a, its length, the text."""
+    from sentencepiece import SentencePieceProcessor
+
+    model, out_dir = copy("spm")
+    path = model / "tokenizer.model"
+    sp = SentencePieceProcessor(model_file=str(path))
+    piece = next(p for p in map(sp.IdToPiece, range(sp.vocab_size())) if p.isascii() and p.isalpha() and len(p) > 2)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"\x0a" + bytes([len(piece)]) + piece.encode()) + 2
+    raw[at] = 0xFF
+    path.write_bytes(bytes(raw))
+    refused(model, out_dir, capsys, f"{path}: piece ", "not UTF-8")
