@@ -372,6 +372,8 @@ def _add_bpe(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre: str
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    if is_present(model_dir / "merges.txt"):  # SpecialVocab's fallback for merges: its decode error named here
+        read_text(model_dir / "merges.txt")
     try:
         with _quiet(logging.getLogger("gguf.vocab")):  # e.g. Llama 3's pair template: "Unknown separator token"
             special = gguf.SpecialVocab(model_dir, load_merges=True)

@@ -324,3 +324,14 @@ def test_a_sentencepiece_piece_that_is_not_utf8_is_one_line(copy, capsys):
     raw[at] = 0xFF
     path.write_bytes(bytes(raw))
     refused(model, out_dir, capsys, f"{path}: piece ", "not UTF-8")
+
+
+def test_a_merges_txt_that_is_not_utf8_is_refused_naming_it(fresh, out):
+    """gguf.SpecialVocab's UnicodeDecodeError was reported against tokenizer.json."""
+    model = fresh("bpe")
+    data = json.loads((model / "tokenizer.json").read_text())
+    lines = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
+    (model / "merges.txt").write_bytes(("#version: 0.2\n" + "\n".join(lines) + "\n").encode() + b"\xff \xfe\n")
+    data["model"]["merges"] = []
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    refuse(model, out, f"{model / 'merges.txt'}: not UTF-8", extra=("--tokenizer-pre", "llama-bpe"))
