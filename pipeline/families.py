@@ -227,14 +227,14 @@ _VOCAB_AND_ROPE_DIM = (
 
 # MiniCPM (llama.cpp conversion/minicpm.py, MiniCPMModel.set_gguf_parameters): three scalings derived
 # from config.json. "=name" in an hparams row is one of these, computed from the config.
-DERIVED = {
-    "minicpm_residual_scale": lambda c: c["scale_depth"] / c["num_hidden_layers"] ** 0.5,
-    "minicpm_logit_scale": lambda c: c["hidden_size"] / c["dim_model_base"],
+DERIVED = {  # named by their formula: a refusal of the value names the config.json keys it comes from
+    "scale_depth / num_hidden_layers ** 0.5": lambda c: c["scale_depth"] / c["num_hidden_layers"] ** 0.5,
+    "hidden_size / dim_model_base": lambda c: c["hidden_size"] / c["dim_model_base"],
 }
 _MINICPM_HPARAMS = _COMMON_HPARAMS + (
     ("embedding_scale", "scale_emb", "float32"),
-    ("residual_scale", "=minicpm_residual_scale", "float32"),
-    ("logit_scale", "=minicpm_logit_scale", "float32"),
+    ("residual_scale", "=scale_depth / num_hidden_layers ** 0.5", "float32"),
+    ("logit_scale", "=hidden_size / dim_model_base", "float32"),
 )
 
 _LLAMA_TENSORS = dict(global_tensors=(_EMBED,), block_tensors=_block(None, None, True),
@@ -1058,6 +1058,7 @@ def arch_metadata(plan: TensorPlan, config_path: Path) -> list[tuple[str, str, o
         value = _config_value(plan, cfg_key)
         if value is None:
             continue
+        cfg_key = cfg_key.lstrip("@=")  # as config.json names it (a dimension, or a formula of its keys)
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         if vtype.startswith("array:"):
             pass  # derived and checked by the family (_hybrid_dims)

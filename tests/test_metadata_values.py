@@ -261,3 +261,19 @@ def test_header_values_that_cannot_be_written_are_refused_before_any_work(fresh,
     model = fresh(family)
     rewrite_config(model, **{field: value})  # json.dumps writes NaN / Infinity as JSON5-style literals
     refuse(model, out, "config.json", field)
+
+
+@pytest.mark.parametrize("key,value,named", [("scale_depth", 1e-50, "scale_depth / num_hidden_layers ** 0.5"),
+                                             ("dim_model_base", 1e-300, "hidden_size / dim_model_base")])
+def test_a_float_derived_from_config_json_is_refused_naming_its_keys(tmp_path, key, value, named):
+    """MiniCPM's residual and logit scales are computed from config.json; the refusal named them by
+    the converter's internal names ('=minicpm_residual_scale')."""
+    from tests.synthetic import write_checkpoint
+
+    model = write_checkpoint(tmp_path / "m", "minicpm", hidden_size=256, intermediate_size=512, num_layers=1,
+                             num_heads=4)
+    rewrite_config(model, **{key: value})
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    line = expect_refusal(model, out, "config.json", f": {named} is ", "float32")
+    assert "=" not in line.split("config.json")[1].split(" is ")[0], line
