@@ -398,9 +398,24 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # unwind normally: partial files are removed, stores stay consistent
 
 
+def _quiet_numcodecs_install_note() -> None:
+    """numcodecs 0.16.4+ warns once, at its import, when the `crc32c` package (what zarr 3.1.0-3.1.2
+    install) is there instead of google_crc32c, with a filter of its own that shows it: a library's install note
+    above our one line. Import it here with the note silenced (only in that case: the import costs
+    a command that never needs it)."""
+    import importlib.util
+
+    if "numcodecs" in sys.modules or importlib.util.find_spec("google_crc32c") is not None \
+            or importlib.util.find_spec("crc32c") is None:
+        return
+    with warnings.catch_warnings(record=True):  # numcodecs puts its own filter first: keep what it shows
+        import numcodecs  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    _quiet_numcodecs_install_note()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return {"convert": cmd_convert, "plan": cmd_plan, "status": cmd_status, "inspect": cmd_inspect,

@@ -374,7 +374,8 @@ def test_registry():
     file_types = {"tq2_0": LlamaFileType.MOSTLY_TQ2_0, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
                   "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "f32": LlamaFileType.ALL_F32,
                   "q8_0": LlamaFileType.MOSTLY_Q8_0,
-                  "q1_0": LlamaFileType.MOSTLY_Q1_0}  # gguf 0.19: Q1_0 = 41, (128, 2 + 16), MOSTLY_Q1_0 = 40
+                  # gguf 0.19: Q1_0 = 41, (128, 2 + 16), MOSTLY_Q1_0 = 40; gguf 0.18 (pyproject's lowest) has no Q1_0
+                  "q1_0": getattr(LlamaFileType, "MOSTLY_Q1_0", 40)}
     for name, t in OUTPUT_TYPES.items():
         if name == "i2_s":  # bitnet.cpp's fork only: type 36, file type 40, 128 values in 32 bytes + 32-byte tail
             assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.codec.tail_size(), t.target) \
@@ -396,6 +397,9 @@ def test_registry():
             assert (t.ggml_type, t.file_type, t.block_size, t.codec.type_size, t.codec.row_meta_size, t.runtime) \
                 == {"iq1_bn": (134, 136, 64, 13, 2, "ik_llama.cpp"), "iq2_bn": (135, 137, 64, 16, 4, "ik_llama.cpp"),
                     "iq2_bn_r4": (335, 337, 64, 16, 4, "ik_llama.cpp")}[name]
+            continue
+        if name.upper() not in GGMLQuantizationType.__members__:  # Q1_0 before gguf 0.19: its numbers above
+            assert name == "q1_0" and (t.ggml_type, t.file_type, t.block_size, t.codec.type_size) == (41, 40, 128, 18)
             continue
         gtype = GGMLQuantizationType[name.upper()]
         assert t.ggml_type == gtype
