@@ -394,6 +394,14 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def _end_fetching() -> None:
+    """End a remote source's fetch threads when the command ends (plan, inspect and verify read by
+    range too), not at the interpreter's exit: remote.end_fetching says why."""
+    remote = sys.modules.get("pipeline.remote")  # not imported: nothing was fetched
+    if remote is not None:
+        remote.end_fetching()
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt  # unwind normally: partial files are removed, stores stay consistent
 
@@ -418,8 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_numcodecs_install_note()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        return {"convert": cmd_convert, "plan": cmd_plan, "status": cmd_status, "inspect": cmd_inspect,
-                "verify": cmd_verify}[args.command](args)
+        try:
+            return {"convert": cmd_convert, "plan": cmd_plan, "status": cmd_status, "inspect": cmd_inspect,
+                    "verify": cmd_verify}[args.command](args)
+        finally:
+            _end_fetching()
     except UserError as e:
         if args.debug:
             traceback.print_exc()

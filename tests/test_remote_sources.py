@@ -349,6 +349,45 @@ def test_memory_filesystem_source_converts_byte_identical_and_verifies(served, t
     assert_no_weights_on_disk(ckpt, Path(str(out) + ".work"))
 
 
+def test_verify_of_a_remote_source_ends_its_fetch_threads(tmp_path):
+    """As a conversion does (remote.end_fetching), every command ends the fetch threads it used (verify
+    reads every tensor, in requests of REQUEST_BYTES from the pool): left to the interpreter's exit, a
+    signal landing while the pool starts a thread hangs the exit (tests/test_interrupted_exit.py)."""
+    import threading
+
+    import fsspec
+
+    from pipeline import remote
+    from pipeline.cli import main
+    from tests.synthetic import write_checkpoint
+
+    def fetching():
+        return [t for t in threading.enumerate() if t.name.startswith("bitnet-gguf-fetch") and t.is_alive()]
+
+    ckpt = write_checkpoint(tmp_path / "m", "llama3-1.58", hidden_size=256, intermediate_size=512, num_layers=1,
+                            num_heads=4, num_kv_heads=2, vocab_size=16384)  # an 8 MiB head: two requests
+    ref = tmp_path / "m.gguf"
+    assert main(["convert", str(ckpt), "-o", str(ref), "--no-progress", *IN_PROCESS_LIMIT]) == 0
+    fs = fsspec.filesystem("memory")
+    for p in ckpt.iterdir():
+        fs.pipe(f"/ended-test/m/{p.name}", p.read_bytes())
+    remote.end_fetching()  # an earlier test's threads, if any
+    for t in fetching():
+        t.join(timeout=30)
+    used = []
+    submit = remote._POOL.submit
+    remote._POOL.submit = lambda *a, **kw: used.append(1) or submit(*a, **kw)
+    try:
+        assert main(["verify", str(ref), "memory://ended-test/m", *IN_PROCESS_LIMIT]) == 0
+    finally:
+        fs.rm("/ended-test", recursive=True)
+    assert used  # it did fetch through the pool
+    left = fetching()
+    for t in left:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in left)
+
+
 def test_an_uninstalled_filesystem_is_one_line(tmp_path):
     proc = run_cli("plan", "nosuchfs://bucket/model/", "-o", tmp_path / "m.gguf", check_exit=2)
     line, = proc.stderr.strip().splitlines()
