@@ -1,21 +1,9 @@
-"""A remote checkpoint's float tensors fetched into the run directory while the stages before assemble run.
+"""A remote checkpoint's float tensors fetched into the run directory (`spool/`) while the stages before
+assemble run, so the link does not idle during pack and assemble's reads find them on disk.
 
-assemble passes a remote checkpoint's float tensors (embedding, head, norms) through from the
-server; fetched by assemble alone, they would come after quantize's projections, the network idle
-during pack. The spool fetches the byte ranges assemble will read, in its order, into files of the
-run directory (`spool/`) from the start of the conversion, SPOOL_IN_FLIGHT requests at a time and no
-new one while a stage's own read is in flight (`remote.busy`: quantize's projections come first, the
-spool takes the link when they leave it idle), so the transfer goes on under quantize and pack, and
-the stages before assemble are not slowed by it. Each range is a file recorded with the xxh3 of its
-bytes (`spool/index.json`) once complete. `remote.read_into` takes a recorded range from its file,
-checks the digest (a damaged file is fetched again from the server), and removes the file: the disk
-holds at most the bytes assemble has not written yet, and only ranges whose output bytes are at
-least as many are spooled, so the run directory plus the output stays within what the output takes
-(with --low-disk, 1.0x). A range being fetched is waited for; one not yet begun is read by its
-reader and skipped here. A failure here stops the spool only: the reader fetches the range itself
-and meets the failure there. A killed run's recorded files are taken by the rerun when URL, version,
-range and file size match; anything else in the directory is removed when the spool starts, and the
-directory when the conversion ends.
+The stages' own reads come first (`remote.busy`); each range is a file recorded with its xxh3 and removed
+as assemble takes it; a failure stops the spool only (the reader fetches the range itself); a killed run's
+files are taken up by the rerun. How and why: docs/notes/remote-sources.md, "The spool".
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ held whole; a tensor whose pack array indexes the checkpoint (bytes that no stag
 changes) is read from the checkpoint file, after checking it is the one indexed, and its bytes
 against the digests extract recorded; a TQ2_0 or
 I2_S tensor's pack array is quantize's 2-bit codes (linked), encoded here as it is written.
+What a chunk needs computed (the encoding, a float conversion, a checked read) is done `workers`
+chunks ahead in assemble's threads while the main thread writes the file in order.
 With --split-max-size / --split-max-tensors the tensors are spread over
 `NAME-0000k-of-0000n.gguf` parts as llama.cpp's gguf-split does. Every file is
 written to a temporary name, fsynced, and renamed into place only when all are
@@ -23,6 +25,10 @@ says so (CODES_CONSUMED), and what needs their codes again redoes quantize (pipe
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -71,9 +77,11 @@ class _Member:
         self.name, self.stack, self.layout = name, stack, layout
 
 
-def write_array(writer, i: int, arr, bar) -> None:
-    """Stream the bytes of one pack.zarr array into GGUF tensor `i`, chunk by chunk (a tensor's type
-    tail is the caller's)."""
+def array_pieces(arr) -> list[tuple[int, object]]:
+    """(bytes, what gives them) of one pack.zarr array, in the order they go into its GGUF tensor: a
+    function computing the bytes (encoding, conversion, checked reads: run ahead in assemble's threads)
+    or the path of a chunk file whose first bytes they are (copied in the kernel). A tensor's type tail
+    is the caller's."""
     out, tiles = array_layout(arr)
     shape = tuple(arr.attrs["shape"])
     row_bytes = arr.nbytes // arr.shape[0] if arr.ndim > 1 else arr.nbytes
@@ -82,27 +90,70 @@ def write_array(writer, i: int, arr, bar) -> None:
         check_source_file(ref)
     chunks = list(row_ranges(arr.shape[0], arr.chunks[0]) if arr.ndim > 1 else [(0, 1)])
     regions = out.codec.regions(shape[-1], tiles) if arr.ndim > 1 else [(0, row_bytes)]
+    pieces = []
     for c0, c1 in regions:  # TL2: magnitudes, signs, tail of every chunk in turn
         for k, (r0, r1) in enumerate(chunks):
             nbytes = (r1 - r0) * (c1 - c0)
             if CODES_FROM in arr.attrs or (ref is not None and ENCODED_FROM in arr.attrs):
                 # quantize's codes, or the checkpoint's rows: encoded here (read_rows)
-                writer.write_tensor_data(i, read_rows(arr, r0, r1))
+                pieces.append((nbytes, functools.partial(read_rows, arr, r0, r1)))
             elif ref is not None and len(regions) == 1:
                 # the checkpoint's bytes: read (not copied in the kernel) so that read_rows
                 # checks them against the digests extract recorded (a 1-D tensor: all its bytes)
-                writer.write_tensor_data(i, read_rows(arr, r0, r1) if arr.ndim > 1
-                                         else read_rows(arr, 0, arr.shape[0]))
+                pieces.append((nbytes, functools.partial(read_rows, arr, r0, r1) if arr.ndim > 1
+                               else functools.partial(read_rows, arr, 0, arr.shape[0])))
             elif is_raw(arr) and len(regions) == 1:  # the chunk file is the bytes: copy it in the kernel
-                path = chunk_path(arr, k)
-                if not path.is_file() or path.stat().st_size < nbytes:
-                    raise DamagedStore(f"{path}: chunk file missing or short")
-                writer.copy_tensor_data(i, path, 0, nbytes)
+                pieces.append((nbytes, chunk_path(arr, k)))
             elif len(regions) == 1:
-                writer.write_tensor_data(i, np.ascontiguousarray(arr[r0:r1]))
+                pieces.append((nbytes, functools.partial(_zarr_rows, arr, r0, r1)))
             else:  # TL2's regions: the chunk read directly (read_rows), not through zarr's slicing
-                writer.write_tensor_data(i, np.ascontiguousarray(read_rows(arr, r0, r1)[:, c0:c1]))
-            bar.update(nbytes)
+                pieces.append((nbytes, functools.partial(_region_rows, arr, r0, r1, c0, c1)))
+    return pieces
+
+
+def _zarr_rows(arr, r0: int, r1: int) -> np.ndarray:
+    return np.ascontiguousarray(arr[r0:r1])
+
+
+def _region_rows(arr, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    return np.ascontiguousarray(read_rows(arr, r0, r1)[:, c0:c1])
+
+
+def write_piece(writer, i: int, nbytes: int, what) -> None:
+    """Write one piece of tensor `i`: computed bytes (a future's result), or a chunk file's first
+    `nbytes` bytes, copied in the kernel."""
+    if isinstance(what, Path):
+        if not what.is_file() or what.stat().st_size < nbytes:
+            raise DamagedStore(f"{what}: chunk file missing or short")
+        writer.copy_tensor_data(i, what, 0, nbytes)
+    else:
+        writer.write_tensor_data(i, what.result())
+
+
+def ahead(pieces, pool, depth: int):
+    """`pieces` (tensor, bytes, what) in order, each function among them submitted to `pool` (a future
+    in its place) as soon as at most `depth` computed pieces wait to be written: the encoding of the
+    next chunks runs while this one is written. A piece's error is raised when its turn comes, as if
+    computed in order."""
+    window, computed, pieces = collections.deque(), 0, iter(pieces)
+    while True:
+        try:
+            i, nbytes, what = next(pieces)
+        except StopIteration:
+            break
+        except Exception as e:  # noqa: BLE001 - listing a later tensor failed: raised in its turn too
+            failed = concurrent.futures.Future()
+            failed.set_exception(e)
+            window.append((None, 0, failed))
+            break
+        if callable(what):
+            what, computed = pool.submit(what), computed + 1
+        window.append((i, nbytes, what))
+        while computed > depth:
+            piece = window.popleft()
+            computed -= isinstance(piece[2], concurrent.futures.Future)
+            yield piece
+    yield from window
 
 
 def remote_reads(group, tensors) -> list[tuple[str, int, int, str]]:
@@ -134,7 +185,8 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
     start = resume[0] if resume else 0
     # a remote checkpoint's tensors arrive while the ones before them are written
     with remote.prefetching(remote_reads(group, tensors[start:]), read_ahead), \
-            GGUFSplitWriter(paths, kvs, infos, parts) as writer:
+            GGUFSplitWriter(paths, kvs, infos, parts) as writer, \
+            _encoders(read_ahead) as pool:
         if resume:
             writer.reopen(*resume)
         else:
@@ -142,20 +194,45 @@ def write_gguf(group, metadata: dict, paths: list, parts: list[list[int]], out_t
         with progress(sum(t.nbytes for t in infos), "assemble", unit="B", unit_scale=True,
                       unit_divisor=1024) as bar:
             bar.update(sum(t.nbytes for t in infos[:start]))
-            for i, (info, members) in enumerate(tensors):
-                if i < start:
+            for i, nbytes, what in ahead(_pieces(group, tensors, start), pool, max(1, read_ahead)):
+                if nbytes is None:  # the end of tensor i: its type's tail, then --low-disk's step
+                    info, arr = what
+                    out, tiles = array_layout(arr)
+                    tail = out.tail_bytes(info.shape, arr.attrs.get("scale"), tiles) \
+                        if len(tensors[i][1]) == 1 else b""
+                    if tail:
+                        writer.write_tensor_data(i, tail)
+                        bar.update(len(tail))
+                    writer.end_tensor(i)
+                    if after_tensor is not None:
+                        after_tensor(i, writer)
                     continue
-                for name in members:  # a stack's experts one after another (plan refuses types with a tail)
-                    arr = get_array(group, name)
-                    write_array(writer, i, arr, bar)
-                out, tiles = array_layout(arr)
-                tail = out.tail_bytes(info.shape, arr.attrs.get("scale"), tiles) if len(members) == 1 else b""
-                if tail:
-                    writer.write_tensor_data(i, tail)
-                    bar.update(len(tail))
-                writer.end_tensor(i)
-                if after_tensor is not None:
-                    after_tensor(i, writer)
+                write_piece(writer, i, nbytes, what)
+                bar.update(nbytes)
+
+
+def _pieces(group, tensors, start: int):
+    """(tensor, bytes, function or path) of every piece from tensor `start` on, each tensor followed by
+    (tensor, None, (info, its last array)): where its tail and --low-disk's step go."""
+    for i, (info, members) in enumerate(tensors):
+        if i < start:
+            continue
+        for name in members:  # a stack's experts one after another (plan refuses types with a tail)
+            arr = get_array(group, name)
+            for nbytes, what in array_pieces(arr):
+                yield i, nbytes, what
+        yield i, None, (info, arr)
+
+
+@contextlib.contextmanager
+def _encoders(workers: int):
+    """assemble's threads for the pieces it computes: ended here, even when interrupted (a signal
+    landing while the pool starts a thread must not leave one the interpreter waits for at exit)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="bitnet-gguf-assemble")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def low_disk_steps(ctx: StageContext, group, temps: list[Path]):

@@ -6,7 +6,9 @@ The hook counts the events KIND names and, at the N-th, kills the process (SIGKI
 raised in the thread making the call: the call is not made) or, with SIGNAL 0, writes the bytes
 the files under WATCH_DIR hold to REPORT (the peak so far) at each of them and carries on.
 KIND: "rmtree" (removing a code chunk directory), "read" (os.open of a pack.zarr chunk for reading,
-as assemble reads them), "record" (a manifest write once the temporary output is made: the first is
+as assemble reads them, once the first tensor is recorded: assemble's threads read the next chunks
+while the current ones are written, so the first codes may be read before the float tensors before
+them are recorded), "record" (a manifest write once the temporary output is made: the first is
 the first tensor's record), "publish" (the rename of the temporary output into place), "done" (the
 manifest write after that rename, which says assemble is done), "measure" (every removal of a code
 chunk directory and the rename into place). The hook reads its arguments at run time only, so the
@@ -38,7 +40,11 @@ def install(kind: str, n: int, sig: int, watch: str, report: str) -> None:
             return published and kind != "done"
         if kind == "done" and event == "open":  # the manifest written after the rename into place
             return seen[1] == 1 and str(args[0]).endswith("manifest.json.tmp")
-        if kind == "read" and event == "open" and args[1] is None and isinstance(args[2], int):
+        if kind == "read" and event == "os.rename" and str(args[0]).endswith("manifest.json.tmp"):
+            # a manifest saved once the temporary output exists: a record
+            seen[1] = seen[1] or any(f.endswith(".partial") for f in os.listdir(watch))
+            return False
+        if kind == "read" and seen[1] and event == "open" and args[1] is None and isinstance(args[2], int):
             path = str(args[0])
             return "/pack.zarr/" in path and "/c/" in path and (args[2] & 3) == os.O_RDONLY
         return False

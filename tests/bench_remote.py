@@ -52,13 +52,15 @@ def convert_cmd(source, out: Path, limit: str, *extra: str) -> list[str]:
 
 class Timeline:
     """Every `interval` s while a conversion runs: the bytes the server has sent, the stage the run
-    directory's manifest says is running and the CPU of this process's children (the conversion);
-    `summary()` gives per stage its seconds, bytes fetched, mean rate and CPU, and the seconds the
-    link idled between the first weight byte and the last."""
+    directory's manifest says is running and the CPU of this process's children (the conversion),
+    whole and per thread; `summary()` gives per stage its seconds, bytes fetched, mean rate and CPU
+    (the main thread's, and the busiest other threads'), and the seconds the link idled between the
+    first weight byte and the last."""
 
     def __init__(self, server, run_dir: Path, interval: float = 0.5):
         self.server, self.manifest, self.interval = server, run_dir / "manifest.json", interval
         self.samples: list[tuple[float, int, str, float]] = []
+        self.threads: list[dict[tuple[int, int], float]] = []  # per sample: (pid, thread id) -> CPU s
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -74,20 +76,23 @@ class Timeline:
         return running[0] if running else ("end" if stages.get("assemble", {}).get("state") == "done" else previous)
 
     @staticmethod
-    def _cpu() -> float:
-        total = 0.0
+    def _cpu() -> tuple[float, dict[tuple[int, int], float]]:
+        total, threads = 0.0, {}
         for p in psutil.Process().children(recursive=True):
             try:
                 t = p.cpu_times()
                 total += t.user + t.system
+                threads.update({(p.pid, th.id): th.user_time + th.system_time for th in p.threads()})
             except psutil.Error:
                 pass
-        return total
+        return total, threads
 
     def _run(self) -> None:
         t0 = time.monotonic()
         while not self.stop.is_set():
-            cpu = max(self.samples[-1][3] if self.samples else 0.0, self._cpu())  # the child's, once it ends
+            cpu, threads = self._cpu()
+            cpu = max(self.samples[-1][3] if self.samples else 0.0, cpu)  # the child's, once it ends
+            self.threads.append({**(self.threads[-1] if self.threads else {}), **threads})
             stage = self._stage(self.samples[-1][2] if self.samples else "start")
             self.samples.append((time.monotonic() - t0, self.server.sent(""), stage, cpu))
             self.stop.wait(self.interval)
@@ -113,8 +118,19 @@ class Timeline:
             a, b = idx[0], min(idx[-1] + 1, len(s) - 1)
             secs, got, cpu = s[b][0] - s[a][0], s[b][1] - s[a][1], s[b][3] - s[a][3]
             rows.append(f"{stage} {secs:.1f} s: {got / GiB:.2f} GiB at {got / max(secs, 1e-9) / MB:.0f} MB/s, "
-                        f"CPU {cpu:.1f} s, link idle {idle.get(stage, 0.0):.1f} s")
+                        f"CPU {cpu:.1f} s ({self._per_thread(a, b)}), link idle {idle.get(stage, 0.0):.1f} s")
         return "; ".join(rows) + f"; link idle {sum(idle.values()):.1f} s between the first and the last byte"
+
+
+    def _per_thread(self, a: int, b: int) -> str:
+        """CPU between samples a and b: the main thread's (the writer in assemble), then the others',
+        busiest first."""
+        before, after = self.threads[a], self.threads[b]
+        used = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        main = sum(v for (pid, tid), v in used.items() if pid == tid)
+        others = sorted((v for (pid, tid), v in used.items() if pid != tid and v >= 0.05), reverse=True)
+        return (f"main thread {main:.1f} s, {len(others)} others {sum(others):.1f} s: "
+                + " ".join(f"{v:.1f}" for v in others[:6]))
 
 
 def stage_times(stderr: str) -> str:
