@@ -487,6 +487,10 @@ def pytest_sessionfinish(session):
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: its total goes to the controller
         workeroutput["cpu_seconds"] = sum(_cpu_seconds())
+    elif session.config.getoption("--record-costs", False) and _WALL:
+        from tests import run_order
+
+        run_order.record(_WALL)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -504,6 +508,9 @@ def pytest_addoption(parser):
     parser.addoption("--cpu-durations-file", default=None, metavar="PATH",
                      help="append each test's CPU seconds to PATH as it ends (a run stopped early still "
                           "tells what its tests cost)")
+    parser.addoption("--record-costs", action="store_true", default=False,
+                     help="write each file's wall seconds and test count into tests/data/test_costs.json "
+                          "at the end of the run (the order xdist's workers run the files in: tests/run_order.py)")
 
 
 def _cpu_now() -> float:
@@ -526,6 +533,7 @@ def pytest_runtest_makereport(item, call):
 
 
 _TEST_CPU: dict[str, float] = {}
+_WALL: dict[str, float] = {}  # nodeid -> wall seconds of its setup, call and teardown
 
 
 _CPU_FILE: list = []
@@ -538,12 +546,24 @@ def pytest_configure(config):
 
 
 def pytest_runtest_logreport(report):
+    _WALL[report.nodeid] = _WALL.get(report.nodeid, 0.0) + report.duration
     if report.when == "teardown":
         for key, value in report.user_properties:
             if key == "cpu_seconds":
                 _TEST_CPU[report.nodeid] = value
                 if _CPU_FILE:
                     _CPU_FILE[0].write(f"{value:.2f} {report.nodeid}\n")
+
+
+# -- the order of the tests under xdist: each worker's share costliest file first (tests/run_order.py) --
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: the shares are of what runs
+def pytest_collection_modifyitems(config, items):
+    from tests import run_order
+
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    if workers > 1:
+        items[:] = run_order.costliest_first(items, workers, run_order.load_costs())
 
 
 def pytest_terminal_summary(terminalreporter, config):
