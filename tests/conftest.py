@@ -445,11 +445,16 @@ def _environment_restored():
     with worker processes sets OMP_NUM_THREADS, PYTHONHASHSEED and more in it, and keeps them) would make
     every later command of this process differ from the fork servers' environment, so run_cli would start
     each as an ordinary process: about 0.8 s of CPU more per command for the rest of the run."""
-    before = dict(os.environ)
+    def ours(env) -> dict:  # pytest sets PYTEST_CURRENT_TEST for each phase itself
+        return {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
+    before = ours(os.environ)
     yield
-    if os.environ != before:
+    if ours(os.environ) != before:
+        phase = os.environ.get("PYTEST_CURRENT_TEST")
         os.environ.clear()
         os.environ.update(before)
+        if phase is not None:
+            os.environ["PYTEST_CURRENT_TEST"] = phase
 
 
 @pytest.fixture
