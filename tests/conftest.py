@@ -72,15 +72,17 @@ def _default_sigint() -> None:
 
 
 class ForkServers:
-    """Two tests/cli_server.py processes run by `python` for this pytest process (each xdist worker has
+    """`count` tests/cli_server.py processes run by `python` for this pytest process (each xdist worker has
     its own), started on first use, used in turn (each has its own string hash seed), ended with the
     session. `preload`: the modules they import (default: the pipeline's), `env`: their environment,
-    the only one they serve."""
+    the only one they serve. Two for our commands, so that consecutive ones hash strings differently;
+    one for other programs (run_python_script), whose runs no test compares with each other."""
 
-    def __init__(self, python: str = sys.executable, preload: str = "", env: dict | None = None) -> None:
+    def __init__(self, python: str = sys.executable, preload: str = "", env: dict | None = None,
+                 count: int = 2) -> None:
         self.enabled = os.environ.get("BITNET_GGUF_TEST_FORK_SERVER", "1") != "0" and hasattr(socket, "send_fds") \
             and hasattr(os, "fork")
-        self.python, self.preload = python, preload
+        self.python, self.preload, self.count = python, preload, count
         # by default the environment of the pytest process as it started (a test may change os.environ later)
         env = {**os.environ, "PYTHONPATH": str(ROOT)} if env is None else env
         self.env = {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
@@ -99,7 +101,7 @@ class ForkServers:
 
     def _start(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="bitnet-gguf-cli-server-")
-        for i in range(2):
+        for i in range(self.count):
             path = os.path.join(self.dir, f"s{i}")
             log = open(os.path.join(self.dir, f"s{i}.log"), "wb")
             proc = subprocess.Popen([self.python, "-m", "tests.cli_server", path, self.preload], env=self.env,
@@ -133,7 +135,7 @@ class ForkServers:
         with self.lock:  # a test may run commands from several threads
             if not self.servers:
                 self._start()
-            proc, path = self.servers[self.turn % 2]
+            proc, path = self.servers[self.turn % self.count]
             self.turn += 1
         umask = os.umask(0)
         os.umask(umask)
@@ -317,7 +319,8 @@ def run_python_script(python, script, *args, env: dict | None = None, timeout: f
     python, argv = str(python), [str(a) for a in args]
     servers = _SCRIPT_SERVERS.get((python, preload))
     if servers is None:
-        servers = _SCRIPT_SERVERS[(python, preload)] = ForkServers(python, preload, env)
+        # one server: its start (torch and transformers imported for llama.cpp's converter) costs 7 s of CPU
+        servers = _SCRIPT_SERVERS[(python, preload)] = ForkServers(python, preload, env, count=1)
     if servers.serves(env):
         return servers.run(argv, env, cwd, timeout, script=str(script))
     return subprocess.run([python, str(script), *argv], capture_output=True, text=True, env=env, timeout=timeout,
@@ -436,6 +439,24 @@ def absmean_reference(w: np.ndarray) -> np.ndarray:
     return codes / iscale
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """os.environ as it was before each test, after it. A change left behind (distributed's LocalCluster
+    with worker processes sets OMP_NUM_THREADS, PYTHONHASHSEED and more in it, and keeps them) would make
+    every later command of this process differ from the fork servers' environment, so run_cli would start
+    each as an ordinary process: about 0.8 s of CPU more per command for the rest of the run."""
+    def ours(env) -> dict:  # pytest sets PYTEST_CURRENT_TEST for each phase itself
+        return {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
+    before = ours(os.environ)
+    yield
+    if ours(os.environ) != before:
+        phase = os.environ.get("PYTEST_CURRENT_TEST")
+        os.environ.clear()
+        os.environ.update(before)
+        if phase is not None:
+            os.environ["PYTEST_CURRENT_TEST"] = phase
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     """Factory: checkpoint(**shape) -> directory of a fresh synthetic 1bitLLM checkpoint."""
@@ -487,6 +508,10 @@ def pytest_sessionfinish(session):
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: its total goes to the controller
         workeroutput["cpu_seconds"] = sum(_cpu_seconds())
+    elif session.config.getoption("--record-costs", False) and _WALL:
+        from tests import run_order
+
+        run_order.record(_WALL)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -504,6 +529,9 @@ def pytest_addoption(parser):
     parser.addoption("--cpu-durations-file", default=None, metavar="PATH",
                      help="append each test's CPU seconds to PATH as it ends (a run stopped early still "
                           "tells what its tests cost)")
+    parser.addoption("--record-costs", action="store_true", default=False,
+                     help="write each file's wall seconds and test count into tests/data/test_costs.json "
+                          "at the end of the run (the order xdist's workers run the files in: tests/run_order.py)")
 
 
 def _cpu_now() -> float:
@@ -526,6 +554,7 @@ def pytest_runtest_makereport(item, call):
 
 
 _TEST_CPU: dict[str, float] = {}
+_WALL: dict[str, float] = {}  # nodeid -> wall seconds of its setup, call and teardown
 
 
 _CPU_FILE: list = []
@@ -538,12 +567,24 @@ def pytest_configure(config):
 
 
 def pytest_runtest_logreport(report):
+    _WALL[report.nodeid] = _WALL.get(report.nodeid, 0.0) + report.duration
     if report.when == "teardown":
         for key, value in report.user_properties:
             if key == "cpu_seconds":
                 _TEST_CPU[report.nodeid] = value
                 if _CPU_FILE:
                     _CPU_FILE[0].write(f"{value:.2f} {report.nodeid}\n")
+
+
+# -- the order of the tests under xdist: each worker's share costliest file first (tests/run_order.py) --
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: the shares are of what runs
+def pytest_collection_modifyitems(config, items):
+    from tests import run_order
+
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    if workers > 1:
+        items[:] = run_order.costliest_first(items, workers, run_order.load_costs())
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, convert, run_cli
+from tests.conftest import ROOT, convert, popen_cli, run_cli
 
-WORKER_TIMEOUT = 4
+WORKER_TIMEOUT = 2  # seconds a conversion waits for a worker before it gives up: the wait is the point, not its length
 
 
 @pytest.fixture
@@ -58,12 +58,10 @@ def test_a_cluster_whose_only_worker_dies_gives_up_and_the_rerun_continues(clust
     clean = tmp_path / "clean.gguf"
     convert(model, clean)
     out, work, log = tmp_path / "m.gguf", tmp_path / "work", tmp_path / "stderr.txt"
-    command = [sys.executable, "-m", "pipeline", "convert", str(model), "-o", str(out), "--workdir", str(work),
-               "--no-progress", "--scheduler", address, "--worker-timeout", str(WORKER_TIMEOUT)]
     worker = start_worker()
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    with open(log, "wb") as err:  # forked from the test server (tests/conftest.py popen_cli), as run_cli's commands
+        proc = popen_cli("convert", model, "-o", out, "--workdir", work, "--no-progress", "--scheduler", address,
+                         "--worker-timeout", WORKER_TIMEOUT, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 300
         while "extract: done" not in log.read_text() and proc.poll() is None:
