@@ -31,7 +31,7 @@ import zarr
 from pipeline import portable, remote
 from pipeline.codecs import CODECS, encode_floats
 from pipeline.errors import CheckpointError, RunDirError
-from pipeline.safe_files import create_exclusive, write_whole
+from pipeline.safe_files import create_exclusive, make_directory, write_whole
 from zarr.codecs import BloscCodec
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -213,7 +213,7 @@ def write_array_metadata(group: zarr.Group, name: str, shape, chunks, dtype, att
         **meta["chunk_grid"]["configuration"], "chunk_shape": [int(n) for n in chunks]}}
     meta["attributes"] = attrs
     directory = os.path.join(str(group.store_path.store.root), group.path, name)
-    os.makedirs(directory, exist_ok=True)
+    make_directory(directory)
     text = json.dumps(meta, separators=(",", ":"))  # C-encoded; with indent=2 json encodes in pure Python
     write_whole(os.path.join(directory, "zarr.json"), text)
     return _array_from_data(group.store_path.store, member_path(group, name), json.loads(text))
@@ -1044,18 +1044,19 @@ def file_digest(path: Path) -> str:
 
 
 def sized_digest(path) -> list:
-    """[size, xxh3 digest] of a file (the size of the file opened, not a second stat). os calls, not
-    a Python file object: a seal and an input check digest every small file of a store."""
+    """[size, xxh3 digest] of a file (the size of the file opened, not a second stat). Unbuffered:
+    a seal and an input check digest every small file of a store, and a buffered reader's set-up
+    cost more than the read."""
     import xxhash
 
     h = xxhash.xxh3_64()
-    fd = portable.open_read(path)
-    try:
-        size = os.fstat(fd).st_size
-        while block := os.read(fd, 1 << 24):
-            h.update(block)
-    finally:
-        os.close(fd)
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 1 << 24:  # sized by its fstat, not a 16 MiB buffer for a few bytes
+            h.update(f.readall())
+        else:
+            while block := f.read(1 << 24):
+                h.update(block)
     return [size, h.hexdigest()]
 
 
