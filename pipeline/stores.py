@@ -877,13 +877,16 @@ class _Layout:
         return self._key((index,) + (0,) * (self.ndim - 1))
 
 
-def _plain_layout(store: str, name: str) -> _Layout | None:
+def _plain_layout(store: str, name: str, text: bytes | None = None) -> _Layout | None:
     """The layout of an array whose zarr.json is one this converter writes (a regular grid, chunk
     keys c/<i>/<j>...), read as JSON alone: making a zarr array of each of the tens of thousands of
-    arrays of a store was most of a seal's time. None for anything else."""
+    arrays of a store was most of a seal's time. None for anything else. `text`: the zarr.json's
+    bytes, when they were read already (the seal digests them)."""
     try:
-        with open(os.path.join(store, name, "zarr.json"), "rb") as f:
-            data = json.loads(f.read())
+        if text is None:
+            with open(os.path.join(store, name, "zarr.json"), "rb") as f:
+                text = f.read()
+        data = json.loads(text)
         grid, encoding = data["chunk_grid"], data["chunk_key_encoding"]
         if data.get("node_type") != "array" or data.get("zarr_format") != 3 or grid.get("name") != "regular" \
                 or encoding != {"name": "default", "configuration": {"separator": "/"}}:
@@ -899,13 +902,13 @@ def _plain_layout(store: str, name: str) -> _Layout | None:
     return _Layout(name, shape, chunks, attrs, lambda coords: "c/" + "/".join(map(str, coords)))
 
 
-def _store_arrays(store: Path, digests: dict[str, list]):
+def _store_arrays(store: Path, digests: dict[str, list], texts: dict[str, bytes] | None = None):
     """The arrays of a store's root group (as `group.arrays()`), found among the files of `digests`,
-    as _Layout: read from their zarr.json directly, or else asked of zarr, which makes an array of
-    it or refuses it in its own words if it is damaged."""
+    as _Layout: read from their zarr.json directly (`texts`: the bytes of those the seal read), or
+    else asked of zarr, which makes an array of it or refuses it in its own words if it is damaged."""
     group, root = None, str(store)
     for name in sorted(k[:-len("/zarr.json")] for k in digests if k.endswith("/zarr.json") and k.count("/") == 1):
-        layout = _plain_layout(root, name)
+        layout = _plain_layout(root, name, texts.get(f"{name}/zarr.json") if texts else None)
         if layout is None:
             group = group if group is not None else open_store(store, "r")
             node = group[name]
@@ -916,17 +919,17 @@ def _store_arrays(store: Path, digests: dict[str, list]):
 
 
 def chunk_records(store: Path, digests: dict[str, list], checked=frozenset(),
-                  resolved: dict[str, Path] | None = None) -> str | None:
+                  resolved: dict[str, Path] | None = None, texts: dict[str, bytes] | None = None) -> str | None:
     """Check a store's chunks against the records written with them, before it is sealed.
 
     `digests`: {relative path: [size, digest]} of the files of the store now (all of them, or one
     top-level entry's: seal_store checks a store entry by entry); `checked`: the chunk files whose
     entry is already their record's (seal_digests); `resolved`: real paths of directories, kept
-    between calls. Every row chunk of every array must be on disk and match its record: raises
+    between calls; `texts`: the bytes of arrays' zarr.json the seal read. Every row chunk of every array must be on disk and match its record: raises
     DamagedStore naming the first chunk file that does not. Nothing else may be there but zarr's
     metadata: returns the first file that is (for the caller to refuse once every chunk is checked),
     else None."""
-    store = Path(store)
+    store = store if isinstance(store, Path) else Path(store)  # once per entry of a seal: no parse again
     expected = {"zarr.json"}
     padded: dict[str, list[str]] = {}  # array -> its padded copies: one pass, not one per array
     for k in digests:
@@ -940,7 +943,7 @@ def chunk_records(store: Path, digests: dict[str, list], checked=frozenset(),
             resolved[directory] = Path(directory).resolve()
         return resolved[directory]
 
-    for arr in _store_arrays(store, digests):
+    for arr in _store_arrays(store, digests, texts):
         base = arr.path
         expected.add(f"{base}/zarr.json")
         ref = arr.attrs.get(SOURCE_REF)
@@ -1094,9 +1097,11 @@ def _recent_record(path: str, since_ns: int) -> tuple[list, list] | None:
     return [len(data), xxhash.xxh3_64_hexdigest(data)], recorded
 
 
-def seal_digests(store: Path, files: list[str], since_ns: int | None = None) -> tuple[dict[str, list], set[str]]:
+def seal_digests(store: Path, files: list[str], since_ns: int | None = None) \
+        -> tuple[dict[str, list], set[str], dict[str, bytes]]:
     """({relative path: [size, xxh3 digest]} of `files` of a store (an entry's, from store_walk),
-    the chunk files whose entry is their record's). With `since_ns` (when this process started the
+    the chunk files whose entry is their record's, the bytes of the arrays' zarr.json: read once,
+    for their digest and their layout). With `since_ns` (when this process started the
     stage, time.time_ns()), a chunk file whose record was written since then is not read again:
     its entry is the digest recorded as it was written (its size checked against the file). Every
     other file is hashed, so a chunk an earlier, interrupted run wrote is compared with its record
@@ -1105,9 +1110,12 @@ def seal_digests(store: Path, files: list[str], since_ns: int | None = None) -> 
     reads the store."""
     store = str(store)
     present = set(files) if since_ns is not None else ()
-    digests, checked, records = {}, set(), {}  # records: the entries of records read for their chunk
+    digests, checked, records, texts = {}, set(), {}, {}  # records: the entries of records read for their chunk
     for rel in files:  # sorted: an array's chunk files (c/...) before its records (digests/...)
         path = os.path.join(store, rel)
+        if rel.endswith("/zarr.json") and rel.count("/") == 1:
+            digests[rel], texts[rel] = _sized_digest_and_bytes(path)
+            continue
         if rel in records:
             digests[rel] = records.pop(rel)
             continue
@@ -1121,7 +1129,17 @@ def seal_digests(store: Path, files: list[str], since_ns: int | None = None) -> 
                     checked.add(rel)
                     continue
         digests[rel] = sized_digest(path)
-    return digests, checked
+    return digests, checked, texts
+
+
+def _sized_digest_and_bytes(path: str) -> tuple[list, bytes]:
+    """sized_digest of a small file, and its bytes."""
+    import xxhash
+
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.readall()
+    return [size, xxhash.xxh3_64_hexdigest(data)], data
 
 
 def seal_store(store: Path, since_ns: int | None, write) -> None:
@@ -1132,8 +1150,8 @@ def seal_store(store: Path, since_ns: int | None, write) -> None:
     resolved: dict[str, Path] = {}
     extra = None
     for _, files in store_walk(str(store)):
-        digests, checked = seal_digests(store, files, since_ns)
-        found = chunk_records(store, digests, checked, resolved)
+        digests, checked, texts = seal_digests(store, files, since_ns)
+        found = chunk_records(store, digests, checked, resolved, texts)
         extra = extra or found
         for rel in files:
             write(rel, digests[rel])
@@ -1150,7 +1168,7 @@ def write_checksums(path: Path, store: Path, since_ns: int | None = None) -> Non
 
             def write(rel: str, entry: list) -> None:
                 nonlocal sep
-                f.write(sep + json.dumps([rel, *entry], separators=(",", ":")))
+                f.write(sep + _ENCODE_ENTRY([rel, *entry]))
                 sep = ",\n"
 
             seal_store(store, since_ns, write)
@@ -1159,6 +1177,10 @@ def write_checksums(path: Path, store: Path, since_ns: int | None = None) -> Non
             os.fsync(f.fileno())
 
     write_whole(path, make, suffix=".tmp")
+
+
+_ENCODE_ENTRY = json.JSONEncoder(separators=(",", ":")).encode  # made once, not by each json.dumps
+_DECODE_ENTRY = json.JSONDecoder().raw_decode
 
 
 def read_checksums(path: Path):
@@ -1173,11 +1195,12 @@ def read_checksums(path: Path):
             if line == CHECKSUMS_TAIL + "\n":
                 ended = True
                 break
-            entry = json.loads(line[:-2] if line.endswith(",\n") else line)
-            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
-                    and type(entry[1]) is int and isinstance(entry[2], str)):
+            text = line[:-2] if line.endswith(",\n") else line[:-1] if line.endswith("\n") else line
+            entry, end = _DECODE_ENTRY(text)
+            if end != len(text) or not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                                        and type(entry[1]) is int and isinstance(entry[2], str)):
                 raise ValueError("not a [path, size, digest] entry")
-            key = walk_order(entry[0])
+            key = (entry[0].split("/", 1)[0], entry[0])  # walk_order
             if previous is not None and key <= previous:
                 raise ValueError("entries out of order")
             previous = key
@@ -1198,7 +1221,7 @@ def check_store(store: Path, recorded, skip=None) -> None:
     for rel, size, digest in recorded:
         if skip is not None and skip(rel):
             continue
-        while now is not None and walk_order(now) < walk_order(rel):
+        while now is not None and now != rel and walk_order(now) < walk_order(rel):
             extra = extra or now
             now = next(walk, None)
         if now != rel:
