@@ -243,6 +243,32 @@ def test_a_checksum_record_entry_of_the_wrong_type_is_damage(converted_small, ou
     assert not out.exists()
 
 
+@pytest.mark.parametrize("how", ["swapped", "repeated", "cut short", "more after its end"])
+def test_a_checksum_record_out_of_order_repeated_or_cut_is_damage(converted_small, out, tmp_path, how):
+    """The record is read a line at a time, in the order the seal wrote it (every file once, sorted):
+    entries out of that order, an entry twice (which could stand for a file added beside it), a
+    record without its end or with more after it, are refused as a damaged record."""
+    model, _, finished_work = converted_small("spm")
+    work = copy_run(finished_work, tmp_path / "work")
+    forget_after(work, "quantize")
+    path = work / "quantize.checksums.json"
+    lines = path.read_text().splitlines(keepends=True)
+    assert len(lines) > 4 and lines[-1] == "]}\n"
+    if how == "swapped":
+        lines[1], lines[2] = lines[2], lines[1]
+    elif how == "repeated":
+        lines.insert(2, lines[1])
+    elif how == "cut short":
+        lines = lines[:-1]
+    else:
+        lines.append(lines[1])
+    path.write_text("".join(lines))
+    proc = convert(model, out, "--workdir", work, check_exit=2)
+    line = one_line(proc, after_log=True)
+    assert "quantize.checksums.json" in line and "damaged" in line, line
+    assert not out.exists()
+
+
 def test_a_chunk_changed_after_the_running_conversion_recorded_it_is_found_before_the_next_stage_reads_it(tmp_path):
     """A chunk the running conversion wrote and recorded is sealed from its record, not read again
     (RunDir.seal with the time the stage started): bytes changed before the seal are not seen
