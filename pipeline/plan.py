@@ -478,10 +478,33 @@ class Plan:
         return list(dict.fromkeys(OUTPUT_TYPES[t.out_type] for t in self.tensors))
 
     def as_json(self) -> dict:
+        return {**self._json_head(), "tensors": [_plain(t) for t in self.tensors]}
+
+    def _json_head(self) -> dict:
+        """as_json without its tensors."""
         types = self.output_types()
-        return {**_plain(self), "output_bytes": self.output_bytes, "run_dir_bytes": self.run_dir_bytes,
+        return {**{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "tensors"},
+                "output_bytes": self.output_bytes, "run_dir_bytes": self.run_dir_bytes,
                 "runtimes": file_runtimes(types),
                 "traps": [*(trap for t in types for trap in t.traps), *self.arch_traps]}
+
+    def write_json(self, f) -> None:
+        """as_json's compact text with sorted keys, as json.dumps(sort_keys=True) writes it, to the
+        text file `f` one tensor at a time: the records of every tensor made at once, and their text,
+        were most of a run's peak for a model of tens of thousands of tensors."""
+        encode = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+        head = self._json_head()
+        head["tensors"] = None  # its place among the sorted keys
+        for i, key in enumerate(sorted(head)):
+            f.write(("{" if i == 0 else ",") + encode(key) + ":")
+            if key != "tensors":
+                f.write(encode(head[key]))
+                continue
+            f.write("[")
+            for j, t in enumerate(self.tensors):
+                f.write(("," if j else "") + encode(_plain(t)))
+            f.write("]")
+        f.write("}")
 
     def table(self) -> str:
         """What a person reads: one line per tensor, then the totals."""
@@ -784,9 +807,19 @@ def make_plan(opts: Options, ckpt, budget: Budget, check_paths: bool = True) -> 
 
 
 def save_plan(run, plan: Plan, tag: str | None = None) -> None:
-    from pipeline.rundir import plan_name, write_json_atomic
+    """plan.json (plan-<tag>.json), whole or not at all, written tensor by tensor (Plan.write_json)."""
+    import os
 
-    write_json_atomic(run.path / plan_name(tag), plan.as_json())
+    from pipeline.rundir import plan_name
+    from pipeline.safe_files import create_exclusive, write_whole
+
+    def make(tmp: str) -> None:
+        with create_exclusive(tmp, "w") as f:
+            plan.write_json(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_whole(run.path / plan_name(tag), make, suffix=".tmp")
 
 
 def load_plan(run) -> dict | None:

@@ -9,7 +9,7 @@
       metadata.json     the GGUF architecture and key/values, decided once per run from the
                         checkpoint's config and tokenizer; assemble writes them
       <stage>.checksums.json   size and xxh3 digest of every file of a finished store, checked
-                        before the next stage reads it
+                        before the next stage reads it (one file a line: stores.write_checksums)
       lock              held (an OS file lock, see portable.py) while a conversion runs
       extract.zarr  quantize.zarr  pack.zarr
       extract.refs.json   extract.zarr as a kerchunk reference set: zarr reads the checkpoint
@@ -35,7 +35,7 @@ from pipeline import portable
 from pipeline.errors import RunDirError
 from pipeline.safe_files import open_no_link, write_whole
 from pipeline.spool import SPOOL_DIR
-from pipeline.stores import DamagedStore, check_store, chunk_records, refs_path, remove_tree, seal_digests
+from pipeline.stores import DamagedStore, check_store, read_checksums, refs_path, remove_tree, write_checksums
 
 STAGES = ("extract", "quantize", "pack", "assemble")
 # manifest.json: an assemble with --low-disk removed chunk files of quantize.zarr and pack.zarr as it
@@ -124,13 +124,6 @@ def manifest_problem(data: dict) -> str | None:
             return f"outputs.{tag} is {shown(record)}, not an object with an output path and stages"
         problem = stages_problem(record.get("stages", {}), f"outputs.{tag}.stages", OUTPUT_STAGES)
     return problem
-
-
-def _is_checksum_record(data) -> bool:
-    """{relative path: [size, digest]}, as seal writes it."""
-    return isinstance(data, dict) and all(
-        isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and not isinstance(v[0], bool)
-        and isinstance(v[1], str) for v in data.values())
 
 
 def stage_key(*parts) -> str:
@@ -276,28 +269,26 @@ class RunDir:
 
     def seal(self, stage: str, tag: str | None = None, since_ns: int | None = None) -> None:
         """Record what a finished stage's store holds (see stores.check_store), once every chunk
-        still matches the record made when it was written (stores.chunk_records). `since_ns`: when
-        this process started the stage; the chunks it recorded since are sealed from their records,
-        not read again (stores.seal_digests: the next stage's input check reads them)."""
-        digests, checked = seal_digests(self.store(stage, tag), since_ns)
+        still matches the record made when it was written (stores.chunk_records), entry by entry as
+        the record is written (stores.write_checksums). `since_ns`: when this process started the
+        stage; the chunks it recorded since are sealed from their records, not read again
+        (stores.seal_digests: the next stage's input check reads them)."""
         try:
-            chunk_records(self.store(stage, tag), digests, checked)
+            write_checksums(self.checksums_path(stage, tag), self.store(stage, tag), since_ns)
         except DamagedStore as e:
             raise RunDirError(f"{self.path}: the run directory is damaged ({e.what}); delete it and convert again") \
                 from None
-        write_json_atomic(self.checksums_path(stage, tag), digests)
 
     def check_sealed(self, stage: str, tag: str | None = None, consumed: set[str] | frozenset = frozenset()) -> None:
         """The finished store of `stage` still holds what it held; else a one-line refusal.
-        `consumed`: arrays whose chunk files --low-disk removed (their `c/` files are not checked)."""
+        `consumed`: arrays whose chunk files --low-disk removed (their `c/` files are not checked).
+        The record is read and checked entry by entry (stores.read_checksums, check_store)."""
+        def skip(rel: str) -> bool:
+            return "/c/" in rel and rel.partition("/c/")[0] in consumed
+
         try:
-            recorded = json.loads(self.checksums_path(stage, tag).read_text(encoding="utf-8"))
-            if not _is_checksum_record(recorded):
-                raise ValueError("not an object of [size, digest] entries")
-            if consumed:
-                recorded = {rel: v for rel, v in recorded.items()
-                            if "/c/" not in rel or rel.partition("/c/")[0] not in consumed}
-            check_store(self.store(stage, tag), recorded)
+            check_store(self.store(stage, tag), read_checksums(self.checksums_path(stage, tag)),
+                        skip if consumed else None)
         except DamagedStore as e:
             raise RunDirError(f"{self.path}: the run directory is damaged ({e.what}); delete it and convert again") \
                 from None

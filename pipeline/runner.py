@@ -7,7 +7,9 @@ the lock and the disk. A refusal is therefore one line, and nothing has been wri
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import json
 import os
 import shutil
 import stat
@@ -41,14 +43,13 @@ KV_READBACK_BYTES_PER_ROW = 160
 CONTENT_CHANGED = "source_content_changed"
 
 # Bump when a stage's output for the same input changes, so old stores are redone.
-STAGE_VERSIONS = {"extract": 7, "quantize": 5, "pack": 4, "assemble": 3}
+STAGE_VERSIONS = {"extract": 8, "quantize": 6, "pack": 5, "assemble": 3}
 
 
 def stage_inputs(opts: Options, ckpt) -> dict[str, dict]:
     """What each stage's output depends on besides the stage before it, labelled as the user
     knows it (an option, the checkpoint): its key hashes these, and a rerun names the ones that
     changed."""
-    plan = [[t.hf_name, t.gguf_name, list(t.shape), t.recipe.as_json()] for t in ckpt.plan.tensors]
     # extract depends on the weight files and the tensor plan only: a tokenizer or metadata
     # change (the key/values) redoes assemble alone
     pack = {"--type": opts.out_type, "--embedding-type": opts.embedding_type}
@@ -59,12 +60,24 @@ def stage_inputs(opts: Options, ckpt) -> dict[str, dict]:
     if any(t.recipe.weights == GROUPED for t in ckpt.plan.tensors):  # the option changes nothing else's bytes
         pack["--allow-requantize"] = opts.allow_requantize
     return {
-        "extract": {"the weight files": stage_key(ckpt.fingerprint), "the tensor plan": stage_key(plan)},
+        "extract": {"the weight files": stage_key(ckpt.fingerprint), "the tensor plan": tensor_plan_key(ckpt.plan.tensors)},
         "quantize": {},
         "pack": pack,
         "assemble": {"-o": str(opts.output), "the key/values (config, tokenizer, metadata)": stage_key(ckpt.kv),
                      "--split-max-size": opts.split_max_size, "--split-max-tensors": opts.split_max_tensors},
     }
+
+
+def tensor_plan_key(tensors) -> str:
+    """stage_key([[hf_name, gguf_name, shape, recipe] of every tensor]), the same key, hashed a tensor at
+    a time: the list and its JSON text for every tensor at once were a part of a run's peak for a
+    model of tens of thousands of tensors."""
+    h = hashlib.sha256(b"[[")
+    for i, t in enumerate(tensors):
+        entry = json.dumps([t.hf_name, t.gguf_name, list(t.shape), t.recipe.as_json()], sort_keys=True, default=str)
+        h.update(((", " if i else "") + entry).encode())
+    h.update(b"]]")
+    return h.hexdigest()[:16]
 
 
 def stage_keys(opts: Options, ckpt) -> dict[str, str]:

@@ -77,7 +77,7 @@ def write_whole(target, data, fsync: bool = False, suffix: str = ".partial", par
             except FileNotFoundError:
                 if not parents:
                     raise
-                os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                make_directory(os.path.dirname(tmp))
                 f = create_exclusive(tmp, mode)
             with f:
                 f.write(data)
@@ -85,6 +85,19 @@ def write_whole(target, data, fsync: bool = False, suffix: str = ".partial", par
                     f.flush()
                     os.fsync(f.fileno())
         os.replace(tmp, target)
+
+
+def make_directory(path: str) -> None:
+    """The directory at `path` and any missing above it (os.makedirs with exist_ok), asking for the
+    directory itself first: its parent is there for most of the tens of thousands of directories a
+    store of many tensors gets, and makedirs' checks of the parents cost more than the mkdir."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
 
 
 def open_no_link(path: Path, flags: int) -> int:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import stat as stat_module
 import threading
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import zarr
 from pipeline import portable, remote
 from pipeline.codecs import CODECS, encode_floats
 from pipeline.errors import CheckpointError, RunDirError
-from pipeline.safe_files import create_exclusive, write_whole
+from pipeline.safe_files import create_exclusive, make_directory, write_whole
 from zarr.codecs import BloscCodec
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -212,7 +213,7 @@ def write_array_metadata(group: zarr.Group, name: str, shape, chunks, dtype, att
         **meta["chunk_grid"]["configuration"], "chunk_shape": [int(n) for n in chunks]}}
     meta["attributes"] = attrs
     directory = os.path.join(str(group.store_path.store.root), group.path, name)
-    os.makedirs(directory, exist_ok=True)
+    make_directory(directory)
     text = json.dumps(meta, separators=(",", ":"))  # C-encoded; with indent=2 json encodes in pure Python
     write_whole(os.path.join(directory, "zarr.json"), text)
     return _array_from_data(group.store_path.store, member_path(group, name), json.loads(text))
@@ -876,13 +877,16 @@ class _Layout:
         return self._key((index,) + (0,) * (self.ndim - 1))
 
 
-def _plain_layout(store: str, name: str) -> _Layout | None:
+def _plain_layout(store: str, name: str, text: bytes | None = None) -> _Layout | None:
     """The layout of an array whose zarr.json is one this converter writes (a regular grid, chunk
     keys c/<i>/<j>...), read as JSON alone: making a zarr array of each of the tens of thousands of
-    arrays of a store was most of a seal's time. None for anything else."""
+    arrays of a store was most of a seal's time. None for anything else. `text`: the zarr.json's
+    bytes, when they were read already (the seal digests them)."""
     try:
-        with open(os.path.join(store, name, "zarr.json"), "rb") as f:
-            data = json.loads(f.read())
+        if text is None:
+            with open(os.path.join(store, name, "zarr.json"), "rb") as f:
+                text = f.read()
+        data = json.loads(text)
         grid, encoding = data["chunk_grid"], data["chunk_key_encoding"]
         if data.get("node_type") != "array" or data.get("zarr_format") != 3 or grid.get("name") != "regular" \
                 or encoding != {"name": "default", "configuration": {"separator": "/"}}:
@@ -898,13 +902,13 @@ def _plain_layout(store: str, name: str) -> _Layout | None:
     return _Layout(name, shape, chunks, attrs, lambda coords: "c/" + "/".join(map(str, coords)))
 
 
-def _store_arrays(store: Path, digests: dict[str, list]):
+def _store_arrays(store: Path, digests: dict[str, list], texts: dict[str, bytes] | None = None):
     """The arrays of a store's root group (as `group.arrays()`), found among the files of `digests`,
-    as _Layout: read from their zarr.json directly, or else asked of zarr, which makes an array of
-    it or refuses it in its own words if it is damaged."""
+    as _Layout: read from their zarr.json directly (`texts`: the bytes of those the seal read), or
+    else asked of zarr, which makes an array of it or refuses it in its own words if it is damaged."""
     group, root = None, str(store)
     for name in sorted(k[:-len("/zarr.json")] for k in digests if k.endswith("/zarr.json") and k.count("/") == 1):
-        layout = _plain_layout(root, name)
+        layout = _plain_layout(root, name, texts.get(f"{name}/zarr.json") if texts else None)
         if layout is None:
             group = group if group is not None else open_store(store, "r")
             node = group[name]
@@ -914,28 +918,32 @@ def _store_arrays(store: Path, digests: dict[str, list]):
         yield layout
 
 
-def chunk_records(store: Path, digests: dict[str, list], checked=frozenset()) -> None:
+def chunk_records(store: Path, digests: dict[str, list], checked=frozenset(),
+                  resolved: dict[str, Path] | None = None, texts: dict[str, bytes] | None = None) -> str | None:
     """Check a store's chunks against the records written with them, before it is sealed.
 
-    `digests`: {relative path: [size, digest]} of every file of the store now; `checked`: the chunk
-    files whose entry is already their record's (seal_digests). Every row chunk of every array must
-    be on disk and match its record, and nothing else may be there but zarr's metadata. Raises
-    DamagedStore naming the first chunk file that does not."""
-    store = Path(store)
+    `digests`: {relative path: [size, digest]} of the files of the store now (all of them, or one
+    top-level entry's: seal_store checks a store entry by entry); `checked`: the chunk files whose
+    entry is already their record's (seal_digests); `resolved`: real paths of directories, kept
+    between calls; `texts`: the bytes of arrays' zarr.json the seal read. Every row chunk of every array must be on disk and match its record: raises
+    DamagedStore naming the first chunk file that does not. Nothing else may be there but zarr's
+    metadata: returns the first file that is (for the caller to refuse once every chunk is checked),
+    else None."""
+    store = store if isinstance(store, Path) else Path(store)  # once per entry of a seal: no parse again
     expected = {"zarr.json"}
     padded: dict[str, list[str]] = {}  # array -> its padded copies: one pass, not one per array
     for k in digests:
         head, _, tail = k.rpartition("/")
         if tail.startswith("padded-chunk."):
             padded.setdefault(head, []).append(k)
-    resolved: dict[str, Path] = {}  # a directory -> its real path, resolved once (not once per array)
+    resolved = {} if resolved is None else resolved  # a directory -> its real path, resolved once (not once per array)
 
     def real(directory: str) -> Path:
         if directory not in resolved:
             resolved[directory] = Path(directory).resolve()
         return resolved[directory]
 
-    for arr in _store_arrays(store, digests):
+    for arr in _store_arrays(store, digests, texts):
         base = arr.path
         expected.add(f"{base}/zarr.json")
         ref = arr.attrs.get(SOURCE_REF)
@@ -968,17 +976,29 @@ def chunk_records(store: Path, digests: dict[str, list], checked=frozenset()) ->
             if recorded != digests[chunk]:
                 raise DamagedStore(f"{store / chunk}: its bytes changed after it was written")
     extra = sorted(set(digests) - expected)
-    if extra:
-        raise DamagedStore(f"{store / extra[0]}: not written by the conversion")
+    return extra[0] if extra else None
 
 
 # -- integrity of finished stores -----------------------------------------------------------------
 # When a stage finishes, the size and xxh3 digest of every file of its store go into
-# `<stage>.checksums.json` beside the store (seal_digests: a chunk this process wrote takes the
+# `<stage>.checksums.json` beside the store (seal_store: a chunk this process wrote takes the
 # digest recorded as it was written, every other file is hashed); the next stage hashes every
-# file of its input store and checks it against that record before reading it. A chunk deleted,
-# truncated, flipped or added after it was written is found there (or at the seal, for a chunk an
-# earlier run wrote), and the run stops with one line instead of reading zeros.
+# file of its input store and checks it against that record before reading it (check_store). A
+# chunk deleted, truncated, flipped or added after it was written is found there (or at the seal,
+# for a chunk an earlier run wrote), and the run stops with one line instead of reading zeros.
+#
+# The record is one JSON document written and read a line at a time, one file a line, in the order
+# store_walk gives (the store's top-level entries by name, each one's files by path): neither the
+# seal nor the check holds the entries of every file of a store, which for a model of tens of
+# thousands of tensors made the peak grow with their number. Its lines:
+#     {"version":2,"files":[
+#     ["<relative path>",<size>,"<xxh3>"],
+#     ...
+#     ]}
+
+CHECKSUMS_HEAD = '{"version":2,"files":['
+CHECKSUMS_TAIL = "]}"
+
 
 def store_files(store: Path) -> list[str]:
     """The files of a store (paths relative to it, sorted), but for temporary `.partial` ones. A
@@ -998,19 +1018,48 @@ def store_files(store: Path) -> list[str]:
     return found
 
 
+def store_walk(store: str):
+    """(top-level entry, its files as paths relative to the store, sorted) of a store, entry by
+    entry in name order: the files store_files lists, without a list of them all (only the
+    top-level names are held: an array's handful of files at a time). The order of the
+    checksum record (walk_order)."""
+    with os.scandir(store) as entries:
+        names = sorted(e.name for e in entries)
+    for name in names:
+        path = os.path.join(store, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat_module.S_ISDIR(st.st_mode):
+            yield name, [f"{name}/{rel}" for rel in store_files(path)]
+        elif not name.endswith(".partial") and os.path.isfile(path):
+            yield name, [name]
+
+
+def walk_order(rel: str) -> tuple[str, str]:
+    """The key store_walk's order sorts by."""
+    return rel.split("/", 1)[0], rel
+
+
 def file_digest(path: Path) -> str:
     return sized_digest(path)[1]
 
 
 def sized_digest(path) -> list:
-    """[size, xxh3 digest] of a file (the size of the file opened, not a second stat)."""
+    """[size, xxh3 digest] of a file (the size of the file opened, not a second stat). Unbuffered:
+    a seal and an input check digest every small file of a store, and a buffered reader's set-up
+    cost more than the read."""
     import xxhash
 
     h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        while block := f.read(1 << 24):
-            h.update(block)
+        if size < 1 << 24:  # sized by its fstat, not a 16 MiB buffer for a few bytes
+            h.update(f.readall())
+        else:
+            while block := f.read(1 << 24):
+                h.update(block)
     return [size, h.hexdigest()]
 
 
@@ -1048,20 +1097,25 @@ def _recent_record(path: str, since_ns: int) -> tuple[list, list] | None:
     return [len(data), xxhash.xxh3_64_hexdigest(data)], recorded
 
 
-def seal_digests(store: Path, since_ns: int | None = None) -> tuple[dict[str, list], set[str]]:
-    """({relative path: [size, xxh3 digest]} of every file of a store, the chunk files whose entry
-    is their record's). With `since_ns` (when this process started the stage, time.time_ns()), a
-    chunk file whose record was written since then is not read again: its entry is the digest
-    recorded as it was written (its size checked against the file). Every other file is hashed,
-    so a chunk an earlier, interrupted run wrote is compared with its record here (chunk_records);
-    a chunk this run wrote and something changed before the seal differs from the sealed entry,
-    which the next stage's check of its input (check_store) finds before it reads the store."""
+def seal_digests(store: Path, files: list[str], since_ns: int | None = None) \
+        -> tuple[dict[str, list], set[str], dict[str, bytes]]:
+    """({relative path: [size, xxh3 digest]} of `files` of a store (an entry's, from store_walk),
+    the chunk files whose entry is their record's, the bytes of the arrays' zarr.json: read once,
+    for their digest and their layout). With `since_ns` (when this process started the
+    stage, time.time_ns()), a chunk file whose record was written since then is not read again:
+    its entry is the digest recorded as it was written (its size checked against the file). Every
+    other file is hashed, so a chunk an earlier, interrupted run wrote is compared with its record
+    here (chunk_records); a chunk this run wrote and something changed before the seal differs
+    from the sealed entry, which the next stage's check of its input (check_store) finds before it
+    reads the store."""
     store = str(store)
-    files = store_files(store)
     present = set(files) if since_ns is not None else ()
-    digests, checked, records = {}, set(), {}  # records: the entries of records read for their chunk
+    digests, checked, records, texts = {}, set(), {}, {}  # records: the entries of records read for their chunk
     for rel in files:  # sorted: an array's chunk files (c/...) before its records (digests/...)
         path = os.path.join(store, rel)
+        if rel.endswith("/zarr.json") and rel.count("/") == 1:
+            digests[rel], texts[rel] = _sized_digest_and_bytes(path)
+            continue
         if rel in records:
             digests[rel] = records.pop(rel)
             continue
@@ -1075,24 +1129,112 @@ def seal_digests(store: Path, since_ns: int | None = None) -> tuple[dict[str, li
                     checked.add(rel)
                     continue
         digests[rel] = sized_digest(path)
-    return digests, checked
+    return digests, checked, texts
 
 
-def check_store(store: Path, recorded: dict[str, list]) -> None:
-    """Raise DamagedStore naming the first file that differs from the record."""
+def _sized_digest_and_bytes(path: str) -> tuple[list, bytes]:
+    """sized_digest of a small file, and its bytes."""
+    import xxhash
+
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.readall()
+    return [size, xxhash.xxh3_64_hexdigest(data)], data
+
+
+def seal_store(store: Path, since_ns: int | None, write) -> None:
+    """Check a finished store entry by entry (chunk_records) and hand `write(rel, [size, digest])`
+    each of its files in store_walk's order; raise DamagedStore naming the first chunk that does
+    not match its record, or else the first file the conversion did not write."""
     store = Path(store)
-    present = set(store_files(store)) if store.is_dir() else set()
-    for rel, (size, digest) in recorded.items():
-        if rel not in present:
+    resolved: dict[str, Path] = {}
+    extra = None
+    for _, files in store_walk(str(store)):
+        digests, checked, texts = seal_digests(store, files, since_ns)
+        found = chunk_records(store, digests, checked, resolved, texts)
+        extra = extra or found
+        for rel in files:
+            write(rel, digests[rel])
+    if extra:
+        raise DamagedStore(f"{store / extra}: not written by the conversion")
+
+
+def write_checksums(path: Path, store: Path, since_ns: int | None = None) -> None:
+    """Seal `store` (seal_store) into its checksum record at `path`, whole or not at all."""
+    def make(tmp: str) -> None:
+        with create_exclusive(tmp, "w") as f:
+            f.write(CHECKSUMS_HEAD)
+            sep = "\n"
+
+            def write(rel: str, entry: list) -> None:
+                nonlocal sep
+                f.write(sep + _ENCODE_ENTRY([rel, *entry]))
+                sep = ",\n"
+
+            seal_store(store, since_ns, write)
+            f.write(f"\n{CHECKSUMS_TAIL}\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_whole(path, make, suffix=".tmp")
+
+
+_ENCODE_ENTRY = json.JSONEncoder(separators=(",", ":")).encode  # made once, not by each json.dumps
+_DECODE_ENTRY = json.JSONDecoder().raw_decode
+
+
+def read_checksums(path: Path):
+    """The entries (relative path, size, digest) of a checksum record, as they are read; ValueError
+    (or OSError, UnicodeDecodeError) for a record that is not one the seal writes: not its head or
+    tail, an entry of other types, entries out of store_walk's order or repeated."""
+    with open(path, encoding="utf-8") as f:
+        if f.readline() != CHECKSUMS_HEAD + "\n":
+            raise ValueError("not a checksum record")
+        previous, ended = None, False
+        for line in f:
+            if line == CHECKSUMS_TAIL + "\n":
+                ended = True
+                break
+            text = line[:-2] if line.endswith(",\n") else line[:-1] if line.endswith("\n") else line
+            entry, end = _DECODE_ENTRY(text)
+            if end != len(text) or not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                                        and type(entry[1]) is int and isinstance(entry[2], str)):
+                raise ValueError("not a [path, size, digest] entry")
+            key = (entry[0].split("/", 1)[0], entry[0])  # walk_order
+            if previous is not None and key <= previous:
+                raise ValueError("entries out of order")
+            previous = key
+            yield entry
+        if not ended or f.read():
+            raise ValueError("cut short, or more after its end")
+
+
+def check_store(store: Path, recorded, skip=None) -> None:
+    """Raise DamagedStore naming the first file that differs from the record: `recorded`, its
+    entries (relative path, size, digest) in store_walk's order (read_checksums), compared with the
+    store's files as they are walked; `skip(rel)`: entries not to check (and their files not to
+    expect)."""
+    store = Path(store)
+    walk = (rel for _, files in (store_walk(str(store)) if store.is_dir() else ()) for rel in files)
+    now = next(walk, None)
+    extra = None
+    for rel, size, digest in recorded:
+        if skip is not None and skip(rel):
+            continue
+        while now is not None and now != rel and walk_order(now) < walk_order(rel):
+            extra = extra or now
+            now = next(walk, None)
+        if now != rel:
             raise DamagedStore(f"{store / rel}: missing")
-        now, digest_now = sized_digest(os.path.join(store, rel))
-        if now != size:
-            raise DamagedStore(f"{store / rel}: {now} bytes, {size} when it was written")
+        now = next(walk, None)
+        found, digest_now = sized_digest(os.path.join(store, rel))
+        if found != size:
+            raise DamagedStore(f"{store / rel}: {found} bytes, {size} when it was written")
         if digest_now != digest:
             raise DamagedStore(f"{store / rel}: its bytes changed after it was written")
-    extra = sorted(present - set(recorded))
-    if extra:
-        raise DamagedStore(f"{store / extra[0]}: not written by the conversion")
+    extra = extra or now
+    if extra is not None:
+        raise DamagedStore(f"{store / extra}: not written by the conversion")
 
 
 MAX_SUFFIX = ".abs_max"  # extract.zarr: per-row float32 max |x| beside a float tensor

@@ -226,18 +226,46 @@ def test_an_interrupted_store_without_damage_resumes_and_rewrites_nothing_record
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in remaining} == before
 
 
-@pytest.mark.parametrize("entry", [5, None, 1.5, True, ["12", "ab"]])
+@pytest.mark.parametrize("entry", [(5,), (None,), (1.5, "ab"), (True, "ab"), ("12", "ab"), (12, 34), (12, "ab", 1)])
 def test_a_checksum_record_entry_of_the_wrong_type_is_damage(converted_small, out, tmp_path, entry):
     model, _, finished_work = converted_small("spm")
     work = copy_run(finished_work, tmp_path / "work")
     forget_after(work, "quantize")
     path = work / "quantize.checksums.json"
-    record = json.loads(path.read_text())
-    record[next(iter(record))] = entry
-    path.write_text(json.dumps(record))
+    lines = path.read_text().splitlines(keepends=True)  # the record is JSON, one file a line
+    assert json.loads("".join(lines))["files"]
+    rel = json.loads(lines[1].rstrip(",\n"))[0]
+    lines[1] = json.dumps([rel, *entry]) + ",\n"
+    path.write_text("".join(lines))
     proc = convert(model, out, "--workdir", work, check_exit=2)
     line = one_line(proc, after_log=True)
     assert "quantize.checksums.json" in line and "damaged" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["swapped", "repeated", "cut short", "more after its end"])
+def test_a_checksum_record_out_of_order_repeated_or_cut_is_damage(converted_small, out, tmp_path, how):
+    """The record is read a line at a time, in the order the seal wrote it (every file once, sorted):
+    entries out of that order, an entry twice (which could stand for a file added beside it), a
+    record without its end or with more after it, are refused as a damaged record."""
+    model, _, finished_work = converted_small("spm")
+    work = copy_run(finished_work, tmp_path / "work")
+    forget_after(work, "quantize")
+    path = work / "quantize.checksums.json"
+    lines = path.read_text().splitlines(keepends=True)
+    assert len(lines) > 4 and lines[-1] == "]}\n"
+    if how == "swapped":
+        lines[1], lines[2] = lines[2], lines[1]
+    elif how == "repeated":
+        lines.insert(2, lines[1])
+    elif how == "cut short":
+        lines = lines[:-1]
+    else:
+        lines.append(lines[1])
+    path.write_text("".join(lines))
+    proc = convert(model, out, "--workdir", work, check_exit=2)
+    line = one_line(proc, after_log=True)
+    assert "quantize.checksums.json" in line and "damaged" in line, line
     assert not out.exists()
 
 
