@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from pipeline import remote
+from pipeline.errors import RunDirError
+from pipeline.safe_files import create_exclusive, open_no_link, write_whole
 
 SPOOL_DIR = "spool"
 INDEX = "index.json"
@@ -115,9 +117,7 @@ class Spool:
             entries = [{"url": self.ranges[i][0], "offset": self.ranges[i][1], "n": self.ranges[i][2],
                         "version": self.ranges[i][3], "file": self._path(i).name, "xxh3": d}
                        for i, d in sorted(self.digests.items()) if self.state.get(i) == "done"]
-        tmp = self.directory / (INDEX + ".tmp")
-        tmp.write_text(json.dumps(entries), encoding="utf-8")
-        os.replace(tmp, self.directory / INDEX)
+        write_whole(self.directory / INDEX, json.dumps(entries), suffix=".tmp")
 
     def _next(self) -> int | None:
         with self.cond:
@@ -160,7 +160,8 @@ class Spool:
         pending = collections.deque()
         parts = iter(range(0, n, remote.REQUEST_BYTES))
         a = next(parts, None)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        f = create_exclusive(tmp)  # anew, never through a link planted at its name
+        fd = f.fileno()
         try:
             while (a is not None or pending) and not self.stopping:
                 if a is not None and len(pending) < SPOOL_IN_FLIGHT and not remote.busy():
@@ -175,9 +176,9 @@ class Spool:
                 else:  # a stage is fetching: its requests first
                     time.sleep(YIELD_SECONDS)
         finally:
-            for _, f in pending:
-                f.cancel()
-            os.close(fd)
+            for _, future in pending:
+                future.cancel()
+            f.close()
         if self.stopping:
             tmp.unlink(missing_ok=True)
             return None
@@ -203,11 +204,11 @@ class Spool:
                 return False
             self.state[i] = "taken"
         path = self._path(i)
-        try:
-            with open(path, "rb") as f:
+        try:  # a regular file only: a link or a FIFO planted at its name is not read (fetched instead)
+            with os.fdopen(open_no_link(path, os.O_RDONLY), "rb") as f:
                 got = f.readinto(view)
             ok = got == len(view) and xxhash.xxh3_64_hexdigest(view) == self.digests[i]
-        except OSError:
+        except (OSError, RunDirError):
             ok = False
         path.unlink(missing_ok=True)
         return ok

@@ -117,6 +117,36 @@ def test_a_damaged_file_is_refused_and_a_range_its_reader_asked_for_first_is_lef
     assert 16384 not in seen, "the range its reader took is not fetched by the spool"
 
 
+def test_a_link_or_fifo_planted_in_the_spool_is_never_written_through_nor_waited_on(blob, tmp_path, monkeypatch):
+    """The spool's directory is in the run directory, which other processes can write to: a link at
+    a temporary name is replaced, not written through; a FIFO at a finished range's name is not
+    opened for reading (that would wait for a writer forever): the range is its reader's."""
+    from pipeline import spool
+
+    url, data = blob
+    gate = threading.Event()
+    ranges = [(url, a, 4096, "v") for a in (0, 8192, 16384)]
+    counting_fetches(monkeypatch, gate, gated_start=8192)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's file")
+    s = spool.Spool(tmp_path / "spool", ranges)
+    try:
+        wait_for(lambda: s.state.get(0) == "done" and s.state.get(1) == "fetching")
+        os.symlink(victim, f"{s._path(2)}.partial")  # before range 2 begins
+        s._path(0).unlink()
+        os.mkfifo(s._path(0))
+        assert not s.take(url, 0, memoryview(bytearray(4096)), "v"), "a FIFO is not read: the reader fetches"
+        gate.set()
+        wait_for(lambda: s.state.get(2) == "done")
+        buf = bytearray(4096)
+        assert s.take(url, 16384, memoryview(buf), "v")
+        assert bytes(buf) == data[16384:20480]
+    finally:
+        gate.set()
+        s.close()
+    assert victim.read_bytes() == b"someone else's file"
+
+
 def test_a_killed_runs_files_are_taken_up_for_the_same_ranges_only(blob, tmp_path, monkeypatch):
     from pipeline import spool
 
