@@ -50,6 +50,23 @@ def cluster():
     local.close()
 
 
+def exit_after_killing_at_extract_done(proc, log: Path, victim) -> tuple[int, float]:
+    """Kill `victim` (a dask worker or scheduler process) once the conversion `proc` logs that
+    extract is done; (the conversion's exit status, when the victim was gone)."""
+    try:
+        deadline = time.monotonic() + 300
+        while "extract: done" not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        killed_at = time.monotonic()
+        return proc.wait(timeout=300), killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_a_cluster_whose_only_worker_dies_gives_up_and_the_rerun_continues(cluster, tmp_path):
     from tests.synthetic import write_bitnet_checkpoint
 
@@ -62,18 +79,7 @@ def test_a_cluster_whose_only_worker_dies_gives_up_and_the_rerun_continues(clust
     with open(log, "wb") as err:  # forked from the test server (tests/conftest.py popen_cli), as run_cli's commands
         proc = popen_cli("convert", model, "-o", out, "--workdir", work, "--no-progress", "--scheduler", address,
                          "--worker-timeout", WORKER_TIMEOUT, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 300
-        while "extract: done" not in log.read_text() and proc.poll() is None:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.01)
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
-        killed_at = time.monotonic()
-        code = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, killed_at = exit_after_killing_at_extract_done(proc, log, worker)
     text = log.read_text()
     assert code == 1, f"exit {code}\n{text}"
     assert time.monotonic() - killed_at >= WORKER_TIMEOUT - 1
@@ -150,17 +156,7 @@ def test_a_scheduler_that_goes_away_mid_run_is_one_line_and_the_rerun_continues(
     with open(log, "wb") as err:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.monotonic() + 300
-        while "extract: done" not in log.read_text() and proc.poll() is None:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.01)
-        scheduler.kill()
-        scheduler.wait()
-        code = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, _ = exit_after_killing_at_extract_done(proc, log, scheduler)
     text = log.read_text()
     assert code == 1, f"exit {code}\n{text}"
     last = text.strip().splitlines()[-1]
